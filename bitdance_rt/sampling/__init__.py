@@ -1,0 +1,8 @@
+"""The diffusion-head sampler: time grid, CFG schedule, Euler-Maruyama, noise sources."""
+
+from .euler_maruyama import LAST_STEP_SIZE, sample_head, sample_tokens, time_grid
+from .noise import NoiseSource, ReplayNoise, SeededNoise
+from .schedule import CFG_SCHEDULES, cfg_at_step
+
+__all__ = ["LAST_STEP_SIZE", "sample_head", "sample_tokens", "time_grid", "NoiseSource", "ReplayNoise", "SeededNoise",
+           "CFG_SCHEDULES", "cfg_at_step"]
