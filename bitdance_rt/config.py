@@ -87,7 +87,8 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     default_cfg: float = 4.0
     default_steps: int = 100
-    training_args: tuple[tuple[str, object], ...] = ()
+    # Training-only constructor args, kept to write official JSON back; not part of identity.
+    training_args: tuple[tuple[str, object], ...] = field(default=(), compare=False)
 
     # ---- derived -------------------------------------------------------------------------
     @property

@@ -1,0 +1,86 @@
+"""The `bitdance-rt` command as a user runs it: outputs, replayed noise, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, fixture_config, fixture_dir
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitdance_rt", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or REPO, timeout=300)
+
+
+def sampling_args(name: str) -> list[str]:
+    s = fixture_config(name)["sampling"]
+    return ["--labels", *map(str, s["labels"]), "--steps", str(s["sample_steps"]), "--cfg", str(s["cfg_scale"]),
+            "--cfg-schedule", s["cfg_schedule"]]
+
+
+@pytest.mark.parametrize("name", ["tiny_4x", "tiny_1x"])
+def test_generate_replays_official_noise(name, tmp_path):
+    d = fixture_dir(name)
+    out = tmp_path / "imgs"
+    res = run("generate", "--model", d / "config.json", "--checkpoint", d / "checkpoint.pt", "--vae", d / "vae.pt",
+              *sampling_args(name), "--noise-from", d / "sample.safetensors", "--save-tokens", tmp_path / "t.safetensors",
+              "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "images/s" in res.stdout
+    got, want = load_file(str(tmp_path / "t.safetensors")), load_file(str(d / "sample.safetensors"))
+    assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["latent"], want["latent"])
+    torch.testing.assert_close(got["image"], want["image"], atol=2e-4, rtol=0)
+    assert sorted(p.name for p in out.iterdir()) == ["000_class3.png", "001_class7.png", "grid.png"]
+
+
+def test_generate_with_seed_matches_official_and_converted_checkpoint(tmp_path):
+    d = fixture_dir("tiny_4x")
+    conv = tmp_path / "m.safetensors"
+    res = run("convert", "--checkpoint", d / "checkpoint.pt", "--model", d / "config.json", "--out", conv)
+    assert res.returncode == 0, res.stderr
+    seed = fixture_config("tiny_4x")["sampling"]["seed"]
+    res = run("generate", "--model", "tiny-4x", "--checkpoint", conv, *sampling_args("tiny_4x"), "--seed", seed,
+              "--save-tokens", tmp_path / "t.safetensors", "--out", tmp_path / "o", "--quiet")
+    assert res.returncode == 0, res.stderr
+    got, want = load_file(str(tmp_path / "t.safetensors")), load_file(str(d / "sample.safetensors"))
+    assert torch.equal(got["tokens"], want["tokens"])
+
+
+def test_embedded_default_says_it_is_random(tmp_path):
+    res = run("generate", "--out", tmp_path / "o", "--steps", "2", "--labels", "0", "1", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "RANDOM weights" in res.stdout
+    assert (tmp_path / "o" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--labels", "10"], "out of range"),
+    (["--labels", "-1"], "out of range"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--checkpoint", "MISSING.pt"], "checkpoint not found"),
+    (["--model", "BitDance-Z-9x"], "unknown model"),
+    (["--noise-from", "MISSING.safetensors"], "noise file not found"),
+])
+def test_errors_are_one_actionable_line(extra, needle, tmp_path):
+    args = ["generate", "--out", tmp_path / "o", "--quiet", "--steps", "2", *extra]
+    res = run(*args)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def test_unreadable_and_wrong_checkpoints_exit_cleanly(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage")
+    d1 = fixture_dir("tiny_1x")
+    for args, needle in [(["--checkpoint", junk], "unreadable"),
+                         (["--model", "tiny-4x", "--checkpoint", d1 / "checkpoint.pt"], "does not fit model tiny-4x")]:
+        res = run("generate", "--out", tmp_path / "o", "--quiet", *args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr
