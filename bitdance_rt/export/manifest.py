@@ -1,0 +1,112 @@
+"""manifest.json of an export directory: what was exported, from what, and the file hashes.
+
+The manifest is written last (atomically), so a directory with a valid manifest whose files
+hash as recorded is a complete export. Its `key` decides reuse: the same checkpoint, config,
+stage list, opset, sampler steps and limits give the same key, and the export is not redone.
+Everything that reads an export directory (the ORT backend, engine builds) validates it here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..checkpoint import atomic_write, file_sha256
+from ..config import ModelConfig
+from ..errors import BitDanceError
+from ..stages import Limits, StageSpec, stage_specs
+
+MANIFEST = "manifest.json"
+FORMAT = "bitdance-rt-onnx/1"
+
+
+def manifest_key(cfg: ModelConfig, source: str, stages, opset: int, steps: int | None, limits: Limits) -> dict:
+    return {
+        "format": FORMAT,
+        "checkpoint": source,
+        "config": cfg.to_json_dict(),
+        "stages": sorted(stages),
+        "opset": opset,
+        "sampler_steps": steps,
+        "limits": limits.to_json(),
+    }
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    path = atomic_write(Path(directory) / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    path.chmod(0o644)  # mkstemp made it private; the export is meant to be shared like the .onnx files
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise BitDanceError(f"export directory not found: {directory} (create it with `bitdance-rt export`)")
+    if not path.is_file():
+        raise BitDanceError(f"{path} is missing: {directory} is not a complete export; re-export it")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BitDanceError(f"{path}: unreadable manifest ({exc}); re-export {directory}") from None
+    if not isinstance(data, dict) or data.get("key", {}).get("format") != FORMAT:
+        raise BitDanceError(f"{path}: not a {FORMAT} manifest (another tool or version wrote it); re-export {directory}")
+    return data
+
+
+def manifest_config(manifest: dict, directory: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_json_dict(manifest["key"]["config"], source=str(Path(directory) / MANIFEST))
+    except KeyError:
+        raise BitDanceError(f"{Path(directory) / MANIFEST}: has no config; re-export {directory}") from None
+
+
+def manifest_specs(manifest: dict, directory: Path) -> dict[str, StageSpec]:
+    """The stage contracts, checked against the ones this version derives from the config."""
+    key = manifest["key"]
+    cfg = manifest_config(manifest, directory)
+    try:
+        stored = {name: StageSpec.from_json(s) for name, s in manifest["stages"].items()}
+        expected = stage_specs(cfg, key["stages"], key["sampler_steps"], Limits.from_json(key["limits"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BitDanceError(
+            f"{Path(directory) / MANIFEST}: malformed stage contract ({exc}); re-export {directory}"
+        ) from None
+    if stored != expected or sorted(stored) != key["stages"]:
+        raise BitDanceError(
+            f"{Path(directory) / MANIFEST}: its stage contracts differ from this bitdance-rt's for the same "
+            f"config (written by another version?); re-export {directory}"
+        )
+    return stored
+
+
+def verify_files(directory: str | Path, manifest: dict, hashes: bool = True) -> None:
+    """Every listed file exists with the recorded size (and sha256): else a one-line error."""
+    directory = Path(directory)
+    for name, info in sorted(manifest.get("files", {}).items()):
+        path = directory / name
+        if not path.is_file():
+            raise BitDanceError(f"{path} is missing from the export; re-export {directory}")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise BitDanceError(
+                f"{path} has {size} bytes, the manifest records {info['bytes']} (truncated or replaced); "
+                f"re-export {directory}"
+            )
+        if hashes and file_sha256(path) != info["sha256"]:
+            raise BitDanceError(
+                f"{path} does not match the sha256 in {directory / MANIFEST} (corrupt, or from another export); "
+                f"re-export {directory}"
+            )
+
+
+def stage_files(manifest: dict, directory: Path, stage: str) -> list[str]:
+    """File names of a stage (the .onnx first, then its external data, if any)."""
+    try:
+        files = [str(f) for f in manifest["stage_files"][stage]]
+    except (KeyError, TypeError):
+        files = []
+    if not files or any(f not in manifest.get("files", {}) for f in files):
+        raise BitDanceError(f"{Path(directory) / MANIFEST}: no files recorded for stage {stage}; re-export {directory}")
+    return files

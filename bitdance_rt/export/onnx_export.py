@@ -1,0 +1,277 @@
+"""torch -> ONNX, one graph per stage of the contract, with checks, a manifest and a cache.
+
+Uses the TorchScript exporter (`dynamo=False`): it is the predictable one for opsets <= 20,
+which TensorRT 10.3 needs. Each graph's inputs/outputs are stamped with the contract's names
+and shapes (symbolic dims as dim_params), then checked by onnx.checker and strict shape
+inference. Files are written to a temporary directory next to the export and moved in with
+os.replace; the manifest goes last, so an interrupted export is never mistaken for a complete
+one. An export directory whose manifest key (checkpoint, config, stages, opset, S, limits)
+matches and whose files hash as recorded is reused as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoint import file_sha256
+from ..config import ModelConfig, load_config
+from ..errors import BitDanceError
+from ..models import BitDance
+from ..stages import ALL_STAGES, SAMPLER_STAGES, Limits, StageSpec, stage_specs
+from .manifest import MANIFEST, manifest_key, read_manifest, verify_files, write_manifest
+from .wrappers import example_inputs, stage_module
+
+MIN_OPSET, MAX_OPSET = 17, 20  # TensorRT 10.3 parses opsets up to 20
+DEFAULT_OPSET = 17
+EXTERNAL_DATA_BYTES = 1_500_000_000  # weights above this go to <stage>.onnx.data
+
+_ONNX_DTYPES = {"float32": 1, "int64": 7}  # onnx.TensorProto.FLOAT / INT64
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: dict
+    reused: bool
+
+
+def checkpoint_source(checkpoint: str | Path, vae: str | Path | None = None) -> str:
+    """The weights' identity for the manifest: sha256 of the checkpoint (and of the VAE file)."""
+    source = f"sha256:{file_sha256(checkpoint)}"
+    return source + (f" vae sha256:{file_sha256(vae)}" if vae else "")
+
+
+def random_source(seed: int) -> str:
+    return f"random-init seed {seed}"
+
+
+# ---- exporter support -------------------------------------------------------------------
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm (no ONNX op before opset 23): x * 1/sqrt(mean(x^2) + eps) * weight."""
+    from torch.onnx import symbolic_helper as sh
+
+    axes = list(range(-len(sh._get_const(normalized_shape, "is", "normalized_shape")), 0))
+    eps_value = torch.finfo(torch.float32).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    square = g.op("Mul", x, x)
+    if g.opset >= 18:
+        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    else:
+        mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    eps_const = g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32))
+    y = g.op("Mul", x, g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, eps_const))))
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+def _register_symbolics() -> None:
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, MIN_OPSET)
+
+
+def _stamp_io(model, spec: StageSpec) -> None:
+    """Give graph inputs/outputs the contract's names, dtypes and (symbolic) shapes, or fail."""
+    graph = model.graph
+    init_names = {t.name for t in graph.initializer}
+    got_in = [v.name for v in graph.input if v.name not in init_names]
+    got_out = [v.name for v in graph.output]
+    if got_in != spec.input_names or got_out != spec.output_names:
+        raise BitDanceError(
+            f"stage {spec.name}: the exported graph has inputs {got_in} / outputs {got_out}, "
+            f"the contract wants {spec.input_names} / {spec.output_names}"
+        )
+    for value in list(graph.input) + list(graph.output):
+        if value.name in init_names:
+            continue
+        want = spec.tensor(value.name)
+        ttype = value.type.tensor_type
+        if ttype.elem_type != _ONNX_DTYPES[want.dtype]:
+            raise BitDanceError(f"stage {spec.name}: {value.name} exported with ONNX type {ttype.elem_type}, "
+                                f"the contract wants {want.dtype}")
+        ttype.shape.ClearField("dim")
+        for d in want.shape:
+            dim = ttype.shape.dim.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            else:
+                dim.dim_param = d
+
+
+def _initializer_bytes(model) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    return total
+
+
+def export_stage(model: BitDance, spec: StageSpec, directory: Path, opset: int = DEFAULT_OPSET,
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[str]:
+    """Export one stage to directory/<stage>.onnx (+ .onnx.data); returns the file names written."""
+    import onnx
+
+    _register_symbolics()
+    directory = Path(directory)
+    raw_dir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.raw-", dir=directory))
+    try:
+        raw = raw_dir / f"{spec.name}.onnx"
+        module = stage_module(spec.name, model)
+        args = example_inputs(spec, model)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+            try:
+                torch.onnx.export(
+                    module, args, str(raw), dynamo=False, opset_version=opset,
+                    input_names=spec.input_names, output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+                )
+            except Exception as exc:  # the exporter raises many types; name the stage
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise BitDanceError(f"stage {spec.name}: torch.onnx.export failed at opset {opset}: {first}") from exc
+        graph = onnx.load(str(raw))
+        _stamp_io(graph, spec)
+        final = directory / f"{spec.name}.onnx"
+        if _initializer_bytes(graph) <= external_data_bytes:
+            graph = onnx.shape_inference.infer_shapes(graph, check_type=True, strict_mode=True, data_prop=True)
+            onnx.checker.check_model(graph, full_check=True)
+            onnx.save_model(graph, str(final))
+            return [final.name]
+        data = f"{spec.name}.onnx.data"
+        onnx.save_model(graph, str(final), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        del graph
+        onnx.shape_inference.infer_shapes_path(str(final), str(final), check_type=True, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(str(final), full_check=True)
+        return [final.name, data]
+    except BitDanceError:
+        raise
+    except Exception as exc:
+        if type(exc).__module__.startswith("onnx"):
+            raise BitDanceError(f"stage {spec.name}: the exported graph fails the ONNX checks: "
+                                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
+        raise
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+
+
+# ---- whole exports ----------------------------------------------------------------------
+def _check_args(stages, opset: int, steps) -> tuple[list[str], int | None]:
+    stages = list(dict.fromkeys(stages))
+    unknown = [s for s in stages if s not in ALL_STAGES]
+    if unknown or not stages:
+        raise BitDanceError(f"unknown stage(s) {unknown or '(none given)'}: choose from {', '.join(ALL_STAGES)}")
+    if not (isinstance(opset, int) and MIN_OPSET <= opset <= MAX_OPSET):
+        raise BitDanceError(f"opset {opset!r} not supported: use {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.3 reads <= 20)")
+    if not any(s in SAMPLER_STAGES for s in stages):
+        steps = None
+    return stages, steps
+
+
+def find_reusable(directory: str | Path, key: dict) -> dict | None:
+    """The manifest of `directory` if it is a complete export with exactly this key."""
+    try:
+        manifest = read_manifest(directory)
+        if manifest["key"] != json.loads(json.dumps(key)):
+            return None
+        verify_files(directory, manifest, hashes=True)
+    except (BitDanceError, KeyError, TypeError):
+        return None
+    return manifest
+
+
+def export_stages(
+    model: BitDance,
+    out_dir: str | Path,
+    source: str,
+    stages=ALL_STAGES,
+    opset: int = DEFAULT_OPSET,
+    sampler_steps: int | None = None,
+    limits: Limits = Limits(),
+    force: bool = False,
+    external_data_bytes: int = EXTERNAL_DATA_BYTES,
+) -> ExportResult:
+    """Export `stages` of `model` into out_dir (or reuse a matching export there).
+
+    `source` names the weights (`checkpoint_source(...)` or `random_source(seed)`); it is part of
+    the cache key, so exports of different checkpoints never mix. `sampler_steps` (S of the fused
+    head samplers) defaults to the config's default steps.
+    """
+    cfg: ModelConfig = model.cfg
+    out_dir = Path(out_dir)
+    steps = cfg.default_steps if sampler_steps is None else sampler_steps
+    stages, steps = _check_args(stages, opset, steps)
+    specs = stage_specs(cfg, stages, steps, limits)
+    key = manifest_key(cfg, source, stages, opset, steps, limits)
+    if not force and (manifest := find_reusable(out_dir, key)) is not None:
+        return ExportResult(out_dir, manifest, True)
+    import onnx
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    try:
+        model = model.eval()
+        stage_files: dict[str, list[str]] = {}
+        for name in stages:
+            stage_files[name] = export_stage(model, specs[name], work, opset, external_data_bytes)
+        files = {f: {"sha256": file_sha256(work / f), "bytes": (work / f).stat().st_size}
+                 for names in stage_files.values() for f in names}
+        manifest = {
+            "key": key,
+            "stages": {name: specs[name].to_json() for name in stages},
+            "stage_files": stage_files,
+            "files": files,
+            "versions": {"bitdance_rt": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        old = _old_files(out_dir)
+        (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is incomplete
+        for f in files:
+            os.replace(work / f, out_dir / f)
+        for f in old - set(files):
+            (out_dir / f).unlink(missing_ok=True)
+        write_manifest(out_dir, manifest)
+        return ExportResult(out_dir, manifest, False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _old_files(directory: Path) -> set[str]:
+    """Files a previous export in `directory` listed (they are replaced or removed)."""
+    try:
+        return set(read_manifest(directory).get("files", {}))
+    except BitDanceError:
+        return set()
+
+
+def export_files(
+    model: str | Path | ModelConfig,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    vae: str | Path | None = None,
+    allow_pickle: bool = False,
+    **options,
+) -> ExportResult:
+    """Export from a config + checkpoint; hashes the files first and loads the weights only when
+    the export directory does not already hold a matching export."""
+    from ..loading import load_model
+
+    cfg = model if isinstance(model, ModelConfig) else load_config(model)
+    source = checkpoint_source(checkpoint, vae)
+    if not options.get("force", False):
+        steps = options.get("sampler_steps")
+        steps = cfg.default_steps if steps is None else steps
+        stages, steps = _check_args(options.get("stages", ALL_STAGES), options.get("opset", DEFAULT_OPSET), steps)
+        key = manifest_key(cfg, source, stages, options.get("opset", DEFAULT_OPSET), steps,
+                           options.get("limits", Limits()))
+        if (manifest := find_reusable(out_dir, key)) is not None:
+            return ExportResult(Path(out_dir), manifest, True)
+    loaded = load_model(cfg, checkpoint, vae, allow_pickle)
+    return export_stages(loaded.model, out_dir, source, **options)

@@ -1,0 +1,338 @@
+"""The stage contract: every exported graph's inputs and outputs, defined once.
+
+Export (torch -> ONNX), the ONNX Runtime backend, TensorRT optimisation profiles and
+calibration all read this module, so a stage's tensor names, dtypes, shapes and dynamic ranges
+cannot drift apart between them.
+
+Shapes mix static sizes (ints, fixed by the ModelConfig) and symbolic dims (strings):
+- "rows": backbone / head rows; with CFG that is 2B (conditional rows first, then the null
+  class), without CFG it is B. Range [1, 2 * max_batch].
+- "batch": images; range [1, max_batch].
+- "2*batch": the rows of the guided (CFG) head sampler, whose noise has one row per image.
+A dim expression is a name or "k*name"; `StageSpec.shape`/`profile` evaluate it, so a
+TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim.
+
+KV cache (one static tensor, preallocated at full length; the position is an input):
+    kv [n_layer, 2, rows, n_head, L, head_dim] float32, L = cfg.max_seq_len,
+    kv[i, 0] = keys and kv[i, 1] = values of layer i, after RoPE (keys), position-major in L.
+`prefill` returns `kv` with positions [0, prefix_len) written and the rest zero.
+`backbone_step` takes `start` (int64 scalar, the first cache position of the fed tokens, see
+`step_start`), reads `kv_in`, writes the new keys/values at [start, start+P) and returns the
+whole cache as `kv_out`; attention always spans all L positions and the block-causal mask table
+hides every unwritten one, so every graph has fixed shapes apart from "rows". ONNX has no
+in-place update, so `kv_out` is a new buffer: runtimes ping-pong two preallocated buffers
+(kv_out of one call is kv_in of the next).
+
+Measured (benchmarks/ort_kv_cache.py, BitDance-B-4x, L=319, ORT CPU EP, 1 thread): the step
+time is flat over positions (step 1 vs 63 within noise), and attending over the full masked
+cache costs nothing measurable against the written part only (torch eager: 115 vs 113 ms at
+rows=2). What it does cost is copying: kv_in -> kv_out is a new 90 MiB (rows=2) / 359 MiB
+(rows=8) buffer per step, and the graph (per-layer read + in-place ScatterND + one final
+ScatterND) spends ~26 ms of ~75 ms (rows=2) and ~120 ms of ~260 ms (rows=8) on cache ops,
+about 3-4x the price of one memcpy of the cache. A "present-only" output (just the P new
+positions, the runtime writing them into a shared buffer) or per-layer cache tensors would
+remove most of that; both change this layout, so they are left to a measured decision.
+
+The head sampler graphs bake in the number of sampler steps S (noise is [S+1, ...]); the export
+manifest records S. Noise is always an input, never drawn inside a graph.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .config import ModelConfig
+from .errors import BitDanceError
+
+PREFILL = "prefill"
+BACKBONE_STEP = "backbone_step"
+HEAD_STEP = "head_step"
+HEAD_SAMPLER_UNGUIDED = "head_sampler_unguided"
+HEAD_SAMPLER_GUIDED = "head_sampler_guided"
+DECODER = "decoder"
+ENCODER = "encoder"
+
+ALL_STAGES = (PREFILL, BACKBONE_STEP, HEAD_STEP, HEAD_SAMPLER_UNGUIDED, HEAD_SAMPLER_GUIDED, DECODER, ENCODER)
+SAMPLER_STAGES = (HEAD_SAMPLER_UNGUIDED, HEAD_SAMPLER_GUIDED)
+
+DTYPES = ("float32", "int64")
+_DIM_RE = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Batch range the graphs (and TensorRT profiles) are built for; opt = the tuned size."""
+
+    max_batch: int = 16
+    opt_batch: int = 4
+
+    def __post_init__(self):
+        if not (isinstance(self.max_batch, int) and self.max_batch >= 1):
+            raise BitDanceError(f"max batch must be a positive integer, got {self.max_batch!r}")
+        if not (isinstance(self.opt_batch, int) and 1 <= self.opt_batch <= self.max_batch):
+            raise BitDanceError(f"opt batch must lie in [1, max batch={self.max_batch}], got {self.opt_batch!r}")
+
+    def dims(self) -> dict[str, "DimRange"]:
+        return {
+            "rows": DimRange(1, 2 * self.opt_batch, 2 * self.max_batch),
+            "batch": DimRange(1, self.opt_batch, self.max_batch),
+        }
+
+    def to_json(self) -> dict:
+        return {"max_batch": self.max_batch, "opt_batch": self.opt_batch}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Limits":
+        return cls(int(data["max_batch"]), int(data["opt_batch"]))
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # of int (static) and str (symbolic dim expression)
+    doc: str = ""
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "doc": self.doc}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], data["dtype"], tuple(data["shape"]), data.get("doc", ""))
+
+
+def parse_dim(expr: str) -> tuple[int, str]:
+    """'rows' -> (1, 'rows'); '2*batch' -> (2, 'batch')."""
+    m = _DIM_RE.match(expr)
+    if not m:
+        raise ValueError(f"bad dim expression {expr!r}")
+    return int(m.group(1) or 1), m.group(2)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict = field(default_factory=dict)  # symbol -> DimRange
+    doc: str = ""
+
+    # ---- lookup ------------------------------------------------------------------------
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"stage {self.name} has no tensor {name!r}")
+
+    # ---- shapes ------------------------------------------------------------------------
+    def shape(self, name: str, **values: int) -> tuple[int, ...]:
+        """Concrete shape of tensor `name` for dim values, e.g. shape('kv', rows=4)."""
+        out = []
+        for d in self.tensor(name).shape:
+            if isinstance(d, int):
+                out.append(d)
+            else:
+                k, sym = parse_dim(d)
+                out.append(k * int(values[sym]))
+        return tuple(out)
+
+    def profile(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) shapes of an input, as a TensorRT optimisation profile wants them."""
+        pick = lambda attr: {s: getattr(r, attr) for s, r in self.dims.items()}  # noqa: E731
+        return self.shape(name, **pick("min")), self.shape(name, **pick("opt")), self.shape(name, **pick("max"))
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """{tensor: {axis: dim expression}} for torch.onnx.export."""
+        axes = {}
+        for t in self.inputs + self.outputs:
+            sym = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if sym:
+                axes[t.name] = sym
+        return axes
+
+    def match(self, name: str, shape, dtype: str | None = None, known: dict | None = None) -> dict[str, int]:
+        """Check a concrete shape against the contract; return the dim values it implies.
+
+        `known` carries dim values already fixed by other tensors of the same call.
+        Raises BitDanceError naming the stage, tensor and the expected shape.
+        """
+        spec = self.tensor(name)
+        values = dict(known or {})
+        shape = tuple(int(s) for s in shape)
+
+        def fail(why: str) -> BitDanceError:
+            return BitDanceError(
+                f"stage {self.name}: {name} has shape {list(shape)}"
+                f"{'' if dtype is None else f' ({dtype})'}, the contract wants "
+                f"{list(spec.shape)} {spec.dtype}: {why}"
+            )
+
+        if dtype is not None and dtype != spec.dtype:
+            raise fail(f"dtype {dtype}")
+        if len(shape) != len(spec.shape):
+            raise fail("wrong rank")
+        for got, want in zip(shape, spec.shape):
+            if isinstance(want, int):
+                if got != want:
+                    raise fail(f"size {got} where {want} is fixed by the model config")
+                continue
+            k, sym = parse_dim(want)
+            if got % k:
+                raise fail(f"{want} must be a multiple of {k}")
+            value = got // k
+            if values.setdefault(sym, value) != value:
+                raise fail(f"{sym}={value} disagrees with {sym}={values[sym]} of another input")
+            rng = self.dims[sym]
+            if not rng.min <= value <= rng.max:
+                raise fail(f"{sym}={value} is outside the exported range [{rng.min}, {rng.max}] "
+                           f"(re-export with a larger max batch)")
+        return values
+
+    # ---- JSON (manifest) ---------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "doc": self.doc,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "dims": {s: {"min": r.min, "opt": r.opt, "max": r.max} for s, r in self.dims.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StageSpec":
+        return cls(
+            name=data["name"],
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            dims={s: DimRange(int(r["min"]), int(r["opt"]), int(r["max"])) for s, r in data["dims"].items()},
+            doc=data.get("doc", ""),
+        )
+
+
+# ---- positions ---------------------------------------------------------------------------
+def step_start(cfg: ModelConfig, step: int) -> int:
+    """The `start` input of backbone_step for AR step `step` >= 1: first cache position fed."""
+    if not 1 <= step < cfg.ar_steps:
+        raise BitDanceError(f"AR step {step} out of range: this model feeds tokens at steps 1..{cfg.ar_steps - 1}")
+    return cfg.prefix_len + (step - 1) * cfg.parallel_num
+
+
+def kv_shape(cfg: ModelConfig, rows: int | str = "rows") -> tuple:
+    return (cfg.n_layer, 2, rows, cfg.n_head, cfg.max_seq_len, cfg.head_dim)
+
+
+# ---- the stages --------------------------------------------------------------------------
+def _spec(name, inputs, outputs, limits: Limits, doc: str) -> StageSpec:
+    used = set()
+    for t in inputs + outputs:
+        used |= {parse_dim(d)[1] for d in t.shape if isinstance(d, str)}
+    dims = {s: r for s, r in limits.dims().items() if s in used}
+    return StageSpec(name, tuple(inputs), tuple(outputs), dims, doc)
+
+
+def prefill_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
+    p, dim = cfg.parallel_num, cfg.dim
+    return _spec(PREFILL, [
+        TensorSpec("labels", "int64", ("rows",), f"class ids in [0, {cfg.num_classes}]; {cfg.num_classes} = null class"),
+    ], [
+        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step 0"),
+        TensorSpec("kv", "float32", kv_shape(cfg), f"cache, positions [0, {cfg.prefix_len}) written, rest zero"),
+    ], limits, "class (+ query) tokens through the backbone; creates the KV cache")
+
+
+def backbone_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
+    p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
+    return _spec(BACKBONE_STEP, [
+        TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1"),
+        TensorSpec("start", "int64", (), "first cache position of the tokens: step_start(cfg, i)"),
+        TensorSpec("kv_in", "float32", kv_shape(cfg), "cache before this step"),
+    ], [
+        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step i"),
+        TensorSpec("kv_out", "float32", kv_shape(cfg), "cache with [start, start+P) written"),
+    ], limits, "fed-back tokens -> projection -> backbone over the full static cache")
+
+
+def head_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
+    p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
+    return _spec(HEAD_STEP, [
+        TensorSpec("x", "float32", ("rows", p, c), "x_t"),
+        TensorSpec("t", "float32", ("rows",), "time in [0, 1]"),
+        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions"),
+    ], [
+        TensorSpec("x_pred", "float32", ("rows", p, c), "predicted clean x"),
+    ], limits, "one evaluation of the diffusion head net")
+
+
+def head_sampler_stage(cfg: ModelConfig, steps: int, guided: bool, limits: Limits = Limits()) -> StageSpec:
+    """The whole Euler-Maruyama sampler of one AR step, with S = `steps` baked in."""
+    if not (isinstance(steps, int) and steps >= 1):
+        raise BitDanceError(f"sampler steps must be a positive integer, got {steps!r}")
+    p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
+    if guided:
+        return _spec(HEAD_SAMPLER_GUIDED, [
+            TensorSpec("cond", "float32", ("2*batch", p, dim), "conditional rows, then unconditional rows"),
+            TensorSpec("noise", "float32", (steps + 1, "batch", p, c), "initial x, then one draw per EM step"),
+            TensorSpec("cfg", "float32", (), "guidance scale of this AR step"),
+        ], [
+            TensorSpec("tokens", "float32", ("2*batch", p, c), "+/-1 tokens; both halves identical"),
+        ], limits, f"guided (CFG) head sampler, S={steps}")
+    return _spec(HEAD_SAMPLER_UNGUIDED, [
+        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions"),
+        TensorSpec("noise", "float32", (steps + 1, "rows", p, c), "initial x, then one draw per EM step"),
+    ], [
+        TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens"),
+    ], limits, f"unguided head sampler (every row independent), S={steps}")
+
+
+def decoder_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
+    h, w = cfg.grid
+    size = cfg.image_size
+    return _spec(DECODER, [
+        TensorSpec("latent", "float32", ("batch", cfg.latent_dim, h, w), "+/-1 latent grid"),
+    ], [
+        TensorSpec("image", "float32", ("batch", cfg.vae.out_ch, size, size), "pixels in about [-1, 1]"),
+    ], limits, "tokenizer decoder")
+
+
+def encoder_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
+    h, w = cfg.grid
+    size = cfg.image_size
+    return _spec(ENCODER, [
+        TensorSpec("image", "float32", ("batch", cfg.vae.in_channels, size, size), "pixels in [-1, 1]"),
+    ], [
+        TensorSpec("latent", "float32", ("batch", cfg.latent_dim, h, w), "+1 where the encoder output > 0, else -1"),
+    ], limits, "tokenizer encoder with sign quantisation")
+
+
+def stage_spec(name: str, cfg: ModelConfig, steps: int | None = None, limits: Limits = Limits()) -> StageSpec:
+    """The contract of stage `name` (sampler stages need `steps`)."""
+    if name in SAMPLER_STAGES:
+        if steps is None:
+            raise BitDanceError(f"stage {name} needs the sampler step count S")
+        return head_sampler_stage(cfg, steps, name == HEAD_SAMPLER_GUIDED, limits)
+    builders = {PREFILL: prefill_stage, BACKBONE_STEP: backbone_step_stage, HEAD_STEP: head_step_stage,
+                DECODER: decoder_stage, ENCODER: encoder_stage}
+    if name not in builders:
+        raise BitDanceError(f"unknown stage {name!r}: use one of {', '.join(ALL_STAGES)}")
+    return builders[name](cfg, limits)
+
+
+def stage_specs(cfg: ModelConfig, stages=ALL_STAGES, steps: int | None = None,
+                limits: Limits = Limits()) -> dict[str, StageSpec]:
+    return {name: stage_spec(name, cfg, steps, limits) for name in stages}

@@ -1,0 +1,300 @@
+"""Per-stage ONNX export: every stage exports, passes the ONNX checks, matches torch, and the
+export directory's manifest and cache behave."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from bitdance_rt import stages as st  # noqa: E402
+from bitdance_rt.errors import BitDanceError  # noqa: E402
+from bitdance_rt.export import (MANIFEST, checkpoint_source, export_files, export_stage,  # noqa: E402
+                                export_stages)
+from bitdance_rt.export.wrappers import example_inputs, stage_module  # noqa: E402
+from bitdance_rt.loading import load_model  # noqa: E402
+from bitdance_rt.sampling import sample_tokens  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+S = 6  # sampler steps of the official fixtures
+TOL = 1e-5
+
+
+def _fixture(name: str) -> Path:
+    d = FIXTURES / name
+    if not d.is_dir():
+        pytest.fail(f"official fixtures not found at {d}")
+    return d
+
+
+class Export:
+    def __init__(self, name: str, root: Path):
+        from safetensors.torch import load_file
+
+        self.name = name
+        self.fixture = _fixture(name)
+        self.model = load_model(f"{self.fixture}/config.json", f"{self.fixture}/checkpoint.pt").model
+        self.cfg = self.model.cfg
+        self.stages = load_file(str(self.fixture / "stages.safetensors"))
+        self.source = checkpoint_source(self.fixture / "checkpoint.pt")
+        self.dir = root / name
+        self.result = export_stages(self.model, self.dir, self.source, sampler_steps=S)
+        self.specs = st.stage_specs(self.cfg, st.ALL_STAGES, S)
+
+    def session(self, stage: str):
+        return _session(self.dir / f"{stage}.onnx")
+
+    def run(self, stage: str, *args) -> list[np.ndarray]:
+        names = self.specs[stage].input_names
+        return self.session(stage).run(None, {n: a.numpy() for n, a in zip(names, args)})
+
+
+@pytest.fixture(scope="module", params=["tiny_4x", "tiny_1x"])
+def ex(request, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only add contention
+    try:
+        yield Export(request.param, tmp_path_factory.mktemp("onnx"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _session(path: Path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _close(got: np.ndarray, want: torch.Tensor, tol: float = TOL) -> None:
+    assert got.shape == tuple(want.shape)
+    diff = float(np.abs(got - want.numpy()).max()) if got.size else 0.0
+    assert diff <= tol, f"max abs diff {diff}"
+
+
+# ---- graphs --------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", st.ALL_STAGES)
+def test_stage_exports_and_passes_checks(ex, stage):
+    path = ex.dir / f"{stage}.onnx"
+    assert path.is_file()
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    spec = ex.specs[stage]
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert tuple(dims) == spec.tensor(value.name).shape
+    assert [v.name for v in model.graph.input] == spec.input_names
+    assert [v.name for v in model.graph.output] == spec.output_names
+
+
+def test_manifest_records_everything(ex):
+    m = json.loads((ex.dir / MANIFEST).read_text())
+    key = m["key"]
+    assert key["checkpoint"] == ex.source and key["checkpoint"].startswith("sha256:")
+    assert key["config"] == ex.cfg.to_json_dict()
+    assert key["opset"] == 17 and key["sampler_steps"] == S
+    assert key["stages"] == sorted(st.ALL_STAGES)
+    assert set(m["versions"]) >= {"torch", "onnx", "bitdance_rt"}
+    assert m["stages"] == {n: s.to_json() for n, s in ex.specs.items()}
+    from bitdance_rt.checkpoint import file_sha256
+
+    assert set(m["files"]) == {f"{s}.onnx" for s in st.ALL_STAGES}
+    for f, info in m["files"].items():
+        assert file_sha256(ex.dir / f) == info["sha256"]
+
+
+# ---- numerics against torch ------------------------------------------------------------------
+def _prefilled(ex: Export, rows: int):
+    labels = torch.arange(rows) % (ex.cfg.num_classes + 1)
+    kv = ex.model.new_cache(rows)
+    with torch.no_grad():
+        cond = ex.model.prefill(labels, kv)
+    return labels, cond, kv
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_prefill_matches_torch(ex, rows):
+    labels, cond, kv = _prefilled(ex, rows)
+    got_cond, got_kv = ex.run(st.PREFILL, labels)
+    _close(got_cond, cond)
+    _close(got_kv, kv)
+
+
+def test_prefill_and_steps_match_official_fixture(ex):
+    """The fixture's backbone chain (prefill -> step1 -> step2, one cache) through the graphs."""
+    s, p = ex.stages, ex.cfg.parallel_num
+    pos = ex.model.pos_for_diff.weight.detach()
+    cond, kv = ex.run(st.PREFILL, s["backbone.labels"])
+    _close(cond, s["backbone.prefill.output"][:, -p:] + pos[:p])
+    step = ex.session(st.BACKBONE_STEP)
+    for i in (1, 2):
+        start = np.array(int(s[f"backbone.step{i}.start_pos"]), dtype=np.int64)
+        assert start == st.step_start(ex.cfg, i)
+        cond, kv = step.run(None, {"tokens": s[f"backbone.step{i}.tokens"].reshape(4, p, -1).numpy(),
+                                   "start": start, "kv_in": kv})
+        _close(cond, s[f"backbone.step{i}.output"].reshape(4, p, -1) + pos[i * p:(i + 1) * p])
+
+
+@pytest.mark.parametrize("rows", [2, 5])
+def test_backbone_step_matches_torch_at_every_step(ex, rows):
+    labels, _, kv = _prefilled(ex, rows)
+    session = ex.session(st.BACKBONE_STEP)
+    kv_ort = kv.numpy().copy()
+    gen = torch.Generator().manual_seed(rows)
+    for i in range(1, ex.cfg.ar_steps):
+        tokens = torch.where(torch.rand(rows, ex.cfg.parallel_num, ex.cfg.token_dim, generator=gen) > 0.5, 1.0, -1.0)
+        with torch.no_grad():
+            cond = ex.model.step(tokens, i, kv)  # full cache, in place
+        got, kv_ort = session.run(None, {"tokens": tokens.numpy(), "start": np.array(st.step_start(ex.cfg, i)),
+                                         "kv_in": kv_ort})
+        _close(got, cond)
+        _close(kv_ort, kv)
+
+
+def test_head_step_matches_fixture_and_torch(ex):
+    s = ex.stages
+    x, t, c = s["head_net.x"], s["head_net.t"], s["head_net.c"]
+    if x.dim() == 2:  # 1x fixture: [rows, C]; the contract is [rows, 1, C]
+        x, c = x.unsqueeze(1), c.unsqueeze(1)
+    (got,) = ex.run(st.HEAD_STEP, x, t, c)
+    _close(got, s["head_net.output"].reshape(got.shape))
+    args = example_inputs(ex.specs[st.HEAD_STEP], ex.model, batch=2)
+    with torch.no_grad():
+        want = ex.model.head_net(*args)
+    _close(ex.run(st.HEAD_STEP, *args)[0], want)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_head_sampler_tokens_equal_torch(ex, guided, batch):
+    stage = st.HEAD_SAMPLER_GUIDED if guided else st.HEAD_SAMPLER_UNGUIDED
+    args = example_inputs(ex.specs[stage], ex.model, batch=batch, seed=batch)
+    with torch.no_grad():
+        want = sample_tokens(ex.model.head_net, args[0], args[1], 2.5 if guided else 1.0, guided, ex.cfg.time_shift)
+    (got,) = ex.run(stage, *args)
+    assert np.array_equal(got, want.numpy())
+    assert set(np.unique(got)) <= {-1.0, 1.0}
+    if guided:
+        assert np.array_equal(got[:batch], got[batch:])
+
+
+def test_decoder_and_encoder_match_fixture(ex):
+    s = ex.stages
+    (image,) = ex.run(st.DECODER, s["decoder.input"])
+    _close(image, s["decoder.output"])
+    (image1,) = ex.run(st.DECODER, s["decoder.input"][:1])
+    _close(image1, s["decoder.output"][:1])
+    (latent,) = ex.run(st.ENCODER, s["encoder.input"])
+    assert np.array_equal(latent, s["encoder.output"].numpy())
+
+
+# ---- cache, options, errors ----------------------------------------------------------------
+def test_export_is_reused_and_redone_when_stale(ex, tmp_path):
+    again = export_stages(ex.model, ex.dir, ex.source, sampler_steps=S)
+    assert again.reused and again.manifest == ex.result.manifest
+    via_files = export_files(ex.fixture / "config.json", ex.fixture / "checkpoint.pt", ex.dir, sampler_steps=S)
+    assert via_files.reused
+
+    d = tmp_path / "small"
+    first = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=S)
+    assert not first.reused
+    path = d / "head_step.onnx"
+    path.write_bytes(path.read_bytes()[:100])  # corrupt: hash no longer verifies
+    redo = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=S)
+    assert not redo.reused
+    onnx.checker.check_model(str(path))
+    assert export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=S).reused
+    other_s = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=3)
+    assert not other_s.reused and other_s.manifest["key"]["sampler_steps"] == 3
+    other_ckpt = export_stages(ex.model, d, "random-init seed 1", stages=[st.HEAD_STEP])
+    assert not other_ckpt.reused
+    assert sorted(p.name for p in d.iterdir()) == ["head_step.onnx", MANIFEST]  # stale sampler file removed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_external_data_for_large_models(ex, tmp_path):
+    spec = ex.specs[st.HEAD_STEP]
+    files = export_stage(ex.model, spec, tmp_path, external_data_bytes=0)
+    assert files == ["head_step.onnx", "head_step.onnx.data"]
+    onnx.checker.check_model(str(tmp_path / "head_step.onnx"), full_check=True)
+    args = example_inputs(spec, ex.model, batch=2)
+    sess = _session(tmp_path / "head_step.onnx")
+    with torch.no_grad():
+        want = ex.model.head_net(*args)
+    _close(sess.run(None, dict(zip(spec.input_names, (a.numpy() for a in args))))[0], want)
+
+
+@pytest.mark.parametrize("opset", [18, 20])
+def test_other_opsets(ex, tmp_path, opset):
+    spec = ex.specs[st.PREFILL]
+    export_stage(ex.model, spec, tmp_path, opset=opset)
+    model = onnx.load(str(tmp_path / "prefill.onnx"))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    labels, cond, kv = _prefilled(ex, 3)
+    sess = _session(tmp_path / "prefill.onnx")
+    got_cond, got_kv = sess.run(None, {"labels": labels.numpy()})
+    _close(got_cond, cond)
+    _close(got_kv, kv)
+
+
+@pytest.mark.parametrize("opset", [16, 21])
+def test_opset_out_of_range_is_refused(ex, tmp_path, opset):
+    with pytest.raises(BitDanceError, match="opset"):
+        export_stages(ex.model, tmp_path / "x", ex.source, opset=opset)
+
+
+def test_unknown_stage_is_refused(ex, tmp_path):
+    with pytest.raises(BitDanceError, match="unknown stage"):
+        export_stages(ex.model, tmp_path / "x", ex.source, stages=["prefill", "nope"])
+    assert not (tmp_path / "x").exists()
+
+
+# ---- the contract itself -------------------------------------------------------------------
+def test_contract_shapes_profiles_and_json(ex):
+    cfg = ex.cfg
+    lim = st.Limits(max_batch=16, opt_batch=4)
+    p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
+    kv = (cfg.n_layer, 2, "rows", cfg.n_head, cfg.max_seq_len, cfg.head_dim)
+    assert st.prefill_stage(cfg, lim).tensor("kv").shape == kv
+    step = st.backbone_step_stage(cfg, lim)
+    assert step.profile("kv_in")[2][2] == 32 and step.profile("tokens") == ((1, p, c), (8, p, c), (32, p, c))
+    g = st.head_sampler_stage(cfg, S, True, lim)
+    assert g.profile("cond") == ((2, p, dim), (8, p, dim), (32, p, dim))
+    assert g.profile("noise") == ((S + 1, 1, p, c), (S + 1, 4, p, c), (S + 1, 16, p, c))
+    assert g.match("cond", (6, p, dim)) == {"batch": 3}
+    with pytest.raises(BitDanceError, match="disagrees"):
+        g.match("noise", (S + 1, 2, p, c), known={"batch": 3})
+    with pytest.raises(BitDanceError, match="multiple of 2"):
+        g.match("cond", (5, p, dim))
+    with pytest.raises(BitDanceError, match="outside the exported range"):
+        step.match("tokens", (33, p, c))
+    with pytest.raises(BitDanceError, match="fixed by the model config"):
+        step.match("tokens", (2, p + 1, c))
+    for spec in st.stage_specs(cfg, st.ALL_STAGES, S, lim).values():
+        assert st.StageSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert st.step_start(cfg, 1) == cfg.prefix_len
+    with pytest.raises(BitDanceError):
+        st.step_start(cfg, cfg.ar_steps)
+    assert stage_module(st.DECODER, ex.model) is not None
+
+
+def test_export_dir_is_left_alone_on_failure(ex, tmp_path, monkeypatch):
+    d = tmp_path / "exp"
+    shutil.copytree(ex.dir, d)
+    import bitdance_rt.export.onnx_export as oe
+
+    def boom(*a, **k):
+        raise BitDanceError("stage x: simulated exporter failure")
+
+    monkeypatch.setattr(oe, "export_stage", boom)
+    with pytest.raises(BitDanceError, match="simulated"):
+        export_stages(ex.model, d, ex.source, sampler_steps=S, force=True)
+    assert export_stages(ex.model, d, ex.source, sampler_steps=S).reused  # old export intact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
