@@ -1,9 +1,10 @@
-"""Does the static full-length KV cache (position input, kv_in -> kv_out) work well in ONNX Runtime?
+"""Does the static full-length KV cache (position input, read-only kv -> kv_new) work well in ORT?
 
 Measures, for one model (random weights; the numbers do not depend on them):
-- the ORT backbone_step time per AR step (IO binding, ping-pong cache buffers), early vs late step;
-- where that time goes (ORT profiler, per op type): cache handling (ScatterND, Concat, Gather/
-  Split of kv_in) against compute (MatMul, ...);
+- the ORT backbone_step time per AR step (IO binding of the one cache buffer, the backend's
+  write of kv_new included), early vs late step;
+- where the graph's time goes (ORT profiler, per op type): cache handling (Concat, Gather,
+  Slice, ...) against compute (MatMul, ...);
 - one plain copy of the cache (numpy) for scale;
 - the torch eager step, in place, over the full cache (kv_len=None) and over the written part only
   (kv_len=end, what the torch backend does).
@@ -33,7 +34,7 @@ from bitdance_rt.export import export_stages, random_source
 from bitdance_rt.models import BitDance
 from bitdance_rt.models.init import random_init
 
-CACHE_OPS = {"ScatterND", "Concat", "Gather", "Split", "Identity", "Unsqueeze", "Squeeze", "Expand"}
+CACHE_OPS = {"ScatterND", "Concat", "Gather", "Slice", "Split", "Identity", "Unsqueeze", "Squeeze", "Expand"}
 
 
 def median_ms(fn, iters: int) -> float:
@@ -58,34 +59,20 @@ def session(path: Path, threads: int, profile: bool = False):
 
 
 def ort_step(export_dir: Path, cfg, rows: int, threads: int, iters: int, step: int):
-    import onnxruntime as ort
+    from bitdance_rt.runtime.ort_backend import OrtBackend
 
-    prefill, sess = session(export_dir / "prefill.onnx", threads), session(export_dir / "backbone_step.onnx", threads)
-    shape = list(st.kv_shape(cfg, rows))
-    bufs = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0) for _ in range(2)]
-    b = prefill.io_binding()
-    b.bind_cpu_input("labels", np.zeros(rows, dtype=np.int64))
-    b.bind_output("cond", "cpu")
-    b.bind_ortvalue_output("kv", bufs[0])
-    prefill.run_with_iobinding(b)
-    tokens = np.sign(np.random.default_rng(0).standard_normal((rows, cfg.parallel_num, cfg.token_dim))).astype(np.float32)
-    state = {"cur": 0}
+    backend = OrtBackend(export_dir, threads=threads)
+    backend.prefill(torch.zeros(rows, dtype=torch.int64))
+    tokens = torch.sign(torch.randn(rows, cfg.parallel_num, cfg.token_dim))
+    ms = median_ms(lambda: backend.step(tokens, step), iters)
 
-    def run(s=sess):
-        bind = s.io_binding()
-        bind.bind_cpu_input("tokens", tokens)
-        bind.bind_cpu_input("start", np.array(st.step_start(cfg, step), dtype=np.int64))
-        bind.bind_ortvalue_input("kv_in", bufs[state["cur"]])
-        bind.bind_output("cond", "cpu")
-        bind.bind_ortvalue_output("kv_out", bufs[1 - state["cur"]])
-        s.run_with_iobinding(bind)
-        state["cur"] = 1 - state["cur"]
-
-    ms = median_ms(run, iters)
+    # Per-op kernel times of the graph alone, on the same inputs.
     prof = session(export_dir / "backbone_step.onnx", threads, profile=True)
+    feed = {"tokens": tokens.numpy(), "start": np.array(st.step_start(cfg, step), dtype=np.int64),
+            "kv": backend.kv_cache.numpy()}
     warmup = 2
     for _ in range(warmup + iters):
-        run(prof)
+        prof.run(None, feed)
     profile_file = Path(prof.end_profiling())
     events = json.loads(profile_file.read_text())
     profile_file.unlink()
@@ -101,10 +88,11 @@ def torch_step(model: BitDance, rows: int, iters: int, step: int, full: bool) ->
     cfg = model.cfg
     kv = model.new_cache(rows)
     with torch.inference_mode():
-        model.prefill(torch.zeros(rows, dtype=torch.int64), kv, kv_len=cfg.prefix_len)
+        _, new = model.prefill(torch.zeros(rows, dtype=torch.int64))
+        model.write_cache(kv, new, 0)
         tokens = torch.sign(torch.randn(rows, cfg.parallel_num, cfg.token_dim))
-        end = st.step_start(cfg, step) + cfg.parallel_num
-        return median_ms(lambda: model.step(tokens, step, kv, kv_len=None if full else end), iters)
+        start = st.step_start(cfg, step)
+        return median_ms(lambda: model.step(tokens, step, kv, kv_len=None if full else start), iters)
 
 
 def main() -> None:
@@ -121,7 +109,7 @@ def main() -> None:
     out = Path(args.export_dir or tempfile.mkdtemp(prefix="bitdance-kv-"))
     try:
         t = time.perf_counter()
-        res = export_stages(model, out, random_source(0), stages=[st.PREFILL, st.BACKBONE_STEP])
+        res = export_stages(model, out, random_source(0), stages=[st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER])
         print(f"{cfg.name}: L={cfg.max_seq_len} n_layer={cfg.n_layer} heads={cfg.n_head} hd={cfg.head_dim}; "
               f"export {'reused' if res.reused else f'took {time.perf_counter() - t:.1f}s'} -> {out}")
         report(out, cfg, model, args)
@@ -145,7 +133,7 @@ def report(out: Path, cfg, model: BitDance, args) -> None:
         t_trunc = torch_step(model, rows, args.iters, late, full=False)
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
         print(f"rows={rows}: cache {cache_mb:.0f} MiB, one numpy copy {copy_ms:.1f} ms")
-        print(f"  ORT step (static cache, IO binding): step {early} {ms_early:.1f} ms, step {late} {ms_late:.1f} ms")
+        print(f"  ORT step (static cache, IO binding, kv_new written): step {early} {ms_early:.1f} ms, step {late} {ms_late:.1f} ms")
         share = 100 * cache_ms / max(total, 1e-9)
         print(f"  ORT kernels {total:.1f} ms, of which cache ops {cache_ms:.1f} ms ({share:.0f}%): {top}")
         print(f"  torch eager step {late}: full cache {t_full:.1f} ms, written part only {t_trunc:.1f} ms")

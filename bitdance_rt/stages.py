@@ -12,26 +12,16 @@ Shapes mix static sizes (ints, fixed by the ModelConfig) and symbolic dims (stri
 A dim expression is a name or "k*name"; `StageSpec.shape`/`profile` evaluate it, so a
 TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim.
 
-KV cache (one static tensor, preallocated at full length; the position is an input):
+KV cache (one static tensor, preallocated at full length by the runtime; the position is an input):
     kv [n_layer, 2, rows, n_head, L, head_dim] float32, L = cfg.max_seq_len,
     kv[i, 0] = keys and kv[i, 1] = values of layer i, after RoPE (keys), position-major in L.
-`prefill` returns `kv` with positions [0, prefix_len) written and the rest zero.
-`backbone_step` takes `start` (int64 scalar, the first cache position of the fed tokens, see
-`step_start`), reads `kv_in`, writes the new keys/values at [start, start+P) and returns the
-whole cache as `kv_out`; attention always spans all L positions and the block-causal mask table
-hides every unwritten one, so every graph has fixed shapes apart from "rows". ONNX has no
-in-place update, so `kv_out` is a new buffer: runtimes ping-pong two preallocated buffers
-(kv_out of one call is kv_in of the next).
-
-Measured (benchmarks/ort_kv_cache.py, BitDance-B-4x, L=319, ORT CPU EP, 1 thread): the step
-time is flat over positions (step 1 vs 63 within noise), and attending over the full masked
-cache costs nothing measurable against the written part only (torch eager: 115 vs 113 ms at
-rows=2). What it does cost is copying: kv_in -> kv_out is a new 90 MiB (rows=2) / 359 MiB
-(rows=8) buffer per step, and the graph (per-layer read + in-place ScatterND + one final
-ScatterND) spends ~26 ms of ~75 ms (rows=2) and ~120 ms of ~260 ms (rows=8) on cache ops,
-about 3-4x the price of one memcpy of the cache. A "present-only" output (just the P new
-positions, the runtime writing them into a shared buffer) or per-layer cache tensors would
-remove most of that; both change this layout, so they are left to a measured decision.
+Graphs only READ the cache and return the keys/values of their own chunk as `kv_new`
+[n_layer, 2, rows, n_head, T, head_dim]; the runtime writes them at [start, start+T) (T =
+prefix_len for `prefill`, P for `backbone_step`). `backbone_step` takes `start` (int64 scalar,
+see `step_start`) and attends over all L cache positions, those at or past `start` masked, plus
+its own chunk; so every graph has fixed shapes apart from "rows", no graph copies the cache
+(an earlier kv_in -> kv_out design spent 30-40% of the ORT step on cache copies), and no
+input/output aliasing is needed (TensorRT forbids it; CUDA graphs want fixed buffers).
 
 The head sampler graphs bake in the number of sampler steps S (noise is [S+1, ...]); the export
 manifest records S. Noise is always an input, never drawn inside a graph.
@@ -233,8 +223,9 @@ def step_start(cfg: ModelConfig, step: int) -> int:
     return cfg.prefix_len + (step - 1) * cfg.parallel_num
 
 
-def kv_shape(cfg: ModelConfig, rows: int | str = "rows") -> tuple:
-    return (cfg.n_layer, 2, rows, cfg.n_head, cfg.max_seq_len, cfg.head_dim)
+def kv_shape(cfg: ModelConfig, rows: int | str = "rows", length: int | None = None) -> tuple:
+    """Cache layout [n_layer, 2, rows, n_head, length, head_dim]; length defaults to the full L."""
+    return (cfg.n_layer, 2, rows, cfg.n_head, cfg.max_seq_len if length is None else length, cfg.head_dim)
 
 
 # ---- the stages --------------------------------------------------------------------------
@@ -252,8 +243,9 @@ def prefill_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
         TensorSpec("labels", "int64", ("rows",), f"class ids in [0, {cfg.num_classes}]; {cfg.num_classes} = null class"),
     ], [
         TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step 0"),
-        TensorSpec("kv", "float32", kv_shape(cfg), f"cache, positions [0, {cfg.prefix_len}) written, rest zero"),
-    ], limits, "class (+ query) tokens through the backbone; creates the KV cache")
+        TensorSpec("kv_new", "float32", kv_shape(cfg, length=cfg.prefix_len),
+                   f"keys/values of cache positions [0, {cfg.prefix_len})"),
+    ], limits, "class (+ query) tokens through the backbone; their keys/values start the KV cache")
 
 
 def backbone_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
@@ -261,10 +253,10 @@ def backbone_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpe
     return _spec(BACKBONE_STEP, [
         TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1"),
         TensorSpec("start", "int64", (), "first cache position of the tokens: step_start(cfg, i)"),
-        TensorSpec("kv_in", "float32", kv_shape(cfg), "cache before this step"),
+        TensorSpec("kv", "float32", kv_shape(cfg), "the cache, positions [0, start) valid (read only)"),
     ], [
         TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step i"),
-        TensorSpec("kv_out", "float32", kv_shape(cfg), "cache with [start, start+P) written"),
+        TensorSpec("kv_new", "float32", kv_shape(cfg, length=p), "keys/values of positions [start, start+P)"),
     ], limits, "fed-back tokens -> projection -> backbone over the full static cache")
 
 

@@ -112,50 +112,55 @@ def test_manifest_records_everything(ex):
 
 # ---- numerics against torch ------------------------------------------------------------------
 def _prefilled(ex: Export, rows: int):
+    """labels, head conditions, the prefix keys/values, and the full cache holding them."""
     labels = torch.arange(rows) % (ex.cfg.num_classes + 1)
     kv = ex.model.new_cache(rows)
     with torch.no_grad():
-        cond = ex.model.prefill(labels, kv)
-    return labels, cond, kv
+        cond, new = ex.model.prefill(labels)
+    ex.model.write_cache(kv, new, 0)
+    return labels, cond, new, kv
 
 
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_prefill_matches_torch(ex, rows):
-    labels, cond, kv = _prefilled(ex, rows)
-    got_cond, got_kv = ex.run(st.PREFILL, labels)
+    labels, cond, new, _ = _prefilled(ex, rows)
+    got_cond, got_new = ex.run(st.PREFILL, labels)
     _close(got_cond, cond)
-    _close(got_kv, kv)
+    _close(got_new, new)
 
 
 def test_prefill_and_steps_match_official_fixture(ex):
     """The fixture's backbone chain (prefill -> step1 -> step2, one cache) through the graphs."""
     s, p = ex.stages, ex.cfg.parallel_num
     pos = ex.model.pos_for_diff.weight.detach()
-    cond, kv = ex.run(st.PREFILL, s["backbone.labels"])
+    cond, new = ex.run(st.PREFILL, s["backbone.labels"])
     _close(cond, s["backbone.prefill.output"][:, -p:] + pos[:p])
+    kv = np.zeros(st.kv_shape(ex.cfg, 4), dtype=np.float32)
+    kv[..., : new.shape[4], :] = new
     step = ex.session(st.BACKBONE_STEP)
     for i in (1, 2):
-        start = np.array(int(s[f"backbone.step{i}.start_pos"]), dtype=np.int64)
+        start = int(s[f"backbone.step{i}.start_pos"])
         assert start == st.step_start(ex.cfg, i)
-        cond, kv = step.run(None, {"tokens": s[f"backbone.step{i}.tokens"].reshape(4, p, -1).numpy(),
-                                   "start": start, "kv_in": kv})
+        cond, new = step.run(None, {"tokens": s[f"backbone.step{i}.tokens"].reshape(4, p, -1).numpy(),
+                                    "start": np.array(start, dtype=np.int64), "kv": kv})
         _close(cond, s[f"backbone.step{i}.output"].reshape(4, p, -1) + pos[i * p:(i + 1) * p])
+        kv[..., start : start + p, :] = new
 
 
 @pytest.mark.parametrize("rows", [2, 5])
 def test_backbone_step_matches_torch_at_every_step(ex, rows):
-    labels, _, kv = _prefilled(ex, rows)
+    _, _, _, kv = _prefilled(ex, rows)
     session = ex.session(st.BACKBONE_STEP)
-    kv_ort = kv.numpy().copy()
     gen = torch.Generator().manual_seed(rows)
     for i in range(1, ex.cfg.ar_steps):
         tokens = torch.where(torch.rand(rows, ex.cfg.parallel_num, ex.cfg.token_dim, generator=gen) > 0.5, 1.0, -1.0)
+        start = st.step_start(ex.cfg, i)
         with torch.no_grad():
-            cond = ex.model.step(tokens, i, kv)  # full cache, in place
-        got, kv_ort = session.run(None, {"tokens": tokens.numpy(), "start": np.array(st.step_start(ex.cfg, i)),
-                                         "kv_in": kv_ort})
+            cond, new = ex.model.step(tokens, i, kv)  # full static cache, masked past start
+        got, got_new = session.run(None, {"tokens": tokens.numpy(), "start": np.array(start), "kv": kv.numpy()})
         _close(got, cond)
-        _close(kv_ort, kv)
+        _close(got_new, new)
+        ex.model.write_cache(kv, new, start)
 
 
 def test_head_step_matches_fixture_and_torch(ex):
@@ -237,11 +242,11 @@ def test_other_opsets(ex, tmp_path, opset):
     export_stage(ex.model, spec, tmp_path, opset=opset)
     model = onnx.load(str(tmp_path / "prefill.onnx"))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
-    labels, cond, kv = _prefilled(ex, 3)
+    labels, cond, new, _ = _prefilled(ex, 3)
     sess = _session(tmp_path / "prefill.onnx")
-    got_cond, got_kv = sess.run(None, {"labels": labels.numpy()})
+    got_cond, got_new = sess.run(None, {"labels": labels.numpy()})
     _close(got_cond, cond)
-    _close(got_kv, kv)
+    _close(got_new, new)
 
 
 @pytest.mark.parametrize("opset", [16, 21])
@@ -262,9 +267,11 @@ def test_contract_shapes_profiles_and_json(ex):
     lim = st.Limits(max_batch=16, opt_batch=4)
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
     kv = (cfg.n_layer, 2, "rows", cfg.n_head, cfg.max_seq_len, cfg.head_dim)
-    assert st.prefill_stage(cfg, lim).tensor("kv").shape == kv
+    assert st.prefill_stage(cfg, lim).tensor("kv_new").shape == kv[:4] + (cfg.prefix_len, cfg.head_dim)
     step = st.backbone_step_stage(cfg, lim)
-    assert step.profile("kv_in")[2][2] == 32 and step.profile("tokens") == ((1, p, c), (8, p, c), (32, p, c))
+    assert step.tensor("kv").shape == kv
+    assert step.tensor("kv_new").shape == kv[:4] + (cfg.parallel_num, cfg.head_dim)
+    assert step.profile("kv")[2][2] == 32 and step.profile("tokens") == ((1, p, c), (8, p, c), (32, p, c))
     g = st.head_sampler_stage(cfg, S, True, lim)
     assert g.profile("cond") == ((2, p, dim), (8, p, dim), (32, p, dim))
     assert g.profile("noise") == ((S + 1, 1, p, c), (S + 1, 4, p, c), (S + 1, 16, p, c))

@@ -50,26 +50,30 @@ def test_head_net(official, name):
 def test_backbone_prefill_and_steps(official, name, full_cache):
     """One KV cache across prefill -> step1 -> step2, at the official positions.
 
-    `full_cache` attends over the whole static cache with the mask table (the exported form);
-    the other form attends over the written keys only (the official eager form).
+    `full_cache` reads the whole static cache, masked past the chunk (the exported form); the
+    other form reads the written keys only (the official eager form).
     """
     model, stages, _, cfg = official(name)
     labels = stages["backbone.labels"]
     kv = model.new_cache(labels.shape[0])
+    n = model.cfg.prefix_len
     with torch.no_grad():
         emb = model.prefix_embeddings(labels)
         assert torch.equal(emb, stages["backbone.prefill.input"])
-        assert (int(stages["backbone.prefill.start_pos"]), int(stages["backbone.prefill.end_pos"])) == (0, model.cfg.prefix_len)
-        hidden = model.backbone(emb, kv, 0, None if full_cache else model.cfg.prefix_len)
+        assert (int(stages["backbone.prefill.start_pos"]), int(stages["backbone.prefill.end_pos"])) == (0, n)
+        hidden, new = model.backbone(emb, 0, chunk_mask=model.prefix_mask)
         torch.testing.assert_close(hidden, stages["backbone.prefill.output"], atol=2e-6, rtol=0)
+        assert new.shape == (model.cfg.n_layer, 2, labels.shape[0], model.cfg.n_head, n, model.cfg.head_dim)
+        model.write_cache(kv, new, 0)
         for step in (1, 2):
             key = f"backbone.step{step}"
             start, end = int(stages[f"{key}.start_pos"]), int(stages[f"{key}.end_pos"])
             assert start == model.step_start(step) and end == start + model.cfg.parallel_num
             x = model.proj_in(as_rows(stages[f"{key}.tokens"]))
             torch.testing.assert_close(x, as_rows(stages[f"{key}.input"]), atol=1e-6, rtol=0)
-            hidden = model.backbone(x, kv, start, None if full_cache else end)
+            hidden, new = model.backbone(x, start, kv, None if full_cache else start)
             torch.testing.assert_close(hidden, as_rows(stages[f"{key}.output"]), atol=2e-6, rtol=0)
+            model.write_cache(kv, new, start)
 
 
 @pytest.mark.parametrize("name", MODELS)

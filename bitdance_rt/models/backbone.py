@@ -1,10 +1,11 @@
-"""Blocks of the Llama-style AR backbone (ImageNet models), written against a static KV cache.
+"""Blocks of the Llama-style AR backbone (ImageNet models), reading a static KV cache.
 
 The cache is one preallocated tensor `kv [n_layer, 2, rows, n_head, max_seq_len, head_dim]`
-(k then v). A chunk of T positions starting at `start` writes its keys/values at
-[start, start+T) and attends over [0, kv_len) with rows [start, start+T) of the block-causal mask
-table, which hides every key past the chunk. `kv_len` defaults to the whole cache (a fixed shape,
-as exported graphs and CUDA graphs need); eager callers may pass start+T to skip unwritten keys.
+(k then v), which the blocks only READ: a chunk of T positions at [start, start+T) attends to
+the cache positions [0, kv_len) (those at or past `start` are masked out, so kv_len may be the
+whole static length) and to its own keys, and returns its new keys/values; the caller writes
+them into the cache at [start, start+T). No graph ever updates a buffer in place or copies the
+cache, which is what ONNX, TensorRT (no input/output aliasing) and CUDA graphs need.
 """
 
 from __future__ import annotations
@@ -36,20 +37,32 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, rope, mask, kv, start, kv_len):
-        """x [B,T,dim]; kv [2,B,H,L,D] is written in place at [start, start+T)."""
+    def forward(self, x, rope, chunk_mask, kv, start, kv_len):
+        """x [B,T,dim] at positions [start, start+T) -> (out [B,T,dim], k [B,H,T,D], v [B,H,T,D]).
+
+        chunk_mask [T,T] (or None: all visible) masks the chunk's own keys; kv [2,B,H,L,D] (or
+        None: nothing cached) is read at [0, kv_len), positions >= start hidden.
+        """
         b, t, dim = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
-        q = apply_rope(q, rope).transpose(1, 2)
+        q = apply_rope(q, rope).transpose(1, 2) * self.scale
         k = apply_rope(k, rope).transpose(1, 2)
         v = v.transpose(1, 2)
-        kv[0, :, :, start : start + t] = k
-        kv[1, :, :, start : start + t] = v
-        keys, values = kv[0, :, :, :kv_len], kv[1, :, :, :kv_len]
-        scores = (q * self.scale) @ keys.transpose(-1, -2)
-        probs = torch.softmax(scores + mask[:, :kv_len], dim=-1)
-        out = (probs @ values).transpose(1, 2).reshape(b, t, dim)
-        return self.wo(out)
+        scores = q @ k.transpose(-1, -2)
+        if chunk_mask is not None:
+            scores = scores + chunk_mask
+        if kv is None or kv_len == 0:
+            out = torch.softmax(scores, dim=-1) @ v
+        else:
+            old_k, old_v = kv[0, :, :, :kv_len], kv[1, :, :, :kv_len]
+            old = q @ old_k.transpose(-1, -2)
+            if not (isinstance(kv_len, int) and isinstance(start, int) and kv_len <= start):
+                hidden = torch.arange(old.shape[-1], device=x.device) >= start
+                old = old.masked_fill(hidden, float("-inf"))
+            probs = torch.softmax(torch.cat([old, scores], dim=-1), dim=-1)
+            n_old = old.shape[-1]
+            out = probs[..., :n_old] @ old_v + probs[..., n_old:] @ v
+        return self.wo(out.transpose(1, 2).reshape(b, t, dim)), k, v
 
 
 class FeedForward(nn.Module):
@@ -71,9 +84,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = nn.RMSNorm(dim, eps=1e-6)
         self.ffn_norm = nn.RMSNorm(dim, eps=1e-6)
 
-    def forward(self, x, rope, mask, kv, start, kv_len):
-        h = x + self.attention(self.attention_norm(x), rope, mask, kv, start, kv_len)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, rope, chunk_mask, kv, start, kv_len):
+        a, k, v = self.attention(self.attention_norm(x), rope, chunk_mask, kv, start, kv_len)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), k, v
 
 
 class MLPConnector(nn.Module):

@@ -41,7 +41,8 @@ class BitDance(nn.Module):
             head_cls(cfg.token_dim, cfg.diff_dim, cfg.dim, cfg.diff_layers, cfg.diff_adanln_layers)
         )
         self.register_buffer("rope", layout.rope_table(cfg), persistent=False)
-        self.register_buffer("mask", layout.attention_mask_table(cfg), persistent=False)
+        n = cfg.prefix_len  # steps need no mask (a fed patch sees all of itself); the prefix does
+        self.register_buffer("prefix_mask", layout.attention_mask_table(cfg)[:n, :n].clone(), persistent=False)
 
     # ---- backbone ----------------------------------------------------------------------
     def new_cache(self, rows: int) -> torch.Tensor:
@@ -50,21 +51,28 @@ class BitDance(nn.Module):
         return torch.zeros(c.n_layer, 2, rows, c.n_head, c.max_seq_len, c.head_dim,
                            device=self.norm.weight.device, dtype=self.norm.weight.dtype)
 
-    def backbone(self, x: torch.Tensor, kv: torch.Tensor, start: int, kv_len: int | None = None) -> torch.Tensor:
-        """Embeddings x [R, T, dim] at positions [start, start+T) -> normed hidden [R, T, dim].
+    def backbone(self, x: torch.Tensor, start, kv: torch.Tensor | None = None, kv_len=None,
+                 chunk_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings x [R, T, dim] at positions [start, start+T) -> (normed hidden [R, T, dim],
+        new keys/values [n_layer, 2, R, n_head, T, head_dim]) to be written at [start, start+T).
 
-        Writes keys/values into `kv` in place. Attends over kv[..., :kv_len] (default: the whole
-        cache, masked); `kv_len=start+T` gives the same result with less work.
+        Reads kv[..., :kv_len] (default: the whole static cache, masked past `start`);
+        `kv_len=start` gives the same result with less work. `start` may be a 0-d tensor.
         """
         t = x.shape[1]
-        end = start + t
-        kv_len = self.cfg.max_seq_len if kv_len is None else kv_len
-        rope = self.rope[start:end]
-        mask = self.mask[start:end]
+        if kv is not None and kv_len is None:
+            kv_len = self.cfg.max_seq_len
+        rope = self.rope[start : start + t]
         x = self.emb_norm(x)
+        new = []
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, kv[i], start, kv_len)
-        return self.norm(x)
+            x, k, v = layer(x, rope, chunk_mask, None if kv is None else kv[i], start, kv_len)
+            new.append(torch.stack([k, v]))
+        return self.norm(x), torch.stack(new)
+
+    def write_cache(self, kv: torch.Tensor, new: torch.Tensor, start: int) -> None:
+        """Store a chunk's keys/values (from `backbone`) at [start, start+T) of the cache, in place."""
+        kv[:, :, :, :, start : start + new.shape[4]] = new
 
     def prefix_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
         """Class tokens (row `label` of cls_embedding as [cls, dim]) ++ the P-1 query tokens."""
@@ -74,24 +82,28 @@ class BitDance(nn.Module):
             x = torch.cat([x, self.query_token.expand(rows, -1, -1)], dim=1)
         return x
 
-    def step_start(self, step: int) -> int:
-        """First cache position of the tokens fed at AR step `step` >= 1."""
+    def step_start(self, step):
+        """First cache position of the tokens fed at AR step `step` >= 1 (int or 0-d tensor)."""
         return self.cfg.prefix_len + (step - 1) * self.cfg.parallel_num
 
-    def head_condition(self, hidden: torch.Tensor, step: int) -> torch.Tensor:
+    def head_condition(self, hidden: torch.Tensor, step) -> torch.Tensor:
         """Conditions of AR step `step`: the last P hidden states + pos_for_diff rows of its tokens."""
         p = self.cfg.parallel_num
         return hidden[:, -p:] + self.pos_for_diff.weight[step * p : (step + 1) * p]
 
-    def prefill(self, labels: torch.Tensor, kv: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-        """AR step 0: labels [R] -> head conditions [R, P, dim]; fills kv [0, prefix_len)."""
-        hidden = self.backbone(self.prefix_embeddings(labels), kv, 0, kv_len)
-        return self.head_condition(hidden, 0)
+    def prefill(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AR step 0: labels [R] -> (head conditions [R, P, dim], keys/values of [0, prefix_len)).
 
-    def step(self, tokens: torch.Tensor, step: int, kv: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-        """AR step `step` >= 1: tokens [R, P, C] of step-1 -> head conditions [R, P, dim]."""
-        hidden = self.backbone(self.proj_in(tokens), kv, self.step_start(step), kv_len)
-        return self.head_condition(hidden, step)
+        The prefix attends only to itself, block-causally (an empty cache has nothing to add).
+        """
+        hidden, new = self.backbone(self.prefix_embeddings(labels), 0, chunk_mask=self.prefix_mask)
+        return self.head_condition(hidden, 0), new
+
+    def step(self, tokens: torch.Tensor, step, kv: torch.Tensor, kv_len=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """AR step `step` >= 1: tokens [R, P, C] of step-1 -> (head conditions [R, P, dim], new
+        keys/values for [step_start(step), +P)). A fed patch attends to all of itself."""
+        hidden, new = self.backbone(self.proj_in(tokens), self.step_start(step), kv, kv_len)
+        return self.head_condition(hidden, step), new
 
     # ---- head and tokenizer ------------------------------------------------------------
     def head_net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The ONNX Runtime backend: runs an export directory (bitdance_rt.export) for the loop.
 
 Implements the Backend calls (prefill, step, sample_tokens, decode) over per-stage sessions.
-The KV cache never leaves ONNX Runtime: prefill writes it into a preallocated OrtValue and each
-step reads one of two buffers and writes the other (IO binding, ping-pong), so no cache copy goes
-through numpy. Head sampling uses the fused head_sampler graph when it was exported with the
+The KV cache is one preallocated torch tensor on the session's device, bound by address as the
+`kv` input (IO binding, no copy); each backbone graph returns only its chunk's keys/values
+(`kv_new`, also bound to a preallocated buffer), which the backend writes into the cache. Head sampling uses the fused head_sampler graph when it was exported with the
 requested S; otherwise the head_step graph is the `net` of bitdance_rt.sampling.sample_tokens,
 so the sampler maths is the torch reference's in both cases.
 
@@ -119,9 +119,10 @@ class OrtBackend:
         first = self.providers[0]
         self.device = ("cuda", int(first[1].get("device_id", 0))) if first[0] in GPU_PROVIDERS else ("cpu", 0)
         self.sessions = {name: self._session(name, threads, opt_level, optimized_model_dir) for name in self.specs}
-        self._kv: list = []
-        self._cur = 0
+        self._kv: torch.Tensor | None = None
+        self._new: dict[str, torch.Tensor] = {}
         self._rows = 0
+        self._started = False
 
     # ---- setup -------------------------------------------------------------------------
     def _check_expected(self, cfg: ModelConfig | None, source: str | None) -> None:
@@ -186,13 +187,19 @@ class OrtBackend:
             raise BitDanceError(f"stage {name}: ONNX Runtime failed ({_first_line(exc)})") from None
 
     def _alloc_cache(self, rows: int) -> None:
-        if self._rows == rows and self._kv:
+        if self._rows == rows and self._kv is not None:
             return
-        shape = self.specs[st.PREFILL].shape("kv", rows=rows)
-        device, device_id = self.device
-        self._kv = [self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, device, device_id)
-                    for _ in range(2)]
+        device = torch.device(*self.device) if self.device[0] != "cpu" else torch.device("cpu")
+        self._kv = torch.zeros(st.kv_shape(self.config, rows), dtype=torch.float32, device=device)
+        self._new = {name: torch.empty(self.specs[name].shape("kv_new", rows=rows), dtype=torch.float32, device=device)
+                     for name in (st.PREFILL, st.BACKBONE_STEP)}
         self._rows = rows
+
+    def _bind_tensor(self, binding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+        """Bind a contiguous float32 torch tensor by address (no copy), on its own device."""
+        kind, index = ("cuda", tensor.device.index or 0) if tensor.is_cuda else ("cpu", 0)
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, kind, index, np.float32, list(tensor.shape), tensor.data_ptr())
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         spec = self.specs[st.PREFILL]
@@ -201,37 +208,41 @@ class OrtBackend:
         if labels.size and not (0 <= labels.min() and labels.max() <= self.config.num_classes):
             raise BitDanceError(f"labels must lie in [0, {self.config.num_classes}] (the last is the null class)")
         self._alloc_cache(dims["rows"])
+        self._kv.zero_()
         binding = self.sessions[st.PREFILL].io_binding()
         binding.bind_cpu_input("labels", labels)
         binding.bind_output("cond", "cpu")
-        binding.bind_ortvalue_output("kv", self._kv[0])
+        new = self._new[st.PREFILL]
+        self._bind_tensor(binding, "kv_new", new, output=True)
         self._run(st.PREFILL, binding)
-        self._cur = 0
+        self._kv[:, :, :, :, : new.shape[4]] = new
+        self._started = True
         return torch.from_numpy(binding.get_outputs()[0].numpy())
 
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        if not self._kv:
+        if not self._started:
             raise BitDanceError("step() before prefill(): start every generation with prefill")
         spec = self.specs[st.BACKBONE_STEP]
         tokens = _numpy(tokens, np.float32)
         dims = spec.match("tokens", tokens.shape)
         if dims["rows"] != self._rows:
             raise BitDanceError(f"step(): {dims['rows']} token rows, but the cache was prefilled with {self._rows}")
-        start = np.array(st.step_start(self.config, int(step)), dtype=np.int64)
+        start = st.step_start(self.config, int(step))
         binding = self.sessions[st.BACKBONE_STEP].io_binding()
         binding.bind_cpu_input("tokens", tokens)
-        binding.bind_cpu_input("start", start)
-        binding.bind_ortvalue_input("kv_in", self._kv[self._cur])
+        binding.bind_cpu_input("start", np.array(start, dtype=np.int64))
+        self._bind_tensor(binding, "kv", self._kv)
         binding.bind_output("cond", "cpu")
-        binding.bind_ortvalue_output("kv_out", self._kv[1 - self._cur])
+        new = self._new[st.BACKBONE_STEP]
+        self._bind_tensor(binding, "kv_new", new, output=True)
         self._run(st.BACKBONE_STEP, binding)
-        self._cur = 1 - self._cur
+        self._kv[:, :, :, :, start : start + new.shape[4]] = new
         return torch.from_numpy(binding.get_outputs()[0].numpy())
 
     @property
-    def kv_cache(self):
-        """The OrtValue holding the current cache (for inspection and tests)."""
-        return self._kv[self._cur] if self._kv else None
+    def kv_cache(self) -> torch.Tensor | None:
+        """The cache tensor the graphs read (for inspection and tests)."""
+        return self._kv
 
     def sample_tokens(self, cond: torch.Tensor, noise: torch.Tensor, cfg: float, guided: bool) -> torch.Tensor:
         steps = int(noise.shape[0]) - 1

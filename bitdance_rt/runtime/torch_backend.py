@@ -20,13 +20,17 @@ class TorchBackend:
     @torch.inference_mode()
     def prefill(self, labels):
         self.kv = self.model.new_cache(labels.shape[0])
-        return self.model.prefill(labels.to(self.device), self.kv, kv_len=self.config.prefix_len)
+        cond, new = self.model.prefill(labels.to(self.device))
+        self.model.write_cache(self.kv, new, 0)
+        return cond
 
     @torch.inference_mode()
     def step(self, tokens, step):
-        # Attend over the written part of the cache only, as the official code does.
-        end = self.model.step_start(step) + self.config.parallel_num
-        return self.model.step(tokens.to(self.device), step, self.kv, kv_len=end)
+        # Read the written part of the cache only, as the official code does.
+        start = self.model.step_start(step)
+        cond, new = self.model.step(tokens.to(self.device), step, self.kv, kv_len=start)
+        self.model.write_cache(self.kv, new, start)
+        return cond
 
     @torch.inference_mode()
     def sample_tokens(self, cond, noise, cfg, guided):
