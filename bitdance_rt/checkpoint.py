@@ -25,13 +25,19 @@ from .errors import CheckpointError
 WRAPPER_KEYS = ("ema", "model", "state_dict")
 
 
-def read_tensor_file(path: str | Path, allow_pickle: bool = False) -> Mapping:
-    """The raw object stored in a .pt/.pth/.safetensors file (a dict for every supported file)."""
+def require_file(path: str | Path, what: str = "checkpoint") -> Path:
+    """`path` as a Path if it is an existing file, else a CheckpointError saying which."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
+        raise CheckpointError(f"{what} {path} is not a file")
+    return path
+
+
+def read_tensor_file(path: str | Path, allow_pickle: bool = False) -> Mapping:
+    """The raw object stored in a .pt/.pth/.safetensors file (a dict for every supported file)."""
+    path = require_file(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

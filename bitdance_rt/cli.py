@@ -11,7 +11,14 @@ from . import __version__
 from .config import DEFAULT_PRESET, PRESETS
 from .errors import BitDanceError
 
-BACKENDS = ("torch",)
+BACKENDS = ("onnxruntime", "torch")
+
+
+def default_backend() -> str:
+    """onnxruntime when it is installed (the fast path), else the torch reference."""
+    import importlib.util
+
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -39,9 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out", help="output directory for PNGs (default: ./out)")
     g.add_argument("--noise-from", default=None, help="replay recorded noise (noise_000, noise_001, ... in a .safetensors)")
     g.add_argument("--save-tokens", default=None, help="write tokens, latent and image to this .safetensors")
-    g.add_argument("--backend", choices=BACKENDS, default="torch")
-    g.add_argument("--device", default="cpu", help="torch device for the torch backend (default: cpu)")
+    g.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="onnxruntime (default when installed) or torch (the float32 reference)")
+    g.add_argument("--export-dir", default=None,
+                   help="ONNX export to run with --backend onnxruntime (default: an automatic, cached export "
+                        "under $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (torch device / ONNX Runtime CUDA EP)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("export", help="export every stage to ONNX (+ manifest); reused when up to date")
+    _add_model_args(e)
+    e.add_argument("--out", required=True, help="export directory")
+    e.add_argument("--steps", type=int, default=None, help="sampler steps S baked into the fused head samplers")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (TensorRT 10.3 parses <= 20; default 17)")
+    e.add_argument("--max-batch", type=int, default=16, help="largest batch (images) the graphs accept (default 16)")
+    e.add_argument("--stages", nargs="+", default=None, help="stages to export (default: all)")
+    e.add_argument("--force", action="store_true", help="re-export even if the directory is up to date")
 
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (safe to load, fast to map)")
     _add_model_args(c)
@@ -52,29 +73,36 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     import torch
 
+    from .config import load_config
     from .images import save_images
     from .loading import load_model
     from .runtime import generate
+    from .runtime.loop import check_request
     from .runtime.torch_backend import TorchBackend
     from .sampling import ReplayNoise, SeededNoise
-
-    from .config import load_config
-    from .runtime.loop import check_request
 
     cfg = load_config(args.model or DEFAULT_PRESET)
     labels = args.labels if args.labels is not None else list(range(min(8, cfg.num_classes)))
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
     check_request(cfg.num_classes, labels, steps)  # before loading possibly large weights
-    loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
-    print(f"model: {loaded.source}")
-    if loaded.random_weights:
+    backend_name = args.backend or default_backend()
+    noise = ReplayNoise(args.noise_from) if args.noise_from else SeededNoise(args.seed)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BitDanceError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BitDanceError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if backend_name == "onnxruntime":
+        backend, source = _ort_backend(args, cfg, steps)
+    else:
+        loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
+        backend, source = TorchBackend(loaded.model, args.device), loaded.source
+    print(f"model: {source}")
+    if args.checkpoint is None:
         print("note: no --checkpoint given, so this is the embedded default with RANDOM weights: "
               "the images are noise patterns, not pictures (pass --model/--checkpoint for real weights)")
-    noise = ReplayNoise(args.noise_from) if args.noise_from else SeededNoise(args.seed)
-    if args.device != "cpu" and not torch.cuda.is_available() and args.device.startswith("cuda"):
-        raise BitDanceError(f"--device {args.device}: CUDA is not available on this machine")
-    backend = TorchBackend(loaded.model, args.device)
     result = generate(backend, labels, steps, scale, args.cfg_schedule, noise, progress=not args.quiet)
     paths = save_images(result.image, labels, args.out)
     if args.save_tokens:
@@ -84,10 +112,63 @@ def cmd_generate(args) -> int:
                          args.save_tokens, metadata={"labels": json.dumps(labels), "steps": str(steps),
                                                      "cfg": str(scale), "cfg_schedule": args.cfg_schedule})
     n = len(labels)
-    print(f"generated {n} image(s) of {cfg.image_size}x{cfg.image_size} with {args.backend}: "
+    print(f"generated {n} image(s) of {cfg.image_size}x{cfg.image_size} with {backend_name}: "
           f"{cfg.ar_steps} AR steps x {steps} sampler steps, cfg {scale} ({args.cfg_schedule}), "
           f"{result.seconds:.2f} s, {result.images_per_second:.2f} images/s")
     print(f"wrote {len(paths) - 1} PNG(s) and {paths[-1]}" + (f"; tokens -> {args.save_tokens}" if args.save_tokens else ""))
+    return 0
+
+
+def _export_for(cfg, args, out, steps: int, stages=None, **options):
+    """Export (or reuse) `out` for the checkpoint in args, or for the random-weight default."""
+    from .export import export_files, export_stages, random_source
+    from .loading import EMBEDDED_SEED, load_model
+
+    if stages is not None:
+        options["stages"] = stages
+    if args.checkpoint:
+        return export_files(cfg, args.checkpoint, out, vae=args.vae, allow_pickle=args.unsafe_allow_pickle,
+                            sampler_steps=steps, **options)
+    if args.vae:
+        raise BitDanceError("--vae needs --checkpoint: the random-weight default has no checkpoint to pair it with")
+    return export_stages(load_model(cfg).model, out, random_source(EMBEDDED_SEED), sampler_steps=steps, **options)
+
+
+def _ort_backend(args, cfg, steps: int):
+    """The ONNX Runtime backend over --export-dir, or over an automatic cached export."""
+    from .export import checkpoint_source, random_source
+    from .export.cache import GENERATION_STAGES, export_dir_for
+    from .loading import EMBEDDED_SEED
+    from .runtime.ort_backend import OrtBackend
+
+    providers = ["cuda"] if args.device.startswith("cuda") else ["cpu"]
+    if args.export_dir:
+        backend = OrtBackend(args.export_dir, threads=args.threads, providers=providers, expect_config=cfg)
+        return backend, f"{cfg.name} from ONNX export {args.export_dir}"
+    source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else random_source(EMBEDDED_SEED)
+    out = export_dir_for(cfg, source, steps)
+    result = _export_for(cfg, args, out, steps, stages=list(GENERATION_STAGES))
+    print(f"ONNX export: {out} ({'reused' if result.reused else 'exported'})")
+    # export_stages verified the files' hashes just now: no need to hash them again.
+    backend = OrtBackend(out, threads=args.threads, providers=providers, verify_hashes=False, expect_config=cfg)
+    what = Path(args.checkpoint).name if args.checkpoint else f"seeded random weights (seed {EMBEDDED_SEED})"
+    return backend, f"{cfg.name} from {what}"
+
+
+def cmd_export(args) -> int:
+    from .config import load_config
+    from .stages import Limits
+
+    cfg = load_config(args.model or DEFAULT_PRESET)
+    steps = cfg.default_steps if args.steps is None else args.steps
+    if steps < 1:
+        raise BitDanceError(f"--steps must be >= 1, got {steps}")
+    if args.max_batch < 1:
+        raise BitDanceError(f"--max-batch must be >= 1, got {args.max_batch}")
+    result = _export_for(cfg, args, args.out, steps, stages=args.stages, opset=args.opset, force=args.force,
+                         limits=Limits(max_batch=args.max_batch, opt_batch=min(4, args.max_batch)))
+    state = "up to date, reused" if result.reused else "exported"
+    print(f"{result.directory}: {state} ({', '.join(result.manifest['stage_files'])})")
     return 0
 
 
@@ -122,7 +203,7 @@ def cmd_convert(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+        return {"generate": cmd_generate, "export": cmd_export, "convert": cmd_convert}[args.command](args)
     except BitDanceError as exc:
         print(f"bitdance-rt: error: {exc}", file=sys.stderr)
         return 2

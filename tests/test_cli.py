@@ -12,6 +12,12 @@ from safetensors.torch import load_file
 from conftest import REPO, fixture_config, fixture_dir
 
 
+@pytest.fixture(autouse=True)
+def export_cache(tmp_path_factory, monkeypatch):
+    """Automatic ONNX exports go to a per-session temp dir, never the user's ~/.cache."""
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bitdance_rt", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd or REPO, timeout=300)
@@ -23,15 +29,16 @@ def sampling_args(name: str) -> list[str]:
             "--cfg-schedule", s["cfg_schedule"]]
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("name", ["tiny_4x", "tiny_1x"])
-def test_generate_replays_official_noise(name, tmp_path):
+def test_generate_replays_official_noise(name, backend, tmp_path):
     d = fixture_dir(name)
     out = tmp_path / "imgs"
     res = run("generate", "--model", d / "config.json", "--checkpoint", d / "checkpoint.pt", "--vae", d / "vae.pt",
               *sampling_args(name), "--noise-from", d / "sample.safetensors", "--save-tokens", tmp_path / "t.safetensors",
-              "--out", out, "--quiet")
+              "--out", out, "--quiet", "--backend", backend)
     assert res.returncode == 0, res.stderr
-    assert "images/s" in res.stdout
+    assert "images/s" in res.stdout and f"with {backend}" in res.stdout
     got, want = load_file(str(tmp_path / "t.safetensors")), load_file(str(d / "sample.safetensors"))
     assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["latent"], want["latent"])
     torch.testing.assert_close(got["image"], want["image"], atol=2e-4, rtol=0)
@@ -84,3 +91,39 @@ def test_unreadable_and_wrong_checkpoints_exit_cleanly(tmp_path):
         res = run("generate", "--out", tmp_path / "o", "--quiet", *args)
         assert res.returncode == 2 and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr
+
+
+def test_default_backend_is_onnxruntime_with_a_reused_cached_export(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))  # start empty
+    args = ["generate", "--steps", "2", "--labels", "0", "--quiet"]
+    first = run(*args, "--out", tmp_path / "a")
+    second = run(*args, "--out", tmp_path / "b")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "with onnxruntime" in first.stdout and "(exported)" in first.stdout
+    assert "(reused)" in second.stdout
+    assert (tmp_path / "a" / "000_class0.png").read_bytes() == (tmp_path / "b" / "000_class0.png").read_bytes()
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1
+
+
+def test_export_command_then_generate_from_it(tmp_path):
+    d = fixture_dir("tiny_4x")
+    s = fixture_config("tiny_4x")["sampling"]
+    exp = tmp_path / "exp"
+    base = ["--model", d / "config.json", "--checkpoint", d / "checkpoint.pt"]
+    res = run("export", *base, "--out", exp, "--steps", s["sample_steps"])
+    assert res.returncode == 0 and "exported" in res.stdout, res.stderr
+    res = run("export", *base, "--out", exp, "--steps", s["sample_steps"])
+    assert res.returncode == 0 and "up to date, reused" in res.stdout, res.stderr
+    res = run("generate", "--model", d / "config.json", "--checkpoint", d / "checkpoint.pt", "--export-dir", exp,
+              *sampling_args("tiny_4x"), "--seed", s["seed"], "--save-tokens", tmp_path / "t.safetensors",
+              "--out", tmp_path / "o", "--quiet", "--backend", "onnxruntime")
+    assert res.returncode == 0, res.stderr
+    want = load_file(str(d / "sample.safetensors"))
+    assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["tokens"], want["tokens"])
+    res = run("generate", "--model", fixture_dir("tiny_1x") / "config.json", "--export-dir", exp, "--quiet",
+              "--backend", "onnxruntime", "--out", tmp_path / "o2", "--steps", "2")
+    assert res.returncode == 2 and "not 'tiny_1x'" in res.stderr and "Traceback" not in res.stderr
+    (exp / "decoder.onnx").write_bytes(b"broken")
+    res = run("generate", "--model", d / "config.json", "--export-dir", exp, "--quiet", "--backend", "onnxruntime",
+              "--out", tmp_path / "o3", "--steps", "2")
+    assert res.returncode == 2 and "decoder.onnx" in res.stderr and "Traceback" not in res.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoint import file_sha256
+from ..checkpoint import file_sha256, require_file
 from ..config import ModelConfig, load_config
 from ..errors import BitDanceError
 from ..models import BitDance
@@ -47,8 +47,8 @@ class ExportResult:
 
 def checkpoint_source(checkpoint: str | Path, vae: str | Path | None = None) -> str:
     """The weights' identity for the manifest: sha256 of the checkpoint (and of the VAE file)."""
-    source = f"sha256:{file_sha256(checkpoint)}"
-    return source + (f" vae sha256:{file_sha256(vae)}" if vae else "")
+    source = f"sha256:{file_sha256(require_file(checkpoint))}"
+    return source + (f" vae sha256:{file_sha256(require_file(vae, 'vae file'))}" if vae else "")
 
 
 def random_source(seed: int) -> str:
