@@ -69,7 +69,7 @@ def ort_step(export_dir: Path, cfg, rows: int, threads: int, iters: int, step: i
     # Per-op kernel times of the graph alone, on the same inputs.
     prof = session(export_dir / "backbone_step.onnx", threads, profile=True)
     feed = {"tokens": tokens.numpy(), "start": np.array(st.step_start(cfg, step), dtype=np.int64),
-            "kv": backend.kv_cache.numpy()}
+            **{name: backend.kv_cache[i // 2, i % 2].numpy() for i, name in enumerate(st.cache_input_names(cfg))}}
     warmup = 2
     for _ in range(warmup + iters):
         prof.run(None, feed)

@@ -15,6 +15,9 @@ TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim
 KV cache (one static tensor, preallocated at full length by the runtime; the position is an input):
     kv [n_layer, 2, rows, n_head, L, head_dim] float32, L = cfg.max_seq_len,
     kv[i, 0] = keys and kv[i, 1] = values of layer i, after RoPE (keys), position-major in L.
+`backbone_step` takes it as 2*n_layer inputs `cache.{i}.key` / `cache.{i}.value`
+[rows, n_head, L, head_dim], the contiguous parts kv[i, 0] / kv[i, 1] bound by address: one
+stacked input would make every graph split it into layers, which ONNX Runtime does by copying.
 Graphs only READ the cache and return the keys/values of their own chunk as `kv_new`
 [n_layer, 2, rows, n_head, T, head_dim]; the runtime writes them at [start, start+T) (T =
 prefix_len for `prefill`, P for `backbone_step`). `backbone_step` takes `start` (int64 scalar,
@@ -228,6 +231,11 @@ def kv_shape(cfg: ModelConfig, rows: int | str = "rows", length: int | None = No
     return (cfg.n_layer, 2, rows, cfg.n_head, cfg.max_seq_len if length is None else length, cfg.head_dim)
 
 
+def cache_input_names(cfg: ModelConfig) -> list[str]:
+    """backbone_step's cache inputs, in order: cache.0.key, cache.0.value, cache.1.key, ..."""
+    return [f"cache.{i}.{part}" for i in range(cfg.n_layer) for part in ("key", "value")]
+
+
 # ---- the stages --------------------------------------------------------------------------
 def _spec(name, inputs, outputs, limits: Limits, doc: str) -> StageSpec:
     used = set()
@@ -253,7 +261,8 @@ def backbone_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpe
     return _spec(BACKBONE_STEP, [
         TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1"),
         TensorSpec("start", "int64", (), "first cache position of the tokens: step_start(cfg, i)"),
-        TensorSpec("kv", "float32", kv_shape(cfg), "the cache, positions [0, start) valid (read only)"),
+        *(TensorSpec(name, "float32", kv_shape(cfg)[2:], "kv[layer, 0|1]: positions [0, start) valid (read only)")
+          for name in cache_input_names(cfg)),
     ], [
         TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step i"),
         TensorSpec("kv_new", "float32", kv_shape(cfg, length=p), "keys/values of positions [start, start+P)"),

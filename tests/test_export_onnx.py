@@ -111,6 +111,12 @@ def test_manifest_records_everything(ex):
 
 
 # ---- numerics against torch ------------------------------------------------------------------
+def cache_feed(cfg, kv) -> dict:
+    """backbone_step's per-layer cache inputs from a stacked [n_layer, 2, ...] cache."""
+    kv = np.asarray(kv)
+    return {name: np.ascontiguousarray(kv[i // 2, i % 2]) for i, name in enumerate(st.cache_input_names(cfg))}
+
+
 def _prefilled(ex: Export, rows: int):
     """labels, head conditions, the prefix keys/values, and the full cache holding them."""
     labels = torch.arange(rows) % (ex.cfg.num_classes + 1)
@@ -142,7 +148,7 @@ def test_prefill_and_steps_match_official_fixture(ex):
         start = int(s[f"backbone.step{i}.start_pos"])
         assert start == st.step_start(ex.cfg, i)
         cond, new = step.run(None, {"tokens": s[f"backbone.step{i}.tokens"].reshape(4, p, -1).numpy(),
-                                    "start": np.array(start, dtype=np.int64), "kv": kv})
+                                    "start": np.array(start, dtype=np.int64), **cache_feed(ex.cfg, kv)})
         _close(cond, s[f"backbone.step{i}.output"].reshape(4, p, -1) + pos[i * p:(i + 1) * p])
         kv[..., start : start + p, :] = new
 
@@ -157,7 +163,8 @@ def test_backbone_step_matches_torch_at_every_step(ex, rows):
         start = st.step_start(ex.cfg, i)
         with torch.no_grad():
             cond, new = ex.model.step(tokens, i, kv)  # full static cache, masked past start
-        got, got_new = session.run(None, {"tokens": tokens.numpy(), "start": np.array(start), "kv": kv.numpy()})
+        got, got_new = session.run(None, {"tokens": tokens.numpy(), "start": np.array(start),
+                                          **cache_feed(ex.cfg, kv.numpy())})
         _close(got, cond)
         _close(got_new, new)
         ex.model.write_cache(kv, new, start)
@@ -269,9 +276,12 @@ def test_contract_shapes_profiles_and_json(ex):
     kv = (cfg.n_layer, 2, "rows", cfg.n_head, cfg.max_seq_len, cfg.head_dim)
     assert st.prefill_stage(cfg, lim).tensor("kv_new").shape == kv[:4] + (cfg.prefix_len, cfg.head_dim)
     step = st.backbone_step_stage(cfg, lim)
-    assert step.tensor("kv").shape == kv
+    names = st.cache_input_names(cfg)
+    assert step.input_names == ["tokens", "start", *names] and len(names) == 2 * cfg.n_layer
+    assert names[:2] == ["cache.0.key", "cache.0.value"]
+    assert all(step.tensor(n).shape == kv[2:] for n in names)
     assert step.tensor("kv_new").shape == kv[:4] + (cfg.parallel_num, cfg.head_dim)
-    assert step.profile("kv")[2][2] == 32 and step.profile("tokens") == ((1, p, c), (8, p, c), (32, p, c))
+    assert step.profile("cache.1.value")[2][0] == 32 and step.profile("tokens") == ((1, p, c), (8, p, c), (32, p, c))
     g = st.head_sampler_stage(cfg, S, True, lim)
     assert g.profile("cond") == ((2, p, dim), (8, p, dim), (32, p, dim))
     assert g.profile("noise") == ((S + 1, 1, p, c), (S + 1, 4, p, c), (S + 1, 16, p, c))

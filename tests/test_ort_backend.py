@@ -254,7 +254,7 @@ def test_tensorrt_profiles_come_from_the_contract(ex):
     assert opts["trt_profile_min_shapes"] == f"cond:2x{p}x{dim},noise:{S + 1}x1x{p}x{c}"
     assert opts["trt_profile_max_shapes"] == f"cond:16x{p}x{dim},noise:{S + 1}x8x{p}x{c}"
     step = trt_profile_options(st.stage_spec(st.BACKBONE_STEP, cfg))
-    assert "start" not in step["trt_profile_opt_shapes"] and "kv:" in step["trt_profile_opt_shapes"]
+    assert "start" not in step["trt_profile_opt_shapes"] and "cache.0.key:" in step["trt_profile_opt_shapes"]
 
 
 def test_noise_that_does_not_fit_is_refused(ex):

@@ -28,17 +28,19 @@ class PrefillStage(nn.Module):
 
 
 class BackboneStepStage(nn.Module):
-    """tokens [rows, P, C], start (cache position), kv -> cond [rows, P, dim], kv_new for [start, +P)."""
+    """tokens [rows, P, C], start (cache position), per-layer keys and values -> cond [rows, P, dim],
+    kv_new for [start, +P)."""
 
     def __init__(self, model: BitDance):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, start, kv):
+    def forward(self, tokens, start, *cache):
         cfg = self.model.cfg
         # invert stages.step_start: start = prefix_len + (step - 1) * P
         step = torch.div(start - cfg.prefix_len, cfg.parallel_num, rounding_mode="floor") + 1
-        return self.model.step(tokens, step, kv)
+        layers = [(cache[2 * i], cache[2 * i + 1]) for i in range(cfg.n_layer)]  # kv[i][0|1] as the model reads it
+        return self.model.step(tokens, step, layers)
 
 
 class HeadStepStage(nn.Module):

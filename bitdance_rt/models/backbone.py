@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -40,8 +39,9 @@ class Attention(nn.Module):
     def forward(self, x, rope, chunk_mask, kv, start, kv_len):
         """x [B,T,dim] at positions [start, start+T) -> (out [B,T,dim], k [B,H,T,D], v [B,H,T,D]).
 
-        chunk_mask [T,T] (or None: all visible) masks the chunk's own keys; kv [2,B,H,L,D] (or
-        None: nothing cached) is read at [0, kv_len), positions >= start hidden.
+        chunk_mask [T,T] (or None: all visible) masks the chunk's own keys; kv (keys, values), a
+        [2,B,H,L,D] tensor or a pair of [B,H,L,D] (or None: nothing cached), is read at
+        [0, kv_len), positions >= start hidden.
         """
         b, t, dim = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
@@ -54,7 +54,10 @@ class Attention(nn.Module):
         if kv is None or kv_len == 0:
             out = torch.softmax(scores, dim=-1) @ v
         else:
-            old_k, old_v = kv[0, :, :, :kv_len], kv[1, :, :, :kv_len]
+            if isinstance(kv_len, int) and kv_len == kv[0].shape[-2]:
+                old_k, old_v = kv[0], kv[1]  # the whole static cache: no slice (a copy in ONNX)
+            else:
+                old_k, old_v = kv[0][:, :, :kv_len], kv[1][:, :, :kv_len]
             old = q @ old_k.transpose(-1, -2)
             if not (isinstance(kv_len, int) and isinstance(start, int) and kv_len <= start):
                 hidden = torch.arange(old.shape[-1], device=x.device) >= start

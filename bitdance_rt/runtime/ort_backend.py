@@ -231,13 +231,19 @@ class OrtBackend:
         binding = self.sessions[st.BACKBONE_STEP].io_binding()
         binding.bind_cpu_input("tokens", tokens)
         binding.bind_cpu_input("start", np.array(start, dtype=np.int64))
-        self._bind_tensor(binding, "kv", self._kv)
+        for i, name in enumerate(st.cache_input_names(self.config)):
+            self._bind_tensor(binding, name, self._kv[i // 2, i % 2])  # contiguous: layer and part are outer dims
         binding.bind_output("cond", "cpu")
         new = self._new[st.BACKBONE_STEP]
         self._bind_tensor(binding, "kv_new", new, output=True)
         self._run(st.BACKBONE_STEP, binding)
         self._kv[:, :, :, :, start : start + new.shape[4]] = new
         return torch.from_numpy(binding.get_outputs()[0].numpy())
+
+    @property
+    def max_batch(self) -> int:
+        """Most images one generation may hold: the exported row range covers 2 CFG rows each."""
+        return self.specs[st.PREFILL].dims["rows"].max // 2
 
     @property
     def kv_cache(self) -> torch.Tensor | None:
