@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import DEFAULT_PRESET, PRESETS
+from .config import EMBEDDED_MODEL, PRESETS
 from .errors import BitDanceError
 
 BACKENDS = ("onnxruntime", "torch")
@@ -23,12 +23,66 @@ def default_backend() -> str:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help=f"preset ({', '.join(PRESETS)}) or a config .json in the official constructor-argument "
-                        f"form; default: {DEFAULT_PRESET} (embedded)")
+                   help=f"{EMBEDDED_MODEL} (the embedded trained digits model), a preset ({', '.join(PRESETS)}) or "
+                        f"a config .json in the official constructor-argument form; default: {EMBEDDED_MODEL}")
     p.add_argument("--checkpoint", default=None, help="model weights: official .pt ({'ema'|'model': ...}) or .safetensors")
     p.add_argument("--vae", default=None, help="autoencoder weights (ae_d16c32.pt); overrides vae.* keys of the checkpoint")
     p.add_argument("--unsafe-allow-pickle", action="store_true",
                    help="load .pt files with full unpickling (can execute code: only for files you trust)")
+
+
+def _resolve_model(args):
+    """The config of --model (default: the embedded tiny-digits model). The embedded model
+    without --checkpoint means its shipped weights: set them as the checkpoint, so every path
+    (torch, ONNX export and its cache key) sees the same, real weights."""
+    from .config import EMBEDDED_WEIGHTS, load_config
+
+    spec = args.model or EMBEDDED_MODEL
+    cfg = load_config(spec)
+    if spec == EMBEDDED_MODEL and args.checkpoint is None and args.vae is None:
+        args.checkpoint = str(EMBEDDED_WEIGHTS)
+    return cfg
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Sampling and backend options shared by generate and eval."""
+    p.add_argument("--steps", type=int, default=None, help="sampler steps S per AR step (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
+    p.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one noise generator")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="onnxruntime (default when installed) or torch (the float32 reference)")
+    p.add_argument("--export-dir", default=None,
+                   help="ONNX export to run with --backend onnxruntime (default: an automatic, cached export "
+                        "under $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (torch device / ONNX Runtime CUDA EP)")
+
+
+def _make_backend(args, cfg, steps: int):
+    """(backend, its name, what the weights are) for the run options in args."""
+    import torch
+
+    from .loading import load_model
+    from .runtime.torch_backend import TorchBackend
+
+    name = args.backend or default_backend()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BitDanceError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BitDanceError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if name == "onnxruntime":
+        backend, source = _ort_backend(args, cfg, steps)
+    else:
+        loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
+        backend, source = TorchBackend(loaded.model, args.device), loaded.source
+    print(f"model: {source}")
+    if args.checkpoint is None:
+        print(f"note: no --checkpoint given for {cfg.name}, so it runs with RANDOM weights: the images are "
+              "noise patterns, not pictures (omit --model for the embedded trained model)")
+    return backend, name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,20 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate class-conditional images")
     _add_model_args(g)
     g.add_argument("--labels", type=int, nargs="+", default=None, help="class labels, one image each (default: 0..7)")
-    g.add_argument("--steps", type=int, default=None, help="sampler steps S per AR step (default: the model's)")
-    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
-    g.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
-    g.add_argument("--seed", type=int, default=0, help="seed of the one noise generator")
+    _add_run_args(g)
     g.add_argument("--out", default="out", help="output directory for PNGs (default: ./out)")
     g.add_argument("--noise-from", default=None, help="replay recorded noise (noise_000, noise_001, ... in a .safetensors)")
     g.add_argument("--save-tokens", default=None, help="write tokens, latent and image to this .safetensors")
-    g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="onnxruntime (default when installed) or torch (the float32 reference)")
-    g.add_argument("--export-dir", default=None,
-                   help="ONNX export to run with --backend onnxruntime (default: an automatic, cached export "
-                        "under $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (torch device / ONNX Runtime CUDA EP)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     e = sub.add_parser("export", help="export every stage to ONNX (+ manifest); reused when up to date")
@@ -64,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stages", nargs="+", default=None, help="stages to export (default: all)")
     e.add_argument("--force", action="store_true", help="re-export even if the directory is up to date")
 
+    ev = sub.add_parser("eval", help="score generated digits: classifier accuracy and Frechet distance "
+                                     "(digits models such as the embedded default)")
+    _add_model_args(ev)
+    ev.add_argument("--per-class", type=int, default=50, help="samples per class (default: 50)")
+    _add_run_args(ev)
+
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (safe to load, fast to map)")
     _add_model_args(c)
     c.add_argument("--out", required=True, help="output .safetensors path")
@@ -71,39 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from .config import load_config
     from .images import save_images
-    from .loading import load_model
-    from .runtime import generate
+    from .runtime import generate_batched
     from .runtime.loop import check_request
-    from .runtime.torch_backend import TorchBackend
     from .sampling import ReplayNoise, SeededNoise
 
-    cfg = load_config(args.model or DEFAULT_PRESET)
+    cfg = _resolve_model(args)
     labels = args.labels if args.labels is not None else list(range(min(8, cfg.num_classes)))
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
     check_request(cfg.num_classes, labels, steps)  # before loading possibly large weights
-    backend_name = args.backend or default_backend()
     noise = ReplayNoise(args.noise_from) if args.noise_from else SeededNoise(args.seed)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BitDanceError(f"--device {args.device}: CUDA is not available on this machine")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BitDanceError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if backend_name == "onnxruntime":
-        backend, source = _ort_backend(args, cfg, steps)
-    else:
-        loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
-        backend, source = TorchBackend(loaded.model, args.device), loaded.source
-    print(f"model: {source}")
-    if args.checkpoint is None:
-        print("note: no --checkpoint given, so this is the embedded default with RANDOM weights: "
-              "the images are noise patterns, not pictures (pass --model/--checkpoint for real weights)")
-    result = generate(backend, labels, steps, scale, args.cfg_schedule, noise, progress=not args.quiet)
+    backend, backend_name = _make_backend(args, cfg, steps)
+    result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, noise, progress=not args.quiet)
     paths = save_images(result.image, labels, args.out)
     if args.save_tokens:
         from .checkpoint import save_safetensors
@@ -156,10 +186,9 @@ def _ort_backend(args, cfg, steps: int):
 
 
 def cmd_export(args) -> int:
-    from .config import load_config
     from .stages import Limits
 
-    cfg = load_config(args.model or DEFAULT_PRESET)
+    cfg = _resolve_model(args)
     steps = cfg.default_steps if args.steps is None else args.steps
     if steps < 1:
         raise BitDanceError(f"--steps must be >= 1, got {steps}")
@@ -169,6 +198,27 @@ def cmd_export(args) -> int:
                          limits=Limits(max_batch=args.max_batch, opt_batch=min(4, args.max_batch)))
     state = "up to date, reused" if result.reused else "exported"
     print(f"{result.directory}: {state} ({', '.join(result.manifest['stage_files'])})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .quality import score_images
+    from .runtime import generate_batched
+    from .sampling import SeededNoise
+
+    cfg = _resolve_model(args)
+    if cfg.num_classes != 10:
+        raise BitDanceError(f"eval scores digits models (10 classes); {cfg.name} has {cfg.num_classes}")
+    if args.per_class < 2:
+        raise BitDanceError(f"--per-class must be >= 2, got {args.per_class}")
+    steps = cfg.default_steps if args.steps is None else args.steps
+    scale = cfg.default_cfg if args.cfg is None else args.cfg
+    backend, backend_name = _make_backend(args, cfg, steps)
+    labels = [c for c in range(10) for _ in range(args.per_class)]
+    result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, SeededNoise(args.seed))
+    report = score_images(result.image.clamp(-1, 1), labels)
+    print(f"{backend_name} fp32, {steps} sampler steps, cfg {scale} ({args.cfg_schedule}), seed {args.seed}")
+    print(report)
     return 0
 
 
@@ -203,7 +253,7 @@ def cmd_convert(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "export": cmd_export, "convert": cmd_convert}[args.command](args)
+        return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
     except BitDanceError as exc:
         print(f"bitdance-rt: error: {exc}", file=sys.stderr)
         return 2

@@ -301,7 +301,7 @@ PRESETS: dict[str, ModelConfig] = {
         _imagenet("BitDance-B-16x", "B", 16, 6.1),
         _imagenet("BitDance-L-1x", "L", 1, 4.0),
         _imagenet("BitDance-H-1x", "H", 1, 4.55),
-        # A tiny next-patch model (64px, 4x4 tokens, 4 per step): the embedded default and the
+        # A tiny next-patch model (64px, 4x4 tokens, 4 per step) with random weights: the
         # test/benchmark workhorse. Its shapes are those of the official tiny_4x fixture.
         ModelConfig(
             name="tiny-4x", dim=64, n_layer=2, n_head=4, diff_layers=2, diff_dim=64,
@@ -312,18 +312,25 @@ PRESETS: dict[str, ModelConfig] = {
     )
 }
 
-DEFAULT_PRESET = "tiny-4x"
+# The embedded default: a trained tiny digits model shipped as package data
+# (recipes/train_tiny.py writes it). `--model tiny-digits` (or no --model) loads it.
+EMBEDDED_MODEL = "tiny-digits"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+EMBEDDED_CONFIG = ASSETS_DIR / "tiny_digits.json"
+EMBEDDED_WEIGHTS = ASSETS_DIR / "tiny_digits.safetensors"
 
 
 def load_config(spec: str | Path) -> ModelConfig:
     """A preset name, or the path of a JSON config in the official constructor-argument form."""
     spec_str = str(spec)
+    if spec_str == EMBEDDED_MODEL:
+        spec_str = str(EMBEDDED_CONFIG)
     if spec_str in PRESETS:
         return PRESETS[spec_str].validate()
     path = Path(spec_str)
     if path.suffix.lower() != ".json" and not path.exists():
         raise ConfigError(
-            f"unknown model {spec_str!r}: give a preset ({', '.join(PRESETS)}) or a config .json file"
+            f"unknown model {spec_str!r}: give {EMBEDDED_MODEL}, a preset ({', '.join(PRESETS)}) or a config .json file"
         )
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

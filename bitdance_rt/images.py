@@ -16,16 +16,30 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
 
 
-def make_grid(pixels: np.ndarray, columns: int = 8, pad: int = 2) -> np.ndarray:
+CAPTION = 12  # pixels of caption strip under each tile
+
+
+def make_grid(pixels: np.ndarray, labels=None, columns: int = 8, pad: int = 2) -> np.ndarray:
+    """Tiles [B, H, W, 3] in rows of `columns`; with `labels`, each tile gets its class as a caption."""
+    from PIL import Image, ImageDraw
+
     b, h, w, c = pixels.shape
     cols = min(columns, b)
     rows = math.ceil(b / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    cap = CAPTION if labels is not None else 0
+    grid = np.full((rows * (h + cap + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(b):
         r, q = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        y, x = pad + r * (h + cap + pad), pad + q * (w + pad)
         grid[y : y + h, x : x + w] = pixels[i]
-    return grid
+    if labels is None:
+        return grid
+    image = Image.fromarray(grid)
+    draw = ImageDraw.Draw(image)
+    for i, label in enumerate(labels):
+        r, q = divmod(i, cols)
+        draw.text((pad + q * (w + pad) + 1, pad + r * (h + cap + pad) + h), str(int(label)), fill=(0, 0, 0))
+    return np.asarray(image)
 
 
 def save_png(array: np.ndarray, path: Path) -> Path:
@@ -39,5 +53,5 @@ def save_images(images: torch.Tensor, labels, out_dir: str | Path) -> list[Path]
     out = Path(out_dir)
     pixels = to_uint8(images)
     paths = [save_png(px, out / f"{i:03d}_class{int(label)}.png") for i, (px, label) in enumerate(zip(pixels, labels))]
-    paths.append(save_png(make_grid(pixels), out / "grid.png"))
+    paths.append(save_png(make_grid(pixels, labels), out / "grid.png"))
     return paths

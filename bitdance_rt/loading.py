@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .checkpoint import check_fit, load_state_dict_file
-from .config import DEFAULT_PRESET, ModelConfig, load_config
+from .config import EMBEDDED_MODEL, EMBEDDED_WEIGHTS, ModelConfig, load_config
 from .errors import CheckpointError
 from .models import BitDance
 from .models.init import random_init
@@ -31,10 +29,17 @@ def load_model(
 ) -> LoadedModel:
     """The model in eval mode with the weights of `checkpoint` (+ `vae`), strictly checked.
 
-    Without a checkpoint the model gets seeded random weights (the embedded default until a
-    trained tiny model ships): useful for testing paths and timing, not for pictures.
+    With no model and no checkpoint (or the model `tiny-digits`) this is the embedded trained
+    digits model. Any other model without a checkpoint gets seeded random weights: useful for
+    testing paths and timing, not for pictures.
     """
-    cfg = model if isinstance(model, ModelConfig) else load_config(model or DEFAULT_PRESET)
+    cfg = model if isinstance(model, ModelConfig) else load_config(model or EMBEDDED_MODEL)
+    if checkpoint is None and vae is None and cfg == load_config(EMBEDDED_MODEL):
+        net = BitDance(cfg).eval()
+        sd = load_state_dict_file(EMBEDDED_WEIGHTS)
+        check_fit(net, sd, str(EMBEDDED_WEIGHTS), cfg.name)
+        net.load_state_dict(sd, strict=True)
+        return LoadedModel(net, f"{cfg.name} (embedded, trained on scikit-learn digits)", False)
     net = BitDance(cfg).eval()
     if checkpoint is None:
         if vae is not None:

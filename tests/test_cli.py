@@ -58,11 +58,25 @@ def test_generate_with_seed_matches_official_and_converted_checkpoint(tmp_path):
     assert torch.equal(got["tokens"], want["tokens"])
 
 
-def test_embedded_default_says_it_is_random(tmp_path):
+def test_embedded_default_is_the_trained_digits_model(tmp_path):
     res = run("generate", "--out", tmp_path / "o", "--steps", "2", "--labels", "0", "1", "--quiet")
     assert res.returncode == 0, res.stderr
-    assert "RANDOM weights" in res.stdout
+    assert "tiny_digits.safetensors" in res.stdout and "RANDOM" not in res.stdout
     assert (tmp_path / "o" / "grid.png").is_file()
+
+
+def test_preset_without_checkpoint_says_it_is_random(tmp_path):
+    res = run("generate", "--model", "tiny-4x", "--out", tmp_path / "o", "--steps", "2", "--labels", "0", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "RANDOM weights" in res.stdout
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_eval_scores_the_embedded_model(backend):
+    res = run("eval", "--per-class", "5", "--backend", backend)
+    assert res.returncode == 0, res.stderr
+    assert "class accuracy" in res.stdout and "Fréchet distance" in res.stdout
+    assert f"{backend} fp32" in res.stdout
 
 
 @pytest.mark.parametrize("extra,needle", [

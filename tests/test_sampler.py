@@ -177,3 +177,41 @@ def test_t2i_head_fixture():
         noise = [st[f"head_sample.noise_{k:03d}"] for k in range(s["sample_steps"] + 1)]
         x = sample_head(head, st["head_sample.cond"], noise, s["cfg_scale"], True, a["time_shift"])
     torch.testing.assert_close(torch.cat([x, x]), st["head_sample.output"], atol=1e-6, rtol=0)
+
+
+def test_batched_generation_equals_one_batch_with_chunked_noise(official):
+    """Chunks of 2 labels drawing from one seeded source = each chunk generated on its own,
+    with the generator continuing where the previous chunk stopped."""
+    from bitdance_rt.runtime import generate_batched
+
+    model, _, _, _ = official("tiny_4x")
+    labels = [1, 2, 3, 4, 5]
+    got = generate_batched(TorchBackend(model), labels, 3, 2.0, "linear", SeededNoise(9), batch_size=2)
+    src = SeededNoise(9)
+    parts = [generate(TorchBackend(model), labels[i:i + 2], 3, 2.0, "linear", src) for i in (0, 2, 4)]
+    assert got.tokens.shape[0] == 5
+    assert torch.equal(got.tokens, torch.cat([p.tokens for p in parts]))
+    assert torch.equal(got.image, torch.cat([p.image for p in parts]))
+
+
+def test_batched_replay_checks_the_whole_file(official, tmp_path):
+    """A replayed file split over chunks is fully consumed, or the run is refused at the end."""
+    from bitdance_rt.errors import BitDanceError
+    from bitdance_rt.runtime import generate_batched
+
+    model, _, sample, cfg = official("tiny_4x")
+    s = cfg["sampling"]
+    path = fixture_dir("tiny_4x") / "sample.safetensors"
+    # 2 labels in chunks of 1 need other noise shapes than the recorded batch of 2: refused.
+    with pytest.raises(BitDanceError, match="noise_000 has shape"):
+        generate_batched(TorchBackend(model), s["labels"], s["sample_steps"], s["cfg_scale"], s["cfg_schedule"],
+                         ReplayNoise(path), batch_size=1)
+    one = generate_batched(TorchBackend(model), s["labels"], s["sample_steps"], s["cfg_scale"], s["cfg_schedule"],
+                           ReplayNoise(path), batch_size=2)
+    assert torch.equal(one.tokens, sample["tokens"])
+    extra = {k: v for k, v in sample.items() if k.startswith("noise_")}
+    extra[f"noise_{len(extra):03d}"] = torch.zeros(2, 4, 32)
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(BitDanceError, match="used 28 of its 29 draws"):
+        generate_batched(TorchBackend(model), s["labels"], s["sample_steps"], s["cfg_scale"], s["cfg_schedule"],
+                         ReplayNoise(tmp_path / "extra.safetensors"), batch_size=2)

@@ -43,6 +43,23 @@ def check_request(num_classes: int, labels, steps: int) -> None:
         raise BitDanceError(f"steps must be >= 1, got {steps}")
 
 
+def generate_batched(backend: Backend, labels, steps: int, cfg_scale: float, cfg_schedule: str,
+                     noise: NoiseSource, progress: bool = False, batch_size: int | None = None) -> GenerationResult:
+    """`generate` over chunks of at most `batch_size` labels (default: the backend's `max_batch`,
+    if it has one), drawing noise from the one source in order; results are concatenated."""
+    labels = list(labels)
+    size = batch_size or getattr(backend, "max_batch", None) or len(labels) or 1
+    if size < 1:
+        raise BitDanceError(f"batch size must be >= 1, got {size}")
+    parts = [generate(backend, labels[i : i + size], steps, cfg_scale, cfg_schedule, noise, progress, finish=False)
+             for i in range(0, max(len(labels), 1), size)]
+    noise.finish()
+    if len(parts) == 1:
+        return parts[0]
+    return GenerationResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "latent", "image")),
+                            seconds=sum(p.seconds for p in parts))
+
+
 def generate(
     backend: Backend,
     labels,
@@ -51,7 +68,9 @@ def generate(
     cfg_schedule: str,
     noise: NoiseSource,
     progress: bool = False,
+    finish: bool = True,
 ) -> GenerationResult:
+    """One batch. `finish=False` leaves the check that a replayed noise file was used up to the caller."""
     cfg = backend.config
     check_request(cfg.num_classes, labels, steps)
     cfg_at_step(cfg_scale, cfg_schedule, 0, cfg.ar_steps)  # validates the schedule name early
@@ -64,6 +83,7 @@ def generate(
         rows = cond_labels
     p, c = cfg.parallel_num, cfg.token_dim
     all_tokens = []
+    tokens = None
     cond = backend.prefill(rows)
     for i in tqdm(range(cfg.ar_steps), desc=f"{backend.name} AR steps", disable=not progress, leave=False):
         if i > 0:
@@ -74,7 +94,8 @@ def generate(
         step_noise = torch.stack([noise.draw((draw_rows, p, c)) for _ in range(steps + 1)])
         tokens = backend.sample_tokens(cond, step_noise, g, guided)
         all_tokens.append(tokens[:batch].cpu())
-    noise.finish()
+    if finish:
+        noise.finish()
     out_tokens = torch.cat(all_tokens, dim=1)
     latent = tokens_to_latent(out_tokens, cfg)
     image = backend.decode(latent).float().cpu()
