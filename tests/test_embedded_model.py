@@ -24,14 +24,14 @@ from bitdance_rt.runtime import generate
 from bitdance_rt.runtime.torch_backend import TorchBackend
 from bitdance_rt.sampling import SeededNoise
 
+from conftest import torch_threads
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Small tensors: one thread is fastest, and avoids thread oversubscription on busy CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

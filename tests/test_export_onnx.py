@@ -22,7 +22,8 @@ from bitdance_rt.export.wrappers import example_inputs, stage_module  # noqa: E4
 from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.sampling import sample_tokens  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+from conftest import FIXTURES, torch_threads  # noqa: E402
+
 S = 6  # sampler steps of the official fixtures
 TOL = 1e-5
 
@@ -58,12 +59,8 @@ class Export:
 
 @pytest.fixture(scope="module", params=["tiny_4x", "tiny_1x"])
 def ex(request, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only add contention
-    try:
+    with torch_threads(1):
         yield Export(request.param, tmp_path_factory.mktemp("onnx"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _session(path: Path):

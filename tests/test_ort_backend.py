@@ -25,7 +25,8 @@ from bitdance_rt.runtime.ort_backend import OrtBackend  # noqa: E402
 from bitdance_rt.runtime.torch_backend import TorchBackend  # noqa: E402
 from bitdance_rt.sampling import ReplayNoise, SeededNoise  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+from conftest import FIXTURES, torch_threads  # noqa: E402
+
 S = 6
 
 
@@ -57,12 +58,8 @@ class Exported:
 
 @pytest.fixture(scope="module", params=["tiny_4x", "tiny_1x"])
 def ex(request, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only add contention
-    try:
+    with torch_threads(1):
         yield Exported(request.param, tmp_path_factory.mktemp("ort"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---- the official sample, bit for bit -------------------------------------------------------
