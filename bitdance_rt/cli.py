@@ -57,6 +57,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "under $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch device / ONNX Runtime CUDA EP)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per generation batch (default 16, the exported graphs' maximum); labels are "
+                        "generated in chunks of this size, the same on every backend, so results agree")
 
 
 def _make_backend(args, cfg, steps: int):
@@ -133,7 +136,8 @@ def cmd_generate(args) -> int:
     check_request(cfg.num_classes, labels, steps)  # before loading possibly large weights
     noise = ReplayNoise(args.noise_from) if args.noise_from else SeededNoise(args.seed)
     backend, backend_name = _make_backend(args, cfg, steps)
-    result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, noise, progress=not args.quiet)
+    result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, noise, progress=not args.quiet,
+                              batch_size=args.batch_size)
     paths = save_images(result.image, labels, args.out)
     if args.save_tokens:
         from .checkpoint import save_safetensors
@@ -215,7 +219,8 @@ def cmd_eval(args) -> int:
     scale = cfg.default_cfg if args.cfg is None else args.cfg
     backend, backend_name = _make_backend(args, cfg, steps)
     labels = [c for c in range(10) for _ in range(args.per_class)]
-    result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, SeededNoise(args.seed))
+    result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, SeededNoise(args.seed),
+                              batch_size=args.batch_size)
     report = score_images(result.image.clamp(-1, 1), labels)
     print(f"{backend_name} fp32, {steps} sampler steps, cfg {scale} ({args.cfg_schedule}), seed {args.seed}")
     print(report)

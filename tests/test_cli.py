@@ -71,12 +71,18 @@ def test_preset_without_checkpoint_says_it_is_random(tmp_path):
     assert "RANDOM weights" in res.stdout
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_eval_scores_the_embedded_model(backend):
-    res = run("eval", "--per-class", "5", "--backend", backend)
-    assert res.returncode == 0, res.stderr
-    assert "class accuracy" in res.stdout and "Fréchet distance" in res.stdout
-    assert f"{backend} fp32" in res.stdout
+def test_eval_scores_the_embedded_model_identically_on_both_backends():
+    """30 samples in chunks of 16 (the exported maximum): the same images, so the same scores."""
+    scores = {}
+    for backend in ("torch", "onnxruntime"):
+        res = run("eval", "--per-class", "3", "--backend", backend)
+        assert res.returncode == 0, res.stderr
+        assert f"{backend} fp32" in res.stdout
+        scores[backend] = [l for l in res.stdout.splitlines() if l.startswith("class accuracy")]
+        assert len(scores[backend]) == 1 and "on 30 samples" in scores[backend][0]
+    assert scores["torch"] == scores["onnxruntime"]
+    res = run("eval", "--per-class", "3", "--batch-size", "0")
+    assert res.returncode == 2 and "batch size must be >= 1" in res.stderr
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -48,7 +48,7 @@ def generate_batched(backend: Backend, labels, steps: int, cfg_scale: float, cfg
     """`generate` over chunks of at most `batch_size` labels (default: the backend's `max_batch`,
     if it has one), drawing noise from the one source in order; results are concatenated."""
     labels = list(labels)
-    size = batch_size or getattr(backend, "max_batch", None) or len(labels) or 1
+    size = batch_size if batch_size is not None else (getattr(backend, "max_batch", None) or len(labels) or 1)
     if size < 1:
         raise BitDanceError(f"batch size must be >= 1, got {size}")
     parts = [generate(backend, labels[i : i + size], steps, cfg_scale, cfg_schedule, noise, progress, finish=False)
