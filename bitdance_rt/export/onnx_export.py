@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__
 from ..checkpoint import file_sha256, require_file
@@ -196,6 +197,7 @@ def export_stages(
     limits: Limits = Limits(),
     force: bool = False,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
+    progress: bool = True,
 ) -> ExportResult:
     """Export `stages` of `model` into out_dir (or reuse a matching export there).
 
@@ -218,7 +220,9 @@ def export_stages(
     try:
         model = model.eval()
         stage_files: dict[str, list[str]] = {}
-        for name in stages:
+        bar = tqdm(stages, desc=f"ONNX export of {cfg.name}", unit="stage", leave=False, disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
             stage_files[name] = export_stage(model, specs[name], work, opset, external_data_bytes)
         files = {f: {"sha256": file_sha256(work / f), "bytes": (work / f).stat().st_size}
                  for names in stage_files.values() for f in names}
