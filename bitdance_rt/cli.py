@@ -32,15 +32,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_model(args):
-    """The config of --model (default: the embedded tiny-digits model). The embedded model
-    without --checkpoint means its shipped weights: set them as the checkpoint, so every path
-    (torch, ONNX export and its cache key) sees the same, real weights."""
-    from .config import EMBEDDED_WEIGHTS, load_config
+    """The config of --model (default: the embedded tiny-digits model); the embedded model
+    without weight files gets its shipped weights as args.checkpoint."""
+    from .config import load_config
+    from .loading import embedded_checkpoint
 
-    spec = args.model or EMBEDDED_MODEL
-    cfg = load_config(spec)
-    if spec == EMBEDDED_MODEL and args.checkpoint is None and args.vae is None:
-        args.checkpoint = str(EMBEDDED_WEIGHTS)
+    cfg = load_config(args.model or EMBEDDED_MODEL)
+    args.checkpoint = embedded_checkpoint(cfg, args.checkpoint, args.vae)
     return cfg
 
 

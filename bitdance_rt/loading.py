@@ -21,6 +21,15 @@ class LoadedModel:
     random_weights: bool
 
 
+def embedded_checkpoint(cfg: ModelConfig, checkpoint, vae):
+    """The shipped weights when `cfg` is the embedded model and no weight files were given;
+    otherwise `checkpoint` unchanged. Every path (torch, ONNX export and its cache key) goes
+    through this, so the embedded model is always its real, trained weights."""
+    if checkpoint is None and vae is None and cfg == load_config(EMBEDDED_MODEL):
+        return EMBEDDED_WEIGHTS
+    return checkpoint
+
+
 def load_model(
     model: str | Path | ModelConfig | None = None,
     checkpoint: str | Path | None = None,
@@ -34,12 +43,7 @@ def load_model(
     testing paths and timing, not for pictures.
     """
     cfg = model if isinstance(model, ModelConfig) else load_config(model or EMBEDDED_MODEL)
-    if checkpoint is None and vae is None and cfg == load_config(EMBEDDED_MODEL):
-        net = BitDance(cfg).eval()
-        sd = load_state_dict_file(EMBEDDED_WEIGHTS)
-        check_fit(net, sd, str(EMBEDDED_WEIGHTS), cfg.name)
-        net.load_state_dict(sd, strict=True)
-        return LoadedModel(net, f"{cfg.name} (embedded, trained on scikit-learn digits)", False)
+    checkpoint = embedded_checkpoint(cfg, checkpoint, vae)
     net = BitDance(cfg).eval()
     if checkpoint is None:
         if vae is not None:
