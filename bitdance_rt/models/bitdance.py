@@ -62,7 +62,8 @@ class BitDance(nn.Module):
         t = x.shape[1]
         if kv is not None and kv_len is None:
             kv_len = self.cfg.max_seq_len
-        rope = self.rope[start : start + t]
+        # Gather, not Slice: a Slice starting at a graph input makes TensorRT treat `start` as a shape tensor
+        rope = self.rope.index_select(0, start + torch.arange(t, device=self.rope.device))
         x = self.emb_norm(x)
         new = []
         for i, layer in enumerate(self.layers):
@@ -89,7 +90,8 @@ class BitDance(nn.Module):
     def head_condition(self, hidden: torch.Tensor, step) -> torch.Tensor:
         """Conditions of AR step `step`: the last P hidden states + pos_for_diff rows of its tokens."""
         p = self.cfg.parallel_num
-        return hidden[:, -p:] + self.pos_for_diff.weight[step * p : (step + 1) * p]
+        rows = step * p + torch.arange(p, device=hidden.device)  # Gather, not Slice (see backbone)
+        return hidden[:, -p:] + self.pos_for_diff.weight.index_select(0, rows)
 
     def prefill(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """AR step 0: labels [R] -> (head conditions [R, P, dim], keys/values of [0, prefix_len)).

@@ -73,10 +73,10 @@ def _architecture(cfg: ModelConfig) -> dict:
 
 def trt_profile_options(spec: st.StageSpec) -> dict[str, str]:
     """TensorRT EP provider options with the contract's min/opt/max shapes of the dynamic inputs."""
-    dynamic = [t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)]
-    shapes = {t: spec.profile(t) for t in dynamic}
-    fmt = lambda i: ",".join(f"{t}:{'x'.join(map(str, shapes[t][i]))}" for t in dynamic)  # noqa: E731
-    return {"trt_profile_min_shapes": fmt(0), "trt_profile_opt_shapes": fmt(1), "trt_profile_max_shapes": fmt(2)}
+    from ..engines.profiles import shape_strings, stage_profile
+
+    lo, opt, hi = shape_strings(stage_profile(spec))
+    return {"trt_profile_min_shapes": lo, "trt_profile_opt_shapes": opt, "trt_profile_max_shapes": hi}
 
 
 class OrtBackend:

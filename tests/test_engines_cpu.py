@@ -1,0 +1,300 @@
+"""The TensorRT parts that need no GPU: graph lint against the parser's operator lists,
+optimisation profiles from the stage contract, and the engine cache (keys, lookup, lock)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from bitdance_rt import stages as st  # noqa: E402
+from bitdance_rt.engines import cache as ec  # noqa: E402
+from bitdance_rt.engines.lint import TARGETS, lint_export, lint_graph, op_table  # noqa: E402
+from bitdance_rt.engines.profiles import shape_strings, stage_profile, trtexec_shapes  # noqa: E402
+from bitdance_rt.errors import BitDanceError  # noqa: E402
+from bitdance_rt.export import checkpoint_source, export_stages, read_manifest  # noqa: E402
+from bitdance_rt.loading import load_model  # noqa: E402
+from bitdance_rt.runtime.ort_backend import trt_profile_options  # noqa: E402
+
+from conftest import fixture_dir, torch_threads  # noqa: E402
+
+S = 6
+
+
+@pytest.fixture(scope="module", params=["tiny_4x", "tiny_1x"])
+def export(request, tmp_path_factory):
+    """(export dir, model config) of an official tiny fixture, all stages."""
+    d = fixture_dir(request.param)
+    model = load_model(d / "config.json", d / "checkpoint.pt").model
+    out = tmp_path_factory.mktemp("engines") / request.param
+    with torch_threads(1):
+        export_stages(model, out, checkpoint_source(d / "checkpoint.pt"), sampler_steps=S, progress=False)
+    return out, model.cfg
+
+
+# ---- lint: our graphs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("target", TARGETS)
+def test_fixture_exports_pass_lint(export, target):
+    directory, _ = export
+    # Nothing at all: no unsupported op or dtype, and `start` is only a gather index, not a shape tensor.
+    assert [str(f) for f in lint_export(directory, target)] == []
+
+
+def test_every_op_we_export_is_listed(export):
+    directory, _ = export
+    used = set()
+    for f in read_manifest(directory)["files"]:
+        used |= {n.op_type for n in onnx.load(str(directory / f), load_external_data=False).graph.node}
+    for target in TARGETS:
+        assert used <= op_table(target).ops, (target, sorted(used - op_table(target).ops))
+
+
+def test_op_tables():
+    old, new = op_table("10.3"), op_table("11")
+    assert (old.min_opset, old.max_opset) == (9, 20)
+    assert new.max_opset >= 24 and old.ops <= new.ops
+    assert "onnx/onnx-tensorrt" in old.source and "onnx/onnx-tensorrt" in new.source
+    assert {"Det", "Unique", "SequenceAt", "MatMulInteger"}.isdisjoint(new.ops)
+    assert {"LayerNormalization", "ScatterND", "Mod", "Sign", "InstanceNormalization"} <= old.ops
+    assert {"Attention", "RMSNormalization"} <= new.ops - old.ops
+    with pytest.raises(BitDanceError, match="TensorRT target"):
+        op_table("9.0")
+
+
+# ---- lint: crafted graphs ---------------------------------------------------------------------
+def _model(nodes, inputs, outputs, opset=17, inits=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _vi(name, dtype, shape):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def test_bad_graph_is_flagged_with_file_and_node(tmp_path):
+    model = _model([
+        helper.make_node("Relu", ["x"], ["r"], name="ok_relu"),
+        helper.make_node("Det", ["r"], ["d"], name="the_det"),
+        helper.make_node("Cast", ["r"], ["y64"], name="to_double", to=TensorProto.DOUBLE),
+    ], [_vi("x", TensorProto.FLOAT, [2, 3, 3])], [_vi("d", TensorProto.FLOAT, [2]),
+                                                  _vi("y64", TensorProto.DOUBLE, [2, 3, 3])], opset=21)
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    found = lint_graph(path, "10.3")
+    by_node = {f.node: f for f in found}
+    assert all(f.file == str(path) and f.severity == "error" for f in found)
+    assert "opset 21" in by_node["(model)"].why and "9..20" in by_node["(model)"].why
+    assert by_node["the_det"].op == "Det" and "no importer" in by_node["the_det"].why
+    assert by_node["to_double"].op == "Cast" and "float64" in by_node["to_double"].why
+    assert "ok_relu" not in by_node
+    assert str(path) in str(by_node["the_det"]) and "the_det" in str(by_node["the_det"])
+    # TensorRT 11 reads opset 21, but still has no Det and no DOUBLE.
+    assert {f.node for f in lint_graph(path, "11")} == {"the_det", "to_double"}
+
+
+def test_restrictions_and_types():
+    axes = helper.make_tensor("one", TensorProto.INT64, [1], [0])
+    model = _model([
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Slice", ["s", "one_c", "two_c"], ["dyn_axes"], name="axes_from_shape"),
+        helper.make_node("Constant", [], ["one_c"], value=helper.make_tensor("a", TensorProto.INT64, [1], [0])),
+        helper.make_node("Constant", [], ["two_c"], value=helper.make_tensor("b", TensorProto.INT64, [1], [1])),
+        helper.make_node("Sub", ["dyn_axes", "dyn_axes"], ["zero"], name="zero"),
+        helper.make_node("Unsqueeze", ["x", "zero"], ["u"], name="computed_axes"),
+        helper.make_node("Squeeze", ["u", "one"], ["q"], name="const_axes"),
+        helper.make_node("ScatterND", ["x", "idx", "upd"], ["sc"], name="scatter_add", reduction="add"),
+        helper.make_node("Cast", ["x"], ["u8"], name="to_uint8", to=TensorProto.UINT8),
+        helper.make_node("Cast", ["u8"], ["back"], name="from_uint8", to=TensorProto.FLOAT),
+        helper.make_node("Custom", ["x"], ["c"], name="plugin_op", domain="com.example"),
+    ], [_vi("x", TensorProto.FLOAT, [4, 3]), _vi("idx", TensorProto.INT64, [1, 1]),
+        _vi("upd", TensorProto.FLOAT, [1, 3])],
+        [_vi(n, TensorProto.FLOAT, [4, 3]) for n in ("q", "sc", "back", "c")], inits=[axes])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    found = {f.node: f for f in lint_graph(model, "10.3")}
+    assert set(found) == {"computed_axes", "scatter_add", "to_uint8", "plugin_op"}, [str(f) for f in found.values()]
+    assert "axes" in found["computed_axes"].why and found["computed_axes"].severity == "error"
+    assert "reduction='add'" in found["scatter_add"].why
+    assert "uint8" in found["to_uint8"].why
+    assert "plugin" in found["plugin_op"].why and found["plugin_op"].op == "com.example::Custom"
+    assert found["computed_axes"].file == "<model>"
+    assert {f.node: f.severity for f in lint_graph(model, "11")}["computed_axes"] == "warning"
+
+
+def test_int_input_feeding_a_shape_operand_is_reported():
+    model = _model([
+        helper.make_node("Add", ["start", "p"], ["end"], name="end"),
+        helper.make_node("Slice", ["x", "start", "end"], ["y"], name="slice_at_start"),
+    ], [_vi("x", TensorProto.FLOAT, [8, 3]), _vi("start", TensorProto.INT64, [1])], [_vi("y", TensorProto.FLOAT, None)],
+        inits=[helper.make_tensor("p", TensorProto.INT64, [1], [2])])
+    (f,) = lint_graph(model, "10.3")
+    assert (f.node, f.op, f.severity) == ("slice_at_start", "Slice", "warning") and "shape tensor" in f.why
+
+
+def test_lint_errors_are_one_line(tmp_path):
+    with pytest.raises(BitDanceError, match="not found"):
+        lint_graph(tmp_path / "none.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00junk")
+    with pytest.raises(BitDanceError, match="not a readable ONNX file"):
+        lint_graph(tmp_path / "junk.onnx")
+    with pytest.raises(BitDanceError, match="export directory not found"):
+        lint_export(tmp_path / "nothing")
+
+
+# ---- profiles -----------------------------------------------------------------------------------
+def test_profiles_are_the_contract(export):
+    _, cfg = export
+    limits = st.Limits(max_batch=3, opt_batch=2)
+    for spec in st.stage_specs(cfg, st.ALL_STAGES, S, limits).values():
+        profile = stage_profile(spec)
+        dynamic = [t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)]
+        assert [p[0] for p in profile] == dynamic
+        for name, lo, opt, hi in profile:
+            assert (lo, opt, hi) == spec.profile(name)
+        opts = trt_profile_options(spec)
+        assert shape_strings(profile) == (opts["trt_profile_min_shapes"], opts["trt_profile_opt_shapes"],
+                                          opts["trt_profile_max_shapes"])
+    p, c = cfg.parallel_num, cfg.token_dim
+    head = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(st.head_step_stage(cfg, limits)))
+    assert head["x"] == ((1, p, c), (4, p, c), (6, p, c)) and head["t"] == ((1,), (4,), (6,))
+    guided = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(st.head_sampler_stage(cfg, S, True, limits)))
+    assert guided["cond"][2][0] == 6 and guided["noise"] == ((S + 1, 1, p, c), (S + 1, 2, p, c), (S + 1, 3, p, c))
+    assert "cfg" not in guided  # static scalar: no profile entry
+    step = [n for n, *_ in stage_profile(st.backbone_step_stage(cfg, limits))]
+    assert "start" not in step and step[1:] == st.cache_input_names(cfg)
+    args = trtexec_shapes(st.head_step_stage(cfg, limits))
+    assert args[0] == f"--minShapes=x:1x{p}x{c},t:1,cond:1x{p}x{cfg.dim}"
+    assert [a.split("=")[0] for a in args] == ["--minShapes", "--optShapes", "--maxShapes"]
+
+
+# ---- engine cache -------------------------------------------------------------------------------
+def _key(export, stage=st.HEAD_STEP, **changes):
+    directory, cfg = export
+    spec = st.stage_spec(stage, cfg, S)
+    key = ec.engine_key(read_manifest(directory), stage, "fp16", stage_profile(spec), "NVIDIA H100 80GB HBM3",
+                        "9.0", "10.3.0", opt_level=3, workspace_bytes=1 << 30)
+    return replace(key, **changes)
+
+
+CHANGES = {"onnx_sha256": "0" * 64, "data_sha256": "1" * 64, "precision": "bf16",
+           "profile": (("x", (1,), (2,), (3,)),), "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0",
+           "trt_version": "11.0.0", "opt_level": 5, "workspace_bytes": 1 << 31, "flags": ("strongly_typed",)}
+
+
+def test_key_changes_with_every_field(export):
+    base = _key(export)
+    assert base.onnx_sha256 == read_manifest(export[0])["files"]["head_step.onnx"]["sha256"]
+    assert base.profile[0][0] == "x" and base.data_sha256 is None
+    assert set(CHANGES) | {"stage"} == set(base.to_json())
+    digests = {base.digest()}
+    for field, value in CHANGES.items():
+        other = replace(base, **{field: value})
+        assert other.differences(base) == [field]
+        digests.add(other.digest())
+    digests.add(_key(export, st.DECODER).digest())
+    assert len(digests) == len(CHANGES) + 2
+    assert ec.EngineKey.from_json(json.loads(json.dumps(base.to_json()))) == base
+    assert base.filename().startswith("head_step-fp16-") and base.filename().endswith(".engine")
+
+
+def test_key_validation(export):
+    for bad in ({"precision": "fp64"}, {"opt_level": 7}, {"workspace_bytes": 0}):
+        with pytest.raises(BitDanceError):
+            _key(export, **bad)
+    with pytest.raises(BitDanceError, match="no files recorded|records no files"):
+        ec.engine_key({"stage_files": {}, "files": {}}, "decoder", "fp16", [], "gpu", "9.0", "10.3")
+
+
+def test_root_follows_env(monkeypatch, tmp_path, export):
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "c"))
+    assert ec.engine_path(_key(export)).parent == tmp_path / "c" / "engines"
+    monkeypatch.delenv("BITDANCE_RT_CACHE")
+    assert ec.engine_root() == Path.home() / ".cache" / "bitdance-rt" / "engines"
+
+
+def test_lookup_hit_miss_stale(export, tmp_path):
+    key = _key(export)
+    assert ec.lookup(key, tmp_path).status == "miss"
+    path = ec.store(key, b"engine-bytes", tmp_path)
+    assert path == ec.engine_path(key, tmp_path) and ec.lookup(key, tmp_path).hit
+    assert ec.lookup(key, tmp_path, hashes=True).hit
+    assert ec.lookup(_key(export, st.DECODER), tmp_path).status == "miss"  # other stages do not count
+    for field, value in CHANGES.items():
+        found = ec.lookup(replace(key, **{field: value}), tmp_path)
+        assert found.status == "stale" and found.differs == (field,) and field in found.reason
+        assert found.stale_path == path and found.path != path
+    newer = ec.lookup(replace(key, trt_version="11.0.0"), tmp_path)
+    assert "'10.3.0' -> '11.0.0'" in newer.reason
+    path.write_bytes(b"engine-byt")  # truncated
+    assert ec.lookup(key, tmp_path).status == "stale" and "size" in ec.lookup(key, tmp_path).reason
+    path.write_bytes(b"ENGINE-BYTES")  # same size, other bytes
+    assert ec.lookup(key, tmp_path).hit and ec.lookup(key, tmp_path, hashes=True).status == "stale"
+    ec.sidecar_path(path).unlink()
+    assert ec.lookup(key, tmp_path).differs == ("sidecar",)
+
+
+def _locked_increment(path: str, log: str, delay: float) -> None:
+    with ec.build_lock(path):
+        with open(log, "a") as f:
+            f.write("begin\n")
+        counter = Path(path)
+        value = int(counter.read_text()) if counter.exists() else 0
+        time.sleep(delay)
+        counter.write_text(str(value + 1))
+        with open(log, "a") as f:
+            f.write("end\n")
+
+
+def test_lock_serialises_processes(tmp_path):
+    path, log = tmp_path / "x.engine", tmp_path / "log"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_locked_increment, args=(str(path), str(log), 0.3)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert path.read_text() == "2"
+    assert log.read_text().split() == ["begin", "end", "begin", "end"]
+
+
+def test_lock_timeout(tmp_path):
+    path = tmp_path / "y.engine"
+    with ec.build_lock(path):
+        with pytest.raises(BitDanceError, match="another process"):
+            with ec.build_lock(path, timeout=0.2):
+                pass
+    with ec.build_lock(path, timeout=0.2):  # free again
+        pass
+
+
+def _build_once(key_json: str, root: str, log: str) -> None:
+    def build():
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(0.3)
+        return b"the-engine"
+
+    ec.get_or_build(ec.EngineKey.from_json(json.loads(key_json)), build, root)
+
+
+def test_get_or_build_builds_once(export, tmp_path):
+    key, log = _key(export), tmp_path / "log"
+    ctx = multiprocessing.get_context("fork")
+    args = (json.dumps(key.to_json()), str(tmp_path / "root"), str(log))
+    procs = [ctx.Process(target=_build_once, args=args) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert log.read_text().split() == ["built"]
+    assert ec.lookup(key, tmp_path / "root", hashes=True).hit
+    assert ec.engine_path(key, tmp_path / "root").read_bytes() == b"the-engine"
