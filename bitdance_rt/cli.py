@@ -115,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--per-class", type=int, default=50, help="samples per class (default: 50)")
     _add_run_args(ev)
 
+    cal = sub.add_parser("calibrate", help="record the inputs every stage sees while generating (INT8/FP8 calibration data)")
+    _add_model_args(cal)
+    cal.add_argument("--out", required=True, help="calibration set directory (calibration.json + one .safetensors per stage)")
+    cal.add_argument("--labels", type=int, nargs="+", default=None, help="class labels (default: every class)")
+    cal.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds; every label is generated once per seed")
+    cal.add_argument("--steps", type=int, default=None, help="sampler steps S (match the export's S; default: the model's)")
+    cal.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
+    cal.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
+    cal.add_argument("--batch-size", type=int, default=4, help="images per recorded call (bounds a backbone sample's size)")
+    cal.add_argument("--backbone-every", type=int, default=1, help="keep backbone steps 1, 1+k, 1+2k, ... (default 1)")
+    cal.add_argument("--head-fraction", type=float, default=0.25, help="share of head-net evaluations kept (default 0.25)")
+    cal.add_argument("--max-samples", type=int, default=256, help="most samples per stage, a uniform reservoir sample")
+    cal.add_argument("--sample-seed", type=int, default=0, help="seed of the subsampling choices (not of the noise)")
+    cal.add_argument("--device", default="cpu", help="torch device of the recording run")
+    cal.add_argument("--force", action="store_true", help="replace an existing set in --out")
+
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (safe to load, fast to map)")
     _add_model_args(c)
     c.add_argument("--out", required=True, help="output .safetensors path")
@@ -225,6 +241,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibration import CapturePolicy, capture, save_calibration
+    from .export import checkpoint_source, random_source
+    from .loading import EMBEDDED_SEED, load_model
+    from .runtime.loop import check_request
+
+    cfg = _resolve_model(args)
+    labels = args.labels if args.labels is not None else list(range(cfg.num_classes))
+    steps = cfg.default_steps if args.steps is None else args.steps
+    scale = cfg.default_cfg if args.cfg is None else args.cfg
+    check_request(cfg.num_classes, labels, steps)
+    if args.batch_size < 1:
+        raise BitDanceError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if Path(args.out).exists() and not args.force:
+        raise BitDanceError(f"--out {args.out} exists: pass --force to replace it")
+    policy = CapturePolicy(args.backbone_every, args.head_fraction, args.max_samples, args.sample_seed)
+    loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
+    weights = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else random_source(EMBEDDED_SEED)
+    result = capture(loaded.model, weights, labels, args.seeds, steps, scale, args.cfg_schedule, policy,
+                     args.batch_size, args.device, progress=True)
+    out = save_calibration(result.dataset, args.out, overwrite=args.force)
+    counts = ", ".join(f"{stage} {len(s)}" for stage, s in result.dataset.samples.items())
+    print(f"model: {loaded.source}")
+    print(f"wrote calibration set {out}: {len(labels)} label(s) x {len(args.seeds)} seed(s), S={steps}, "
+          f"cfg {scale} ({args.cfg_schedule}); samples: {counts}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .checkpoint import check_fit, file_sha256, fitting_presets, load_state_dict_file, save_safetensors
     from .config import load_config
@@ -256,7 +300,8 @@ def cmd_convert(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
+        return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
+                "convert": cmd_convert}[args.command](args)
     except BitDanceError as exc:
         print(f"bitdance-rt: error: {exc}", file=sys.stderr)
         return 2

@@ -147,3 +147,17 @@ def test_export_command_then_generate_from_it(tmp_path):
     res = run("generate", "--model", d / "config.json", "--export-dir", exp, "--quiet", "--backend", "onnxruntime",
               "--out", tmp_path / "o3", "--steps", "2")
     assert res.returncode == 2 and "decoder.onnx" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_calibrate_writes_a_set_for_the_embedded_model(tmp_path):
+    from bitdance_rt.calibration import load_calibration
+    from bitdance_rt.loading import load_model
+
+    out = tmp_path / "calib"
+    res = run("calibrate", "--out", out, "--steps", "4", "--labels", "1", "2", "--max-samples", "8")
+    assert res.returncode == 0, res.stderr
+    assert "wrote calibration set" in res.stdout
+    cal = load_calibration(out, config=load_model().model.cfg)
+    assert all(0 < len(s) <= 8 for s in cal.samples.values())
+    res = run("calibrate", "--out", out, "--steps", "4")
+    assert res.returncode == 2 and "--force" in res.stderr and "Traceback" not in res.stderr

@@ -16,6 +16,7 @@ class TorchBackend:
         self.config = model.cfg
         self.device = torch.device(device)
         self.kv: torch.Tensor | None = None
+        self.head_net = self.model.head_net  # the sampler's net; wrappers (calibration) may observe it
 
     @torch.inference_mode()
     def prefill(self, labels):
@@ -34,7 +35,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def sample_tokens(self, cond, noise, cfg, guided):
-        return sample_tokens(self.model.head_net, cond, noise.to(self.device), cfg, guided, self.config.time_shift)
+        return sample_tokens(self.head_net, cond, noise.to(self.device), cfg, guided, self.config.time_shift)
 
     @torch.inference_mode()
     def decode(self, latent):

@@ -1,0 +1,10 @@
+"""Calibration data for reduced-precision engines, captured from real sampling trajectories."""
+
+from .capture import Capture, RecordingBackend, capture
+from .dataset import (CAPTURED_STAGES, MANIFEST, CalibrationSet, Sample, feed, load_calibration,
+                      save_calibration)
+from .policy import CapturePolicy
+from .reader import StageDataReader
+
+__all__ = ["Capture", "RecordingBackend", "capture", "CAPTURED_STAGES", "MANIFEST", "CalibrationSet", "Sample",
+           "feed", "load_calibration", "save_calibration", "CapturePolicy", "StageDataReader"]

@@ -1,0 +1,144 @@
+"""Record the inputs each stage really sees during generation (calibration data).
+
+`RecordingBackend` wraps the torch reference backend and is driven by the ordinary loop
+(bitdance_rt.runtime.generate_batched), so the trajectories are the real ones: the same labels,
+CFG rows and schedule, noise and fed-back tokens as a normal run. It records, per stage of the
+contract, the call's inputs (contract names) and the float32 outputs:
+
+- prefill {labels}; backbone_step {tokens, start, cache (see dataset.COMPACT_CACHE)};
+- head_step {x, t, cond}: every evaluation of the head net inside the sampler (the net callable
+  handed to sample_tokens is wrapped), so x_t spans all sampler times of all AR steps;
+- head_sampler_unguided / head_sampler_guided {cond, noise (+ cfg)}; decoder {latent}.
+
+What is kept follows a CapturePolicy (policy.py). Recording only copies tensors: the maths and
+the noise draws are those of TorchBackend, and a recorded run gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .. import stages as st
+from ..errors import BitDanceError
+from ..models import BitDance
+from ..runtime import GenerationResult, generate_batched
+from ..runtime.loop import check_request
+from ..runtime.torch_backend import TorchBackend
+from ..sampling import SeededNoise
+from .dataset import CAPTURED_STAGES, COMPACT_CACHE, FORMAT, CalibrationSet, Sample
+from .policy import CapturePolicy, Reservoir
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+class RecordingBackend:
+    """TorchBackend plus recording of every stage call chosen by the policy."""
+
+    name = "torch (recording)"
+
+    def __init__(self, inner: TorchBackend, policy: CapturePolicy = CapturePolicy()):
+        self.inner = inner
+        self.config = inner.config
+        self.policy = policy
+        self._rng = random.Random(policy.seed)
+        self.reservoirs = {stage: Reservoir(policy.max_samples, self._rng) for stage in CAPTURED_STAGES}
+        self.head_evaluations = 0
+        inner.head_net = self._recording_net(inner.head_net)  # sees every evaluation inside the sampler
+
+    @property
+    def max_batch(self):
+        return getattr(self.inner, "max_batch", None)
+
+    def _offer(self, stage: str) -> bool:
+        return self.reservoirs[stage].offer()
+
+    def prefill(self, labels):
+        cond = self.inner.prefill(labels)
+        if self._offer(st.PREFILL):
+            kv_new = self.inner.kv[:, :, :, :, : self.config.prefix_len]
+            self.reservoirs[st.PREFILL].put(Sample({"labels": _keep(labels)},
+                                                   {"cond": _keep(cond), "kv_new": _keep(kv_new)}))
+        return cond
+
+    def step(self, tokens, step):
+        if not self.policy.keeps_step(step) or not self._offer(st.BACKBONE_STEP):
+            return self.inner.step(tokens, step)
+        start = st.step_start(self.config, step)
+        inputs = {"tokens": _keep(tokens).float(), "start": torch.tensor(start, dtype=torch.int64),
+                  COMPACT_CACHE: _keep(self.inner.kv[:, :, :, :, :start])}
+        cond = self.inner.step(tokens, step)
+        kv_new = self.inner.kv[:, :, :, :, start : start + self.config.parallel_num]
+        self.reservoirs[st.BACKBONE_STEP].put(Sample(inputs, {"cond": _keep(cond), "kv_new": _keep(kv_new)}))
+        return cond
+
+    def _recording_net(self, net):
+        def recorded(x, t, cond):
+            out = net(x, t, cond)
+            self.head_evaluations += 1
+            # The first evaluation is always a candidate, so a short run never leaves head_step empty.
+            chosen = self._rng.random() < self.policy.head_fraction or self.head_evaluations == 1
+            if chosen and self._offer(st.HEAD_STEP):
+                self.reservoirs[st.HEAD_STEP].put(Sample({"x": _keep(x), "t": _keep(t), "cond": _keep(cond)},
+                                                         {"x_pred": _keep(out)}))
+            return out
+
+        return recorded
+
+    @torch.inference_mode()
+    def sample_tokens(self, cond, noise, cfg, guided):
+        tokens = self.inner.sample_tokens(cond, noise, cfg, guided)  # its head net records (see __init__)
+        stage = st.HEAD_SAMPLER_GUIDED if guided else st.HEAD_SAMPLER_UNGUIDED
+        if self._offer(stage):
+            inputs = {"cond": _keep(cond), "noise": _keep(noise)}
+            if guided:
+                inputs["cfg"] = torch.tensor(float(cfg), dtype=torch.float32)
+            self.reservoirs[stage].put(Sample(inputs, {"tokens": _keep(tokens)}))
+        return tokens
+
+    def decode(self, latent):
+        image = self.inner.decode(latent)
+        if self._offer(st.DECODER):
+            self.reservoirs[st.DECODER].put(Sample({"latent": _keep(latent).float()}, {"image": _keep(image)}))
+        return image
+
+    def samples(self) -> dict[str, list[Sample]]:
+        return {stage: r.items() for stage, r in self.reservoirs.items()}
+
+    def candidates(self) -> dict[str, int]:
+        return {stage: r.seen for stage, r in self.reservoirs.items()}
+
+
+@dataclass
+class Capture:
+    dataset: CalibrationSet
+    results: list[GenerationResult]  # one per seed, as an unrecorded run would return them
+
+
+def capture(model: BitDance, weights: str, labels, seeds, steps: int, cfg_scale: float,
+            cfg_schedule: str = "linear", policy: CapturePolicy = CapturePolicy(),
+            batch_size: int | None = 4, device: str = "cpu", progress: bool = False) -> Capture:
+    """Generate `labels` once per seed with the torch backend and record the stage inputs.
+
+    `weights` names the weights (bitdance_rt.export.checkpoint_source / random_source), so a set
+    is never used with another checkpoint. `batch_size` bounds the rows per recorded call (and
+    so the size of a backbone sample, which holds the KV cache of all its rows).
+    """
+    labels = [int(l) for l in labels]
+    seeds = [int(s) for s in seeds]
+    cfg = model.cfg
+    check_request(cfg.num_classes, labels, steps)
+    if not seeds:
+        raise BitDanceError("no seeds given: pass at least one seed")
+    backend = RecordingBackend(TorchBackend(model, device), policy)
+    results = [generate_batched(backend, labels, steps, cfg_scale, cfg_schedule, SeededNoise(seed), progress,
+                                batch_size) for seed in seeds]
+    key = {"format": FORMAT, "config": cfg.to_json_dict(), "weights": weights, "labels": labels, "seeds": seeds,
+           "steps": int(steps), "cfg_scale": float(cfg_scale), "cfg_schedule": cfg_schedule,
+           "batch_size": batch_size, "policy": policy.to_json(), "head_evaluations": backend.head_evaluations}
+    cset = CalibrationSet(key, backend.samples(), backend.candidates())
+    return Capture(cset, results)

@@ -1,0 +1,284 @@
+"""A calibration set on disk: one .safetensors per stage plus `calibration.json`.
+
+Layout of a set directory:
+    calibration.json          what was captured, from which model and weights, and file hashes
+    <stage>.safetensors       samples numbered 00000, 00001, ...: `{n}.in.{name}` / `{n}.out.{name}`
+
+Inputs are stored under the contract's names (bitdance_rt.stages), with one exception that keeps
+sets small: a backbone_step sample stores `cache` = kv[:, :, :, :, :start] (the only cache positions a
+graph reads unmasked; everything past `start` is zero in the runtime's cache), and `feed()`
+rebuilds the contract's `cache.{i}.key` / `cache.{i}.value` [rows, n_head, L, head_dim] from it.
+Outputs are the float32 torch reference's, for accuracy reports under teacher forcing.
+
+The directory is written under a temporary name and renamed into place, so a set that exists is
+complete. Loading checks the format, the files' sizes and hashes, every sample against the stage
+contract, and (when asked) that the set belongs to the model, weights and sampler steps at hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import stages as st
+from ..checkpoint import file_sha256
+from ..config import TRAINING_ONLY_ARGS, ModelConfig
+from ..errors import BitDanceError
+
+MANIFEST = "calibration.json"
+FORMAT = "bitdance-rt-calibration/1"
+CAPTURED_STAGES = (st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.HEAD_SAMPLER_UNGUIDED, st.HEAD_SAMPLER_GUIDED,
+                   st.DECODER)
+COMPACT_CACHE = "cache"  # stored name of backbone_step's kv[:, :, :, :, :start]
+_WIDE = st.Limits(max_batch=1 << 20, opt_batch=1)  # validation: any batch the capture used
+
+
+@dataclass
+class Sample:
+    """One recorded stage call: its inputs (contract names, compact cache) and reference outputs."""
+
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy().copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
+
+
+def feed(cfg: ModelConfig, stage: str, sample: Sample) -> dict[str, np.ndarray]:
+    """The sample as a graph of `stage` takes it: {contract input name: numpy array}."""
+    if stage != st.BACKBONE_STEP:
+        return {name: _np(t) for name, t in sample.inputs.items()}
+    valid = sample.inputs[COMPACT_CACHE]
+    start = int(sample.inputs["start"])
+    full = torch.zeros(st.kv_shape(cfg, valid.shape[2]), dtype=torch.float32)
+    full[:, :, :, :, :start] = valid
+    out = {"tokens": _np(sample.inputs["tokens"]), "start": _np(sample.inputs["start"])}
+    for i, name in enumerate(st.cache_input_names(cfg)):
+        out[name] = _np(full[i // 2, i % 2])
+    return out
+
+
+def contract(cfg: ModelConfig, steps: int) -> dict[str, st.StageSpec]:
+    """The stage contracts a set is checked against (any batch size)."""
+    return st.stage_specs(cfg, CAPTURED_STAGES, steps, _WIDE)
+
+
+def _shapes(samples: list[Sample], part: str) -> dict[str, list[list[int]]]:
+    found: dict[str, set] = {}
+    for s in samples:
+        for name, t in getattr(s, part).items():
+            found.setdefault(name, set()).add(tuple(t.shape))
+    return {name: [list(x) for x in sorted(shapes)] for name, shapes in sorted(found.items())}
+
+
+@dataclass
+class CalibrationSet:
+    """Samples per stage plus the key saying what they were captured from."""
+
+    key: dict  # format, config, weights, labels, seeds, steps, cfg_scale, cfg_schedule, batch_size, policy
+    samples: dict[str, list[Sample]]
+    candidates: dict[str, int] = field(default_factory=dict)  # calls seen per stage before subsampling
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_json_dict(self.key["config"], source=MANIFEST)
+
+    @property
+    def steps(self) -> int:
+        return int(self.key["steps"])
+
+    def feeds(self, stage: str):
+        """Iterator of feed dicts (numpy, contract input names) for `stage`."""
+        if stage not in CAPTURED_STAGES:
+            raise BitDanceError(f"no calibration data for stage {stage!r}: sets hold {', '.join(CAPTURED_STAGES)}")
+        cfg = self.config
+        return (feed(cfg, stage, s) for s in self.samples.get(stage, []))
+
+    def reader(self, stage: str):
+        """An onnxruntime.quantization CalibrationDataReader over `stage`'s feeds."""
+        from .reader import StageDataReader
+
+        return StageDataReader(self, stage)
+
+    def check_contract(self, where: str = "calibration set") -> None:
+        """Every sample's inputs fit the stage contract of the set's own config and steps."""
+        specs, cfg = contract(self.config, self.steps), self.config
+        for stage, samples in self.samples.items():
+            spec = specs[stage]
+            for n, s in enumerate(samples):
+                try:
+                    f = feed(cfg, stage, s)
+                    if sorted(f) != sorted(spec.input_names):
+                        raise BitDanceError(f"inputs {sorted(f)}, the contract wants {spec.input_names}")
+                    known: dict = {}
+                    for name in spec.input_names:
+                        known = spec.match(name, f[name].shape, str(f[name].dtype), known)
+                except (BitDanceError, KeyError, RuntimeError, ValueError) as exc:
+                    raise BitDanceError(f"{where}: {stage} sample {n} does not fit the stage contract ({exc}); "
+                                        "capture it again") from None
+
+    def summary(self) -> dict:
+        return {stage: {"samples": len(s), "candidates": self.candidates.get(stage, len(s)),
+                        "inputs": _shapes(s, "inputs"), "outputs": _shapes(s, "outputs")}
+                for stage, s in self.samples.items()}
+
+
+# ---- save --------------------------------------------------------------------------------
+def _versions() -> dict:
+    import safetensors
+
+    from .. import __version__
+
+    return {"bitdance_rt": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+
+
+def save_calibration(cset: CalibrationSet, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write the set into `directory` (created whole, or not at all)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise BitDanceError(f"{directory} exists: choose another directory or pass overwrite=True")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    cset.check_contract()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        files, summary = {}, cset.summary()
+        for stage in CAPTURED_STAGES:
+            tensors = {}
+            for n, s in enumerate(cset.samples.get(stage, [])):
+                for part, named in (("in", s.inputs), ("out", s.outputs)):
+                    tensors.update({f"{n:05d}.{part}.{name}": t.detach().cpu().contiguous().clone()
+                                    for name, t in named.items()})
+            path = tmp / f"{stage}.safetensors"
+            save_file(tensors, str(path), metadata={"format": FORMAT, "stage": stage})
+            path.chmod(0o644)  # shared like an export directory
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            summary.setdefault(stage, {"samples": 0, "candidates": 0, "inputs": {}, "outputs": {}})
+            summary[stage]["file"] = path.name
+        manifest = {"key": cset.key, "stages": summary, "files": files, "versions": _versions()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        (tmp / MANIFEST).chmod(0o644)
+        tmp.chmod(0o755)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            os.replace(directory, old / "set")
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+# ---- load --------------------------------------------------------------------------------
+def _architecture(config: dict) -> dict:
+    """What decides the graphs and the trajectories: not the name, sampler defaults or training-only args."""
+    args = {k: v for k, v in config.get("constructor_args", {}).items() if k not in TRAINING_ONLY_ARGS}
+    return {"model_class": config.get("model_class"), **args, "vae": config.get("vae")}
+
+
+def _config_diff(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(k), theirs.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} vs {b!r}")
+    return out
+
+
+def check_identity(key: dict, where: Path, config: ModelConfig | None = None, weights: str | None = None,
+                   steps: int | None = None) -> None:
+    """Refuse a set captured from another model, other weights, or another sampler step count."""
+    fix = f"capture a new set for this model and weights (bitdance-rt calibrate) instead of {where}"
+    if config is not None:
+        diff = _config_diff(_architecture(key["config"]), _architecture(config.to_json_dict()))
+        if diff:
+            shown = ", ".join(diff[:4]) + (f", ... (+{len(diff) - 4} more)" if len(diff) > 4 else "")
+            raise BitDanceError(f"{where / MANIFEST} was captured for model {key['config'].get('name')!r}, "
+                                f"another model config than {config.name!r} (set vs expected: {shown}); {fix}")
+    if weights is not None and weights != key["weights"]:
+        raise BitDanceError(f"{where / MANIFEST} was captured with weights {key['weights']}, not {weights}; {fix}")
+    if steps is not None and int(steps) != int(key["steps"]):
+        raise BitDanceError(f"{where / MANIFEST} was captured with {key['steps']} sampler steps, not {steps} "
+                            f"(the fused head sampler bakes S in); {fix}")
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise BitDanceError(f"calibration set not found: {directory}")
+    if not path.is_file():
+        raise BitDanceError(f"{path} is missing: {directory} is not a calibration set; capture it again")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BitDanceError(f"{path}: unreadable ({exc}); capture the set again") from None
+    if not isinstance(data, dict) or data.get("key", {}).get("format") != FORMAT:
+        raise BitDanceError(f"{path}: not a {FORMAT} manifest (another tool or version wrote it); capture it again")
+    return data
+
+
+def _verify_file(directory: Path, name: str, info: dict, hashes: bool) -> Path:
+    path = directory / name
+    if not path.is_file():
+        raise BitDanceError(f"{path} is missing from the calibration set; capture it again")
+    if path.stat().st_size != info["bytes"]:
+        raise BitDanceError(f"{path} has {path.stat().st_size} bytes, {MANIFEST} records {info['bytes']} "
+                            "(truncated or replaced); capture the set again")
+    if hashes and file_sha256(path) != info["sha256"]:
+        raise BitDanceError(f"{path} does not match the sha256 in {MANIFEST} (corrupt); capture the set again")
+    return path
+
+
+def _read_samples(path: Path, count: int) -> list[Sample]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BitDanceError(f"{path}: unreadable .safetensors file ({exc}); capture the set again") from None
+    samples = [Sample({}, {}) for _ in range(count)]
+    for key, t in tensors.items():
+        try:
+            n, part, name = key.split(".", 2)
+            target = samples[int(n)].inputs if part == "in" else samples[int(n)].outputs
+        except (ValueError, IndexError):
+            raise BitDanceError(f"{path}: unexpected tensor {key!r} (expected {count} samples "
+                                "named 00000.in.NAME ...); capture the set again") from None
+        target[name] = t
+    return samples
+
+
+def load_calibration(directory: str | Path, config: ModelConfig | None = None, weights: str | None = None,
+                     steps: int | None = None, hashes: bool = True) -> CalibrationSet:
+    """Read and validate a set; `config` / `weights` / `steps` refuse a set of another model."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    try:
+        key, stages, files = manifest["key"], manifest["stages"], manifest["files"]
+        check_identity(key, directory, config, weights, steps)
+        samples, candidates = {}, {}
+        for stage in CAPTURED_STAGES:
+            info = stages[stage]
+            path = _verify_file(directory, info["file"], files[info["file"]], hashes)
+            samples[stage] = _read_samples(path, int(info["samples"]))
+            candidates[stage] = int(info["candidates"])
+    except (KeyError, TypeError) as exc:
+        raise BitDanceError(f"{directory / MANIFEST}: malformed manifest (no {exc}); capture the set again") from None
+    cset = CalibrationSet(key, samples, candidates)
+    cset.check_contract(str(directory))
+    return cset
