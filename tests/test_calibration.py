@@ -186,7 +186,7 @@ def test_damaged_sets_give_clear_errors(saved, tmp_path):
         load_calibration(d)
     d = _copy(saved, tmp_path / "nomanifest")
     (d / MANIFEST).unlink()
-    with pytest.raises(BitDanceError, match="not a calibration set"):
+    with pytest.raises(BitDanceError, match="is not a complete calibration set"):
         load_calibration(d)
     with pytest.raises(BitDanceError, match="not found"):
         load_calibration(tmp_path / "nothing")

@@ -31,6 +31,7 @@ from .. import stages as st
 from ..checkpoint import file_sha256
 from ..config import TRAINING_ONLY_ARGS, ModelConfig
 from ..errors import BitDanceError
+from ..manifest_file import read_manifest_file
 
 MANIFEST = "calibration.json"
 FORMAT = "bitdance-rt-calibration/1"
@@ -217,18 +218,8 @@ def check_identity(key: dict, where: Path, config: ModelConfig | None = None, we
 
 
 def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise BitDanceError(f"calibration set not found: {directory}")
-    if not path.is_file():
-        raise BitDanceError(f"{path} is missing: {directory} is not a calibration set; capture it again")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BitDanceError(f"{path}: unreadable ({exc}); capture the set again") from None
-    if not isinstance(data, dict) or data.get("key", {}).get("format") != FORMAT:
-        raise BitDanceError(f"{path}: not a {FORMAT} manifest (another tool or version wrote it); capture it again")
-    return data
+    return read_manifest_file(directory, MANIFEST, FORMAT, "calibration set",
+                              f"capture it with `bitdance-rt calibrate --out {directory}`")
 
 
 def _verify_file(directory: Path, name: str, info: dict, hashes: bool) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write, file_sha256
 from ..config import ModelConfig
 from ..errors import BitDanceError
+from ..manifest_file import read_manifest_file
 from ..stages import Limits, StageSpec, stage_specs
 
 MANIFEST = "manifest.json"
@@ -40,19 +41,8 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise BitDanceError(f"export directory not found: {directory} (create it with `bitdance-rt export`)")
-    if not path.is_file():
-        raise BitDanceError(f"{path} is missing: {directory} is not a complete export; re-export it")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BitDanceError(f"{path}: unreadable manifest ({exc}); re-export {directory}") from None
-    if not isinstance(data, dict) or data.get("key", {}).get("format") != FORMAT:
-        raise BitDanceError(f"{path}: not a {FORMAT} manifest (another tool or version wrote it); re-export {directory}")
-    return data
+    return read_manifest_file(directory, MANIFEST, FORMAT, "export directory",
+                              f"re-export it with `bitdance-rt export --out {directory}`")
 
 
 def manifest_config(manifest: dict, directory: Path) -> ModelConfig:
