@@ -10,10 +10,7 @@ shape differences, and the preset that fits when one does.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -21,6 +18,7 @@ import torch
 
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError
+from .fileio import atomic_write, file_sha256  # noqa: F401  (re-exported)
 
 WRAPPER_KEYS = ("ema", "model", "state_dict")
 
@@ -142,27 +140,7 @@ def check_fit(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: st
     raise CheckpointError(f"checkpoint {source} does not fit model {model_name}: " + "; ".join(parts) + hint)
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp_path) and rename the temp file onto `path`: no half-written file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+# file_sha256 and atomic_write live in the torch-free fileio module (the TensorRT build path uses them).
 
 
 def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:

@@ -11,7 +11,7 @@ from . import __version__
 from .config import EMBEDDED_MODEL, PRESETS
 from .errors import BitDanceError
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 def default_backend() -> str:
@@ -58,6 +58,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per generation batch (default 16, the exported graphs' maximum); labels are "
                         "generated in chunks of this size, the same on every backend, so results agree")
+    _add_accelerator_args(p)
+
+
+def _add_accelerator_args(p: argparse.ArgumentParser) -> None:
+    """ONNX Runtime execution provider and TensorRT engine options (generate, eval, check)."""
+    p.add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), default=None,
+                   help="ONNX Runtime execution provider for --backend onnxruntime (default: cuda with "
+                        "--device cuda, else cpu)")
+    p.add_argument("--engine-dir", default=None,
+                   help="TensorRT engine cache (default: $BITDANCE_RT_CACHE/engines or ~/.cache/bitdance-rt/engines)")
+    p.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace cap in MiB")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="--backend tensorrt: run every call with execute_async_v3 (no CUDA graph replay)")
 
 
 def _make_backend(args, cfg, steps: int):
@@ -76,6 +89,8 @@ def _make_backend(args, cfg, steps: int):
         torch.set_num_threads(args.threads)
     if name == "onnxruntime":
         backend, source = _ort_backend(args, cfg, steps)
+    elif name == "tensorrt":
+        backend, source = _trt_backend(args, cfg, steps)
     else:
         loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
         backend, source = TorchBackend(loaded.model, args.device), loaded.source
@@ -130,6 +145,41 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--sample-seed", type=int, default=0, help="seed of the subsampling choices (not of the noise)")
     cal.add_argument("--device", default="cpu", help="torch device of the recording run")
     cal.add_argument("--force", action="store_true", help="replace an existing set in --out")
+
+    b = sub.add_parser("build", help="build TensorRT engines of an export (one per stage, cached; needs a GPU)")
+    b.add_argument("--export", required=True, help="export directory (bitdance-rt export)")
+    b.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="engine precision (default: the export's graph precision; fp16 from fp32 graphs uses the "
+                        "TensorRT 10.x FP16 flag)")
+    b.add_argument("--workspace-mb", type=int, default=None, help="workspace memory-pool cap in MiB (Jetson: e.g. 1024)")
+    b.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
+    b.add_argument("--stages", nargs="+", default=None, help="stages to build (default: every stage of the export)")
+    b.add_argument("--engine-dir", default=None, help="engine cache (default: $BITDANCE_RT_CACHE/engines)")
+    b.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    b.add_argument("--lock-timeout", type=float, default=None, help="give up waiting for another builder after S s")
+    b.add_argument("--no-lint", action="store_true", help="skip the ONNX-TensorRT operator lint before building")
+
+    ck = sub.add_parser("check", help="compare an accelerated backend with the torch reference: every stage "
+                                      "(Polygraphy comparator) and end-to-end tokens")
+    _add_model_args(ck)
+    ck.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    ck.add_argument("--export-dir", required=True, help="the ONNX export to check (exported from the same weights)")
+    ck.add_argument("--stages", nargs="+", default=None, help="stages to compare (default: every stage of the export)")
+    ck.add_argument("--batch", type=int, default=2, help="images per stage comparison (rows = 2 x batch)")
+    ck.add_argument("--noise-from", default=None,
+                    help="also generate end to end with this recorded noise and compare the tokens with torch")
+    ck.add_argument("--labels", type=int, nargs="+", default=None,
+                    help="labels of the end-to-end run (default: the noise file's `labels`)")
+    ck.add_argument("--steps", type=int, default=None, help="sampler steps S of the end-to-end run (default: the export's)")
+    ck.add_argument("--cfg", type=float, default=None, help="guidance scale of the end-to-end run (default: the model's)")
+    ck.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
+    ck.add_argument("--min-agreement", type=float, default=None,
+                    help="token agreement needed to pass (default: 1.0 for fp32, 0.98 fp16, 0.95 int8)")
+    ck.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                    help="TensorRT engine precision (default: the export's graph precision)")
+    ck.add_argument("--device", default="cpu", help="device of the torch reference and ONNX Runtime (cpu or cuda)")
+    ck.add_argument("--threads", type=int, default=None, help="CPU threads")
+    _add_accelerator_args(ck)
 
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (safe to load, fast to map)")
     _add_model_args(c)
@@ -189,7 +239,7 @@ def _ort_backend(args, cfg, steps: int):
     from .loading import EMBEDDED_SEED
     from .runtime.ort_backend import OrtBackend
 
-    providers = ["cuda"] if args.device.startswith("cuda") else ["cpu"]
+    providers = [_ort_provider(args)]
     if args.export_dir:
         backend = OrtBackend(args.export_dir, threads=args.threads, providers=providers, expect_config=cfg)
         return backend, f"{cfg.name} from ONNX export {args.export_dir}"
@@ -201,6 +251,25 @@ def _ort_backend(args, cfg, steps: int):
     backend = OrtBackend(out, threads=args.threads, providers=providers, verify_hashes=False, expect_config=cfg)
     what = Path(args.checkpoint).name if args.checkpoint else f"seeded random weights (seed {EMBEDDED_SEED})"
     return backend, f"{cfg.name} from {what}"
+
+
+def _ort_provider(args) -> str:
+    provider = getattr(args, "ort_provider", None)
+    return provider or ("cuda" if args.device.startswith("cuda") else "cpu")
+
+
+def _trt_backend(args, cfg, steps: int):
+    """The TensorRT backend over --export-dir (engines built into the engine cache when missing)."""
+    from .runtime.trt_backend import TrtBackend
+
+    if not args.export_dir:
+        raise BitDanceError("--backend tensorrt needs --export-dir (an ONNX export; see `bitdance-rt export`)")
+    device = args.device if args.device.startswith("cuda") else "cuda"
+    # --precision (engine precision; default: the export's graphs) is generate's precision flag where it has one.
+    backend = TrtBackend(args.export_dir, precision=getattr(args, "precision", None), workspace_mb=args.workspace_mb,
+                         engine_root=args.engine_dir, device=device, cuda_graphs=not args.no_cuda_graphs,
+                         expect_config=cfg)
+    return backend, f"{cfg.name} from TensorRT engines of {args.export_dir} ({backend.precision})"
 
 
 def cmd_export(args) -> int:
@@ -269,6 +338,28 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    # No torch on this path: on Jetson the build runs in a lean process (docs/tensorrt.md).
+    from .engines.build import TensorRT, build_engines
+
+    toolkit = TensorRT(device=args.device)
+    built = build_engines(args.export, precision=args.precision, workspace_mb=args.workspace_mb,
+                          level=args.opt_level, stages=args.stages, root=args.engine_dir, toolkit=toolkit,
+                          lint=not args.no_lint, lock_timeout=args.lock_timeout)
+    counts = {s: sum(b.status == s for b in built.values()) for s in ("built", "rebuilt", "cached")}
+    print(f"engines of {args.export}: {counts['built']} built, {counts['rebuilt']} rebuilt, {counts['cached']} cached "
+          f"(TensorRT {toolkit.version}, {toolkit.gpu.name})")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .check import run_check
+
+    report = run_check(args)
+    print(report.text())
+    return 0 if report.passed else 1
+
+
 def cmd_convert(args) -> int:
     from .checkpoint import check_fit, file_sha256, fitting_presets, load_state_dict_file, save_safetensors
     from .config import load_config
@@ -301,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
-                "convert": cmd_convert}[args.command](args)
+                "convert": cmd_convert, "build": cmd_build, "check": cmd_check}[args.command](args)
     except BitDanceError as exc:
         print(f"bitdance-rt: error: {exc}", file=sys.stderr)
         return 2

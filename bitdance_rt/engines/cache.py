@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..checkpoint import atomic_write, file_sha256
+from ..fileio import atomic_write, file_sha256
 from ..errors import BitDanceError
 from ..export.cache import cache_root
 from .profiles import Profile, profile_json

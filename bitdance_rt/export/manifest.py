@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write, file_sha256
+from ..fileio import atomic_write, file_sha256
 from ..config import ModelConfig
 from ..errors import BitDanceError
 from ..manifest_file import read_manifest_file

@@ -1,0 +1,289 @@
+"""`bitdance-rt check`: an accelerated backend against the torch reference, stage by stage and end to end.
+
+Per stage, one harness for every backend: Polygraphy's Comparator runs the torch stage module
+(TorchStageRunner, below) and the candidate (Polygraphy's OnnxrtRunner over the ONNX Runtime
+backend's session, or TrtRunner over the cached TensorRT engine) on the same valid inputs
+(export.wrappers.example_inputs) and compares every output with its own tolerance
+(CompareFunc.simple, per-output atol/rtol). Outputs that are +/-1 codes (sampler `tokens`, encoder
+`latent`) are compared by agreement (share of equal signs) instead, which must reach
+`min_agreement` (1.0, i.e. identical, for fp32).
+
+End to end (`--noise-from`): both backends generate with the same recorded noise; the tokens must
+agree (fp32: identical; fp16 / int8: the agreement is reported and checked against
+`min_agreement`).
+
+Polygraphy API used (polygraphy 0.49+: polygraphy.comparator.Comparator.run / compare_accuracy,
+CompareFunc.simple with per-output dicts keyed by output name, "" = default; BaseRunner's
+activate_impl / get_input_metadata_impl / infer_impl; backend.onnxrt.OnnxrtRunner;
+backend.trt.TrtRunner + EngineFromBytes), as documented in Polygraphy's API reference
+(docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import stages as st
+from .errors import BitDanceError
+
+# Per-output (atol, rtol) for continuous outputs, by engine precision; "" is the default.
+TOLERANCES = {
+    "fp32": {"": (1e-4, 1e-4)},
+    "fp16": {"": (5e-2, 5e-2), "kv_new": (5e-2, 5e-2)},
+    "int8": {"": (2e-1, 2e-1)},
+}
+CODE_OUTPUTS = {"tokens", "latent"}  # +/-1 codes: compared by agreement
+MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.98, "int8": 0.95}
+
+
+def _polygraphy(verbose: bool = False):
+    try:
+        from polygraphy.comparator import CompareFunc, Comparator
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise BitDanceError("bitdance-rt check needs Polygraphy: pip install polygraphy") from None
+    if not verbose:
+        G_LOGGER.module_severity = G_LOGGER.ERROR  # our report says per output what Polygraphy found
+    return Comparator, CompareFunc
+
+
+class Agreement:
+    """Comparison result of a +/-1 output: share of equal signs, passed if >= the threshold."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, threshold: float):
+        a, b = np.sign(np.asarray(a, dtype=np.float32)), np.sign(np.asarray(b, dtype=np.float32))
+        self.shape_ok = a.shape == b.shape
+        self.value = float((a == b).mean()) if self.shape_ok and a.size else (1.0 if self.shape_ok else 0.0)
+        self.threshold = threshold
+
+    def __bool__(self) -> bool:
+        return self.shape_ok and self.value >= self.threshold
+
+    def __repr__(self) -> str:
+        return f"Agreement({self.value:.6f} >= {self.threshold})"
+
+
+def tolerances(precision: str, outputs) -> tuple[dict, dict]:
+    """Per-output atol and rtol dicts for CompareFunc.simple ("" = default)."""
+    tol = TOLERANCES[precision]
+    atol, rtol = {"": tol[""][0]}, {"": tol[""][1]}
+    for name in outputs:
+        a, r = (2.0, 2.0) if name in CODE_OUTPUTS else tol.get(name, tol[""])  # codes: judged by Agreement
+        atol[name], rtol[name] = a, r
+    return atol, rtol
+
+
+def make_compare_func(precision: str, outputs, min_agreement: float | None = None):
+    """Polygraphy compare func: SimpleCompareFunc with per-output tolerances; codes by agreement."""
+    _, CompareFunc = _polygraphy()
+    atol, rtol = tolerances(precision, outputs)
+    simple = CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="elemwise")
+    threshold = MIN_AGREEMENT[precision] if min_agreement is None else float(min_agreement)
+
+    def compare(ref, cand):
+        out = simple(ref, cand)
+        for name in list(out):
+            if name in CODE_OUTPUTS:
+                out[name] = Agreement(ref[name], cand[name], threshold)
+        return out
+
+    return compare
+
+
+def _torch_runner_class():
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class TorchStageRunner(BaseRunner):
+        """The torch reference of one stage (export.wrappers.stage_module) as a Polygraphy runner."""
+
+        def __init__(self, module: torch.nn.Module, spec: st.StageSpec, device: str = "cpu"):
+            super().__init__(name=f"torch-{spec.name}", prefix="torch-runner")
+            self.module, self.spec, self.device = module, spec, torch.device(device)
+
+        def activate_impl(self):
+            self.module.to(self.device).eval()
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for t in self.spec.inputs:
+                meta.add(t.name, dtype=np.dtype(t.dtype),
+                         shape=[d if isinstance(d, int) else None for d in t.shape])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            args = [torch.from_numpy(np.asarray(feed_dict[t.name])).to(self.device) for t in self.spec.inputs]
+            start = time.perf_counter()
+            with torch.inference_mode():
+                outs = self.module(*args)
+            self.inference_time = time.perf_counter() - start
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+            return OrderedDict((t.name, o.detach().float().cpu().numpy() if o.is_floating_point()
+                                else o.detach().cpu().numpy()) for t, o in zip(self.spec.outputs, outs))
+
+        def deactivate_impl(self):
+            pass
+
+    return TorchStageRunner
+
+
+# ---- results --------------------------------------------------------------------------------
+@dataclass
+class OutputResult:
+    name: str
+    passed: bool
+    detail: str  # "max |diff| 3.1e-06 (atol 1e-04, rtol 1e-04)" or "agreement 1.000000 (>= 1.0)"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    outputs: list[OutputResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+
+@dataclass
+class CheckReport:
+    backend: str
+    precision: str
+    stages: list[StageResult] = field(default_factory=list)
+    end_to_end: dict | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(s.passed for s in self.stages) and (self.end_to_end is None or self.end_to_end["passed"])
+
+    def text(self) -> str:
+        lines = [f"check {self.backend} ({self.precision}) against torch fp32:"]
+        for s in self.stages:
+            lines.append(f"  {s.stage}: {'PASS' if s.passed else 'FAIL'}")
+            lines += [f"    {o.name}: {'ok' if o.passed else 'FAILED'}, {o.detail}" for o in s.outputs]
+        if self.end_to_end is not None:
+            e = self.end_to_end
+            lines.append(f"  end to end ({e['images']} image(s), noise {e['noise']}): "
+                         f"{'PASS' if e['passed'] else 'FAIL'}, token agreement {e['agreement']:.6f} "
+                         f"(>= {e['threshold']}), {e['identical_images']} of {e['images']} images with identical "
+                         f"tokens, image max |diff| {e['image_max_diff']:.2e}")
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
+
+
+# ---- the comparisons -------------------------------------------------------------------------
+def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32", batch: int = 2, seed: int = 0,
+                  min_agreement: float | None = None, device: str = "cpu") -> StageResult:
+    """Run torch and `candidate` (a Polygraphy runner) on the same inputs and compare every output."""
+    from .export.wrappers import example_inputs, stage_module
+
+    Comparator, _ = _polygraphy()
+    feed = OrderedDict((t.name, x.numpy()) for t, x in zip(spec.inputs, example_inputs(spec, model, batch, seed)))
+    reference = _torch_runner_class()(stage_module(spec.name, model), spec, device)
+    results = Comparator.run([reference, candidate], data_loader=[feed])
+    accuracy = Comparator.compare_accuracy(results, compare_func=make_compare_func(precision, spec.output_names,
+                                                                                        min_agreement))
+    ((_, iterations),) = accuracy[0].items()
+    (per_output,) = iterations
+    tol = TOLERANCES[precision]
+    out = []
+    for name, res in per_output.items():
+        if isinstance(res, Agreement):
+            out.append(OutputResult(name, bool(res), f"agreement {res.value:.6f} (>= {res.threshold})"))
+        else:
+            atol, rtol = tol.get(name, tol[""])
+            out.append(OutputResult(name, bool(res), f"max |diff| {float(res.max_absdiff):.2e} "
+                                                     f"(atol {atol:.0e}, rtol {rtol:.0e})"))
+    missing = [t.name for t in spec.outputs if t.name not in per_output]
+    out += [OutputResult(name, False, "not produced by the candidate") for name in missing]
+    return StageResult(spec.name, out)
+
+
+def ort_runner(backend, stage: str):
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    return OnnxrtRunner(backend.sessions[stage], name=f"onnxruntime-{stage}")
+
+
+def trt_runner(backend, stage: str):
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    return TrtRunner(EngineFromBytes(backend.engine_paths[stage].read_bytes()), name=f"tensorrt-{stage}")
+
+
+def end_to_end(reference, candidate, labels, steps: int, cfg: float, schedule: str, noise_path,
+               threshold: float) -> dict:
+    """Generate with both backends from the same recorded noise; compare tokens and images."""
+    from .runtime import generate
+    from .sampling import ReplayNoise
+
+    ref = generate(reference, labels, steps, cfg, schedule, ReplayNoise(noise_path))
+    got = generate(candidate, labels, steps, cfg, schedule, ReplayNoise(noise_path))
+    same = ref.tokens == got.tokens.to(ref.tokens.device)
+    agreement = float(same.float().mean())
+    per_image = same.flatten(1).all(dim=1)
+    return {"images": len(labels), "noise": str(noise_path), "agreement": agreement, "threshold": threshold,
+            "identical_images": int(per_image.sum()), "passed": agreement >= threshold,
+            "image_max_diff": float((ref.image - got.image.to(ref.image.device)).abs().max())}
+
+
+def run_check(args) -> CheckReport:
+    """The CLI command: model + export from args, stage comparisons, optional end-to-end run."""
+    from .cli import _resolve_model
+    from .loading import load_model
+    from .runtime.torch_backend import TorchBackend
+
+    _polygraphy()
+    if args.batch < 1:
+        raise BitDanceError(f"--batch must be >= 1, got {args.batch}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = _resolve_model(args)
+    loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
+    model = loaded.model.to(args.device).eval()
+    if args.backend == "onnxruntime":
+        from .export import checkpoint_source
+        from .runtime.ort_backend import OrtBackend
+
+        source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else None
+        provider = getattr(args, "ort_provider", None) or ("cuda" if args.device.startswith("cuda") else "cpu")
+        backend = OrtBackend(args.export_dir, threads=args.threads, providers=[provider], expect_config=cfg,
+                             expect_source=source)
+        make_runner, precision = ort_runner, backend.manifest.get("precision", "fp32")
+    else:
+        from .runtime.trt_backend import TrtBackend
+
+        backend = TrtBackend(args.export_dir, precision=args.precision, workspace_mb=args.workspace_mb,
+                             engine_root=args.engine_dir, cuda_graphs=not args.no_cuda_graphs, expect_config=cfg)
+        make_runner, precision = trt_runner, backend.precision
+    max_batch = backend.max_batch
+    if args.batch > max_batch:
+        raise BitDanceError(f"--batch {args.batch} is above the export's max batch {max_batch}")
+    stages = args.stages or [s for s in st.ALL_STAGES if s in backend.specs]
+    unknown = [s for s in stages if s not in backend.specs]
+    if unknown:
+        raise BitDanceError(f"{args.export_dir} has no stage(s) {', '.join(unknown)}")
+    report = CheckReport(args.backend, precision)
+    for stage in stages:
+        report.stages.append(compare_stage(model, backend.specs[stage], make_runner(backend, stage), precision,
+                                           args.batch, min_agreement=args.min_agreement, device=args.device))
+    if args.noise_from:
+        labels = args.labels
+        if labels is None:
+            from safetensors import safe_open
+
+            with safe_open(str(args.noise_from), "pt") as f:
+                if "labels" not in f.keys():
+                    raise BitDanceError(f"{args.noise_from} holds no `labels`: pass --labels")
+                labels = [int(x) for x in f.get_tensor("labels")]
+        steps = backend.sampler_steps if args.steps is None else args.steps
+        scale = cfg.default_cfg if args.cfg is None else args.cfg
+        threshold = MIN_AGREEMENT[precision] if args.min_agreement is None else args.min_agreement
+        report.end_to_end = end_to_end(TorchBackend(model, args.device), backend, labels, steps, scale,
+                                       args.cfg_schedule, args.noise_from, threshold)
+    return report

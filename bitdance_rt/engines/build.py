@@ -1,0 +1,292 @@
+"""ONNX export -> TensorRT engines, one per stage and precision, through the engine cache.
+
+This module must not import torch (Jetson recipe: build on the device in a lean process), and
+imports tensorrt only when a build really happens, so everything up to the build (manifest and
+file checks, precision plan, profiles, cache keys, stale detection) runs and is tested on CPU.
+
+What a build does, per stage (`build_engines`):
+  1. the export is validated (manifest, contract, file sizes and sha256) and linted against the
+     ONNX-TensorRT operator list of the TensorRT major version in use (engines.lint);
+  2. the precision plan comes from the graphs' precision and the request (engines.options);
+  3. the optimisation profile (batch min/opt/max) comes from the stage contract (engines.profiles);
+  4. the engine-cache key (ONNX sha256, precision, profile, GPU name + compute capability,
+     TensorRT version, optimisation level, workspace cap, plan flags) is looked up: a hit is used,
+     a stale engine is rebuilt with a message naming what changed, a miss is built;
+  5. builds run under a per-engine file lock (a second process waits, then finds a hit); the
+     engine and its sidecar are written atomically; a persistent timing cache per (TensorRT
+     version, GPU) speeds up rebuilds and is merged under its own lock.
+
+TensorRT Python API used (TensorRT 10.x; 11.x where noted), from NVIDIA's Python API reference
+(docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/*.html,
+Builder / BuilderConfig / Network / OnnxParser) and the "Optimizing Builder Performance" page
+(docs.nvidia.com/deeplearning/tensorrt/latest/performance/builder-performance.html, timing cache):
+  trt.Builder(logger).create_network(flags)   flags: 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED
+                                              (EXPLICIT_BATCH is the default since 10.0 and not passed)
+  trt.OnnxParser(network, logger).parse_from_file(path)   (resolves <stage>.onnx.data beside it)
+  builder.create_builder_config(); config.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)
+  config.builder_optimization_level = 0..5; config.set_flag / clear_flag(BuilderFlag.FP16 / TF32)
+  builder.create_optimization_profile(); profile.set_shape(name, min, opt, max);
+  config.add_optimization_profile(profile)
+  config.create_timing_cache(bytes); config.set_timing_cache(cache, ignore_mismatch=False);
+  cache.combine(other, ignore_mismatch=False); cache.serialize()
+  builder.build_serialized_network(network, config) -> IHostMemory or None
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import stages as st
+from ..errors import BitDanceError
+from ..export.manifest import MANIFEST, manifest_specs, read_manifest, stage_files, verify_files
+from ..fileio import atomic_write
+from . import cache as ec
+from .options import PrecisionPlan, graph_precision, opt_level, plan_precision, trt_major, workspace_bytes
+from .profiles import Profile, stage_profile
+
+INSTALL_HINT = ("pip install 'bitdance-rt[tensorrt]' (or NVIDIA's tensorrt wheel for your CUDA; on Jetson, "
+                "JetPack's python3-libnvinfer)")
+
+# cuDeviceGetAttribute attribute ids (CUDA driver API, CUdevice_attribute enum):
+# CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, ..._MINOR = 76.
+_CC_MAJOR, _CC_MINOR = 75, 76
+
+
+# ---- what this machine has --------------------------------------------------------------------
+def require_tensorrt():
+    """The tensorrt module, or a one-line error saying how to install it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise BitDanceError(f"building engines needs TensorRT's Python package, which is not installed: "
+                            f"{INSTALL_HINT}") from None
+    return tensorrt
+
+
+def _load_libcuda():
+    """The CUDA driver library (present wherever an NVIDIA driver is, Jetson included)."""
+    for name in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda")):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: str  # "8.7"
+
+
+def gpu_info(device: int = 0) -> GpuInfo:
+    """Name and compute capability of CUDA device `device`, via the driver API (no torch, no
+    cuda-python needed), or a one-line error when there is no usable CUDA GPU."""
+    lib = _load_libcuda()
+    if lib is None:
+        raise BitDanceError("no CUDA GPU here: the NVIDIA driver (libcuda) is not installed; TensorRT engines are "
+                            "built on the GPU that will run them")
+    if lib.cuInit(0) != 0:
+        raise BitDanceError("no usable CUDA GPU here: the CUDA driver failed to initialise (cuInit); TensorRT "
+                            "engines are built on the GPU that will run them")
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        raise BitDanceError("no CUDA GPU visible (check CUDA_VISIBLE_DEVICES); TensorRT engines are built on the GPU "
+                            "that will run them")
+    if not 0 <= device < count.value:
+        raise BitDanceError(f"CUDA device {device} does not exist (this machine has {count.value})")
+    dev = ctypes.c_int(0)
+    lib.cuDeviceGet(ctypes.byref(dev), device)
+    name = ctypes.create_string_buffer(256)
+    lib.cuDeviceGetName(name, 256, dev)
+    major, minor = ctypes.c_int(0), ctypes.c_int(0)
+    lib.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, dev)
+    lib.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, dev)
+    return GpuInfo(name.value.decode(errors="replace").strip(), f"{major.value}.{minor.value}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "gpu"
+
+
+def timing_cache_path(root: Path, trt_version: str, gpu: GpuInfo) -> Path:
+    return Path(root) / f"timing-trt{trt_version}-{_slug(gpu.name)}-sm{gpu.compute_capability}.cache"
+
+
+# ---- the TensorRT side --------------------------------------------------------------------
+class TensorRT:
+    """The real builder: tensorrt + this machine's GPU. `build_engines` takes any object with the
+    same attributes (version, gpu) and build(...) method, which is how it is tested on CPU."""
+
+    def __init__(self, device: int = 0, verbose: bool = False):
+        self.trt = require_tensorrt()  # first: without TensorRT there is nothing to do on any machine
+        self.gpu = gpu_info(device)
+        self.version = str(self.trt.__version__)
+        self.logger = self.trt.Logger(self.trt.Logger.VERBOSE if verbose else self.trt.Logger.WARNING)
+
+    def _network_flags(self, plan: PrecisionPlan) -> int:
+        flag = getattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if plan.strongly_typed:
+            if flag is None:
+                if trt_major(self.version) >= 11:
+                    return 0  # every 11.x network is strongly typed; the flag may be gone
+                raise BitDanceError(f"TensorRT {self.version} has no strongly typed networks; use 10.x or newer")
+            return 1 << int(flag)
+        return 0
+
+    def build(self, onnx_path: Path, plan: PrecisionPlan, profile: Profile, workspace: int | None, level: int,
+              timing_cache: Path | None) -> bytes:
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(self._network_flags(plan))
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(i)).strip().splitlines()[0] for i in range(parser.num_errors)]
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise BitDanceError(f"{onnx_path}: TensorRT {self.version}'s ONNX parser refused it: "
+                                f"{errors[0] if errors else 'no error recorded'}{more}")
+        config = builder.create_builder_config()
+        if workspace is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+        config.builder_optimization_level = level
+        for name in plan.builder_flags:
+            flag = getattr(trt.BuilderFlag, name, None)
+            if flag is None:
+                raise BitDanceError(f"TensorRT {self.version} has no BuilderFlag.{name}")
+            config.set_flag(flag)
+        if plan.clear_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # FP32 engines compute in FP32 (TF32 is on by default)
+        if profile:
+            opt = builder.create_optimization_profile()
+            for name, lo, mid, hi in profile:
+                opt.set_shape(name, lo, mid, hi)
+            config.add_optimization_profile(opt)
+        cache = None
+        if timing_cache is not None:
+            old = timing_cache.read_bytes() if timing_cache.is_file() else b""
+            cache = config.create_timing_cache(old)
+            if not config.set_timing_cache(cache, False):
+                cache = config.create_timing_cache(b"")  # from another version or GPU: start afresh
+                config.set_timing_cache(cache, False)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise BitDanceError(f"{onnx_path}: TensorRT {self.version} could not build an engine (see the TensorRT "
+                                "log above; a small --workspace-mb can cause this)")
+        if cache is not None:
+            self._save_timing_cache(timing_cache, cache)
+        return bytes(serialized)
+
+    def _save_timing_cache(self, path: Path, cache) -> None:
+        """Merge this build's timings into the file under its lock (concurrent builders keep both)."""
+        with ec.build_lock(path):
+            merged = cache
+            if path.is_file():
+                config = self.trt.Builder(self.logger).create_builder_config()
+                merged = config.create_timing_cache(path.read_bytes())
+                if not merged.combine(cache, False):
+                    merged = cache
+            data = bytes(merged.serialize())
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+# ---- one export -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuiltEngine:
+    stage: str
+    path: Path
+    status: str  # "cached", "built" or "rebuilt"
+    key: ec.EngineKey
+
+
+def lint_for(export_dir: Path, trt_version: str) -> None:
+    """Refuse graphs the ONNX-TensorRT parser of this version cannot import (needs the onnx package;
+    skipped without it, since parsing will then say the same at build time)."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return
+    from .lint import lint_export
+
+    target = "11" if trt_major(trt_version) >= 11 else "10.3"
+    errors = [f for f in lint_export(export_dir, target) if f.severity == "error"]
+    if errors:
+        more = f" (+{len(errors) - 1} more; run bitdance_rt.engines.lint_export)" if len(errors) > 1 else ""
+        raise BitDanceError(f"TensorRT {target} lint: {errors[0]}{more}")
+
+
+def export_stages_to_build(manifest: dict, directory: Path, stages=None) -> list[str]:
+    have = list(manifest.get("stage_files", {}))
+    order = {s: i for i, s in enumerate(st.ALL_STAGES)}
+    if stages is None:
+        return sorted(have, key=lambda s: order.get(s, len(order)))
+    missing = [s for s in stages if s not in have]
+    if missing:
+        raise BitDanceError(f"{directory} has no stage(s) {', '.join(missing)} (it has {', '.join(have)})")
+    return list(stages)
+
+
+def build_engines(export_dir, precision: str | None = None, workspace_mb=None, level: int = 3, stages=None,
+                  root=None, toolkit=None, lint: bool = True, verify_hashes: bool = True,
+                  lock_timeout: float | None = None, log=print) -> dict[str, BuiltEngine]:
+    """Engines for the stages of an export (all by default): cached ones reused, others built.
+
+    `toolkit`: a TensorRT() (default) or any object with .version, .gpu (GpuInfo) and
+    .build(onnx_path, plan, profile, workspace_bytes, level, timing_cache_path) -> bytes.
+    """
+    directory = Path(export_dir)
+    manifest = read_manifest(directory)
+    specs = manifest_specs(manifest, directory)  # contract written by this version, or a one-line refusal
+    verify_files(directory, manifest, hashes=verify_hashes)
+    graphs = graph_precision(manifest, str(directory / MANIFEST))
+    workspace = workspace_bytes(workspace_mb)
+    level = opt_level(level)
+    names = export_stages_to_build(manifest, directory, stages)
+    if toolkit is None:
+        toolkit = TensorRT()
+    plan = plan_precision(graphs, precision, toolkit.version)
+    if lint:
+        lint_for(directory, toolkit.version)
+    root = Path(root) if root is not None else ec.engine_root()
+    timing = timing_cache_path(root, toolkit.version, toolkit.gpu)
+    out = {}
+    for stage in names:
+        profile = stage_profile(specs[stage])
+        key = ec.engine_key(manifest, stage, plan.precision, profile, toolkit.gpu.name,
+                            toolkit.gpu.compute_capability, toolkit.version, level, workspace, plan.key_flags)
+        found = ec.lookup(key, root)
+        if found.hit:
+            log(f"{stage}: engine up to date ({found.path})")
+            out[stage] = BuiltEngine(stage, found.path, "cached", key)
+            continue
+        onnx_path = directory / stage_files(manifest, directory, stage)[0]
+        if found.status == "stale":
+            log(f"{stage}: rebuilding: {found.reason}")
+        else:
+            log(f"{stage}: building {plan.precision} engine with TensorRT {toolkit.version} on "
+                f"{toolkit.gpu.name} (sm {toolkit.gpu.compute_capability})")
+        built = []
+
+        def build(onnx_path=onnx_path, profile=profile):
+            built.append(True)
+            return toolkit.build(onnx_path, plan, profile, workspace, level, timing)
+
+        path = ec.get_or_build(key, build, root, timeout=lock_timeout)
+        status = ("rebuilt" if found.status == "stale" else "built") if built else "cached"
+        if not built:
+            log(f"{stage}: another process built it meanwhile ({path})")
+        else:
+            log(f"{stage}: wrote {path}")
+        out[stage] = BuiltEngine(stage, path, status, key)
+    return out
+
+
+if __name__ == "__main__":  # python -m bitdance_rt.engines.build --export DIR ... (same as `bitdance-rt build`)
+    from ..cli import main
+
+    sys.exit(main(["build", *sys.argv[1:]]))
