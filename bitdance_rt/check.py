@@ -4,7 +4,7 @@ Per stage, one harness for every backend: Polygraphy's Comparator runs the torch
 (TorchStageRunner, below) and the candidate (Polygraphy's OnnxrtRunner over the ONNX Runtime
 backend's session, or TrtRunner over the cached TensorRT engine) on the same valid inputs
 (export.wrappers.example_inputs) and compares every output with its own tolerance
-(CompareFunc.simple, per-output atol/rtol). Outputs that are +/-1 codes (sampler `tokens`, encoder
+(SimpleCompareFunc / CompareFunc.simple, per-output atol/rtol). Outputs that are +/-1 codes (sampler `tokens`, encoder
 `latent`) are compared by agreement (share of equal signs) instead, which must reach
 `min_agreement` (1.0, i.e. identical, for fp32).
 
@@ -82,7 +82,11 @@ def make_compare_func(precision: str, outputs, min_agreement: float | None = Non
     """Polygraphy compare func: SimpleCompareFunc with per-output tolerances; codes by agreement."""
     _, CompareFunc = _polygraphy()
     atol, rtol = tolerances(precision, outputs)
-    simple = CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="elemwise")
+    try:  # SimpleCompareFunc replaces CompareFunc.simple (deprecated in newer Polygraphy)
+        from polygraphy.comparator import SimpleCompareFunc
+    except ImportError:
+        SimpleCompareFunc = CompareFunc.simple
+    simple = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise")
     threshold = MIN_AGREEMENT[precision] if min_agreement is None else float(min_agreement)
 
     def compare(ref, cand):
