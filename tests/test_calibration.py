@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bitdance_rt import stages as st
-from bitdance_rt.calibration import (CAPTURED_STAGES, MANIFEST, CapturePolicy, capture, feed, load_calibration,
-                                     save_calibration)
+from bitdance_rt.calibration import (CAPTURED_STAGES, MANIFEST, CapturePolicy, StageDataReader, capture, feed,
+                                     load_calibration, save_calibration)
 from bitdance_rt.config import EMBEDDED_WEIGHTS
 from bitdance_rt.errors import BitDanceError
 from bitdance_rt.export import checkpoint_source
@@ -205,7 +205,7 @@ def test_reader_feeds_run_in_exported_graphs(tiny, saved, tmp_path_factory):
     opts.intra_op_num_threads = 1
     for stage in CAPTURED_STAGES:
         session = ort.InferenceSession(str(Path(out) / f"{stage}.onnx"), opts, providers=["CPUExecutionProvider"])
-        reader = cset.reader(stage)
+        reader = StageDataReader(cset, stage, per_row=False)
         assert [i.name for i in session.get_inputs()] == st.stage_spec(stage, tiny.cfg, S).input_names
         for n in range(min(3, len(reader))):
             got = session.run(None, reader.get_next())
@@ -214,6 +214,17 @@ def test_reader_feeds_run_in_exported_graphs(tiny, saved, tmp_path_factory):
                 np.testing.assert_allclose(value, want[name].numpy(), atol=1e-4, rtol=1e-4, err_msg=f"{stage}.{name}")
         reader.rewind()
         assert sum(1 for _ in iter(reader.get_next, None)) == len(cset.samples[stage])
+        if stage in st.SAMPLER_STAGES:
+            continue
+        # per-row feeds (what the histogram calibrators need): same outputs, row by row
+        rows = cset.reader(stage)
+        first = cset.samples[stage][0]
+        n_rows = next(iter(first.inputs.values())).shape[0] if stage != st.BACKBONE_STEP else first.inputs["tokens"].shape[0]
+        name = st.stage_spec(stage, tiny.cfg, S).output_names[0]
+        for r in range(n_rows):
+            got = session.run([name], rows.get_next())[0]
+            np.testing.assert_allclose(got[0], first.outputs[name][r].numpy(), atol=1e-4, rtol=1e-4,
+                                       err_msg=f"{stage} row {r}")
 
 
 def test_reader_drives_onnxruntime_quantization(tiny, saved, tmp_path):

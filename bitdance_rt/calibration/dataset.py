@@ -87,6 +87,7 @@ class CalibrationSet:
     key: dict  # format, config, weights, labels, seeds, steps, cfg_scale, cfg_schedule, batch_size, policy
     samples: dict[str, list[Sample]]
     candidates: dict[str, int] = field(default_factory=dict)  # calls seen per stage before subsampling
+    directory: Path | None = None  # where it was loaded from, for messages
 
     @property
     def config(self) -> ModelConfig:
@@ -270,6 +271,6 @@ def load_calibration(directory: str | Path, config: ModelConfig | None = None, w
             candidates[stage] = int(info["candidates"])
     except (KeyError, TypeError) as exc:
         raise BitDanceError(f"{directory / MANIFEST}: malformed manifest (no {exc}); capture the set again") from None
-    cset = CalibrationSet(key, samples, candidates)
+    cset = CalibrationSet(key, samples, candidates, directory)
     cset.check_contract(str(directory))
     return cset

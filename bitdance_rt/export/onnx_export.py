@@ -224,27 +224,35 @@ def export_stages(
         for name in bar:
             bar.set_postfix_str(name)
             stage_files[name] = export_stage(model, specs[name], work, opset, external_data_bytes)
-        files = {f: {"sha256": file_sha256(work / f), "bytes": (work / f).stat().st_size}
-                 for names in stage_files.values() for f in names}
         manifest = {
             "key": key,
             "stages": {name: specs[name].to_json() for name in stages},
-            "stage_files": stage_files,
-            "files": files,
             "versions": {"bitdance_rt": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        old = _old_files(out_dir)
-        (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is incomplete
-        for f in files:
-            os.replace(work / f, out_dir / f)
-        for f in old - set(files):
-            (out_dir / f).unlink(missing_ok=True)
-        write_manifest(out_dir, manifest)
-        return ExportResult(out_dir, manifest, False)
+        return ExportResult(out_dir, install_export(work, out_dir, manifest, stage_files), False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def install_export(work: Path, out_dir: Path, manifest: dict, stage_files: dict[str, list[str]]) -> dict:
+    """Move the files of a finished export from `work` into `out_dir`, manifest last.
+
+    The old manifest goes first, so a crash in between leaves a directory no reader trusts;
+    files of a previous export that the new one does not list are removed. Returns the manifest
+    (completed with the file list, hashes and creation time)."""
+    files = {f: {"sha256": file_sha256(work / f), "bytes": (work / f).stat().st_size}
+             for names in stage_files.values() for f in names}
+    manifest = {**manifest, "stage_files": stage_files, "files": files,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = _old_files(out_dir)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is incomplete
+    for f in files:
+        os.replace(work / f, out_dir / f)
+    for f in old - set(files):
+        (out_dir / f).unlink(missing_ok=True)
+    write_manifest(out_dir, manifest)
+    return manifest
 
 
 def _old_files(directory: Path) -> set[str]:

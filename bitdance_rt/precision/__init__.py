@@ -1,0 +1,5 @@
+"""Reduced precision: FP16 and INT8 (Q/DQ) variants of exported stage graphs, and their accuracy."""
+
+from .policy import CALIBRATION_METHODS, PRECISIONS
+
+__all__ = ["CALIBRATION_METHODS", "PRECISIONS"]

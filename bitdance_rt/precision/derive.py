@@ -1,0 +1,170 @@
+"""An FP32 export directory -> an FP16 or INT8 export directory of the same stages and contract.
+
+A precision variant is an ordinary export directory (same stage files, same manifest format, same
+float32 inputs/outputs), so every backend loads it unchanged; its manifest adds a top-level
+"precision" and, in its key, what it was derived from: the FP32 export's key and, for INT8, the
+calibration set's identity and the method. Reuse follows the key, as for FP32 exports.
+
+INT8 covers the stages a calibration set has data for and that carry weight GEMMs: prefill,
+backbone_step, head_step, decoder. The fused head samplers are not quantised: calibrating one
+means recording every intermediate of S+1 unrolled head nets (minutes for the tiny model, far
+more for real ones), so INT8 generation samples with head_step (the ONNX Runtime backend falls
+back to it by itself; measured ~10% slower than the fused graph in FP32) and the encoder, which
+generation does not use and calibration does not record, is left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import stages as st
+from ..errors import BitDanceError
+from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
+from .policy import check_method, check_precision
+
+INT8_STAGES = (st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER)
+FP16_STAGES = st.ALL_STAGES
+EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+def graph_precision(manifest: dict) -> str:
+    return manifest.get("precision", "fp32")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def derived_key(fp32_manifest: dict, precision: str, stages, calibration=None, method: str | None = None,
+                keep_float: dict | None = None) -> dict:
+    key = {**fp32_manifest["key"], "stages": sorted(stages), "precision": precision,
+           "derived_from": _digest(fp32_manifest["key"])}
+    if precision == "int8":
+        key["calibration"] = {"set": _digest(calibration.key), "method": method,
+                              "samples": {s: len(v) for s, v in sorted(calibration.samples.items())}}
+        key["keep_float"] = {s: sorted(v) for s, v in sorted((keep_float or {}).items()) if v}
+    return key
+
+
+def _load_fp32(fp32_dir: Path) -> dict:
+    manifest = read_manifest(fp32_dir)
+    if graph_precision(manifest) != "fp32":
+        raise BitDanceError(f"{fp32_dir / MANIFEST}: holds {graph_precision(manifest)} graphs; derive precision "
+                            "variants from an FP32 export (bitdance-rt export)")
+    verify_files(fp32_dir, manifest, hashes=True)
+    return manifest
+
+
+def _check_calibration(calibration, fp32_dir: Path, manifest: dict) -> None:
+    from ..calibration.dataset import check_identity
+
+    if calibration is None:
+        raise BitDanceError("INT8 needs a calibration set (bitdance-rt calibrate --out DIR)")
+    where = Path(getattr(calibration, "directory", None) or "the calibration set")
+    check_identity(calibration.key, where, manifest_config(manifest, fp32_dir), manifest["key"]["checkpoint"])
+
+
+def _save(model, path: Path) -> list[str]:
+    import onnx
+
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size <= EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path))
+        return [path.name]
+    data = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    return [path.name, data]
+
+
+def _check(path: Path, stage: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BitDanceError(f"stage {stage}: the converted graph fails the ONNX checks: {first}") from exc
+
+
+def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: str = "max",
+                  keep_float: dict | None = None, force: bool = False, progress: bool = True):
+    """Write the `precision` variant of the FP32 export `fp32_dir` into `out_dir` (or reuse it).
+
+    `calibration`: a CalibrationSet (INT8). `keep_float`: {stage: [node names]} kept out of
+    quantisation (the sensitivity sweep's lever)."""
+    import onnx
+
+    from ..export.onnx_export import ExportResult, find_reusable, install_export
+    from .fp16 import convert_fp16
+    from .int8 import quantize_int8
+
+    fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
+    check_precision(precision)
+    if precision == "fp32":
+        raise BitDanceError("fp32 is the export itself: use the FP32 export directory")
+    manifest = _load_fp32(fp32_dir)
+    available = list(manifest["key"]["stages"])
+    if precision == "int8":
+        check_method(method)
+        _check_calibration(calibration, fp32_dir, manifest)
+        stages = [s for s in available if s in INT8_STAGES]
+        if st.HEAD_STEP not in stages:
+            raise BitDanceError(f"{fp32_dir} has no head_step graph, which INT8 generation samples with; "
+                                "re-export with it (bitdance-rt export, all stages)")
+    else:
+        stages = [s for s in available if s in FP16_STAGES]
+    keep_float = {s: list(v) for s, v in (keep_float or {}).items() if s in stages}
+    key = derived_key(manifest, precision, stages, calibration, method, keep_float)
+    if not force and (found := find_reusable(out_dir, key)) is not None:
+        return ExportResult(out_dir, found, True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{precision}-", dir=out_dir.parent))
+    try:
+        files: dict[str, list[str]] = {}
+        bar = tqdm(stages, desc=f"{precision.upper()} graphs", unit="stage", leave=False, disable=not progress)
+        for stage in bar:
+            bar.set_postfix_str(stage)
+            src = fp32_dir / stage_files(manifest, fp32_dir, stage)[0]
+            dst = work / f"{stage}.onnx"
+            if precision == "fp16":
+                files[stage] = _save(convert_fp16(onnx.load(str(src)), sampler=stage in st.SAMPLER_STAGES), dst)
+            else:
+                big = len(stage_files(manifest, fp32_dir, stage)) > 1
+                quantize_int8(src, dst, calibration.reader(stage), method, keep_float.get(stage, ()),
+                              external_data=big)
+                files[stage] = [dst.name] + sorted(p.name for p in work.iterdir()
+                                                   if p.name.startswith(dst.name + ".") or p.name == f"{stage}.data")
+            _check(dst, stage)
+        new = {"key": key, "precision": precision,
+               "stages": {s: manifest["stages"][s] for s in stages},
+               "versions": {**manifest.get("versions", {}), **_versions()}}
+        if precision == "int8":
+            new["calibration_method"] = method
+        return ExportResult(out_dir, install_export(work, out_dir, new, files), False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _versions() -> dict:
+    import onnx
+
+    out = {"onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import onnxconverter_common
+
+        out["onnxconverter_common"] = onnxconverter_common.__version__
+    except (ImportError, AttributeError):
+        pass
+    return out

@@ -1,0 +1,56 @@
+"""What stays in float32 when a stage graph is converted to FP16 or quantised to INT8: the one list.
+
+Both conversions keep the graph's inputs and outputs float32 (the stage contract does not change
+with precision, so every backend and the calibration data serve every precision).
+
+INT8 (explicit Q/DQ, the placement TensorRT's explicit quantization expects): only the inputs of
+weight GEMMs and convolutions are quantised -- MatMul with a constant weight, Gemm, Conv -- with
+symmetric int8 activations (zero point 0) and per-output-channel symmetric int8 weights. Every
+other op, norms, softmax, residual adds, the attention products of two activations, the sampler's
+update arithmetic and sign, has float inputs and outputs by construction. Biases stay float
+(TensorRT fuses a float bias; an int32 bias only suits ONNX Runtime's integer kernels).
+
+FP16: everything runs in FP16 except the ops below, which see FP32 inputs:
+- norm reductions and their statistics (LayerNormalization, InstanceNormalization, the RMSNorm's
+  ReduceMean / Sqrt / Reciprocal, Pow);
+- softmax, and the split softmax of the backbone's attention (ReduceMax, Exp, ReduceSum);
+- Sin / Cos of the time and position embeddings (their arguments reach 1e3: FP16 would keep 3 digits);
+- in the fused head samplers, every node outside the head net: the Euler-Maruyama update, the CFG
+  mix and the final Sign (`sampler_arithmetic`).
+"""
+
+from __future__ import annotations
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
+CALIBRATION_METHODS = ("max", "entropy", "percentile")
+
+FP16_KEEP_FLOAT_OPS = (
+    "LayerNormalization", "InstanceNormalization", "ReduceMean", "Sqrt", "Reciprocal", "Pow",
+    "Softmax", "ReduceMax", "Exp", "ReduceSum", "Sin", "Cos",
+)
+
+HEAD_NET_SCOPE = "/head/"  # TorchScript export names nodes by module path; the head net lives here
+
+
+def sampler_arithmetic(nodes) -> list[str]:
+    """Names of the nodes of a fused sampler graph outside the head net: the sampler's own maths.
+    (Identity nodes, the exporter's aliases of shared weights, are not maths.)"""
+    return [n.name for n in nodes if n.name and n.op_type != "Identity" and not n.name.startswith(HEAD_NET_SCOPE)]
+
+
+def check_precision(precision: str) -> str:
+    from ..errors import BitDanceError
+
+    if precision not in PRECISIONS:
+        raise BitDanceError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def check_method(method: str) -> str:
+    from ..errors import BitDanceError
+
+    if method not in CALIBRATION_METHODS:
+        raise BitDanceError(f"calibration method {method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
+    return method

@@ -1,0 +1,143 @@
+"""Fidelity of a reduced-precision backend against the FP32 one, measured on real trajectories.
+
+`compare` drives two backends (any two: FP32 ONNX Runtime vs INT8 ONNX Runtime, torch vs
+TensorRT FP16, ...) through the same generations in lockstep, under teacher forcing: at every AR
+step both get the reference's history (tokens) and the same noise, so each number isolates one
+stage instead of compounding earlier disagreements:
+
+- prefill / backbone_step: error of the head conditions (max, mean abs), and the token bit
+  agreement when the test backbone's conditions go through the reference head sampler;
+- head: token bit agreement of the test head sampler on the reference's conditions;
+- end to end, teacher forced: the test backbone and test head on the reference history;
+- decoder: PSNR (and max error) of the test decoder's image of the reference latent;
+- free running: two ordinary generations with the same seed (token agreement, image PSNR):
+  what a user sees, where one early flip changes everything after it.
+
+The AR x diffusion schedule (rows, CFG per step, noise order) is the loop's (runtime/loop.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.layout import tokens_to_latent
+from ..runtime import generate_batched
+from ..sampling import SeededNoise, cfg_at_step
+
+
+@dataclass
+class Agreement:
+    same: int = 0
+    total: int = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.same += int((a == b).sum())
+        self.total += a.numel()
+
+    @property
+    def value(self) -> float:
+        return self.same / self.total if self.total else float("nan")
+
+
+@dataclass
+class Error:
+    max: float = 0.0
+    abs_sum: float = 0.0
+    count: int = 0
+
+    def add(self, ref: torch.Tensor, test: torch.Tensor) -> None:
+        d = (test.float() - ref.float()).abs()
+        self.max = max(self.max, float(d.max()))
+        self.abs_sum += float(d.sum())
+        self.count += d.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.abs_sum / self.count if self.count else float("nan")
+
+
+def psnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), both clamped to that range."""
+    mse = float(((test.clamp(-1, 1) - ref.clamp(-1, 1)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+@dataclass
+class Comparison:
+    cond: dict[str, Error] = field(default_factory=lambda: {"prefill": Error(), "backbone_step": Error()})
+    bits: dict[str, Agreement] = field(default_factory=lambda: {
+        k: Agreement() for k in ("prefill", "backbone_step", "head", "end_to_end_teacher_forced")})
+    decoder_psnr: list[float] = field(default_factory=list)
+    decoder: Error = field(default_factory=Error)
+    free_bits: Agreement = field(default_factory=Agreement)
+    free_psnr: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        def db(values):
+            finite = [v for v in values if math.isfinite(v)]
+            return min(values) if values and not finite else (min(finite) if finite else None)
+
+        return {
+            "teacher_forced": {
+                "prefill": {"bit_agreement": self.bits["prefill"].value, "cond_max_abs_err": self.cond["prefill"].max,
+                            "cond_mean_abs_err": self.cond["prefill"].mean},
+                "backbone_step": {"bit_agreement": self.bits["backbone_step"].value,
+                                  "cond_max_abs_err": self.cond["backbone_step"].max,
+                                  "cond_mean_abs_err": self.cond["backbone_step"].mean},
+                "head": {"bit_agreement": self.bits["head"].value, "bits": self.bits["head"].total},
+                "end_to_end": {"bit_agreement": self.bits["end_to_end_teacher_forced"].value},
+                "decoder": {"psnr_db_min": db(self.decoder_psnr),
+                            "psnr_db_mean": (sum(self.decoder_psnr) / len(self.decoder_psnr)
+                                             if self.decoder_psnr and all(map(math.isfinite, self.decoder_psnr))
+                                             else db(self.decoder_psnr)),
+                            "max_abs_err": self.decoder.max, "mean_abs_err": self.decoder.mean},
+            },
+            "free_running": {"bit_agreement": self.free_bits.value, "image_psnr_db_min": db(self.free_psnr)},
+        }
+
+
+def _teacher_forced(ref, test, labels, steps: int, scale: float, schedule: str, seed: int, out: Comparison) -> None:
+    cfg = ref.config
+    cond_labels = torch.as_tensor([int(l) for l in labels], dtype=torch.int64)
+    rows = torch.cat([cond_labels, torch.full_like(cond_labels, cfg.num_classes)]) if scale > 1.0 else cond_labels
+    p, c = cfg.parallel_num, cfg.token_dim
+    noise = SeededNoise(seed)
+    tokens, history = None, []
+    cond_ref, cond_test = ref.prefill(rows), test.prefill(rows)
+    for i in range(cfg.ar_steps):
+        if i > 0:
+            cond_ref, cond_test = ref.step(tokens, i), test.step(tokens, i)
+        stage = "prefill" if i == 0 else "backbone_step"
+        out.cond[stage].add(cond_ref, cond_test)
+        g = cfg_at_step(scale, schedule, i, cfg.ar_steps)
+        guided = g > 1.0
+        draw_rows = rows.shape[0] // 2 if guided else rows.shape[0]
+        step_noise = torch.stack([noise.draw((draw_rows, p, c)) for _ in range(steps + 1)])
+        tokens = ref.sample_tokens(cond_ref, step_noise, g, guided)
+        out.bits[stage].add(tokens, ref.sample_tokens(cond_test, step_noise, g, guided))
+        out.bits["head"].add(tokens, test.sample_tokens(cond_ref, step_noise, g, guided))
+        out.bits["end_to_end_teacher_forced"].add(tokens, test.sample_tokens(cond_test, step_noise, g, guided))
+        history.append(tokens[: len(labels)].cpu())
+    latent = tokens_to_latent(torch.cat(history, dim=1), cfg)
+    image_ref, image_test = ref.decode(latent).float().cpu(), test.decode(latent).float().cpu()
+    out.decoder.add(image_ref, image_test)
+    out.decoder_psnr += [psnr(a, b) for a, b in zip(image_ref, image_test)]
+
+
+def compare(ref, test, labels, seeds, steps: int, scale: float, schedule: str = "linear",
+            batch_size: int = 8, free_running: bool = True) -> Comparison:
+    """Lockstep comparison of backend `test` against `ref` over labels x seeds (see the module doc)."""
+    out = Comparison()
+    labels = list(labels)
+    for seed in seeds:
+        for i in range(0, len(labels), batch_size):
+            _teacher_forced(ref, test, labels[i : i + batch_size], steps, scale, schedule, seed, out)
+        if free_running:
+            a = generate_batched(ref, labels, steps, scale, schedule, SeededNoise(seed), batch_size=batch_size)
+            b = generate_batched(test, labels, steps, scale, schedule, SeededNoise(seed), batch_size=batch_size)
+            out.free_bits.add(a.tokens, b.tokens)
+            out.free_psnr += [psnr(x, y) for x, y in zip(a.image, b.image)]
+    return out

@@ -1,0 +1,75 @@
+"""Per-layer INT8 sensitivity: which quantised layers, kept in float, buy back the most agreement.
+
+A "layer" is one quantised op (a weight MatMul / Gemm / Conv, named by its module path, e.g.
+/layers.2/feed_forward/w1/MatMul). For each stage and each of its layers, the INT8 export is
+derived again with that one layer kept float, and the stage's own teacher-forced number is
+measured (report.compare): bit agreement for prefill, backbone_step and head_step (via the head
+sampler), decoder PSNR. The gain over the all-INT8 export ranks the layers; the ranking is what a
+user needs to choose `keep_float` for a deployment.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import stages as st
+from .policy import INT8_OP_TYPES
+
+METRIC = {st.PREFILL: "prefill", st.BACKBONE_STEP: "backbone_step", st.HEAD_STEP: "head", st.DECODER: "decoder"}
+
+
+def quantised_layers(path) -> list[str]:
+    """Names of the nodes of an FP32 graph our INT8 policy quantises (weight MatMul, Gemm, Conv)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in INT8_OP_TYPES and (n.op_type != "MatMul" or n.input[1] in weights)]
+
+
+def stage_metric(comparison_json: dict, stage: str) -> float:
+    tf = comparison_json["teacher_forced"]
+    return tf["decoder"]["psnr_db_min"] if stage == st.DECODER else tf[METRIC[stage]]["bit_agreement"]
+
+
+@dataclass
+class LayerGain:
+    stage: str
+    layer: str
+    metric: float  # with this layer float
+    gain: float  # over all-INT8 (bit agreement in [0, 1], or dB for the decoder)
+
+
+def sweep(fp32_dir, calibration, method: str, stages, labels, seeds, steps: int, scale: float, schedule: str,
+          baseline: dict, make_backend, progress: bool = True, max_layers: int | None = None) -> list[LayerGain]:
+    """LayerGains for every quantised layer of `stages` (at most `max_layers` per stage), best first
+    within each stage (gains are bit agreement for the AR stages, dB for the decoder).
+
+    `baseline`: the all-INT8 comparison (Comparison.to_json()); `make_backend(dir)`: a backend over
+    an export directory (the reference backend is `make_backend(fp32_dir)`)."""
+    from tqdm.auto import tqdm
+
+    from ..export.manifest import read_manifest, stage_files
+    from .derive import derive_export
+    from .report import compare
+
+    fp32_dir = Path(fp32_dir)
+    manifest = read_manifest(fp32_dir)
+    ref = make_backend(fp32_dir)
+    jobs = []
+    for stage in stages:
+        layers = quantised_layers(fp32_dir / stage_files(manifest, fp32_dir, stage)[0])
+        jobs += [(stage, layer) for layer in layers[:max_layers]]
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bitdance-rt-sensitivity-") as tmp:
+        for n, (stage, layer) in enumerate(tqdm(jobs, desc="INT8 sensitivity", unit="layer", disable=not progress)):
+            variant = derive_export(fp32_dir, Path(tmp) / f"v{n}", "int8", calibration, method,
+                                    keep_float={stage: [layer]}, progress=False)
+            result = compare(ref, make_backend(variant.directory), labels, seeds, steps, scale, schedule,
+                             free_running=False).to_json()
+            value = stage_metric(result, stage)
+            out.append(LayerGain(stage, layer, value, value - stage_metric(baseline, stage)))
+    order = list(METRIC)
+    return sorted(out, key=lambda g: (order.index(g.stage), -g.gain, g.layer))
