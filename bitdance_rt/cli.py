@@ -42,6 +42,18 @@ def _resolve_model(args):
     return cfg
 
 
+def _add_t2i_args(p: argparse.ArgumentParser) -> None:
+    """Text-to-image (--checkpoint DIR of BitDance-14B-16x/-64x): image size from the official list."""
+    p.add_argument("--height", type=int, default=1024, help="text-to-image: image height (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="text-to-image: image width (default 1024)")
+    p.add_argument("--max-text-tokens", type=int, default=None,
+                   help="text-to-image: longest chat prompt in tokens, the padded prompt length of the graphs (default 256)")
+
+
+def _is_t2i(args) -> bool:
+    return getattr(args, "prompt", None) is not None or bool(args.checkpoint and Path(args.checkpoint).is_dir())
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Sampling and backend options shared by generate and eval."""
     p.add_argument("--steps", type=int, default=None, help="sampler steps S per AR step (default: the model's)")
@@ -109,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate class-conditional images")
     _add_model_args(g)
     g.add_argument("--labels", type=int, nargs="+", default=None, help="class labels, one image each (default: 0..7)")
+    g.add_argument("--prompt", nargs="+", default=None,
+                   help="text-to-image: prompt(s), one image each; --checkpoint is then the BitDance-14B directory")
+    _add_t2i_args(g)
     _add_run_args(g)
     g.add_argument("--out", default="out", help="output directory for PNGs (default: ./out)")
     g.add_argument("--noise-from", default=None, help="replay recorded noise (noise_000, noise_001, ... in a .safetensors)")
@@ -123,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batch", type=int, default=16, help="largest batch (images) the graphs accept (default 16)")
     e.add_argument("--stages", nargs="+", default=None, help="stages to export (default: all)")
     e.add_argument("--force", action="store_true", help="re-export even if the directory is up to date")
+    _add_t2i_args(e)
 
     ev = sub.add_parser("eval", help="score generated digits: classifier accuracy and Frechet distance "
                                      "(digits models such as the embedded default)")
@@ -193,6 +209,14 @@ def cmd_generate(args) -> int:
     from .runtime.loop import check_request
     from .sampling import ReplayNoise, SeededNoise
 
+    if _is_t2i(args):
+        from .t2i.cli import cmd_generate_t2i
+
+        if args.labels is not None or args.model is not None:
+            raise BitDanceError("--prompt (text-to-image) takes neither --labels nor --model: the model is --checkpoint DIR")
+        if args.prompt is None:
+            raise BitDanceError(f"--checkpoint {args.checkpoint} is a text-to-image directory: give --prompt")
+        return cmd_generate_t2i(args)
     cfg = _resolve_model(args)
     labels = args.labels if args.labels is not None else list(range(min(8, cfg.num_classes)))
     steps = cfg.default_steps if args.steps is None else args.steps
@@ -275,6 +299,10 @@ def _trt_backend(args, cfg, steps: int):
 def cmd_export(args) -> int:
     from .stages import Limits
 
+    if _is_t2i(args):
+        from .t2i.cli import cmd_export_t2i
+
+        return cmd_export_t2i(args)
     cfg = _resolve_model(args)
     steps = cfg.default_steps if args.steps is None else args.steps
     if steps < 1:

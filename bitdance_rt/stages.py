@@ -26,6 +26,11 @@ its own chunk; so every graph has fixed shapes apart from "rows", no graph copie
 (an earlier kv_in -> kv_out design spent 30-40% of the ORT step on cache copies), and no
 input/output aliasing is needed (TensorRT forbids it; CUDA graphs want fixed buffers).
 
+Text-to-image models (bitdance_rt.t2i, Qwen3 backbone) use the same stages and cache layout with
+n_kv_head (GQA) heads in the cache; their prefill takes `ids` [rows, prefix_len] (left-padded chat
+prompt + vision-start, resolution and query tokens) and `pad` [rows] (padding length per row),
+and backbone_step takes `pad` too (see `step_context_names`), since padding keys stay hidden.
+
 The head sampler graphs bake in the number of sampler steps S (noise is [S+1, ...]); the export
 manifest records S. Noise is always an input, never drawn inside a graph.
 """
@@ -226,9 +231,24 @@ def step_start(cfg: ModelConfig, step: int) -> int:
     return cfg.prefix_len + (step - 1) * cfg.parallel_num
 
 
+def is_t2i(cfg) -> bool:
+    return getattr(cfg, "family", "imagenet") == "t2i"
+
+
 def kv_shape(cfg: ModelConfig, rows: int | str = "rows", length: int | None = None) -> tuple:
-    """Cache layout [n_layer, 2, rows, n_head, length, head_dim]; length defaults to the full L."""
-    return (cfg.n_layer, 2, rows, cfg.n_head, cfg.max_seq_len if length is None else length, cfg.head_dim)
+    """Cache layout [n_layer, 2, rows, kv heads, length, head_dim]; length defaults to the full L."""
+    heads = getattr(cfg, "n_kv_head", cfg.n_head)
+    return (cfg.n_layer, 2, rows, heads, cfg.max_seq_len if length is None else length, cfg.head_dim)
+
+
+def step_context_names(cfg) -> list[str]:
+    """Per-generation inputs of backbone_step between `start` and the cache (set at prefill)."""
+    return ["pad"] if is_t2i(cfg) else []
+
+
+def _pad_spec(cfg) -> TensorSpec:
+    return TensorSpec("pad", "int64", ("rows",), f"left padding of each row's prompt, in [0, {cfg.max_text_tokens}]: "
+                      "cache positions [0, pad) are hidden")
 
 
 def cache_input_names(cfg: ModelConfig) -> list[str]:
@@ -247,13 +267,19 @@ def _spec(name, inputs, outputs, limits: Limits, doc: str) -> StageSpec:
 
 def prefill_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     p, dim = cfg.parallel_num, cfg.dim
-    return _spec(PREFILL, [
-        TensorSpec("labels", "int64", ("rows",), f"class ids in [0, {cfg.num_classes}]; {cfg.num_classes} = null class"),
-    ], [
+    if is_t2i(cfg):
+        inputs = [TensorSpec("ids", "int64", ("rows", cfg.prefix_len),
+                             "left-padded chat prompt, <|vision_start|>, <|res_h|>, <|res_w|>, <|query_1..P-1|>"),
+                  _pad_spec(cfg)]
+    else:
+        inputs = [TensorSpec("labels", "int64", ("rows",),
+                             f"class ids in [0, {cfg.num_classes}]; {cfg.num_classes} = null class")]
+    return _spec(PREFILL, inputs, [
         TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step 0"),
         TensorSpec("kv_new", "float32", kv_shape(cfg, length=cfg.prefix_len),
                    f"keys/values of cache positions [0, {cfg.prefix_len})"),
-    ], limits, "class (+ query) tokens through the backbone; their keys/values start the KV cache")
+    ], limits, ("prompt, image-start and query tokens" if is_t2i(cfg) else "class (+ query) tokens")
+       + " through the backbone; their keys/values start the KV cache")
 
 
 def backbone_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
@@ -261,6 +287,7 @@ def backbone_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpe
     return _spec(BACKBONE_STEP, [
         TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1"),
         TensorSpec("start", "int64", (), "first cache position of the tokens: step_start(cfg, i)"),
+        *([_pad_spec(cfg)] if is_t2i(cfg) else []),
         *(TensorSpec(name, "float32", kv_shape(cfg)[2:], "kv[layer, 0|1]: positions [0, start) valid (read only)")
           for name in cache_input_names(cfg)),
     ], [
@@ -301,21 +328,25 @@ def head_sampler_stage(cfg: ModelConfig, steps: int, guided: bool, limits: Limit
     ], limits, f"unguided head sampler (every row independent), S={steps}")
 
 
+def _image_hw(cfg) -> tuple[int, int]:
+    return cfg.image_hw if hasattr(cfg, "image_hw") else (cfg.image_size, cfg.image_size)
+
+
 def decoder_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     h, w = cfg.grid
-    size = cfg.image_size
+    ih, iw = _image_hw(cfg)
     return _spec(DECODER, [
         TensorSpec("latent", "float32", ("batch", cfg.latent_dim, h, w), "+/-1 latent grid"),
     ], [
-        TensorSpec("image", "float32", ("batch", cfg.vae.out_ch, size, size), "pixels in about [-1, 1]"),
+        TensorSpec("image", "float32", ("batch", cfg.vae.out_ch, ih, iw), "pixels in about [-1, 1]"),
     ], limits, "tokenizer decoder")
 
 
 def encoder_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     h, w = cfg.grid
-    size = cfg.image_size
+    ih, iw = _image_hw(cfg)
     return _spec(ENCODER, [
-        TensorSpec("image", "float32", ("batch", cfg.vae.in_channels, size, size), "pixels in [-1, 1]"),
+        TensorSpec("image", "float32", ("batch", cfg.vae.in_channels, ih, iw), "pixels in [-1, 1]"),
     ], [
         TensorSpec("latent", "float32", ("batch", cfg.latent_dim, h, w), "+1 where the encoder output > 0, else -1"),
     ], limits, "tokenizer encoder with sign quantisation")

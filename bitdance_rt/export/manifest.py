@@ -46,8 +46,12 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def manifest_config(manifest: dict, directory: Path) -> ModelConfig:
+    from ..t2i.config import T2I_CLASS, T2IConfig
+
     try:
-        return ModelConfig.from_json_dict(manifest["key"]["config"], source=str(Path(directory) / MANIFEST))
+        data = manifest["key"]["config"]
+        kind = T2IConfig if isinstance(data, dict) and data.get("model_class") == T2I_CLASS else ModelConfig
+        return kind.from_json_dict(data, source=str(Path(directory) / MANIFEST))
     except KeyError:
         raise BitDanceError(f"{Path(directory) / MANIFEST}: has no config; re-export {directory}") from None
 

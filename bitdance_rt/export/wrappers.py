@@ -17,14 +17,14 @@ from ..sampling import sample_tokens
 
 
 class PrefillStage(nn.Module):
-    """labels [rows] -> cond [rows, P, dim], kv_new (keys/values of [0, prefix_len))."""
+    """labels [rows] (text-to-image: ids, pad) -> cond [rows, P, dim], kv_new (keys/values of [0, prefix_len))."""
 
     def __init__(self, model: BitDance):
         super().__init__()
         self.model = model
 
-    def forward(self, labels):
-        return self.model.prefill(labels)
+    def forward(self, *inputs):
+        return self.model.prefill(*inputs)
 
 
 class BackboneStepStage(nn.Module):
@@ -35,12 +35,14 @@ class BackboneStepStage(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, start, *cache):
+    def forward(self, tokens, start, *rest):
         cfg = self.model.cfg
         # invert stages.step_start: start = prefix_len + (step - 1) * P
         step = torch.div(start - cfg.prefix_len, cfg.parallel_num, rounding_mode="floor") + 1
+        names = st.step_context_names(cfg)  # text-to-image: pad
+        context, cache = dict(zip(names, rest[: len(names)])), rest[len(names):]
         layers = [(cache[2 * i], cache[2 * i + 1]) for i in range(cfg.n_layer)]  # kv[i][0|1] as the model reads it
-        return self.model.step(tokens, step, layers)
+        return self.model.step(tokens, step, layers, **context)
 
 
 class HeadStepStage(nn.Module):
@@ -106,6 +108,10 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
         shape = spec.shape(t.name, **values)
         if t.name == "labels":
             x = torch.randint(0, cfg.num_classes + 1, shape, generator=gen)
+        elif t.name == "ids":
+            x = torch.randint(0, cfg.llm.vocab_size, shape, generator=gen)
+        elif t.name == "pad":
+            x = torch.randint(0, cfg.max_text_tokens, shape, generator=gen)
         elif t.name == "start":
             x = torch.tensor(st.step_start(cfg, max(1, cfg.ar_steps // 2)), dtype=torch.int64)
         elif t.name == "tokens":

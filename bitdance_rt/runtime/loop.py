@@ -1,7 +1,8 @@
-"""The AR x diffusion generation loop, written once for every backend.
+"""The AR x diffusion generation loop, written once for every backend and model family.
 
-Rows: with guidance (cfg_scale > 1) the batch is doubled, conditional labels first, then the null
-class. Per AR step i the CFG value follows the schedule; a step whose value is 1 (step 0 of the
+The condition is class labels (ImageNet) or prompt token ids (text-to-image), see
+runtime/conditions.py. Rows: with guidance (cfg_scale > 1) the batch is doubled, conditional rows
+first, then the unconditional ones (null class / empty chat prompt). Per AR step i the CFG value follows the schedule; a step whose value is 1 (step 0 of the
 linear schedule) is sampled unguided, so every row, unconditional ones included, gets its own
 noise and tokens, exactly as the official sampler does. Noise is drawn from `noise` in the
 official order; outputs keep only the conditional rows.
@@ -19,6 +20,7 @@ from ..errors import BitDanceError
 from ..models.layout import tokens_to_latent
 from ..sampling import NoiseSource, cfg_at_step
 from .backend import Backend
+from .conditions import as_condition, row_count
 
 
 @dataclass
@@ -45,9 +47,10 @@ def check_request(num_classes: int, labels, steps: int) -> None:
 
 def generate_batched(backend: Backend, labels, steps: int, cfg_scale: float, cfg_schedule: str,
                      noise: NoiseSource, progress: bool = False, batch_size: int | None = None) -> GenerationResult:
-    """`generate` over chunks of at most `batch_size` labels (default: the backend's `max_batch`,
-    if it has one), drawing noise from the one source in order; results are concatenated."""
-    labels = list(labels)
+    """`generate` over chunks of at most `batch_size` images (default: the backend's `max_batch`,
+    if it has one), drawing noise from the one source in order; results are concatenated.
+    `labels`: class labels, or a condition (runtime/conditions.py) such as encoded prompts."""
+    labels = labels if hasattr(labels, "rows") else list(labels)
     size = batch_size if batch_size is not None else (getattr(backend, "max_batch", None) or len(labels) or 1)
     if size < 1:
         raise BitDanceError(f"batch size must be >= 1, got {size}")
@@ -70,17 +73,21 @@ def generate(
     progress: bool = False,
     finish: bool = True,
 ) -> GenerationResult:
-    """One batch. `finish=False` leaves the check that a replayed noise file was used up to the caller."""
+    """One batch. `finish=False` leaves the check that a replayed noise file was used up to the caller.
+    `labels`: class labels, or a condition (runtime/conditions.py) such as encoded prompts."""
     cfg = backend.config
-    check_request(cfg.num_classes, labels, steps)
+    if not hasattr(labels, "rows") and hasattr(cfg, "num_classes"):
+        check_request(cfg.num_classes, labels, steps)
+    condition = as_condition(labels, cfg)
+    if len(condition) == 0:
+        raise BitDanceError("nothing to generate: give at least one label or prompt")
+    if int(steps) < 1:
+        raise BitDanceError(f"steps must be >= 1, got {steps}")
     cfg_at_step(cfg_scale, cfg_schedule, 0, cfg.ar_steps)  # validates the schedule name early
     started = time.perf_counter()
-    cond_labels = torch.as_tensor([int(l) for l in labels], dtype=torch.int64)
-    batch = cond_labels.shape[0]
-    if cfg_scale > 1.0:
-        rows = torch.cat([cond_labels, torch.full_like(cond_labels, cfg.num_classes)])
-    else:
-        rows = cond_labels
+    batch = len(condition)
+    rows = condition.rows(cfg_scale > 1.0)
+    n_rows = row_count(rows)
     p, c = cfg.parallel_num, cfg.token_dim
     all_tokens = []
     tokens = None
@@ -90,7 +97,7 @@ def generate(
             cond = backend.step(tokens, i)
         g = cfg_at_step(cfg_scale, cfg_schedule, i, cfg.ar_steps)
         guided = g > 1.0
-        draw_rows = rows.shape[0] // 2 if guided else rows.shape[0]
+        draw_rows = n_rows // 2 if guided else n_rows
         step_noise = torch.stack([noise.draw((draw_rows, p, c)) for _ in range(steps + 1)])
         tokens = backend.sample_tokens(cond, step_noise, g, guided)
         all_tokens.append(tokens[:batch].cpu())

@@ -123,6 +123,7 @@ class OrtBackend:
         self._new: dict[str, torch.Tensor] = {}
         self._rows = 0
         self._started = False
+        self._context: dict[str, np.ndarray] = {}
 
     # ---- setup -------------------------------------------------------------------------
     def _check_expected(self, cfg: ModelConfig | None, source: str | None) -> None:
@@ -201,16 +202,29 @@ class OrtBackend:
         bind = binding.bind_output if output else binding.bind_input
         bind(name, kind, index, np.float32, list(tensor.shape), tensor.data_ptr())
 
-    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
+    def prefill(self, labels) -> torch.Tensor:
+        """labels [R], or a dict of the prefill stage's named inputs (text-to-image: ids, pad)."""
         spec = self.specs[st.PREFILL]
-        labels = _numpy(torch.as_tensor(labels), np.int64)
-        dims = spec.match("labels", labels.shape)
-        if labels.size and not (0 <= labels.min() and labels.max() <= self.config.num_classes):
+        feeds = labels if isinstance(labels, dict) else {"labels": labels}
+        missing = [n for n in spec.input_names if n not in feeds]
+        if missing:
+            raise BitDanceError(f"prefill(): stage {st.PREFILL} of {self.dir} needs input(s) {', '.join(missing)}")
+        arrays = {n: _numpy(torch.as_tensor(feeds[n]), np.int64) for n in spec.input_names}
+        dims: dict = {}
+        for n, arr in arrays.items():
+            dims = spec.match(n, arr.shape, known=dims)
+        labels = arrays.get("labels")
+        if labels is not None and labels.size and not (0 <= labels.min() and labels.max() <= self.config.num_classes):
             raise BitDanceError(f"labels must lie in [0, {self.config.num_classes}] (the last is the null class)")
+        pad = arrays.get("pad")
+        if pad is not None and pad.size and not (0 <= pad.min() and pad.max() <= self.config.max_text_tokens):
+            raise BitDanceError(f"pad must lie in [0, {self.config.max_text_tokens}] (max_text_tokens)")
         self._alloc_cache(dims["rows"])
         self._kv.zero_()
         binding = self.sessions[st.PREFILL].io_binding()
-        binding.bind_cpu_input("labels", labels)
+        for n, arr in arrays.items():
+            binding.bind_cpu_input(n, arr)
+        self._context = {n: arrays[n] for n in st.step_context_names(self.config)}
         binding.bind_output("cond", "cpu")
         new = self._new[st.PREFILL]
         self._bind_tensor(binding, "kv_new", new, output=True)
@@ -231,6 +245,8 @@ class OrtBackend:
         binding = self.sessions[st.BACKBONE_STEP].io_binding()
         binding.bind_cpu_input("tokens", tokens)
         binding.bind_cpu_input("start", np.array(start, dtype=np.int64))
+        for n, arr in self._context.items():  # inputs fixed at prefill (text-to-image: pad)
+            binding.bind_cpu_input(n, arr)
         for i, name in enumerate(st.cache_input_names(self.config)):
             self._bind_tensor(binding, name, self._kv[i // 2, i % 2])  # contiguous: layer and part are outer dims
         binding.bind_output("cond", "cpu")

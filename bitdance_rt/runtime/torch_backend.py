@@ -20,8 +20,13 @@ class TorchBackend:
 
     @torch.inference_mode()
     def prefill(self, labels):
-        self.kv = self.model.new_cache(labels.shape[0])
-        cond, new = self.model.prefill(labels.to(self.device))
+        """labels [R], or a dict of named prefill inputs (text-to-image: ids, pad)."""
+        inputs = labels if isinstance(labels, dict) else {"labels": labels}
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        self.kv = self.model.new_cache(next(iter(inputs.values())).shape[0])
+        cond, new = self.model.prefill(*inputs.values())
+        # inputs the backbone step needs again (text-to-image: each row's padding)
+        self._context = {k: inputs[k] for k in getattr(self.model, "step_context", ())}
         self.model.write_cache(self.kv, new, 0)
         return cond
 
@@ -29,7 +34,7 @@ class TorchBackend:
     def step(self, tokens, step):
         # Read the written part of the cache only, as the official code does.
         start = self.model.step_start(step)
-        cond, new = self.model.step(tokens.to(self.device), step, self.kv, kv_len=start)
+        cond, new = self.model.step(tokens.to(self.device), step, self.kv, kv_len=start, **self._context)
         self.model.write_cache(self.kv, new, start)
         return cond
 

@@ -1,0 +1,60 @@
+"""What a generation is conditioned on, in the one form the loop needs.
+
+A condition is a batch of B images' worth of conditioning that the loop can slice into chunks
+(`len`, slicing) and turn into prefill rows: `rows(guided)` gives the conditional rows and, with
+classifier-free guidance, the unconditional rows after them. ImageNet: class labels and the null
+class (`ClassCondition`, what a plain list of labels becomes). Text-to-image: prompt token ids
+(`bitdance_rt.t2i.prompt.PromptCondition`). Backends receive `rows(...)` unchanged: a label
+tensor, or a dict of named prefill inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..errors import BitDanceError
+
+
+class Condition(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, s: slice) -> "Condition": ...
+
+    def rows(self, guided: bool): ...
+
+
+class ClassCondition:
+    def __init__(self, labels, num_classes: int):
+        self.labels = [int(l) for l in labels]
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, s: slice) -> "ClassCondition":
+        return ClassCondition(self.labels[s], self.num_classes)
+
+    def rows(self, guided: bool) -> torch.Tensor:
+        cond = torch.as_tensor(self.labels, dtype=torch.int64)
+        return torch.cat([cond, torch.full_like(cond, self.num_classes)]) if guided else cond
+
+
+def as_condition(condition, cfg):
+    """A list/tensor of labels becomes a ClassCondition (range-checked); conditions pass through."""
+    if hasattr(condition, "rows"):
+        return condition
+    if not hasattr(cfg, "num_classes"):
+        raise BitDanceError(f"model {cfg.name} is text-to-image: give prompts, not class labels")
+    labels = [int(l) for l in condition]
+    bad = [l for l in labels if not 0 <= l < cfg.num_classes]
+    if bad:
+        raise BitDanceError(f"label(s) {bad} out of range: this model has classes 0..{cfg.num_classes - 1}")
+    return ClassCondition(labels, cfg.num_classes)
+
+
+def row_count(rows) -> int:
+    """Rows of prefill inputs: a tensor's first dim, or that of a dict's first tensor."""
+    first = next(iter(rows.values())) if isinstance(rows, dict) else rows
+    return int(first.shape[0])

@@ -1,0 +1,235 @@
+"""Text-to-image (BitDance-14B layout) on a tiny random Qwen3 checkpoint built in the test:
+prompt ids vs the official pipeline's sequence, checkpoint-directory errors, the t2i_head fixture
+through the loader, padding invariance, torch reference vs ONNX Runtime (tokens bit-identical with
+replayed noise for 64x; teacher-forced for 16x), and the CLI."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import fixture_config, fixture_dir, torch_threads
+from t2i_tiny import RES_TOKENS, byte_vocab, special_tokens, write_checkpoint, write_tokenizer
+
+from bitdance_rt.errors import BitDanceError
+from bitdance_rt.runtime.loop import generate
+from bitdance_rt.runtime.torch_backend import TorchBackend
+from bitdance_rt.sampling import ReplayNoise, SeededNoise, sample_head
+from bitdance_rt.t2i.loading import load_t2i
+
+TEXT = 48  # max_text_tokens of the tiny configs
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    return {p: write_checkpoint(root / f"p{p}", parallel_num=p) for p in (16, 64)}
+
+
+def _expected_ids(prompt: str | None, h_cells: int, w_cells: int, p: int) -> tuple[list[int], int]:
+    """The official sequence written out by hand: chat template bytes (byte-level: ' ' -> 'Ġ',
+    '\\n' -> 'Ċ'), then vision start, res_h, res_w, query_1..query_{P-1}; left-padded with 0."""
+    v = byte_vocab()
+    special = {t: len(v) + i for i, t in enumerate(special_tokens())}
+    chars = lambda s: [v[c] for c in s.replace(" ", "Ġ").replace("\n", "Ċ")]  # noqa: E731
+    ims, ime = special["<|im_start|>"], special["<|im_end|>"]
+    if prompt is None:
+        text = [ims] + chars("assistant\n")
+    else:
+        text = [ims] + chars("user\n") + chars(prompt) + [ime] + chars("\n") + [ims] + chars("assistant\n")
+    tail = [special["<|vision_start|>"], special[f"<|res_{h_cells}|>"], special[f"<|res_{w_cells}|>"]]
+    tail += [special[f"<|query_{i}|>"] for i in range(1, p)]
+    pad = TEXT - len(text)
+    return [0] * pad + text + tail, pad
+
+
+@pytest.mark.parametrize("p,h,w", [(16, 512, 512), (64, 256, 1024)])
+def test_prompt_ids_follow_the_official_pipeline(ckpt, p, h, w):
+    loaded = load_t2i(ckpt[p], h, w, max_text_tokens=TEXT)
+    cond = loaded.prompts.encode(["a red cat", "Dog"])
+    for i, prompt in enumerate(["a red cat", "Dog"]):
+        ids, pad = _expected_ids(prompt, h // 16, w // 16, p)
+        assert cond.ids[i].tolist() == ids and int(cond.pad[i]) == pad
+    uncond, upad = _expected_ids(None, h // 16, w // 16, p)
+    rows = cond.rows(guided=True)  # conditional rows first, then one unconditional row per image
+    assert rows["ids"][2:].tolist() == [uncond, uncond] and rows["pad"].tolist() == [cond.pad[0], cond.pad[1], upad, upad]
+    assert torch.equal(cond.rows(guided=False)["ids"], cond.ids)
+
+
+def test_input_errors_are_clear(ckpt, tmp_path):
+    loaded = load_t2i(ckpt[16], 512, 512, max_text_tokens=TEXT)
+    with pytest.raises(BitDanceError, match="prompt 1 is empty"):
+        loaded.prompts.encode(["a cat", "  "])
+    with pytest.raises(BitDanceError, match="no prompt"):
+        loaded.prompts.encode([])
+    with pytest.raises(BitDanceError, match=r"limit is 48 \(max_text_tokens\)"):
+        loaded.prompts.encode(["x" * 60])
+    with pytest.raises(BitDanceError, match=r"500x512 .* not supported; the official list is: 2048x512, .*512x512"):
+        load_t2i(ckpt[16], 500, 512)
+
+    def broken(name, change):
+        d = tmp_path / name
+        shutil.copytree(ckpt[16], d)
+        change(d)
+        return d
+
+    d = broken("no_tok", lambda d: (d / "tokenizer.json").unlink())
+    with pytest.raises(BitDanceError, match=r"tokenizer file not found: .*no_tok/tokenizer.json"):
+        load_t2i(d, 512, 512, max_text_tokens=TEXT)
+    d = broken("no_query", lambda d: write_tokenizer(d / "tokenizer.json", special_tokens()[: 3 + len(RES_TOKENS)]))
+    with pytest.raises(BitDanceError, match=r"has no token <\|query_1\|>"):
+        load_t2i(d, 512, 512, max_text_tokens=TEXT)
+    d = broken("no_shard", lambda d: (d / "model-00002-of-00002.safetensors").unlink())
+    with pytest.raises(BitDanceError, match=r"LLM weight shard .* not found: .*model-00002-of-00002.safetensors"):
+        load_t2i(d, 512, 512, max_text_tokens=TEXT)
+    d = broken("no_head", lambda d: (d / "vision_head.safetensors").unlink())
+    with pytest.raises(BitDanceError, match=r"vision head weights not found: .*vision_head.safetensors"):
+        load_t2i(d, 512, 512, max_text_tokens=TEXT)
+    d = broken("wide_proj", lambda d: shutil.copy(ckpt[64] / "vision_head.safetensors", d / "projector.safetensors"))
+    with pytest.raises(BitDanceError, match=r"projector.safetensors does not fit .* missing key\(s\): fc1.weight"):
+        load_t2i(d, 512, 512, max_text_tokens=TEXT)
+
+
+def test_t2i_head_fixture_through_the_checkpoint_loader(ckpt, tmp_path):
+    """The official t2i_head fixture's vision_head.safetensors + its config, loaded as part of a
+    checkpoint directory, reproduces the recorded head outputs and CFG sampler result."""
+    from safetensors.torch import load_file
+
+    d = tmp_path / "with_fixture_head"
+    shutil.copytree(ckpt[16], d)
+    shutil.copy(fixture_dir("t2i_head") / "vision_head.safetensors", d / "vision_head.safetensors")
+    cfg = fixture_config("t2i_head")
+    (d / "vision_head_config.json").write_text(__import__("json").dumps(cfg["constructor_args"]))
+    model = load_t2i(d, 512, 512, max_text_tokens=TEXT).model
+    st = load_file(str(fixture_dir("t2i_head") / "stages.safetensors"))
+    with torch.no_grad():
+        out = model.head_net(st["head_net.x"], st["head_net.t"], st["head_net.c"])
+        torch.testing.assert_close(out, st["head_net.output"], atol=2e-6, rtol=0)
+        s = cfg["sampling"]
+        noise = [st[f"head_sample.noise_{k:03d}"] for k in range(s["sample_steps"] + 1)]
+        x = sample_head(model.head_net, st["head_sample.cond"], noise, s["cfg_scale"], True, model.cfg.time_shift)
+    torch.testing.assert_close(torch.cat([x, x]), st["head_sample.output"], atol=1e-6, rtol=0)
+
+
+def test_left_padding_and_cache_equal_the_unpadded_one_shot_sequence(ckpt):
+    """A padded row gives the conditions of the same row without padding (RoPE is relative), and the
+    cached step gives the hidden states of one full-sequence pass with the block mask."""
+    padded = load_t2i(ckpt[16], 512, 512, max_text_tokens=TEXT).model
+    cond = load_t2i(ckpt[16], 512, 512, max_text_tokens=TEXT).prompts.encode(["a red cat"])
+    n_text = TEXT - int(cond.pad[0])
+    exact = load_t2i(ckpt[16], 512, 512, max_text_tokens=n_text).model
+    tokens = torch.sign(torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad(), torch_threads(1):
+        c_pad, kv_pad = padded.prefill(cond.ids, cond.pad)
+        c_exact, kv_exact = exact.prefill(cond.ids[:, -exact.cfg.prefix_len:], torch.zeros(1, dtype=torch.int64))
+        torch.testing.assert_close(c_pad, c_exact, atol=2e-5, rtol=0)
+        cache = padded.new_cache(1)
+        padded.write_cache(cache, kv_pad, 0)
+        s_pad, _ = padded.step(tokens, 1, cache, kv_len=padded.step_start(1), pad=cond.pad)
+        # one pass over [prefix ++ fed block]: causal text, bidirectional last prefix block and fed block
+        m = exact
+        x = torch.cat([m.model.embed_tokens(cond.ids[:, -m.cfg.prefix_len:]), m.projector(tokens) + m.pos2d[:16]], 1)
+        n = x.shape[1]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+        blk = lambda k: (k >= n - 32) & (k < n - 16)  # noqa: E731  the last prefix block
+        visible = (j <= i) | (blk(i) & blk(j)) | ((i >= n - 16) & (j >= n - 16))
+        mask = torch.zeros(n, n).masked_fill(~visible, float("-inf"))[None, None]
+        hidden, _ = m.model(x, m.rope[:n], mask)
+    torch.testing.assert_close(s_pad, hidden[:, -16:] + m.pos2d[16:32], atol=2e-5, rtol=0)
+
+
+class _Margin:
+    """Wraps a torch backend; records the smallest |pre-sign| sampler output (how far from a flip)."""
+
+    def __init__(self, inner: TorchBackend):
+        self.inner, self.config, self.name, self.margin = inner, inner.config, "torch", float("inf")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def sample_tokens(self, cond, noise, cfg, guided):
+        with torch.no_grad():
+            x = sample_head(self.inner.model.head_net, cond, noise, cfg, guided, self.config.time_shift)
+        self.margin = min(self.margin, float(x.abs().min()))
+        return self.inner.sample_tokens(cond, noise, cfg, guided)
+
+
+def _export(model, out, steps):
+    from bitdance_rt.export import export_stages, random_source
+    from bitdance_rt.export.cache import GENERATION_STAGES
+    from bitdance_rt.runtime.ort_backend import OrtBackend
+    from bitdance_rt.stages import Limits
+
+    export_stages(model, out, random_source(0), stages=list(GENERATION_STAGES), sampler_steps=steps,
+                  limits=Limits(2, 1), progress=False)
+    return OrtBackend(out, threads=1)
+
+
+def test_64x_torch_and_onnxruntime_tokens_bit_identical_with_replayed_noise(ckpt, tmp_path):
+    from safetensors.torch import save_file
+
+    loaded = load_t2i(ckpt[64], 512, 512, max_text_tokens=TEXT)
+    cond = loaded.prompts.encode(["a red cat", "Dog"])
+    seeded = SeededNoise(6)  # a seed whose reference stays >= 6e-5 from any sign flip
+    draws = []
+    record = type("Record", (), {"draw": lambda self, s: draws.append(seeded.draw(s)) or draws[-1],
+                                 "finish": lambda self: None})()
+    with torch_threads(1):
+        ref_backend = _Margin(TorchBackend(loaded.model))
+        ref = generate(ref_backend, cond, 2, 4.0, "linear", record)
+        save_file({f"noise_{i:03d}": d for i, d in enumerate(draws)}, str(tmp_path / "noise.safetensors"))
+        ort = _export(loaded.model, tmp_path / "export", 2)
+        got = generate(ort, cond, 2, 4.0, "linear", ReplayNoise(tmp_path / "noise.safetensors"))
+    assert ref_backend.margin > 2e-5, "the reference sits too close to a sign flip for an exact comparison"
+    assert ref.tokens.shape == (2, 1024, 32) and ref.image.shape == (2, 3, 512, 512)
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.latent, ref.latent)
+    torch.testing.assert_close(got.image, ref.image, atol=2e-4, rtol=0)
+
+
+def test_16x_onnxruntime_stages_match_torch_teacher_forced(ckpt, tmp_path):
+    """Same history into both backends at every AR step: conditions agree to float32 rounding and
+    every token whose pre-sign value is not within 1e-4 of zero is identical."""
+    from bitdance_rt.sampling import cfg_at_step
+
+    loaded = load_t2i(ckpt[16], 512, 512, max_text_tokens=TEXT)
+    cfg = loaded.model.cfg
+    rows = loaded.prompts.encode(["a red cat"]).rows(guided=True)
+    noise = SeededNoise(1)
+    with torch_threads(1), torch.no_grad():
+        ort = _export(loaded.model, tmp_path / "export", 2)
+        ref = TorchBackend(loaded.model)
+        c_ref, c_ort = ref.prefill(rows), ort.prefill(rows)
+        for i in range(cfg.ar_steps):
+            if i:
+                c_ref, c_ort = ref.step(tokens, i), ort.step(tokens, i)
+            torch.testing.assert_close(c_ort, c_ref, atol=5e-5, rtol=1e-5)
+            g = cfg_at_step(4.0, "linear", i, cfg.ar_steps)
+            n = torch.stack([noise.draw((1 if g > 1 else 2, 16, 32)) for _ in range(3)])
+            x = sample_head(loaded.model.head_net, c_ref, n, g, g > 1, cfg.time_shift)
+            tokens = ref.sample_tokens(c_ref, n, g, g > 1)
+            got = ort.sample_tokens(c_ref, n, g, g > 1)
+            safe = (x.abs() > 1e-4).repeat(2 if g > 1 else 1, 1, 1)
+            assert torch.equal(got[safe], tokens[safe]), f"AR step {i}"
+
+
+def test_cli_generate_prompt(ckpt, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from bitdance_rt.cli import main
+
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    args = ["generate", "--prompt", "a red cat", "--checkpoint", str(ckpt[64]), "--height", "512", "--width", "512",
+            "--max-text-tokens", str(TEXT), "--steps", "2", "--seed", "3", "--quiet", "--threads", "1"]
+    assert main(args + ["--backend", "torch", "--out", str(tmp_path / "a"), "--save-tokens", str(tmp_path / "a.st")]) == 0
+    assert (tmp_path / "a" / "000.png").is_file()
+    assert main(args + ["--backend", "onnxruntime", "--out", str(tmp_path / "b"),
+                        "--save-tokens", str(tmp_path / "b.st")]) == 0
+    assert torch.equal(load_file(str(tmp_path / "a.st"))["tokens"], load_file(str(tmp_path / "b.st"))["tokens"])
+    capsys.readouterr()
+    assert main(args[:5] + ["--height", "512", "--width", "384", "--out", str(tmp_path / "c")]) == 2
+    assert "512x384 (height x width) is not supported; the official list is" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "", "--checkpoint", str(ckpt[64]), "--height", "512", "--width", "512"]) == 2
+    assert "prompt 0 is empty" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
