@@ -211,3 +211,122 @@ def test_timing_cache_merge_keeps_a_concurrent_builders_entries(tmp_path, monkey
     monkeypatch.setattr(FakeConfig, "set_timing_cache", meanwhile)
     _build(toolkit(trt), tmp_path)
     assert path.read_bytes().decode() == "here:new,theirs"
+
+
+# ---- backend helpers -----------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+from bitdance_rt.runtime import trt_backend as tb  # noqa: E402
+
+
+class Strategy:
+    STATIC, ON_PROFILE_CHANGE, USER_MANAGED = "STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"
+
+
+def test_user_managed_context_on_10_3_and_11_1():
+    trt = SimpleNamespace(ExecutionContextAllocationStrategy=Strategy)
+    made = []
+    engine = SimpleNamespace(create_execution_context=lambda strategy=Strategy.STATIC: made.append(strategy) or "ctx")
+    assert tb._create_context(trt, engine) == "ctx" and made == ["USER_MANAGED"]
+
+    class RuntimeConfigOnly:  # a binding that takes only an IRuntimeConfig
+        def create_runtime_config(self):
+            return SimpleNamespace(strategy=None, set_execution_context_allocation_strategy=lambda s: setattr(
+                self, "strategy", s))
+
+        def create_execution_context(self, runtime_config=None):
+            if isinstance(runtime_config, str):
+                raise TypeError("incompatible function arguments")
+            return ("ctx", self.strategy)
+
+    assert tb._create_context(trt, RuntimeConfigOnly()) == ("ctx", "USER_MANAGED")
+
+
+def test_device_memory_v2_names():
+    class Ctx:
+        def set_device_memory(self, memory, size):
+            self.got = (memory, size)
+
+    ctx = Ctx()
+    tb._set_device_memory(ctx, 4096, 1 << 20)
+    assert ctx.got == (4096, 1 << 20)
+    assert tb._device_memory_size(SimpleNamespace(device_memory_size_v2=123, device_memory_size=1)) == 123
+    assert tb._device_memory_size(SimpleNamespace(device_memory_size=7)) == 7  # 10.0 (no _v2 yet)
+
+
+def test_host_tensors_by_location():
+    trt = SimpleNamespace(TensorLocation=SimpleNamespace(DEVICE="DEVICE", HOST="HOST"))
+    engine = SimpleNamespace(get_tensor_location=lambda name: "HOST" if name == "shape" else "DEVICE")
+    assert tb._on_host(trt, engine, "shape") and not tb._on_host(trt, engine, "tokens")
+
+
+class FakeContext:
+    def __init__(self, capturable=True):
+        self.capturable, self.enqueued, self.capturing = capturable, 0, False
+
+    def execute_async_v3(self, stream_handle):
+        assert isinstance(stream_handle, int)
+        self.enqueued += 1
+        return self.capturable or not self.capturing
+
+
+class FakeGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def _call(monkeypatch, context, invalidate=False):
+    """A _Call for backbone_step with fake torch.cuda graph/stream objects (no GPU needed)."""
+    logs, graphs = [], []
+
+    @contextlib.contextmanager
+    def graph_ctx(graph, stream=None, capture_error_mode="global", **_):
+        assert stream is backend.stream and capture_error_mode == "thread_local"
+        context.capturing = True
+        try:
+            yield
+            if invalidate:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        finally:
+            context.capturing = False
+
+    def new_graph():
+        graphs.append(FakeGraph())
+        return graphs[-1]
+
+    monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    backend = SimpleNamespace(stream=SimpleNamespace(cuda_stream=1234, synchronize=lambda: None), cuda_graphs=True,
+                              captures=[], log=logs.append)
+    call = object.__new__(tb._Call)
+    call.stage, call.backend, call.context, call.host_shape_inputs = tb.st.BACKBONE_STEP, backend, context, False
+    call.after, call.graph, call.capture_failed, call.calls = None, None, False, 0
+    call.key = (call.stage, (("rows", 2),))
+    writes = []
+    call.after = lambda: writes.append(context.capturing)
+    return call, backend, logs, graphs, writes
+
+
+def test_graph_capture_after_one_eager_enqueue(monkeypatch):
+    ctx = FakeContext()
+    call, backend, logs, graphs, writes = _call(monkeypatch, ctx)
+    call.run()
+    assert ctx.enqueued == 2 and writes == [False, True]  # eager warm-up, then the captured enqueue + cache write
+    assert call.graph is graphs[0] and backend.captures == [call.key] and not logs
+    call.run()
+    call.run()
+    assert graphs[0].replays == 2 and ctx.enqueued == 2
+
+
+@pytest.mark.parametrize("invalidate", [False, True])
+def test_uncapturable_engine_runs_eagerly(monkeypatch, invalidate):
+    ctx = FakeContext(capturable=invalidate)  # enqueue refuses under capture, or the capture is invalidated
+    call, backend, logs, graphs, writes = _call(monkeypatch, ctx, invalidate=invalidate)
+    call.run()
+    assert call.graph is None and call.capture_failed and backend.captures == []
+    assert len(logs) == 1 and "runs without one" in logs[0] and "\n" not in logs[0]
+    call.run()
+    assert ctx.enqueued == 3 and len(graphs) == 1  # no second capture attempt
