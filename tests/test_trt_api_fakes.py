@@ -330,3 +330,12 @@ def test_uncapturable_engine_runs_eagerly(monkeypatch, invalidate):
     assert len(logs) == 1 and "runs without one" in logs[0] and "\n" not in logs[0]
     call.run()
     assert ctx.enqueued == 3 and len(graphs) == 1  # no second capture attempt
+
+
+# ---- Polygraphy's compare_accuracy across versions ----------------------------------------------
+def test_first_accuracy_result_for_polygraphy_049_and_later():
+    from bitdance_rt.check import _first_accuracy
+
+    result = {("torch", "trt"): [{"x": True}]}  # 0.49: AccuracyResult (an ordered dict)
+    assert _first_accuracy(result) is result
+    assert _first_accuracy([result]) is result  # later: AccuracyResults, a list with no items()
