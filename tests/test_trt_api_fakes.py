@@ -114,7 +114,8 @@ def fake_trt(version="10.3.0", parser_errors=(), build_ok=True):
 
         def create_optimization_profile(self):
             shapes = []
-            return SimpleNamespace(shapes=shapes, set_shape=lambda name, lo, mid, hi: shapes.append((name, lo, mid, hi)))
+            return SimpleNamespace(shapes=shapes,
+                                   set_shape=lambda name, lo, mid, hi: shapes.append((name, lo, mid, hi)))
 
         def build_serialized_network(self, network, config):
             if not build_ok:
