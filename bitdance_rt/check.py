@@ -247,7 +247,7 @@ def end_to_end(reference, candidate, labels, steps: int, cfg: float, schedule: s
 
 def run_check(args) -> CheckReport:
     """The CLI command: model + export from args, stage comparisons, optional end-to-end run."""
-    from .cli import _resolve_model
+    from .cli import _ort_providers, _resolve_model
     from .loading import load_model
     from .runtime.torch_backend import TorchBackend
 
@@ -264,8 +264,7 @@ def run_check(args) -> CheckReport:
         from .runtime.ort_backend import OrtBackend
 
         source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else None
-        provider = getattr(args, "ort_provider", None) or ("cuda" if args.device.startswith("cuda") else "cpu")
-        backend = OrtBackend(args.export_dir, threads=args.threads, providers=[provider], expect_config=cfg,
+        backend = OrtBackend(args.export_dir, threads=args.threads, providers=_ort_providers(args), expect_config=cfg,
                              expect_source=source)
         make_runner, precision = ort_runner, backend.manifest.get("precision", "fp32")
     else:
