@@ -13,7 +13,8 @@ agree (fp32: identical; fp16 / int8: the agreement is reported and checked again
 `min_agreement`).
 
 Polygraphy API used (polygraphy 0.49+: polygraphy.comparator.Comparator.run / compare_accuracy,
-CompareFunc.simple with per-output dicts keyed by output name, "" = default; BaseRunner's
+whose return type changed after 0.49 (see _first_accuracy); SimpleCompareFunc (newer) or
+CompareFunc.simple (0.49) with per-output dicts keyed by output name, "" = default; BaseRunner's
 activate_impl / get_input_metadata_impl / infer_impl; backend.onnxrt.OnnxrtRunner;
 backend.trt.TrtRunner + EngineFromBytes), as documented in Polygraphy's API reference
 (docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/).
@@ -192,7 +193,7 @@ def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32",
     results = Comparator.run([reference, candidate], data_loader=[feed])
     accuracy = Comparator.compare_accuracy(results, compare_func=make_compare_func(precision, spec.output_names,
                                                                                         min_agreement))
-    ((_, iterations),) = accuracy[0].items()
+    ((_, iterations),) = _first_accuracy(accuracy).items()
     (per_output,) = iterations
     tol = TOLERANCES[precision]
     out = []
@@ -206,6 +207,14 @@ def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32",
     missing = [t.name for t in spec.outputs if t.name not in per_output]
     out += [OutputResult(name, False, "not produced by the candidate") for name in missing]
     return StageResult(spec.name, out)
+
+
+def _first_accuracy(accuracy):
+    """The AccuracyResult of our one compare func. Comparator.compare_accuracy returns it directly in
+    Polygraphy 0.49.x (the version in TensorRT 10.3 .. 11.1's tools/Polygraphy: an ordered dict of
+    runner pair -> per-iteration results) and, in later Polygraphy, AccuracyResults (a list, one per
+    compare func), which has no items()."""
+    return accuracy if hasattr(accuracy, "items") else accuracy[0]
 
 
 def ort_runner(backend, stage: str):
@@ -238,7 +247,7 @@ def end_to_end(reference, candidate, labels, steps: int, cfg: float, schedule: s
 
 def run_check(args) -> CheckReport:
     """The CLI command: model + export from args, stage comparisons, optional end-to-end run."""
-    from .cli import _resolve_model
+    from .cli import _ort_providers, _resolve_model
     from .loading import load_model
     from .runtime.torch_backend import TorchBackend
 
@@ -255,8 +264,7 @@ def run_check(args) -> CheckReport:
         from .runtime.ort_backend import OrtBackend
 
         source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else None
-        provider = getattr(args, "ort_provider", None) or ("cuda" if args.device.startswith("cuda") else "cpu")
-        backend = OrtBackend(args.export_dir, threads=args.threads, providers=[provider], expect_config=cfg,
+        backend = OrtBackend(args.export_dir, threads=args.threads, providers=_ort_providers(args), expect_config=cfg,
                              expect_source=source)
         make_runner, precision = ort_runner, backend.manifest.get("precision", "fp32")
     else:

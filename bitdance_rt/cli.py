@@ -263,7 +263,7 @@ def _ort_backend(args, cfg, steps: int):
     from .loading import EMBEDDED_SEED
     from .runtime.ort_backend import OrtBackend
 
-    providers = [_ort_provider(args)]
+    providers = _ort_providers(args)
     if args.export_dir:
         backend = OrtBackend(args.export_dir, threads=args.threads, providers=providers, expect_config=cfg)
         return backend, f"{cfg.name} from ONNX export {args.export_dir}"
@@ -277,9 +277,13 @@ def _ort_backend(args, cfg, steps: int):
     return backend, f"{cfg.name} from {what}"
 
 
-def _ort_provider(args) -> str:
-    provider = getattr(args, "ort_provider", None)
-    return provider or ("cuda" if args.device.startswith("cuda") else "cpu")
+def _ort_providers(args) -> list[str]:
+    """--ort-provider as an ONNX Runtime provider list. The TensorRT EP sends only the subgraphs TensorRT
+    supports to TensorRT and the rest to the next provider in the list, so CUDA follows it, as in
+    ONNX Runtime's TensorRT EP usage (onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html);
+    alone, unsupported nodes would fall back to the CPU."""
+    provider = getattr(args, "ort_provider", None) or ("cuda" if args.device.startswith("cuda") else "cpu")
+    return ["tensorrt", "cuda"] if provider == "tensorrt" else [provider]
 
 
 def _trt_backend(args, cfg, steps: int):

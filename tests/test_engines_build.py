@@ -348,7 +348,7 @@ def test_ort_provider_option(export, capsys, tmp_path, monkeypatch):
     d = fixture_dir("tiny_4x")
     base = ["generate", "--export-dir", str(export), "--model", str(d / "config.json"), "--labels", "3", "--quiet",
             "--out", str(tmp_path)]
-    for extra, want in [([], ["cpu"]), (["--ort-provider", "tensorrt"], ["tensorrt"]),
+    for extra, want in [([], ["cpu"]), (["--ort-provider", "tensorrt"], ["tensorrt", "cuda"]),
                         (["--ort-provider", "cuda"], ["cuda"])]:
         assert "stop here" in _one_line_error(capsys, base + extra)
         assert seen[-1] == want

@@ -67,6 +67,7 @@ def test_cuda_graph_replay_equals_plain_execution(tiny):
     a, b = _run(graphs, tiny), _run(plain, tiny)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.image, b.image)
     captured = {stage for stage, _ in graphs.captures}
+    assert not [c.key for c in graphs._calls.values() if c.capture_failed]  # no silent fallback to eager
     assert st.BACKBONE_STEP in captured and captured & set(st.SAMPLER_STAGES)
     assert plain.captures == []
     again = _run(graphs, tiny)  # replay only: no new captures for the same shapes

@@ -20,8 +20,9 @@ TensorRT Python API used (TensorRT 10.x; 11.x where noted), from NVIDIA's Python
 (docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/*.html,
 Builder / BuilderConfig / Network / OnnxParser) and the "Optimizing Builder Performance" page
 (docs.nvidia.com/deeplearning/tensorrt/latest/performance/builder-performance.html, timing cache):
-  trt.Builder(logger).create_network(flags)   flags: 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED
-                                              (EXPLICIT_BATCH is the default since 10.0 and not passed)
+  trt.Builder(logger).create_network(flags)   flags: 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED on 10.x
+                                              (EXPLICIT_BATCH is the default since 10.0 and not passed;
+                                              11.x: 0, every network is strongly typed, the flag is ignored)
   trt.OnnxParser(network, logger).parse_from_file(path)   (resolves <stage>.onnx.data beside it)
   builder.create_builder_config(); config.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)
   config.builder_optimization_level = 0..5; config.set_flag / clear_flag(BuilderFlag.FP16 / TF32)
@@ -30,6 +31,9 @@ Builder / BuilderConfig / Network / OnnxParser) and the "Optimizing Builder Perf
   config.create_timing_cache(bytes); config.set_timing_cache(cache, ignore_mismatch=False);
   cache.combine(other, ignore_mismatch=False); cache.serialize()
   builder.build_serialized_network(network, config) -> IHostMemory or None
+Each name and signature above was checked against the Python bindings (python/src/infer/pyCore.cpp,
+python/src/parsers/pyOnnx.cpp) and headers at the v10.3.0 (JetPack 6) and v11.1 tags of
+github.com/NVIDIA/TensorRT: all exist in both; 11.x dropped BuilderFlag.FP16/INT8 and EXPLICIT_BATCH.
 """
 
 from __future__ import annotations
@@ -131,14 +135,39 @@ class TensorRT:
         self.logger = self.trt.Logger(self.trt.Logger.VERBOSE if verbose else self.trt.Logger.WARNING)
 
     def _network_flags(self, plan: PrecisionPlan) -> int:
+        # 10.x: strong typing is opt-in (kSTRONGLY_TYPED = 1); kEXPLICIT_BATCH is deprecated and ignored
+        # since 10.0, so it is never passed. 11.x: every network is strongly typed and kSTRONGLY_TYPED
+        # (now = 0) is "deprecated ... retained for API compatibility but is ignored" (NvInfer.h,
+        # NetworkDefinitionCreationFlag, TensorRT v10.3.0 / v11.1 tags of github.com/NVIDIA/TensorRT),
+        # so 11.x gets no flag at all.
+        if not plan.strongly_typed or trt_major(self.version) >= 11:
+            return 0
         flag = getattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-        if plan.strongly_typed:
-            if flag is None:
-                if trt_major(self.version) >= 11:
-                    return 0  # every 11.x network is strongly typed; the flag may be gone
-                raise BitDanceError(f"TensorRT {self.version} has no strongly typed networks; use 10.x or newer")
-            return 1 << int(flag)
-        return 0
+        if flag is None:
+            raise BitDanceError(f"TensorRT {self.version} has no strongly typed networks; use 10.x or newer")
+        return 1 << int(flag)
+
+    def _parse_errors(self, parser) -> str:
+        """The parser's first error (str(ParserError): "In node N with name: ... (func): CODE: desc"), one line."""
+        errors = []
+        for i in range(parser.num_errors):
+            lines = str(parser.get_error(i)).strip().splitlines()
+            errors.append(lines[0] if lines else "unknown error")
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"{errors[0] if errors else 'no error recorded'}{more}"
+
+    def _attach_timing_cache(self, config, path: Path):
+        """The timing cache of `path` attached to `config` (a fresh one if the file is missing, corrupt or
+        from another TensorRT/GPU). create_timing_cache may give None for a blob it cannot read, and
+        set_timing_cache(cache, ignore_mismatch=False) returns False for another device's cache
+        (IBuilderConfig::createTimingCache / setTimingCache, NvInfer.h)."""
+        old = path.read_bytes() if path.is_file() else b""
+        cache = config.create_timing_cache(old) if old else None
+        if cache is None or not config.set_timing_cache(cache, False):
+            cache = config.create_timing_cache(b"")
+            if cache is None or not config.set_timing_cache(cache, False):
+                return None  # build without a timing cache rather than fail
+        return cache
 
     def build(self, onnx_path: Path, plan: PrecisionPlan, profile: Profile, workspace: int | None, level: int,
               timing_cache: Path | None) -> bytes:
@@ -147,10 +176,8 @@ class TensorRT:
         network = builder.create_network(self._network_flags(plan))
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):
-            errors = [str(parser.get_error(i)).strip().splitlines()[0] for i in range(parser.num_errors)]
-            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
             raise BitDanceError(f"{onnx_path}: TensorRT {self.version}'s ONNX parser refused it: "
-                                f"{errors[0] if errors else 'no error recorded'}{more}")
+                                f"{self._parse_errors(parser)}")
         config = builder.create_builder_config()
         if workspace is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
@@ -161,36 +188,34 @@ class TensorRT:
                 raise BitDanceError(f"TensorRT {self.version} has no BuilderFlag.{name}")
             config.set_flag(flag)
         if plan.clear_tf32 and hasattr(trt.BuilderFlag, "TF32"):
-            config.clear_flag(trt.BuilderFlag.TF32)  # FP32 engines compute in FP32 (TF32 is on by default)
+            # FP32 engines compute in FP32 (kTF32 is "Enabled by default", NvInfer.h). Clearing it is allowed on
+            # strongly typed networks too: trtexec --stronglyTyped only drops FP16/INT8/BF16/FP8/INT4 and still
+            # honours --noTF32 (samples/common/sampleOptions.cpp, sampleEngines.cpp, TensorRT v10.3.0).
+            config.clear_flag(trt.BuilderFlag.TF32)
         if profile:
             opt = builder.create_optimization_profile()
             for name, lo, mid, hi in profile:
                 opt.set_shape(name, lo, mid, hi)
             config.add_optimization_profile(opt)
-        cache = None
-        if timing_cache is not None:
-            old = timing_cache.read_bytes() if timing_cache.is_file() else b""
-            cache = config.create_timing_cache(old)
-            if not config.set_timing_cache(cache, False):
-                cache = config.create_timing_cache(b"")  # from another version or GPU: start afresh
-                config.set_timing_cache(cache, False)
+        cache = self._attach_timing_cache(config, timing_cache) if timing_cache is not None else None
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise BitDanceError(f"{onnx_path}: TensorRT {self.version} could not build an engine (see the TensorRT "
                                 "log above; a small --workspace-mb can cause this)")
         if cache is not None:
-            self._save_timing_cache(timing_cache, cache)
-        return bytes(serialized)
+            self._save_timing_cache(timing_cache, config, cache)
+        return bytes(serialized)  # IHostMemory has the buffer protocol
 
-    def _save_timing_cache(self, path: Path, cache) -> None:
-        """Merge this build's timings into the file under its lock (concurrent builders keep both)."""
+    def _save_timing_cache(self, path: Path, config, cache) -> None:
+        """Merge this build's timings (the cache attached to `config`, which the build updated) into the
+        file under its lock, so concurrent builders keep both. ITimingCache.combine returns False for
+        a cache of another TensorRT version (then ours replaces it)."""
         with ec.build_lock(path):
             merged = cache
             if path.is_file():
-                config = self.trt.Builder(self.logger).create_builder_config()
-                merged = config.create_timing_cache(path.read_bytes())
-                if not merged.combine(cache, False):
-                    merged = cache
+                on_disk = config.create_timing_cache(path.read_bytes())
+                if on_disk is not None and on_disk.combine(cache, False):
+                    merged = on_disk
             data = bytes(merged.serialize())
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 

@@ -8,7 +8,7 @@ user asks for (`--precision`) defaults to the graphs' and is checked against the
 | TensorRT | graphs | asked | network                       | builder flags | engine |
 |----------|--------|-------|-------------------------------|---------------|--------|
 | 10.x, 11 | p      | p     | strongly typed                | -             | p      |
-| 10.x     | fp32   | fp16  | weakly typed                  | FP16          | fp16   |
+| 10.x     | fp32   | fp16  | weakly typed (deprecated 10.12) | FP16        | fp16   |
 | 11       | fp32   | fp16  | refused: export FP16 graphs (11 builds strongly typed networks only)   |
 | any      | not int8 | int8 | refused: run the INT8 (Q/DQ) quantisation first                     |
 | any      | fp16/int8 | other | refused: build from an export of that precision                    |

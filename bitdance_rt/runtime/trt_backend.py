@@ -21,6 +21,20 @@ Memory and execution (one CUDA stream, torch CUDA tensors as the device buffers)
   deferred per-shape work), then captured with torch.cuda.CUDAGraph on the same stream, one graph
   per (stage, dims), and replayed on every later call. An engine whose input is a shape tensor
   (host memory, read at enqueue time) is never captured.
+
+Checked against NVIDIA's sources (github.com/NVIDIA/TensorRT, tags v10.3.0 and v11.1):
+- contexts sharing profile 0: "The newly created execution context will be assigned optimization
+  profile 0" (ICudaEngine::createExecutionContext, NvInferRuntime.h, 10.3 and 11.1); the 8.x rule
+  that only one context may hold a profile ("no other execution contexts assigned to optimization
+  profile 0") was deprecated in 8.6 and dropped in 9.0. Device memory "in use from the invocation of
+  enqueueV3() until network execution is complete" (setDeviceMemoryV2), so sharing one scratch is
+  safe as long as contexts never run concurrently: here they are all enqueued on one stream.
+- graph capture follows trtexec (samples/common/sampleInference.cpp, createEnqueueFunction): one
+  enqueue "to avoid capturing initialization calls", stream synchronize, capture in thread-local mode
+  (sampleDevice.h: cudaStreamCaptureModeThreadLocal); an enqueue that fails under capture means the
+  engine holds operations not permitted in a graph, and the stage then runs without one.
+- USER_MANAGED contexts: create_execution_context(strategy) exists in 10.3 and 11.1 (pyCore.cpp);
+  create_execution_context_without_device_memory and device_memory_size are gone in 11.x.
 """
 
 from __future__ import annotations
@@ -70,6 +84,12 @@ def _device_memory_size(engine) -> int:
     return int(size if size is not None else engine.device_memory_size)
 
 
+def _on_host(trt, engine, name: str) -> bool:
+    """Whether TensorRT wants this I/O tensor in host memory (shape-tensor inputs do):
+    ICudaEngine.get_tensor_location, "established at build time" (NvInferRuntime.h)."""
+    return engine.get_tensor_location(name) == trt.TensorLocation.HOST
+
+
 def _set_device_memory(context, ptr: int, size: int) -> None:
     if hasattr(context, "set_device_memory"):  # setDeviceMemoryV2 (10.1+): pointer and size
         context.set_device_memory(ptr, size)
@@ -101,7 +121,7 @@ class _Call:
                 buf = bound[t.name]
                 if buf.dtype != dtype or tuple(buf.shape) != shape:
                     raise BitDanceError(f"stage {stage}: engine wants {t.name} as {dtype} {list(shape)}")
-            elif engine.is_shape_inference_io(t.name):
+            elif _on_host(trt, engine, t.name):
                 buf = torch.zeros(shape, dtype=dtype).pin_memory()  # shape tensors are read on the host
                 self.host_shape_inputs = True
             else:
@@ -120,6 +140,7 @@ class _Call:
                 raise BitDanceError(f"stage {stage}: TensorRT refused the address of {name}")
         self.after = None  # extra work on the stream after the engine (captured with it)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_failed = False  # tried once, the engine cannot be captured: run eagerly
         self.key = (stage, tuple(sorted(dims.items())))
         self.calls = 0
 
@@ -139,18 +160,29 @@ class _Call:
                 self.graph.replay()
             else:
                 self._enqueue()
-                if b.cuda_graphs and self.stage in GRAPH_STAGES and not self.host_shape_inputs:
+                if (b.cuda_graphs and self.stage in GRAPH_STAGES and not self.host_shape_inputs
+                        and not self.capture_failed):
                     self._capture()
         self.calls += 1
 
     def _capture(self) -> None:
         b = self.backend
-        b.stream.synchronize()
+        b.stream.synchronize()  # the warm-up enqueue has finished (trtexec does the same)
         graph = torch.cuda.CUDAGraph()
+        ok, why = False, "execute_async_v3 returned False under capture"
         # Capture on the stream TensorRT enqueues to (torch.cuda.graph's `stream` argument), so the
         # engine's kernels and the cache write land in this graph. Capturing records, it does not run.
-        with torch.cuda.graph(graph, stream=b.stream):
-            self._enqueue()
+        try:
+            with torch.cuda.graph(graph, stream=b.stream, capture_error_mode="thread_local"):
+                ok = bool(self.context.execute_async_v3(b.stream.cuda_stream))
+                if ok and self.after is not None:
+                    self.after()
+        except RuntimeError as exc:  # capture invalidated (an operation not permitted in a graph)
+            ok, why = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if not ok:
+            self.capture_failed = True
+            b.log(f"{self.stage}: TensorRT engine cannot be captured into a CUDA graph ({why}); it runs without one")
+            return
         self.graph = graph
         b.captures.append(self.key)
 
@@ -201,6 +233,7 @@ class TrtBackend:
             size = max(_device_memory_size(e) for e in self.engines.values())
             self.scratch = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)  # shared by all contexts
         self.cuda_graphs = bool(cuda_graphs)
+        self.log = log or (lambda *_: None)
         self.captures: list = []
         self._calls: dict = {}
         self._kv: dict[int, torch.Tensor] = {}
