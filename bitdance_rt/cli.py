@@ -70,7 +70,20 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per generation batch (default 16, the exported graphs' maximum); labels are "
                         "generated in chunks of this size, the same on every backend, so results agree")
+    _add_precision_args(p)
     _add_accelerator_args(p)
+
+
+def _add_precision_args(p: argparse.ArgumentParser) -> None:
+    """Graph precision and INT8 calibration (generate, eval, export)."""
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="graph precision: fp32 (default), fp16, or int8 (Q/DQ, calibrated); onnxruntime derives and "
+                        "caches the graphs; tensorrt: the engine precision (default: the export's)")
+    p.add_argument("--calibration", default=None,
+                   help="INT8 calibration set (bitdance-rt calibrate --out DIR); default: a set captured once from "
+                        "the model and cached")
+    p.add_argument("--calib-method", choices=("max", "entropy", "percentile"), default="max",
+                   help="INT8 activation range method (default max)")
 
 
 def _add_accelerator_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +117,9 @@ def _make_backend(args, cfg, steps: int):
     elif name == "tensorrt":
         backend, source = _trt_backend(args, cfg, steps)
     else:
+        if getattr(args, "precision", None) not in (None, "fp32"):
+            raise BitDanceError(f"--precision {args.precision}: the torch backend is the float32 reference; use "
+                                "--backend onnxruntime (or tensorrt) for fp16 / int8")
         loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
         backend, source = TorchBackend(loaded.model, args.device), loaded.source
     print(f"model: {source}")
@@ -138,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batch", type=int, default=16, help="largest batch (images) the graphs accept (default 16)")
     e.add_argument("--stages", nargs="+", default=None, help="stages to export (default: all)")
     e.add_argument("--force", action="store_true", help="re-export even if the directory is up to date")
+    _add_precision_args(e)
     _add_t2i_args(e)
 
     ev = sub.add_parser("eval", help="score generated digits: classifier accuracy and Frechet distance "
@@ -161,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--sample-seed", type=int, default=0, help="seed of the subsampling choices (not of the noise)")
     cal.add_argument("--device", default="cpu", help="torch device of the recording run")
     cal.add_argument("--force", action="store_true", help="replace an existing set in --out")
+    cal.add_argument("--samples", type=int, default=None,
+                     help="images to record per seed, labels cycling over --labels (default: each label once)")
+    cal.add_argument("--method", choices=("max", "entropy", "percentile"), default="max",
+                     help="INT8 activation range method of the --report's INT8 graphs (default max)")
+    cal.add_argument("--report", action="store_true",
+                     help="then derive FP16 and INT8 graphs and measure them against FP32 (teacher-forced bit "
+                          "agreement per stage, end to end, decoder PSNR): report.json + report.md in --out")
+    cal.add_argument("--report-images", type=int, default=10, help="images of the report (default 10)")
+    cal.add_argument("--report-seed", type=int, default=1000, help="noise seed of the report (default 1000: held out)")
+    cal.add_argument("--sensitivity", action="store_true",
+                     help="with --report: per-layer INT8 sensitivity (one INT8 derivation per quantised layer: slow)")
+    cal.add_argument("--threads", type=int, default=None, help="CPU threads of the report's ONNX Runtime runs")
 
     b = sub.add_parser("build", help="build TensorRT engines of an export (one per stage, cached; needs a GPU)")
     b.add_argument("--export", required=True, help="export directory (bitdance-rt export)")
@@ -257,24 +286,53 @@ def _export_for(cfg, args, out, steps: int, stages=None, **options):
 
 
 def _ort_backend(args, cfg, steps: int):
-    """The ONNX Runtime backend over --export-dir, or over an automatic cached export."""
+    """The ONNX Runtime backend over --export-dir, or over an automatic cached export (of --precision)."""
     from .export import checkpoint_source, random_source
-    from .export.cache import GENERATION_STAGES, export_dir_for
+    from .export.manifest import read_manifest
     from .loading import EMBEDDED_SEED
+    from .precision.derive import graph_precision
     from .runtime.ort_backend import OrtBackend
 
     providers = _ort_providers(args)
+    precision = getattr(args, "precision", None)
     if args.export_dir:
+        held = graph_precision(read_manifest(args.export_dir))
+        if precision not in (None, held):
+            raise BitDanceError(f"--export-dir {args.export_dir} holds {held} graphs, not {precision}: drop "
+                                f"--precision, or make a {precision} export (bitdance-rt export --precision {precision})")
         backend = OrtBackend(args.export_dir, threads=args.threads, providers=providers, expect_config=cfg)
-        return backend, f"{cfg.name} from ONNX export {args.export_dir}"
+        return backend, f"{cfg.name} from {held} ONNX export {args.export_dir}"
     source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else random_source(EMBEDDED_SEED)
-    out = export_dir_for(cfg, source, steps)
-    result = _export_for(cfg, args, out, steps, stages=list(GENERATION_STAGES))
-    print(f"ONNX export: {out} ({'reused' if result.reused else 'exported'})")
-    # export_stages verified the files' hashes just now: no need to hash them again.
+    out = _auto_export(args, cfg, steps, source, precision or "fp32")
+    # the export / derivation verified the files' hashes just now: no need to hash them again.
     backend = OrtBackend(out, threads=args.threads, providers=providers, verify_hashes=False, expect_config=cfg)
     what = Path(args.checkpoint).name if args.checkpoint else f"seeded random weights (seed {EMBEDDED_SEED})"
-    return backend, f"{cfg.name} from {what}"
+    return backend, f"{cfg.name} from {what} ({precision or 'fp32'})"
+
+
+def _auto_export(args, cfg, steps: int, source: str, precision: str, out=None) -> Path:
+    """The cached FP32 export of the model and, for fp16 / int8, its derived variant (into `out`
+    when given); the INT8 calibration set is --calibration or the cached default set."""
+    from .export.cache import GENERATION_STAGES, export_dir_for
+    from .loading import load_model
+    from .precision.auto import calibration_for, precision_export
+
+    fp32 = export_dir_for(cfg, source, steps)
+    result = _export_for(cfg, args, fp32, steps, stages=list(GENERATION_STAGES))
+    print(f"ONNX export: {fp32} ({'reused' if result.reused else 'exported'})")
+    if precision == "fp32":
+        return fp32
+    calibration = None
+    if precision == "int8":
+        scale = cfg.default_cfg if getattr(args, "cfg", None) is None else args.cfg
+        calibration = calibration_for(cfg, source, steps, scale, getattr(args, "cfg_schedule", "linear"),
+                                      lambda: load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle).model,
+                                      args.calibration)
+    elif args.calibration:
+        raise BitDanceError("--calibration is for --precision int8 (FP16 graphs need no calibration)")
+    variant = precision_export(fp32, precision, calibration, args.calib_method, out_dir=out)
+    print(f"{precision.upper()} graphs: {variant.directory} ({'reused' if variant.reused else 'derived'})")
+    return variant.directory
 
 
 def _ort_providers(args) -> list[str]:
@@ -313,6 +371,17 @@ def cmd_export(args) -> int:
         raise BitDanceError(f"--steps must be >= 1, got {steps}")
     if args.max_batch < 1:
         raise BitDanceError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.precision not in (None, "fp32"):
+        from .export import checkpoint_source, random_source
+        from .loading import EMBEDDED_SEED
+
+        if args.stages or args.opset != 17 or args.max_batch != 16 or args.force:
+            raise BitDanceError(f"--precision {args.precision} derives from the cached default FP32 export: "
+                                "--stages/--opset/--max-batch/--force apply to FP32 exports only")
+        source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else random_source(EMBEDDED_SEED)
+        out = _auto_export(args, cfg, steps, source, args.precision, out=args.out)
+        print(f"{out}: {args.precision} export ready")
+        return 0
     result = _export_for(cfg, args, args.out, steps, stages=args.stages, opset=args.opset, force=args.force,
                          limits=Limits(max_batch=args.max_batch, opt_batch=min(4, args.max_batch)))
     state = "up to date, reused" if result.reused else "exported"
@@ -337,7 +406,8 @@ def cmd_eval(args) -> int:
     result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, SeededNoise(args.seed),
                               batch_size=args.batch_size)
     report = score_images(result.image.clamp(-1, 1), labels)
-    print(f"{backend_name} fp32, {steps} sampler steps, cfg {scale} ({args.cfg_schedule}), seed {args.seed}")
+    print(f"{backend_name} {args.precision or 'fp32'}, {steps} sampler steps, cfg {scale} ({args.cfg_schedule}), "
+          f"seed {args.seed}")
     print(report)
     return 0
 
@@ -350,9 +420,17 @@ def cmd_calibrate(args) -> int:
 
     cfg = _resolve_model(args)
     labels = args.labels if args.labels is not None else list(range(cfg.num_classes))
+    if args.samples is not None:
+        if args.samples < 1:
+            raise BitDanceError(f"--samples must be >= 1, got {args.samples}")
+        labels = [labels[i % len(labels)] for i in range(args.samples)] if labels else labels
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
     check_request(cfg.num_classes, labels, steps)
+    if args.sensitivity and not args.report:
+        raise BitDanceError("--sensitivity is part of the report: add --report")
+    if args.report_images < 1:
+        raise BitDanceError(f"--report-images must be >= 1, got {args.report_images}")
     if args.batch_size < 1:
         raise BitDanceError(f"--batch-size must be >= 1, got {args.batch_size}")
     if Path(args.out).exists() and not args.force:
@@ -367,7 +445,28 @@ def cmd_calibrate(args) -> int:
     print(f"model: {loaded.source}")
     print(f"wrote calibration set {out}: {len(labels)} label(s) x {len(args.seeds)} seed(s), S={steps}, "
           f"cfg {scale} ({args.cfg_schedule}); samples: {counts}")
+    if args.report:
+        _calibration_report(args, cfg, weights, out, steps, scale)
     return 0
+
+
+def _calibration_report(args, cfg, weights: str, set_dir: Path, steps: int, scale: float) -> None:
+    from .calibration import load_calibration
+    from .precision.accuracy import accuracy_report
+    from .precision.auto import default_labels
+    from .precision.report_files import markdown, write_report
+    from .runtime.ort_backend import OrtBackend
+
+    args.calibration, args.calib_method, args.export_dir = None, args.method, None
+    fp32 = _auto_export(args, cfg, steps, weights, "fp32")
+    cset = load_calibration(set_dir, config=cfg, weights=weights)
+    report = accuracy_report(cfg, weights, fp32, cset, args.method, default_labels(cfg, args.report_images),
+                             [args.report_seed], steps, scale, args.cfg_schedule,
+                             lambda d: OrtBackend(d, threads=args.threads, verify_hashes=False),
+                             sensitivity=args.sensitivity)
+    js, md = write_report(report, set_dir)
+    print(markdown(report))
+    print(f"report: {js} and {md}")
 
 
 def cmd_build(args) -> int:

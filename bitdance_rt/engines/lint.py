@@ -213,8 +213,9 @@ def _type_findings(file, types, produced_by, consumers, graph_io, constants, tar
                 out.append(Finding(file, where, op, f"tensor {tensor!r} is uint8 inside the graph; TensorRT takes "
                                                     "UINT8 only as a network input or output"))
         elif dtype in _QUANTIZED[target]:
+            # an int8 constant read only by Q/DQ nodes: a quantized weight or a zero point
             quantized = (op == "QuantizeLinear" or (tensor in constants and all(
-                c.op_type == "DequantizeLinear" for c in consumers.get(tensor, []))))
+                c.op_type in ("QuantizeLinear", "DequantizeLinear") for c in consumers.get(tensor, []))))
             if not quantized:
                 out.append(Finding(file, where, op, f"tensor {tensor!r} is {dtype} outside a QuantizeLinear/"
                                                     f"DequantizeLinear pair; TensorRT {target} supports {dtype} "

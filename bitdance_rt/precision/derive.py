@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import stages as st
 from ..errors import BitDanceError
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
-from .policy import check_method, check_precision
+from .policy import check_method, check_precision, fingerprint
 
 INT8_STAGES = (st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER)
 FP16_STAGES = st.ALL_STAGES
@@ -44,7 +44,7 @@ def _digest(obj) -> str:
 def derived_key(fp32_manifest: dict, precision: str, stages, calibration=None, method: str | None = None,
                 keep_float: dict | None = None) -> dict:
     key = {**fp32_manifest["key"], "stages": sorted(stages), "precision": precision,
-           "derived_from": _digest(fp32_manifest["key"])}
+           "derived_from": _digest(fp32_manifest["key"]), "policy": fingerprint(precision)}
     if precision == "int8":
         key["calibration"] = {"set": _digest(calibration.key), "method": method,
                               "samples": {s: len(v) for s, v in sorted(calibration.samples.items())}}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import tempfile
 from pathlib import Path
 
 from ..errors import BitDanceError
@@ -39,10 +41,79 @@ def quantize_options(method: str) -> dict:
             "ActivationSymmetric": True,
             "WeightSymmetric": True,
             "MatMulConstBOnly": True,  # attention's activation x activation products stay float
+            # ... and so that only inputs are quantised, as TensorRT wants Q/DQ placed: ONNX Runtime's QDQ
+            # mode would otherwise also quantise these ops' outputs, rounding the residual adds' inputs to int8
+            "OpTypesToExcludeOutputQuantization": list(INT8_OP_TYPES),
+            # a tensor read by a quantised op and by others: the others keep reading the float tensor
+            "DedicatedQDQPair": True,
             "QuantizeBias": False,  # float bias: TensorRT fuses it; an int32 bias would add a DQ
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # weight [in, out]: one scale per output
         },
     )
+
+
+def float_for_unquantised_consumers(path) -> int:
+    """Point every op that is not quantised back at the float tensor a DequantizeLinear stands for.
+
+    ONNX Runtime's quantiser rewires all consumers of a quantised graph input to its dequantised
+    copy (DedicatedQDQPair covers only inner tensors), so e.g. the decoder's norm statistics would
+    read the int8-rounded latent. Returns how many inputs were pointed back."""
+    import onnx
+
+    model = onnx.load(str(path))
+    produced = {o: n for n in model.graph.node for o in n.output}
+    fixed = 0
+    for node in model.graph.node:
+        if node.op_type in INT8_OP_TYPES or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            dq = produced.get(name)
+            q = produced.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+                fixed += 1
+    if fixed:
+        onnx.save(model, str(path))
+    return fixed
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def activation_ranges(fp32_path, reader, method: str, cache_file, external_data: bool = False) -> None:
+    """Run the calibration and save the activation ranges where quantize_static reads them.
+
+    We run ONNX Runtime's calibrator ourselves (create_calibrator + save_tensors_data) rather than
+    inside quantize_static because quantize_static cannot pass the histogram size: its entropy
+    calibrator then gets 128 histogram bins for 128 quantized bins, which leaves a single candidate
+    threshold -- the max -- so "entropy" would silently be "max". Here entropy gets 512 bins (192
+    candidate thresholds; its KL search is pure Python, ~4x slower per bin doubling) and percentile
+    2048 bins (percentile 99.999)."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    try:
+        from onnxruntime.quantization.calibrate import save_tensors_data
+    except ImportError:
+        raise BitDanceError("INT8 calibration needs an onnxruntime with calibration caches (save_tensors_data): "
+                            "pip install -U onnxruntime") from None
+    extra = {"symmetric": True}
+    if method == "entropy":
+        extra.update(num_bins=512, num_quantized_bins=128)
+    elif method == "percentile":
+        extra.update(num_bins=2048, percentile=99.999)
+    with tempfile.TemporaryDirectory(prefix="bitdance-rt-calib-") as tmp:
+        calibrator = create_calibrator(Path(fp32_path), list(INT8_OP_TYPES),
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
+                                       use_external_data_format=external_data, extra_options=extra)
+        calibrator.collect_data(reader)
+        save_tensors_data(calibrator.compute_data(), cache_file)
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: str = "max",
@@ -58,13 +129,23 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: s
     if len(reader) == 0:
         raise BitDanceError(f"no calibration samples for {Path(fp32_path).stem}: the calibration set has none "
                             "of this stage (capture one with more samples)")
+    from .sensitivity import quantised_layers
+
     options = quantize_options(method)
+    # Name the nodes: in QDQ mode MatMulConstBOnly alone still lets activation x activation MatMuls through.
+    nodes = [n for n in quantised_layers(fp32_path) if n not in set(nodes_to_exclude)]
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
-            quantize_static(str(fp32_path), str(out_path), reader, nodes_to_exclude=list(nodes_to_exclude),
-                            use_external_data_format=external_data,
-                            calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
-                            **options)
+        with tempfile.TemporaryDirectory(prefix="bitdance-rt-int8-") as tmp:
+            cache = Path(calibration_cache) if calibration_cache is not None else Path(tmp) / "ranges.json"
+            # the calibrators print their progress, and the quantiser logs advice to the root logger
+            with contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
+                if not cache.is_file():
+                    activation_ranges(fp32_path, reader, method, cache, external_data)
+                quantize_static(str(fp32_path), str(out_path), None, nodes_to_quantize=nodes,
+                                nodes_to_exclude=list(nodes_to_exclude), use_external_data_format=external_data,
+                                calibration_cache_path=str(cache), **options)
     except Exception as exc:  # onnxruntime raises many types; name the graph
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BitDanceError(f"{fp32_path}: INT8 quantisation failed ({first})") from exc
+    if not external_data:  # (large graphs: a second full load is not worth it; the values are exact +/-1 inputs)
+        float_for_unquantised_consumers(out_path)

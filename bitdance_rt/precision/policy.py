@@ -40,6 +40,16 @@ def sampler_arithmetic(nodes) -> list[str]:
     return [n.name for n in nodes if n.name and n.op_type != "Identity" and not n.name.startswith(HEAD_NET_SCOPE)]
 
 
+POLICY_VERSION = 5  # bump when a conversion setting changes: derived exports are keyed by it
+
+
+def fingerprint(precision: str) -> dict:
+    """What of the policy a derived export depends on (part of its manifest key)."""
+    if precision == "int8":
+        return {"version": POLICY_VERSION, "quantised_ops": list(INT8_OP_TYPES)}
+    return {"version": POLICY_VERSION, "fp32_ops": list(FP16_KEEP_FLOAT_OPS), "sampler_arithmetic": "fp32"}
+
+
 def check_precision(precision: str) -> str:
     from ..errors import BitDanceError
 

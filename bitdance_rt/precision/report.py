@@ -13,7 +13,8 @@ stage instead of compounding earlier disagreements:
 - free running: two ordinary generations with the same seed (token agreement, image PSNR):
   what a user sees, where one early flip changes everything after it.
 
-The AR x diffusion schedule (rows, CFG per step, noise order) is the loop's (runtime/loop.py).
+`Lockstep` is a backend over the two, so the generation loop itself (runtime/loop.py) drives the
+comparison: rows, CFG per step and noise order are exactly those of a generation.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.layout import tokens_to_latent
 from ..runtime import generate_batched
-from ..sampling import SeededNoise, cfg_at_step
+from ..sampling import SeededNoise
 
 
 @dataclass
@@ -99,32 +99,44 @@ class Comparison:
         }
 
 
-def _teacher_forced(ref, test, labels, steps: int, scale: float, schedule: str, seed: int, out: Comparison) -> None:
-    cfg = ref.config
-    cond_labels = torch.as_tensor([int(l) for l in labels], dtype=torch.int64)
-    rows = torch.cat([cond_labels, torch.full_like(cond_labels, cfg.num_classes)]) if scale > 1.0 else cond_labels
-    p, c = cfg.parallel_num, cfg.token_dim
-    noise = SeededNoise(seed)
-    tokens, history = None, []
-    cond_ref, cond_test = ref.prefill(rows), test.prefill(rows)
-    for i in range(cfg.ar_steps):
-        if i > 0:
-            cond_ref, cond_test = ref.step(tokens, i), test.step(tokens, i)
-        stage = "prefill" if i == 0 else "backbone_step"
-        out.cond[stage].add(cond_ref, cond_test)
-        g = cfg_at_step(scale, schedule, i, cfg.ar_steps)
-        guided = g > 1.0
-        draw_rows = rows.shape[0] // 2 if guided else rows.shape[0]
-        step_noise = torch.stack([noise.draw((draw_rows, p, c)) for _ in range(steps + 1)])
-        tokens = ref.sample_tokens(cond_ref, step_noise, g, guided)
-        out.bits[stage].add(tokens, ref.sample_tokens(cond_test, step_noise, g, guided))
-        out.bits["head"].add(tokens, test.sample_tokens(cond_ref, step_noise, g, guided))
-        out.bits["end_to_end_teacher_forced"].add(tokens, test.sample_tokens(cond_test, step_noise, g, guided))
-        history.append(tokens[: len(labels)].cpu())
-    latent = tokens_to_latent(torch.cat(history, dim=1), cfg)
-    image_ref, image_test = ref.decode(latent).float().cpu(), test.decode(latent).float().cpu()
-    out.decoder.add(image_ref, image_test)
-    out.decoder_psnr += [psnr(a, b) for a, b in zip(image_ref, image_test)]
+class Lockstep:
+    """A Backend that runs `ref` and `test` side by side and records how `test` departs from `ref`.
+
+    Driven by the ordinary loop (runtime/loop.py), it returns the reference's values, so the loop
+    feeds both backends the reference history (teacher forcing) and the same noise."""
+
+    def __init__(self, ref, test, out: "Comparison"):
+        self.ref, self.test, self.out = ref, test, out
+        self.config = ref.config
+        self.name = f"{ref.name} vs {test.name}"
+        sizes = [b for b in (getattr(ref, "max_batch", None), getattr(test, "max_batch", None)) if b]
+        self.max_batch = min(sizes) if sizes else None
+        self._stage, self._cond_test = "prefill", None
+
+    def _conds(self, stage: str, cond_ref, cond_test):
+        self.out.cond[stage].add(cond_ref, cond_test)
+        self._stage, self._cond_test = stage, cond_test
+        return cond_ref
+
+    def prefill(self, rows):
+        return self._conds("prefill", self.ref.prefill(rows), self.test.prefill(rows))
+
+    def step(self, tokens, step: int):
+        return self._conds("backbone_step", self.ref.step(tokens, step), self.test.step(tokens, step))
+
+    def sample_tokens(self, cond, noise, cfg: float, guided: bool):
+        ref, test, bits = self.ref, self.test, self.out.bits
+        tokens = ref.sample_tokens(cond, noise, cfg, guided)
+        bits[self._stage].add(tokens, ref.sample_tokens(self._cond_test, noise, cfg, guided))
+        bits["head"].add(tokens, test.sample_tokens(cond, noise, cfg, guided))
+        bits["end_to_end_teacher_forced"].add(tokens, test.sample_tokens(self._cond_test, noise, cfg, guided))
+        return tokens
+
+    def decode(self, latent):
+        image_ref, image_test = self.ref.decode(latent).float().cpu(), self.test.decode(latent).float().cpu()
+        self.out.decoder.add(image_ref, image_test)
+        self.out.decoder_psnr.extend(psnr(a, b) for a, b in zip(image_ref, image_test))
+        return image_ref
 
 
 def compare(ref, test, labels, seeds, steps: int, scale: float, schedule: str = "linear",
@@ -133,8 +145,8 @@ def compare(ref, test, labels, seeds, steps: int, scale: float, schedule: str = 
     out = Comparison()
     labels = list(labels)
     for seed in seeds:
-        for i in range(0, len(labels), batch_size):
-            _teacher_forced(ref, test, labels[i : i + batch_size], steps, scale, schedule, seed, out)
+        generate_batched(Lockstep(ref, test, out), labels, steps, scale, schedule, SeededNoise(seed),
+                         batch_size=batch_size)
         if free_running:
             a = generate_batched(ref, labels, steps, scale, schedule, SeededNoise(seed), batch_size=batch_size)
             b = generate_batched(test, labels, steps, scale, schedule, SeededNoise(seed), batch_size=batch_size)

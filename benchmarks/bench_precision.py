@@ -1,0 +1,121 @@
+"""INT8 (and FP16) vs FP32 on ONNX Runtime, plus the fidelity of each, in one run.
+
+    python benchmarks/bench_precision.py                          # BitDance-B-4x, random weights
+    python benchmarks/bench_precision.py --model tiny-4x --batches 1 8
+
+Settings follow the main benchmark (bench_generate.py): 256px, S=25, CFG 3.9 (linear), batch 1 and
+8, seeded random weights. The INT8 graphs are calibrated on trajectories captured from the torch
+reference (--calib-images images); FP32 runs with the fused sampler and with head_step (INT8
+samples with head_step, see precision/derive.py), so the ratio to FP32 head_step isolates the
+precision. Prints images/s, the per-stage breakdown and the ratios, then the teacher-forced
+fidelity report (--report-images images), then one JSON line. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_generate import run_once, warm_up
+
+from bitdance_rt.calibration import CapturePolicy, capture
+from bitdance_rt.config import load_config
+from bitdance_rt.export import export_stages, random_source
+from bitdance_rt.export.cache import GENERATION_STAGES
+from bitdance_rt.models import BitDance
+from bitdance_rt.models.init import random_init
+from bitdance_rt.precision.derive import derive_export
+from bitdance_rt.precision.report import compare
+from bitdance_rt.runtime.ort_backend import OrtBackend
+from bitdance_rt.runtime.timing import STAGE_CALLS
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="BitDance-B-4x")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cfg", type=float, default=3.9)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--method", default="max", choices=["max", "entropy", "percentile"])
+    ap.add_argument("--calib-images", type=int, default=2)
+    ap.add_argument("--report-images", type=int, default=2)
+    ap.add_argument("--fp16", action="store_true", help="also time FP16 graphs (slow on x86 CPUs: no FP16 math)")
+    ap.add_argument("--work-dir", default=None, help="keep/reuse exports and the calibration set here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = load_config(args.model)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bitdance-bench-precision-"))
+    model = random_init(BitDance(cfg).eval(), 0)
+    source = random_source(0)
+    t0 = time.perf_counter()
+    fp32 = export_stages(model, work / "fp32", source, stages=list(GENERATION_STAGES), sampler_steps=args.steps)
+    print(f"{cfg.name}: FP32 export {'reused' if fp32.reused else f'{time.perf_counter() - t0:.0f}s'} ({work})")
+
+    t0 = time.perf_counter()
+    labels = [(7 * i + 3) % cfg.num_classes for i in range(args.calib_images)]
+    policy = CapturePolicy(head_fraction=0.05, max_samples=128)
+    cset = capture(model, source, labels, [0], args.steps, args.cfg, "linear", policy, batch_size=1).dataset
+    print(f"calibration capture ({len(labels)} images, torch): {time.perf_counter() - t0:.0f}s; samples "
+          + ", ".join(f"{k} {len(v)}" for k, v in cset.samples.items()))
+    exports = {"fp32": fp32.directory}
+    for precision in ["int8"] + (["fp16"] if args.fp16 else []):
+        t0 = time.perf_counter()
+        exports[precision] = derive_export(fp32.directory, work / precision, precision, cset, args.method).directory
+        print(f"{precision} graphs: {time.perf_counter() - t0:.0f}s")
+
+    backends = {
+        "fp32-fused": OrtBackend(exports["fp32"], threads=args.threads, sampler="fused", verify_hashes=False),
+        "fp32-step": OrtBackend(exports["fp32"], threads=args.threads, sampler="step", verify_hashes=False),
+        "int8-step": OrtBackend(exports["int8"], threads=args.threads, verify_hashes=False),
+    }
+    if args.fp16:
+        backends["fp16-fused"] = OrtBackend(exports["fp16"], threads=args.threads, sampler="fused", verify_hashes=False)
+    results: dict = {}
+    for batch in args.batches:
+        run_labels = [(7 * i + 1) % cfg.num_classes for i in range(batch)]
+        for name, backend in backends.items():
+            if batch == args.batches[0]:
+                warm_up(backend, cfg, args.steps)
+            results.setdefault(batch, {})[name] = run_once(backend, run_labels, args.steps, args.cfg, 123)
+        res = results[batch]
+        print(f"\nbatch {batch}:")
+        print(f"  {'backend':<11} {'img/s':>8} {'vs fp32-step':>12} {'vs fp32-fused':>13}   s/image: "
+              + "  ".join(f"{k:>13}" for k in STAGE_CALLS))
+        for name, r in res.items():
+            a = r["images_per_s"] / res["fp32-step"]["images_per_s"]
+            b = r["images_per_s"] / res["fp32-fused"]["images_per_s"]
+            stages = "  ".join(f"{r['stage_s_per_image'][k]:>13.3f}" for k in STAGE_CALLS)
+            print(f"  {name:<11} {r['images_per_s']:>8.4f} {a:>11.2f}x {b:>12.2f}x   {' ' * 8} {stages}")
+
+    t0 = time.perf_counter()
+    report_labels = [(11 * i + 5) % cfg.num_classes for i in range(args.report_images)]
+    fidelity = {p: compare(backends["fp32-step"], OrtBackend(exports[p], threads=args.threads, verify_hashes=False),
+                           report_labels, [7], args.steps, args.cfg, batch_size=args.report_images,
+                           free_running=False).to_json()
+                for p in exports if p != "fp32"}
+    print(f"\nteacher-forced fidelity vs FP32 ({args.report_images} images, {time.perf_counter() - t0:.0f}s):")
+    for p, j in fidelity.items():
+        tf = j["teacher_forced"]
+        print(f"  {p}: bit agreement prefill {tf['prefill']['bit_agreement']:.4f}, backbone_step "
+              f"{tf['backbone_step']['bit_agreement']:.4f}, head {tf['head']['bit_agreement']:.4f}, end to end "
+              f"{tf['end_to_end']['bit_agreement']:.4f}; decoder PSNR {tf['decoder']['psnr_db_min']:.1f} dB")
+    summary = {
+        "model": cfg.name, "steps": args.steps, "cfg": args.cfg, "threads": args.threads, "method": args.method,
+        "results": {str(b): {n: {k: v for k, v in r.items() if k != "tokens"} | {
+            "vs_fp32_step": r["images_per_s"] / res_b["fp32-step"]["images_per_s"],
+            "vs_fp32_fused": r["images_per_s"] / res_b["fp32-fused"]["images_per_s"]}
+            for n, r in res_b.items()} for b, res_b in results.items()},
+        "fidelity": fidelity,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The accuracy report of `bitdance-rt calibrate --report`: every precision vs FP32, plus INT8 sensitivity."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import stages as st
+from .auto import precision_export
+from .report import compare
+
+TARGET_BIT_AGREEMENT = 0.99  # teacher-forced INT8, per stage (the precision issue's bar)
+
+
+def accuracy_report(cfg, weights: str, fp32_dir, calibration, method: str, labels, seeds, steps: int, scale: float,
+                    schedule: str, make_backend, precisions=("fp16", "int8"), sensitivity: bool = False,
+                    progress: bool = True) -> dict:
+    """Derive (or reuse) each precision's graphs from `fp32_dir`, compare them with the FP32 graphs
+    on `labels` x `seeds`, and return the report dict (see report_files.markdown)."""
+    fp32_dir = Path(fp32_dir)
+    ref = make_backend(fp32_dir)
+    out = {"setup": {"model": cfg.name, "weights": weights, "steps": steps, "cfg": scale, "cfg_schedule": schedule,
+                     "images": len(labels), "labels": list(labels), "seeds": list(seeds), "method": method,
+                     "calibration": str(getattr(calibration, "directory", None) or "(in memory)"),
+                     "calibration_samples": {k: len(v) for k, v in calibration.samples.items()},
+                     "backend": ref.name, "fp32_export": str(fp32_dir)},
+           "precisions": {}, "exports": {}}
+    for precision in precisions:
+        variant = precision_export(fp32_dir, precision, calibration, method, progress=progress)
+        out["exports"][precision] = str(variant.directory)
+        out["precisions"][precision] = compare(ref, make_backend(variant.directory), labels, seeds, steps, scale,
+                                               schedule).to_json()
+    if "int8" in out["precisions"]:
+        tf = out["precisions"]["int8"]["teacher_forced"]
+        out["targets"] = {f"INT8 {stage} bit agreement >= {TARGET_BIT_AGREEMENT:.0%}":
+                          tf[stage]["bit_agreement"] >= TARGET_BIT_AGREEMENT
+                          for stage in ("prefill", "backbone_step", "head")}
+        if sensitivity:
+            from .sensitivity import sweep
+
+            gains = sweep(fp32_dir, calibration, method, [st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER],
+                          labels, seeds, steps, scale, schedule, out["precisions"]["int8"], make_backend,
+                          progress=progress)
+            out["sensitivity"] = [asdict(g) for g in gains]
+    return out

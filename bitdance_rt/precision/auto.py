@@ -1,0 +1,74 @@
+"""Automatic precision variants for `generate` / `eval` / `export`: cached like the FP32 exports.
+
+Layout under the cache root (export/cache.py):
+    exports/<fp32 export>                       the FP32 export (export/cache.py)
+    exports/<fp32 export>-fp16                  its FP16 graphs
+    exports/<fp32 export>-int8-<method>-<set>   its INT8 graphs for one calibration set and method
+    calibration/<model>-<weights>-s<S>          the default calibration set when none is given
+Reuse and rebuilds follow the manifest keys, so a stale variant is re-derived, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import BitDanceError
+from ..export.cache import cache_root
+from .derive import derive_export
+from .policy import check_method, check_precision
+
+DEFAULT_CALIBRATION_IMAGES = 16
+
+
+def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = "max") -> Path:
+    fp32_dir = Path(fp32_dir)
+    if precision == "fp16":
+        return fp32_dir.with_name(f"{fp32_dir.name}-fp16")
+    digest = hashlib.sha256(json.dumps(calibration.key, sort_keys=True).encode()).hexdigest()[:8]
+    return fp32_dir.with_name(f"{fp32_dir.name}-int8-{method}-{digest}")
+
+
+def default_calibration_dir(cfg, source: str, steps: int) -> Path:
+    ident = json.dumps([cfg.to_json_dict()["constructor_args"], source], sort_keys=True)
+    return cache_root() / "calibration" / f"{cfg.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}-s{steps}"
+
+
+def default_labels(cfg, images: int = DEFAULT_CALIBRATION_IMAGES) -> list[int]:
+    """Labels spread evenly over the classes (every class when there are at most `images`)."""
+    n = min(images, cfg.num_classes)
+    return [round(i * cfg.num_classes / n) % cfg.num_classes for i in range(n)]
+
+
+def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, load_model, directory=None,
+                    progress: bool = True):
+    """The calibration set in `directory` (validated against the model and weights), or the cached
+    default set, captured first when missing: DEFAULT_CALIBRATION_IMAGES images, seed 0."""
+    from ..calibration import CapturePolicy, capture, load_calibration, save_calibration
+
+    if directory is not None:
+        return load_calibration(directory, config=cfg, weights=source)
+    path = default_calibration_dir(cfg, source, steps)
+    if (path / "calibration.json").is_file():
+        try:
+            return load_calibration(path, config=cfg, weights=source, steps=steps)
+        except BitDanceError as exc:
+            print(f"calibration cache {path}: {exc}; capturing it again")
+    labels = default_labels(cfg)
+    print(f"INT8 calibration: no --calibration given, capturing {len(labels)} images of {cfg.name} with the torch "
+          f"reference into {path} (once; pass --calibration DIR from `bitdance-rt calibrate` to choose the data)")
+    result = capture(load_model(), source, labels, [0], steps, scale, schedule, CapturePolicy(), 4, progress=progress)
+    save_calibration(result.dataset, path, overwrite=True)
+    return load_calibration(path, config=cfg, weights=source, steps=steps)
+
+
+def precision_export(fp32_dir, precision: str, calibration=None, method: str = "max", out_dir=None,
+                     progress: bool = True):
+    """The `precision` variant of an FP32 export (derived, or reused when up to date)."""
+    check_precision(precision)
+    if precision == "fp32":
+        raise BitDanceError("fp32 needs no variant: it is the export itself")
+    check_method(method)
+    out = Path(out_dir) if out_dir is not None else variant_dir(fp32_dir, precision, calibration, method)
+    return derive_export(fp32_dir, out, precision, calibration, method, progress=progress)

@@ -1,0 +1,284 @@
+"""FP16 and INT8 (Q/DQ) graphs: validity, what stays float, fidelity against FP32, reports, CLI."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxconverter_common")
+
+from bitdance_rt import stages as st  # noqa: E402
+from bitdance_rt.calibration import CapturePolicy, capture, load_calibration, save_calibration  # noqa: E402
+from bitdance_rt.config import EMBEDDED_WEIGHTS  # noqa: E402
+from bitdance_rt.engines.lint import lint_export  # noqa: E402
+from bitdance_rt.errors import BitDanceError  # noqa: E402
+from bitdance_rt.export import checkpoint_source, export_stages  # noqa: E402
+from bitdance_rt.loading import load_model  # noqa: E402
+from bitdance_rt.precision.derive import derive_export  # noqa: E402
+from bitdance_rt.precision.fp16 import convert_fp16  # noqa: E402
+from bitdance_rt.precision.policy import FP16_KEEP_FLOAT_OPS, INT8_OP_TYPES, sampler_arithmetic  # noqa: E402
+from bitdance_rt.precision.report import compare, psnr  # noqa: E402
+from bitdance_rt.precision.sensitivity import quantised_layers  # noqa: E402
+from bitdance_rt.runtime.ort_backend import OrtBackend  # noqa: E402
+
+from conftest import REPO, fixture_dir, torch_threads  # noqa: E402
+
+S = 25  # the embedded model's default sampler steps
+STAGES = [st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER]  # no fused samplers: quick FP16 conversion
+FLOAT, FLOAT16, INT8 = 1, 10, 3
+
+
+class Setup:
+    """The embedded trained model: FP32 export, a calibration set, FP16 and INT8 variants."""
+
+    def __init__(self, root):
+        with torch_threads(1):
+            loaded = load_model()
+            self.cfg, self.weights = loaded.model.cfg, checkpoint_source(EMBEDDED_WEIGHTS)
+            self.fp32 = export_stages(loaded.model, root / "fp32", self.weights, stages=STAGES, sampler_steps=S,
+                                      progress=False).directory
+            cap = capture(loaded.model, self.weights, list(range(10)), [0, 1], S, self.cfg.default_cfg,
+                          policy=CapturePolicy(head_fraction=0.25, seed=1))
+        self.cal = save_calibration(cap.dataset, root / "cal")
+        self.cset = load_calibration(self.cal, config=self.cfg, weights=self.weights)
+        self.int8 = derive_export(self.fp32, root / "int8", "int8", self.cset, progress=False).directory
+        self.fp16 = derive_export(self.fp32, root / "fp16", "fp16", progress=False).directory
+
+    def backend(self, d):
+        return OrtBackend(d, threads=1, verify_hashes=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return Setup(tmp_path_factory.mktemp("precision"))
+
+
+def _graph(d, stage):
+    return onnx.load(str(d / f"{stage}.onnx"))
+
+
+def _consumers(graph):
+    out = collections.defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            out[i].append(n)
+    return out
+
+
+def _value_types(model):
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+# ---- INT8: graph structure ---------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", STAGES)
+def test_int8_graph_places_qdq_only_on_weight_gemm_inputs(setup, stage):
+    fp32, q = _graph(setup.fp32, stage), _graph(setup.int8, stage)
+    onnx.checker.check_model(q, full_check=True)
+    cons = _consumers(q.graph)
+    inits = {t.name: t for t in q.graph.initializer}
+    dq_users = collections.Counter(c.op_type for n in q.graph.node if n.op_type == "DequantizeLinear"
+                                   for c in cons[n.output[0]])
+    # dequantised values feed only the quantised ops (Shape reads no values): norms, softmax, adds,
+    # attention products and the rest see float tensors
+    assert set(dq_users) <= set(INT8_OP_TYPES) | {"Shape"}, dq_users
+    quantised = {c.name for n in q.graph.node if n.op_type == "DequantizeLinear" for c in cons[n.output[0]]
+                 if c.op_type in INT8_OP_TYPES}
+    assert quantised == set(quantised_layers(setup.fp32 / f"{stage}.onnx")) and quantised
+    for n in q.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            assert inits[n.input[2]].data_type == INT8 and not zp.any(), f"{n.name}: not symmetric int8"
+    # weights: int8 initialisers with one scale per output channel
+    per_channel = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   and inits[n.input[0]].data_type == INT8]
+    assert per_channel and all(onnx.numpy_helper.to_array(inits[n.input[1]]).ndim == 1 for n in per_channel)
+    assert [i.name for i in q.graph.input] == [i.name for i in fp32.graph.input]
+
+
+def test_derived_exports_lint_clean_for_tensorrt(setup):
+    for d in (setup.int8, setup.fp16):
+        for target in ("10.3", "11"):
+            assert lint_export(d, target) == [], (d, target)
+
+
+# ---- FP16: graph structure ---------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", STAGES)
+def test_fp16_graph_keeps_sensitive_ops_and_io_in_float32(setup, stage):
+    g = _graph(setup.fp16, stage)
+    onnx.checker.check_model(g, full_check=True)
+    types = _value_types(g)
+    assert all(v.type.tensor_type.elem_type in (FLOAT, 7) for v in list(g.graph.input) + list(g.graph.output))
+    sensitive = [n for n in g.graph.node if n.op_type in FP16_KEEP_FLOAT_OPS]
+    for n in sensitive:
+        assert all(types.get(i) != FLOAT16 for i in n.input if i), f"{n.op_type} {n.name} has FP16 inputs"
+    gemm_weights = [t for t in g.graph.initializer if t.data_type == FLOAT16]
+    assert gemm_weights, "no FP16 weights: nothing was converted"
+
+
+def test_fp16_fused_sampler_keeps_the_update_arithmetic_in_float32(tmp_path):
+    d = fixture_dir("tiny_4x")
+    with torch_threads(1):
+        model = load_model(f"{d}/config.json", f"{d}/checkpoint.pt").model
+        out = export_stages(model, tmp_path / "e", "fixture", stages=[st.HEAD_SAMPLER_UNGUIDED], sampler_steps=2,
+                            progress=False).directory
+    g = convert_fp16(onnx.load(str(out / "head_sampler_unguided.onnx")), sampler=True)
+    types = _value_types(g)
+    outside = set(sampler_arithmetic(g.graph.node))
+    assert any(n.op_type == "Sign" for n in g.graph.node if n.name in outside)
+    for n in g.graph.node:
+        if n.name in outside and n.op_type != "Cast":
+            assert all(types.get(i) != FLOAT16 for i in n.input if i), f"{n.op_type} {n.name} runs in FP16"
+    assert any(t.data_type == FLOAT16 for t in g.graph.initializer)  # the head net itself is FP16
+
+
+# ---- fidelity ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fidelity(setup):
+    """Teacher-forced comparison on held-out noise (seed 1000; calibration used seeds 0 and 1)."""
+    ref = setup.backend(setup.fp32)
+    return {p: compare(ref, setup.backend(d), list(range(10)), [1000], S, setup.cfg.default_cfg).to_json()
+            for p, d in (("fp16", setup.fp16), ("int8", setup.int8))}
+
+
+def test_fp16_matches_fp32_tokens(fidelity):
+    # FP16 keeps ~11 bits of mantissa: a token flips only where FP32's pre-sign value is within ~1e-3 of 0,
+    # which on the trained model is rare (measured 99.9-100% per stage)
+    tf = fidelity["fp16"]["teacher_forced"]
+    for stage in ("prefill", "backbone_step", "head", "end_to_end"):
+        assert tf[stage]["bit_agreement"] >= 0.995, (stage, tf[stage])
+    assert tf["decoder"]["psnr_db_min"] >= 60
+
+
+def test_int8_stays_close_to_fp32(fidelity):
+    """Bounds: per-tensor int8 activations carry ~0.4% (1/254 of the range) rounding error per GEMM input;
+    through the head's and backbone's layers that moves the conditions by a few percent (measured
+    cond max error ~0.25 against values of order 1), enough to flip tokens whose pre-sign value is
+    near zero. Measured on this model: prefill 99.6%, head 99.6%, backbone_step 98.4%, decoder 46 dB;
+    the bounds sit below with margin for other CPUs' kernels. (The >= 99% bar for backbone_step is
+    reported, not met, in the README.)"""
+    tf = fidelity["int8"]["teacher_forced"]
+    assert tf["head"]["bit_agreement"] >= 0.99
+    assert tf["prefill"]["bit_agreement"] >= 0.99
+    assert tf["backbone_step"]["bit_agreement"] >= 0.975
+    assert tf["end_to_end"]["bit_agreement"] >= 0.975
+    assert tf["decoder"]["psnr_db_min"] >= 35
+    assert 0 < tf["backbone_step"]["cond_max_abs_err"] < 1.0
+    # and INT8 is really different from FP32 (the comparison can fail)
+    assert tf["head"]["bit_agreement"] < 1.0 or tf["backbone_step"]["bit_agreement"] < 1.0
+
+
+def test_compare_detects_a_broken_stage(setup, tmp_path):
+    """The lockstep comparison isolates stages: a decoder of other weights drops only the decoder PSNR."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(setup.fp32, broken)
+    g = onnx.load(str(broken / "decoder.onnx"))
+    conv = next(t for t in g.graph.initializer if len(t.dims) == 4)
+    w = onnx.numpy_helper.to_array(conv)
+    conv.CopyFrom(onnx.numpy_helper.from_array(-w, conv.name))
+    onnx.save(g, str(broken / "decoder.onnx"))
+    ref, test = setup.backend(setup.fp32), OrtBackend(broken, threads=1, verify_hashes=False)
+    j = compare(ref, test, [1, 2], [5], S, setup.cfg.default_cfg, free_running=False).to_json()["teacher_forced"]
+    assert j["head"]["bit_agreement"] == 1.0 and j["backbone_step"]["bit_agreement"] == 1.0
+    assert j["decoder"]["psnr_db_min"] < 30
+
+
+def test_psnr_is_the_textbook_formula():
+    import torch
+
+    a = torch.zeros(1, 3, 4, 4)
+    b = a + 0.2  # MSE 0.04, peak-to-peak 2: 10 log10(4 / 0.04) = 20 dB
+    assert psnr(a, b) == pytest.approx(20.0)
+    assert psnr(a, a) == float("inf")
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_calibrate_and_differ_from_max(setup, method, tmp_path):
+    with torch_threads(1):  # head_step only: the histogram searches are slow pure Python
+        head = export_stages(load_model().model, tmp_path / "fp32", setup.weights, stages=[st.HEAD_STEP],
+                             sampler_steps=S, progress=False).directory
+    d = derive_export(head, tmp_path / method, "int8", setup.cset, method, progress=False).directory
+    scales = []
+    for src in (setup.int8, d):
+        g = _graph(src, st.HEAD_STEP)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.graph.initializer}
+        scales.append({n.input[0]: float(inits[n.input[1]]) for n in g.graph.node if n.op_type == "QuantizeLinear"})
+    assert scales[0].keys() == scales[1].keys()
+    assert any(not np.isclose(scales[0][k], scales[1][k]) for k in scales[0]), f"{method} gave max's ranges"
+
+
+# ---- refusals and reuse -----------------------------------------------------------------------------
+def test_calibration_set_of_another_model_is_refused(setup, tmp_path):
+    d = fixture_dir("tiny_4x")
+    with torch_threads(1):
+        other = load_model(f"{d}/config.json", f"{d}/checkpoint.pt").model
+        cap = capture(other, checkpoint_source(d / "checkpoint.pt"), [1], [0], 4, 2.0)
+    foreign = load_calibration(save_calibration(cap.dataset, tmp_path / "foreign"))
+    with pytest.raises(BitDanceError, match="captured for model .*another model config"):
+        derive_export(setup.fp32, tmp_path / "x", "int8", foreign, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_derived_exports_are_reused_and_rederived_when_inputs_change(setup, tmp_path):
+    a = derive_export(setup.fp32, setup.int8, "int8", setup.cset, progress=False)
+    assert a.reused and a.manifest["precision"] == "int8"
+    b = derive_export(setup.fp32, setup.int8.parent / "int8-p", "int8", setup.cset, "percentile", progress=False)
+    assert not b.reused and b.manifest["key"] != a.manifest["key"]
+    with pytest.raises(BitDanceError, match="from an FP32 export"):
+        derive_export(setup.int8, tmp_path / "y", "fp16", progress=False)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+def _run(*args, env):
+    return subprocess.run([sys.executable, "-m", "bitdance_rt", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import os
+
+    return {**os.environ, "BITDANCE_RT_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+def test_calibrate_report_writes_numbers_of_a_real_run(setup, env, tmp_path):
+    out = tmp_path / "set"
+    r = _run("calibrate", "--out", out, "--labels", 2, 5, "--samples", 4, "--report", "--report-images", 2,
+             "--threads", 1, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert "| int8 |" in (out / "report.md").read_text() and "| fp16 |" in r.stdout
+    assert report["setup"]["calibration_samples"]["prefill"] == 1  # 4 images in batches of 4: one prefill call
+    # the numbers are those of a comparison run again here on the same graphs
+    again = compare(setup.backend(report["setup"]["fp32_export"]), setup.backend(report["exports"]["int8"]),
+                    report["setup"]["labels"], report["setup"]["seeds"], S, setup.cfg.default_cfg).to_json()
+    assert report["precisions"]["int8"] == json.loads(json.dumps(again))
+
+
+def test_generate_with_precision_flags(setup, env, tmp_path):
+    toks = {}
+    for p in ("fp32", "fp16", "int8"):
+        extra = ["--calibration", setup.cal] if p == "int8" else []
+        r = _run("generate", "--labels", 0, 1, 2, 3, "--precision", p, *extra, "--out", tmp_path / p, "--quiet",
+                 "--save-tokens", tmp_path / f"{p}.safetensors", "--threads", 1, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"({p})" in r.stdout
+        from safetensors.torch import load_file
+
+        toks[p] = load_file(str(tmp_path / f"{p}.safetensors"))["tokens"]
+    assert (toks["fp16"] == toks["fp32"]).float().mean() >= 0.98
+    assert 0.8 <= (toks["int8"] == toks["fp32"]).float().mean() < 1.0
+    r = _run("generate", "--backend", "torch", "--precision", "int8", "--out", tmp_path / "t", env=env)
+    assert r.returncode != 0 and "float32 reference" in r.stderr and "Traceback" not in r.stderr
