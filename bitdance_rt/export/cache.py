@@ -24,7 +24,12 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "bitdance-rt"
 
 
-def export_dir_for(cfg: ModelConfig, source: str, steps: int) -> Path:
+def cache_dir_for(kind: str, cfg: ModelConfig, source: str, steps: int) -> Path:
+    """<cache root>/<kind>/<model>-<digest of architecture + weights>-s<S>: one per (model, weights, S)."""
     ident = json.dumps([cfg.to_json_dict()["constructor_args"], source], sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    return cache_root() / "exports" / f"{cfg.name}-{digest}-s{steps}"
+    return cache_root() / kind / f"{cfg.name}-{digest}-s{steps}"
+
+
+def export_dir_for(cfg: ModelConfig, source: str, steps: int) -> Path:
+    return cache_dir_for("exports", cfg, source, steps)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..errors import BitDanceError
-from ..export.cache import cache_root
+from ..export.cache import cache_dir_for
 from .derive import derive_export
 from .policy import check_method, check_precision
 
@@ -31,8 +31,7 @@ def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = 
 
 
 def default_calibration_dir(cfg, source: str, steps: int) -> Path:
-    ident = json.dumps([cfg.to_json_dict()["constructor_args"], source], sort_keys=True)
-    return cache_root() / "calibration" / f"{cfg.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}-s{steps}"
+    return cache_dir_for("calibration", cfg, source, steps)
 
 
 def default_labels(cfg, images: int = DEFAULT_CALIBRATION_IMAGES) -> list[int]:
