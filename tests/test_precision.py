@@ -23,7 +23,8 @@ from bitdance_rt.export import checkpoint_source, export_stages  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.precision.derive import derive_export  # noqa: E402
 from bitdance_rt.precision.fp16 import convert_fp16  # noqa: E402
-from bitdance_rt.precision.policy import FP16_KEEP_FLOAT_OPS, INT8_OP_TYPES, sampler_arithmetic  # noqa: E402
+from bitdance_rt.precision.policy import (FP16_KEEP_FLOAT_OPS, INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES,  # noqa: E402
+                                          sampler_arithmetic)  # noqa: E402
 from bitdance_rt.precision.report import compare, psnr  # noqa: E402
 from bitdance_rt.precision.sensitivity import quantised_layers  # noqa: E402
 from bitdance_rt.runtime.ort_backend import OrtBackend  # noqa: E402
@@ -87,11 +88,20 @@ def test_int8_graph_places_qdq_only_on_weight_gemm_inputs(setup, stage):
     onnx.checker.check_model(q, full_check=True)
     cons = _consumers(q.graph)
     inits = {t.name: t for t in q.graph.initializer}
+    produced = {o: n for n in q.graph.node for o in n.output}
+
+    def rounded_output(dq):  # a DequantizeLinear standing for a convolution's output (policy: quantised)
+        q_node = produced.get(dq.input[0])
+        return q_node is not None and q_node.op_type == "QuantizeLinear" and \
+            getattr(produced.get(q_node.input[0]), "op_type", None) in INT8_OUTPUT_OP_TYPES
+
     dq_users = collections.Counter(c.op_type for n in q.graph.node if n.op_type == "DequantizeLinear"
-                                   for c in cons[n.output[0]])
-    # dequantised values feed only the quantised ops (Shape reads no values): norms, softmax, adds,
-    # attention products and the rest see float tensors
-    assert set(dq_users) <= set(INT8_OP_TYPES) | {"Shape"}, dq_users
+                                   and not rounded_output(n) for c in cons[n.output[0]])
+    # dequantised inputs feed only the quantised ops: norms, softmax, adds, attention products and the
+    # rest see float tensors, except where they read a convolution's (rounded) output
+    assert set(dq_users) <= set(INT8_OP_TYPES), dq_users
+    conv_outputs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and rounded_output(n)]
+    assert bool(conv_outputs) == any(n.op_type in INT8_OUTPUT_OP_TYPES for n in fp32.graph.node)
     quantised = {c.name for n in q.graph.node if n.op_type == "DequantizeLinear" for c in cons[n.output[0]]
                  if c.op_type in INT8_OP_TYPES}
     assert quantised == set(quantised_layers(setup.fp32 / f"{stage}.onnx")) and quantised
@@ -104,6 +114,37 @@ def test_int8_graph_places_qdq_only_on_weight_gemm_inputs(setup, stage):
                    and inits[n.input[0]].data_type == INT8]
     assert per_channel and all(onnx.numpy_helper.to_array(inits[n.input[1]]).ndim == 1 for n in per_channel)
     assert [i.name for i in q.graph.input] == [i.name for i in fp32.graph.input]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_int8_graph_runs_on_integer_kernels_in_onnxruntime(setup, stage, tmp_path):
+    """After ONNX Runtime's CPU optimiser no weight is dequantised at run time: every quantised
+    MatMul / Gemm / Conv became an integer kernel (MatMulIntegerToFloat, QGemm, QLinearConv).
+    The one exception the policy allows: a Conv whose output has two value readers (the decoder's
+    conv_in feeds a residual add and a norm), which QLinearConv cannot express."""
+    import onnxruntime as ort
+
+    q = _graph(setup.int8, stage)
+    cons = _consumers(q.graph)
+
+    def readers(conv):  # value readers of the conv's dequantised output
+        qs = [c for c in cons[conv.output[0]] if c.op_type == "QuantizeLinear"]
+        return [c for qn in qs for dq in cons[qn.output[0]] for c in cons[dq.output[0]] if c.op_type != "Shape"]
+
+    allowed = {n.name for n in q.graph.node if n.op_type == "Conv" and len(readers(n)) > 1}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(setup.int8 / f"{stage}.onnx"), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(so.optimized_model_filepath).graph
+    weights = {t.name for t in opt.initializer}
+    opt_cons = _consumers(opt)
+    left = sorted(c.name for n in opt.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
+                  for c in opt_cons[n.output[0]])
+    assert set(left) <= allowed, left
+    fused = collections.Counter(n.op_type for n in opt.node)
+    assert fused["MatMulIntegerToFloat"] + fused["QGemm"] + fused["QLinearConv"] >= len(quantised_layers(
+        setup.fp32 / f"{stage}.onnx")) - len(allowed) > 0
 
 
 def test_derived_exports_lint_clean_for_tensorrt(setup):
@@ -282,3 +323,20 @@ def test_generate_with_precision_flags(setup, env, tmp_path):
     assert 0.8 <= (toks["int8"] == toks["fp32"]).float().mean() < 1.0
     r = _run("generate", "--backend", "torch", "--precision", "int8", "--out", tmp_path / "t", env=env)
     assert r.returncode != 0 and "float32 reference" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_int8_graph_with_external_data_is_the_same_graph(setup, tmp_path):
+    """Large graphs keep their weights in an external file; the fix-ups edit such a graph without
+    loading the weights and must give the graph the in-file path gives."""
+    import onnxruntime as ort
+
+    from bitdance_rt.precision.int8 import quantize_int8
+
+    src = setup.fp32 / f"{st.HEAD_STEP}.onnx"
+    quantize_int8(src, tmp_path / "ext.onnx", setup.cset.reader(st.HEAD_STEP), external_data=True)
+    assert any(p.name != "ext.onnx" for p in tmp_path.iterdir()), "no external data file written"
+    onnx.checker.check_model(str(tmp_path / "ext.onnx"), full_check=True)
+    feeds = setup.cset.reader(st.HEAD_STEP).get_next()
+    run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+           for p in (tmp_path / "ext.onnx", setup.int8 / f"{st.HEAD_STEP}.onnx")]
+    np.testing.assert_array_equal(run[0][0], run[1][0])

@@ -6,8 +6,8 @@ top of onnxruntime (ModelOpt's ONNX extra pulls CUDA torch, onnxruntime-gpu and 
 Q/DQ graphs it writes are the standard ONNX QuantizeLinear/DequantizeLinear pairs that both
 ONNX Runtime and TensorRT's explicit quantization read. The settings below produce the
 placement of policy.py: symmetric int8 activations (zero point 0, as TensorRT requires),
-per-output-channel symmetric int8 weights, only weight MatMul / Gemm / Conv inputs quantised,
-float biases. Calibration method: max (MinMax), entropy (KL) or percentile (99.999%).
+per-output-channel symmetric int8 weights, only weight MatMul / Gemm / Conv inputs (and Conv
+outputs) quantised, float biases; then qdq_fixups.py lets ONNX Runtime run it on integer kernels. Calibration method: max (MinMax), entropy (KL) or percentile (99.999%).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BitDanceError
-from .policy import INT8_OP_TYPES, check_method
+from .policy import INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES, check_method
+from .qdq_fixups import fix_for_integer_kernels
 
 _METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -41,40 +42,15 @@ def quantize_options(method: str) -> dict:
             "ActivationSymmetric": True,
             "WeightSymmetric": True,
             "MatMulConstBOnly": True,  # attention's activation x activation products stay float
-            # ... and so that only inputs are quantised, as TensorRT wants Q/DQ placed: ONNX Runtime's QDQ
-            # mode would otherwise also quantise these ops' outputs, rounding the residual adds' inputs to int8
-            "OpTypesToExcludeOutputQuantization": list(INT8_OP_TYPES),
+            # ... and so that GEMM outputs stay float (ONNX Runtime's QDQ mode would round them, and with them
+            # the residual adds' inputs, to int8). Conv outputs are quantised: see policy.py
+            "OpTypesToExcludeOutputQuantization": [t for t in INT8_OP_TYPES if t not in INT8_OUTPUT_OP_TYPES],
             # a tensor read by a quantised op and by others: the others keep reading the float tensor
             "DedicatedQDQPair": True,
             "QuantizeBias": False,  # float bias: TensorRT fuses it; an int32 bias would add a DQ
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # weight [in, out]: one scale per output
         },
     )
-
-
-def float_for_unquantised_consumers(path) -> int:
-    """Point every op that is not quantised back at the float tensor a DequantizeLinear stands for.
-
-    ONNX Runtime's quantiser rewires all consumers of a quantised graph input to its dequantised
-    copy (DedicatedQDQPair covers only inner tensors), so e.g. the decoder's norm statistics would
-    read the int8-rounded latent. Returns how many inputs were pointed back."""
-    import onnx
-
-    model = onnx.load(str(path))
-    produced = {o: n for n in model.graph.node for o in n.output}
-    fixed = 0
-    for node in model.graph.node:
-        if node.op_type in INT8_OP_TYPES or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        for i, name in enumerate(node.input):
-            dq = produced.get(name)
-            q = produced.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
-                fixed += 1
-    if fixed:
-        onnx.save(model, str(path))
-    return fixed
 
 
 @contextlib.contextmanager
@@ -147,5 +123,4 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: s
     except Exception as exc:  # onnxruntime raises many types; name the graph
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BitDanceError(f"{fp32_path}: INT8 quantisation failed ({first})") from exc
-    if not external_data:  # (large graphs: a second full load is not worth it; the values are exact +/-1 inputs)
-        float_for_unquantised_consumers(out_path)
+    fix_for_integer_kernels(out_path)
