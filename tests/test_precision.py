@@ -24,7 +24,7 @@ from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.precision.derive import derive_export  # noqa: E402
 from bitdance_rt.precision.fp16 import convert_fp16  # noqa: E402
 from bitdance_rt.precision.policy import (FP16_KEEP_FLOAT_OPS, INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES,  # noqa: E402
-                                          sampler_arithmetic)  # noqa: E402
+                                          int8_float_layers, sampler_arithmetic)  # noqa: E402
 from bitdance_rt.precision.report import compare, psnr  # noqa: E402
 from bitdance_rt.precision.sensitivity import quantised_layers  # noqa: E402
 from bitdance_rt.runtime.ort_backend import OrtBackend  # noqa: E402
@@ -104,7 +104,11 @@ def test_int8_graph_places_qdq_only_on_weight_gemm_inputs(setup, stage):
     assert bool(conv_outputs) == any(n.op_type in INT8_OUTPUT_OP_TYPES for n in fp32.graph.node)
     quantised = {c.name for n in q.graph.node if n.op_type == "DequantizeLinear" for c in cons[n.output[0]]
                  if c.op_type in INT8_OP_TYPES}
-    assert quantised == set(quantised_layers(setup.fp32 / f"{stage}.onnx")) and quantised
+    layers = quantised_layers(setup.fp32 / f"{stage}.onnx")
+    kept = set(int8_float_layers(stage, layers))
+    assert quantised == set(layers) - kept and quantised
+    if stage in (st.PREFILL, st.BACKBONE_STEP):  # the policy's float layers: the feed-forward down-projections
+        assert kept and all("/feed_forward/w2/" in name for name in kept)
     for n in q.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
             zp = onnx.numpy_helper.to_array(inits[n.input[2]])
@@ -143,8 +147,9 @@ def test_int8_graph_runs_on_integer_kernels_in_onnxruntime(setup, stage, tmp_pat
                   for c in opt_cons[n.output[0]])
     assert set(left) <= allowed, left
     fused = collections.Counter(n.op_type for n in opt.node)
-    assert fused["MatMulIntegerToFloat"] + fused["QGemm"] + fused["QLinearConv"] >= len(quantised_layers(
-        setup.fp32 / f"{stage}.onnx")) - len(allowed) > 0
+    layers = quantised_layers(setup.fp32 / f"{stage}.onnx")
+    expected = len(layers) - len(int8_float_layers(stage, layers)) - len(allowed)
+    assert fused["MatMulIntegerToFloat"] + fused["QGemm"] + fused["QLinearConv"] >= expected > 0
 
 
 def test_derived_exports_lint_clean_for_tensorrt(setup):
@@ -186,9 +191,9 @@ def test_fp16_fused_sampler_keeps_the_update_arithmetic_in_float32(tmp_path):
 # ---- fidelity ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fidelity(setup):
-    """Teacher-forced comparison on held-out noise (seed 1000; calibration used seeds 0 and 1)."""
+    """Teacher-forced comparison on held-out noise (seeds 1000, 1001; calibration used seeds 0 and 1)."""
     ref = setup.backend(setup.fp32)
-    return {p: compare(ref, setup.backend(d), list(range(10)), [1000], S, setup.cfg.default_cfg).to_json()
+    return {p: compare(ref, setup.backend(d), list(range(10)), [1000, 1001], S, setup.cfg.default_cfg).to_json()
             for p, d in (("fp16", setup.fp16), ("int8", setup.int8))}
 
 
@@ -204,15 +209,16 @@ def test_fp16_matches_fp32_tokens(fidelity):
 def test_int8_stays_close_to_fp32(fidelity):
     """Bounds: per-tensor int8 activations carry ~0.4% (1/254 of the range) rounding error per GEMM input;
     through the head's and backbone's layers that moves the conditions by a few percent (measured
-    cond max error ~0.25 against values of order 1), enough to flip tokens whose pre-sign value is
-    near zero. Measured on this model: prefill 99.6%, head 99.6%, backbone_step 98.4%, decoder 46 dB;
-    the bounds sit below with margin for other CPUs' kernels. (The >= 99% bar for backbone_step is
-    reported, not met, in the README.)"""
+    cond max error ~0.15 against values of order 1), enough to flip tokens whose pre-sign value is
+    near zero. Measured here (AVX-512 VNNI CPU, seeds 1000-1001): prefill 99.8%, backbone_step 99.2%,
+    head 99.6%, end to end 99.2%, decoder 44 dB (its conv outputs are int8 too). The bounds sit a
+    little below: x86 CPUs without VNNI run ONNX Runtime's u8 x s8 kernels with 16-bit intermediate
+    sums, which may round differently."""
     tf = fidelity["int8"]["teacher_forced"]
     assert tf["head"]["bit_agreement"] >= 0.99
     assert tf["prefill"]["bit_agreement"] >= 0.99
-    assert tf["backbone_step"]["bit_agreement"] >= 0.975
-    assert tf["end_to_end"]["bit_agreement"] >= 0.975
+    assert tf["backbone_step"]["bit_agreement"] >= 0.985
+    assert tf["end_to_end"]["bit_agreement"] >= 0.985
     assert tf["decoder"]["psnr_db_min"] >= 35
     assert 0 < tf["backbone_step"]["cond_max_abs_err"] < 1.0
     # and INT8 is really different from FP32 (the comparison can fail)

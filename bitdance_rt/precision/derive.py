@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import stages as st
 from ..errors import BitDanceError
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
-from .policy import check_method, check_precision, fingerprint
+from .policy import check_method, check_precision, fingerprint, int8_float_layers
 
 INT8_STAGES = (st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER)
 FP16_STAGES = st.ALL_STAGES
@@ -97,12 +97,13 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
     """Write the `precision` variant of the FP32 export `fp32_dir` into `out_dir` (or reuse it).
 
     `calibration`: a CalibrationSet (INT8). `keep_float`: {stage: [node names]} kept out of
-    quantisation (the sensitivity sweep's lever)."""
+    quantisation (the sensitivity sweep's lever), on top of the policy's INT8_FLOAT_LAYERS."""
     import onnx
 
     from ..export.onnx_export import ExportResult, find_reusable, install_export
     from .fp16 import convert_fp16
     from .int8 import quantize_int8
+    from .sensitivity import quantised_layers
 
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
     check_precision(precision)
@@ -120,6 +121,12 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
     else:
         stages = [s for s in available if s in FP16_STAGES]
     keep_float = {s: list(v) for s, v in (keep_float or {}).items() if s in stages}
+    if precision == "int8":  # the policy's float layers join the caller's
+        for stage in stages:
+            layers = quantised_layers(fp32_dir / stage_files(manifest, fp32_dir, stage)[0])
+            policy = int8_float_layers(stage, layers)
+            if policy:
+                keep_float[stage] = sorted(set(keep_float.get(stage, [])) | set(policy))
     key = derived_key(manifest, precision, stages, calibration, method, keep_float)
     if not force and (found := find_reusable(out_dir, key)) is not None:
         return ExportResult(out_dir, found, True)
