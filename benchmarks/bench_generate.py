@@ -54,13 +54,19 @@ def warm_up(backend, cfg, steps: int) -> None:
     backend.decode(torch.ones(1, cfg.latent_dim, *cfg.grid))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_args(description: str) -> argparse.ArgumentParser:
+    """The settings every benchmark here shares (the issue's: B-4x, batch 1 and 8, S=25, CFG 3.9)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="BitDance-B-4x")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=3.9)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    return ap
+
+
+def main() -> None:
+    ap = benchmark_args(__doc__.splitlines()[0])
     ap.add_argument("--export-dir", default=None, help="keep/reuse the ONNX export here (default: a temp dir)")
     ap.add_argument("--backends", nargs="+", default=["torch", "ort-fused", "ort-step"],
                     choices=["torch", "ort-fused", "ort-step"])

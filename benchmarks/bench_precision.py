@@ -13,17 +13,15 @@ fidelity report (--report-images images), then one JSON line. Asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_generate import run_once, warm_up
+from bench_generate import benchmark_args, run_once, warm_up
 
-from bitdance_rt.calibration import CapturePolicy, capture
+from bitdance_rt.calibration import CapturePolicy, capture, load_calibration, save_calibration
 from bitdance_rt.config import load_config
 from bitdance_rt.export import export_stages, random_source
 from bitdance_rt.export.cache import GENERATION_STAGES
@@ -33,20 +31,23 @@ from bitdance_rt.precision.derive import derive_export
 from bitdance_rt.precision.report import compare
 from bitdance_rt.runtime.ort_backend import OrtBackend
 from bitdance_rt.runtime.timing import STAGE_CALLS
+from bitdance_rt.runtime.torch_backend import TorchBackend
+
+
+def ratios(r: dict, res: dict) -> dict:
+    """images/s of one backend over each reference's measured in the same run."""
+    return {f"vs_{n.replace('-', '_')}": r["images_per_s"] / res[n]["images_per_s"]
+            for n in ("fp32-step", "fp32-fused", "torch") if n in res}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="BitDance-B-4x")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cfg", type=float, default=3.9)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap = benchmark_args(__doc__.splitlines()[0])
     ap.add_argument("--method", default="max", choices=["max", "entropy", "percentile"])
     ap.add_argument("--calib-images", type=int, default=2)
     ap.add_argument("--report-images", type=int, default=2)
     ap.add_argument("--fp16", action="store_true", help="also time FP16 graphs (slow on x86 CPUs: no FP16 math)")
     ap.add_argument("--work-dir", default=None, help="keep/reuse exports and the calibration set here")
+    ap.add_argument("--torch", action="store_true", help="also time the torch eager reference (ratios vs it too)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,17 +61,24 @@ def main() -> None:
 
     t0 = time.perf_counter()
     labels = [(7 * i + 3) % cfg.num_classes for i in range(args.calib_images)]
-    policy = CapturePolicy(head_fraction=0.05, max_samples=128)
-    cset = capture(model, source, labels, [0], args.steps, args.cfg, "linear", policy, batch_size=1).dataset
-    print(f"calibration capture ({len(labels)} images, torch): {time.perf_counter() - t0:.0f}s; samples "
-          + ", ".join(f"{k} {len(v)}" for k, v in cset.samples.items()))
+    cal_dir = work / f"calibration-{args.calib_images}"
+    if (cal_dir / "calibration.json").is_file():  # (a set of another model or steps is refused here)
+        cset = load_calibration(cal_dir, config=cfg, weights=source, steps=args.steps)
+        print(f"calibration set reused ({cal_dir})")
+    else:
+        policy = CapturePolicy(head_fraction=0.05, max_samples=128)
+        cset = capture(model, source, labels, [0], args.steps, args.cfg, "linear", policy, batch_size=1).dataset
+        save_calibration(cset, cal_dir)
+        print(f"calibration capture ({len(labels)} images, torch): {time.perf_counter() - t0:.0f}s; samples "
+              + ", ".join(f"{k} {len(v)}" for k, v in cset.samples.items()))
     exports = {"fp32": fp32.directory}
     for precision in ["int8"] + (["fp16"] if args.fp16 else []):
         t0 = time.perf_counter()
         exports[precision] = derive_export(fp32.directory, work / precision, precision, cset, args.method).directory
         print(f"{precision} graphs: {time.perf_counter() - t0:.0f}s")
 
-    backends = {
+    backends = {"torch": TorchBackend(model)} if args.torch else {}
+    backends |= {
         "fp32-fused": OrtBackend(exports["fp32"], threads=args.threads, sampler="fused", verify_hashes=False),
         "fp32-step": OrtBackend(exports["fp32"], threads=args.threads, sampler="step", verify_hashes=False),
         "int8-step": OrtBackend(exports["int8"], threads=args.threads, verify_hashes=False),
@@ -85,14 +93,14 @@ def main() -> None:
                 warm_up(backend, cfg, args.steps)
             results.setdefault(batch, {})[name] = run_once(backend, run_labels, args.steps, args.cfg, 123)
         res = results[batch]
+        refs = [n for n in ("fp32-step", "fp32-fused", "torch") if n in res]
         print(f"\nbatch {batch}:")
-        print(f"  {'backend':<11} {'img/s':>8} {'vs fp32-step':>12} {'vs fp32-fused':>13}   s/image: "
+        print(f"  {'backend':<11} {'img/s':>8} " + " ".join(f"{'vs ' + n:>13}" for n in refs) + "   s/image: "
               + "  ".join(f"{k:>13}" for k in STAGE_CALLS))
         for name, r in res.items():
-            a = r["images_per_s"] / res["fp32-step"]["images_per_s"]
-            b = r["images_per_s"] / res["fp32-fused"]["images_per_s"]
+            vs = " ".join(f"{x:>12.2f}x" for x in ratios(r, res).values())
             stages = "  ".join(f"{r['stage_s_per_image'][k]:>13.3f}" for k in STAGE_CALLS)
-            print(f"  {name:<11} {r['images_per_s']:>8.4f} {a:>11.2f}x {b:>12.2f}x   {' ' * 8} {stages}")
+            print(f"  {name:<11} {r['images_per_s']:>8.4f} {vs}   {' ' * 8} {stages}")
 
     t0 = time.perf_counter()
     report_labels = [(11 * i + 5) % cfg.num_classes for i in range(args.report_images)]
@@ -108,10 +116,8 @@ def main() -> None:
               f"{tf['end_to_end']['bit_agreement']:.4f}; decoder PSNR {tf['decoder']['psnr_db_min']:.1f} dB")
     summary = {
         "model": cfg.name, "steps": args.steps, "cfg": args.cfg, "threads": args.threads, "method": args.method,
-        "results": {str(b): {n: {k: v for k, v in r.items() if k != "tokens"} | {
-            "vs_fp32_step": r["images_per_s"] / res_b["fp32-step"]["images_per_s"],
-            "vs_fp32_fused": r["images_per_s"] / res_b["fp32-fused"]["images_per_s"]}
-            for n, r in res_b.items()} for b, res_b in results.items()},
+        "results": {str(b): {n: {k: v for k, v in r.items() if k != "tokens"} | ratios(r, res_b)
+                             for n, r in res_b.items()} for b, res_b in results.items()},
         "fidelity": fidelity,
     }
     print(json.dumps(summary))

@@ -36,6 +36,28 @@ TRAINING_ONLY_ARGS = {
 }
 
 
+class TokenLayout:
+    """Facts that follow from a config's `grid`, `parallel_num` and `prefix_len` (ImageNet and T2I alike)."""
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    @property
+    def ar_steps(self) -> int:
+        return self.num_tokens // self.parallel_num
+
+    @property
+    def patch_side(self) -> int:
+        return math.isqrt(self.parallel_num)
+
+    @property
+    def max_seq_len(self) -> int:
+        """KV-cache length: the prefix plus every token but the last patch (never fed back)."""
+        return self.prefix_len + self.num_tokens - self.parallel_num
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """The binary autoencoder (official `qae.VQModel` ddconfig). Defaults: ae_d16c32.pt."""
@@ -65,7 +87,7 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(TokenLayout):
     """A class-conditional ImageNet BitDance model (1x: next-token; 4x/16x: next-patch)."""
 
     name: str
@@ -102,27 +124,9 @@ class ModelConfig:
         return side, side
 
     @property
-    def num_tokens(self) -> int:
-        h, w = self.grid
-        return h * w
-
-    @property
-    def ar_steps(self) -> int:
-        return self.num_tokens // self.parallel_num
-
-    @property
-    def patch_side(self) -> int:
-        return math.isqrt(self.parallel_num)
-
-    @property
     def prefix_len(self) -> int:
         """Positions filled by the prefill: class tokens (+ P-1 query tokens for next-patch)."""
         return self.cls_token_num + self.parallel_num - 1
-
-    @property
-    def max_seq_len(self) -> int:
-        """KV-cache length: the prefix plus every token but the last patch (never fed back)."""
-        return self.prefix_len + self.num_tokens - self.parallel_num
 
     @property
     def head_dim(self) -> int:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import VAEConfig
+from ..config import TokenLayout, VAEConfig
 from ..errors import ConfigError
 
 T2I_CLASS = "modeling/t2i_pipeline.py:BitDanceT2IPipeline"
@@ -144,7 +143,7 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
-class T2IConfig:
+class T2IConfig(TokenLayout):
     name: str
     llm: Qwen3Config
     head: HeadConfig
@@ -186,10 +185,6 @@ class T2IConfig:
         return self.head.parallel_num
 
     @property
-    def patch_side(self) -> int:
-        return math.isqrt(self.parallel_num)
-
-    @property
     def latent_dim(self) -> int:
         return self.vae.z_channels
 
@@ -210,22 +205,9 @@ class T2IConfig:
         return self.height // self.down_size, self.width // self.down_size
 
     @property
-    def num_tokens(self) -> int:
-        h, w = self.grid
-        return h * w
-
-    @property
-    def ar_steps(self) -> int:
-        return self.num_tokens // self.parallel_num
-
-    @property
     def prefix_len(self) -> int:
         """Left-padded chat prompt, <|vision_start|>, the two resolution tokens, P-1 query tokens."""
         return self.max_text_tokens + 3 + self.parallel_num - 1
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.prefix_len + self.num_tokens - self.parallel_num
 
     @property
     def image_hw(self) -> tuple[int, int]:
