@@ -84,6 +84,9 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
                         "the model and cached")
     p.add_argument("--calib-method", choices=("max", "entropy", "percentile"), default="max",
                    help="INT8 activation range method (default max)")
+    p.add_argument("--keep-float", nargs="+", default=(), metavar="LAYER",
+                   help="INT8: also keep these layers float (names as `calibrate --report --sensitivity` ranks "
+                        "them, e.g. /layers.0/attention/wo/MatMul)")
 
 
 def _add_accelerator_args(p: argparse.ArgumentParser) -> None:
@@ -296,6 +299,9 @@ def _ort_backend(args, cfg, steps: int):
     providers = _ort_providers(args)
     precision = getattr(args, "precision", None)
     if args.export_dir:
+        if getattr(args, "keep_float", ()):
+            raise BitDanceError("--keep-float applies when INT8 graphs are derived, not to an --export-dir; "
+                                "derive them with bitdance-rt export --precision int8 --keep-float ...")
         held = graph_precision(read_manifest(args.export_dir))
         if precision not in (None, held):
             raise BitDanceError(f"--export-dir {args.export_dir} holds {held} graphs, not {precision}: drop "
@@ -321,6 +327,8 @@ def _auto_export(args, cfg, steps: int, source: str, precision: str, out=None) -
     result = _export_for(cfg, args, fp32, steps, stages=list(GENERATION_STAGES))
     print(f"ONNX export: {fp32} ({'reused' if result.reused else 'exported'})")
     if precision == "fp32":
+        if getattr(args, "keep_float", ()):
+            raise BitDanceError("--keep-float is for --precision int8")
         return fp32
     calibration = None
     if precision == "int8":
@@ -330,7 +338,8 @@ def _auto_export(args, cfg, steps: int, source: str, precision: str, out=None) -
                                       args.calibration)
     elif args.calibration:
         raise BitDanceError("--calibration is for --precision int8 (FP16 graphs need no calibration)")
-    variant = precision_export(fp32, precision, calibration, args.calib_method, out_dir=out)
+    variant = precision_export(fp32, precision, calibration, args.calib_method, out_dir=out,
+                               keep_float=args.keep_float)
     print(f"{precision.upper()} graphs: {variant.directory} ({'reused' if variant.reused else 'derived'})")
     return variant.directory
 

@@ -346,3 +346,22 @@ def test_int8_graph_with_external_data_is_the_same_graph(setup, tmp_path):
     run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
            for p in (tmp_path / "ext.onnx", setup.int8 / f"{st.HEAD_STEP}.onnx")]
     np.testing.assert_array_equal(run[0][0], run[1][0])
+
+
+def test_keep_float_layers_stay_float_in_every_stage_that_has_them(setup, env, tmp_path):
+    from bitdance_rt.precision.auto import precision_export
+
+    layer = "/layers.0/attention/wo/MatMul"  # a backbone layer: in prefill and backbone_step
+    kept = precision_export(setup.fp32, "int8", setup.cset, keep_float=[layer], progress=False).directory
+    assert kept != precision_export(setup.fp32, "int8", setup.cset, progress=False).directory
+    for stage in (st.PREFILL, st.BACKBONE_STEP):
+        g = _graph(kept, stage).graph
+        produced = {o: n for n in g.node for o in n.output}
+        node = next(n for n in g.node if n.name == layer)
+        assert all(getattr(produced.get(i), "op_type", None) != "DequantizeLinear" for i in node.input)
+        other = next(n for n in g.node if n.name == "/layers.0/attention/wqkv/MatMul")
+        assert any(getattr(produced.get(i), "op_type", None) == "DequantizeLinear" for i in other.input)
+    with pytest.raises(BitDanceError, match="--keep-float /no/such/MatMul: no quantisable layer"):
+        precision_export(setup.fp32, "int8", setup.cset, keep_float=["/no/such/MatMul"], progress=False)
+    r = _run("generate", "--labels", 0, "--precision", "fp16", "--keep-float", layer, "--out", tmp_path / "x", env=env)
+    assert r.returncode != 0 and "--keep-float is for --precision int8" in r.stderr and "Traceback" not in r.stderr

@@ -22,12 +22,32 @@ from .policy import check_method, check_precision
 DEFAULT_CALIBRATION_IMAGES = 16
 
 
-def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = "max") -> Path:
+def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = "max", keep_float=()) -> Path:
     fp32_dir = Path(fp32_dir)
     if precision == "fp16":
         return fp32_dir.with_name(f"{fp32_dir.name}-fp16")
-    digest = hashlib.sha256(json.dumps(calibration.key, sort_keys=True).encode()).hexdigest()[:8]
+    what = [calibration.key] + ([sorted(keep_float)] if keep_float else [])
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
     return fp32_dir.with_name(f"{fp32_dir.name}-int8-{method}-{digest}")
+
+
+def keep_float_by_stage(fp32_dir, names) -> dict[str, list[str]]:
+    """Layer names (as the sensitivity report prints them) -> {INT8 stage: the names it has}.
+    Prefill and backbone_step run the same backbone, so a backbone layer is kept in both."""
+    from ..export.manifest import read_manifest, stage_files
+    from .derive import INT8_STAGES
+    from .sensitivity import quantised_layers
+
+    fp32_dir = Path(fp32_dir)
+    manifest = read_manifest(fp32_dir)
+    layers = {s: set(quantised_layers(fp32_dir / stage_files(manifest, fp32_dir, s)[0]))
+              for s in manifest["key"]["stages"] if s in INT8_STAGES}
+    unknown = [n for n in names if not any(n in v for v in layers.values())]
+    if unknown:
+        example = next((sorted(v)[0] for v in layers.values() if v), "/layers.0/attention/wo/MatMul")
+        raise BitDanceError(f"--keep-float {' '.join(unknown)}: no quantisable layer of that name in {fp32_dir} "
+                            f"(names look like {example}; `bitdance-rt calibrate --report --sensitivity` ranks them)")
+    return {s: sorted(set(names) & v) for s, v in layers.items() if set(names) & v}
 
 
 def default_calibration_dir(cfg, source: str, steps: int) -> Path:
@@ -63,11 +83,15 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
 
 
 def precision_export(fp32_dir, precision: str, calibration=None, method: str = "max", out_dir=None,
-                     progress: bool = True):
-    """The `precision` variant of an FP32 export (derived, or reused when up to date)."""
+                     progress: bool = True, keep_float=()):
+    """The `precision` variant of an FP32 export (derived, or reused when up to date); `keep_float`:
+    INT8 layer names kept in float on top of the policy's (see keep_float_by_stage)."""
     check_precision(precision)
     if precision == "fp32":
         raise BitDanceError("fp32 needs no variant: it is the export itself")
     check_method(method)
-    out = Path(out_dir) if out_dir is not None else variant_dir(fp32_dir, precision, calibration, method)
-    return derive_export(fp32_dir, out, precision, calibration, method, progress=progress)
+    if keep_float and precision != "int8":
+        raise BitDanceError("--keep-float is for --precision int8")
+    keep = keep_float_by_stage(fp32_dir, keep_float) if keep_float else None
+    out = Path(out_dir) if out_dir is not None else variant_dir(fp32_dir, precision, calibration, method, keep_float)
+    return derive_export(fp32_dir, out, precision, calibration, method, keep_float=keep, progress=progress)
