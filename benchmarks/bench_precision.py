@@ -13,6 +13,7 @@ fidelity report (--report-images images), then one JSON line. Asserts nothing.
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import time
@@ -77,21 +78,29 @@ def main() -> None:
         exports[precision] = derive_export(fp32.directory, work / precision, precision, cset, args.method).directory
         print(f"{precision} graphs: {time.perf_counter() - t0:.0f}s")
 
-    backends = {"torch": TorchBackend(model)} if args.torch else {}
-    backends |= {
-        "fp32-fused": OrtBackend(exports["fp32"], threads=args.threads, sampler="fused", verify_hashes=False),
-        "fp32-step": OrtBackend(exports["fp32"], threads=args.threads, sampler="step", verify_hashes=False),
-        "int8-step": OrtBackend(exports["int8"], threads=args.threads, verify_hashes=False),
+    del cset  # (memory: the timed runs need every GiB on a 24 GiB machine)
+
+    # One backend alive at a time, run over every batch size: each ONNX Runtime backend holds its own copy of
+    # the weights and a memory arena sized by its largest batch, and four of them exceed 24 GiB at batch 8.
+    makers = {"torch": lambda: TorchBackend(model)} if args.torch else {}
+    makers |= {
+        "fp32-fused": lambda: OrtBackend(exports["fp32"], threads=args.threads, sampler="fused", verify_hashes=False),
+        "fp32-step": lambda: OrtBackend(exports["fp32"], threads=args.threads, sampler="step", verify_hashes=False),
+        "int8-step": lambda: OrtBackend(exports["int8"], threads=args.threads, verify_hashes=False),
     }
     if args.fp16:
-        backends["fp16-fused"] = OrtBackend(exports["fp16"], threads=args.threads, sampler="fused", verify_hashes=False)
-    results: dict = {}
+        makers["fp16-fused"] = lambda: OrtBackend(exports["fp16"], threads=args.threads, sampler="fused",
+                                                  verify_hashes=False)
+    results: dict = {batch: {} for batch in args.batches}
+    for name, make in makers.items():
+        backend = make()
+        warm_up(backend, cfg, args.steps)
+        for batch in args.batches:
+            run_labels = [(7 * i + 1) % cfg.num_classes for i in range(batch)]
+            results[batch][name] = run_once(backend, run_labels, args.steps, args.cfg, 123)
+        del backend
+        gc.collect()
     for batch in args.batches:
-        run_labels = [(7 * i + 1) % cfg.num_classes for i in range(batch)]
-        for name, backend in backends.items():
-            if batch == args.batches[0]:
-                warm_up(backend, cfg, args.steps)
-            results.setdefault(batch, {})[name] = run_once(backend, run_labels, args.steps, args.cfg, 123)
         res = results[batch]
         refs = [n for n in ("fp32-step", "fp32-fused", "torch") if n in res]
         print(f"\nbatch {batch}:")
@@ -104,7 +113,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     report_labels = [(11 * i + 5) % cfg.num_classes for i in range(args.report_images)]
-    fidelity = {p: compare(backends["fp32-step"], OrtBackend(exports[p], threads=args.threads, verify_hashes=False),
+    reference = makers["fp32-step"]()
+    fidelity = {p: compare(reference, OrtBackend(exports[p], threads=args.threads, verify_hashes=False),
                            report_labels, [7], args.steps, args.cfg, batch_size=args.report_images,
                            free_running=False).to_json()
                 for p in exports if p != "fp32"}
