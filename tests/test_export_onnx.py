@@ -220,6 +220,12 @@ def test_export_is_reused_and_redone_when_stale(ex, tmp_path):
     assert not redo.reused
     onnx.checker.check_model(str(path))
     assert export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=S).reused
+    # an export whose stored contract is not the one this version derives (an older bitdance-rt) is redone
+    manifest = json.loads((d / MANIFEST).read_text())
+    manifest["stages"][st.HEAD_STEP]["dims"]["rows"]["max"] += 1
+    (d / MANIFEST).write_text(json.dumps(manifest))
+    assert not export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED],
+                             sampler_steps=S).reused
     other_s = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=3)
     assert not other_s.reused and other_s.manifest["key"]["sampler_steps"] == 3
     other_ckpt = export_stages(ex.model, d, "random-init seed 1", stages=[st.HEAD_STEP])

@@ -29,7 +29,7 @@ from ..config import ModelConfig, load_config
 from ..errors import BitDanceError
 from ..models import BitDance
 from ..stages import ALL_STAGES, SAMPLER_STAGES, Limits, StageSpec, stage_specs
-from .manifest import MANIFEST, manifest_key, read_manifest, verify_files, write_manifest
+from .manifest import MANIFEST, manifest_key, manifest_specs, read_manifest, verify_files, write_manifest
 from .wrappers import example_inputs, stage_module
 
 MIN_OPSET, MAX_OPSET = 17, 20  # TensorRT 10.3 parses opsets up to 20
@@ -176,11 +176,13 @@ def _check_args(stages, opset: int, steps) -> tuple[list[str], int | None]:
 
 
 def find_reusable(directory: str | Path, key: dict) -> dict | None:
-    """The manifest of `directory` if it is a complete export with exactly this key."""
+    """The manifest of `directory` if it is a complete export with exactly this key (and the stage
+    contracts this version derives: an export written by an older bitdance-rt is redone, not used)."""
     try:
         manifest = read_manifest(directory)
         if manifest["key"] != json.loads(json.dumps(key)):
             return None
+        manifest_specs(manifest, Path(directory))
         verify_files(directory, manifest, hashes=True)
     except (BitDanceError, KeyError, TypeError):
         return None
