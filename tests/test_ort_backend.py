@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,9 @@ def test_session_options(ex, tmp_path):
     opt_dir = tmp_path / "opt"
     backend = OrtBackend(ex.dir, threads=1, opt_level="basic", optimized_model_dir=opt_dir, providers=["cpu"])
     assert (opt_dir / "prefill.basic.onnx").is_file()
+    # thread pools stop spinning at the end of a run (the next stage's session needs the cores)
+    assert {s.get_session_options().get_session_config_entry("session.force_spinning_stop")
+            for s in backend.sessions.values()} == {"1"}
     got = generate(backend, ex.labels, S, 3.0, "linear", ReplayNoise(ex.fixture / "sample.safetensors"))
     assert torch.equal(got.tokens, ex.sample["tokens"])
     plain = OrtBackend(ex.dir, opt_level="disable", threads=1)
@@ -262,3 +267,4 @@ def test_noise_that_does_not_fit_is_refused(ex):
         backend.sample_tokens(cond, torch.zeros(S + 1, 4, cfg.parallel_num, cfg.token_dim), 2.0, True)
     with pytest.raises(BitDanceError, match="does not fit"):
         backend.sample_tokens(cond, torch.zeros(1, 4, cfg.parallel_num, cfg.token_dim), 1.0, False)
+
