@@ -34,14 +34,12 @@ def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = 
 def keep_float_by_stage(fp32_dir, names) -> dict[str, list[str]]:
     """Layer names (as the sensitivity report prints them) -> {INT8 stage: the names it has}.
     Prefill and backbone_step run the same backbone, so a backbone layer is kept in both."""
-    from ..export.manifest import read_manifest, stage_files
-    from .derive import INT8_STAGES
-    from .sensitivity import quantised_layers
+    from ..export.manifest import read_manifest
+    from .derive import int8_layers
 
     fp32_dir = Path(fp32_dir)
     manifest = read_manifest(fp32_dir)
-    layers = {s: set(quantised_layers(fp32_dir / stage_files(manifest, fp32_dir, s)[0]))
-              for s in manifest["key"]["stages"] if s in INT8_STAGES}
+    layers = {s: set(v) for s, v in int8_layers(fp32_dir, manifest, manifest["key"]["stages"]).items()}
     unknown = [n for n in names if not any(n in v for v in layers.values())]
     if unknown:
         example = next((sorted(v)[0] for v in layers.values() if v), "/layers.0/attention/wo/MatMul")

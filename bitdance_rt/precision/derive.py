@@ -52,6 +52,14 @@ def derived_key(fp32_manifest: dict, precision: str, stages, calibration=None, m
     return key
 
 
+def int8_layers(fp32_dir: Path, manifest: dict, stages) -> dict[str, list[str]]:
+    """{stage: names of its quantisable layers} for the INT8 stages among `stages` of an FP32 export."""
+    from .sensitivity import quantised_layers
+
+    return {s: quantised_layers(Path(fp32_dir) / stage_files(manifest, fp32_dir, s)[0])
+            for s in stages if s in INT8_STAGES}
+
+
 def _load_fp32(fp32_dir: Path) -> dict:
     manifest = read_manifest(fp32_dir)
     if graph_precision(manifest) != "fp32":
@@ -103,7 +111,6 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
     from ..export.onnx_export import ExportResult, find_reusable, install_export
     from .fp16 import convert_fp16
     from .int8 import quantize_int8
-    from .sensitivity import quantised_layers
 
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
     check_precision(precision)
@@ -122,8 +129,7 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
         stages = [s for s in available if s in FP16_STAGES]
     keep_float = {s: list(v) for s, v in (keep_float or {}).items() if s in stages}
     if precision == "int8":  # the policy's float layers join the caller's
-        for stage in stages:
-            layers = quantised_layers(fp32_dir / stage_files(manifest, fp32_dir, stage)[0])
+        for stage, layers in int8_layers(fp32_dir, manifest, stages).items():
             policy = int8_float_layers(stage, layers)
             if policy:
                 keep_float[stage] = sorted(set(keep_float.get(stage, [])) | set(policy))

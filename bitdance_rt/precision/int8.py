@@ -7,7 +7,8 @@ Q/DQ graphs it writes are the standard ONNX QuantizeLinear/DequantizeLinear pair
 ONNX Runtime and TensorRT's explicit quantization read. The settings below produce the
 placement of policy.py: symmetric int8 activations (zero point 0, as TensorRT requires),
 per-output-channel symmetric int8 weights, only weight MatMul / Gemm / Conv inputs (and Conv
-outputs) quantised, float biases; then qdq_fixups.py lets ONNX Runtime run it on integer kernels. Calibration method: max (MinMax), entropy (KL) or percentile (99.999%).
+outputs) quantised, float biases; then qdq_fixups.py lets ONNX Runtime run it on integer kernels.
+Calibration method: max (MinMax), entropy (KL) or percentile (99.999%).
 """
 
 from __future__ import annotations
