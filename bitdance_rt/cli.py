@@ -31,14 +31,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load .pt files with full unpickling (can execute code: only for files you trust)")
 
 
+SCHEDULE_HELP = ("guidance over AR steps (default: the model's, as the official code: linear for ImageNet models, "
+                 "constant for text-to-image)")
+
+
 def _resolve_model(args):
     """The config of --model (default: the embedded tiny-digits model); the embedded model
     without weight files gets its shipped weights as args.checkpoint."""
     from .config import load_config
     from .loading import embedded_checkpoint
+    from .sampling import schedule_for
 
     cfg = load_config(args.model or EMBEDDED_MODEL)
     args.checkpoint = embedded_checkpoint(cfg, args.checkpoint, args.vae)
+    if hasattr(args, "cfg_schedule"):
+        args.cfg_schedule = schedule_for(args.cfg_schedule, cfg)
     return cfg
 
 
@@ -58,7 +65,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Sampling and backend options shared by generate and eval."""
     p.add_argument("--steps", type=int, default=None, help="sampler steps S per AR step (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
-    p.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
+    p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help=SCHEDULE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the one noise generator")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="onnxruntime (default when installed) or torch (the float32 reference)")
@@ -173,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds; every label is generated once per seed")
     cal.add_argument("--steps", type=int, default=None, help="sampler steps S (match the export's S; default: the model's)")
     cal.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
-    cal.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
+    cal.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help=SCHEDULE_HELP)
     cal.add_argument("--batch-size", type=int, default=4, help="images per recorded call (bounds a backbone sample's size)")
     cal.add_argument("--backbone-every", type=int, default=1, help="keep backbone steps 1, 1+k, 1+2k, ... (default 1)")
     cal.add_argument("--head-fraction", type=float, default=0.25, help="share of head-net evaluations kept (default 0.25)")
@@ -220,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="labels of the end-to-end run (default: the noise file's `labels`)")
     ck.add_argument("--steps", type=int, default=None, help="sampler steps S of the end-to-end run (default: the export's)")
     ck.add_argument("--cfg", type=float, default=None, help="guidance scale of the end-to-end run (default: the model's)")
-    ck.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
+    ck.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help=SCHEDULE_HELP)
     ck.add_argument("--min-agreement", type=float, default=None,
                     help="token agreement needed to pass (default: 1.0 for fp32, 0.98 fp16, 0.95 int8)")
     ck.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
@@ -307,13 +314,19 @@ def _ort_backend(args, cfg, steps: int):
             raise BitDanceError(f"--export-dir {args.export_dir} holds {held} graphs, not {precision}: drop "
                                 f"--precision, or make a {precision} export (bitdance-rt export --precision {precision})")
         backend = OrtBackend(args.export_dir, threads=args.threads, providers=providers, expect_config=cfg)
-        return backend, f"{cfg.name} from {held} ONNX export {args.export_dir}"
+        return backend, f"{cfg.name} from {held} ONNX export {args.export_dir}{_int8_note(backend)}"
     source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else random_source(EMBEDDED_SEED)
     out = _auto_export(args, cfg, steps, source, precision or "fp32")
     # the export / derivation verified the files' hashes just now: no need to hash them again.
     backend = OrtBackend(out, threads=args.threads, providers=providers, verify_hashes=False, expect_config=cfg)
     what = Path(args.checkpoint).name if args.checkpoint else f"seeded random weights (seed {EMBEDDED_SEED})"
-    return backend, f"{cfg.name} from {what} ({precision or 'fp32'})"
+    return backend, f"{cfg.name} from {what} ({precision or 'fp32'}){_int8_note(backend)}"
+
+
+def _int8_note(backend) -> str:
+    from .runtime.int8_kernels import kernels_note
+
+    return f"; {kernels_note(backend.int8_exact)}" if backend.manifest.get("precision") == "int8" else ""
 
 
 def _auto_export(args, cfg, steps: int, source: str, precision: str, out=None) -> Path:
@@ -322,6 +335,7 @@ def _auto_export(args, cfg, steps: int, source: str, precision: str, out=None) -
     from .export.cache import GENERATION_STAGES, export_dir_for
     from .loading import load_model
     from .precision.auto import calibration_for, precision_export
+    from .sampling import schedule_for
 
     fp32 = export_dir_for(cfg, source, steps)
     result = _export_for(cfg, args, fp32, steps, stages=list(GENERATION_STAGES))
@@ -333,7 +347,8 @@ def _auto_export(args, cfg, steps: int, source: str, precision: str, out=None) -
     calibration = None
     if precision == "int8":
         scale = cfg.default_cfg if getattr(args, "cfg", None) is None else args.cfg
-        calibration = calibration_for(cfg, source, steps, scale, getattr(args, "cfg_schedule", "linear"),
+        schedule = schedule_for(getattr(args, "cfg_schedule", None), cfg)
+        calibration = calibration_for(cfg, source, steps, scale, schedule,
                                       lambda: load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle).model,
                                       args.calibration)
     elif args.calibration:

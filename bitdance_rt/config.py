@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from .errors import ConfigError
 
@@ -109,6 +110,8 @@ class ModelConfig(TokenLayout):
     vae: VAEConfig = field(default_factory=VAEConfig)
     default_cfg: float = 4.0
     default_steps: int = 100
+    # The official ImageNet sampler ramps guidance over AR steps (imagenet_gen/src/model_parallel.py)
+    default_cfg_schedule: ClassVar[str] = "linear"
     # Training-only constructor args, kept to write official JSON back; not part of identity.
     training_args: tuple[tuple[str, object], ...] = field(default=(), compare=False)
 

@@ -14,7 +14,7 @@ from bitdance_rt.runtime.torch_backend import TorchBackend
 from bitdance_rt.sampling import (NoiseSource, ReplayNoise, SeededNoise, cfg_at_step, sample_head,
                                   sample_tokens, time_grid)
 
-from conftest import fixture_config, fixture_dir
+from conftest import ORACLE_SAMPLER_REL, assert_matches_oracle, fixture_config, fixture_dir
 
 MODELS = ["tiny_4x", "tiny_1x"]
 
@@ -79,8 +79,8 @@ def test_head_sampler_per_ar_step(official, name):
             x = sample_head(model.head_net, cond, noise, g, g > 1.0, model.cfg.time_shift)
             tokens = sample_tokens(model.head_net, cond, noise, g, g > 1.0, model.cfg.time_shift)
         out = torch.cat([x, x]) if g > 1.0 else x
-        torch.testing.assert_close(out.reshape(sample[f"steps.{i:03d}.head_out"].shape),
-                                   sample[f"steps.{i:03d}.head_out"], atol=1e-6, rtol=0)
+        assert_matches_oracle(out.reshape(sample[f"steps.{i:03d}.head_out"].shape),
+                              sample[f"steps.{i:03d}.head_out"], f"AR step {i} head output", ORACLE_SAMPLER_REL)
         assert torch.equal(tokens, sample[f"steps.{i:03d}.pred"])
     assert draws == len(calls["calls"])
 
@@ -170,13 +170,13 @@ def test_t2i_head_fixture():
     st = load_file(str(d / "stages.safetensors"))
     with torch.no_grad():
         out = head(st["head_net.x"], st["head_net.t"], st["head_net.c"])
-        torch.testing.assert_close(out, st["head_net.output"], atol=2e-6, rtol=0)
+        assert_matches_oracle(out, st["head_net.output"], "t2i head_net")
         out64 = head(st["head_net_p64.x"], st["head_net_p64.t"], st["head_net_p64.c"])
         torch.testing.assert_close(out64, st["head_net_p64.output"], atol=1e-5, rtol=0)  # SDPA stand-in
         s = cfg["sampling"]
         noise = [st[f"head_sample.noise_{k:03d}"] for k in range(s["sample_steps"] + 1)]
         x = sample_head(head, st["head_sample.cond"], noise, s["cfg_scale"], True, a["time_shift"])
-    torch.testing.assert_close(torch.cat([x, x]), st["head_sample.output"], atol=1e-6, rtol=0)
+    assert_matches_oracle(torch.cat([x, x]), st["head_sample.output"], "t2i head sampler", ORACLE_SAMPLER_REL)
 
 
 def test_batched_generation_equals_one_batch_with_chunked_noise(official):

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import fixture_config, fixture_dir, torch_threads
+from conftest import ORACLE_SAMPLER_REL, assert_matches_oracle, fixture_config, fixture_dir, torch_threads
 from t2i_tiny import RES_TOKENS, byte_vocab, special_tokens, write_checkpoint, write_tokenizer
 
 from bitdance_rt.errors import BitDanceError
@@ -106,11 +106,11 @@ def test_t2i_head_fixture_through_the_checkpoint_loader(ckpt, tmp_path):
     st = load_file(str(fixture_dir("t2i_head") / "stages.safetensors"))
     with torch.no_grad():
         out = model.head_net(st["head_net.x"], st["head_net.t"], st["head_net.c"])
-        torch.testing.assert_close(out, st["head_net.output"], atol=2e-6, rtol=0)
+        assert_matches_oracle(out, st["head_net.output"], "t2i head_net")
         s = cfg["sampling"]
         noise = [st[f"head_sample.noise_{k:03d}"] for k in range(s["sample_steps"] + 1)]
         x = sample_head(model.head_net, st["head_sample.cond"], noise, s["cfg_scale"], True, model.cfg.time_shift)
-    torch.testing.assert_close(torch.cat([x, x]), st["head_sample.output"], atol=1e-6, rtol=0)
+    assert_matches_oracle(torch.cat([x, x]), st["head_sample.output"], "t2i head sampler", ORACLE_SAMPLER_REL)
 
 
 def test_left_padding_and_cache_equal_the_unpadded_one_shot_sequence(ckpt):
@@ -233,3 +233,32 @@ def test_cli_generate_prompt(ckpt, tmp_path, capsys, monkeypatch):
     assert main(["generate", "--prompt", "", "--checkpoint", str(ckpt[64]), "--height", "512", "--width", "512"]) == 2
     assert "prompt 0 is empty" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_text_to_image_guidance_is_constant_by_default_as_in_the_official_pipeline(ckpt, tmp_path):
+    """The official T2I pipeline passes guidance_scale unchanged to every AR step (t2i_pipeline.py
+    gen_image); the linear ramp is the ImageNet sampler's. Without --cfg-schedule, the T2I command
+    samples what --cfg-schedule constant samples, and ImageNet models keep linear."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from bitdance_rt.cli import main
+    from bitdance_rt.config import load_config
+    from bitdance_rt.sampling import schedule_for
+
+    base = ["generate", "--checkpoint", str(ckpt[16]), "--prompt", "a red fox", "--cfg", "7.5", "--seed", "42",
+            "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT), "--steps", "2", "--quiet",
+            "--threads", "1", "--backend", "torch"]
+    tokens, meta = {}, {}
+    for name, extra in (("default", []), ("constant", ["--cfg-schedule", "constant"]),
+                        ("linear", ["--cfg-schedule", "linear"])):
+        path = tmp_path / f"{name}.safetensors"
+        assert main(base + extra + ["--out", str(tmp_path / name), "--save-tokens", str(path)]) == 0
+        tokens[name] = load_file(str(path))["tokens"]
+        with safe_open(str(path), "pt") as f:
+            meta[name] = f.metadata()["cfg_schedule"]
+    assert meta == {"default": "constant", "constant": "constant", "linear": "linear"}
+    assert torch.equal(tokens["default"], tokens["constant"])
+    assert not torch.equal(tokens["default"], tokens["linear"])  # step 0 is unguided under linear
+    assert schedule_for(None, load_config("tiny-digits")) == "linear"
+    assert schedule_for("constant", load_config("tiny-digits")) == "constant"

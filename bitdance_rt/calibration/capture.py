@@ -27,7 +27,7 @@ from ..models import BitDance
 from ..runtime import GenerationResult, generate_batched
 from ..runtime.loop import check_request
 from ..runtime.torch_backend import TorchBackend
-from ..sampling import SeededNoise
+from ..sampling import SeededNoise, schedule_for
 from .dataset import CAPTURED_STAGES, COMPACT_CACHE, FORMAT, CalibrationSet, Sample
 from .policy import CapturePolicy, Reservoir
 
@@ -120,7 +120,7 @@ class Capture:
 
 
 def capture(model: BitDance, weights: str, labels, seeds, steps: int, cfg_scale: float,
-            cfg_schedule: str = "linear", policy: CapturePolicy = CapturePolicy(),
+            cfg_schedule: str | None = None, policy: CapturePolicy = CapturePolicy(),
             batch_size: int | None = 4, device: str = "cpu", progress: bool = False) -> Capture:
     """Generate `labels` once per seed with the torch backend and record the stage inputs.
 
@@ -131,6 +131,7 @@ def capture(model: BitDance, weights: str, labels, seeds, steps: int, cfg_scale:
     labels = [int(l) for l in labels]
     seeds = [int(s) for s in seeds]
     cfg = model.cfg
+    cfg_schedule = schedule_for(cfg_schedule, cfg)
     check_request(cfg.num_classes, labels, steps)
     if not seeds:
         raise BitDanceError("no seeds given: pass at least one seed")

@@ -159,6 +159,11 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
                "versions": {**manifest.get("versions", {}), **_versions()}}
         if precision == "int8":
             new["calibration_method"] = method
+            # one graph for every runtime: ONNX Runtime picks exact kernels for the CPU it runs on
+            # (runtime/int8_kernels.py), so this is provenance, not a condition of use
+            from ..runtime.int8_kernels import cpu_summary
+
+            new["derived_on"] = cpu_summary()
         return ExportResult(out_dir, install_export(work, out_dir, new, files), False)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import BitDanceError
 from ..models.layout import tokens_to_latent
-from ..sampling import NoiseSource, cfg_at_step
+from ..sampling import NoiseSource, cfg_at_step, schedule_for
 from .backend import Backend
 from .conditions import as_condition, row_count
 
@@ -45,7 +45,7 @@ def check_request(num_classes: int, labels, steps: int) -> None:
         raise BitDanceError(f"steps must be >= 1, got {steps}")
 
 
-def generate_batched(backend: Backend, labels, steps: int, cfg_scale: float, cfg_schedule: str,
+def generate_batched(backend: Backend, labels, steps: int, cfg_scale: float, cfg_schedule: str | None,
                      noise: NoiseSource, progress: bool = False, batch_size: int | None = None) -> GenerationResult:
     """`generate` over chunks of at most `batch_size` images (default: the backend's `max_batch`,
     if it has one), drawing noise from the one source in order; results are concatenated.
@@ -68,14 +68,16 @@ def generate(
     labels,
     steps: int,
     cfg_scale: float,
-    cfg_schedule: str,
+    cfg_schedule: str | None,
     noise: NoiseSource,
     progress: bool = False,
     finish: bool = True,
 ) -> GenerationResult:
     """One batch. `finish=False` leaves the check that a replayed noise file was used up to the caller.
-    `labels`: class labels, or a condition (runtime/conditions.py) such as encoded prompts."""
+    `labels`: class labels, or a condition (runtime/conditions.py) such as encoded prompts.
+    `cfg_schedule` None: the model family's (sampling.schedule_for)."""
     cfg = backend.config
+    cfg_schedule = schedule_for(cfg_schedule, cfg)
     if not hasattr(labels, "rows") and hasattr(cfg, "num_classes"):
         check_request(cfg.num_classes, labels, steps)
     condition = as_condition(labels, cfg)

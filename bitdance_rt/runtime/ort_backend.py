@@ -25,6 +25,8 @@ from ..errors import BitDanceError
 from ..export.manifest import (MANIFEST, manifest_config, manifest_specs, read_manifest, stage_files,
                                verify_files)
 from ..sampling import sample_tokens
+from .int8_kernels import configure as int8_configure
+from .int8_kernels import resolve as int8_kernels_resolve
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -85,9 +87,11 @@ class OrtBackend:
     def __init__(self, export_dir, threads: int | None = None, opt_level: str = "all",
                  optimized_model_dir=None, providers=None, *, sampler: str = "auto",
                  verify_hashes: bool = True, expect_config: ModelConfig | None = None,
-                 expect_source: str | None = None):
+                 expect_source: str | None = None, int8_kernels: str | None = None):
         """`sampler`: 'auto' (fused graph when its S matches, else head_step), 'fused' or 'step'.
-        `expect_config` / `expect_source` refuse an export of another model or checkpoint."""
+        `expect_config` / `expect_source` refuse an export of another model or checkpoint.
+        `int8_kernels`: 'auto' (exact U8U8 kernels where this CPU's U8S8 ones saturate), 'exact' or
+        'fast'; see runtime/int8_kernels.py (default: $BITDANCE_RT_INT8_KERNELS, else auto)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -116,6 +120,9 @@ class OrtBackend:
             )
         verify_files(self.dir, self.manifest, hashes=verify_hashes)
         self.providers = normalize_providers(providers)
+        # INT8 graphs: ONNX Runtime's exact U8U8 kernels where its U8S8 ones saturate (decided here,
+        # from the CPU this runs on, not from where the graphs were derived)
+        self.int8_exact = self.manifest.get("precision") == "int8" and int8_kernels_resolve(int8_kernels)
         first = self.providers[0]
         self.device = ("cuda", int(first[1].get("device_id", 0))) if first[0] in GPU_PROVIDERS else ("cpu", 0)
         self.sessions = {name: self._session(name, threads, opt_level, optimized_model_dir) for name in self.specs}
@@ -168,6 +175,7 @@ class OrtBackend:
         # both cores slowed the next backbone step from 30 to 54 ms (B-4x INT8, 2 cores). Spin within a
         # run, stop at its end:
         opts.add_session_config_entry("session.force_spinning_stop", "1")
+        int8_configure(opts, self.int8_exact)
         if optimized_model_dir is not None:
             out = Path(optimized_model_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 from .euler_maruyama import LAST_STEP_SIZE, sample_head, sample_tokens, time_grid
 from .noise import NoiseSource, ReplayNoise, SeededNoise
-from .schedule import CFG_SCHEDULES, cfg_at_step
+from .schedule import CFG_SCHEDULES, cfg_at_step, schedule_for
 
 __all__ = ["LAST_STEP_SIZE", "sample_head", "sample_tokens", "time_grid", "NoiseSource", "ReplayNoise", "SeededNoise",
-           "CFG_SCHEDULES", "cfg_at_step"]
+           "CFG_SCHEDULES", "cfg_at_step", "schedule_for"]

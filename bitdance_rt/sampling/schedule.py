@@ -7,6 +7,12 @@ from ..errors import ConfigError
 CFG_SCHEDULES = ("linear", "constant")
 
 
+def schedule_for(schedule: str | None, model_cfg) -> str:
+    """`schedule`, or when None the model family's default (`default_cfg_schedule` of its config:
+    linear for ImageNet, constant for text-to-image, as the official samplers)."""
+    return model_cfg.default_cfg_schedule if schedule is None else schedule
+
+
 def cfg_at_step(cfg_scale: float, schedule: str, step: int, num_steps: int) -> float:
     """Guidance at AR step `step` of `num_steps`: 1+(G-1)*i/N (linear) or G (constant); 1 if G<=1.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BitDanceError
+from ..sampling import schedule_for
 from .config import DEFAULT_MAX_TEXT_TOKENS, check_resolution, read_checkpoint_config
 from .prompt import PromptEncoder
 
@@ -23,7 +24,10 @@ def _config(args):
     if not Path(args.checkpoint).is_dir():
         raise BitDanceError(f"--checkpoint {args.checkpoint}: a text-to-image checkpoint is a directory")
     max_text = args.max_text_tokens or DEFAULT_MAX_TEXT_TOKENS
-    return read_checkpoint_config(args.checkpoint, args.height, args.width, max_text)
+    cfg = read_checkpoint_config(args.checkpoint, args.height, args.width, max_text)
+    if hasattr(args, "cfg_schedule"):
+        args.cfg_schedule = schedule_for(args.cfg_schedule, cfg)
+    return cfg
 
 
 def _export(cfg, args, out, steps: int, stages=None, **options):

@@ -155,6 +155,9 @@ class T2IConfig(TokenLayout):
     default_steps: int = DEFAULT_STEPS
 
     family = "t2i"
+    # The official T2I pipeline guides every AR step with the same scale (modeling/t2i_pipeline.py
+    # gen_image -> vision_head.sample(..., cfg=guidance_scale)); the linear ramp is ImageNet's.
+    default_cfg_schedule = "constant"
     is_parallel = True
     parallel_mode = "patch"
     patch_size = 1
