@@ -385,6 +385,8 @@ def test_generate_with_precision_flags(setup, env, tmp_path):
                  "--save-tokens", tmp_path / f"{p}.safetensors", "--threads", 1, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"({p})" in r.stdout
+        # which integer kernels ran is said, for INT8 only
+        assert (int8_kernels.kernels_note(int8_kernels.resolve()) in r.stdout) == (p == "int8"), r.stdout
         from safetensors.torch import load_file
 
         toks[p] = load_file(str(tmp_path / f"{p}.safetensors"))["tokens"]
