@@ -8,8 +8,9 @@ Settings follow the main benchmark (bench_generate.py): 256px, S=25, CFG 3.9 (li
 reference (--calib-images images); FP32 runs with the fused sampler and with head_step (INT8
 samples with head_step, see precision/derive.py), so the ratio to FP32 head_step isolates the
 precision. On a CPU whose U8S8 kernels are exact (VNNI), INT8 is also timed on the U8U8 kernels that
-CPUs without VNNI run (int8-u8u8: what exactness costs there). Prints images/s, the per-stage breakdown and the ratios, then the teacher-forced
-fidelity report (--report-images images), then one JSON line. Asserts nothing.
+CPUs without VNNI run (int8-u8u8: what exactness costs there). Prints images/s, the per-stage
+breakdown and the ratios, then the teacher-forced fidelity report (--report-images images), then
+one JSON line. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ def main() -> None:
         "fp32-step": lambda: OrtBackend(exports["fp32"], threads=args.threads, sampler="step", verify_hashes=False),
         "int8-step": lambda: OrtBackend(exports["int8"], threads=args.threads, verify_hashes=False),
     }
-    if not int8_kernels.resolve():  # this CPU's U8S8 kernels are exact: time the U8U8 branch of other CPUs too
+    exact = int8_kernels.resolve()
+    if not exact:  # this CPU's U8S8 kernels are exact: time the U8U8 branch of other CPUs too
         makers["int8-u8u8"] = lambda: OrtBackend(exports["int8"], threads=args.threads, verify_hashes=False,
                                                  int8_kernels="exact")
-    print(f"CPU: {int8_kernels.cpu_summary()}; int8-step: {int8_kernels.kernels_note(int8_kernels.resolve())}")
+    print(f"CPU: {int8_kernels.cpu_summary()}; int8-step: {int8_kernels.kernels_note(exact)}")
     if args.fp16:
         makers["fp16-fused"] = lambda: OrtBackend(exports["fp16"], threads=args.threads, sampler="fused",
                                                   verify_hashes=False)
@@ -134,7 +136,7 @@ def main() -> None:
               f"{tf['backbone_step']['bit_agreement']:.4f}, head {tf['head']['bit_agreement']:.4f}, end to end "
               f"{tf['end_to_end']['bit_agreement']:.4f}; decoder PSNR {tf['decoder']['psnr_db_min']:.1f} dB")
     summary = {
-        "model": cfg.name, "cpu": int8_kernels.cpu_summary(), "int8_exact_kernels": int8_kernels.resolve(),
+        "model": cfg.name, "cpu": int8_kernels.cpu_summary(), "int8_exact_kernels": exact,
         "steps": args.steps, "cfg": args.cfg, "threads": args.threads, "method": args.method,
         "results": {str(b): {n: {k: v for k, v in r.items() if k != "tokens"} | ratios(r, res_b)
                              for n, r in res_b.items()} for b, res_b in results.items()},

@@ -26,6 +26,7 @@ variant beside TensorRT's) and costs accuracy on every CPU: 98.96% / 99.08% / 98
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
@@ -35,6 +36,7 @@ ENV = "BITDANCE_RT_INT8_KERNELS"
 MODES = ("auto", "exact", "fast")
 SESSION_KEY = "session.x64quantprecision"
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+_EXACT_U8S8 = ("avx512_vnni", "avx_vnni", "amx_int8")  # any of these: ONNX Runtime's U8S8 kernels are exact
 
 
 def _proc_flags() -> set[str]:
@@ -48,16 +50,22 @@ def _proc_flags() -> set[str]:
     return set()
 
 
-def cpu_features() -> dict[str, bool]:
-    """The CPU features that decide the int8 kernels: numpy's cpuid probe (what the running code
-    sees, on every OS), plus /proc/cpuinfo for AVX-VNNI and AMX, which numpy does not name."""
+@functools.cache
+def _detected() -> tuple[tuple[str, bool], ...]:
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as found
     except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__ as found
     flags = _proc_flags()
-    return {"avx2": bool(found.get("AVX2")), "avx512_vnni": bool(found.get("AVX512VNNI")),
-            "avx_vnni": "avx_vnni" in flags, "amx_int8": "amx_int8" in flags}
+    return (("avx2", bool(found.get("AVX2"))), ("avx512_vnni", bool(found.get("AVX512VNNI"))),
+            ("avx_vnni", "avx_vnni" in flags), ("amx_int8", "amx_int8" in flags))
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU features that decide the int8 kernels: numpy's cpuid probe (what the running code
+    sees, on every OS), plus /proc/cpuinfo for AVX-VNNI and AMX, which numpy does not name.
+    Read once per process (the CPU does not change under it)."""
+    return dict(_detected())
 
 
 def u8s8_saturates(machine: str | None = None, features: dict | None = None) -> bool:
@@ -66,7 +74,7 @@ def u8s8_saturates(machine: str | None = None, features: dict | None = None) -> 
     if machine not in _X86:
         return False
     f = cpu_features() if features is None else features
-    return not (f.get("avx512_vnni") or f.get("avx_vnni") or f.get("amx_int8"))
+    return not any(f.get(name) for name in _EXACT_U8S8)
 
 
 def resolve(mode: str | None = None) -> bool:
@@ -91,7 +99,7 @@ def cpu_summary() -> str:
     if machine not in _X86:
         return machine
     f = cpu_features()
-    have = [name for name in ("avx512_vnni", "avx_vnni", "amx_int8") if f[name]]
+    have = [name for name in _EXACT_U8S8 if f[name]]
     return f"{machine} with {'/'.join(have)}" if have else f"{machine} {'AVX2' if f['avx2'] else 'SSE'} without VNNI"
 
 
