@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import stages as st
+from .backends import BackendOptions, ModelSource, ort_providers
 from .errors import BitDanceError
 
 # Per-output (atol, rtol) for continuous outputs, by engine precision; "" is the default.
@@ -220,7 +221,7 @@ def _first_accuracy(accuracy):
 def ort_runner(backend, stage: str):
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    return OnnxrtRunner(backend.sessions[stage], name=f"onnxruntime-{stage}")
+    return OnnxrtRunner(backend._get_session(stage), name=f"onnxruntime-{stage}")
 
 
 def trt_runner(backend, stage: str):
@@ -245,57 +246,71 @@ def end_to_end(reference, candidate, labels, steps: int, cfg: float, schedule: s
             "image_max_diff": float((ref.image - got.image.to(ref.image.device)).abs().max())}
 
 
-def run_check(args) -> CheckReport:
-    """The CLI command: model + export from args, stage comparisons, optional end-to-end run."""
-    from .cli import _ort_providers, _resolve_model
-    from .loading import load_model
+@dataclass
+class CheckRequest:
+    """What `bitdance-rt check` compares: an export (on `opts.backend`) against the torch reference."""
+
+    export_dir: str
+    stages: list | None = None
+    batch: int = 2
+    noise_from: str | None = None
+    labels: list | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    cfg_schedule: str | None = None
+    min_agreement: float | None = None
+
+
+def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> CheckReport:
+    """Stage comparisons of req.export_dir against `model`'s torch reference, then optionally end to end."""
     from .runtime.torch_backend import TorchBackend
 
     _polygraphy()
-    if args.batch < 1:
-        raise BitDanceError(f"--batch must be >= 1, got {args.batch}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    cfg = _resolve_model(args)
-    loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
-    model = loaded.model.to(args.device).eval()
-    if args.backend == "onnxruntime":
-        from .export import checkpoint_source
+    if req.batch < 1:
+        raise BitDanceError(f"--batch must be >= 1, got {req.batch}")
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    cfg = model.config
+    reference = model.load(opts.allow_pickle).to(opts.device).eval()
+    name = opts.backend or "onnxruntime"
+    if name == "onnxruntime":
         from .runtime.ort_backend import OrtBackend
 
-        source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else None
-        backend = OrtBackend(args.export_dir, threads=args.threads, providers=_ort_providers(args), expect_config=cfg,
+        source = model.weights_source() if model.checkpoint else None
+        backend = OrtBackend(req.export_dir, threads=opts.threads, providers=ort_providers(opts), expect_config=cfg,
                              expect_source=source)
         make_runner, precision = ort_runner, backend.manifest.get("precision", "fp32")
-    else:
+    elif name == "tensorrt":
         from .runtime.trt_backend import TrtBackend
 
-        backend = TrtBackend(args.export_dir, precision=args.precision, workspace_mb=args.workspace_mb,
-                             engine_root=args.engine_dir, cuda_graphs=not args.no_cuda_graphs, expect_config=cfg)
+        backend = TrtBackend(req.export_dir, precision=opts.precision, workspace_mb=opts.workspace_mb,
+                             engine_root=opts.engine_dir, cuda_graphs=opts.cuda_graphs, expect_config=cfg)
         make_runner, precision = trt_runner, backend.precision
+    else:
+        raise BitDanceError(f"check compares onnxruntime or tensorrt against torch, not {name}")
     max_batch = backend.max_batch
-    if args.batch > max_batch:
-        raise BitDanceError(f"--batch {args.batch} is above the export's max batch {max_batch}")
-    stages = args.stages or [s for s in st.ALL_STAGES if s in backend.specs]
+    if req.batch > max_batch:
+        raise BitDanceError(f"--batch {req.batch} is above the export's max batch {max_batch}")
+    stages = req.stages or [s for s in st.ALL_STAGES if s in backend.specs]
     unknown = [s for s in stages if s not in backend.specs]
     if unknown:
-        raise BitDanceError(f"{args.export_dir} has no stage(s) {', '.join(unknown)}")
-    report = CheckReport(args.backend, precision)
+        raise BitDanceError(f"{req.export_dir} has no stage(s) {', '.join(unknown)}")
+    report = CheckReport(name, precision)
     for stage in stages:
-        report.stages.append(compare_stage(model, backend.specs[stage], make_runner(backend, stage), precision,
-                                           args.batch, min_agreement=args.min_agreement, device=args.device))
-    if args.noise_from:
-        labels = args.labels
+        report.stages.append(compare_stage(reference, backend.specs[stage], make_runner(backend, stage), precision,
+                                           req.batch, min_agreement=req.min_agreement, device=opts.device))
+    if req.noise_from:
+        labels = req.labels
         if labels is None:
             from safetensors import safe_open
 
-            with safe_open(str(args.noise_from), "pt") as f:
+            with safe_open(str(req.noise_from), "pt") as f:
                 if "labels" not in f.keys():
-                    raise BitDanceError(f"{args.noise_from} holds no `labels`: pass --labels")
+                    raise BitDanceError(f"{req.noise_from} holds no `labels`: pass --labels")
                 labels = [int(x) for x in f.get_tensor("labels")]
-        steps = backend.sampler_steps if args.steps is None else args.steps
-        scale = cfg.default_cfg if args.cfg is None else args.cfg
-        threshold = MIN_AGREEMENT[precision] if args.min_agreement is None else args.min_agreement
-        report.end_to_end = end_to_end(TorchBackend(model, args.device), backend, labels, steps, scale,
-                                       args.cfg_schedule, args.noise_from, threshold)
+        steps = backend.sampler_steps if req.steps is None else req.steps
+        scale = cfg.default_cfg if req.cfg is None else req.cfg
+        threshold = MIN_AGREEMENT[precision] if req.min_agreement is None else req.min_agreement
+        report.end_to_end = end_to_end(TorchBackend(reference, opts.device), backend, labels, steps, scale,
+                                       req.cfg_schedule, req.noise_from, threshold)
     return report

@@ -11,14 +11,7 @@ from . import __version__
 from .config import EMBEDDED_MODEL, PRESETS
 from .errors import BitDanceError
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
-
-
-def default_backend() -> str:
-    """onnxruntime when it is installed (the fast path), else the torch reference."""
-    import importlib.util
-
-    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+from .backends import BACKENDS, default_backend  # noqa: F401  (default_backend: used by tests)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,24 +28,39 @@ SCHEDULE_HELP = ("guidance over AR steps (default: the model's, as the official 
                  "constant for text-to-image)")
 
 
-def _resolve_model(args):
-    """The config of --model (default: the embedded tiny-digits model); the embedded model
-    without weight files gets its shipped weights as args.checkpoint."""
-    from .config import load_config
-    from .loading import embedded_checkpoint
-    from .sampling import schedule_for
+def _model(args):
+    """The model of --model / --checkpoint / --vae (and --height / --width for text-to-image): its
+    config only, no weights read yet."""
+    from .backends import resolve_model
 
-    cfg = load_config(args.model or EMBEDDED_MODEL)
-    args.checkpoint = embedded_checkpoint(cfg, args.checkpoint, args.vae)
-    if hasattr(args, "cfg_schedule"):
-        args.cfg_schedule = schedule_for(args.cfg_schedule, cfg)
-    return cfg
+    t2i = bool(args.checkpoint and Path(args.checkpoint).is_dir())
+    size = (getattr(args, "height", None), getattr(args, "width", None), getattr(args, "max_text_tokens", None))
+    return resolve_model(args.model, args.checkpoint, args.vae, *(size if t2i else (None, None, None)))
+
+
+def _options(args, **extra):
+    """The run options of the command line, typed (backends.BackendOptions)."""
+    from .backends import BackendOptions
+
+    fields = {"backend": "backend", "precision": "precision", "device": "device", "threads": "threads",
+              "max_batch": "batch_size", "export_dir": "export_dir", "ort_provider": "ort_provider",
+              "engine_dir": "engine_dir", "workspace_mb": "workspace_mb", "calibration": "calibration",
+              "calib_method": "calib_method", "keep_float": "keep_float", "cfg_scale": "cfg",
+              "cfg_schedule": "cfg_schedule"}
+    values = {k: getattr(args, a) for k, a in fields.items() if getattr(args, a, None) is not None}
+    if "keep_float" in values:
+        values["keep_float"] = tuple(values["keep_float"])
+    values["cuda_graphs"] = not getattr(args, "no_cuda_graphs", False)
+    values["allow_pickle"] = args.unsafe_allow_pickle
+    values["progress"] = not getattr(args, "quiet", False)
+    values.update(extra)
+    return BackendOptions(**values)
 
 
 def _add_t2i_args(p: argparse.ArgumentParser) -> None:
     """Text-to-image (--checkpoint DIR of BitDance-14B-16x/-64x): image size from the official list."""
-    p.add_argument("--height", type=int, default=1024, help="text-to-image: image height (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="text-to-image: image width (default 1024)")
+    p.add_argument("--height", type=int, default=None, help="text-to-image: image height (default 1024)")
+    p.add_argument("--width", type=int, default=None, help="text-to-image: image width (default 1024)")
     p.add_argument("--max-text-tokens", type=int, default=None,
                    help="text-to-image: longest chat prompt in tokens, the padded prompt length of the graphs (default 256)")
 
@@ -75,8 +83,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch device / ONNX Runtime CUDA EP)")
     p.add_argument("--batch-size", type=int, default=16,
-                   help="images per generation batch (default 16, the exported graphs' maximum); labels are "
-                        "generated in chunks of this size, the same on every backend, so results agree")
+                   help="most images per batch (default 16: the graphs' and the scheduler's maximum); labels are "
+                        "generated in parts of this size, the same on every backend, so results agree")
     _add_precision_args(p)
     _add_accelerator_args(p)
 
@@ -108,35 +116,21 @@ def _add_accelerator_args(p: argparse.ArgumentParser) -> None:
                    help="--backend tensorrt: run every call with execute_async_v3 (no CUDA graph replay)")
 
 
-def _make_backend(args, cfg, steps: int):
-    """(backend, its name, what the weights are) for the run options in args."""
-    import torch
+def _pipeline(args, source, steps: int, **extra):
+    """The Pipeline of the command's options (export, variant and engines cached)."""
+    from .pipeline import Pipeline
 
-    from .loading import load_model
-    from .runtime.torch_backend import TorchBackend
-
-    name = args.backend or default_backend()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BitDanceError(f"--device {args.device}: CUDA is not available on this machine")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BitDanceError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if name == "onnxruntime":
-        backend, source = _ort_backend(args, cfg, steps)
-    elif name == "tensorrt":
-        backend, source = _trt_backend(args, cfg, steps)
-    else:
-        if getattr(args, "precision", None) not in (None, "fp32"):
-            raise BitDanceError(f"--precision {args.precision}: the torch backend is the float32 reference; use "
-                                "--backend onnxruntime (or tensorrt) for fp16 / int8")
-        loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
-        backend, source = TorchBackend(loaded.model, args.device), loaded.source
-    print(f"model: {source}")
-    if args.checkpoint is None:
-        print(f"note: no --checkpoint given for {cfg.name}, so it runs with RANDOM weights: the images are "
+    pipe = Pipeline.load(source, steps, _options(args, **extra))
+    print(f"model: {pipe.description}")
+    if source.checkpoint is None:
+        print(f"note: no --checkpoint given for {source.config.name}, so it runs with RANDOM weights: the images are "
               "noise patterns, not pictures (omit --model for the embedded trained model)")
-    return backend, name
+    return pipe
+
+
+def default_labels(cfg) -> list[int]:
+    """One image per class for small models (the embedded digits: 0..9), else classes 0..7."""
+    return list(range(cfg.num_classes if cfg.num_classes <= 16 else 8))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate class-conditional images")
     _add_model_args(g)
-    g.add_argument("--labels", type=int, nargs="+", default=None, help="class labels, one image each (default: 0..7)")
+    g.add_argument("--labels", type=int, nargs="+", default=None,
+                   help="class labels, one image each (default: one per class for models of up to 16 classes, "
+                        "else 0..7)")
     g.add_argument("--prompt", nargs="+", default=None,
                    help="text-to-image: prompt(s), one image each; --checkpoint is then the BitDance-14B directory")
     _add_t2i_args(g)
@@ -243,171 +239,85 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    from .images import save_images
-    from .runtime import generate_batched
+    from .images import save_images, save_png, to_uint8
     from .runtime.loop import check_request
-    from .sampling import ReplayNoise, SeededNoise
+    from .runtime.timing import process_seconds
+    from .sampling import ReplayNoise
 
-    if _is_t2i(args):
-        from .t2i.cli import cmd_generate_t2i
-
-        if args.labels is not None or args.model is not None:
-            raise BitDanceError("--prompt (text-to-image) takes neither --labels nor --model: the model is --checkpoint DIR")
-        if args.prompt is None:
-            raise BitDanceError(f"--checkpoint {args.checkpoint} is a text-to-image directory: give --prompt")
-        return cmd_generate_t2i(args)
-    cfg = _resolve_model(args)
-    labels = args.labels if args.labels is not None else list(range(min(8, cfg.num_classes)))
+    t2i = _is_t2i(args)
+    if t2i and (args.labels is not None or args.model is not None):
+        raise BitDanceError("--prompt (text-to-image) takes neither --labels nor --model: the model is --checkpoint DIR")
+    if t2i and not (args.checkpoint and Path(args.checkpoint).is_dir()):
+        raise BitDanceError("text-to-image needs --checkpoint DIR: the BitDance-14B-16x / -64x directory "
+                            "(config.json, model*.safetensors, tokenizer.json, ae*, vision_head*, projector.safetensors)")
+    if t2i and args.prompt is None:
+        raise BitDanceError(f"--checkpoint {args.checkpoint} is a text-to-image directory: give --prompt")
+    source = _model(args)
+    cfg = source.config
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
-    check_request(cfg.num_classes, labels, steps)  # before loading possibly large weights
-    noise = ReplayNoise(args.noise_from) if args.noise_from else SeededNoise(args.seed)
-    backend, backend_name = _make_backend(args, cfg, steps)
-    result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, noise, progress=not args.quiet,
-                              batch_size=args.batch_size)
-    paths = save_images(result.image, labels, args.out)
+    labels = None
+    if not t2i:
+        labels = args.labels if args.labels is not None else default_labels(cfg)
+        check_request(cfg.num_classes, labels, steps)  # before loading possibly large weights
+    elif steps < 1:
+        raise BitDanceError(f"--steps must be >= 1, got {steps}")
+    noise = ReplayNoise(args.noise_from) if args.noise_from else None
+    with _pipeline(args, source, steps) as pipe:
+        submitted = process_seconds()
+        out = pipe.generate(labels=labels, prompt=args.prompt, steps=steps, cfg=scale, cfg_schedule=args.cfg_schedule,
+                            seed=args.seed, noise=noise, progress=not args.quiet)
+    first_step = None if submitted is None or out.first_step_seconds is None else submitted + out.first_step_seconds
+    schedule = pipe.scheduler_schedule(args.cfg_schedule)
+    if t2i:
+        paths = [save_png(px, Path(args.out) / f"{i:03d}.png") for i, px in enumerate(to_uint8(out.image))]
+        what, size = {"prompts": json.dumps(list(args.prompt))}, f"{cfg.height}x{cfg.width}"
+    else:
+        paths = save_images(out.image, labels, args.out)
+        what, size = {"labels": json.dumps(labels)}, f"{cfg.image_size}x{cfg.image_size}"
     if args.save_tokens:
         from .checkpoint import save_safetensors
 
-        save_safetensors({"tokens": result.tokens.float(), "latent": result.latent.float(), "image": result.image},
-                         args.save_tokens, metadata={"labels": json.dumps(labels), "steps": str(steps),
-                                                     "cfg": str(scale), "cfg_schedule": args.cfg_schedule})
-    n = len(labels)
-    print(f"generated {n} image(s) of {cfg.image_size}x{cfg.image_size} with {backend_name}: "
-          f"{cfg.ar_steps} AR steps x {steps} sampler steps, cfg {scale} ({args.cfg_schedule}), "
-          f"{result.seconds:.2f} s, {result.images_per_second:.2f} images/s")
-    print(f"wrote {len(paths) - 1} PNG(s) and {paths[-1]}" + (f"; tokens -> {args.save_tokens}" if args.save_tokens else ""))
+        save_safetensors({"tokens": out.tokens.float(), "latent": out.latent.float(), "image": out.image},
+                         args.save_tokens, metadata={**what, "steps": str(steps), "cfg": str(scale),
+                                                     "cfg_schedule": schedule})
+    n = out.image.shape[0]
+    print(f"generated {n} image(s) of {size} with {pipe.backend.name}: {cfg.ar_steps} AR steps x {steps} sampler "
+          f"steps, cfg {scale} ({schedule}), {out.seconds:.2f} s, {n / max(out.seconds, 1e-9):.2f} images/s")
+    if first_step is not None:
+        print(f"start-up: the first AR step ended {first_step:.1f} s after the process started")
+    if t2i:
+        print(f"wrote {', '.join(str(p) for p in paths)}" + (f"; tokens -> {args.save_tokens}" if args.save_tokens else ""))
+    else:
+        print(f"wrote {len(paths) - 1} PNG(s) and {paths[-1]}" + (f"; tokens -> {args.save_tokens}" if args.save_tokens else ""))
     return 0
 
 
-def _export_for(cfg, args, out, steps: int, stages=None, **options):
-    """Export (or reuse) `out` for the checkpoint in args, or for the random-weight default."""
-    from .export import export_files, export_stages, random_source
-    from .loading import EMBEDDED_SEED, load_model
-
-    if stages is not None:
-        options["stages"] = stages
-    if args.checkpoint:
-        return export_files(cfg, args.checkpoint, out, vae=args.vae, allow_pickle=args.unsafe_allow_pickle,
-                            sampler_steps=steps, **options)
-    if args.vae:
-        raise BitDanceError("--vae needs --checkpoint: the random-weight default has no checkpoint to pair it with")
-    return export_stages(load_model(cfg).model, out, random_source(EMBEDDED_SEED), sampler_steps=steps, **options)
-
-
-def _ort_backend(args, cfg, steps: int):
-    """The ONNX Runtime backend over --export-dir, or over an automatic cached export (of --precision)."""
-    from .export import checkpoint_source, random_source
-    from .export.manifest import read_manifest
-    from .loading import EMBEDDED_SEED
-    from .precision.derive import graph_precision
-    from .runtime.ort_backend import OrtBackend
-
-    providers = _ort_providers(args)
-    precision = getattr(args, "precision", None)
-    if args.export_dir:
-        if getattr(args, "keep_float", ()):
-            raise BitDanceError("--keep-float applies when INT8 graphs are derived, not to an --export-dir; "
-                                "derive them with bitdance-rt export --precision int8 --keep-float ...")
-        held = graph_precision(read_manifest(args.export_dir))
-        if precision not in (None, held):
-            raise BitDanceError(f"--export-dir {args.export_dir} holds {held} graphs, not {precision}: drop "
-                                f"--precision, or make a {precision} export (bitdance-rt export --precision {precision})")
-        backend = OrtBackend(args.export_dir, threads=args.threads, providers=providers, expect_config=cfg)
-        return backend, f"{cfg.name} from {held} ONNX export {args.export_dir}{_int8_note(backend)}"
-    source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else random_source(EMBEDDED_SEED)
-    out = _auto_export(args, cfg, steps, source, precision or "fp32")
-    # the export / derivation verified the files' hashes just now: no need to hash them again.
-    backend = OrtBackend(out, threads=args.threads, providers=providers, verify_hashes=False, expect_config=cfg)
-    what = Path(args.checkpoint).name if args.checkpoint else f"seeded random weights (seed {EMBEDDED_SEED})"
-    return backend, f"{cfg.name} from {what} ({precision or 'fp32'}){_int8_note(backend)}"
-
-
-def _int8_note(backend) -> str:
-    from .runtime.int8_kernels import kernels_note
-
-    return f"; {kernels_note(backend.int8_exact)}" if backend.manifest.get("precision") == "int8" else ""
-
-
-def _auto_export(args, cfg, steps: int, source: str, precision: str, out=None) -> Path:
-    """The cached FP32 export of the model and, for fp16 / int8, its derived variant (into `out`
-    when given); the INT8 calibration set is --calibration or the cached default set."""
-    from .export.cache import GENERATION_STAGES, export_dir_for
-    from .loading import load_model
-    from .precision.auto import calibration_for, precision_export
-    from .sampling import schedule_for
-
-    fp32 = export_dir_for(cfg, source, steps)
-    result = _export_for(cfg, args, fp32, steps, stages=list(GENERATION_STAGES))
-    print(f"ONNX export: {fp32} ({'reused' if result.reused else 'exported'})")
-    if precision == "fp32":
-        if getattr(args, "keep_float", ()):
-            raise BitDanceError("--keep-float is for --precision int8")
-        return fp32
-    calibration = None
-    if precision == "int8":
-        scale = cfg.default_cfg if getattr(args, "cfg", None) is None else args.cfg
-        schedule = schedule_for(getattr(args, "cfg_schedule", None), cfg)
-        calibration = calibration_for(cfg, source, steps, scale, schedule,
-                                      lambda: load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle).model,
-                                      args.calibration)
-    elif args.calibration:
-        raise BitDanceError("--calibration is for --precision int8 (FP16 graphs need no calibration)")
-    variant = precision_export(fp32, precision, calibration, args.calib_method, out_dir=out,
-                               keep_float=args.keep_float)
-    print(f"{precision.upper()} graphs: {variant.directory} ({'reused' if variant.reused else 'derived'})")
-    return variant.directory
-
-
-def _ort_providers(args) -> list[str]:
-    """--ort-provider as an ONNX Runtime provider list. The TensorRT EP sends only the subgraphs TensorRT
-    supports to TensorRT and the rest to the next provider in the list, so CUDA follows it, as in
-    ONNX Runtime's TensorRT EP usage (onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html);
-    alone, unsupported nodes would fall back to the CPU."""
-    provider = getattr(args, "ort_provider", None) or ("cuda" if args.device.startswith("cuda") else "cpu")
-    return ["tensorrt", "cuda"] if provider == "tensorrt" else [provider]
-
-
-def _trt_backend(args, cfg, steps: int):
-    """The TensorRT backend over --export-dir (engines built into the engine cache when missing)."""
-    from .runtime.trt_backend import TrtBackend
-
-    if not args.export_dir:
-        raise BitDanceError("--backend tensorrt needs --export-dir (an ONNX export; see `bitdance-rt export`)")
-    device = args.device if args.device.startswith("cuda") else "cuda"
-    # --precision (engine precision; default: the export's graphs) is generate's precision flag where it has one.
-    backend = TrtBackend(args.export_dir, precision=getattr(args, "precision", None), workspace_mb=args.workspace_mb,
-                         engine_root=args.engine_dir, device=device, cuda_graphs=not args.no_cuda_graphs,
-                         expect_config=cfg)
-    return backend, f"{cfg.name} from TensorRT engines of {args.export_dir} ({backend.precision})"
-
-
 def cmd_export(args) -> int:
+    from .backends import auto_export, export_for
     from .stages import Limits
 
-    if _is_t2i(args):
-        from .t2i.cli import cmd_export_t2i
+    source = _model(args)
+    cfg = source.config
+    if source.t2i:
+        from .t2i.prompt import PromptEncoder
 
-        return cmd_export_t2i(args)
-    cfg = _resolve_model(args)
+        PromptEncoder(Path(args.checkpoint) / "tokenizer.json", cfg).image_tokens()  # a bad tokenizer fails now
     steps = cfg.default_steps if args.steps is None else args.steps
     if steps < 1:
         raise BitDanceError(f"--steps must be >= 1, got {steps}")
     if args.max_batch < 1:
         raise BitDanceError(f"--max-batch must be >= 1, got {args.max_batch}")
+    opts = _options(args, max_batch=args.max_batch, progress=True)
     if args.precision not in (None, "fp32"):
-        from .export import checkpoint_source, random_source
-        from .loading import EMBEDDED_SEED
-
         if args.stages or args.opset != 17 or args.max_batch != 16 or args.force:
             raise BitDanceError(f"--precision {args.precision} derives from the cached default FP32 export: "
                                 "--stages/--opset/--max-batch/--force apply to FP32 exports only")
-        source = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else random_source(EMBEDDED_SEED)
-        out = _auto_export(args, cfg, steps, source, args.precision, out=args.out)
+        out = auto_export(source, steps, opts, args.precision, out=args.out)
         print(f"{out}: {args.precision} export ready")
         return 0
-    result = _export_for(cfg, args, args.out, steps, stages=args.stages, opset=args.opset, force=args.force,
-                         limits=Limits(max_batch=args.max_batch, opt_batch=min(4, args.max_batch)))
+    result = export_for(source, args.out, steps, opts, stages=args.stages, opset=args.opset, force=args.force,
+                        limits=Limits(max_batch=args.max_batch, opt_batch=min(4, args.max_batch)))
     state = "up to date, reused" if result.reused else "exported"
     print(f"{result.directory}: {state} ({', '.join(result.manifest['stage_files'])})")
     return 0
@@ -415,34 +325,34 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     from .quality import score_images
-    from .runtime import generate_batched
-    from .sampling import SeededNoise
 
-    cfg = _resolve_model(args)
-    if cfg.num_classes != 10:
-        raise BitDanceError(f"eval scores digits models (10 classes); {cfg.name} has {cfg.num_classes}")
+    source = _model(args)
+    cfg = source.config
+    if source.t2i or cfg.num_classes != 10:
+        raise BitDanceError(f"eval scores digits models (10 classes); {cfg.name} is not one")
     if args.per_class < 2:
         raise BitDanceError(f"--per-class must be >= 2, got {args.per_class}")
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
-    backend, backend_name = _make_backend(args, cfg, steps)
-    labels = [c for c in range(10) for _ in range(args.per_class)]
-    result = generate_batched(backend, labels, steps, scale, args.cfg_schedule, SeededNoise(args.seed),
-                              batch_size=args.batch_size)
-    report = score_images(result.image.clamp(-1, 1), labels)
-    print(f"{backend_name} {args.precision or 'fp32'}, {steps} sampler steps, cfg {scale} ({args.cfg_schedule}), "
-          f"seed {args.seed}")
+    with _pipeline(args, source, steps) as pipe:
+        out = pipe.generate(labels=list(range(10)), num_images=args.per_class, steps=steps, cfg=scale,
+                            cfg_schedule=args.cfg_schedule, seed=args.seed)
+    report = score_images(out.image.clamp(-1, 1), out.labels)
+    print(f"{pipe.backend.name} {args.precision or 'fp32'}, {steps} sampler steps, cfg {scale} "
+          f"({pipe.scheduler_schedule(args.cfg_schedule)}), seed {args.seed}")
     print(report)
     return 0
 
 
 def cmd_calibrate(args) -> int:
     from .calibration import CapturePolicy, capture, save_calibration
-    from .export import checkpoint_source, random_source
-    from .loading import EMBEDDED_SEED, load_model
     from .runtime.loop import check_request
+    from .sampling import schedule_for
 
-    cfg = _resolve_model(args)
+    source = _model(args)
+    cfg = source.config
+    if source.t2i:
+        raise BitDanceError("calibrate records class-conditional models; text-to-image calibration is not available yet")
     labels = args.labels if args.labels is not None else list(range(cfg.num_classes))
     if args.samples is not None:
         if args.samples < 1:
@@ -450,6 +360,7 @@ def cmd_calibrate(args) -> int:
         labels = [labels[i % len(labels)] for i in range(args.samples)] if labels else labels
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
+    schedule = schedule_for(args.cfg_schedule, cfg)
     check_request(cfg.num_classes, labels, steps)
     if args.sensitivity and not args.report:
         raise BitDanceError("--sensitivity is part of the report: add --report")
@@ -460,32 +371,32 @@ def cmd_calibrate(args) -> int:
     if Path(args.out).exists() and not args.force:
         raise BitDanceError(f"--out {args.out} exists: pass --force to replace it")
     policy = CapturePolicy(args.backbone_every, args.head_fraction, args.max_samples, args.sample_seed)
-    loaded = load_model(cfg, args.checkpoint, args.vae, args.unsafe_allow_pickle)
-    weights = checkpoint_source(args.checkpoint, args.vae) if args.checkpoint else random_source(EMBEDDED_SEED)
-    result = capture(loaded.model, weights, labels, args.seeds, steps, scale, args.cfg_schedule, policy,
-                     args.batch_size, args.device, progress=True)
+    weights = source.weights_source()
+    result = capture(source.load(args.unsafe_allow_pickle), weights, labels, args.seeds, steps, scale, schedule,
+                     policy, args.batch_size, args.device, progress=True)
     out = save_calibration(result.dataset, args.out, overwrite=args.force)
     counts = ", ".join(f"{stage} {len(s)}" for stage, s in result.dataset.samples.items())
-    print(f"model: {loaded.source}")
+    print(f"model: {source.describe()}")
     print(f"wrote calibration set {out}: {len(labels)} label(s) x {len(args.seeds)} seed(s), S={steps}, "
-          f"cfg {scale} ({args.cfg_schedule}); samples: {counts}")
+          f"cfg {scale} ({schedule}); samples: {counts}")
     if args.report:
-        _calibration_report(args, cfg, weights, out, steps, scale)
+        _calibration_report(args, source, out, steps, scale, schedule)
     return 0
 
 
-def _calibration_report(args, cfg, weights: str, set_dir: Path, steps: int, scale: float) -> None:
+def _calibration_report(args, source, set_dir: Path, steps: int, scale: float, schedule: str) -> None:
+    from .backends import BackendOptions, auto_export
     from .calibration import load_calibration
     from .precision.accuracy import accuracy_report
-    from .precision.auto import default_labels
+    from .precision.auto import default_labels as report_labels
     from .precision.report_files import markdown, write_report
     from .runtime.ort_backend import OrtBackend
 
-    args.calibration, args.calib_method, args.export_dir = None, args.method, None
-    fp32 = _auto_export(args, cfg, steps, weights, "fp32")
+    cfg, weights = source.config, source.weights_source()
+    fp32 = auto_export(source, steps, BackendOptions(allow_pickle=args.unsafe_allow_pickle), "fp32")
     cset = load_calibration(set_dir, config=cfg, weights=weights)
-    report = accuracy_report(cfg, weights, fp32, cset, args.method, default_labels(cfg, args.report_images),
-                             [args.report_seed], steps, scale, args.cfg_schedule,
+    report = accuracy_report(cfg, weights, fp32, cset, args.method, report_labels(cfg, args.report_images),
+                             [args.report_seed], steps, scale, schedule,
                              lambda d: OrtBackend(d, threads=args.threads, verify_hashes=False),
                              sensitivity=args.sensitivity)
     js, md = write_report(report, set_dir)
@@ -508,9 +419,11 @@ def cmd_build(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .check import run_check
+    from .check import CheckRequest, run_check
 
-    report = run_check(args)
+    request = CheckRequest(args.export_dir, args.stages, args.batch, args.noise_from, args.labels, args.steps,
+                           args.cfg, args.cfg_schedule, args.min_agreement)
+    report = run_check(_model(args), _options(args, max_batch=16), request)
     print(report.text())
     return 0 if report.passed else 1
 

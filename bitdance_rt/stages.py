@@ -8,7 +8,6 @@ Shapes mix static sizes (ints, fixed by the ModelConfig) and symbolic dims (stri
 - "rows": backbone / head rows; with CFG that is 2B (conditional rows first, then the null
   class), without CFG it is B. Range [1, 2 * max_batch].
 - "batch": images; range [1, max_batch].
-- "2*batch": the rows of the guided (CFG) head sampler, whose noise has one row per image.
 A dim expression is a name or "k*name"; `StageSpec.shape`/`profile` evaluate it, so a
 TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim.
 
@@ -20,9 +19,10 @@ KV cache (one static tensor, preallocated at full length by the runtime; the pos
 stacked input would make every graph split it into layers, which ONNX Runtime does by copying.
 Graphs only READ the cache and return the keys/values of their own chunk as `kv_new`
 [n_layer, 2, rows, n_head, T, head_dim]; the runtime writes them at [start, start+T) (T =
-prefix_len for `prefill`, P for `backbone_step`). `backbone_step` takes `start` (int64 scalar,
-see `step_start`) and attends over all L cache positions, those at or past `start` masked, plus
-its own chunk; so every graph has fixed shapes apart from "rows", no graph copies the cache
+prefix_len for `prefill`, P for `backbone_step`). `backbone_step` takes `start` (int64 [rows],
+each row's first position, see `step_start`: rows at different AR steps share one call, which is
+what continuous batching needs) and attends over all L cache positions, those at or past its
+row's `start` masked, plus its own chunk; so every graph has fixed shapes apart from "rows", no graph copies the cache
 (an earlier kv_in -> kv_out design spent 30-40% of the ORT step on cache copies), and no
 input/output aliasing is needed (TensorRT forbids it; CUDA graphs want fixed buffers).
 
@@ -31,8 +31,10 @@ n_kv_head (GQA) heads in the cache; their prefill takes `ids` [rows, prefix_len]
 prompt + vision-start, resolution and query tokens) and `pad` [rows] (padding length per row),
 and backbone_step takes `pad` too (see `step_context_names`), since padding keys stay hidden.
 
-The head sampler graphs bake in the number of sampler steps S (noise is [S+1, ...]); the export
-manifest records S. Noise is always an input, never drawn inside a graph.
+The head sampler graph bakes in the number of sampler steps S (noise is [S+1, ...]); the export
+manifest records S. Every row carries its own guidance (`cfg`, `cond_row`, `uncond_row`, see
+sampling.sample_rows), so guided and unguided rows of requests at different AR steps share one call.
+Noise is always an input, never drawn inside a graph.
 """
 
 from __future__ import annotations
@@ -46,13 +48,51 @@ from .errors import BitDanceError
 PREFILL = "prefill"
 BACKBONE_STEP = "backbone_step"
 HEAD_STEP = "head_step"
-HEAD_SAMPLER_UNGUIDED = "head_sampler_unguided"
-HEAD_SAMPLER_GUIDED = "head_sampler_guided"
+HEAD_SAMPLER = "head_sampler"
 DECODER = "decoder"
 ENCODER = "encoder"
 
-ALL_STAGES = (PREFILL, BACKBONE_STEP, HEAD_STEP, HEAD_SAMPLER_UNGUIDED, HEAD_SAMPLER_GUIDED, DECODER, ENCODER)
-SAMPLER_STAGES = (HEAD_SAMPLER_UNGUIDED, HEAD_SAMPLER_GUIDED)
+
+
+@dataclass(frozen=True)
+class StageRole:
+    """What the rest of the package needs to know of a stage besides its tensors: one registry row."""
+
+    name: str
+    generation: bool  # one generation runs it (the automatic exports hold these)
+    required: bool  # a backend cannot generate without it
+    sampler: bool  # S baked in (the fused head sampler)
+    calibrated: bool  # INT8 calibration sets record its inputs
+    graph_capture: bool  # TensorRT replays it as a CUDA graph (called every AR step or more)
+
+
+# The one registry of stages, in pipeline order. Every stage list elsewhere is derived from it.
+REGISTRY = (
+    StageRole(PREFILL, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False),
+    StageRole(BACKBONE_STEP, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True),
+    # head_step serves a sampler step count other than the fused graph's S (and the step sampler mode)
+    StageRole(HEAD_STEP, generation=True, required=False, sampler=False, calibrated=True, graph_capture=True),
+    StageRole(HEAD_SAMPLER, generation=True, required=False, sampler=True, calibrated=True, graph_capture=True),
+    StageRole(DECODER, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False),
+    # only for reconstruction and calibration data
+    StageRole(ENCODER, generation=False, required=False, sampler=False, calibrated=False, graph_capture=False),
+)
+ROLES = {r.name: r for r in REGISTRY}
+
+
+def _names(role: str) -> tuple[str, ...]:
+    return tuple(r.name for r in REGISTRY if getattr(r, role))
+
+
+ALL_STAGES = tuple(ROLES)
+SAMPLER_STAGES = _names("sampler")
+GENERATION_STAGES = _names("generation")
+REQUIRED_STAGES = _names("required")  # plus a head sampler: the fused one or head_step
+CALIBRATED_STAGES = _names("calibrated")
+GRAPH_CAPTURE_STAGES = _names("graph_capture")
+# Version of this contract, part of every export's cache key: graphs of an older contract are
+# re-exported, never run (2: per-row `start`, one head_sampler with per-row guidance).
+CONTRACT_VERSION = 2
 
 DTYPES = ("float32", "int64")
 _DIM_RE = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*)$")
@@ -286,13 +326,13 @@ def backbone_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpe
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
     return _spec(BACKBONE_STEP, [
         TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1"),
-        TensorSpec("start", "int64", (), "first cache position of the tokens: step_start(cfg, i)"),
+        TensorSpec("start", "int64", ("rows",), "each row's first cache position of its tokens: step_start(cfg, i)"),
         *([_pad_spec(cfg)] if is_t2i(cfg) else []),
-        *(TensorSpec(name, "float32", kv_shape(cfg)[2:], "kv[layer, 0|1]: positions [0, start) valid (read only)")
+        *(TensorSpec(name, "float32", kv_shape(cfg)[2:], "kv[layer, 0|1]: positions [0, start[row]) valid (read only)")
           for name in cache_input_names(cfg)),
     ], [
         TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step i"),
-        TensorSpec("kv_new", "float32", kv_shape(cfg, length=p), "keys/values of positions [start, start+P)"),
+        TensorSpec("kv_new", "float32", kv_shape(cfg, length=p), "keys/values of positions [start[row], +P)"),
     ], limits, "fed-back tokens -> projection -> backbone over the full static cache")
 
 
@@ -307,25 +347,21 @@ def head_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     ], limits, "one evaluation of the diffusion head net")
 
 
-def head_sampler_stage(cfg: ModelConfig, steps: int, guided: bool, limits: Limits = Limits()) -> StageSpec:
+def head_sampler_stage(cfg: ModelConfig, steps: int, limits: Limits = Limits()) -> StageSpec:
     """The whole Euler-Maruyama sampler of one AR step, with S = `steps` baked in."""
     if not (isinstance(steps, int) and steps >= 1):
         raise BitDanceError(f"sampler steps must be a positive integer, got {steps!r}")
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
-    if guided:
-        return _spec(HEAD_SAMPLER_GUIDED, [
-            TensorSpec("cond", "float32", ("2*batch", p, dim), "conditional rows, then unconditional rows"),
-            TensorSpec("noise", "float32", (steps + 1, "batch", p, c), "initial x, then one draw per EM step"),
-            TensorSpec("cfg", "float32", (), "guidance scale of this AR step"),
-        ], [
-            TensorSpec("tokens", "float32", ("2*batch", p, c), "+/-1 tokens; both halves identical"),
-        ], limits, f"guided (CFG) head sampler, S={steps}")
-    return _spec(HEAD_SAMPLER_UNGUIDED, [
+    return _spec(HEAD_SAMPLER, [
         TensorSpec("cond", "float32", ("rows", p, dim), "head conditions"),
-        TensorSpec("noise", "float32", (steps + 1, "rows", p, c), "initial x, then one draw per EM step"),
+        TensorSpec("noise", "float32", (steps + 1, "rows", p, c),
+                   "initial x, then one draw per EM step; a guided pair's two rows hold the same draws"),
+        TensorSpec("cfg", "float32", ("rows",), "guidance scale of each row at its AR step"),
+        TensorSpec("cond_row", "int64", ("rows",), "row whose velocity is the conditional one (itself if unguided)"),
+        TensorSpec("uncond_row", "int64", ("rows",), "row whose velocity is the unconditional one (itself if unguided)"),
     ], [
-        TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens"),
-    ], limits, f"unguided head sampler (every row independent), S={steps}")
+        TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens; a guided pair's rows identical"),
+    ], limits, f"head sampler, every row with its own guidance, S={steps}")
 
 
 def _image_hw(cfg) -> tuple[int, int]:
@@ -357,7 +393,7 @@ def stage_spec(name: str, cfg: ModelConfig, steps: int | None = None, limits: Li
     if name in SAMPLER_STAGES:
         if steps is None:
             raise BitDanceError(f"stage {name} needs the sampler step count S")
-        return head_sampler_stage(cfg, steps, name == HEAD_SAMPLER_GUIDED, limits)
+        return head_sampler_stage(cfg, steps, limits)
     builders = {PREFILL: prefill_stage, BACKBONE_STEP: backbone_step_stage, HEAD_STEP: head_step_stage,
                 DECODER: decoder_stage, ENCODER: encoder_stage}
     if name not in builders:

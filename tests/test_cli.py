@@ -82,7 +82,7 @@ def test_eval_scores_the_embedded_model_identically_on_both_backends():
         assert len(scores[backend]) == 1 and "on 30 samples" in scores[backend][0]
     assert scores["torch"] == scores["onnxruntime"]
     res = run("eval", "--per-class", "3", "--batch-size", "0")
-    assert res.returncode == 2 and "batch size must be >= 1" in res.stderr
+    assert res.returncode == 2 and "max batch must be a positive integer, got 0" in res.stderr
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -164,11 +164,11 @@ def test_profiles_are_the_contract(export):
     p, c = cfg.parallel_num, cfg.token_dim
     head = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(st.head_step_stage(cfg, limits)))
     assert head["x"] == ((1, p, c), (4, p, c), (6, p, c)) and head["t"] == ((1,), (4,), (6,))
-    guided = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(st.head_sampler_stage(cfg, S, True, limits)))
-    assert guided["cond"][2][0] == 6 and guided["noise"] == ((S + 1, 1, p, c), (S + 1, 2, p, c), (S + 1, 3, p, c))
-    assert "cfg" not in guided  # static scalar: no profile entry
+    sampler = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(st.head_sampler_stage(cfg, S, limits)))
+    assert sampler["cond"][2][0] == 6 and sampler["noise"] == ((S + 1, 1, p, c), (S + 1, 4, p, c), (S + 1, 6, p, c))
+    assert sampler["cfg"] == sampler["cond_row"] == sampler["uncond_row"] == ((1,), (4,), (6,))  # one per row
     step = [n for n, *_ in stage_profile(st.backbone_step_stage(cfg, limits))]
-    assert "start" not in step and step[1:] == st.cache_input_names(cfg)
+    assert step[:2] == ["tokens", "start"] and step[2:] == st.cache_input_names(cfg)
     args = trtexec_shapes(st.head_step_stage(cfg, limits))
     assert args[0] == f"--minShapes=x:1x{p}x{c},t:1,cond:1x{p}x{cfg.dim}"
     assert [a.split("=")[0] for a in args] == ["--minShapes", "--optShapes", "--maxShapes"]

@@ -20,7 +20,7 @@ from bitdance_rt.export import (MANIFEST, checkpoint_source, export_files, expor
                                 export_stages)
 from bitdance_rt.export.wrappers import example_inputs, stage_module  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
-from bitdance_rt.sampling import sample_tokens  # noqa: E402
+from bitdance_rt.sampling import guidance_rows, sample_tokens  # noqa: E402
 
 from conftest import FIXTURES, torch_threads  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_prefill_and_steps_match_official_fixture(ex):
         start = int(s[f"backbone.step{i}.start_pos"])
         assert start == st.step_start(ex.cfg, i)
         cond, new = step.run(None, {"tokens": s[f"backbone.step{i}.tokens"].reshape(4, p, -1).numpy(),
-                                    "start": np.array(start, dtype=np.int64), **cache_feed(ex.cfg, kv)})
+                                    "start": np.full(4, start, dtype=np.int64), **cache_feed(ex.cfg, kv)})
         _close(cond, s[f"backbone.step{i}.output"].reshape(4, p, -1) + pos[i * p:(i + 1) * p])
         kv[..., start : start + p, :] = new
 
@@ -160,7 +160,7 @@ def test_backbone_step_matches_torch_at_every_step(ex, rows):
         start = st.step_start(ex.cfg, i)
         with torch.no_grad():
             cond, new = ex.model.step(tokens, i, kv)  # full static cache, masked past start
-        got, got_new = session.run(None, {"tokens": tokens.numpy(), "start": np.array(start),
+        got, got_new = session.run(None, {"tokens": tokens.numpy(), "start": np.full(rows, start),
                                           **cache_feed(ex.cfg, kv.numpy())})
         _close(got, cond)
         _close(got_new, new)
@@ -180,18 +180,49 @@ def test_head_step_matches_fixture_and_torch(ex):
     _close(ex.run(st.HEAD_STEP, *args)[0], want)
 
 
-@pytest.mark.parametrize("guided", [False, True])
+def test_backbone_step_rows_at_different_positions(ex):
+    """Per-row `start`: rows at different AR steps in one call get what each gets in a call alone."""
+    rows = 4
+    _, _, _, kv = _prefilled(ex, rows)
+    gen = torch.Generator().manual_seed(7)
+    kv = kv + torch.randn(kv.shape, generator=gen) * 0.1  # every cache position holds something
+    tokens = torch.where(torch.rand(rows, ex.cfg.parallel_num, ex.cfg.token_dim, generator=gen) > 0.5, 1.0, -1.0)
+    steps = [1, ex.cfg.ar_steps - 1, 2, ex.cfg.ar_steps // 2]
+    starts = np.array([st.step_start(ex.cfg, i) for i in steps])
+    session = ex.session(st.BACKBONE_STEP)
+    got, got_new = session.run(None, {"tokens": tokens.numpy(), "start": starts, **cache_feed(ex.cfg, kv.numpy())})
+    for r, i in enumerate(steps):
+        with torch.no_grad():
+            cond, new = ex.model.step(tokens[r : r + 1], i, kv[:, :, r : r + 1])
+        _close(got[r : r + 1], cond)
+        _close(got_new[:, :, r : r + 1], new)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-def test_head_sampler_tokens_equal_torch(ex, guided, batch):
-    stage = st.HEAD_SAMPLER_GUIDED if guided else st.HEAD_SAMPLER_UNGUIDED
-    args = example_inputs(ex.specs[stage], ex.model, batch=batch, seed=batch)
+def test_head_sampler_tokens_equal_torch(ex, batch):
+    """The per-row sampler graph: guided pairs in the official layout give sample_tokens' guided
+    tokens, unguided rows its unguided ones, bit for bit, also mixed in one call."""
+    spec = ex.specs[st.HEAD_SAMPLER]
+    cond, noise = example_inputs(spec, ex.model, batch=batch, seed=batch)[:2]
+    rows = cond.shape[0]  # 2 * batch
     with torch.no_grad():
-        want = sample_tokens(ex.model.head_net, args[0], args[1], 2.5 if guided else 1.0, guided, ex.cfg.time_shift)
-    (got,) = ex.run(stage, *args)
-    assert np.array_equal(got, want.numpy())
+        guided = sample_tokens(ex.model.head_net, cond, noise[:, :batch], 2.5, True, ex.cfg.time_shift)
+        unguided = sample_tokens(ex.model.head_net, cond, noise, 1.0, False, ex.cfg.time_shift)
+    scale, c, u = guidance_rows(rows, 2.5, True)
+    doubled = torch.cat([noise[:, :batch], noise[:, :batch]], dim=1)
+    (got,) = ex.run(st.HEAD_SAMPLER, cond, doubled, scale, c, u)
+    assert np.array_equal(got, guided.numpy()) and np.array_equal(got[:batch], got[batch:])
+    scale, c, u = guidance_rows(rows, 1.0, False)
+    (got,) = ex.run(st.HEAD_SAMPLER, cond, noise, scale, c, u)
+    assert np.array_equal(got, unguided.numpy())
     assert set(np.unique(got)) <= {-1.0, 1.0}
-    if guided:
-        assert np.array_equal(got[:batch], got[batch:])
+    # one call: a guided request (rows 0..2b-1) next to an unguided one (its rows 2b..4b-1)
+    both = torch.cat([cond, cond]), torch.cat([doubled, noise], dim=1)
+    scale = torch.cat([torch.full((rows,), 2.5), torch.ones(rows)])
+    c = torch.cat([guidance_rows(rows, 2.5, True)[1], torch.arange(rows, 2 * rows)])
+    u = torch.cat([guidance_rows(rows, 2.5, True)[2], torch.arange(rows, 2 * rows)])
+    (got,) = ex.run(st.HEAD_SAMPLER, *both, scale, c, u)
+    assert np.array_equal(got[:rows], guided.numpy()) and np.array_equal(got[rows:], unguided.numpy())
 
 
 def test_decoder_and_encoder_match_fixture(ex):
@@ -212,21 +243,21 @@ def test_export_is_reused_and_redone_when_stale(ex, tmp_path):
     assert via_files.reused
 
     d = tmp_path / "small"
-    first = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=S)
+    first = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER], sampler_steps=S)
     assert not first.reused
     path = d / "head_step.onnx"
     path.write_bytes(path.read_bytes()[:100])  # corrupt: hash no longer verifies
-    redo = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=S)
+    redo = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER], sampler_steps=S)
     assert not redo.reused
     onnx.checker.check_model(str(path))
-    assert export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=S).reused
+    assert export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER], sampler_steps=S).reused
     # an export whose stored contract is not the one this version derives (an older bitdance-rt) is redone
     manifest = json.loads((d / MANIFEST).read_text())
     manifest["stages"][st.HEAD_STEP]["dims"]["rows"]["max"] += 1
     (d / MANIFEST).write_text(json.dumps(manifest))
-    assert not export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED],
+    assert not export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER],
                              sampler_steps=S).reused
-    other_s = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER_GUIDED], sampler_steps=3)
+    other_s = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER], sampler_steps=3)
     assert not other_s.reused and other_s.manifest["key"]["sampler_steps"] == 3
     other_ckpt = export_stages(ex.model, d, "random-init seed 1", stages=[st.HEAD_STEP])
     assert not other_ckpt.reused
@@ -285,14 +316,18 @@ def test_contract_shapes_profiles_and_json(ex):
     assert all(step.tensor(n).shape == kv[2:] for n in names)
     assert step.tensor("kv_new").shape == kv[:4] + (cfg.parallel_num, cfg.head_dim)
     assert step.profile("cache.1.value")[2][0] == 32 and step.profile("tokens") == ((1, p, c), (8, p, c), (32, p, c))
-    g = st.head_sampler_stage(cfg, S, True, lim)
-    assert g.profile("cond") == ((2, p, dim), (8, p, dim), (32, p, dim))
-    assert g.profile("noise") == ((S + 1, 1, p, c), (S + 1, 4, p, c), (S + 1, 16, p, c))
-    assert g.match("cond", (6, p, dim)) == {"batch": 3}
+    assert step.profile("start") == ((1,), (8,), (32,))
+    g = st.head_sampler_stage(cfg, S, lim)
+    assert g.input_names == ["cond", "noise", "cfg", "cond_row", "uncond_row"]
+    assert g.profile("cond") == ((1, p, dim), (8, p, dim), (32, p, dim))
+    assert g.profile("noise") == ((S + 1, 1, p, c), (S + 1, 8, p, c), (S + 1, 32, p, c))
+    assert g.profile("cfg") == ((1,), (8,), (32,))
+    assert g.match("cond", (6, p, dim)) == {"rows": 6}
     with pytest.raises(BitDanceError, match="disagrees"):
-        g.match("noise", (S + 1, 2, p, c), known={"batch": 3})
+        g.match("noise", (S + 1, 2, p, c), known={"rows": 3})
+    pair = st.StageSpec("pairs", (st.TensorSpec("x", "float32", ("2*batch",)),), (), {"batch": st.DimRange(1, 2, 4)})
     with pytest.raises(BitDanceError, match="multiple of 2"):
-        g.match("cond", (5, p, dim))
+        pair.match("x", (5,))
     with pytest.raises(BitDanceError, match="outside the exported range"):
         step.match("tokens", (33, p, c))
     with pytest.raises(BitDanceError, match="fixed by the model config"):

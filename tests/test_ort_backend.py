@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +74,16 @@ def test_official_sample_replayed_bit_identical(ex, sampler):
 
 def test_the_two_sampler_paths_are_really_taken(ex, monkeypatch):
     calls = []
-    backend = ex.backend()
-    monkeypatch.setattr(backend, "_sample_fused", lambda *a: calls.append("fused") or torch.ones(1))
-    monkeypatch.setattr(backend, "_sample_stepwise", lambda *a: calls.append("step") or torch.ones(1))
+    backend = OrtBackend(ex.dir, threads=1)
+    assert st.HEAD_STEP not in backend.sessions  # built only when a step count without fused graph asks
+    run = backend._run
+    monkeypatch.setattr(backend, "_run", lambda stage, feeds: calls.append(stage) or run(stage, feeds))
     cond = torch.zeros(2, ex.model.cfg.parallel_num, ex.model.cfg.dim)
     backend.sample_tokens(cond, torch.zeros(S + 1, 2, ex.model.cfg.parallel_num, ex.model.cfg.token_dim), 1.0, False)
+    assert calls == [st.HEAD_SAMPLER]
+    calls.clear()
     backend.sample_tokens(cond, torch.zeros(3 + 1, 2, ex.model.cfg.parallel_num, ex.model.cfg.token_dim), 1.0, False)
-    assert calls == ["fused", "step"]
+    assert calls == [st.HEAD_STEP] * 4 and st.HEAD_STEP in backend.sessions  # S+1 net evaluations
 
 
 # ---- agreement with the torch backend --------------------------------------------------------
@@ -113,7 +114,7 @@ def test_cache_is_one_static_buffer_written_in_place(ex):
     assert len(ptrs) == 1  # the graphs read the same preallocated buffer every step
     cache = backend.kv_cache.numpy()
     end = st.step_start(cfg, cfg.ar_steps - 1) + cfg.parallel_num
-    np.testing.assert_allclose(cache[..., :end, :], ref.kv[..., :end, :].numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cache[..., :end, :], ref.kv_cache[..., :end, :].numpy(), rtol=0, atol=1e-5)
     assert not cache[..., end:, :].any()
 
 
@@ -150,8 +151,12 @@ def test_corrupt_onnx_file_of_the_same_size_without_hash_check(ex, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(BitDanceError, match=r"head_step\.onnx.*sha256"):
         OrtBackend(d)
+    # head_step is opened when a step count without fused graph first needs it: the error comes then
+    backend = OrtBackend(d, verify_hashes=False)
     with pytest.raises(BitDanceError, match=r"head_step\.onnx.*not a readable ONNX file"):
-        OrtBackend(d, verify_hashes=False)
+        generate(backend, [1], 3, 2.0, "linear", SeededNoise(0))
+    with pytest.raises(BitDanceError, match=r"head_step\.onnx.*not a readable ONNX file"):
+        OrtBackend(d, verify_hashes=False, sampler="step")
 
 
 def test_missing_stage_file(ex, tmp_path):
@@ -250,13 +255,15 @@ def test_tensorrt_profiles_come_from_the_contract(ex):
     from bitdance_rt.runtime.ort_backend import trt_profile_options
 
     cfg = ex.model.cfg
-    spec = st.stage_spec(st.HEAD_SAMPLER_GUIDED, cfg, S, st.Limits(max_batch=8, opt_batch=2))
+    spec = st.stage_spec(st.HEAD_SAMPLER, cfg, S, st.Limits(max_batch=8, opt_batch=2))
     opts = trt_profile_options(spec)
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
-    assert opts["trt_profile_min_shapes"] == f"cond:2x{p}x{dim},noise:{S + 1}x1x{p}x{c}"
-    assert opts["trt_profile_max_shapes"] == f"cond:16x{p}x{dim},noise:{S + 1}x8x{p}x{c}"
+    assert opts["trt_profile_min_shapes"] == (f"cond:1x{p}x{dim},noise:{S + 1}x1x{p}x{c},cfg:1,cond_row:1,"
+                                              "uncond_row:1")
+    assert opts["trt_profile_max_shapes"] == (f"cond:16x{p}x{dim},noise:{S + 1}x16x{p}x{c},cfg:16,cond_row:16,"
+                                              "uncond_row:16")
     step = trt_profile_options(st.stage_spec(st.BACKBONE_STEP, cfg))
-    assert "start" not in step["trt_profile_opt_shapes"] and "cache.0.key:" in step["trt_profile_opt_shapes"]
+    assert "start:8," in step["trt_profile_opt_shapes"] and "cache.0.key:" in step["trt_profile_opt_shapes"]
 
 
 def test_noise_that_does_not_fit_is_refused(ex):

@@ -178,9 +178,9 @@ def test_fp16_fused_sampler_keeps_the_update_arithmetic_in_float32(tmp_path):
     d = fixture_dir("tiny_4x")
     with torch_threads(1):
         model = load_model(f"{d}/config.json", f"{d}/checkpoint.pt").model
-        out = export_stages(model, tmp_path / "e", "fixture", stages=[st.HEAD_SAMPLER_UNGUIDED], sampler_steps=2,
+        out = export_stages(model, tmp_path / "e", "fixture", stages=[st.HEAD_SAMPLER], sampler_steps=2,
                             progress=False).directory
-    g = convert_fp16(onnx.load(str(out / "head_sampler_unguided.onnx")), sampler=True)
+    g = convert_fp16(onnx.load(str(out / "head_sampler.onnx")), sampler=True)
     types = _value_types(g)
     outside = set(sampler_arithmetic(g.graph.node))
     assert any(n.op_type == "Sign" for n in g.graph.node if n.name in outside)

@@ -6,7 +6,6 @@ with which arguments, and what happens when TensorRT says no."""
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -340,3 +339,79 @@ def test_first_accuracy_result_for_polygraphy_049_and_later():
     result = {("torch", "trt"): [{"x": True}]}  # 0.49: AccuracyResult (an ordered dict)
     assert _first_accuracy(result) is result
     assert _first_accuracy([result]) is result  # later: AccuracyResults, a list with no items()
+
+
+# ---- the shared-core TensorRT backend: contract checks, alignment, fixed buffers ------------------
+def test_refused_optimisation_profile_is_an_error(tmp_path, monkeypatch):
+    """add_optimization_profile returns -1 for an invalid profile (NvInfer.h): never ignored."""
+    trt = fake_trt("10.3.0")
+    monkeypatch.setattr(FakeConfig, "add_optimization_profile", lambda self, profile: -1)
+    with pytest.raises(BitDanceError, match="refused the optimisation profile"):
+        _build(toolkit(trt), tmp_path)
+
+
+class FakeEngine:
+    def __init__(self, tensors):
+        self.tensors = tensors  # name -> shape (-1 for a dynamic dim)
+
+    @property
+    def num_io_tensors(self):
+        return len(self.tensors)
+
+    def get_tensor_name(self, i):
+        return list(self.tensors)[i]
+
+    def get_tensor_shape(self, name):
+        return self.tensors[name]
+
+
+def _head_step_spec():
+    from bitdance_rt.config import load_config
+
+    return tb.st.head_step_stage(load_config("tiny-4x"))
+
+
+def test_engine_io_is_checked_against_the_contract():
+    spec = _head_step_spec()
+    good = {t.name: tuple(-1 if isinstance(d, str) else d for d in t.shape) for t in spec.inputs + spec.outputs}
+    tb.check_engine_io(None, FakeEngine(good), spec, "x.engine")
+    missing = dict(good)
+    missing.pop("t")
+    with pytest.raises(BitDanceError, match="engine tensors .* are not those of stage head_step"):
+        tb.check_engine_io(None, FakeEngine(missing), spec, "x.engine")
+    wrong = dict(good, x=(-1, good["x"][1] + 1, good["x"][2]))  # a static dim of another model
+    with pytest.raises(BitDanceError, match="engine tensor x has shape"):
+        tb.check_engine_io(None, FakeEngine(wrong), spec, "x.engine")
+    static = dict(good, x=(8, *good["x"][1:]))  # a static row count where the contract is dynamic: fine
+    tb.check_engine_io(None, FakeEngine(static), spec, "x.engine")
+
+
+def test_cache_views_must_be_256_byte_aligned():
+    import torch
+
+    from bitdance_rt.config import load_config
+
+    cfg = load_config("tiny-4x")
+    kv = torch.zeros(tb.st.kv_shape(cfg, 2))
+    if kv.data_ptr() % 256 == 0:
+        tb.check_alignment(kv, cfg)
+    flat = torch.zeros(kv.numel() + 1)
+    shifted = flat[1:].view(kv.shape)  # 4 bytes off
+    with pytest.raises(BitDanceError, match="not 256-byte aligned"):
+        tb.check_alignment(shifted, cfg)
+
+
+def test_put_goes_through_the_pinned_twin():
+    """Per-call values reach the fixed device buffer through its host twin (an async copy), the
+    buffer keeps its address, and device values are copied directly."""
+    import torch
+
+    call = object.__new__(tb._Call)
+    call.buffers = {"start": torch.zeros(4, dtype=torch.int64), "cond": torch.zeros(2, 3)}
+    call.staging = {"start": torch.zeros(4, dtype=torch.int64)}
+    address = call.buffers["start"].data_ptr()
+    call.put("start", torch.tensor([5, 9, 13, 5]))
+    assert call.buffers["start"].tolist() == [5, 9, 13, 5] and call.staging["start"].tolist() == [5, 9, 13, 5]
+    assert call.buffers["start"].data_ptr() == address
+    call.put("cond", torch.ones(6))
+    assert call.buffers["cond"].shape == (2, 3) and call.buffers["cond"].sum() == 6

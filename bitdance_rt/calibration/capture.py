@@ -1,14 +1,14 @@
 """Record the inputs each stage really sees during generation (calibration data).
 
 `RecordingBackend` wraps the torch reference backend and is driven by the ordinary loop
-(bitdance_rt.runtime.generate_batched), so the trajectories are the real ones: the same labels,
+(bitdance_rt.runtime.generate_batched, through the scheduler), so the trajectories are the real ones: the same labels,
 CFG rows and schedule, noise and fed-back tokens as a normal run. It records, per stage of the
 contract, the call's inputs (contract names) and the float32 outputs:
 
 - prefill {labels}; backbone_step {tokens, start, cache (see dataset.COMPACT_CACHE)};
 - head_step {x, t, cond}: every evaluation of the head net inside the sampler (the net callable
   handed to sample_tokens is wrapped), so x_t spans all sampler times of all AR steps;
-- head_sampler_unguided / head_sampler_guided {cond, noise (+ cfg)}; decoder {latent}.
+- head_sampler {cond, noise, cfg, cond_row, uncond_row}; decoder {latent}.
 
 What is kept follows a CapturePolicy (policy.py). Recording only copies tensors: the maths and
 the noise draws are those of TorchBackend, and a recorded run gives the same tokens.
@@ -37,7 +37,9 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
 
 
 class RecordingBackend:
-    """TorchBackend plus recording of every stage call chosen by the policy."""
+    """TorchBackend plus recording of every stage call chosen by the policy. It wraps the row-level
+    calls the scheduler makes (runtime/core.py), so the recorded rows are the request's own rows,
+    never the padding rows the core adds."""
 
     name = "torch (recording)"
 
@@ -48,31 +50,39 @@ class RecordingBackend:
         self._rng = random.Random(policy.seed)
         self.reservoirs = {stage: Reservoir(policy.max_samples, self._rng) for stage in CAPTURED_STAGES}
         self.head_evaluations = 0
+        self._real_rows = None  # rows of the sampler call in progress (the rest is padding)
         inner.head_net = self._recording_net(inner.head_net)  # sees every evaluation inside the sampler
 
     @property
     def max_batch(self):
-        return getattr(self.inner, "max_batch", None)
+        return self.inner.max_batch
+
+    @property
+    def max_rows(self):
+        return self.inner.max_rows
 
     def _offer(self, stage: str) -> bool:
         return self.reservoirs[stage].offer()
 
-    def prefill(self, labels):
-        cond = self.inner.prefill(labels)
+    def prefill_rows(self, labels, slots):
+        cond = self.inner.prefill_rows(labels, slots)
         if self._offer(st.PREFILL):
-            kv_new = self.inner.kv[:, :, :, :, : self.config.prefix_len]
-            self.reservoirs[st.PREFILL].put(Sample({"labels": _keep(labels)},
+            kv_new = self.inner.kv_rows(slots)[:, :, :, :, : self.config.prefix_len]
+            self.reservoirs[st.PREFILL].put(Sample({"labels": _keep(torch.as_tensor(labels))},
                                                    {"cond": _keep(cond), "kv_new": _keep(kv_new)}))
         return cond
 
-    def step(self, tokens, step):
+    def step_rows(self, tokens, starts, write):
+        step = (int(max(starts)) - self.config.prefix_len) // self.config.parallel_num + 1
         if not self.policy.keeps_step(step) or not self._offer(st.BACKBONE_STEP):
-            return self.inner.step(tokens, step)
-        start = st.step_start(self.config, step)
-        inputs = {"tokens": _keep(tokens).float(), "start": torch.tensor(start, dtype=torch.int64),
-                  COMPACT_CACHE: _keep(self.inner.kv[:, :, :, :, :start])}
-        cond = self.inner.step(tokens, step)
-        kv_new = self.inner.kv[:, :, :, :, start : start + self.config.parallel_num]
+            return self.inner.step_rows(tokens, starts, write)
+        rows, end = int(tokens.shape[0]), int(max(starts))
+        inputs = {"tokens": _keep(tokens).float(), "start": torch.tensor(list(starts), dtype=torch.int64),
+                  COMPACT_CACHE: _keep(self.inner.kv_rows(range(rows))[:, :, :, :, :end])}
+        cond = self.inner.step_rows(tokens, starts, write)
+        p = self.config.parallel_num
+        kv_new = torch.stack([self.inner.kv_rows([r])[:, :, 0, :, int(s) : int(s) + p] for r, s in enumerate(starts)],
+                             dim=2)
         self.reservoirs[st.BACKBONE_STEP].put(Sample(inputs, {"cond": _keep(cond), "kv_new": _keep(kv_new)}))
         return cond
 
@@ -80,24 +90,27 @@ class RecordingBackend:
         def recorded(x, t, cond):
             out = net(x, t, cond)
             self.head_evaluations += 1
+            m = self._real_rows or x.shape[0]
             # The first evaluation is always a candidate, so a short run never leaves head_step empty.
             chosen = self._rng.random() < self.policy.head_fraction or self.head_evaluations == 1
             if chosen and self._offer(st.HEAD_STEP):
-                self.reservoirs[st.HEAD_STEP].put(Sample({"x": _keep(x), "t": _keep(t), "cond": _keep(cond)},
-                                                         {"x_pred": _keep(out)}))
+                self.reservoirs[st.HEAD_STEP].put(Sample({"x": _keep(x[:m]), "t": _keep(t[:m]), "cond": _keep(cond[:m])},
+                                                         {"x_pred": _keep(out[:m])}))
             return out
 
         return recorded
 
     @torch.inference_mode()
-    def sample_tokens(self, cond, noise, cfg, guided):
-        tokens = self.inner.sample_tokens(cond, noise, cfg, guided)  # its head net records (see __init__)
-        stage = st.HEAD_SAMPLER_GUIDED if guided else st.HEAD_SAMPLER_UNGUIDED
-        if self._offer(stage):
-            inputs = {"cond": _keep(cond), "noise": _keep(noise)}
-            if guided:
-                inputs["cfg"] = torch.tensor(float(cfg), dtype=torch.float32)
-            self.reservoirs[stage].put(Sample(inputs, {"tokens": _keep(tokens)}))
+    def sample_rows(self, cond, noise, cfg, cond_row, uncond_row):
+        self._real_rows = int(cond.shape[0])
+        try:
+            tokens = self.inner.sample_rows(cond, noise, cfg, cond_row, uncond_row)  # its head net records
+        finally:
+            self._real_rows = None
+        if self._offer(st.HEAD_SAMPLER):
+            inputs = {"cond": _keep(cond), "noise": _keep(noise), "cfg": _keep(torch.as_tensor(cfg, dtype=torch.float32)),
+                      "cond_row": _keep(torch.as_tensor(cond_row)), "uncond_row": _keep(torch.as_tensor(uncond_row))}
+            self.reservoirs[st.HEAD_SAMPLER].put(Sample(inputs, {"tokens": _keep(tokens)}))
         return tokens
 
     def decode(self, latent):

@@ -29,14 +29,14 @@ import torch
 
 from .. import stages as st
 from ..checkpoint import file_sha256
+from ..fileio import cached_sha256
 from ..config import TRAINING_ONLY_ARGS, ModelConfig
 from ..errors import BitDanceError
 from ..manifest_file import read_manifest_file
 
 MANIFEST = "calibration.json"
-FORMAT = "bitdance-rt-calibration/1"
-CAPTURED_STAGES = (st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.HEAD_SAMPLER_UNGUIDED, st.HEAD_SAMPLER_GUIDED,
-                   st.DECODER)
+FORMAT = f"bitdance-rt-calibration/{st.CONTRACT_VERSION}"  # samples follow the stage contract
+CAPTURED_STAGES = st.CALIBRATED_STAGES
 COMPACT_CACHE = "cache"  # stored name of backbone_step's kv[:, :, :, :, :start]
 _WIDE = st.Limits(max_batch=1 << 20, opt_batch=1)  # validation: any batch the capture used
 
@@ -58,7 +58,7 @@ def feed(cfg: ModelConfig, stage: str, sample: Sample) -> dict[str, np.ndarray]:
     if stage != st.BACKBONE_STEP:
         return {name: _np(t) for name, t in sample.inputs.items()}
     valid = sample.inputs[COMPACT_CACHE]
-    start = int(sample.inputs["start"])
+    start = int(sample.inputs["start"].max())  # positions past a row's start are masked in the graph
     full = torch.zeros(st.kv_shape(cfg, valid.shape[2]), dtype=torch.float32)
     full[:, :, :, :, :start] = valid
     out = {"tokens": _np(sample.inputs["tokens"]), "start": _np(sample.inputs["start"])}
@@ -97,6 +97,10 @@ class CalibrationSet:
     def steps(self) -> int:
         return int(self.key["steps"])
 
+    def stage_specs(self) -> dict[str, st.StageSpec]:
+        """The stage contracts of the set's own config and steps (any batch size): see `contract`."""
+        return contract(self.config, self.steps)
+
     def feeds(self, stage: str):
         """Iterator of feed dicts (numpy, contract input names) for `stage`."""
         if stage not in CAPTURED_STAGES:
@@ -112,7 +116,7 @@ class CalibrationSet:
 
     def check_contract(self, where: str = "calibration set") -> None:
         """Every sample's inputs fit the stage contract of the set's own config and steps."""
-        specs, cfg = contract(self.config, self.steps), self.config
+        specs, cfg = self.stage_specs(), self.config
         for stage, samples in self.samples.items():
             spec = specs[stage]
             for n, s in enumerate(samples):
@@ -137,7 +141,7 @@ class CalibrationSet:
 def _versions() -> dict:
     import safetensors
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"bitdance_rt": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
 
@@ -230,7 +234,7 @@ def _verify_file(directory: Path, name: str, info: dict, hashes: bool) -> Path:
     if path.stat().st_size != info["bytes"]:
         raise BitDanceError(f"{path} has {path.stat().st_size} bytes, {MANIFEST} records {info['bytes']} "
                             "(truncated or replaced); capture the set again")
-    if hashes and file_sha256(path) != info["sha256"]:
+    if hashes and cached_sha256(path) != info["sha256"]:  # memoised by (path, size, mtime)
         raise BitDanceError(f"{path} does not match the sha256 in {MANIFEST} (corrupt); capture the set again")
     return path
 

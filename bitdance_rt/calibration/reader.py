@@ -32,11 +32,10 @@ class StageDataReader(_Base):
     """
 
     def __init__(self, cset, stage: str, per_row: bool = True):
-        from .dataset import contract
-
+        """`cset`: a CalibrationSet (anything with feeds(stage), samples and stage_specs())."""
         self.cset = cset
         self.stage = stage
-        self.spec = contract(cset.config, cset.steps)[stage] if per_row else None
+        self.spec = cset.stage_specs()[stage] if per_row else None
         self.rewind()
 
     def _feeds(self):

@@ -41,7 +41,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,7 +195,9 @@ class TensorRT:
             opt = builder.create_optimization_profile()
             for name, lo, mid, hi in profile:
                 opt.set_shape(name, lo, mid, hi)
-            config.add_optimization_profile(opt)
+            if config.add_optimization_profile(opt) < 0:  # -1: "the input profile is invalid" (NvInfer.h)
+                raise BitDanceError(f"{onnx_path}: TensorRT {self.version} refused the optimisation profile "
+                                    f"{[(n, lo, mid, hi) for n, lo, mid, hi in profile]} (min <= opt <= max per input?)")
         cache = self._attach_timing_cache(config, timing_cache) if timing_cache is not None else None
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
@@ -310,8 +311,3 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
         out[stage] = BuiltEngine(stage, path, status, key)
     return out
 
-
-if __name__ == "__main__":  # python -m bitdance_rt.engines.build --export DIR ... (same as `bitdance-rt build`)
-    from ..cli import main
-
-    sys.exit(main(["build", *sys.argv[1:]]))

@@ -4,8 +4,8 @@ A serialized engine is valid only for the exact graph (sha256 of the ONNX file a
 data, from the export manifest), precision, optimisation profile, GPU model and compute
 capability, TensorRT version, builder optimisation level and workspace cap it was built with.
 All of these form the key; its hash names the file
-    <root>/<stage>-<precision>-<16 hex>.engine   (root: $BITDANCE_RT_CACHE/engines or
-                                                  ~/.cache/bitdance-rt/engines)
+    <root>/<stage>-<precision>-<16 hex>.engine   (root: bitdance_rt.paths.engines_root(),
+                                                  $BITDANCE_RT_CACHE/engines or ~/.cache/bitdance-rt/engines)
 and a JSON sidecar (<same>.json) holds the full key plus the engine's size and sha256. The
 engine is written first and the sidecar last (both atomically), so an engine without a matching
 sidecar is never used. `lookup` says hit / miss / stale, and for stale which key fields differ
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..fileio import atomic_write, file_sha256
 from ..errors import BitDanceError
-from ..export.cache import cache_root
+from ..paths import engines_root
 from .profiles import Profile, profile_json
 
 FORMAT = "bitdance-rt-engine/1"
@@ -35,7 +35,8 @@ OPT_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level
 
 
 def engine_root() -> Path:
-    return cache_root() / "engines"
+    """The default engine cache (bitdance_rt.paths.engines_root)."""
+    return engines_root()
 
 
 @dataclass(frozen=True)

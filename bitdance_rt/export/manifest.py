@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..fileio import atomic_write, file_sha256
+from ..fileio import atomic_write, cached_sha256
 from ..config import ModelConfig
 from ..errors import BitDanceError
 from ..manifest_file import read_manifest_file
-from ..stages import Limits, StageSpec, stage_specs
+from ..stages import CONTRACT_VERSION, Limits, StageSpec, stage_specs
 
 MANIFEST = "manifest.json"
-FORMAT = "bitdance-rt-onnx/1"
+FORMAT = f"bitdance-rt-onnx/{CONTRACT_VERSION}"  # an export of an older stage contract is re-exported
 
 
 def manifest_key(cfg: ModelConfig, source: str, stages, opset: int, steps: int | None, limits: Limits) -> dict:
@@ -46,7 +46,7 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def manifest_config(manifest: dict, directory: Path) -> ModelConfig:
-    from ..t2i.config import T2I_CLASS, T2IConfig
+    from ..t2i_config import T2I_CLASS, T2IConfig
 
     try:
         data = manifest["key"]["config"]
@@ -76,7 +76,10 @@ def manifest_specs(manifest: dict, directory: Path) -> dict[str, StageSpec]:
 
 
 def verify_files(directory: str | Path, manifest: dict, hashes: bool = True) -> None:
-    """Every listed file exists with the recorded size (and sha256): else a one-line error."""
+    """Every listed file exists with the recorded size (and sha256): else a one-line error.
+
+    The sha256 comes from the hash cache (fileio.cached_sha256): a file unchanged since it was last
+    hashed (same path, size, mtime, inode) is not read again."""
     directory = Path(directory)
     for name, info in sorted(manifest.get("files", {}).items()):
         path = directory / name
@@ -88,7 +91,7 @@ def verify_files(directory: str | Path, manifest: dict, hashes: bool = True) -> 
                 f"{path} has {size} bytes, the manifest records {info['bytes']} (truncated or replaced); "
                 f"re-export {directory}"
             )
-        if hashes and file_sha256(path) != info["sha256"]:
+        if hashes and cached_sha256(path) != info["sha256"]:
             raise BitDanceError(
                 f"{path} does not match the sha256 in {directory / MANIFEST} (corrupt, or from another export); "
                 f"re-export {directory}"

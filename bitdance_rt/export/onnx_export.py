@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoint import file_sha256, require_file
+from ..fileio import cached_sha256
 from ..config import ModelConfig, load_config
 from ..errors import BitDanceError
 from ..models import BitDance
@@ -47,9 +48,12 @@ class ExportResult:
 
 
 def checkpoint_source(checkpoint: str | Path, vae: str | Path | None = None) -> str:
-    """The weights' identity for the manifest: sha256 of the checkpoint (and of the VAE file)."""
-    source = f"sha256:{file_sha256(require_file(checkpoint))}"
-    return source + (f" vae sha256:{file_sha256(require_file(vae, 'vae file'))}" if vae else "")
+    """The weights' identity for the manifest: sha256 of the checkpoint (and of the VAE file).
+
+    Memoised by (path, size, mtime) in the hash cache (fileio.cached_sha256): a second run does not
+    re-read a multi-GB checkpoint."""
+    source = f"sha256:{cached_sha256(require_file(checkpoint))}"
+    return source + (f" vae sha256:{cached_sha256(require_file(vae, 'vae file'))}" if vae else "")
 
 
 def random_source(seed: int) -> str:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import stages as st
 from ..models import BitDance
-from ..sampling import sample_tokens
+from ..sampling import guidance_rows, sample_tokens_rows
 
 
 class PrefillStage(nn.Module):
@@ -28,8 +28,8 @@ class PrefillStage(nn.Module):
 
 
 class BackboneStepStage(nn.Module):
-    """tokens [rows, P, C], start (cache position), per-layer keys and values -> cond [rows, P, dim],
-    kv_new for [start, +P)."""
+    """tokens [rows, P, C], start [rows] (each row's cache position), per-layer keys and values ->
+    cond [rows, P, dim], kv_new for [start[row], +P)."""
 
     def __init__(self, model: BitDance):
         super().__init__()
@@ -55,16 +55,16 @@ class HeadStepStage(nn.Module):
 
 
 class HeadSamplerStage(nn.Module):
-    """The whole sampler of one AR step via sampling.sample_tokens, S fixed by noise's length."""
+    """The whole sampler of one AR step via sampling.sample_tokens_rows (per-row guidance), S fixed
+    by noise's length."""
 
-    def __init__(self, model: BitDance, guided: bool):
+    def __init__(self, model: BitDance):
         super().__init__()
         self.model = model
-        self.guided = guided
 
-    def forward(self, cond, noise, cfg=None):
-        scale = cfg if self.guided else 1.0
-        return sample_tokens(self.model.head_net, cond, noise, scale, self.guided, self.model.cfg.time_shift)
+    def forward(self, cond, noise, cfg, cond_row, uncond_row):
+        return sample_tokens_rows(self.model.head_net, cond, noise, cfg, cond_row, uncond_row,
+                                  self.model.cfg.time_shift)
 
 
 class DecoderStage(nn.Module):
@@ -87,9 +87,8 @@ class EncoderStage(nn.Module):
 
 def stage_module(name: str, model: BitDance) -> nn.Module:
     """The wrapper of stage `name`, in eval mode."""
-    if name in st.SAMPLER_STAGES:
-        return HeadSamplerStage(model, name == st.HEAD_SAMPLER_GUIDED).eval()
     classes = {st.PREFILL: PrefillStage, st.BACKBONE_STEP: BackboneStepStage, st.HEAD_STEP: HeadStepStage,
+               st.HEAD_SAMPLER: HeadSamplerStage,
                st.DECODER: DecoderStage, st.ENCODER: EncoderStage}
     return classes[name](model).eval()
 
@@ -103,6 +102,12 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
     values = {"batch": batch, "rows": 2 * batch}
+    # the sampler's per-row guidance: the first half of the rows guided pairs, the rest unguided
+    rows = values["rows"]
+    scale, c, u = guidance_rows(2 * (rows // 4), 2.5, True)
+    guidance = {"cfg": torch.cat([scale, torch.ones(rows - scale.shape[0])]),
+                "cond_row": torch.cat([c, torch.arange(c.shape[0], rows)]),
+                "uncond_row": torch.cat([u, torch.arange(u.shape[0], rows)])}
     out = []
     for t in spec.inputs:
         shape = spec.shape(t.name, **values)
@@ -112,8 +117,9 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
             x = torch.randint(0, cfg.llm.vocab_size, shape, generator=gen)
         elif t.name == "pad":
             x = torch.randint(0, cfg.max_text_tokens, shape, generator=gen)
-        elif t.name == "start":
-            x = torch.tensor(st.step_start(cfg, max(1, cfg.ar_steps // 2)), dtype=torch.int64)
+        elif t.name == "start":  # rows at different AR steps
+            steps = torch.randint(1, cfg.ar_steps, shape, generator=gen)
+            x = cfg.prefix_len + (steps - 1) * cfg.parallel_num
         elif t.name == "tokens":
             x = torch.where(torch.rand(shape, generator=gen) > 0.5, 1.0, -1.0)
         elif t.name == "latent":
@@ -122,8 +128,8 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
             x = torch.rand(shape, generator=gen) * 2 - 1
         elif t.name == "t":
             x = torch.rand(shape, generator=gen)
-        elif t.name == "cfg":
-            x = torch.tensor(2.5)
+        elif t.name in guidance:
+            x = guidance[t.name]
         else:
             x = torch.randn(shape, generator=gen)
         out.append(x.to(torch.int64 if t.dtype == "int64" else torch.float32))

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, T, H, D] by the cos/sin table [T, D/2, 2]."""
+    """Rotate interleaved pairs of x [B, T, H, D] by the cos/sin table [T, D/2, 2] (shared by every
+    row) or [B, T, D/2, 2] (per row: rows at different positions)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos = table[:, None, :, 0]
-    sin = table[:, None, :, 1]
+    cos = table[..., None, :, 0]
+    sin = table[..., None, :, 1]
     out = torch.stack(
         [xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1
     )
@@ -60,7 +61,9 @@ class Attention(nn.Module):
                 old_k, old_v = kv[0][:, :, :kv_len], kv[1][:, :, :kv_len]
             old = q @ old_k.transpose(-1, -2)
             if not (isinstance(kv_len, int) and isinstance(start, int) and kv_len <= start):
-                hidden = torch.arange(old.shape[-1], device=x.device) >= start
+                # start: an int, a 0-d tensor, or one position per row [B] (continuous batching)
+                first = start.view(-1, 1, 1, 1) if torch.is_tensor(start) and start.dim() == 1 else start
+                hidden = torch.arange(old.shape[-1], device=x.device) >= first
                 old = old.masked_fill(hidden, float("-inf"))
             probs = torch.softmax(torch.cat([old, scores], dim=-1), dim=-1)
             n_old = old.shape[-1]

@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from . import layout
 from .backbone import MLPConnector, TransformerBlock
+from .kv_cache import write_cache
 from .heads import DiffusionHead, MlpHead, TransformerHead
 from .tokenizer import BinaryAutoencoder
 
@@ -57,13 +58,14 @@ class BitDance(nn.Module):
         new keys/values [n_layer, 2, R, n_head, T, head_dim]) to be written at [start, start+T).
 
         Reads kv[..., :kv_len] (default: the whole static cache, masked past `start`);
-        `kv_len=start` gives the same result with less work. `start` may be a 0-d tensor.
+        `kv_len=start` gives the same result with less work. `start` may be a 0-d tensor, or a
+        tensor [R] of one position per row (rows at different AR steps, continuous batching).
         """
         t = x.shape[1]
         if kv is not None and kv_len is None:
             kv_len = self.cfg.max_seq_len
         # Gather, not Slice: a Slice starting at a graph input makes TensorRT treat `start` as a shape tensor
-        rope = self.rope.index_select(0, start + torch.arange(t, device=self.rope.device))
+        rope = layout.gather_positions(self.rope, start, t)
         x = self.emb_norm(x)
         new = []
         for i, layer in enumerate(self.layers):
@@ -73,7 +75,7 @@ class BitDance(nn.Module):
 
     def write_cache(self, kv: torch.Tensor, new: torch.Tensor, start: int) -> None:
         """Store a chunk's keys/values (from `backbone`) at [start, start+T) of the cache, in place."""
-        kv[:, :, :, :, start : start + new.shape[4]] = new
+        write_cache(kv, new, start)
 
     def prefix_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
         """Class tokens (row `label` of cls_embedding as [cls, dim]) ++ the P-1 query tokens."""
@@ -90,8 +92,7 @@ class BitDance(nn.Module):
     def head_condition(self, hidden: torch.Tensor, step) -> torch.Tensor:
         """Conditions of AR step `step`: the last P hidden states + pos_for_diff rows of its tokens."""
         p = self.cfg.parallel_num
-        rows = step * p + torch.arange(p, device=hidden.device)  # Gather, not Slice (see backbone)
-        return hidden[:, -p:] + self.pos_for_diff.weight.index_select(0, rows)
+        return hidden[:, -p:] + layout.gather_positions(self.pos_for_diff.weight, step * p, p)
 
     def prefill(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """AR step 0: labels [R] -> (head conditions [R, P, dim], keys/values of [0, prefix_len)).

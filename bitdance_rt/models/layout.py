@@ -82,3 +82,14 @@ def attention_mask_table(cfg: ModelConfig) -> torch.Tensor:
         visible = visible | ((i >= first) & (j >= first) & (bi == bj))
     mask = torch.zeros(n, n)
     return mask.masked_fill(~visible, float("-inf"))
+
+
+def gather_positions(table: torch.Tensor, first, count: int) -> torch.Tensor:
+    """Rows [first, first+count) of `table` [L, ...]: [count, ...] for an int or 0-d `first`, or
+    [R, count, ...] for one first position per row (`first` [R]). A Gather, not a Slice: a Slice
+    starting at a graph input makes TensorRT treat the position as a shape tensor."""
+    offsets = torch.arange(count, device=table.device)
+    if torch.is_tensor(first) and first.dim() == 1:
+        index = (first.view(-1, 1) + offsets).reshape(-1)
+        return table.index_select(0, index).view(first.shape[0], count, *table.shape[1:])
+    return table.index_select(0, first + offsets)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..t2i.config import Qwen3Config
+from ..t2i_config import Qwen3Config
 
 
 def rope_table(cfg: Qwen3Config, length: int) -> torch.Tensor:

@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..t2i.config import T2IConfig
+from ..t2i_config import T2IConfig
 from . import layout
+from .kv_cache import write_cache
 from .heads import DiffusionHead, TransformerHead
 from .qwen3 import Qwen3Model, rope_table
 from .tokenizer import BinaryAutoencoder
@@ -88,15 +89,16 @@ class BitDanceT2I(nn.Module):
         return torch.zeros(c.n_layer, 2, rows, c.n_kv_head, c.max_seq_len, c.head_dim, device=ref.device, dtype=ref.dtype)
 
     def write_cache(self, kv: torch.Tensor, new: torch.Tensor, start: int) -> None:
-        kv[:, :, :, :, start : start + new.shape[4]] = new
+        write_cache(kv, new, start)
 
     def step_start(self, step):
         return self.cfg.prefix_len + (step - 1) * self.cfg.parallel_num
 
     # ---- stages -------------------------------------------------------------------------
     def _pos(self, step):
+        """2D embeddings of step `step`'s P cells: [P, dim], or [R, P, dim] for a step per row."""
         p = self.cfg.parallel_num
-        return self.pos2d.index_select(0, step * p + torch.arange(p, device=self.pos2d.device))
+        return layout.gather_positions(self.pos2d, step * p, p)
 
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [R, prefix_len], pad [R] -> (head conditions of step 0, kv of [0, prefix_len))."""
@@ -117,12 +119,15 @@ class BitDanceT2I(nn.Module):
         p = self.cfg.parallel_num
         start = self.step_start(step)
         x = self.projector(tokens) + self._pos(step - 1)
-        rope = self.rope.index_select(0, start + torch.arange(p, device=tokens.device))
+        rope = layout.gather_positions(self.rope, start, p)  # [P, ...], or [R, P, ...] per row
+        if rope.dim() == 4:
+            rope = rope.unsqueeze(1)  # [R, 1, P, hd/2, 2]: broadcast over heads
         length = self.cfg.max_seq_len if kv_len is None else kv_len
         cache = [(layer[0][:, :, :length], layer[1][:, :, :length]) if kv_len is not None else (layer[0], layer[1])
                  for layer in kv]
         keys = torch.arange(length, device=tokens.device)
-        hidden_key = (keys.unsqueeze(0) >= start) | (keys.unsqueeze(0) < pad.unsqueeze(1))  # [R, L]
+        first = start.view(-1, 1) if torch.is_tensor(start) and start.dim() == 1 else start
+        hidden_key = (keys.unsqueeze(0) >= first) | (keys.unsqueeze(0) < pad.unsqueeze(1))  # [R, L]
         cache_mask = torch.zeros(hidden_key.shape, device=tokens.device).masked_fill(hidden_key, float("-inf"))
         chunk_mask = torch.zeros(1, 1, p, p, device=tokens.device)
         hidden, new = self.model(x, rope, chunk_mask, cache, cache_mask[:, None, None, :])

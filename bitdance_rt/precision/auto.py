@@ -1,6 +1,6 @@
 """Automatic precision variants for `generate` / `eval` / `export`: cached like the FP32 exports.
 
-Layout under the cache root (export/cache.py):
+Layout under the cache root (bitdance_rt.paths, which computes these paths):
     exports/<fp32 export>                       the FP32 export (export/cache.py)
     exports/<fp32 export>-fp16                  its FP16 graphs
     exports/<fp32 export>-int8-<method>-<set>   its INT8 graphs for one calibration set and method
@@ -10,12 +10,10 @@ Reuse and rebuilds follow the manifest keys, so a stale variant is re-derived, n
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
+from .. import paths
 from ..errors import BitDanceError
-from ..export.cache import cache_dir_for
 from .derive import derive_export
 from .policy import check_method, check_precision
 
@@ -23,12 +21,9 @@ DEFAULT_CALIBRATION_IMAGES = 16
 
 
 def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = "max", keep_float=()) -> Path:
-    fp32_dir = Path(fp32_dir)
-    if precision == "fp16":
-        return fp32_dir.with_name(f"{fp32_dir.name}-fp16")
-    what = [calibration.key] + ([sorted(keep_float)] if keep_float else [])
-    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
-    return fp32_dir.with_name(f"{fp32_dir.name}-int8-{method}-{digest}")
+    """Where the variant of `fp32_dir` is kept (bitdance_rt.paths.variant_dir; `calibration`: its set)."""
+    key = calibration.key if precision != "fp16" else None
+    return paths.variant_dir(fp32_dir, precision, key, method, keep_float)
 
 
 def keep_float_by_stage(fp32_dir, names) -> dict[str, list[str]]:
@@ -49,7 +44,7 @@ def keep_float_by_stage(fp32_dir, names) -> dict[str, list[str]]:
 
 
 def default_calibration_dir(cfg, source: str, steps: int) -> Path:
-    return cache_dir_for("calibration", cfg, source, steps)
+    return paths.calibration_dir(cfg, source, steps)
 
 
 def default_labels(cfg, images: int = DEFAULT_CALIBRATION_IMAGES) -> list[int]:

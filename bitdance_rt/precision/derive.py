@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import stages as st
 from ..errors import BitDanceError
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
-from .policy import check_method, check_precision, fingerprint, int8_float_layers
+from .policy import check_method, check_precision, fingerprint, int8_float_layers, quantised_layers
 
 INT8_STAGES = (st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER)
 FP16_STAGES = st.ALL_STAGES
@@ -54,8 +54,6 @@ def derived_key(fp32_manifest: dict, precision: str, stages, calibration=None, m
 
 def int8_layers(fp32_dir: Path, manifest: dict, stages) -> dict[str, list[str]]:
     """{stage: names of its quantisable layers} for the INT8 stages among `stages` of an FP32 export."""
-    from .sensitivity import quantised_layers
-
     return {s: quantised_layers(Path(fp32_dir) / stage_files(manifest, fp32_dir, s)[0])
             for s in stages if s in INT8_STAGES}
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BitDanceError
-from .policy import INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES, check_method
+from .policy import INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES, check_method, quantised_layers
 from .qdq_fixups import fix_for_integer_kernels
 
 _METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -106,8 +106,6 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: s
     if len(reader) == 0:
         raise BitDanceError(f"no calibration samples for {Path(fp32_path).stem}: the calibration set has none "
                             "of this stage (capture one with more samples)")
-    from .sensitivity import quantised_layers
-
     options = quantize_options(method)
     # Name the nodes: in QDQ mode MatMulConstBOnly alone still lets activation x activation MatMuls through.
     nodes = [n for n in quantised_layers(fp32_path) if n not in set(nodes_to_exclude)]

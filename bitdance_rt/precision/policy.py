@@ -43,6 +43,17 @@ def int8_float_layers(stage: str, layers) -> list[str]:
     """The names among `layers` (quantisable nodes of `stage`) that INT8_FLOAT_LAYERS keeps float."""
     patterns = INT8_FLOAT_LAYERS.get(stage, ())
     return [name for name in layers if any(p in name for p in patterns)]
+
+
+def quantised_layers(path) -> list[str]:
+    """Names of the nodes of an FP32 graph our INT8 policy quantises (weight MatMul, Gemm, Conv)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in INT8_OP_TYPES and (n.op_type != "MatMul" or n.input[1] in weights)]
+
+
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
 
 FP16_KEEP_FLOAT_OPS = (

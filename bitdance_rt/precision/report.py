@@ -102,15 +102,17 @@ class Comparison:
 class Lockstep:
     """A Backend that runs `ref` and `test` side by side and records how `test` departs from `ref`.
 
-    Driven by the ordinary loop (runtime/loop.py), it returns the reference's values, so the loop
-    feeds both backends the reference history (teacher forcing) and the same noise."""
+    Driven by the ordinary loop (runtime/loop.py, one request alone through the scheduler's row-level
+    calls), it returns the reference's values, so the loop feeds both backends the reference
+    history (teacher forcing) and the same noise."""
 
     def __init__(self, ref, test, out: "Comparison"):
         self.ref, self.test, self.out = ref, test, out
         self.config = ref.config
         self.name = f"{ref.name} vs {test.name}"
-        sizes = [b for b in (getattr(ref, "max_batch", None), getattr(test, "max_batch", None)) if b]
-        self.max_batch = min(sizes) if sizes else None
+        sizes = [b for b in (ref.max_rows, test.max_rows) if b]
+        self.max_rows = min(sizes) if sizes else None
+        self.max_batch = None if self.max_rows is None else self.max_rows // 2
         self._stage, self._cond_test = "prefill", None
 
     def _conds(self, stage: str, cond_ref, cond_test):
@@ -118,18 +120,20 @@ class Lockstep:
         self._stage, self._cond_test = stage, cond_test
         return cond_ref
 
-    def prefill(self, rows):
-        return self._conds("prefill", self.ref.prefill(rows), self.test.prefill(rows))
+    def prefill_rows(self, rows, slots):
+        return self._conds("prefill", self.ref.prefill_rows(rows, slots), self.test.prefill_rows(rows, slots))
 
-    def step(self, tokens, step: int):
-        return self._conds("backbone_step", self.ref.step(tokens, step), self.test.step(tokens, step))
+    def step_rows(self, tokens, starts, write):
+        return self._conds("backbone_step", self.ref.step_rows(tokens, starts, write),
+                           self.test.step_rows(tokens, starts, write))
 
-    def sample_tokens(self, cond, noise, cfg: float, guided: bool):
+    def sample_rows(self, cond, noise, cfg, cond_row, uncond_row):
         ref, test, bits = self.ref, self.test, self.out.bits
-        tokens = ref.sample_tokens(cond, noise, cfg, guided)
-        bits[self._stage].add(tokens, ref.sample_tokens(self._cond_test, noise, cfg, guided))
-        bits["head"].add(tokens, test.sample_tokens(cond, noise, cfg, guided))
-        bits["end_to_end_teacher_forced"].add(tokens, test.sample_tokens(self._cond_test, noise, cfg, guided))
+        guidance = (cfg, cond_row, uncond_row)
+        tokens = ref.sample_rows(cond, noise, *guidance)
+        bits[self._stage].add(tokens, ref.sample_rows(self._cond_test, noise, *guidance))
+        bits["head"].add(tokens, test.sample_rows(cond, noise, *guidance))
+        bits["end_to_end_teacher_forced"].add(tokens, test.sample_rows(self._cond_test, noise, *guidance))
         return tokens
 
     def decode(self, latent):

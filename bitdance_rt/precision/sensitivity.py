@@ -15,18 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import stages as st
-from .policy import INT8_OP_TYPES
+from .policy import quantised_layers
 
 METRIC = {st.PREFILL: "prefill", st.BACKBONE_STEP: "backbone_step", st.HEAD_STEP: "head", st.DECODER: "decoder"}
-
-
-def quantised_layers(path) -> list[str]:
-    """Names of the nodes of an FP32 graph our INT8 policy quantises (weight MatMul, Gemm, Conv)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
-    return [n.name for n in graph.node if n.op_type in INT8_OP_TYPES and (n.op_type != "MatMul" or n.input[1] in weights)]
 
 
 def stage_metric(comparison_json: dict, stage: str) -> float:

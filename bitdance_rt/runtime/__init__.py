@@ -1,5 +1,7 @@
-"""The generation loop (written once) and the backends it drives."""
+"""The generation loop (the continuous-batching scheduler) and the backends it drives."""
 
-from .loop import GenerationResult, generate, generate_batched
+from .loop import generate, generate_batched
+from .request import Event, GenerationResult, Request
+from .scheduler import Scheduler
 
-__all__ = ["GenerationResult", "generate", "generate_batched"]
+__all__ = ["Event", "GenerationResult", "Request", "Scheduler", "generate", "generate_batched"]

@@ -1,38 +1,27 @@
-"""The AR x diffusion generation loop, written once for every backend and model family.
+"""One generation (a batch of images) through the continuous-batching scheduler, driven in the
+calling thread: the batch-at-a-time entry points that export checks, calibration, eval and the
+benchmarks use. The scheduler (runtime/scheduler.py) is the one loop; this module only builds
+the request.
 
 The condition is class labels (ImageNet) or prompt token ids (text-to-image), see
-runtime/conditions.py. Rows: with guidance (cfg_scale > 1) the batch is doubled, conditional rows
-first, then the unconditional ones (null class / empty chat prompt). Per AR step i the CFG value follows the schedule; a step whose value is 1 (step 0 of the
-linear schedule) is sampled unguided, so every row, unconditional ones included, gets its own
-noise and tokens, exactly as the official sampler does. Noise is drawn from `noise` in the
-official order; outputs keep only the conditional rows.
+runtime/conditions.py. With guidance (cfg_scale > 1) every image has a conditional and an
+unconditional row; per AR step i the CFG value follows the schedule, and a step whose value is 1
+(step 0 of the linear schedule) is sampled unguided, so every row, unconditional ones included,
+gets its own noise and tokens, exactly as the official sampler does. Noise is drawn from `noise`
+in the official order; outputs keep only the conditional rows.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import BitDanceError
-from ..models.layout import tokens_to_latent
 from ..sampling import NoiseSource, cfg_at_step, schedule_for
-from .backend import Backend
-from .conditions import as_condition, row_count
+from .conditions import as_condition
+from .request import GenerationResult, Request
+from .scheduler import Scheduler
 
-
-@dataclass
-class GenerationResult:
-    tokens: torch.Tensor  # [B, N, C] +/-1, generation order
-    latent: torch.Tensor  # [B, C, h, w]
-    image: torch.Tensor  # [B, 3, H, W] float32, about [-1, 1]
-    seconds: float
-
-    @property
-    def images_per_second(self) -> float:
-        return self.tokens.shape[0] / self.seconds if self.seconds > 0 else float("inf")
+__all__ = ["GenerationResult", "check_request", "generate", "generate_batched", "make_request"]
 
 
 def check_request(num_classes: int, labels, steps: int) -> None:
@@ -45,67 +34,71 @@ def check_request(num_classes: int, labels, steps: int) -> None:
         raise BitDanceError(f"steps must be >= 1, got {steps}")
 
 
-def generate_batched(backend: Backend, labels, steps: int, cfg_scale: float, cfg_schedule: str | None,
-                     noise: NoiseSource, progress: bool = False, batch_size: int | None = None) -> GenerationResult:
-    """`generate` over chunks of at most `batch_size` images (default: the backend's `max_batch`,
-    if it has one), drawing noise from the one source in order; results are concatenated.
-    `labels`: class labels, or a condition (runtime/conditions.py) such as encoded prompts."""
-    labels = labels if hasattr(labels, "rows") else list(labels)
-    size = batch_size if batch_size is not None else (getattr(backend, "max_batch", None) or len(labels) or 1)
-    if size < 1:
-        raise BitDanceError(f"batch size must be >= 1, got {size}")
-    parts = [generate(backend, labels[i : i + size], steps, cfg_scale, cfg_schedule, noise, progress, finish=False)
-             for i in range(0, max(len(labels), 1), size)]
-    noise.finish()
-    if len(parts) == 1:
-        return parts[0]
-    return GenerationResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "latent", "image")),
-                            seconds=sum(p.seconds for p in parts))
-
-
-def generate(
-    backend: Backend,
-    labels,
-    steps: int,
-    cfg_scale: float,
-    cfg_schedule: str | None,
-    noise: NoiseSource,
-    progress: bool = False,
-    finish: bool = True,
-) -> GenerationResult:
-    """One batch. `finish=False` leaves the check that a replayed noise file was used up to the caller.
-    `labels`: class labels, or a condition (runtime/conditions.py) such as encoded prompts.
-    `cfg_schedule` None: the model family's (sampling.schedule_for)."""
-    cfg = backend.config
-    cfg_schedule = schedule_for(cfg_schedule, cfg)
-    if not hasattr(labels, "rows") and hasattr(cfg, "num_classes"):
-        check_request(cfg.num_classes, labels, steps)
-    condition = as_condition(labels, cfg)
+def make_request(cfg, condition, steps: int, cfg_scale: float, cfg_schedule: str | None, noise: NoiseSource,
+                 batch_size: int | None, **options) -> Request:
+    """A validated request: `condition` labels or a condition, split into parts of `batch_size`."""
+    if not hasattr(condition, "rows") and hasattr(cfg, "num_classes"):
+        check_request(cfg.num_classes, condition, steps)
+    condition = as_condition(condition, cfg)
     if len(condition) == 0:
         raise BitDanceError("nothing to generate: give at least one label or prompt")
     if int(steps) < 1:
         raise BitDanceError(f"steps must be >= 1, got {steps}")
-    cfg_at_step(cfg_scale, cfg_schedule, 0, cfg.ar_steps)  # validates the schedule name early
-    started = time.perf_counter()
-    batch = len(condition)
-    rows = condition.rows(cfg_scale > 1.0)
-    n_rows = row_count(rows)
-    p, c = cfg.parallel_num, cfg.token_dim
-    all_tokens = []
-    tokens = None
-    cond = backend.prefill(rows)
-    for i in tqdm(range(cfg.ar_steps), desc=f"{backend.name} AR steps", disable=not progress, leave=False):
-        if i > 0:
-            cond = backend.step(tokens, i)
-        g = cfg_at_step(cfg_scale, cfg_schedule, i, cfg.ar_steps)
-        guided = g > 1.0
-        draw_rows = n_rows // 2 if guided else n_rows
-        step_noise = torch.stack([noise.draw((draw_rows, p, c)) for _ in range(steps + 1)])
-        tokens = backend.sample_tokens(cond, step_noise, g, guided)
-        all_tokens.append(tokens[:batch].cpu())
-    if finish:
-        noise.finish()
-    out_tokens = torch.cat(all_tokens, dim=1)
-    latent = tokens_to_latent(out_tokens, cfg)
-    image = backend.decode(latent).float().cpu()
-    return GenerationResult(out_tokens, latent, image, time.perf_counter() - started)
+    schedule = schedule_for(cfg_schedule, cfg)
+    cfg_at_step(cfg_scale, schedule, 0, cfg.ar_steps)  # validates the schedule name early
+    size = batch_size or len(condition)
+    if size < 1:
+        raise BitDanceError(f"batch size must be >= 1, got {size}")
+    parts = [condition[i : i + size] for i in range(0, len(condition), size)]
+    return Request(parts, int(steps), float(cfg_scale), schedule, noise, cfg.ar_steps, **options)
+
+
+def _rows_for(backend, request: Request) -> int:
+    """Cache slots of a run alone: the backend's, or (torch, unbounded) what the largest part needs."""
+    need = max(len(p) for p in request.parts) * (2 if request.guided_rows else 1)
+    return backend.max_rows or max(need, 4)
+
+
+def _run_alone(backend, request: Request, progress: bool) -> GenerationResult:
+    scheduler = Scheduler(backend, max_rows=_rows_for(backend, request))
+    bar = tqdm(total=request.ar_steps * len(request.parts), desc=f"{backend.name} AR steps", disable=not progress,
+               leave=False)
+    request.on_event = lambda e: bar.update(1) if e.kind in ("step", "done") else None
+    scheduler.submit(request)
+    try:
+        scheduler.run_until_idle()
+    finally:
+        bar.close()
+    return request.future.result()
+
+
+def generate_batched(backend, labels, steps: int, cfg_scale: float, cfg_schedule: str | None,
+                     noise: NoiseSource, progress: bool = False, batch_size: int | None = None) -> GenerationResult:
+    """Generate in parts of at most `batch_size` images (default: the backend's `max_batch`, if it
+    has one), drawing noise from the one source in order; results are concatenated.
+    `labels`: class labels, or a condition (runtime/conditions.py) such as encoded prompts."""
+    size = batch_size if batch_size is not None else backend.max_batch
+    if size is not None and size < 1:
+        raise BitDanceError(f"batch size must be >= 1, got {size}")
+    request = make_request(backend.config, labels, steps, cfg_scale, cfg_schedule, noise, size)
+    return _run_alone(backend, request, progress)
+
+
+def generate(backend, labels, steps: int, cfg_scale: float, cfg_schedule: str | None, noise: NoiseSource,
+             progress: bool = False, finish: bool = True) -> GenerationResult:
+    """One batch, alone. `cfg_schedule` None: the model family's (sampling.schedule_for).
+    `finish=False` leaves the check that a replayed noise file was used up to the caller."""
+    request = make_request(backend.config, labels, steps, cfg_scale, cfg_schedule, noise, None)
+    if not finish:
+        request.noise = _Unchecked(noise)
+    return _run_alone(backend, request, progress)
+
+
+class _Unchecked(NoiseSource):
+    """A noise source whose end-of-generation check is left to the caller."""
+
+    def __init__(self, inner: NoiseSource):
+        self.inner = inner
+
+    def draw(self, shape):
+        return self.inner.draw(shape)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-STAGE_CALLS = ("prefill", "step", "sample_tokens", "decode")
+STAGE_CALLS = ("prefill", "step", "sample_tokens", "decode")  # the names reports use
+# the calls that count under each name: the scheduler's row-level ones and the batch-level ones
+TIMED = {"prefill_rows": "prefill", "step_rows": "step", "sample_rows": "sample_tokens", "decode": "decode",
+         **{name: name for name in STAGE_CALLS}}
 
 
 class TimedBackend:
@@ -21,17 +24,25 @@ class TimedBackend:
         self.config = backend.config
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._depth = 0
 
     def __getattr__(self, attr):
         fn = getattr(self.inner, attr)
-        if attr not in STAGE_CALLS:
+        if attr not in TIMED:
             return fn
+        name = TIMED[attr]
 
         def timed(*args, **kwargs):
+            if self._depth:  # a batch-level call runs row-level ones: count it once
+                return fn(*args, **kwargs)
+            self._depth += 1
             start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.seconds[attr] += time.perf_counter() - start
-            self.calls[attr] += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+            self.seconds[name] += time.perf_counter() - start
+            self.calls[name] += 1
             return out
 
         return timed
@@ -39,3 +50,17 @@ class TimedBackend:
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that cannot be read."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -1,47 +1,49 @@
-"""The PyTorch eager backend: the float32 reference every other backend is checked against."""
+"""The PyTorch eager backend: the float32 reference every other backend is checked against.
+
+It runs each stage as the very module the ONNX export traces (export/wrappers.py), on the shared
+core (runtime/core.py), so torch, ONNX Runtime and TensorRT compute the same graph per stage.
+The head sampler calls `self.head_net`, which calibration may wrap to observe every evaluation.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..models import BitDance
-from ..sampling import sample_tokens
+from .. import stages as st
+from ..export.wrappers import stage_module
+from ..sampling import sample_tokens_rows
+from .core import StageBackend
 
 
-class TorchBackend:
+class TorchBackend(StageBackend):
     name = "torch"
+    specs = None  # every stage, any sampler step count
 
-    def __init__(self, model: BitDance, device: str | torch.device = "cpu"):
+    def __init__(self, model, device: str | torch.device = "cpu", max_batch: int | None = None):
+        """`max_batch`: most images per call (None: no limit; the cache grows as rows arrive)."""
         self.model = model.to(device).eval()
         self.config = model.cfg
         self.device = torch.device(device)
-        self.kv: torch.Tensor | None = None
         self.head_net = self.model.head_net  # the sampler's net; wrappers (calibration) may observe it
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._names = {name: st.stage_spec(name, self.config, steps=1).input_names
+                       for name in (st.PREFILL, st.BACKBONE_STEP, st.DECODER, st.ENCODER)}
+        self._init_core(None if max_batch is None else 2 * max_batch)
+
+    def _alloc_cache(self, rows: int) -> torch.Tensor:
+        return torch.zeros(st.kv_shape(self.config, rows), dtype=torch.float32, device=self.device)
 
     @torch.inference_mode()
-    def prefill(self, labels):
-        """labels [R], or a dict of named prefill inputs (text-to-image: ids, pad)."""
-        inputs = labels if isinstance(labels, dict) else {"labels": labels}
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        self.kv = self.model.new_cache(next(iter(inputs.values())).shape[0])
-        cond, new = self.model.prefill(*inputs.values())
-        # inputs the backbone step needs again (text-to-image: each row's padding)
-        self._context = {k: inputs[k] for k in getattr(self.model, "step_context", ())}
-        self.model.write_cache(self.kv, new, 0)
-        return cond
-
-    @torch.inference_mode()
-    def step(self, tokens, step):
-        # Read the written part of the cache only, as the official code does.
-        start = self.model.step_start(step)
-        cond, new = self.model.step(tokens.to(self.device), step, self.kv, kv_len=start, **self._context)
-        self.model.write_cache(self.kv, new, start)
-        return cond
-
-    @torch.inference_mode()
-    def sample_tokens(self, cond, noise, cfg, guided):
-        return sample_tokens(self.head_net, cond, noise.to(self.device), cfg, guided, self.config.time_shift)
-
-    @torch.inference_mode()
-    def decode(self, latent):
-        return self.model.decode(latent.to(self.device))
+    def _run(self, stage, feeds):
+        feeds = {k: v.to(self.device) for k, v in feeds.items()}
+        if stage == st.HEAD_SAMPLER:
+            return {"tokens": sample_tokens_rows(self.head_net, feeds["cond"], feeds["noise"], feeds["cfg"],
+                                                 feeds["cond_row"], feeds["uncond_row"], self.config.time_shift)}
+        if stage == st.HEAD_STEP:
+            return {"x_pred": self.head_net(feeds["x"], feeds["t"], feeds["cond"])}
+        if stage not in self._modules:
+            self._modules[stage] = stage_module(stage, self.model)
+        out = self._modules[stage](*(feeds[n] for n in self._names[stage]))
+        if stage in (st.PREFILL, st.BACKBONE_STEP):
+            return {"cond": out[0], "kv_new": out[1]}
+        return {"image" if stage == st.DECODER else "latent": out}

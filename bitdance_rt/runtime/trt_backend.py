@@ -1,34 +1,41 @@
-"""The TensorRT backend: per-stage engines, static device buffers, CUDA-graph replay.
+"""The TensorRT backend: per-stage engines, fixed device buffers, CUDA-graph replay.
 
-Implements the Backend calls (prefill, step, sample_tokens, decode) like the ONNX Runtime backend,
-over engines from bitdance_rt.engines.build (built into the engine cache when missing or stale).
+It runs stages for the shared core (runtime/core.py: cache slots, cache writes, sampler choice,
+row padding), over engines from bitdance_rt.engines.build (built into the engine cache when
+missing or stale), on the device it was given: build, deserialisation and contexts run inside
+that device's context, so one backend per GPU works.
 
 Memory and execution (one CUDA stream, torch CUDA tensors as the device buffers):
-- one execution context per (stage, dims) shape, created with
+- one execution context per (stage, rows) shape, created with
   ExecutionContextAllocationStrategy.USER_MANAGED, all sharing ONE scratch buffer sized to the
   largest engine's device_memory_size_v2: stages run one after another on the stream, so their
   activations never live at the same time (TensorRT Python API, ICudaEngine.create_execution_context /
   IExecutionContext.set_device_memory; TensorRT 11 also offers IRuntimeConfig for the strategy);
-- every input and output is a static torch CUDA tensor bound once with set_tensor_address; a call
-  copies its arguments into the input buffers and reads the outputs: no allocation per call;
-- the KV cache [n_layer, 2, rows, heads, L, hd] is one static buffer per row count, bound to the
-  per-layer `cache.{i}.key/value` inputs by address (read only, no aliasing with any output);
-  backbone_step returns `kv_new`, which is written into the cache at [start, start+P) with
-  index_copy_ on a static device index, so that write is captured into the same CUDA graph;
-- per-step scalars (`start`, `cfg`) and the sampler noise live in fixed device buffers;
-- backbone_step, head_step and the fused head samplers are run once with execute_async_v3
+- every input and output is a fixed torch CUDA tensor bound once with set_tensor_address; a call
+  copies its arguments into the input buffers (per-row positions, guidance and noise through
+  pinned host twins, asynchronously) and reads the outputs: no allocation per call;
+- the KV cache [n_layer, 2, max rows, heads, L, hd] is allocated once for every slot (its address
+  never changes), bound to the per-layer `cache.{i}.key/value` inputs by address (read only, no
+  aliasing with any output; each view 256-byte aligned, checked); the core writes `kv_new` into
+  each row's slot and position after the engine;
+- the scheduler pads row counts to a few sizes (core.row_bucket), so few shapes are captured;
+- backbone_step, head_step and the fused head sampler are run once with execute_async_v3
   (warm-up; TensorRT's developer guide asks for one enqueue before capture, which does the
   deferred per-shape work), then captured with torch.cuda.CUDAGraph on the same stream, one graph
-  per (stage, dims), and replayed on every later call. An engine whose input is a shape tensor
+  per (stage, rows), and replayed on every later call. An engine whose input is a shape tensor
   (host memory, read at enqueue time) is never captured.
+- every engine's I/O names and static dims are checked against the stage contract at load.
 
 Checked against NVIDIA's sources (github.com/NVIDIA/TensorRT, tags v10.3.0 and v11.1):
 - contexts sharing profile 0: "The newly created execution context will be assigned optimization
-  profile 0" (ICudaEngine::createExecutionContext, NvInferRuntime.h, 10.3 and 11.1); the 8.x rule
-  that only one context may hold a profile ("no other execution contexts assigned to optimization
-  profile 0") was deprecated in 8.6 and dropped in 9.0. Device memory "in use from the invocation of
-  enqueueV3() until network execution is complete" (setDeviceMemoryV2), so sharing one scratch is
-  safe as long as contexts never run concurrently: here they are all enqueued on one stream.
+  profile 0" (ICudaEngine::createExecutionContext, NvInferRuntime.h, 10.3 and 11.1). The developer
+  guide says the 8.x one-context-per-profile rule was dropped in 9.0, but the 10.3 and 11.1 headers
+  still ask for a separate profile per context used CONCURRENTLY. Our contexts of one engine (one
+  per row count) all hold profile 0 and are safe only because they never run concurrently: every
+  call is enqueued on the one stream of this backend. Keep it so (a second stream would need one
+  profile per concurrent context at build time). Device memory is "in use from the invocation of
+  enqueueV3() until network execution is complete" (setDeviceMemoryV2), so the shared scratch
+  relies on the same one-stream order.
 - graph capture follows trtexec (samples/common/sampleInference.cpp, createEnqueueFunction): one
   enqueue "to avoid capturing initialization calls", stream synchronize, capture in thread-local mode
   (sampleDevice.h: cudaStreamCaptureModeThreadLocal); an enqueue that fails under capture means the
@@ -47,10 +54,9 @@ from .. import stages as st
 from ..config import ModelConfig
 from ..errors import BitDanceError
 from ..export.manifest import MANIFEST, manifest_config, manifest_specs, read_manifest
-from ..sampling import sample_tokens
-from .ort_backend import REQUIRED, SAMPLER_MODES, _architecture
+from .core import SAMPLER_MODES, StageBackend, check_generation_stages
+from .ort_backend import _architecture
 
-GRAPH_STAGES = (st.BACKBONE_STEP, st.HEAD_STEP, st.HEAD_SAMPLER_UNGUIDED, st.HEAD_SAMPLER_GUIDED)
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
@@ -109,6 +115,7 @@ class _Call:
             raise BitDanceError(f"stage {stage}: TensorRT could not create an execution context")
         _set_device_memory(self.context, backend.scratch.data_ptr(), backend.scratch.numel())
         self.buffers: dict[str, torch.Tensor] = {}
+        self.staging: dict[str, torch.Tensor] = {}
         self.host_shape_inputs = False
         for t in spec.inputs:
             shape = spec.shape(t.name, **dims)
@@ -126,6 +133,9 @@ class _Call:
                 self.host_shape_inputs = True
             else:
                 buf = torch.zeros(shape, dtype=dtype, device=backend.device)
+                # pinned host twin: per-call values (tokens, positions, guidance, noise) go to the fixed
+                # device buffer by an asynchronous copy on the stream, never from pageable memory
+                self.staging[t.name] = torch.zeros(shape, dtype=dtype).pin_memory()
             self.buffers[t.name] = buf
         for t in spec.outputs:
             shape = tuple(self.context.get_tensor_shape(t.name))
@@ -144,6 +154,20 @@ class _Call:
         self.key = (stage, tuple(sorted(dims.items())))
         self.calls = 0
 
+    def put(self, name: str, value: torch.Tensor) -> None:
+        """Input `name` for the next run (on the backend's stream). The host twin is rewritten only
+        after the previous run's outputs were read (the backend waits for them), so its last
+        asynchronous copy has finished."""
+        buf = self.buffers[name]
+        value = torch.as_tensor(value)
+        if value.is_cuda:
+            buf.copy_(value.reshape(buf.shape))
+        elif name in self.staging:
+            self.staging[name].copy_(value.reshape(buf.shape))
+            buf.copy_(self.staging[name], non_blocking=True)
+        else:
+            buf.copy_(value.reshape(buf.shape))
+
     def _enqueue(self) -> None:
         if not self.context.execute_async_v3(self.backend.stream.cuda_stream):
             raise BitDanceError(f"stage {self.stage}: TensorRT execution failed (execute_async_v3)")
@@ -160,7 +184,7 @@ class _Call:
                 self.graph.replay()
             else:
                 self._enqueue()
-                if (b.cuda_graphs and self.stage in GRAPH_STAGES and not self.host_shape_inputs
+                if (b.cuda_graphs and self.stage in st.GRAPH_CAPTURE_STAGES and not self.host_shape_inputs
                         and not self.capture_failed):
                     self._capture()
         self.calls += 1
@@ -187,7 +211,7 @@ class _Call:
         b.captures.append(self.key)
 
 
-class TrtBackend:
+class TrtBackend(StageBackend):
     name = "tensorrt"
 
     def __init__(self, export_dir, precision: str | None = None, workspace_mb=None, engine_root=None,
@@ -209,169 +233,97 @@ class TrtBackend:
                                 f"{expect_config.name!r}; re-export {self.dir} for this model")
         self.specs = manifest_specs(self.manifest, self.dir)
         self.sampler_steps = self.manifest["key"]["sampler_steps"]
-        missing = [s for s in REQUIRED if s not in self.specs]
-        if missing or not (st.HEAD_STEP in self.specs or all(s in self.specs for s in st.SAMPLER_STAGES)):
-            raise BitDanceError(f"{self.dir} lacks stage(s) {', '.join(missing) or 'head_step'} needed for generation")
+        check_generation_stages(self.specs, self.dir)
         self.device = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        toolkit = TensorRT(device=index)
-        self.trt = toolkit.trt
-        built = build_engines(self.dir, precision, workspace_mb, level, list(self.specs), engine_root, toolkit,
-                              log=log or (lambda *_: None))
-        self.precision = next(iter(built.values())).key.precision
-        self.engine_paths = {s: b.path for s, b in built.items()}
-        runtime = self.trt.Runtime(toolkit.logger)
-        self.engines = {}
-        for stage, path in self.engine_paths.items():
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise BitDanceError(f"{path}: TensorRT could not deserialize it (delete it to rebuild)")
-            self.engines[stage] = engine
-        self._runtime = runtime
+        self.device = torch.device("cuda", index)
+        self.log = log or (lambda *_: None)
+        # Build, deserialisation and context creation run on THIS device: TensorRT uses the thread's
+        # current CUDA device, so without the context cuda:1 would get engines made for cuda:0.
         with torch.cuda.device(self.device):
+            toolkit = TensorRT(device=index)
+            self.trt = toolkit.trt
+            built = build_engines(self.dir, precision, workspace_mb, level, list(self.specs), engine_root, toolkit,
+                                  log=self.log)
+            self.precision = next(iter(built.values())).key.precision
+            self.engine_paths = {s: b.path for s, b in built.items()}
+            runtime = self.trt.Runtime(toolkit.logger)
+            self.engines = {}
+            for stage, path in self.engine_paths.items():
+                engine = runtime.deserialize_cuda_engine(path.read_bytes())
+                if engine is None:
+                    raise BitDanceError(f"{path}: TensorRT could not deserialize it (delete it to rebuild)")
+                check_engine_io(self.trt, engine, self.specs[stage], path)
+                self.engines[stage] = engine
+            self._runtime = runtime
             self.stream = torch.cuda.Stream(self.device)
             size = max(_device_memory_size(e) for e in self.engines.values())
             self.scratch = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)  # shared by all contexts
         self.cuda_graphs = bool(cuda_graphs)
-        self.log = log or (lambda *_: None)
         self.captures: list = []
         self._calls: dict = {}
-        self._kv: dict[int, torch.Tensor] = {}
-        self._pos: dict[int, torch.Tensor] = {}
-        self._rows = 0
-        self._started = False
+        self._init_core(self.specs[st.PREFILL].dims["rows"].max)
+
+    def has_stage(self, stage: str) -> bool:
+        return stage in self.engines
 
     # ---- plumbing ------------------------------------------------------------------------
+    def _alloc_cache(self, rows: int) -> torch.Tensor:
+        """The whole cache at once (all max_rows slots): its address never changes, so the engines'
+        bound cache inputs and every captured CUDA graph stay valid."""
+        kv = torch.zeros(st.kv_shape(self.config, self.max_rows), dtype=torch.float32, device=self.device)
+        check_alignment(kv, self.config)
+        return kv
+
     def _call(self, stage: str, dims: dict[str, int]) -> _Call:
         key = (stage, tuple(sorted(dims.items())))
         if key not in self._calls:
             bound = {}
             if stage == st.BACKBONE_STEP:
-                kv = self._cache(dims["rows"])
-                bound = {name: kv[i // 2, i % 2] for i, name in enumerate(st.cache_input_names(self.config))}
-            call = _Call(self, stage, dims, bound)
-            if stage == st.BACKBONE_STEP:
-                kv, pos, new = self._kv[dims["rows"]], self._pos[dims["rows"]], call.buffers["kv_new"]
-                call.after = lambda: kv.index_copy_(4, pos, new)  # cache write at [start, start+P), graph-safe
-            self._calls[key] = call
+                bound = self._cache_feeds(dims["rows"])  # by address, read only
+            with torch.cuda.device(self.device):
+                self._calls[key] = _Call(self, stage, dims, bound)
         return self._calls[key]
 
-    def _cache(self, rows: int) -> torch.Tensor:
-        if rows not in self._kv:
-            self._kv[rows] = torch.zeros(st.kv_shape(self.config, rows), dtype=torch.float32, device=self.device)
-            self._pos[rows] = torch.zeros(self.config.parallel_num, dtype=torch.int64, device=self.device)
-        return self._kv[rows]
-
-    def _put(self, buf: torch.Tensor, value) -> None:
-        buf.copy_(torch.as_tensor(value).reshape(buf.shape))
-
-    def _begin(self) -> None:
-        """Our stream waits for work queued on the caller's stream (inputs it produced)."""
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-
-    def _out(self, buf: torch.Tensor) -> torch.Tensor:
-        """A copy of an output buffer, made on the caller's stream after our stream's work."""
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return buf.float().clone()
-
-    @property
-    def kv_cache(self) -> torch.Tensor | None:
-        return self._kv.get(self._rows)
-
-    @property
-    def max_batch(self) -> int:
-        return self.specs[st.PREFILL].dims["rows"].max // 2
-
-    # ---- Backend calls ---------------------------------------------------------------------
-    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
-        spec = self.specs[st.PREFILL]
-        labels = torch.as_tensor(labels).to(torch.int64)
-        dims = spec.match("labels", labels.shape)
-        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) <= self.config.num_classes):
-            raise BitDanceError(f"labels must lie in [0, {self.config.num_classes}] (the last is the null class)")
-        rows = dims["rows"]
-        kv = self._cache(rows)
-        call = self._call(st.PREFILL, dims)
-        self._begin()
-        with torch.cuda.stream(self.stream):
-            kv.zero_()
-            self._put(call.buffers["labels"], labels)
-        call.run()
-        with torch.cuda.stream(self.stream):
-            new = call.buffers["kv_new"]
-            kv[:, :, :, :, : new.shape[4]] = new
-        self._rows, self._started = rows, True
-        return self._out(call.buffers["cond"])
-
-    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        if not self._started:
-            raise BitDanceError("step() before prefill(): start every generation with prefill")
-        spec = self.specs[st.BACKBONE_STEP]
-        dims = spec.match("tokens", tokens.shape)
-        if dims["rows"] != self._rows:
-            raise BitDanceError(f"step(): {dims['rows']} token rows, but the cache was prefilled with {self._rows}")
-        start = st.step_start(self.config, int(step))
-        call = self._call(st.BACKBONE_STEP, dims)
-        p = self.config.parallel_num
-        self._begin()
-        with torch.cuda.stream(self.stream):
-            self._put(call.buffers["tokens"], tokens)
-            call.buffers["start"].fill_(start)
-            self._pos[dims["rows"]].copy_(torch.arange(start, start + p, dtype=torch.int64))
-        call.run()  # engine, then kv[..., start:start+P, :] = kv_new (both in the graph once captured)
-        return self._out(call.buffers["cond"])
-
-    def sample_tokens(self, cond: torch.Tensor, noise: torch.Tensor, cfg: float, guided: bool) -> torch.Tensor:
-        steps = int(noise.shape[0]) - 1
-        fused = st.HEAD_SAMPLER_GUIDED if guided else st.HEAD_SAMPLER_UNGUIDED
-        have_fused = fused in self.engines and self.sampler_steps == steps
-        self._begin()
-        if self.sampler == "fused" or (self.sampler == "auto" and have_fused):
-            if not have_fused:
-                raise BitDanceError(f"{self.dir}: no fused head sampler for S={steps} (exported S={self.sampler_steps})")
-            spec = self.specs[fused]
-            dims = spec.match("cond", cond.shape)
-            spec.match("noise", noise.shape, known=dims)
-            call = self._call(fused, dims)
-            with torch.cuda.stream(self.stream):
-                self._put(call.buffers["cond"], cond)
-                self._put(call.buffers["noise"], noise)
-                if guided:
-                    call.buffers["cfg"].fill_(float(cfg))
-            call.run()
-            return self._out(call.buffers["tokens"])
-        if st.HEAD_STEP not in self.engines:
-            raise BitDanceError(f"{self.dir}: the fused head sampler has S={self.sampler_steps}, this generation asks "
-                                f"S={steps}, and there is no head_step engine; re-export with sampler steps {steps}")
-        spec = self.specs[st.HEAD_STEP]
-        dims = spec.match("cond", cond.shape)
-        call = self._call(st.HEAD_STEP, dims)
-
-        def net(x, t, _cond):  # runs on self.stream (inside the block below)
-            self._put(call.buffers["x"], x)
-            self._put(call.buffers["t"], t)
-            call.run()
-            return call.buffers["x_pred"].float().clone()
-
-        with torch.no_grad(), torch.cuda.stream(self.stream):
-            self._put(call.buffers["cond"], cond)
-            tokens = sample_tokens(net, cond.to(self.device).float(), noise.to(self.device).float(), cfg, guided,
-                                   self.config.time_shift)
-        return self._out(tokens)
-
-    def _simple(self, stage: str, in_name: str, out_name: str, x: torch.Tensor) -> torch.Tensor:
-        if stage not in self.engines:
-            raise BitDanceError(f"{self.dir} has no {stage} stage; re-export with it")
-        dims = self.specs[stage].match(in_name, x.shape)
+    def _run(self, stage: str, feeds: dict) -> dict:
+        """Copy the inputs into the call's fixed device buffers (through pinned host memory), run (or
+        replay) it on our stream; outputs: kv_new as the device buffer, the rest copied to the host."""
+        spec = self.specs[stage]
+        dims: dict = {}
+        for t in spec.inputs:
+            dims = spec.match(t.name, feeds[t.name].shape, known=dims)
         call = self._call(stage, dims)
-        self._begin()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # inputs made on the caller's stream
         with torch.cuda.stream(self.stream):
-            self._put(call.buffers[in_name], x)
+            for t in spec.inputs:
+                if not t.name.startswith("cache."):
+                    call.put(t.name, feeds[t.name])
         call.run()
-        return self._out(call.buffers[out_name])
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return {t.name: call.buffers[t.name] if t.name == "kv_new" else call.buffers[t.name].float().cpu()
+                for t in spec.outputs}
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self._simple(st.DECODER, "latent", "image", latent)
 
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        return self._simple(st.ENCODER, "image", "latent", image)
+def check_engine_io(trt, engine, spec: st.StageSpec, path) -> None:
+    """The engine's I/O tensors are the contract's, with its static dims: a mismatch would make a
+    bound buffer too small, and TensorRT would read or write out of bounds without a word."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    want = spec.input_names + spec.output_names
+    if sorted(names) != sorted(want):
+        raise BitDanceError(f"{path}: engine tensors {sorted(names)} are not those of stage {spec.name} "
+                            f"({sorted(want)}); rebuild the engines for this export")
+    for t in spec.inputs + spec.outputs:
+        got = tuple(engine.get_tensor_shape(t.name))
+        if len(got) != len(t.shape) or any(isinstance(w, int) and g not in (w, -1) for g, w in zip(got, t.shape)):
+            raise BitDanceError(f"{path}: engine tensor {t.name} has shape {list(got)}, the contract "
+                                f"{list(t.shape)}; rebuild the engines for this export")
+
+
+def check_alignment(kv: torch.Tensor, cfg) -> None:
+    """TensorRT wants bound addresses 256-byte aligned; every per-layer cache view starts at a
+    multiple of rows x heads x L x head_dim floats from the (aligned) allocation."""
+    for i in range(cfg.n_layer):
+        for part in (0, 1):
+            if kv[i, part].data_ptr() % 256:
+                raise BitDanceError(f"KV-cache view of layer {i} is not 256-byte aligned "
+                                    f"({kv[i, part].data_ptr() % 256} bytes off): TensorRT cannot bind it")

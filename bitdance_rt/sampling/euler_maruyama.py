@@ -29,39 +29,41 @@ def time_grid(num_steps: int, time_shift: float = 1.0, last_step_size: float = L
     return (1 / time_shift) / ((1 / time_shift) + (1 / u - 1))
 
 
-def sample_head(
+def sample_rows(
     net: HeadNet,
     cond: torch.Tensor,
     noise: Sequence[torch.Tensor] | torch.Tensor,
-    cfg: float | torch.Tensor,
-    guided: bool,
+    cfg: torch.Tensor,
+    cond_row: torch.Tensor,
+    uncond_row: torch.Tensor,
     time_shift: float = 1.0,
     last_step_size: float = LAST_STEP_SIZE,
 ) -> torch.Tensor:
-    """Sample one AR step's tokens (continuous, before sign).
+    """Sample one AR step's tokens (continuous, before sign) for R rows that each carry their own
+    guidance: the form the continuous-batching scheduler needs, where rows of several requests at
+    different AR steps (guided or not, each with its own CFG value) share one call.
 
-    cond [R, P, D] are the head conditions of all R rows. Unguided: x has R rows. Guided (CFG,
-    `guided=True`): cond holds conditional rows then unconditional rows, x has R/2 rows, the net
-    sees [x; x], and v = v_u + cfg (v_c - v_u). Returns x [R or R/2, P, C].
+    cond [R, P, D], noise [S+1, R, P, C] (x has R rows), cfg [R] float32, cond_row / uncond_row [R]
+    int64. Row r moves with v_r = v[u] + cfg_r (v[c] - v[u]), c = cond_row[r], u = uncond_row[r]:
+    a guided pair (both rows with the pair's c, u, cfg and the same noise) evolves identically, as the
+    official guided sampler's one x per image; an unguided row has c = u = r, which gives exactly
+    v_r (v[u] + cfg * 0). Returns x [R, P, C].
     """
     num_steps = len(noise) - 1
     if num_steps < 1:
         raise ValueError("the sampler needs noise for at least one step (S+1 tensors)")
-    mult = 2 if guided else 1
     t_all = time_grid(num_steps, time_shift, last_step_size).to(cond.device)
     dt = t_all[1:] - t_all[:-1]
     x = noise[0]
     t = torch.zeros((), dtype=torch.float32, device=cond.device)
     t_rows = torch.zeros(cond.shape[0], dtype=torch.float32, device=cond.device)
+    scale = cfg.view(-1, 1, 1)
 
     def velocity(x: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
-        both = torch.cat([x] * mult, dim=0)
-        out = net(both, t_rows, cond)
-        v = (out - both) / (1 - t_rows.view(-1, 1, 1)).clamp_min(0.05)
-        if guided:
-            v_cond, v_uncond = v.chunk(2, dim=0)
-            v = v_uncond + cfg * (v_cond - v_uncond)
-        return v
+        out = net(x, t_rows, cond)
+        v = (out - x) / (1 - t_rows.view(-1, 1, 1)).clamp_min(0.05)
+        v_u = v.index_select(0, uncond_row)
+        return v_u + scale * (v.index_select(0, cond_row) - v_u)
 
     for k in range(num_steps):
         v = velocity(x, t_rows + t)
@@ -76,6 +78,40 @@ def sample_head(
     return x + v * last_step_size
 
 
+def guidance_rows(rows: int, cfg: float, guided: bool, device=None):
+    """(cfg [R], cond_row [R], uncond_row [R]) of one batch in the official layout: guided, rows
+    [0, R/2) conditional and [R/2, R) their unconditional twins; unguided, every row alone."""
+    idx = torch.arange(rows, device=device)
+    if not guided:
+        return torch.ones(rows, device=device), idx, idx
+    half = rows // 2
+    pair = idx % half
+    return torch.as_tensor(cfg, dtype=torch.float32, device=device).expand(rows), pair, pair + half
+
+
+def sample_head(
+    net: HeadNet,
+    cond: torch.Tensor,
+    noise: Sequence[torch.Tensor] | torch.Tensor,
+    cfg: float | torch.Tensor,
+    guided: bool,
+    time_shift: float = 1.0,
+    last_step_size: float = LAST_STEP_SIZE,
+) -> torch.Tensor:
+    """Sample one AR step of one batch (continuous, before sign), through `sample_rows`.
+
+    cond [R, P, D] are the head conditions of all R rows. Unguided: x has R rows. Guided (CFG,
+    `guided=True`): cond holds conditional rows then unconditional rows, noise has R/2 rows (one
+    per image), the net sees [x; x], and v = v_u + cfg (v_c - v_u). Returns x [R or R/2, P, C].
+    """
+    rows = cond.shape[0]
+    scale, c, u = guidance_rows(rows, cfg, guided, cond.device)
+    if guided:
+        noise = [torch.cat([n, n], dim=0) for n in noise]
+    x = sample_rows(net, cond, noise, scale, c, u, time_shift, last_step_size)
+    return x[: rows // 2] if guided else x
+
+
 def sample_tokens(
     net: HeadNet,
     cond: torch.Tensor,
@@ -88,3 +124,17 @@ def sample_tokens(
     """+/-1 tokens for all R rows: sign of the sampler output, repeated for both CFG halves."""
     x = sample_head(net, cond, noise, cfg, guided, time_shift, last_step_size)
     return torch.sign(torch.cat([x, x], dim=0) if guided else x)
+
+
+def sample_tokens_rows(
+    net: HeadNet,
+    cond: torch.Tensor,
+    noise: Sequence[torch.Tensor] | torch.Tensor,
+    cfg: torch.Tensor,
+    cond_row: torch.Tensor,
+    uncond_row: torch.Tensor,
+    time_shift: float = 1.0,
+    last_step_size: float = LAST_STEP_SIZE,
+) -> torch.Tensor:
+    """+/-1 tokens of `sample_rows` (the fused head_sampler stage is exported from this)."""
+    return torch.sign(sample_rows(net, cond, noise, cfg, cond_row, uncond_row, time_shift, last_step_size))

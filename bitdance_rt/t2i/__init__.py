@@ -4,6 +4,7 @@ The model itself is bitdance_rt.models.t2i (Qwen3 backbone in models/qwen3.py); 
 stage contract, loop and backends as the ImageNet models.
 """
 
-from .config import SUPPORTED_SIZES, T2IConfig, read_checkpoint_config
+from ..t2i_config import SUPPORTED_SIZES, T2IConfig
+from .config import read_checkpoint_config
 
 __all__ = ["SUPPORTED_SIZES", "T2IConfig", "read_checkpoint_config"]

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_fit, file_sha256, require_file
+from ..checkpoint import check_fit, require_file
+from ..fileio import cached_sha256
 from ..errors import CheckpointError
 from ..models.t2i import BitDanceT2I
-from .config import T2IConfig, read_checkpoint_config
+from ..t2i_config import T2IConfig
+from .config import read_checkpoint_config
 from .prompt import PromptEncoder
 
 LLM_INDEX = "model.safetensors.index.json"
@@ -89,13 +91,14 @@ def _weights_plan(directory: Path) -> list[tuple[Path, str, dict]]:
 
 
 def checkpoint_dir_source(directory: str | Path) -> str:
-    """Identity of the weights for export manifests: sha256 over every file the model reads."""
+    """Identity of the weights for export manifests: sha256 over every file the model reads
+    (each file's digest memoised by (path, size, mtime) in the hash cache, fileio.cached_sha256)."""
     d = Path(directory)
     names = sorted(["config.json", "tokenizer.json", "ae_config.json", "vision_head_config.json", *PART_FILES,
                     *llm_files(d), *([LLM_INDEX] if (d / LLM_INDEX).is_file() else [])])
     digest = hashlib.sha256()
     for name in names:
-        digest.update(f"{name}:{file_sha256(require_file(d / name, name))}\n".encode())
+        digest.update(f"{name}:{cached_sha256(require_file(d / name, name))}\n".encode())
     return f"t2i-dir sha256:{digest.hexdigest()}"
 
 

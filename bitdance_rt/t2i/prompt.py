@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDanceError
-from .config import T2IConfig
+from ..t2i_config import T2IConfig
 
 COND_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 UNCOND_TEXT = "<|im_start|>assistant\n"

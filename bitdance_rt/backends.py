@@ -1,0 +1,268 @@
+"""Make a ready backend for a model: what the Pipeline does once at start-up.
+
+torch: the model with its weights. onnxruntime: the cached FP32 export of the model (exported on
+first use), and for fp16 / int8 its derived variant (the INT8 calibration set captured once and
+cached), or a given export directory. tensorrt: engines built (and cached) from an export
+directory, or from the cached export when none is given. ImageNet and text-to-image models take
+the same paths; what a backend cannot do is one clear error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BitDanceError
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def default_backend() -> str:
+    """onnxruntime when it is installed (the fast path), else the torch reference."""
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
+@dataclass
+class BackendOptions:
+    """How to run a model. Defaults: the fast backend installed here, FP32, CPU, all cores."""
+
+    backend: str | None = None  # onnxruntime | torch | tensorrt (None: default_backend())
+    precision: str | None = None  # fp32 | fp16 | int8 (None: fp32, or a given export's)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    threads: int | None = None
+    max_batch: int = 16  # images one call holds (the exported graphs' and engines' range)
+    export_dir: str | None = None  # an ONNX export to run (default: the cached automatic export)
+    ort_provider: str | None = None  # cpu | cuda | tensorrt (default: cuda with a cuda device)
+    ort_cache: bool = True  # keep ONNX Runtime's optimised graphs between processes
+    engine_dir: str | None = None
+    workspace_mb: int | None = None
+    cuda_graphs: bool = True
+    calibration: str | None = None  # INT8 calibration set directory (default: cached set)
+    calib_method: str = "max"
+    keep_float: tuple = ()
+    allow_pickle: bool = False
+    cfg_scale: float | None = None  # guidance of the INT8 calibration run (default: the model's)
+    cfg_schedule: str | None = None
+    progress: bool = True
+    log: object = field(default=print, repr=False)
+
+    def __post_init__(self):
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise BitDanceError(f"backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise BitDanceError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise BitDanceError(f"threads must be a positive integer, got {self.threads!r}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise BitDanceError(f"max batch must be a positive integer, got {self.max_batch!r}")
+
+
+@dataclass
+class ModelSource:
+    """A model to run: its config and weights (ImageNet: checkpoint + vae files; T2I: a directory)."""
+
+    config: object
+    checkpoint: str | None = None
+    vae: str | None = None
+    t2i: bool = False
+
+    def weights_source(self) -> str:
+        """The string that names these weights in export and calibration keys."""
+        from .export import checkpoint_source, random_source
+        from .loading import EMBEDDED_SEED
+
+        if self.t2i:
+            from .t2i.loading import checkpoint_dir_source
+
+            return checkpoint_dir_source(self.checkpoint)
+        return checkpoint_source(self.checkpoint, self.vae) if self.checkpoint else random_source(EMBEDDED_SEED)
+
+    def load(self, allow_pickle: bool = False):
+        """The torch model with its weights (random seeded weights when no checkpoint is given)."""
+        if self.t2i:
+            from .t2i.loading import load_t2i
+
+            cfg = self.config
+            return load_t2i(self.checkpoint, cfg.height, cfg.width, config=cfg).model
+        from .loading import load_model
+
+        return load_model(self.config, self.checkpoint, self.vae, allow_pickle).model
+
+    def describe(self) -> str:
+        name = self.config.name
+        if self.checkpoint:
+            return f"{name} from {Path(self.checkpoint).name}" + (f" + {Path(self.vae).name}" if self.vae else "")
+        return f"{name} with seeded random weights"
+
+
+def resolve_model(model, checkpoint, vae, height, width, max_text_tokens) -> ModelSource:
+    """`model` a preset, config file or config (default: the embedded model, with its shipped
+    weights when no weight files are given); or `checkpoint` a text-to-image directory."""
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        from .t2i.config import DEFAULT_MAX_TEXT_TOKENS, check_resolution, read_checkpoint_config
+
+        if model is not None:
+            raise BitDanceError(f"checkpoint {checkpoint} is a text-to-image directory, which names its own model: "
+                                f"drop model={model!r}")
+        if vae is not None:
+            raise BitDanceError("a text-to-image checkpoint directory holds its own autoencoder: drop vae")
+        height, width = height or 1024, width or 1024
+        check_resolution(height, width)
+        cfg = read_checkpoint_config(checkpoint, height, width, max_text_tokens or DEFAULT_MAX_TEXT_TOKENS)
+        return ModelSource(cfg, str(checkpoint), None, t2i=True)
+    if height is not None or width is not None or max_text_tokens is not None:
+        raise BitDanceError("height / width / max_text_tokens are for text-to-image checkpoints (a directory); "
+                            "ImageNet models have one image size")
+    from .config import EMBEDDED_MODEL, ModelConfig, load_config
+    from .loading import embedded_checkpoint
+
+    cfg = model if isinstance(model, ModelConfig) else load_config(model or EMBEDDED_MODEL)
+    checkpoint = embedded_checkpoint(cfg, checkpoint, vae)
+    return ModelSource(cfg, None if checkpoint is None else str(checkpoint), None if vae is None else str(vae))
+
+
+def make_backend(model: ModelSource, steps: int, opts: BackendOptions):
+    """(backend, one line saying what runs) for `model` with the fused sampler of S = `steps`."""
+    import torch
+
+    name = opts.backend or default_backend()
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BitDanceError(f"device {opts.device}: CUDA is not available on this machine")
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    if name == "torch":
+        if opts.precision not in (None, "fp32"):
+            raise BitDanceError(f"precision {opts.precision}: the torch backend is the float32 reference; use "
+                                "backend onnxruntime (or tensorrt) for fp16 / int8")
+        from .runtime.torch_backend import TorchBackend
+
+        backend = TorchBackend(model.load(opts.allow_pickle), opts.device, max_batch=opts.max_batch)
+        return backend, f"{model.describe()} on torch ({opts.device}, float32)"
+    if name == "onnxruntime":
+        return _ort_backend(model, steps, opts)
+    if not torch.cuda.is_available():  # before exporting anything for it
+        raise BitDanceError("backend tensorrt needs a CUDA GPU, and torch sees none here")
+    return _trt_backend(model, steps, opts)
+
+
+# ---- exports ------------------------------------------------------------------------------
+def _limits(opts: BackendOptions):
+    from .stages import Limits
+
+    return Limits(max_batch=opts.max_batch, opt_batch=min(4, opts.max_batch))
+
+
+def export_for(model: ModelSource, out, steps: int, opts: BackendOptions, stages=None, **options):
+    """Export (or reuse, without reading the weights) `out` for the model's weights."""
+    from .export import export_stages
+    from .export.manifest import manifest_key
+    from .export.onnx_export import ExportResult, find_reusable
+    from .stages import GENERATION_STAGES, SAMPLER_STAGES
+
+    stages = list(stages or GENERATION_STAGES)
+    limits = options.pop("limits", None) or _limits(opts)
+    source = model.weights_source()
+    if model.vae and not model.checkpoint:
+        raise BitDanceError("--vae needs --checkpoint: the random-weight default has no checkpoint to pair it with")
+    key = manifest_key(model.config, source, stages, options.get("opset", 17),
+                       steps if any(s in SAMPLER_STAGES for s in stages) else None, limits)
+    if not options.get("force") and (manifest := find_reusable(out, key)) is not None:
+        return ExportResult(Path(out), manifest, True)  # weights not read at all
+    options.setdefault("progress", opts.progress)
+    return export_stages(model.load(opts.allow_pickle), out, source, stages=stages, sampler_steps=steps,
+                         limits=limits, **options)
+
+
+def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision: str, out=None) -> Path:
+    """The cached FP32 export of the model and, for fp16 / int8, its derived variant (into `out`
+    when given); the INT8 calibration set is opts.calibration or the cached default set."""
+    from . import paths
+    from .precision.auto import calibration_for, precision_export
+    from .sampling import schedule_for
+
+    fp32 = paths.export_dir(model.config, model.weights_source(), steps, opts.max_batch)
+    result = export_for(model, fp32, steps, opts)
+    opts.log(f"ONNX export: {fp32} ({'reused' if result.reused else 'exported'})")
+    if precision == "fp32":
+        if opts.keep_float:
+            raise BitDanceError("keep-float is for precision int8")
+        return fp32
+    calibration = None
+    if precision == "int8":
+        if model.t2i:
+            raise BitDanceError("INT8 for text-to-image models is not available yet (its calibration set is "
+                                "captured from class labels); use fp32 or fp16")
+        cfg = model.config
+        scale = cfg.default_cfg if opts.cfg_scale is None else opts.cfg_scale
+        schedule = schedule_for(opts.cfg_schedule, cfg)
+        calibration = calibration_for(cfg, model.weights_source(), steps, scale, schedule,
+                                      lambda: model.load(opts.allow_pickle), opts.calibration)
+    elif opts.calibration:
+        raise BitDanceError("a calibration set is for precision int8 (FP16 graphs need no calibration)")
+    variant = precision_export(fp32, precision, calibration, opts.calib_method, out_dir=out,
+                               keep_float=opts.keep_float)
+    opts.log(f"{precision.upper()} graphs: {variant.directory} ({'reused' if variant.reused else 'derived'})")
+    return variant.directory
+
+
+def ort_providers(opts: BackendOptions) -> list[str]:
+    """The provider list. The TensorRT EP sends only the subgraphs TensorRT supports to TensorRT and
+    the rest to the next provider in the list, so CUDA follows it, as in ONNX Runtime's TensorRT EP
+    usage (onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html)."""
+    provider = opts.ort_provider or ("cuda" if opts.device.startswith("cuda") else "cpu")
+    return ["tensorrt", "cuda"] if provider == "tensorrt" else [provider]
+
+
+def _ort_backend(model: ModelSource, steps: int, opts: BackendOptions):
+    from .export.manifest import read_manifest
+    from .precision.derive import graph_precision
+    from .runtime.int8_kernels import kernels_note
+    from .runtime.ort_backend import OrtBackend
+
+    providers = ort_providers(opts)
+    cfg = model.config
+    optimized = _ort_cache_dir(opts)
+    if opts.export_dir:
+        if opts.keep_float:
+            raise BitDanceError("keep-float applies when INT8 graphs are derived, not to an export directory; "
+                                "derive them with bitdance-rt export --precision int8 --keep-float ...")
+        held = graph_precision(read_manifest(opts.export_dir))
+        if opts.precision not in (None, held):
+            raise BitDanceError(f"export {opts.export_dir} holds {held} graphs, not {opts.precision}: drop the "
+                                f"precision, or make a {opts.precision} export (bitdance-rt export --precision "
+                                f"{opts.precision})")
+        backend = OrtBackend(opts.export_dir, threads=opts.threads, providers=providers, expect_config=cfg,
+                             session_cache=optimized)
+        what = f"{cfg.name} from {held} ONNX export {opts.export_dir}"
+    else:
+        precision = opts.precision or "fp32"
+        out = auto_export(model, steps, opts, precision)
+        # the export was verified when it was made (and is re-verified by cached file hashes)
+        backend = OrtBackend(out, threads=opts.threads, providers=providers, expect_config=cfg,
+                             session_cache=optimized)
+        what = f"{model.describe()} on onnxruntime ({precision})"
+    if backend.manifest.get("precision") == "int8":
+        what += f"; {kernels_note(backend.int8_exact)}"
+    return backend, what
+
+
+def _ort_cache_dir(opts: BackendOptions):
+    """Where ONNX Runtime's optimised graphs are kept between processes (None: not kept)."""
+    from . import paths
+
+    return paths.ort_optimized_root() if opts.ort_cache else None
+
+
+def _trt_backend(model: ModelSource, steps: int, opts: BackendOptions):
+    from .runtime.trt_backend import TrtBackend
+
+    export_dir = opts.export_dir
+    if export_dir is None:  # engines from the cached FP32 export (the engine precision is opts.precision)
+        export_dir = auto_export(model, steps, opts, "fp32")
+    device = opts.device if opts.device.startswith("cuda") else "cuda"
+    backend = TrtBackend(export_dir, precision=opts.precision, workspace_mb=opts.workspace_mb,
+                         engine_root=opts.engine_dir, device=device, cuda_graphs=opts.cuda_graphs,
+                         expect_config=model.config, log=opts.log)
+    return backend, f"{model.config.name} from TensorRT engines of {export_dir} ({backend.precision})"

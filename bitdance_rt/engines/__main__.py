@@ -1,0 +1,7 @@
+"""`python -m bitdance_rt.engines --export DIR ...`: `bitdance-rt build` in a process without torch."""
+
+import sys
+
+from ..cli import main
+
+sys.exit(main(["build", *sys.argv[1:]]))

@@ -1,0 +1,290 @@
+"""The public API: load a model once, keep it warm, generate from many callers at once.
+
+    from bitdance_rt import Pipeline
+    pipe = Pipeline.from_pretrained()                 # the embedded digits model
+    out = pipe.generate(labels=[3, 7], seed=0)        # out.images: PIL images
+    future = pipe.submit(labels=5, num_images=4)      # many threads may submit at once
+    for event in pipe.stream(labels=1, preview_every=4): ...
+
+The Pipeline holds what is shared (config, backend: weights, sessions or engines, the KV cache as
+slots); each call is a Request with its own rows, AR step, guidance and noise source; one
+continuous-batching Scheduler (runtime/scheduler.py), on one background thread, runs every
+request's AR step together. So `generate` is `submit(...).result()`, and a request's images are
+the same whether it runs alone or with others.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backends import BackendOptions, ModelSource, make_backend, resolve_model
+from .errors import BitDanceError
+from .runtime.loop import make_request
+from .runtime.request import Event, GenerationResult
+from .runtime.scheduler import Scheduler
+from .sampling import NoiseSource, SeededNoise
+
+
+@dataclass
+class Output:
+    """One request's images: `images` (PIL), `image` [B, 3, H, W] in about [-1, 1], `tokens`
+    [B, N, C] (+/-1, generation order), `latent` [B, C, h, w], `labels` or `prompts` per image,
+    `seconds` from submission to result, `first_step_seconds` to its first AR step."""
+
+    image: torch.Tensor
+    tokens: torch.Tensor
+    latent: torch.Tensor
+    seconds: float
+    first_step_seconds: float | None
+    labels: list | None = None
+    prompts: list | None = None
+
+    def __repr__(self) -> str:
+        b, _, h, w = self.image.shape
+        what = f"labels={self.labels}" if self.labels is not None else f"prompts={self.prompts}"
+        return f"Output({b} image(s) of {h}x{w}, {what}, {self.seconds:.3f} s)"
+
+    @property
+    def images(self) -> list:
+        from PIL import Image
+
+        from .images import to_uint8
+
+        return [Image.fromarray(a) for a in to_uint8(self.image)]
+
+
+@dataclass
+class Progress:
+    """A `stream` event after each AR step; `preview` (PIL) is the partial image when asked for."""
+
+    step: int
+    total: int
+    preview: object = None
+
+
+@dataclass
+class _Call:
+    request: object
+    labels: list | None = None
+    prompts: list | None = None
+    events: object = field(default=None, repr=False)
+
+
+class Pipeline:
+    def __init__(self, backend, model: ModelSource, steps: int, description: str = "", max_batch: int | None = None):
+        """Usually made by `from_pretrained`. `backend`: a runtime backend (runtime/core.py)."""
+        self.backend = backend
+        self.model = model
+        self.config = model.config
+        self.steps = int(steps)
+        self.description = description or f"{self.config.name} on {backend.name}"
+        rows = None if max_batch is None else 2 * max_batch
+        self.scheduler = Scheduler(backend, max_rows=rows)
+        self.max_batch = self.scheduler.max_rows // 2
+        self._prompts = None
+        self._lock = threading.Lock()
+
+    # ---- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model=None, checkpoint=None, vae=None, *, backend: str | None = None,
+                        precision: str | None = None, steps: int | None = None, max_batch: int = 16,
+                        height: int | None = None, width: int | None = None, max_text_tokens: int | None = None,
+                        cache_dir=None, device: str = "cpu", threads: int | None = None, export_dir=None,
+                        progress: bool = True, log=print, **options) -> "Pipeline":
+        """Load a model and make its backend warm (export, precision variant, engines: cached).
+
+        `model`: None (the embedded trained digits model), a preset name or a config .json;
+        `checkpoint` / `vae`: the weights (official .pt or .safetensors), or `checkpoint` a
+        text-to-image directory (BitDance-14B-16x / -64x; then `height` / `width`). `backend`:
+        onnxruntime (default when installed), torch or tensorrt. `steps`: the sampler steps S the
+        fused sampler is built for (default: the model's); requests may ask for others.
+        `cache_dir`: the cache root (default $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt).
+        Other keywords are BackendOptions fields (ort_provider, engine_dir, calibration, ...)."""
+        import os
+
+        if cache_dir is not None:
+            os.environ["BITDANCE_RT_CACHE"] = str(cache_dir)
+        source = resolve_model(model, checkpoint, vae, height, width, max_text_tokens)
+        cfg = source.config
+        steps = cfg.default_steps if steps is None else int(steps)
+        if steps < 1:
+            raise BitDanceError(f"steps must be >= 1, got {steps}")
+        opts = BackendOptions(backend=backend, precision=precision, device=device, threads=threads,
+                              max_batch=max_batch, export_dir=None if export_dir is None else str(export_dir),
+                              progress=progress, log=log or (lambda *_: None), **options)
+        return cls.load(source, steps, opts)
+
+    @classmethod
+    def load(cls, source: ModelSource, steps: int, opts: BackendOptions) -> "Pipeline":
+        """`from_pretrained` with the model and options already resolved (the CLI's way in)."""
+        encoder = None
+        if source.t2i:  # a bad tokenizer fails now, before the weights are read
+            from .t2i.prompt import PromptEncoder
+
+            encoder = PromptEncoder(Path(source.checkpoint) / "tokenizer.json", source.config)
+        made, description = make_backend(source, steps, opts)
+        pipe = cls(made, source, steps, description, opts.max_batch)
+        pipe._prompts = encoder
+        return pipe
+
+    def scheduler_schedule(self, cfg_schedule: str | None) -> str:
+        """The CFG schedule a request with `cfg_schedule` gets (None: the model family's)."""
+        from .sampling import schedule_for
+
+        return schedule_for(cfg_schedule, self.config)
+
+    def _prompt_encoder(self):
+        if self._prompts is None:
+            from .t2i.prompt import PromptEncoder
+
+            self._prompts = PromptEncoder(Path(self.model.checkpoint) / "tokenizer.json", self.config)
+        return self._prompts
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _call(self, labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every=0,
+              on_event=None) -> _Call:
+        if not isinstance(num_images, int) or num_images < 1:
+            raise BitDanceError(f"num_images must be a positive integer, got {num_images!r}")
+        t2i = self.model.t2i
+        if t2i:
+            if labels is not None:
+                raise BitDanceError(f"{self.config.name} is text-to-image: give prompt=..., not labels")
+            if prompt is None:
+                raise BitDanceError(f"{self.config.name} is text-to-image: give prompt=...")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            per_image = [p for p in prompts for _ in range(num_images)]
+            condition, labels_out, prompts_out = self._prompt_encoder().encode(per_image), None, per_image
+        else:
+            if prompt is not None:
+                raise BitDanceError(f"{self.config.name} is class-conditional: give labels=..., not a prompt")
+            if labels is None:
+                raise BitDanceError(f"give labels=... (class indices 0..{self.config.num_classes - 1})")
+            labels = [labels] if isinstance(labels, int) else [int(l) for l in labels]
+            per_image = [l for l in labels for _ in range(num_images)]
+            condition, labels_out, prompts_out = per_image, per_image, None
+        steps = self.steps if steps is None else steps
+        scale = self.config.default_cfg if cfg is None else float(cfg)
+        if noise is None:
+            noise = SeededNoise(int(seed))
+        elif not isinstance(noise, NoiseSource):
+            raise BitDanceError("noise must be a bitdance_rt.sampling NoiseSource (SeededNoise, ReplayNoise)")
+        if not isinstance(preview_every, int) or preview_every < 0:
+            raise BitDanceError(f"preview_every must be an integer >= 0, got {preview_every!r}")
+        request = make_request(self.config, condition, steps, scale, cfg_schedule, noise, self.max_batch,
+                               preview_every=preview_every, on_event=on_event)
+        return _Call(request, labels_out, prompts_out)
+
+    def _output(self, call: _Call, result: GenerationResult) -> Output:
+        return Output(result.image, result.tokens, result.latent, result.seconds, result.first_step_seconds,
+                      call.labels, call.prompts)
+
+    def submit(self, labels=None, prompt=None, num_images: int = 1, steps: int | None = None,
+               cfg: float | None = None, cfg_schedule: str | None = None, seed: int = 0,
+               noise: NoiseSource | None = None) -> Future:
+        """Queue a request; a Future of its Output. Safe from any number of threads."""
+        call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
+        return self._submit(call)
+
+    def _submit(self, call: _Call) -> Future:
+        outer: Future = Future()
+
+        def done(inner: Future) -> None:
+            if inner.cancelled():
+                outer.cancel()
+            elif inner.exception() is not None:
+                outer.set_exception(inner.exception())
+            else:
+                outer.set_result(self._output(call, inner.result()))
+
+        outer.set_running_or_notify_cancel()
+        call.request.future.add_done_callback(done)
+        with self._lock:
+            self.scheduler.submit(call.request)
+            self.scheduler.start()
+        outer.request = call.request  # for cancel(): Pipeline.cancel(future)
+        return outer
+
+    def generate(self, labels=None, prompt=None, num_images: int = 1, steps: int | None = None,
+                 cfg: float | None = None, cfg_schedule: str | None = None, seed: int = 0,
+                 noise: NoiseSource | None = None, progress: bool = False) -> Output:
+        """Generate and wait: `submit(...).result()` (with a progress bar when `progress`)."""
+        if not progress:
+            return self.submit(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise).result()
+        from tqdm.auto import tqdm
+
+        call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
+        bar = tqdm(total=self.config.ar_steps * len(call.request.parts), desc="AR steps", leave=False)
+        call.request.on_event = lambda e: bar.update(1) if e.kind in ("step", "done") else None
+        try:
+            return self._submit(call).result()
+        finally:
+            bar.close()
+
+    def stream(self, labels=None, prompt=None, num_images: int = 1, steps: int | None = None,
+               cfg: float | None = None, cfg_schedule: str | None = None, seed: int = 0,
+               noise: NoiseSource | None = None, preview_every: int = 0):
+        """Iterate a request's progress: a Progress after each AR step (with a `preview` PIL image of
+        the partial latent decoded every `preview_every` steps; each costs one decoder call), then
+        its Output. Closing the iterator early cancels the request at the next AR step."""
+        events: queue.Queue = queue.Queue()
+        call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every,
+                          on_event=events.put)
+        future = self._submit(call)
+        try:
+            while True:
+                event: Event = events.get()
+                if event.kind == "step":
+                    yield Progress(event.step, event.total, None if event.image is None else _pil(event.image))
+                elif event.kind == "error":
+                    raise event.error
+                elif event.kind == "done":
+                    yield future.result()
+                    return
+        finally:
+            if not future.done():
+                self.cancel(future)
+
+    def cancel(self, future: Future) -> None:
+        """Stop a submitted request at the next AR-step boundary (its cache rows are freed)."""
+        request = getattr(future, "request", None)
+        if request is None:
+            raise BitDanceError("cancel() takes a Future returned by this Pipeline's submit()")
+        self.scheduler.cancel(request)
+
+    # ---- state ----------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return self.scheduler.queued
+
+    @property
+    def rows_in_flight(self) -> int:
+        return self.scheduler.rows_in_flight
+
+    def close(self) -> None:
+        """Finish what is in flight and stop the scheduler thread."""
+        self.scheduler.close(wait=True)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.description}, max_batch={self.max_batch}, steps={self.steps})"
+
+
+def _pil(image: torch.Tensor):
+    from PIL import Image
+
+    from .images import to_uint8
+
+    arrays = to_uint8(image)
+    return Image.fromarray(arrays[0]) if len(arrays) == 1 else [Image.fromarray(a) for a in arrays]
+

@@ -1,0 +1,275 @@
+"""The core every backend shares: stage checks, the KV cache as row slots, cache writes, sampler
+choice, row padding and batch limits. Backends (torch, onnxruntime, tensorrt) differ only in how
+they run one stage (`_run`) and where the cache lives (`_alloc_cache`).
+
+Two levels of calls:
+- row level, for the continuous-batching scheduler: `prefill_rows` (new rows into free cache
+  slots), `step_rows` (one backbone call over cache rows [0, n), each row at its own position),
+  `sample_rows` (one head call, each row with its own guidance), `decode`;
+- batch level, one generation in the official row layout (conditional rows, then unconditional):
+  `prefill`, `step`, `sample_tokens`; calibration, teacher-forced accuracy and `check` drive these.
+
+Every call runs at least MIN_ROWS rows, and the scheduler pads its calls to `row_bucket` sizes, so
+that a row's result never depends on how many rows share its call (see MIN_ROWS) and TensorRT
+runs a few fixed shapes (captured CUDA graphs stay valid).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import stages as st
+from ..errors import BitDanceError
+from ..models.kv_cache import write_rows
+from ..sampling import guidance_rows, sample_tokens_rows
+from .conditions import row_count
+
+# PyTorch's CPU GEMM (MKL) rounds the rows of a product with fewer than 4 rows differently from the
+# same rows in a larger product (measured: Linear 256->768, M = 1, 2, 3 differ from M >= 4 at the
+# last bit; ONNX Runtime's MLAS gives every M the same bits). Padding every call to >= 4 rows makes
+# a request's tokens independent of what shares its batch on every backend.
+MIN_ROWS = 4
+SAMPLER_MODES = ("auto", "fused", "step")
+
+
+def check_generation_stages(specs: dict, where) -> None:
+    """An export (or engine set) can generate: prefill, backbone_step, decoder, and a head sampler
+    (the fused graph, or head_step for the step-by-step sampler)."""
+    missing = [s for s in st.REQUIRED_STAGES if s not in specs]
+    if missing or not (st.HEAD_STEP in specs or st.HEAD_SAMPLER in specs):
+        raise BitDanceError(f"{where} lacks stage(s) {', '.join(missing) or 'head_sampler (or head_step)'} needed "
+                            "for generation; re-export with all stages")
+
+
+def row_bucket(rows: int, max_rows: int | None) -> int:
+    """The padded row count of a call with `rows` rows: 4, 8, 16, 32, capped at max_rows; without a
+    cap (torch) larger calls keep their size."""
+    if max_rows is not None and rows > max_rows:
+        raise BitDanceError(f"{rows} rows are outside the exported range [1, {max_rows}] (2 rows per image, max "
+                            f"batch {max_rows // 2}); re-export with a larger max batch")
+    size = MIN_ROWS
+    while size < rows and size < 32:
+        size *= 2
+    size = max(size, rows)
+    return size if max_rows is None else min(size, max_rows)
+
+
+def _pad_rows(x: torch.Tensor, rows: int, fill=0) -> torch.Tensor:
+    """x with its first dim padded to `rows` (dummy rows of `fill`)."""
+    if x.shape[0] >= rows:
+        return x
+    pad = torch.full((rows - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad])
+
+
+class StageBackend:
+    """Shared core; subclasses set name, config, specs (or None: any stage), sampler_steps and
+    max_rows, and implement `_run` and `_alloc_cache`."""
+
+    name = "backend"
+    sampler = "auto"
+    sampler_steps: int | None = None  # S of the fused head_sampler graph; None: any S (torch)
+
+    def _init_core(self, max_rows: int | None) -> None:
+        self.max_rows = None if max_rows is None else int(max_rows)
+        self._kv: torch.Tensor | None = None
+        self._context: dict[str, torch.Tensor] = {}  # per-slot inputs fixed at prefill (T2I: pad)
+        self._batch_rows = 0  # rows of the running batch-level generation
+
+    # ---- what a backend implements ------------------------------------------------------
+    def _run(self, stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run one stage on contract-named inputs; outputs by contract name (on the CPU or device)."""
+        raise NotImplementedError
+
+    def _alloc_cache(self, rows: int) -> torch.Tensor:
+        return torch.zeros(st.kv_shape(self.config, rows), dtype=torch.float32)
+
+    def has_stage(self, stage: str) -> bool:
+        return self.specs is None or stage in self.specs
+
+    # ---- limits -------------------------------------------------------------------------
+    @property
+    def max_batch(self) -> int | None:
+        """Most images one generation may hold (every image has 2 rows with CFG); None: no limit."""
+        return None if self.max_rows is None else self.max_rows // 2
+
+    def bucket(self, rows: int) -> int:
+        return row_bucket(rows, self.max_rows)
+
+    # ---- the cache as slots ---------------------------------------------------------------
+    def ensure_cache(self, rows: int) -> torch.Tensor:
+        """A cache of at least `rows` slots (grown by copying; TensorRT allocates all at once)."""
+        if self._kv is None or self._kv.shape[2] < rows:
+            kv = self._alloc_cache(self.bucket(max(rows, MIN_ROWS)))
+            if self._kv is not None:
+                kv[:, :, : self._kv.shape[2]] = self._kv
+            self._kv = kv
+            for name, values in self._context.items():
+                self._context[name] = _pad_rows(values, kv.shape[2])
+        return self._kv
+
+    @property
+    def kv_cache(self) -> torch.Tensor | None:
+        """The cache the graphs read (for inspection and tests): the running batch's rows."""
+        return None if self._kv is None else self._kv[:, :, : self._batch_rows or self._kv.shape[2]]
+
+    def kv_rows(self, slots) -> torch.Tensor:
+        """The cache rows of `slots` [n_layer, 2, len(slots), heads, L, head_dim] (a copy, for inspection)."""
+        return self._kv[:, :, torch.as_tensor(list(slots), dtype=torch.int64, device=self._kv.device)]
+
+    def _cache_feeds(self, rows: int) -> dict[str, torch.Tensor]:
+        kv = self._kv
+        return {name: kv[i // 2, i % 2, :rows] for i, name in enumerate(st.cache_input_names(self.config))}
+
+    # ---- row level (the scheduler) --------------------------------------------------------
+    def prefill_rows(self, inputs, slots) -> torch.Tensor:
+        """Prefill inputs of m new rows (labels [m], or a dict of named inputs) into cache `slots`
+        -> head conditions of their AR step 0 [m, P, dim]."""
+        slots = [int(s) for s in slots]
+        feeds = dict(inputs) if isinstance(inputs, dict) else {"labels": inputs}
+        feeds = {k: torch.as_tensor(v).to(torch.int64).cpu() for k, v in feeds.items()}
+        m = row_count(feeds)
+        if m != len(slots):
+            raise BitDanceError(f"prefill_rows: {m} rows of inputs for {len(slots)} cache slots")
+        self._check_prefill(feeds)
+        self.ensure_cache(max(slots) + 1)
+        padded = self.bucket(m)
+        # dummy rows repeat row 0 (any valid input; their results are dropped)
+        run = {k: torch.cat([v, v[:1].expand(padded - m, *v.shape[1:])]) for k, v in feeds.items()}
+        out = self._run(st.PREFILL, run)
+        write_rows(self._kv, out["kv_new"][:, :, :m].to(self._kv.device), slots, 0)
+        for name in st.step_context_names(self.config):  # inputs the backbone step needs again
+            ctx = self._context.setdefault(name, torch.zeros(self._kv.shape[2], dtype=torch.int64))
+            ctx[torch.tensor(slots)] = feeds[name]
+        return out["cond"][:m].float().cpu()
+
+    def _check_prefill(self, feeds: dict[str, torch.Tensor]) -> None:
+        labels = feeds.get("labels")
+        if labels is not None and labels.numel() and not (0 <= int(labels.min()) and
+                                                          int(labels.max()) <= self.config.num_classes):
+            raise BitDanceError(f"labels must lie in [0, {self.config.num_classes}] (the last is the null class)")
+        pad = feeds.get("pad")
+        if pad is not None and pad.numel() and not (0 <= int(pad.min()) and int(pad.max()) <= self.config.max_text_tokens):
+            raise BitDanceError(f"pad must lie in [0, {self.config.max_text_tokens}] (max_text_tokens)")
+
+    def step_rows(self, tokens: torch.Tensor, starts, write) -> torch.Tensor:
+        """One backbone call over cache rows [0, n): tokens [n, P, C] of each row's previous AR step,
+        `starts` [n] each row's cache position, `write` [n] which rows' keys/values to store (the
+        others are padding or rows prefilled this very iteration) -> conditions [n, P, dim]."""
+        n = int(tokens.shape[0])
+        starts = [int(s) for s in starts]
+        write = [bool(w) for w in write]
+        if self._kv is None or self._kv.shape[2] < n:
+            raise BitDanceError(f"step_rows over {n} rows before those cache slots were prefilled")
+        lo, hi = self.config.prefix_len, self.config.max_seq_len - self.config.parallel_num
+        bad = [s for s in starts if not lo <= s <= hi]
+        if bad:
+            raise BitDanceError(f"step_rows: start(s) {bad} outside the fed positions [{lo}, {hi}] of this model")
+        padded = self.bucket(n)
+        self.ensure_cache(padded)
+        feeds = {"tokens": _pad_rows(tokens.float().cpu(), padded),
+                 "start": _pad_rows(torch.tensor(starts, dtype=torch.int64), padded, lo)}
+        for name, values in self._context.items():
+            feeds[name] = values[:padded]
+        feeds.update(self._cache_feeds(padded))
+        out = self._run(st.BACKBONE_STEP, feeds)
+        keep = [i for i, w in enumerate(write) if w]
+        if keep:
+            new = out["kv_new"].to(self._kv.device)
+            write_rows(self._kv, new[:, :, keep] if len(keep) < padded else new, keep, [starts[i] for i in keep])
+        return out["cond"][:n].float().cpu()
+
+    def sample_rows(self, cond: torch.Tensor, noise: torch.Tensor, cfg, cond_row, uncond_row) -> torch.Tensor:
+        """One head call: cond [m, P, dim], noise [S+1, m, P, C], per-row guidance (sampling.sample_rows)
+        -> +/-1 tokens [m, P, C]."""
+        m = int(cond.shape[0])
+        steps = int(noise.shape[0]) - 1
+        p, c = self.config.parallel_num, self.config.token_dim
+        if steps < 1 or tuple(noise.shape[1:]) != (m, p, c):
+            raise BitDanceError(f"sample_rows: noise {list(noise.shape)} does not fit cond {list(cond.shape)}: "
+                                f"want [S+1, {m}, {p}, {c}]")
+        cfg = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1)
+        cond_row = torch.as_tensor(cond_row, dtype=torch.int64).reshape(-1)
+        uncond_row = torch.as_tensor(uncond_row, dtype=torch.int64).reshape(-1)
+        if not (cfg.shape[0] == cond_row.shape[0] == uncond_row.shape[0] == m):
+            raise BitDanceError(f"sample_rows: cfg / cond_row / uncond_row need {m} values each")
+        if m and (int(torch.cat([cond_row, uncond_row]).min()) < 0 or int(torch.cat([cond_row, uncond_row]).max()) >= m):
+            raise BitDanceError(f"sample_rows: cond_row / uncond_row must index rows 0..{m - 1}")
+        padded = self.bucket(m)
+        own = torch.arange(m, padded)
+        feeds = {"cond": _pad_rows(cond.float().cpu(), padded),
+                 "noise": torch.cat([noise.float().cpu(), noise.new_zeros(steps + 1, padded - m, p, c)], dim=1),
+                 "cfg": _pad_rows(cfg, padded, 1.0), "cond_row": torch.cat([cond_row, own]),
+                 "uncond_row": torch.cat([uncond_row, own])}
+        if self._use_fused(steps):
+            return self._run(st.HEAD_SAMPLER, feeds)["tokens"][:m].float().cpu()
+        net = self._head_net(padded)
+        with torch.no_grad():
+            tokens = sample_tokens_rows(net, feeds["cond"], feeds["noise"], feeds["cfg"], feeds["cond_row"],
+                                        feeds["uncond_row"], self.config.time_shift)
+        return tokens[:m].float().cpu()
+
+    def _use_fused(self, steps: int) -> bool:
+        have = self.has_stage(st.HEAD_SAMPLER) and self.sampler_steps in (None, steps)
+        if self.sampler == "fused" or (self.sampler == "auto" and have):
+            if not have:
+                raise BitDanceError(f"{self._where()}: no fused head sampler for S={steps} (exported "
+                                    f"S={self.sampler_steps}); re-export with sampler steps {steps}")
+            return True
+        if not self.has_stage(st.HEAD_STEP):
+            raise BitDanceError(f"{self._where()}: the fused head sampler has S={self.sampler_steps}, this generation "
+                                f"asks S={steps}, and there is no head_step graph; re-export with sampler steps {steps}")
+        return False
+
+    def _head_net(self, rows: int):
+        """The head net as a callable (x, t, cond) for the step-by-step sampler."""
+        def net(x, t, cond):
+            return self._run(st.HEAD_STEP, {"x": x, "t": t, "cond": cond})["x_pred"].float().cpu()
+
+        return net
+
+    def _where(self) -> str:
+        return str(getattr(self, "dir", self.name))
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """+/-1 latent [B, C, h, w] -> image [B, 3, H, W] in about [-1, 1]."""
+        return self._simple(st.DECODER, "latent", "image", latent)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image [B, 3, H, W] in [-1, 1] -> +/-1 latent [B, C, h, w] (needs the encoder stage)."""
+        return self._simple(st.ENCODER, "image", "latent", image)
+
+    def _simple(self, stage: str, in_name: str, out_name: str, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_stage(stage):
+            raise BitDanceError(f"{self._where()} has no {stage} stage; re-export with it")
+        return self._run(stage, {in_name: x.float().cpu()})[out_name].float().cpu()
+
+    # ---- batch level (one generation, official row layout) -----------------------------------
+    def prefill(self, rows) -> torch.Tensor:
+        """Start a generation of R rows: labels [R] (or named prefill inputs) -> conditions [R, P, dim]."""
+        n = row_count(rows)
+        self.ensure_cache(n).zero_()
+        self._batch_rows = n
+        return self.prefill_rows(rows, range(n))
+
+    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """Feed the tokens [R, P, C] of AR step `step`-1 of the running generation."""
+        if not self._batch_rows:
+            raise BitDanceError("step() before prefill(): start every generation with prefill")
+        if int(tokens.shape[0]) != self._batch_rows:
+            raise BitDanceError(f"step(): {tokens.shape[0]} token rows, but the cache was prefilled with "
+                                f"{self._batch_rows}")
+        start = st.step_start(self.config, int(step))
+        return self.step_rows(tokens, [start] * self._batch_rows, [True] * self._batch_rows)
+
+    def sample_tokens(self, cond: torch.Tensor, noise: torch.Tensor, cfg: float, guided: bool) -> torch.Tensor:
+        """Head sampling of one AR step of the batch: noise [S+1, draw rows, P, C] -> tokens [R, P, C]."""
+        rows = int(cond.shape[0])
+        want = (rows // 2 if guided else rows, self.config.parallel_num, self.config.token_dim)
+        if int(noise.shape[0]) < 2 or tuple(noise.shape[1:]) != want or (guided and rows % 2):
+            raise BitDanceError(f"sample_tokens: noise {list(noise.shape)} does not fit cond {list(cond.shape)} "
+                                f"({'guided' if guided else 'unguided'}): want [S+1, {', '.join(map(str, want))}]")
+        scale, c, u = guidance_rows(rows, cfg, guided)
+        if guided:
+            noise = torch.cat([noise, noise], dim=1)
+        return self.sample_rows(cond, noise, scale, c, u)

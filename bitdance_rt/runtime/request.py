@@ -1,0 +1,104 @@
+"""What belongs to one request, apart from the model: its condition, rows, cache slots, AR step,
+guidance per step and its own noise source (so its tokens never depend on who shares a batch).
+
+A request of B images holds 2B rows with guidance (cfg_scale > 1: conditional rows, then their
+unconditional twins) or B rows without. Per AR step it draws its noise from its own source in the
+official order (runtime/loop.py), so one request run alone is exactly the official sampler.
+Requests larger than the backend's batch run as consecutive parts that share the one noise
+source, as the official code would draw them batch after batch.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..sampling import NoiseSource, cfg_at_step
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # [B, N, C] +/-1, generation order
+    latent: torch.Tensor  # [B, C, h, w]
+    image: torch.Tensor  # [B, 3, H, W] float32, about [-1, 1]
+    seconds: float
+    first_step_seconds: float | None = None  # from submission to the end of its first AR step
+
+    @property
+    def images_per_second(self) -> float:
+        return self.tokens.shape[0] / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class Event:
+    """Progress of a request: kind "step" after each AR step (`step` of `total` done; `image` the
+    partial latent decoded when a preview was asked for at this step), "done" with the result, "error"."""
+
+    kind: str
+    step: int = 0
+    total: int = 0
+    image: torch.Tensor | None = None
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Request:
+    parts: list  # conditions (runtime/conditions.py) of at most max_batch images each, run in order
+    steps: int
+    cfg_scale: float
+    cfg_schedule: str
+    noise: NoiseSource
+    ar_steps: int
+    preview_every: int = 0  # a partial latent every k AR steps in the "step" events (0: none)
+    on_event: Callable[[Event], None] | None = None
+    future: Future = field(default_factory=Future)
+    # ---- state (the scheduler's) ----
+    part: int = 0
+    step: int = 0
+    slots: list = field(default_factory=list)
+    last: torch.Tensor | None = None  # tokens of all rows at the previous AR step
+    cond: torch.Tensor | None = None  # head conditions of the current AR step (after prefill)
+    tokens: list = field(default_factory=list)  # per AR step, conditional rows
+    done_parts: list = field(default_factory=list)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_step: float | None = None
+    cancelled: bool = False
+
+    @property
+    def condition(self):
+        return self.parts[self.part]
+
+    @property
+    def images(self) -> int:
+        return len(self.condition)
+
+    @property
+    def guided_rows(self) -> bool:
+        """Whether this request carries unconditional twin rows (guidance at some AR step)."""
+        return self.cfg_scale > 1.0
+
+    @property
+    def rows(self) -> int:
+        return self.images * (2 if self.guided_rows else 1)
+
+    def guidance(self) -> tuple[float, bool]:
+        """(CFG value, guided) of the current AR step; a step whose value is 1 runs unguided."""
+        g = cfg_at_step(self.cfg_scale, self.cfg_schedule, self.step, self.ar_steps)
+        return g, g > 1.0
+
+    def draw_noise(self, p: int, c: int) -> torch.Tensor:
+        """This step's noise for every row [S+1, rows, P, C], drawn in the official order: guided,
+        one draw per image, shared by its two rows; unguided, one per row."""
+        _, guided = self.guidance()
+        draw = self.images if guided else self.rows
+        noise = torch.stack([self.noise.draw((draw, p, c)) for _ in range(self.steps + 1)])
+        return torch.cat([noise, noise], dim=1) if guided else noise
+
+    def emit(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)

@@ -1,0 +1,139 @@
+"""The public API on the embedded model: load once, generate, submit from many threads, stream;
+every request's images equal the same request run alone; text-to-image through the same Pipeline
+on every backend; clear errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from bitdance_rt import Pipeline
+from bitdance_rt.errors import BitDanceError
+from bitdance_rt.runtime import generate_batched
+from bitdance_rt.sampling import SeededNoise
+
+from conftest import torch_threads
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    with torch_threads(1):
+        p = Pipeline.from_pretrained(threads=1, cache_dir=tmp_path_factory.mktemp("cache"), log=None, progress=False)
+        yield p
+        p.close()
+
+
+def _alone(pipe, labels, seed, **kw):
+    """The request run alone, through the batch entry point (its own scheduler, nothing else in it)."""
+    cfg = pipe.config
+    return generate_batched(pipe.backend, labels, kw.get("steps", pipe.steps), kw.get("cfg", cfg.default_cfg),
+                            kw.get("cfg_schedule"), SeededNoise(seed))
+
+
+def test_generate_defaults_and_output(pipe):
+    assert pipe.backend.name == "onnxruntime" and pipe.config.name == "tiny-digits"
+    out = pipe.generate(labels=[3, 7], seed=5)
+    assert out.tokens.shape[0] == 2 and out.labels == [3, 7] and out.seconds > 0 and out.first_step_seconds > 0
+    assert [im.size for im in out.images] == [(pipe.config.image_size, pipe.config.image_size)] * 2
+    assert torch.equal(out.tokens, _alone(pipe, [3, 7], 5).tokens)
+    four = pipe.generate(labels=2, num_images=4, seed=1)
+    assert four.labels == [2, 2, 2, 2] and torch.equal(four.tokens, _alone(pipe, [2] * 4, 1).tokens)
+
+
+def test_threads_submitting_at_once_get_what_they_would_get_alone(pipe):
+    """12 requests from 6 threads (labels, seeds, guidance, schedule, image counts, sampler steps
+    differ): the scheduler mixes them in shared calls, and each result equals its run alone."""
+    specs = [dict(labels=[i % 10], seed=i, cfg=[1.0, 3.0, 4.0][i % 3], cfg_schedule=["linear", "constant"][i % 2],
+                  num_images=1 + i % 3, steps=[pipe.steps, 6][i % 4 == 3]) for i in range(12)]
+    results = [None] * len(specs)
+    barrier = threading.Barrier(6)
+
+    def worker(k):
+        barrier.wait()
+        futures = [(j, pipe.submit(**specs[j])) for j in range(k, len(specs), 6)]
+        for j, f in futures:
+            results[j] = f.result(timeout=300)
+
+    before = pipe.scheduler.iterations
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert all(r is not None for r in results)
+    shared = pipe.scheduler.rows_per_iteration[before:]
+    assert max(shared) > 2 * 3  # rows of several requests in one call (the largest request has 6)
+    for spec, got in zip(specs, results):
+        labels = [l for l in spec["labels"] for _ in range(spec["num_images"])]
+        want = _alone(pipe, labels, spec["seed"], steps=spec["steps"], cfg=spec["cfg"], cfg_schedule=spec["cfg_schedule"])
+        assert torch.equal(got.tokens, want.tokens), spec
+        assert torch.equal(got.image, want.image), spec
+
+
+def test_stream_progress_previews_and_result(pipe):
+    events = list(pipe.stream(labels=4, seed=2, preview_every=1))
+    *steps, out = events
+    ar = pipe.config.ar_steps
+    assert [e.step for e in steps] == list(range(1, ar)) and all(e.total == ar for e in steps)
+    assert all(e.preview.size == (pipe.config.image_size,) * 2 for e in steps)
+    assert torch.equal(out.tokens, pipe.generate(labels=4, seed=2).tokens)
+    plain = list(pipe.stream(labels=4, seed=2))[:-1]
+    assert [e.preview for e in plain] == [None] * (ar - 1)  # no previews unless asked
+
+
+def test_closing_a_stream_early_cancels_its_request(pipe):
+    stream = pipe.stream(labels=1, seed=0)
+    next(stream)
+    stream.close()
+    out = pipe.generate(labels=1, seed=0)  # the pipeline keeps serving
+    assert torch.equal(out.tokens, _alone(pipe, [1], 0).tokens)
+    assert pipe.rows_in_flight == 0 and pipe.queued == 0
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(labels=[10]), "out of range"),
+    (dict(labels=[-1]), "out of range"),
+    (dict(), "give labels"),
+    (dict(prompt="a cat"), "class-conditional"),
+    (dict(labels=1, num_images=0), "num_images must be a positive integer"),
+    (dict(labels=1, steps=0), "steps must be >= 1"),
+    (dict(labels=1, cfg_schedule="cosine"), "unknown cfg schedule"),
+])
+def test_bad_requests_fail_before_they_are_queued(pipe, kwargs, needle):
+    with pytest.raises(BitDanceError, match=needle):
+        pipe.submit(**kwargs)
+    assert pipe.queued == 0
+
+
+def test_bad_options():
+    with pytest.raises(BitDanceError, match="backend 'magic'"):
+        Pipeline.from_pretrained(backend="magic")
+    with pytest.raises(BitDanceError, match="precision 'int4'"):
+        Pipeline.from_pretrained(precision="int4")
+    with pytest.raises(BitDanceError, match="text-to-image checkpoints"):
+        Pipeline.from_pretrained(height=512)
+
+
+def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path):
+    from t2i_tiny import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "t2i", parallel_num=64)
+    kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=48, steps=2, threads=1,
+              cache_dir=tmp_path / "cache", log=None, progress=False)
+    tokens = {}
+    with torch_threads(1):
+        for backend in ("torch", "onnxruntime"):
+            with Pipeline.from_pretrained(backend=backend, **kw) as p:
+                out = p.generate(prompt="a red cat", seed=21)  # seed 21: far from any sign flip (test_t2i)
+                assert out.prompts == ["a red cat"] and out.images[0].size == (512, 512)
+                tokens[backend] = out.tokens
+                with pytest.raises(BitDanceError, match="text-to-image: give prompt"):
+                    p.submit(labels=[1])
+    assert torch.equal(tokens["torch"], tokens["onnxruntime"])
+    if not torch.cuda.is_available():  # never a silent fallback to another backend
+        with pytest.raises(BitDanceError, match="needs a CUDA GPU"):
+            Pipeline.from_pretrained(backend="tensorrt", **kw)
