@@ -143,8 +143,8 @@ def test_cancel_and_failure_leave_the_others_alone(fixture_model, tmp_path):
 
 
 def test_row_buckets():
-    assert [row_bucket(n, 32) for n in (1, 2, 4, 5, 8, 9, 17, 32)] == [4, 4, 4, 8, 8, 16, 32, 32]
-    assert row_bucket(2, 2) == 2 and row_bucket(40, None) == 40 and MIN_ROWS == 4
+    assert [row_bucket(n, 32) for n in (1, 2, 4, 5, 8, 9, 13, 17, 25, 32)] == [4, 4, 4, 8, 8, 12, 16, 24, 32, 32]
+    assert row_bucket(2, 2) == 2 and row_bucket(40, None) == 48 and row_bucket(40, 64) == 48 and MIN_ROWS == 4
     with pytest.raises(BitDanceError, match="outside the exported range"):
         row_bucket(33, 32)
 

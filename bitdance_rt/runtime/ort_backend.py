@@ -82,6 +82,7 @@ def trt_profile_options(spec: st.StageSpec) -> dict[str, str]:
 
 class OrtBackend(StageBackend):
     name = "onnxruntime"
+    concurrent_decode = True  # sessions run concurrently (ONNX Runtime Run is thread-safe)
 
     def __init__(self, export_dir, threads: int | None = None, opt_level: str = "all",
                  optimized_model_dir=None, providers=None, *, sampler: str = "auto",

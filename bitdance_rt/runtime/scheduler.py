@@ -14,7 +14,8 @@ The backend computes each row independently of the others (runtime/core.py pads 
 >= MIN_ROWS rows), so a request's tokens are the same alone or mixed, and one request alone gives
 the official sampler's tokens. The loop is backend-agnostic: it only calls the row-level methods
 of runtime/core.StageBackend. It runs in a background thread (`start`) or is driven by the caller
-(`run_until_idle`); backend calls only ever happen on that one thread.
+(`run_until_idle`); backend calls happen on that one thread, except the decoding of finished
+requests, which a backend that allows it (`concurrent_decode`) runs on one decode thread.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import torch
 
@@ -40,8 +41,9 @@ def _concat_rows(parts):
 
 
 class Scheduler:
-    def __init__(self, backend, max_rows: int | None = None, clock=time.perf_counter):
-        """`max_rows`: cache slots to use (default: the backend's 2 x max batch, or 32 on torch)."""
+    def __init__(self, backend, max_rows: int | None = None, clock=time.perf_counter, decode_thread: bool = True):
+        """`max_rows`: cache slots to use (default: the backend's 2 x max batch, or 32 on torch).
+        `decode_thread`: decode finished requests beside the AR steps (where the backend allows)."""
         self.backend = backend
         self.config = backend.config
         limit = backend.max_rows
@@ -57,6 +59,11 @@ class Scheduler:
         self._closed = False
         self.iterations = 0
         self.rows_per_iteration: list[int] = []  # active rows of each iteration (for benchmarks)
+        # Finished requests are decoded on one worker thread where the backend can run its decoder
+        # beside the AR steps (ONNX Runtime sessions and torch modules may run concurrently); TensorRT
+        # keeps one stream, so it decodes inline. The worker is FIFO: a request's parts in order.
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="bitdance-decode") if (
+            decode_thread and getattr(backend, "concurrent_decode", False)) else None
 
     # ---- submitting ---------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -100,11 +107,20 @@ class Scheduler:
             self._cv.notify_all()
         if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=wait)
 
     def run_until_idle(self) -> None:
-        """Drive the loop in the calling thread until nothing is waiting or running."""
+        """Drive the loop in the calling thread until nothing is waiting or running (and every
+        finished request is decoded)."""
         while self._waiting or self._running:
             self.iteration()
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait until the decode thread has answered every finished request."""
+        if self._decoder is not None:
+            self._decoder.submit(lambda: None).result()
 
     def _serve(self) -> None:
         while True:
@@ -240,20 +256,36 @@ class Scheduler:
         return tokens_to_latent(torch.cat([done, rest], dim=1), cfg)
 
     def _finish_part(self, r: Request) -> None:
+        """Free the request's slots at once; decode its part (on the decode thread when the backend
+        allows, so the other requests' AR steps go on meanwhile), and answer after its last part."""
         tokens = torch.cat(r.tokens, dim=1)
         latent = tokens_to_latent(tokens, self.config)
-        image = self.backend.decode(latent).float().cpu()
         self._release(r)
-        r.done_parts.append((tokens, latent, image))
-        if r.part + 1 < len(r.parts):  # the next part, first in line, with the same noise source
+        last = r.part + 1 == len(r.parts)
+        if not last:  # the next part, first in line, with the same noise source
             r.part += 1
             with self._cv:
                 self._waiting.appendleft(r)
-            return
+        else:
+            try:
+                r.noise.finish()  # a replayed noise file must be used up exactly
+            except Exception as exc:
+                self._fail(r, exc, running=False)
+                return
+        job = lambda: self._decode_part(r, tokens, latent, last)  # noqa: E731
+        if self._decoder is None:
+            job()
+        else:
+            self._decoder.submit(job)
+
+    def _decode_part(self, r: Request, tokens, latent, last: bool) -> None:
         try:
-            r.noise.finish()  # a replayed noise file must be used up exactly
+            image = self.backend.decode(latent).float().cpu()
         except Exception as exc:
             self._fail(r, exc, running=False)
+            return
+        r.done_parts.append((tokens, latent, image))
+        if not last or r.future.done():
             return
         parts = r.done_parts
         result = GenerationResult(*(torch.cat([part[i] for part in parts]) for i in range(3)),

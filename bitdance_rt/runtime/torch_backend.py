@@ -18,6 +18,7 @@ from .core import StageBackend
 class TorchBackend(StageBackend):
     name = "torch"
     specs = None  # every stage, any sampler step count
+    concurrent_decode = True  # the scheduler may decode on its own thread while AR steps run
 
     def __init__(self, model, device: str | torch.device = "cpu", max_batch: int | None = None):
         """`max_batch`: most images per call (None: no limit; the cache grows as rows arrive)."""
@@ -25,9 +26,9 @@ class TorchBackend(StageBackend):
         self.config = model.cfg
         self.device = torch.device(device)
         self.head_net = self.model.head_net  # the sampler's net; wrappers (calibration) may observe it
-        self._modules: dict[str, torch.nn.Module] = {}
         self._names = {name: st.stage_spec(name, self.config, steps=1).input_names
                        for name in (st.PREFILL, st.BACKBONE_STEP, st.DECODER, st.ENCODER)}
+        self._modules = {name: stage_module(name, self.model) for name in self._names}  # made once: no races
         self._init_core(None if max_batch is None else 2 * max_batch)
 
     def _alloc_cache(self, rows: int) -> torch.Tensor:
@@ -41,8 +42,6 @@ class TorchBackend(StageBackend):
                                                  feeds["cond_row"], feeds["uncond_row"], self.config.time_shift)}
         if stage == st.HEAD_STEP:
             return {"x_pred": self.head_net(feeds["x"], feeds["t"], feeds["cond"])}
-        if stage not in self._modules:
-            self._modules[stage] = stage_module(stage, self.model)
         out = self._modules[stage](*(feeds[n] for n in self._names[stage]))
         if stage in (st.PREFILL, st.BACKBONE_STEP):
             return {"cond": out[0], "kv_new": out[1]}
