@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,8 +195,8 @@ class Pipeline:
         outer: Future = Future()
 
         def done(inner: Future) -> None:
-            if inner.cancelled():
-                outer.cancel()
+            if inner.cancelled():  # cancelled while it waited; `outer` is running, so it ends with the error
+                outer.set_exception(CancelledError("the request was cancelled before it started"))
             elif inner.exception() is not None:
                 outer.set_exception(inner.exception())
             else:

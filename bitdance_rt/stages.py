@@ -64,18 +64,24 @@ class StageRole:
     sampler: bool  # S baked in (the fused head sampler)
     calibrated: bool  # INT8 calibration sets record its inputs
     graph_capture: bool  # TensorRT replays it as a CUDA graph (called every AR step or more)
+    int8: bool  # an INT8 variant quantises it (the fused sampler is not: precision/derive.py says why)
 
 
 # The one registry of stages, in pipeline order. Every stage list elsewhere is derived from it.
 REGISTRY = (
-    StageRole(PREFILL, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False),
-    StageRole(BACKBONE_STEP, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True),
+    StageRole(PREFILL, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False, int8=True),
+    StageRole(BACKBONE_STEP, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True,
+              int8=True),
     # head_step serves a sampler step count other than the fused graph's S (and the step sampler mode)
-    StageRole(HEAD_STEP, generation=True, required=False, sampler=False, calibrated=True, graph_capture=True),
-    StageRole(HEAD_SAMPLER, generation=True, required=False, sampler=True, calibrated=True, graph_capture=True),
-    StageRole(DECODER, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False),
+    StageRole(HEAD_STEP, generation=True, required=False, sampler=False, calibrated=True, graph_capture=True,
+              int8=True),
+    StageRole(HEAD_SAMPLER, generation=True, required=False, sampler=True, calibrated=True, graph_capture=True,
+              int8=False),
+    StageRole(DECODER, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False,
+              int8=True),
     # only for reconstruction and calibration data
-    StageRole(ENCODER, generation=False, required=False, sampler=False, calibrated=False, graph_capture=False),
+    StageRole(ENCODER, generation=False, required=False, sampler=False, calibrated=False, graph_capture=False,
+              int8=False),
 )
 ROLES = {r.name: r for r in REGISTRY}
 
@@ -90,6 +96,7 @@ GENERATION_STAGES = _names("generation")
 REQUIRED_STAGES = _names("required")  # plus a head sampler: the fused one or head_step
 CALIBRATED_STAGES = _names("calibrated")
 GRAPH_CAPTURE_STAGES = _names("graph_capture")
+INT8_STAGES = _names("int8")
 # Version of this contract, part of every export's cache key: graphs of an older contract are
 # re-exported, never run (2: per-row `start`, one head_sampler with per-row guidance).
 CONTRACT_VERSION = 2

@@ -137,3 +137,24 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path):
     if not torch.cuda.is_available():  # never a silent fallback to another backend
         with pytest.raises(BitDanceError, match="needs a CUDA GPU"):
             Pipeline.from_pretrained(backend="tensorrt", **kw)
+
+
+def test_cancel_a_submitted_request(pipe):
+    from concurrent.futures import CancelledError
+
+    futures = [pipe.submit(labels=d, num_images=8, seed=d) for d in range(5)]  # more rows than slots: some wait
+    pipe.cancel(futures[-1])
+    with pytest.raises(CancelledError):
+        futures[-1].result(timeout=300)
+    assert all(f.result(timeout=300).tokens.shape[0] == 8 for f in futures[:-1])
+    with pytest.raises(BitDanceError, match="a Future returned by this Pipeline"):
+        pipe.cancel(object())
+
+
+def test_torch_pipeline_mixes_requests_like_onnxruntime(tmp_path):
+    """The embedded model on the torch backend: concurrent requests equal their runs alone too."""
+    with torch_threads(1), Pipeline.from_pretrained(backend="torch", log=None, progress=False) as p:
+        futures = [p.submit(labels=d, seed=d, num_images=1 + d % 2) for d in range(6)]
+        got = [f.result(timeout=300) for f in futures]
+        for d, out in enumerate(got):
+            assert torch.equal(out.tokens, _alone(p, [d] * (1 + d % 2), d).tokens)

@@ -28,7 +28,7 @@ from ..errors import BitDanceError
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
 from .policy import check_method, check_precision, fingerprint, int8_float_layers, quantised_layers
 
-INT8_STAGES = (st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER)
+INT8_STAGES = st.INT8_STAGES  # (stages.REGISTRY)
 FP16_STAGES = st.ALL_STAGES
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
