@@ -134,6 +134,11 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path):
                 with pytest.raises(BitDanceError, match="text-to-image: give prompt"):
                     p.submit(labels=[1])
     assert torch.equal(tokens["torch"], tokens["onnxruntime"])
+    with torch_threads(1), Pipeline.from_pretrained(backend="onnxruntime", precision="fp16", **kw) as p:
+        half = p.generate(prompt="a red cat", seed=21)
+    assert half.tokens.abs().eq(1).all() and half.image.shape == (1, 3, 512, 512)
+    with pytest.raises(BitDanceError, match="INT8 for text-to-image models is not available yet"):
+        Pipeline.from_pretrained(backend="onnxruntime", precision="int8", **kw)
     if not torch.cuda.is_available():  # never a silent fallback to another backend
         with pytest.raises(BitDanceError, match="needs a CUDA GPU"):
             Pipeline.from_pretrained(backend="tensorrt", **kw)

@@ -457,3 +457,21 @@ def test_int8_end_to_end_on_the_fixture_models(name, tmp_path):
         assert 0.85 <= tf[stage]["bit_agreement"], (stage, tf[stage])
     assert tf["end_to_end"]["bit_agreement"] < 1.0
     assert tf["decoder"]["psnr_db_min"] >= 20
+
+
+def test_default_calibration_policy_bounds_the_backbone_samples():
+    """The default set keeps every backbone step where that is small (the embedded model, so its
+    cached sets stay valid) and thins the steps of large models to a memory budget (BitDance-B-4x
+    at every step wanted ~57 GB)."""
+    import math
+
+    from bitdance_rt.config import load_config
+    from bitdance_rt.precision.auto import BACKBONE_BUDGET_BYTES, DEFAULT_CAPTURE_BATCH, default_policy
+
+    assert default_policy(load_config("tiny-digits")).backbone_every == 1
+    for name in ("BitDance-B-4x", "BitDance-B-1x", "BitDance-H-1x"):
+        cfg = load_config(name)
+        every = default_policy(cfg).backbone_every
+        per_sample = 4 * math.prod(st.kv_shape(cfg, 2 * DEFAULT_CAPTURE_BATCH, length=1)) * cfg.max_seq_len
+        kept = math.ceil((cfg.ar_steps - 1) / every) * 4  # 16 images in 4 batches
+        assert every > 1 and kept * per_sample < 2 * BACKBONE_BUDGET_BYTES, name  # full-length bound

@@ -10,6 +10,7 @@ Reuse and rebuilds follow the manifest keys, so a stale variant is re-derived, n
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .. import paths
@@ -18,6 +19,24 @@ from .derive import derive_export
 from .policy import check_method, check_precision
 
 DEFAULT_CALIBRATION_IMAGES = 16
+DEFAULT_CAPTURE_BATCH = 4
+# What the default set's backbone samples may hold: each keeps the KV cache of its rows up to its
+# position (BitDance-B-4x, 4 images: ~230 MB on average), and every AR step of every batch is a
+# candidate, so without a budget the default B-4x set wanted ~57 GB: killed on a 24 GB machine.
+BACKBONE_BUDGET_BYTES = 4 << 30
+
+
+def default_policy(cfg, images: int = DEFAULT_CALIBRATION_IMAGES, batch: int = DEFAULT_CAPTURE_BATCH):
+    """The capture policy of the default set: every backbone step while the samples fit in
+    BACKBONE_BUDGET_BYTES, else every k-th step (k as small as fits)."""
+    from ..calibration import CapturePolicy
+    from ..stages import kv_shape
+
+    per_position = 4 * math.prod(kv_shape(cfg, 2 * min(batch, images), length=1))
+    mean_length = cfg.prefix_len + (cfg.max_seq_len - cfg.prefix_len) / 2
+    batches = math.ceil(images / batch)
+    total = per_position * mean_length * (cfg.ar_steps - 1) * batches
+    return CapturePolicy(backbone_every=max(1, math.ceil(total / BACKBONE_BUDGET_BYTES)))
 
 
 def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = "max", keep_float=()) -> Path:
@@ -57,7 +76,7 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
                     progress: bool = True):
     """The calibration set in `directory` (validated against the model and weights), or the cached
     default set, captured first when missing: DEFAULT_CALIBRATION_IMAGES images, seed 0."""
-    from ..calibration import CapturePolicy, capture, load_calibration, save_calibration
+    from ..calibration import capture, load_calibration, save_calibration
 
     if directory is not None:
         return load_calibration(directory, config=cfg, weights=source)
@@ -70,7 +89,9 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
     labels = default_labels(cfg)
     print(f"INT8 calibration: no --calibration given, capturing {len(labels)} images of {cfg.name} with the torch "
           f"reference into {path} (once; pass --calibration DIR from `bitdance-rt calibrate` to choose the data)")
-    result = capture(load_model(), source, labels, [0], steps, scale, schedule, CapturePolicy(), 4, progress=progress)
+    policy = default_policy(cfg, len(labels))
+    result = capture(load_model(), source, labels, [0], steps, scale, schedule, policy, DEFAULT_CAPTURE_BATCH,
+                     progress=progress)
     save_calibration(result.dataset, path, overwrite=True)
     return load_calibration(path, config=cfg, weights=source, steps=steps)
 
