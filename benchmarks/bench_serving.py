@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=0.5, help="the Poisson run's rate as a share of saturation")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch1-runs", type=int, default=3, help="requests alone for the batch-1 latency (median)")
+    ap.add_argument("--decode-inline", action="store_true",
+                    help="decode finished requests on the scheduler thread (default: a decode thread beside it)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -119,7 +121,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, precision=args.precision, steps=args.steps,
-                                    max_batch=args.max_batch, threads=args.threads, progress=False, log=None)
+                                    max_batch=args.max_batch, threads=args.threads, progress=False, log=None,
+                                    decode_thread=not args.decode_inline)
     load_s = time.perf_counter() - t0
     cfg = pipe.config
     scale = cfg.default_cfg if args.cfg is None else args.cfg
@@ -170,7 +173,8 @@ def main() -> None:
     pipe.close()
     print(json.dumps({"bench": "serving", "model": cfg.name, "backend": pipe.backend.name, "precision":
                       args.precision or "fp32", "steps": pipe.steps, "cfg": scale, "threads": args.threads,
-                      "cpu_flags": flags, "requests": len(labels), "rate_req_s": rate, "batch1_latency_s": l1,
+                      "cpu_flags": flags, "decode_thread": pipe.scheduler._decoder is not None,
+                      "requests": len(labels), "rate_req_s": rate, "batch1_latency_s": l1,
                       "offline_batch8_images_s": offline8, "load_s": load_s,
                       "first_ar_step_after_load_start_s": cold_first_step, "results": results, "targets": targets}))
 

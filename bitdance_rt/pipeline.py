@@ -77,15 +77,17 @@ class _Call:
 
 
 class Pipeline:
-    def __init__(self, backend, model: ModelSource, steps: int, description: str = "", max_batch: int | None = None):
-        """Usually made by `from_pretrained`. `backend`: a runtime backend (runtime/core.py)."""
+    def __init__(self, backend, model: ModelSource, steps: int, description: str = "", max_batch: int | None = None,
+                 decode_thread: bool = True):
+        """Usually made by `from_pretrained`. `backend`: a runtime backend (runtime/core.py).
+        `decode_thread`: decode finished requests beside the AR steps (runtime/scheduler.py)."""
         self.backend = backend
         self.model = model
         self.config = model.config
         self.steps = int(steps)
         self.description = description or f"{self.config.name} on {backend.name}"
         rows = None if max_batch is None else 2 * max_batch
-        self.scheduler = Scheduler(backend, max_rows=rows)
+        self.scheduler = Scheduler(backend, max_rows=rows, decode_thread=decode_thread)
         self.max_batch = self.scheduler.max_rows // 2
         self._prompts = None
         self._lock = threading.Lock()
@@ -96,7 +98,7 @@ class Pipeline:
                         precision: str | None = None, steps: int | None = None, max_batch: int = 16,
                         height: int | None = None, width: int | None = None, max_text_tokens: int | None = None,
                         cache_dir=None, device: str = "cpu", threads: int | None = None, export_dir=None,
-                        progress: bool = True, log=print, **options) -> "Pipeline":
+                        progress: bool = True, log=print, decode_thread: bool = True, **options) -> "Pipeline":
         """Load a model and make its backend warm (export, precision variant, engines: cached).
 
         `model`: None (the embedded trained digits model), a preset name or a config .json;
@@ -118,10 +120,10 @@ class Pipeline:
         opts = BackendOptions(backend=backend, precision=precision, device=device, threads=threads,
                               max_batch=max_batch, export_dir=None if export_dir is None else str(export_dir),
                               progress=progress, log=log or (lambda *_: None), **options)
-        return cls.load(source, steps, opts)
+        return cls.load(source, steps, opts, decode_thread=decode_thread)
 
     @classmethod
-    def load(cls, source: ModelSource, steps: int, opts: BackendOptions) -> "Pipeline":
+    def load(cls, source: ModelSource, steps: int, opts: BackendOptions, decode_thread: bool = True) -> "Pipeline":
         """`from_pretrained` with the model and options already resolved (the CLI's way in)."""
         encoder = None
         if source.t2i:  # a bad tokenizer fails now, before the weights are read
@@ -129,7 +131,7 @@ class Pipeline:
 
             encoder = PromptEncoder(Path(source.checkpoint) / "tokenizer.json", source.config)
         made, description = make_backend(source, steps, opts)
-        pipe = cls(made, source, steps, description, opts.max_batch)
+        pipe = cls(made, source, steps, description, opts.max_batch, decode_thread)
         pipe._prompts = encoder
         return pipe
 

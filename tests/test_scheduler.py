@@ -157,3 +157,20 @@ def test_rows_are_independent_of_their_neighbours_in_torch_gemm():
     full = torch.nn.functional.linear(x, w)
     for m in (4, 5, 8, 16, 17, 32):
         assert torch.equal(torch.nn.functional.linear(x[:m], w), full[:m])
+
+
+def test_decode_thread_gives_the_same_results(fixture_model):
+    """Where the backend decodes beside the AR steps (GPUs), results are those of inline decoding."""
+
+    class Concurrent(TorchBackend):
+        concurrent_decode = True
+
+    m = fixture_model
+    with torch_threads(1):
+        backend = Concurrent(m.model, max_batch=8)
+        mixed, sched = _mixed(backend, m.cfg, REQUESTS[:3], arrivals=[0, 1, 1])
+        assert sched._decoder is not None
+        sched.close()
+        alone = [generate(TorchBackend(m.model, max_batch=8), *_args(s)) for s in REQUESTS[:3]]
+    for a, b in zip(alone, mixed):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.image, b.image)

@@ -60,8 +60,8 @@ class Scheduler:
         self.iterations = 0
         self.rows_per_iteration: list[int] = []  # active rows of each iteration (for benchmarks)
         # Finished requests are decoded on one worker thread where the backend can run its decoder
-        # beside the AR steps (ONNX Runtime sessions and torch modules may run concurrently); TensorRT
-        # keeps one stream, so it decodes inline. The worker is FIFO: a request's parts in order.
+        # beside the AR steps (ONNX Runtime and torch on a GPU); on the CPU the decoder would take the
+        # AR steps' cores, and TensorRT keeps one stream: both decode inline. The worker is FIFO.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="bitdance-decode") if (
             decode_thread and getattr(backend, "concurrent_decode", False)) else None
 

@@ -18,7 +18,6 @@ from .core import StageBackend
 class TorchBackend(StageBackend):
     name = "torch"
     specs = None  # every stage, any sampler step count
-    concurrent_decode = True  # the scheduler may decode on its own thread while AR steps run
 
     def __init__(self, model, device: str | torch.device = "cpu", max_batch: int | None = None):
         """`max_batch`: most images per call (None: no limit; the cache grows as rows arrive)."""
@@ -30,6 +29,12 @@ class TorchBackend(StageBackend):
                        for name in (st.PREFILL, st.BACKBONE_STEP, st.DECODER, st.ENCODER)}
         self._modules = {name: stage_module(name, self.model) for name in self._names}  # made once: no races
         self._init_core(None if max_batch is None else 2 * max_batch)
+
+    @property
+    def concurrent_decode(self) -> bool:
+        """Decode on the scheduler's decode thread on a GPU; on the CPU it would take the cores the AR
+        steps use (see OrtBackend.concurrent_decode)."""
+        return self.device.type == "cuda"
 
     def _alloc_cache(self, rows: int) -> torch.Tensor:
         return torch.zeros(st.kv_shape(self.config, rows), dtype=torch.float32, device=self.device)
