@@ -106,7 +106,8 @@ class Pipeline:
         text-to-image directory (BitDance-14B-16x / -64x; then `height` / `width`). `backend`:
         onnxruntime (default when installed), torch or tensorrt. `steps`: the sampler steps S the
         fused sampler is built for (default: the model's); requests may ask for others.
-        `cache_dir`: the cache root (default $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt).
+        `cache_dir`: the cache root (default $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt); giving it sets
+        $BITDANCE_RT_CACHE for this process, so every later cache lookup agrees with it.
         Other keywords are BackendOptions fields (ort_provider, engine_dir, calibration, ...)."""
         import os
 

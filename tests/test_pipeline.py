@@ -4,6 +4,7 @@ on every backend; clear errors."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -21,10 +22,17 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
+    before = os.environ.get("BITDANCE_RT_CACHE")
+    cache = tmp_path_factory.mktemp("cache")
     with torch_threads(1):
-        p = Pipeline.from_pretrained(threads=1, cache_dir=tmp_path_factory.mktemp("cache"), log=None, progress=False)
+        p = Pipeline.from_pretrained(threads=1, cache_dir=cache, log=None, progress=False)
+        assert os.environ["BITDANCE_RT_CACHE"] == str(cache) and any((cache / "exports").iterdir())
         yield p
         p.close()
+    if before is None:  # cache_dir set it for the process: leave the other tests' environment as it was
+        os.environ.pop("BITDANCE_RT_CACHE", None)
+    else:
+        os.environ["BITDANCE_RT_CACHE"] = before
 
 
 def _alone(pipe, labels, seed, **kw):
@@ -118,12 +126,13 @@ def test_bad_options():
         Pipeline.from_pretrained(height=512)
 
 
-def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path):
+def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path, monkeypatch):
     from t2i_tiny import write_checkpoint
 
     ckpt = write_checkpoint(tmp_path / "t2i", parallel_num=64)
-    kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=48, steps=2, threads=1,
-              cache_dir=tmp_path / "cache", log=None, progress=False)
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))  # restored after the test
+    kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=48, steps=2, threads=1, log=None,
+              progress=False)
     tokens = {}
     with torch_threads(1):
         for backend in ("torch", "onnxruntime"):
@@ -156,7 +165,7 @@ def test_cancel_a_submitted_request(pipe):
         pipe.cancel(object())
 
 
-def test_torch_pipeline_mixes_requests_like_onnxruntime(tmp_path):
+def test_torch_pipeline_mixes_requests_like_onnxruntime():
     """The embedded model on the torch backend: concurrent requests equal their runs alone too."""
     with torch_threads(1), Pipeline.from_pretrained(backend="torch", log=None, progress=False) as p:
         futures = [p.submit(labels=d, seed=d, num_images=1 + d % 2) for d in range(6)]
