@@ -21,7 +21,7 @@ import torch
 from .. import stages as st
 from ..errors import BitDanceError
 from ..models.kv_cache import write_rows
-from ..sampling import guidance_rows, sample_tokens_rows
+from ..sampling import batch_layout, sample_tokens_rows
 from .conditions import row_count
 
 # PyTorch's CPU GEMM (MKL) rounds the rows of a product with fewer than 4 rows differently from the
@@ -270,7 +270,4 @@ class StageBackend:
         if int(noise.shape[0]) < 2 or tuple(noise.shape[1:]) != want or (guided and rows % 2):
             raise BitDanceError(f"sample_tokens: noise {list(noise.shape)} does not fit cond {list(cond.shape)} "
                                 f"({'guided' if guided else 'unguided'}): want [S+1, {', '.join(map(str, want))}]")
-        scale, c, u = guidance_rows(rows, cfg, guided)
-        if guided:
-            noise = torch.cat([noise, noise], dim=1)
-        return self.sample_rows(cond, noise, scale, c, u)
+        return self.sample_rows(cond, *batch_layout(rows, noise, cfg, guided))

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..sampling import NoiseSource, cfg_at_step
+from ..sampling import NoiseSource, batch_layout, cfg_at_step
 
 
 @dataclass
@@ -94,10 +94,10 @@ class Request:
     def draw_noise(self, p: int, c: int) -> torch.Tensor:
         """This step's noise for every row [S+1, rows, P, C], drawn in the official order: guided,
         one draw per image, shared by its two rows; unguided, one per row."""
-        _, guided = self.guidance()
+        g, guided = self.guidance()
         draw = self.images if guided else self.rows
         noise = torch.stack([self.noise.draw((draw, p, c)) for _ in range(self.steps + 1)])
-        return torch.cat([noise, noise], dim=1) if guided else noise
+        return batch_layout(self.rows, noise, g, guided)[0]
 
     def emit(self, event: Event) -> None:
         if self.on_event is not None:

@@ -30,6 +30,7 @@ import torch
 from .. import stages as st
 from ..errors import BitDanceError
 from ..models.layout import tokens_to_latent
+from ..sampling import guidance_rows
 from .request import Event, GenerationResult, Request
 
 
@@ -171,7 +172,7 @@ class Scheduler:
             cond = self.backend.prefill_rows(inputs, [s for r in admitted for s in r.slots])
         except BaseException as exc:
             for r in admitted:
-                self._fail(r, exc, running=False)
+                self._fail(r, exc)
             if not isinstance(exc, Exception):
                 raise
             return []
@@ -227,16 +228,10 @@ class Scheduler:
                 self._fail(r, exc)
         offset = 0
         for r, noise in drawn:
-            g, guided = r.guidance()
-            own = torch.arange(offset, offset + r.rows)
-            if guided:
-                pair = torch.arange(r.images).repeat(2) + offset
-                cond_rows.append(pair)
-                uncond_rows.append(pair + r.images)
-            else:
-                cond_rows.append(own)
-                uncond_rows.append(own)
-            scales.append(torch.full((r.rows,), g if guided else 1.0))
+            scale, c, u = guidance_rows(r.rows, *r.guidance())  # its rows in the official layout
+            scales.append(scale)
+            cond_rows.append(c + offset)
+            uncond_rows.append(u + offset)
             conds.append(r.cond)
             noises.append(noise)
             offset += r.rows
@@ -270,7 +265,7 @@ class Scheduler:
             try:
                 r.noise.finish()  # a replayed noise file must be used up exactly
             except Exception as exc:
-                self._fail(r, exc, running=False)
+                self._fail(r, exc)
                 return
         job = lambda: self._decode_part(r, tokens, latent, last)  # noqa: E731
         if self._decoder is None:
@@ -282,7 +277,7 @@ class Scheduler:
         try:
             image = self.backend.decode(latent).float().cpu()
         except Exception as exc:
-            self._fail(r, exc, running=False)
+            self._fail(r, exc)
             return
         r.done_parts.append((tokens, latent, image))
         if not last or r.future.done():
@@ -301,13 +296,8 @@ class Scheduler:
             self._free.extend(r.slots)
         r.slots = []
 
-    def _fail(self, r: Request, exc: BaseException, running: bool = True) -> None:
-        if running:
-            self._release(r)
-        else:
-            with self._cv:
-                self._free.extend(r.slots)
-            r.slots = []
+    def _fail(self, r: Request, exc: BaseException) -> None:
+        self._release(r)
         r.emit(Event("error", r.step, self.config.ar_steps, error=exc))
         if not r.future.done():
             r.future.set_exception(exc)

@@ -24,7 +24,6 @@ class TimedBackend:
         self.config = backend.config
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self._depth = 0
 
     def __getattr__(self, attr):
         fn = getattr(self.inner, attr)
@@ -32,15 +31,9 @@ class TimedBackend:
             return fn
         name = TIMED[attr]
 
-        def timed(*args, **kwargs):
-            if self._depth:  # a batch-level call runs row-level ones: count it once
-                return fn(*args, **kwargs)
-            self._depth += 1
+        def timed(*args, **kwargs):  # a batch-level call runs the inner's row calls, not these wrappers
             start = time.perf_counter()
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
+            out = fn(*args, **kwargs)
             self.seconds[name] += time.perf_counter() - start
             self.calls[name] += 1
             return out

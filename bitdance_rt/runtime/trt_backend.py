@@ -234,8 +234,8 @@ class TrtBackend(StageBackend):
         self.specs = manifest_specs(self.manifest, self.dir)
         self.sampler_steps = self.manifest["key"]["sampler_steps"]
         check_generation_stages(self.specs, self.dir)
-        self.device = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        given = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+        index = given.index if given.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
         self.log = log or (lambda *_: None)
         # Build, deserialisation and context creation run on THIS device: TensorRT uses the thread's

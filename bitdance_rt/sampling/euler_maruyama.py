@@ -89,6 +89,16 @@ def guidance_rows(rows: int, cfg: float, guided: bool, device=None):
     return torch.as_tensor(cfg, dtype=torch.float32, device=device).expand(rows), pair, pair + half
 
 
+def batch_layout(rows: int, noise, cfg, guided: bool, device=None):
+    """One batch in the official layout as `sample_rows` inputs: (noise with one draw per row, cfg,
+    cond_row, uncond_row). Guided, each image's draw serves both of its rows (`noise` [S+1, R/2, ...]
+    or a sequence of [R/2, ...]); unguided, every row has its own."""
+    scale, c, u = guidance_rows(rows, cfg, guided, device)
+    if guided:
+        noise = torch.cat([noise, noise], dim=1) if torch.is_tensor(noise) else [torch.cat([n, n]) for n in noise]
+    return noise, scale, c, u
+
+
 def sample_head(
     net: HeadNet,
     cond: torch.Tensor,
@@ -105,10 +115,7 @@ def sample_head(
     per image), the net sees [x; x], and v = v_u + cfg (v_c - v_u). Returns x [R or R/2, P, C].
     """
     rows = cond.shape[0]
-    scale, c, u = guidance_rows(rows, cfg, guided, cond.device)
-    if guided:
-        noise = [torch.cat([n, n], dim=0) for n in noise]
-    x = sample_rows(net, cond, noise, scale, c, u, time_shift, last_step_size)
+    x = sample_rows(net, cond, *batch_layout(rows, noise, cfg, guided, cond.device), time_shift, last_step_size)
     return x[: rows // 2] if guided else x
 
 
