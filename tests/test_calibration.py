@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bitdance_rt import stages as st
-from bitdance_rt.runtime.core import MIN_ROWS
+from bitdance_rt.runtime.core import row_bucket
 from bitdance_rt.calibration import (CAPTURED_STAGES, MANIFEST, CapturePolicy, StageDataReader, capture, feed,
                                      load_calibration, save_calibration)
 from bitdance_rt.config import EMBEDDED_WEIGHTS
@@ -104,10 +104,10 @@ def test_backbone_samples_reproduce_reference(cap):
 def test_head_samples_reproduce_reference(cap):
     with torch.inference_mode():
         for s in cap.set.samples[st.HEAD_STEP]:
-            # the runtime evaluated these rows in a call of >= MIN_ROWS rows (torch's GEMM rounds products
-            # of fewer rows differently): evaluate them the same way
+            # the runtime evaluated these rows in a call padded to its row bucket (torch's GEMM rounds
+            # some small products differently): evaluate them the same way
             m = s.inputs["x"].shape[0]
-            pad = lambda x: torch.cat([x, x[:1].expand(max(0, MIN_ROWS - m), *x.shape[1:])])  # noqa: E731
+            pad = lambda x: torch.cat([x, x[:1].expand(row_bucket(m, None) - m, *x.shape[1:])])  # noqa: E731
             out = cap.model.head_net(pad(s.inputs["x"]), pad(s.inputs["t"]), pad(s.inputs["cond"]))[:m]
             assert torch.equal(out, s.outputs["x_pred"])
         kinds = set()

@@ -24,10 +24,11 @@ from ..models.kv_cache import write_rows
 from ..sampling import batch_layout, sample_tokens_rows
 from .conditions import row_count
 
-# PyTorch's CPU GEMM (MKL) rounds the rows of a product with fewer than 4 rows differently from the
-# same rows in a larger product (measured: Linear 256->768, M = 1, 2, 3 differ from M >= 4 at the
-# last bit; ONNX Runtime's MLAS gives every M the same bits). Padding every call to >= 4 rows makes
-# a request's tokens independent of what shares its batch on every backend.
+# PyTorch's CPU GEMM (MKL) rounds the rows of some small products differently from the same rows in
+# a larger product (measured, Linear 256->768: M = 1-3 on AVX-512; M = 1-3 and 5-7 with AVX2
+# kernels, under an emulated EPYC-Milan; ONNX Runtime's MLAS gives every M the same bits). Padding
+# every call to a bucket size (all multiples of 4 that both kinds agree on) makes a request's tokens
+# independent of what shares its batch on every backend.
 MIN_ROWS = 4
 SAMPLER_MODES = ("auto", "fused", "step")
 
