@@ -71,10 +71,15 @@ def _is_t2i(args) -> bool:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Sampling and backend options shared by generate and eval."""
-    p.add_argument("--steps", type=int, default=None, help="sampler steps S per AR step (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
     p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help=SCHEDULE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the one noise generator")
+    _add_backend_args(p)
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    """How the model runs (generate, eval, serve): sampler steps, backend, precision, batch."""
+    p.add_argument("--steps", type=int, default=None, help="sampler steps S per AR step (default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="onnxruntime (default when installed) or torch (the float32 reference)")
     p.add_argument("--export-dir", default=None,
@@ -231,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--device", default="cpu", help="device of the torch reference and ONNX Runtime (cpu or cuda)")
     ck.add_argument("--threads", type=int, default=None, help="CPU threads")
     _add_accelerator_args(ck)
+
+    sv = sub.add_parser("serve", help="serve OpenAI's Images API (POST /v1/images/generations), /health and "
+                                      "/metrics over one warm model (needs the [serve] extra)")
+    _add_model_args(sv)
+    _add_t2i_args(sv)
+    _add_backend_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                         "$BITDANCE_RT_API_KEY; none when unset)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for cache rows before new ones get 429 + Retry-After (default 64)")
+    sv.add_argument("--request-timeout", type=float, default=600.0,
+                    help="seconds a request may take; then 504 and its rows are freed (default 600)")
+    sv.add_argument("--max-images", type=int, default=16, help="images per request, n x labels (default 16)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                    help="uvicorn's log level (default info)")
 
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (safe to load, fast to map)")
     _add_model_args(c)
@@ -428,6 +451,28 @@ def cmd_check(args) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .serve import ServerSettings, serve
+
+    source = _model(args)
+    steps = source.config.default_steps if args.steps is None else args.steps
+    if steps < 1:
+        raise BitDanceError(f"--steps must be >= 1, got {steps}")
+    for name in ("max_queue", "max_images"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise BitDanceError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, "
+                                f"got {getattr(args, name)}")
+    if args.request_timeout <= 0:
+        raise BitDanceError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    settings = ServerSettings(max_queue=args.max_queue, request_timeout=args.request_timeout,
+                              max_images=args.max_images, api_key=args.api_key or os.environ.get("BITDANCE_RT_API_KEY"))
+    print(f"bitdance-rt serve: {source.config.name} on http://{args.host}:{args.port} (GET /health says when it is "
+          "loaded)", flush=True)
+    return serve(lambda: _pipeline(args, source, steps), settings, args.host, args.port, args.log_level)
+
+
 def cmd_convert(args) -> int:
     from .checkpoint import check_fit, file_sha256, fitting_presets, load_state_dict_file, save_safetensors
     from .config import load_config
@@ -460,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
-                "convert": cmd_convert, "build": cmd_build, "check": cmd_check}[args.command](args)
+                "convert": cmd_convert, "build": cmd_build, "check": cmd_check,
+                "serve": cmd_serve}[args.command](args)
     except BitDanceError as exc:
         print(f"bitdance-rt: error: {exc}", file=sys.stderr)
         return 2

@@ -142,6 +142,10 @@ class Pipeline:
 
         return schedule_for(cfg_schedule, self.config)
 
+    def check_prompt(self, prompt: str) -> None:
+        """Raise BitDanceError when a text-to-image prompt is empty or longer than the graphs hold."""
+        self._prompt_encoder().encode([prompt])
+
     def _prompt_encoder(self):
         if self._prompts is None:
             from .t2i.prompt import PromptEncoder
@@ -177,11 +181,25 @@ class Pipeline:
             noise = SeededNoise(int(seed))
         elif not isinstance(noise, NoiseSource):
             raise BitDanceError("noise must be a bitdance_rt.sampling NoiseSource (SeededNoise, ReplayNoise)")
-        if not isinstance(preview_every, int) or preview_every < 0:
-            raise BitDanceError(f"preview_every must be an integer >= 0, got {preview_every!r}")
         request = make_request(self.config, condition, steps, scale, cfg_schedule, noise, self.max_batch,
-                               preview_every=preview_every, on_event=on_event)
+                               preview_steps=self._preview_steps(preview_every), on_event=on_event)
         return _Call(request, labels_out, prompts_out)
+
+    def _preview_steps(self, every) -> frozenset:
+        """`preview_every`: k (a preview every k AR steps) or the AR steps themselves (1..last-1)."""
+        last = self.config.ar_steps
+        if isinstance(every, int) and not isinstance(every, bool):
+            if every < 0:
+                raise BitDanceError(f"preview_every must be an integer >= 0 or a list of AR steps, got {every!r}")
+            return frozenset(range(every, last, every)) if every else frozenset()
+        try:
+            steps = frozenset(int(s) for s in every)
+        except (TypeError, ValueError):
+            raise BitDanceError(f"preview_every must be an integer >= 0 or a list of AR steps, got {every!r}") from None
+        bad = sorted(s for s in steps if not 1 <= s < last)
+        if bad:
+            raise BitDanceError(f"preview step {bad[0]} is out of range: previews come after AR steps 1..{last - 1}")
+        return steps
 
     def _output(self, call: _Call, result: GenerationResult) -> Output:
         return Output(result.image, result.tokens, result.latent, result.seconds, result.first_step_seconds,
@@ -189,9 +207,18 @@ class Pipeline:
 
     def submit(self, labels=None, prompt=None, num_images: int = 1, steps: int | None = None,
                cfg: float | None = None, cfg_schedule: str | None = None, seed: int = 0,
-               noise: NoiseSource | None = None) -> Future:
-        """Queue a request; a Future of its Output. Safe from any number of threads."""
-        call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
+               noise: NoiseSource | None = None, preview_every: int = 0, on_progress=None) -> Future:
+        """Queue a request; a Future of its Output. Safe from any number of threads.
+
+        `on_progress(Progress)` is called after each AR step but the last, on the scheduler's thread
+        (keep it quick: hand the work to another thread), with a `preview` every `preview_every` steps
+        (or at the AR steps listed)."""
+        on_event = None
+        if on_progress is not None:
+            def on_event(event: Event) -> None:
+                if event.kind == "step":
+                    on_progress(Progress(event.step, event.total, None if event.image is None else _pil(event.image)))
+        call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every, on_event)
         return self._submit(call)
 
     def _submit(self, call: _Call) -> Future:

@@ -73,7 +73,7 @@ def test_threads_submitting_at_once_get_what_they_would_get_alone(pipe):
     for t in threads:
         t.join(timeout=600)
     assert all(r is not None for r in results)
-    shared = pipe.scheduler.rows_per_iteration[before:]
+    shared = list(pipe.scheduler.rows_per_iteration)[before:]
     assert max(shared) > 2 * 3  # rows of several requests in one call (the largest request has 6)
     for spec, got in zip(specs, results):
         labels = [l for l in spec["labels"] for _ in range(spec["num_images"])]

@@ -54,7 +54,7 @@ class Request:
     cfg_schedule: str
     noise: NoiseSource
     ar_steps: int
-    preview_every: int = 0  # a partial latent every k AR steps in the "step" events (0: none)
+    preview_steps: frozenset = frozenset()  # AR steps whose "step" event carries the partial latent decoded
     on_event: Callable[[Event], None] | None = None
     future: Future = field(default_factory=Future)
     # ---- state (the scheduler's) ----
@@ -100,5 +100,12 @@ class Request:
         return batch_layout(self.rows, noise, g, guided)[0]
 
     def emit(self, event: Event) -> None:
-        if self.on_event is not None:
+        """Tell the caller; a caller's callback that raises fails its own request, never the batch."""
+        if self.on_event is None:
+            return
+        try:
             self.on_event(event)
+        except Exception as exc:
+            self.on_event, self.cancelled = None, True  # the scheduler frees its rows at the next step
+            if not self.future.done():
+                self.future.set_exception(exc)

@@ -59,10 +59,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.iterations = 0
-        self.rows_per_iteration: list[int] = []  # active rows of each iteration (for benchmarks)
+        self.rows_per_iteration: deque[int] = deque(maxlen=100_000)  # active rows of recent iterations (benchmarks)
         # Finished requests are decoded on one worker thread where the backend can run its decoder
         # beside the AR steps (ONNX Runtime and torch on a GPU); on the CPU the decoder would take the
         # AR steps' cores, and TensorRT keeps one stream: both decode inline. The worker is FIFO.
+        self.observers: list = []  # callables(seconds, rows) after each AR-step iteration (metrics)
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="bitdance-decode") if (
             decode_thread and getattr(backend, "concurrent_decode", False)) else None
 
@@ -136,9 +137,13 @@ class Scheduler:
     def iteration(self) -> None:
         try:
             self._retire_cancelled()
+            began = self.clock()
             admitted = self._admit()
             if self._running:
                 self._advance(admitted)
+                seconds, rows = self.clock() - began, self.rows_per_iteration[-1]
+                for observe in self.observers:
+                    observe(seconds, rows)
         except BaseException as exc:  # a failing call fails every request it served, not the loop
             for r in list(self._running):
                 self._fail(r, exc)
@@ -214,7 +219,7 @@ class Scheduler:
             if r.step == cfg.ar_steps:
                 self._finish_part(r)
             else:
-                preview = r.preview_every and r.step % r.preview_every == 0
+                preview = r.step in r.preview_steps
                 image = self.backend.decode(self._partial_latent(r)).float().cpu() if preview else None
                 r.emit(Event("step", r.step, cfg.ar_steps, image=image))
 
@@ -287,7 +292,8 @@ class Scheduler:
                                   seconds=self.clock() - r.submitted,
                                   first_step_seconds=(r.first_step - r.submitted) if r.first_step else None)
         r.emit(Event("done", self.config.ar_steps, self.config.ar_steps, result=result))
-        r.future.set_result(result)
+        if not r.future.done():  # (a failing callback has already answered it)
+            r.future.set_result(result)
 
     def _release(self, r: Request) -> None:
         if r in self._running:

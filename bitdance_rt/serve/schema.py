@@ -1,0 +1,42 @@
+"""The request body of POST /v1/images/generations: OpenAI's Images API fields, then BitDance's.
+
+Pydantic checks types and ranges (each error names its field); what depends on the loaded model
+(sizes, labels, class names, the prompt's length) is checked in translate.py. Unknown fields are
+refused, so a typo ("seeds") is an error naming it, not a silent default. OpenAI fields that do
+not apply to BitDance are accepted where their value changes nothing and refused otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STEPS = 1000  # sampler steps S per AR step; the official models use 25 to 50
+
+
+class ImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # ---- OpenAI Images API ----
+    prompt: Optional[Union[str, int]] = Field(
+        None, description="text-to-image: the description; class-conditional: a class index (\"3\") or a class name")
+    n: int = Field(1, ge=1, description="images per prompt or label")
+    size: Optional[str] = Field(None, description='"WxH" (text-to-image) or "auto"; the model\'s size otherwise')
+    response_format: Optional[Literal["b64_json"]] = Field(None, description="b64_json (PNG); no URLs are hosted")
+    model: Optional[str] = Field(None, description="omitted, or the loaded model's name")
+    stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3, description="streaming: partial images before the final one")
+    output_format: Literal["png"] = "png"
+    background: Literal["auto", "opaque"] = "auto"
+    quality: Optional[Literal["auto", "low", "medium", "high", "standard", "hd"]] = None  # accepted, no effect
+    style: Optional[str] = None  # accepted, no effect
+    moderation: Optional[str] = None  # accepted, no effect
+    user: Optional[str] = None  # accepted, logged nowhere
+    safety_identifier: Optional[str] = None  # accepted, logged nowhere
+    # ---- BitDance extensions ----
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="noise seed (default: a random one)")
+    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description="sampler steps S per AR step")
+    guidance_scale: Optional[float] = Field(None, ge=0.0, le=100.0, description="classifier-free guidance G")
+    cfg_schedule: Optional[Literal["linear", "constant"]] = None
+    labels: Optional[list[int]] = Field(None, min_length=1, description="class labels (class-conditional models)")

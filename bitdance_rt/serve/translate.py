@@ -1,0 +1,112 @@
+"""An HTTP request body (schema.ImageRequest) as Pipeline.submit arguments, checked against the
+loaded model; every refusal is a FieldError naming the body field and what was expected."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from ..errors import BitDanceError
+from .schema import ImageRequest
+
+MAX_PROMPT_CHARS = 32000  # OpenAI's limit for its image models
+
+
+class FieldError(ValueError):
+    """A request the loaded model cannot serve: `param` is the body field, the message says why."""
+
+    def __init__(self, param: str | None, message: str, status: int = 400, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+
+@dataclass
+class Job:
+    """What one HTTP request asks the Pipeline for."""
+
+    submit: dict  # keyword arguments of Pipeline.submit
+    images: int
+    size: str  # "WxH"
+    seed: int
+    previews: list  # AR steps with a partial image (streaming)
+
+
+def model_size(pipe) -> tuple[int, int]:
+    """(width, height) of the loaded model's images."""
+    cfg = pipe.config
+    if pipe.model.t2i:
+        return int(cfg.width), int(cfg.height)
+    return int(cfg.image_size), int(cfg.image_size)
+
+
+def preview_steps(ar_steps: int, partial_images: int) -> list[int]:
+    """The AR steps after which the partial images are decoded: `partial_images` of them, evenly
+    spaced before the last step (fewer when the model has fewer steps)."""
+    picks = {round(ar_steps * i / (partial_images + 1)) for i in range(1, partial_images + 1)}
+    return sorted(s for s in picks if 1 <= s < ar_steps)
+
+
+def to_job(body: ImageRequest, pipe, max_images: int) -> Job:
+    cfg = pipe.config
+    if body.model is not None and body.model != cfg.name:
+        raise FieldError("model", f"model {body.model!r} is not served here; this server runs {cfg.name!r} "
+                                  "(or omit the field)", status=404, code="model_not_found")
+    width, height = model_size(pipe)
+    size = f"{width}x{height}"
+    if body.size not in (None, "auto", size):
+        raise FieldError("size", f"size {body.size!r} is not available: this server's {cfg.name} makes {size} "
+                                 "images (give \"auto\" or omit it)")
+    if pipe.model.t2i:
+        condition = {"prompt": _text_prompt(body, pipe)}
+        count = 1
+    else:
+        labels = _labels(body, cfg)
+        condition, count = {"labels": labels}, len(labels)
+    images = body.n * count
+    if images > max_images:
+        raise FieldError("n", f"{images} images asked for (n={body.n} x {count}); at most {max_images} per request")
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
+    previews = preview_steps(cfg.ar_steps, body.partial_images) if body.stream else []
+    submit = dict(condition, num_images=body.n, steps=body.steps, cfg=body.guidance_scale,
+                  cfg_schedule=body.cfg_schedule, seed=seed)
+    return Job(submit, images, size, seed, previews)
+
+
+def _text_prompt(body: ImageRequest, pipe) -> str:
+    if body.labels is not None:
+        raise FieldError("labels", f"{pipe.config.name} is text-to-image: give a prompt, not labels")
+    if not isinstance(body.prompt, str) or not body.prompt.strip():
+        raise FieldError("prompt", "prompt is empty: give a text description of the image")
+    if len(body.prompt) > MAX_PROMPT_CHARS:
+        raise FieldError("prompt", f"prompt is {len(body.prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    try:
+        pipe.check_prompt(body.prompt)
+    except BitDanceError as exc:
+        raise FieldError("prompt", str(exc)) from None
+    return body.prompt
+
+
+def _labels(body: ImageRequest, cfg) -> list[int]:
+    classes = cfg.num_classes
+    names = list(getattr(cfg, "class_names", None) or [])
+    expected = f"a class index 0..{classes - 1}" + (" or a class name" if names else "")
+    has_prompt = body.prompt is not None and str(body.prompt).strip() != ""
+    if body.labels is not None:
+        if has_prompt:
+            raise FieldError("prompt", "give the class as prompt or as labels, not both (prompt may be \"\")")
+        bad = [l for l in body.labels if not 0 <= l < classes]
+        if bad:
+            raise FieldError("labels", f"label {bad[0]} is out of range: {cfg.name} has classes 0..{classes - 1}")
+        return list(body.labels)
+    if not has_prompt:
+        raise FieldError("prompt", f"{cfg.name} is class-conditional: the prompt is {expected} (or give labels)")
+    text = str(body.prompt).strip()
+    if text.lstrip("-").isdigit():
+        label = int(text)
+        if not 0 <= label < classes:
+            raise FieldError("prompt", f"class {label} is out of range: {cfg.name} has classes 0..{classes - 1}")
+        return [label]
+    lowered = [n.lower() for n in names]
+    if text.lower() in lowered:
+        return [lowered.index(text.lower())]
+    raise FieldError("prompt", f"{cfg.name} is class-conditional: the prompt must be {expected}, got {text[:80]!r}")
