@@ -207,12 +207,19 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
     return variant.directory
 
 
-def ort_providers(opts: BackendOptions) -> list[str]:
+def ort_providers(opts: BackendOptions) -> list:
     """The provider list. The TensorRT EP sends only the subgraphs TensorRT supports to TensorRT and
     the rest to the next provider in the list, so CUDA follows it, as in ONNX Runtime's TensorRT EP
-    usage (onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html)."""
+    usage (onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html). A device
+    cuda:N puts both GPU providers on GPU N (their `device_id` option)."""
     provider = opts.ort_provider or ("cuda" if opts.device.startswith("cuda") else "cpu")
-    return ["tensorrt", "cuda"] if provider == "tensorrt" else [provider]
+    names = ["tensorrt", "cuda"] if provider == "tensorrt" else [provider]
+    _, _, index = opts.device.partition(":")
+    if not opts.device.startswith("cuda") or not index:
+        return names
+    if not index.isdigit():
+        raise BitDanceError(f"device {opts.device!r}: expected cuda or cuda:N with N a GPU index")
+    return [(n, {"device_id": int(index)}) if n in ("cuda", "tensorrt") else n for n in names]
 
 
 def _ort_backend(model: ModelSource, steps: int, opts: BackendOptions):

@@ -255,6 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                     help="uvicorn's log level (default info)")
 
+    tr = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository: one decoupled "
+                                             "Python-backend model running an export in-process (docs/triton.md)")
+    tr.add_argument("--export-dir", required=True, help="export directory to serve (bitdance-rt export --out DIR)")
+    tr.add_argument("--out", required=True, help="model repository directory to write")
+    tr.add_argument("--name", default="bitdance", help="Triton model name, its directory (default bitdance)")
+    tr.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                    help="the engine inside the model (default onnxruntime)")
+    tr.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                    help="onnxruntime: must be the export's (default); tensorrt: the engine precision")
+    tr.add_argument("--steps", type=int, default=None, help="sampler steps S of the fused sampler (default: the export's)")
+    tr.add_argument("--max-batch", type=int, default=None,
+                    help="images one scheduler batch holds (default and most: the export's)")
+    tr.add_argument("--max-images", type=int, default=None, help="most images one request may ask for (default: max batch)")
+    tr.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda with --gpus or --backend tensorrt, else cpu")
+    tr.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU indices: one KIND_GPU instance group each")
+    tr.add_argument("--count", type=int, default=1,
+                    help="instances per group (each holds its own Pipeline; 1 per GPU is usual; default 1)")
+    tr.add_argument("--threads", type=int, default=None, help="CPU threads per instance")
+    tr.add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), default=None, help="ONNX Runtime provider")
+    tr.add_argument("--engine-dir", default=None, help="TensorRT engine cache of the model's process")
+    tr.add_argument("--cache-dir", default=None, help="$BITDANCE_RT_CACHE of the model's process")
+    tr.add_argument("--export-path", default=None,
+                    help="the export's path as the server sees it (a container mount; default: --export-dir, absolute)")
+    tr.add_argument("--model", default=None, help="a preset or config .json (default: the export manifest's config)")
+    tr.add_argument("--checkpoint", default=None, help="text-to-image: the checkpoint directory (its tokenizer)")
+    tr.add_argument("--vae", default=None, help="autoencoder weights, with --model")
+    tr.add_argument("--force", action="store_true", help="replace --out")
+
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (safe to load, fast to map)")
     _add_model_args(c)
     c.add_argument("--out", required=True, help="output .safetensors path")
@@ -473,6 +502,17 @@ def cmd_serve(args) -> int:
     return serve(lambda: _pipeline(args, source, steps), settings, args.host, args.port, args.log_level)
 
 
+def cmd_triton_repo(args) -> int:
+    from .triton import write_repository
+
+    names = ("name", "backend", "precision", "steps", "max_batch", "max_images", "device", "gpus", "count", "threads",
+             "ort_provider", "engine_dir", "cache_dir", "export_path", "model", "checkpoint", "vae", "force")
+    out = write_repository(args.export_dir, args.out, **{k: getattr(args, k) for k in names})
+    print(f"wrote Triton model repository {out} (model {args.name}); run it with "
+          f"tritonserver --model-repository {out} (docs/triton.md)")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .checkpoint import check_fit, file_sha256, fitting_presets, load_state_dict_file, save_safetensors
     from .config import load_config
@@ -506,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
                 "convert": cmd_convert, "build": cmd_build, "check": cmd_check,
-                "serve": cmd_serve}[args.command](args)
+                "serve": cmd_serve, "triton-repo": cmd_triton_repo}[args.command](args)
     except BitDanceError as exc:
         print(f"bitdance-rt: error: {exc}", file=sys.stderr)
         return 2

@@ -275,3 +275,15 @@ def test_noise_that_does_not_fit_is_refused(ex):
     with pytest.raises(BitDanceError, match="does not fit"):
         backend.sample_tokens(cond, torch.zeros(1, 4, cfg.parallel_num, cfg.token_dim), 1.0, False)
 
+
+
+def test_ort_providers_put_the_gpu_providers_on_the_device_index():
+    from bitdance_rt.backends import BackendOptions, ort_providers
+
+    assert ort_providers(BackendOptions(device="cpu")) == ["cpu"]
+    assert ort_providers(BackendOptions(device="cuda")) == ["cuda"]
+    assert ort_providers(BackendOptions(device="cuda:1")) == [("cuda", {"device_id": 1})]
+    assert ort_providers(BackendOptions(device="cuda:2", ort_provider="tensorrt")) == [
+        ("tensorrt", {"device_id": 2}), ("cuda", {"device_id": 2})]
+    with pytest.raises(BitDanceError, match="cuda:N"):
+        ort_providers(BackendOptions(device="cuda:x"))

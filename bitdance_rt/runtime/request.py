@@ -20,6 +20,17 @@ import torch
 from ..sampling import NoiseSource, batch_layout, cfg_at_step
 
 
+MAX_STEPS = 1000  # sampler steps S one request may ask for (the official models use 25 to 50)
+MAX_PARTIAL_IMAGES = 3  # previews one streamed request may ask for (as OpenAI's Images API)
+
+
+def preview_steps(ar_steps: int, partial_images: int) -> list[int]:
+    """The AR steps after which a streamed request's partial images are decoded: `partial_images`
+    of them, evenly spaced before the last step (fewer when the model has fewer steps)."""
+    picks = {round(ar_steps * i / (partial_images + 1)) for i in range(1, partial_images + 1)}
+    return sorted(s for s in picks if 1 <= s < ar_steps)
+
+
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # [B, N, C] +/-1, generation order

@@ -128,10 +128,9 @@ def make_app(pipeline=None, settings: ServerSettings | None = None, loader: Call
             thread.start()
         yield
         state.draining = True
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
-            if state.pipeline is not None:
-                await asyncio.to_thread(state.pipeline.close)
+        if thread is not None and not thread.is_alive() and state.pipeline is not None:
+            await asyncio.to_thread(state.pipeline.close)  # (stopped while loading: nothing to drain; the
+            # loader is a daemon thread and ends with the process, its cache writes being temp + rename)
 
     app = FastAPI(title="bitdance-rt", lifespan=lifespan)
     app.state.server = state

@@ -12,7 +12,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_STEPS = 1000  # sampler steps S per AR step; the official models use 25 to 50
+from ..runtime.request import MAX_PARTIAL_IMAGES, MAX_STEPS
 
 
 class ImageRequest(BaseModel):
@@ -26,7 +26,7 @@ class ImageRequest(BaseModel):
     response_format: Optional[Literal["b64_json"]] = Field(None, description="b64_json (PNG); no URLs are hosted")
     model: Optional[str] = Field(None, description="omitted, or the loaded model's name")
     stream: bool = False
-    partial_images: int = Field(0, ge=0, le=3, description="streaming: partial images before the final one")
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description="streaming: partial images before the final one")
     output_format: Literal["png"] = "png"
     background: Literal["auto", "opaque"] = "auto"
     quality: Optional[Literal["auto", "low", "medium", "high", "standard", "hd"]] = None  # accepted, no effect

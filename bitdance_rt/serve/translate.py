@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 
 from ..errors import BitDanceError
+from ..runtime.request import preview_steps
 from .schema import ImageRequest
 
 MAX_PROMPT_CHARS = 32000  # OpenAI's limit for its image models
@@ -37,13 +38,6 @@ def model_size(pipe) -> tuple[int, int]:
     if pipe.model.t2i:
         return int(cfg.width), int(cfg.height)
     return int(cfg.image_size), int(cfg.image_size)
-
-
-def preview_steps(ar_steps: int, partial_images: int) -> list[int]:
-    """The AR steps after which the partial images are decoded: `partial_images` of them, evenly
-    spaced before the last step (fewer when the model has fewer steps)."""
-    picks = {round(ar_steps * i / (partial_images + 1)) for i in range(1, partial_images + 1)}
-    return sorted(s for s in picks if 1 <= s < ar_steps)
 
 
 def to_job(body: ImageRequest, pipe, max_images: int) -> Job:
