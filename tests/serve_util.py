@@ -81,23 +81,28 @@ class ThreadServer:
 
 @contextlib.contextmanager
 def server_process(args: list[str], env: dict, port: int, ready_s: float = 300):
-    """`bitdance-rt serve ARGS` in a process of its own; waits for /health; killed by PID at the end."""
+    """`bitdance-rt serve ARGS` in a process of its own, its output in a temporary file (never a
+    pipe nobody reads); waits for /health; killed by PID at the end."""
+    import tempfile
+
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "bitdance_rt", "serve", "--port", str(port), *args],
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + ready_s
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}"
-            assert time.monotonic() < deadline, "the server did not become ready"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stdout.close()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bitdance_rt", "serve", "--port", str(port), *args],
+                                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + ready_s
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"the server did not become ready (exit status {proc.poll()}): "
+                                         f"{log.read()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.2)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)

@@ -24,7 +24,7 @@ from bitdance_rt import Pipeline  # noqa: E402
 from bitdance_rt.images import to_uint8  # noqa: E402
 from bitdance_rt.models.layout import tokens_to_latent  # noqa: E402
 from bitdance_rt.serve import ServerSettings, make_app  # noqa: E402
-from bitdance_rt.serve.translate import preview_steps  # noqa: E402
+from bitdance_rt.runtime.request import preview_steps  # noqa: E402
 
 from conftest import torch_threads  # noqa: E402
 from serve_util import ThreadServer, free_port, png_array, server_process, sse_events  # noqa: E402
@@ -462,3 +462,28 @@ def test_pipeline_callback_errors_fail_only_their_request(pipe):
         bad.result(timeout=60)
     np.testing.assert_array_equal(np.asarray(good.result(timeout=60).images[0]), _expected(pipe, 2, 0)[0])
     _wait_until(lambda: pipe.rows_in_flight == 0, what="the failed request's rows to be freed")
+
+
+def test_text_to_image_server(tmp_path, monkeypatch):
+    """A text-to-image model behind the same server: the prompt is text, `size` its WxH; a wrong
+    size, labels, an empty or too long prompt are 400s naming the field."""
+    from fastapi.testclient import TestClient
+    from t2i_tiny import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "t2i", parallel_num=64)
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    with torch_threads(1), Pipeline.from_pretrained(backend="torch", checkpoint=ckpt, height=512, width=512,
+                                                    max_text_tokens=48, steps=2, threads=1, log=None,
+                                                    progress=False) as p:
+        with TestClient(make_app(p)) as c:
+            r = c.post(GEN, json={"prompt": "a red cat", "size": "512x512", "seed": 21})
+            assert r.status_code == 200, r.text
+            want = np.asarray(p.generate(prompt="a red cat", seed=21).images[0])
+            np.testing.assert_array_equal(png_array(r.json()["data"][0]["b64_json"], (512, 512)), want)
+            for body, param, text in [({"prompt": "a cat", "size": "1024x1024"}, "size", "512x512"),
+                                      ({"prompt": "", "labels": [1]}, "labels", "text-to-image"),
+                                      ({"prompt": "  "}, "prompt", "empty"),
+                                      ({"prompt": "a very long prompt " * 10}, "prompt", "tokens")]:
+                r = c.post(GEN, json=body)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+                assert text in r.json()["error"]["message"], r.text
