@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -23,3 +25,31 @@ def test_readme_python_example_runs(tmp_path):
     lines = res.stdout.splitlines()
     assert sum(line.startswith("Progress(step=") for line in lines) == 3  # 4 AR steps: 3 progress events
     assert lines[-1].startswith("Output(1 image(s) of 32x32, labels=[5], ")
+
+
+def test_readme_server_example_works_as_printed(tmp_path):
+    """`bitdance-rt serve` as the README shows it, and its openai client example, prints what the
+    README says it prints (on a free port instead of 8000)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from serve_util import free_port, server_process
+
+    text = README.read_text()
+    section = text[text.index("## HTTP server"):]
+    command = re.search(r"```bash\n(bitdance-rt serve[^\n#]*)", section).group(1).split()
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    printed = re.search(r"\nprints[^\n]*\n\n```\n(.*?)```", section, re.S).group(1)
+    assert command[:2] == ["bitdance-rt", "serve"] and "8000" in code
+    port = free_port()
+    env = {"BITDANCE_RT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    with server_process(command[2:], env, port) as proc:
+        res = subprocess.run([sys.executable, "-c", code.replace("8000", str(port))], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert proc.poll() is None
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [line.rstrip() for line in res.stdout.splitlines()] == [line.rstrip() for line in printed.splitlines()]
+    from PIL import Image
+
+    for i in range(2):
+        with Image.open(tmp_path / f"seven_{i}.png") as image:
+            assert image.format == "PNG" and image.size == (32, 32)
