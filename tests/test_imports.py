@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # The lower layers (module, or package prefix) and what they must never import.
 LOWER = ("models", "sampling", "config", "stages", "errors", "fileio", "paths", "t2i_config")
-UPPER = ("cli", "check", "runtime", "t2i", "export", "engines", "precision", "calibration", "serve", "pipeline")
+UPPER = ("cli", "check", "runtime", "t2i", "export", "engines", "precision", "calibration", "serve", "triton",
+         "pipeline")
+ENTRY_POINTS = ("serve", "triton")  # thin shells over the Pipeline: only the CLI may import them
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -205,6 +207,21 @@ def test_lower_layers_never_import_upper_ones():
            for m, targets in sorted(graph.items()) if _layer(m, LOWER)
            for t, line in sorted(targets.items(), key=lambda kv: kv[1]) if _layer(t, UPPER)]
     assert not bad, "upward imports:\n  " + "\n  ".join(bad)
+
+
+def test_entry_points_are_shells_nothing_stands_on():
+    """serve (HTTP) and triton (the Triton model) sit on top: nothing but the CLI imports them, and
+    neither imports the other or the CLI."""
+    graph = import_graph()
+    files = module_files()
+    bad = []
+    for m, targets in sorted(graph.items()):
+        mine = _layer(m, ENTRY_POINTS)
+        for t, line in sorted(targets.items(), key=lambda kv: kv[1]):
+            theirs = _layer(t, ENTRY_POINTS)
+            if (theirs and theirs != mine and _layer(m, ("cli",)) is None) or (mine and _layer(t, ("cli",))):
+                bad.append(f"{files[m].relative_to(ROOT.parent)}:{line}: {m} imports {t}")
+    assert not bad, "imports of or from the entry points:\n  " + "\n  ".join(bad)
 
 
 def test_paths_is_stdlib_only():
