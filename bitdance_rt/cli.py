@@ -284,6 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--vae", default=None, help="autoencoder weights, with --model")
     tr.add_argument("--force", action="store_true", help="replace --out")
 
+    pl = sub.add_parser("plan", help="the memory a model needs (weights per stage, KV cache, activations, TensorRT "
+                                     "workspace) at a precision, and which GPUs / Jetsons it fits; reads no weights")
+    pl.add_argument("--model", default=None,
+                    help=f"{EMBEDDED_MODEL} (default), an ImageNet preset ({', '.join(PRESETS)}), a text-to-image "
+                         "model (BitDance-14B-16x, BitDance-14B-64x) or a config .json")
+    pl.add_argument("--checkpoint", default=None, help="a text-to-image checkpoint directory (its config files)")
+    _add_t2i_args(pl)
+    pl.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="graph precision (default fp32)")
+    pl.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), default="tensorrt",
+                    help="tensorrt (default) and onnxruntime hold each stage's weights; torch one model")
+    pl.add_argument("--batch-size", type=int, default=1,
+                    help="images the cache holds at once (the Pipeline's max batch; default 1)")
+    pl.add_argument("--no-cfg", action="store_true", help="unguided: one cache row per image instead of two")
+    pl.add_argument("--workspace-mb", type=int, default=None, help="TensorRT workspace (default 1024 MiB)")
+    pl.add_argument("--target", nargs="+", default=None, metavar="T",
+                    help="targets to check (default all): gpu-16gb gpu-24gb gpu-40gb gpu-48gb gpu-80gb orin-nano-8gb "
+                         "orin-nx-16gb agx-orin-32gb agx-orin-64gb")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (safe to load, fast to map)")
     _add_model_args(c)
     c.add_argument("--out", required=True, help="output .safetensors path")
@@ -513,6 +532,36 @@ def cmd_triton_repo(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from dataclasses import asdict
+
+    from .plan import TARGETS, format_plan, plan
+    from .t2i_config import T2I_PRESETS, t2i_preset
+
+    size = {k: v for k, v in (("height", args.height), ("width", args.width), ("max_text_tokens",
+                                                                              args.max_text_tokens)) if v is not None}
+    if args.model in T2I_PRESETS:
+        cfg = t2i_preset(args.model, **size)
+    else:
+        from .backends import resolve_model
+
+        t2i = bool(args.checkpoint and Path(args.checkpoint).is_dir())
+        cfg = resolve_model(args.model, args.checkpoint, None, *((args.height, args.width, args.max_text_tokens)
+                                                                 if t2i else (None, None, None))).config
+    bad = [t for t in args.target or () if t not in TARGETS]
+    if bad:
+        raise BitDanceError(f"unknown target {bad[0]!r}: one of {', '.join(TARGETS)}")
+    p = plan(cfg, args.precision, args.backend, args.batch_size, guided=not args.no_cfg,
+             workspace_mb=args.workspace_mb)
+    if args.json:
+        targets = {t: dict(zip(("fits", "bytes_left"), p.fits(t))) for t in args.target or TARGETS}
+        print(json.dumps({**asdict(p), "weight_bytes": p.weight_bytes, "total_bytes": p.total_bytes,
+                          "total_if_once": p.total_if_once, "targets": targets}))
+    else:
+        print(format_plan(p, args.target))
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .checkpoint import check_fit, file_sha256, fitting_presets, load_state_dict_file, save_safetensors
     from .config import load_config
@@ -546,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
                 "convert": cmd_convert, "build": cmd_build, "check": cmd_check,
-                "serve": cmd_serve, "triton-repo": cmd_triton_repo}[args.command](args)
+                "serve": cmd_serve, "triton-repo": cmd_triton_repo,
+                "plan": cmd_plan}[args.command](args)
     except BitDanceError as exc:
         print(f"bitdance-rt: error: {exc}", file=sys.stderr)
         return 2

@@ -300,3 +300,29 @@ def vae_from_ddconfig(dd: dict, source: str) -> VAEConfig:
     return VAEConfig(ch=int(dd["ch"]), ch_mult=tuple(int(m) for m in dd["ch_mult"]),
                      num_res_blocks=int(dd["num_res_blocks"]), z_channels=int(dd["z_channels"]),
                      in_channels=int(dd.get("in_channels", 3)), out_ch=int(dd.get("out_ch", 3)))
+
+
+# ---- the released text-to-image models, for planning and meta-device checks -----------------------
+# Checkpoints bring their own config files (t2i/config.py reads them); these are the same numbers,
+# so memory can be planned and parameters counted without a download. Sources: Qwen3-14B's
+# config.json (huggingface.co/Qwen/Qwen3-14B) and the official train/configs/bitdance_14b_16x.yaml /
+# bitdance_14b_64x.yaml (vision head: model_dim 5120, 6 blocks, 2 adaLN, SwiGLU; autoencoder ddconfig:
+# ch 256, ch_mult 1,1,2,2,4, 4 res blocks, z_channels 32).
+QWEN3_14B = {"vocab_size": 151936, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
+             "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 17408, "rope_theta": 1_000_000.0,
+             "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+T2I_PRESETS = {"BitDance-14B-16x": 16, "BitDance-14B-64x": 64}  # name -> tokens per AR step
+
+
+def t2i_preset(name: str, height: int = 1024, width: int = 1024,
+               max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS) -> T2IConfig:
+    """The T2IConfig of a released text-to-image model at one resolution (no weights)."""
+    if name not in T2I_PRESETS:
+        raise ConfigError(f"unknown text-to-image model {name!r}: one of {', '.join(T2I_PRESETS)}")
+    check_resolution(height, width)
+    llm = Qwen3Config(**QWEN3_14B)
+    head = HeadConfig(ch_target=32, ch_cond=llm.hidden_size, ch_latent=5120, depth_latent=6, depth_adanln=2,
+                      parallel_num=T2I_PRESETS[name], use_swiglu=True)
+    vae = VAEConfig(ch=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, z_channels=32)
+    return T2IConfig(name=name, llm=llm, head=head, vae=vae, height=int(height), width=int(width),
+                     max_text_tokens=int(max_text_tokens)).validate()
