@@ -172,3 +172,13 @@ def test_torch_pipeline_mixes_requests_like_onnxruntime():
         got = [f.result(timeout=300) for f in futures]
         for d, out in enumerate(got):
             assert torch.equal(out.tokens, _alone(p, [d] * (1 + d % 2), d).tokens)
+
+
+def test_a_max_batch_of_one_generates_the_same_images(pipe, tmp_path):
+    """max_batch=1 gives graphs and a cache of 2 rows, fewer than the usual 4-row floor of a call:
+    the cache then holds 2 rows, and the images are the default Pipeline's."""
+    with torch_threads(1), Pipeline.from_pretrained(max_batch=1, threads=1, log=None, progress=False) as small:
+        assert small.max_batch == 1
+        out = small.generate(labels=3, seed=4)
+        assert small.backend._kv.shape[2] == 2
+    assert torch.equal(out.tokens, pipe.generate(labels=3, seed=4).tokens)

@@ -102,7 +102,8 @@ class StageBackend:
     def ensure_cache(self, rows: int) -> torch.Tensor:
         """A cache of at least `rows` slots (grown by copying; TensorRT allocates all at once)."""
         if self._kv is None or self._kv.shape[2] < rows:
-            kv = self._alloc_cache(self.bucket(max(rows, MIN_ROWS)))
+            floor = MIN_ROWS if self.max_rows is None else min(MIN_ROWS, self.max_rows)  # (a max batch of 1: 2 rows)
+            kv = self._alloc_cache(self.bucket(max(rows, floor)))
             if self._kv is not None:
                 kv[:, :, : self._kv.shape[2]] = self._kv
             self._kv = kv
