@@ -191,14 +191,16 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
         return fp32
     calibration = None
     if precision == "int8":
-        if model.t2i:
-            raise BitDanceError("INT8 for text-to-image models is not available yet (its calibration set is "
-                                "captured from class labels); use fp32 or fp16")
         cfg = model.config
         scale = cfg.default_cfg if opts.cfg_scale is None else opts.cfg_scale
         schedule = schedule_for(opts.cfg_schedule, cfg)
+        encoder = None
+        if model.t2i:  # captured from text-to-image trajectories of DEFAULT_T2I_PROMPTS
+            from .t2i.prompt import PromptEncoder
+
+            encoder = PromptEncoder(Path(model.checkpoint) / "tokenizer.json", cfg)
         calibration = calibration_for(cfg, model.weights_source(), steps, scale, schedule,
-                                      lambda: model.load(opts.allow_pickle), opts.calibration)
+                                      lambda: model.load(opts.allow_pickle), opts.calibration, prompt_encoder=encoder)
     elif opts.calibration:
         raise BitDanceError("a calibration set is for precision int8 (FP16 graphs need no calibration)")
     variant = precision_export(fp32, precision, calibration, opts.calib_method, out_dir=out,

@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(cal)
     cal.add_argument("--out", required=True, help="calibration set directory (calibration.json + one .safetensors per stage)")
     cal.add_argument("--labels", type=int, nargs="+", default=None, help="class labels (default: every class)")
+    cal.add_argument("--prompt", nargs="+", default=None,
+                     help="text-to-image (--checkpoint DIR): prompts to record (default: the built-in calibration "
+                          "prompts, shortened to fit --max-text-tokens)")
+    _add_t2i_args(cal)
     cal.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds; every label is generated once per seed")
     cal.add_argument("--steps", type=int, default=None, help="sampler steps S (match the export's S; default: the model's)")
     cal.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
@@ -422,17 +426,36 @@ def cmd_calibrate(args) -> int:
 
     source = _model(args)
     cfg = source.config
-    if source.t2i:
-        raise BitDanceError("calibrate records class-conditional models; text-to-image calibration is not available yet")
-    labels = args.labels if args.labels is not None else list(range(cfg.num_classes))
-    if args.samples is not None:
-        if args.samples < 1:
-            raise BitDanceError(f"--samples must be >= 1, got {args.samples}")
-        labels = [labels[i % len(labels)] for i in range(args.samples)] if labels else labels
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
     schedule = schedule_for(args.cfg_schedule, cfg)
-    check_request(cfg.num_classes, labels, steps)
+    prompts = None
+    if source.t2i:
+        from .precision.auto import fitting_prompts, default_prompts
+        from .t2i.prompt import PromptEncoder
+
+        if args.labels is not None:
+            raise BitDanceError("--labels are for class-conditional models; a text-to-image model takes --prompt")
+        if args.report:
+            raise BitDanceError("--report for text-to-image models is not available yet (its accuracy report "
+                                "generates from class labels)")
+        encoder = PromptEncoder(Path(source.checkpoint) / "tokenizer.json", cfg)
+        texts = list(args.prompt) if args.prompt else fitting_prompts(default_prompts(), encoder)
+        if args.samples is not None:
+            if args.samples < 1:
+                raise BitDanceError(f"--samples must be >= 1, got {args.samples}")
+            texts = [texts[i % len(texts)] for i in range(args.samples)]
+        prompts = encoder.encode(texts)
+        labels = texts
+    else:
+        if args.prompt is not None:
+            raise BitDanceError(f"--prompt is for text-to-image models; {cfg.name} takes --labels")
+        labels = args.labels if args.labels is not None else list(range(cfg.num_classes))
+        if args.samples is not None:
+            if args.samples < 1:
+                raise BitDanceError(f"--samples must be >= 1, got {args.samples}")
+            labels = [labels[i % len(labels)] for i in range(args.samples)] if labels else labels
+        check_request(cfg.num_classes, labels, steps)
     if args.sensitivity and not args.report:
         raise BitDanceError("--sensitivity is part of the report: add --report")
     if args.report_images < 1:
@@ -443,12 +466,14 @@ def cmd_calibrate(args) -> int:
         raise BitDanceError(f"--out {args.out} exists: pass --force to replace it")
     policy = CapturePolicy(args.backbone_every, args.head_fraction, args.max_samples, args.sample_seed)
     weights = source.weights_source()
-    result = capture(source.load(args.unsafe_allow_pickle), weights, labels, args.seeds, steps, scale, schedule,
-                     policy, args.batch_size, args.device, progress=True)
+    result = capture(source.load(args.unsafe_allow_pickle), weights, None if prompts is not None else labels,
+                     args.seeds, steps, scale, schedule, policy, args.batch_size, args.device, progress=True,
+                     prompts=prompts)
     out = save_calibration(result.dataset, args.out, overwrite=args.force)
     counts = ", ".join(f"{stage} {len(s)}" for stage, s in result.dataset.samples.items())
     print(f"model: {source.describe()}")
-    print(f"wrote calibration set {out}: {len(labels)} label(s) x {len(args.seeds)} seed(s), S={steps}, "
+    print(f"wrote calibration set {out}: {len(labels)} {'prompt' if prompts is not None else 'label'}(s) x "
+          f"{len(args.seeds)} seed(s), S={steps}, "
           f"cfg {scale} ({schedule}); samples: {counts}")
     if args.report:
         _calibration_report(args, source, out, steps, scale, schedule)

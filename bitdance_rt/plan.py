@@ -283,8 +283,6 @@ def plan(cfg, precision: str = "fp32", backend: str = "onnxruntime", max_batch: 
     if backend != "torch":
         notes.append("each session / engine holds its own copy of the weights it reads (prefill and backbone_step "
                      "both hold the backbone)")
-    if precision == "int8" and st.is_t2i(cfg):
-        notes.append("INT8 text-to-image graphs cannot be derived yet: this is what the INT8 policy would hold")
     return MemoryPlan(cfg.name, backend, precision, h, w, max_batch, rows, stages, distinct,
                       kv_cache_bytes(cfg, rows), activation_bytes(cfg, rows, precision), workspace, notes)
 

@@ -146,8 +146,27 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path, 
     with torch_threads(1), Pipeline.from_pretrained(backend="onnxruntime", precision="fp16", **kw) as p:
         half = p.generate(prompt="a red cat", seed=21)
     assert half.tokens.abs().eq(1).all() and half.image.shape == (1, 3, 512, 512)
-    with pytest.raises(BitDanceError, match="INT8 for text-to-image models is not available yet"):
-        Pipeline.from_pretrained(backend="onnxruntime", precision="int8", **kw)
+    # INT8: calibrated on text-to-image trajectories of the default prompts (ids / pad prefills, the
+    # backbone steps with each row's padding), Q/DQ graphs, generated through the same Pipeline
+    with torch_threads(1), Pipeline.from_pretrained(backend="onnxruntime", precision="int8", **kw) as p:
+        eight = p.generate(prompt="a red cat", seed=21)
+        graphs = p.backend.dir
+    assert eight.tokens.abs().eq(1).all() and eight.image.shape == (1, 3, 512, 512) and eight.image.isfinite().all()
+    import onnx
+
+    for stage in ("prefill", "backbone_step", "head_step", "decoder"):  # (the INT8 variant's stages)
+        ops = {n.op_type for n in onnx.load(str(graphs / f"{stage}.onnx"), load_external_data=False).graph.node}
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, stage
+    from bitdance_rt.calibration import load_calibration
+    from bitdance_rt.precision.auto import DEFAULT_T2I_PROMPTS
+
+    calib = [d for d in (tmp_path / "cache" / "calibration").iterdir() if d.is_dir()]
+    cset = load_calibration(calib[0])
+    assert all(prompt in " ".join(DEFAULT_T2I_PROMPTS) for prompt in cset.key["prompts"])
+    prefill = cset.samples["prefill"][0].inputs
+    assert sorted(prefill) == ["ids", "pad"] and prefill["ids"].shape[1] == p.config.prefix_len
+    step = cset.samples["backbone_step"][0].inputs
+    assert "pad" in step and step["pad"].shape == step["start"].shape
     if not torch.cuda.is_available():  # never a silent fallback to another backend
         with pytest.raises(BitDanceError, match="needs a CUDA GPU"):
             Pipeline.from_pretrained(backend="tensorrt", **kw)

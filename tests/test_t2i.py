@@ -271,3 +271,37 @@ def test_text_to_image_guidance_is_constant_by_default_as_in_the_official_pipeli
     assert not torch.equal(tokens["default"], tokens["linear"])  # step 0 is unguided under linear
     assert schedule_for(None, load_config("tiny-digits")) == "linear"
     assert schedule_for("constant", load_config("tiny-digits")) == "constant"
+
+
+def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, tmp_path, capsys, monkeypatch):
+    """`calibrate --prompt` records text-to-image trajectories (prefill ids / pad, each step's pad),
+    and `generate --precision int8 --calibration SET` derives INT8 graphs from them and generates."""
+    from bitdance_rt.calibration import load_calibration
+    from bitdance_rt.cli import main
+
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    model = ["--checkpoint", str(ckpt[16]), "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT)]
+    out = tmp_path / "set"
+    with torch_threads(1):
+        assert main(["calibrate", *model, "--steps", "2", "--prompt", "a red cat", "a blue dog", "--out", str(out)]) == 0
+        assert "2 prompt(s) x 1 seed(s)" in capsys.readouterr().out
+        cset = load_calibration(out)
+        assert cset.key["prompts"] == ["a red cat", "a blue dog"] and "labels" not in cset.key
+        pads = torch.cat([s.inputs["pad"] for s in cset.samples["prefill"]])
+        assert set(pads.tolist()) == _pads(ckpt[16], ["a red cat", "a blue dog"])  # conditional and CFG rows
+        assert all(s.inputs["pad"].shape == s.inputs["start"].shape for s in cset.samples["backbone_step"])
+        assert main(["generate", "--prompt", "a cat", *model, "--steps", "2", "--precision", "int8", "--calibration",
+                     str(out), "--quiet", "--threads", "1", "--out", str(tmp_path / "png")]) == 0
+        assert "(int8)" in capsys.readouterr().out and (tmp_path / "png" / "000.png").is_file()
+    assert main(["calibrate", *model, "--labels", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "takes --prompt" in capsys.readouterr().err
+
+
+def _pads(directory, prompts) -> set[int]:
+    """The left paddings of the prompts' rows and of the unconditional (CFG) rows, by the
+    checkpoint's tokenizer with the chat template."""
+    from bitdance_rt.t2i.config import read_checkpoint_config
+    from bitdance_rt.t2i.prompt import PromptEncoder
+
+    cond = PromptEncoder(directory / "tokenizer.json", read_checkpoint_config(directory, 512, 512, TEXT)).encode(prompts)
+    return {int(p) for p in cond.pad} | {int(cond.uncond_pad)}

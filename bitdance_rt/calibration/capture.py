@@ -64,11 +64,12 @@ class RecordingBackend:
     def _offer(self, stage: str) -> bool:
         return self.reservoirs[stage].offer()
 
-    def prefill_rows(self, labels, slots):
-        cond = self.inner.prefill_rows(labels, slots)
+    def prefill_rows(self, inputs, slots):
+        cond = self.inner.prefill_rows(inputs, slots)
         if self._offer(st.PREFILL):
             kv_new = self.inner.kv_rows(slots)[:, :, :, :, : self.config.prefix_len]
-            self.reservoirs[st.PREFILL].put(Sample({"labels": _keep(torch.as_tensor(labels))},
+            named = dict(inputs) if isinstance(inputs, dict) else {"labels": inputs}  # (text-to-image: ids, pad)
+            self.reservoirs[st.PREFILL].put(Sample({k: _keep(torch.as_tensor(v)) for k, v in named.items()},
                                                    {"cond": _keep(cond), "kv_new": _keep(kv_new)}))
         return cond
 
@@ -79,6 +80,8 @@ class RecordingBackend:
         rows, end = int(tokens.shape[0]), int(max(starts))
         inputs = {"tokens": _keep(tokens).float(), "start": torch.tensor(list(starts), dtype=torch.int64),
                   COMPACT_CACHE: _keep(self.inner.kv_rows(range(rows))[:, :, :, :, :end])}
+        for name in st.step_context_names(self.config):  # text-to-image: each row's prompt padding
+            inputs[name] = _keep(self.inner.step_context(name, rows))
         cond = self.inner.step_rows(tokens, starts, write)
         p = self.config.parallel_num
         kv_new = torch.stack([self.inner.kv_rows([r])[:, :, 0, :, int(s) : int(s) + p] for r, s in enumerate(starts)],
@@ -134,24 +137,29 @@ class Capture:
 
 def capture(model: BitDance, weights: str, labels, seeds, steps: int, cfg_scale: float,
             cfg_schedule: str | None = None, policy: CapturePolicy = CapturePolicy(),
-            batch_size: int | None = 4, device: str = "cpu", progress: bool = False) -> Capture:
-    """Generate `labels` once per seed with the torch backend and record the stage inputs.
+            batch_size: int | None = 4, device: str = "cpu", progress: bool = False, prompts=None) -> Capture:
+    """Generate `labels` (text-to-image: `prompts`, a PromptCondition) once per seed with the torch
+    backend and record the stage inputs.
 
     `weights` names the weights (bitdance_rt.export.checkpoint_source / random_source), so a set
     is never used with another checkpoint. `batch_size` bounds the rows per recorded call (and
     so the size of a backbone sample, which holds the KV cache of all its rows).
     """
-    labels = [int(l) for l in labels]
     seeds = [int(s) for s in seeds]
     cfg = model.cfg
     cfg_schedule = schedule_for(cfg_schedule, cfg)
-    check_request(cfg.num_classes, labels, steps)
+    if prompts is not None:
+        condition, what = prompts, {"prompts": list(prompts.prompts)}
+    else:
+        labels = [int(l) for l in labels]
+        check_request(cfg.num_classes, labels, steps)
+        condition, what = labels, {"labels": labels}
     if not seeds:
         raise BitDanceError("no seeds given: pass at least one seed")
     backend = RecordingBackend(TorchBackend(model, device), policy)
-    results = [generate_batched(backend, labels, steps, cfg_scale, cfg_schedule, SeededNoise(seed), progress,
+    results = [generate_batched(backend, condition, steps, cfg_scale, cfg_schedule, SeededNoise(seed), progress,
                                 batch_size) for seed in seeds]
-    key = {"format": FORMAT, "config": cfg.to_json_dict(), "weights": weights, "labels": labels, "seeds": seeds,
+    key = {"format": FORMAT, "config": cfg.to_json_dict(), "weights": weights, **what, "seeds": seeds,
            "steps": int(steps), "cfg_scale": float(cfg_scale), "cfg_schedule": cfg_schedule,
            "batch_size": batch_size, "policy": policy.to_json(), "head_evaluations": backend.head_evaluations}
     cset = CalibrationSet(key, backend.samples(), backend.candidates())

@@ -49,6 +49,14 @@ class Sample:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def config_of(data: dict):
+    """The model config a set records: an ImageNet ModelConfig or a text-to-image T2IConfig."""
+    from ..t2i_config import T2I_CLASS, T2IConfig
+
+    kind = T2IConfig if isinstance(data, dict) and data.get("model_class") == T2I_CLASS else ModelConfig
+    return kind.from_json_dict(data, source=MANIFEST)
+
+
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy().copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
 
@@ -61,7 +69,7 @@ def feed(cfg: ModelConfig, stage: str, sample: Sample) -> dict[str, np.ndarray]:
     start = int(sample.inputs["start"].max())  # positions past a row's start are masked in the graph
     full = torch.zeros(st.kv_shape(cfg, valid.shape[2]), dtype=torch.float32)
     full[:, :, :, :, :start] = valid
-    out = {"tokens": _np(sample.inputs["tokens"]), "start": _np(sample.inputs["start"])}
+    out = {name: _np(t) for name, t in sample.inputs.items() if name != COMPACT_CACHE}  # tokens, start (, pad)
     for i, name in enumerate(st.cache_input_names(cfg)):
         out[name] = _np(full[i // 2, i % 2])
     return out
@@ -84,14 +92,14 @@ def _shapes(samples: list[Sample], part: str) -> dict[str, list[list[int]]]:
 class CalibrationSet:
     """Samples per stage plus the key saying what they were captured from."""
 
-    key: dict  # format, config, weights, labels, seeds, steps, cfg_scale, cfg_schedule, batch_size, policy
+    key: dict  # format, config, weights, labels (or prompts), seeds, steps, cfg_scale, cfg_schedule, batch_size, policy
     samples: dict[str, list[Sample]]
     candidates: dict[str, int] = field(default_factory=dict)  # calls seen per stage before subsampling
     directory: Path | None = None  # where it was loaded from, for messages
 
     @property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_json_dict(self.key["config"], source=MANIFEST)
+        return config_of(self.key["config"])
 
     @property
     def steps(self) -> int:

@@ -72,10 +72,49 @@ def default_labels(cfg, images: int = DEFAULT_CALIBRATION_IMAGES) -> list[int]:
     return [round(i * cfg.num_classes / n) % cfg.num_classes for i in range(n)]
 
 
+# The default calibration prompts of text-to-image models: varied subjects, styles and lengths, so
+# the captured activations span what prompts do to the backbone (the official repo's demo prompts
+# are of this kind). Chosen by this project; users with their own traffic should capture from it
+# (`bitdance-rt calibrate --prompt ...`).
+DEFAULT_T2I_PROMPTS = (
+    "a red fox in a snowy forest at dawn, photograph",
+    "a city skyline at night with neon reflections on wet streets",
+    "an oil painting of a bowl of lemons on a wooden table",
+    "a close-up portrait of an old fisherman, dramatic light",
+    "a watercolor map of an imaginary island",
+    "a futuristic train crossing a desert bridge",
+    "a cup of coffee with latte art, top view",
+    "a cartoon robot waving, flat colors",
+)
+
+
+def default_prompts(images: int = DEFAULT_CALIBRATION_IMAGES) -> list[str]:
+    return [DEFAULT_T2I_PROMPTS[i % len(DEFAULT_T2I_PROMPTS)] for i in range(images)]
+
+
+def fitting_prompts(prompts: list[str], encoder) -> list[str]:
+    """The prompts, each shortened by whole words until it fits the graphs' prompt length."""
+    out = []
+    for prompt in prompts:
+        words = prompt.split()
+        while True:
+            try:
+                encoder.encode([" ".join(words)])
+                break
+            except BitDanceError:
+                if len(words) == 1:
+                    raise BitDanceError(f"max_text_tokens={encoder.cfg.max_text_tokens} holds no calibration "
+                                        "prompt (even one word is too long with the chat template)") from None
+                words = words[:-1]
+        out.append(" ".join(words))
+    return out
+
+
 def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, load_model, directory=None,
-                    progress: bool = True):
+                    progress: bool = True, prompt_encoder=None):
     """The calibration set in `directory` (validated against the model and weights), or the cached
-    default set, captured first when missing: DEFAULT_CALIBRATION_IMAGES images, seed 0."""
+    default set, captured first when missing: DEFAULT_CALIBRATION_IMAGES images (text-to-image:
+    DEFAULT_T2I_PROMPTS, encoded by `prompt_encoder`), seed 0."""
     from ..calibration import capture, load_calibration, save_calibration
 
     if directory is not None:
@@ -86,12 +125,17 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
             return load_calibration(path, config=cfg, weights=source, steps=steps)
         except BitDanceError as exc:
             print(f"calibration cache {path}: {exc}; capturing it again")
-    labels = default_labels(cfg)
-    print(f"INT8 calibration: no --calibration given, capturing {len(labels)} images of {cfg.name} with the torch "
+    if prompt_encoder is not None:
+        labels, prompts = None, prompt_encoder.encode(fitting_prompts(default_prompts(), prompt_encoder))
+        images = len(prompts)
+    else:
+        labels, prompts = default_labels(cfg), None
+        images = len(labels)
+    print(f"INT8 calibration: no --calibration given, capturing {images} images of {cfg.name} with the torch "
           f"reference into {path} (once; pass --calibration DIR from `bitdance-rt calibrate` to choose the data)")
-    policy = default_policy(cfg, len(labels))
+    policy = default_policy(cfg, images)
     result = capture(load_model(), source, labels, [0], steps, scale, schedule, policy, DEFAULT_CAPTURE_BATCH,
-                     progress=progress)
+                     progress=progress, prompts=prompts)
     save_calibration(result.dataset, path, overwrite=True)
     return load_calibration(path, config=cfg, weights=source, steps=steps)
 

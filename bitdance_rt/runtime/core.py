@@ -155,6 +155,10 @@ class StageBackend:
         if pad is not None and pad.numel() and not (0 <= int(pad.min()) and int(pad.max()) <= self.config.max_text_tokens):
             raise BitDanceError(f"pad must lie in [0, {self.config.max_text_tokens}] (max_text_tokens)")
 
+    def step_context(self, name: str, rows: int) -> torch.Tensor:
+        """The per-slot input `name` fixed at prefill (text-to-image: pad) of slots [0, rows)."""
+        return self._context[name][:rows]
+
     def step_rows(self, tokens: torch.Tensor, starts, write) -> torch.Tensor:
         """One backbone call over cache rows [0, n): tokens [n, P, C] of each row's previous AR step,
         `starts` [n] each row's cache position, `write` [n] which rows' keys/values to store (the
