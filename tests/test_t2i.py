@@ -305,3 +305,29 @@ def _pads(directory, prompts) -> set[int]:
 
     cond = PromptEncoder(directory / "tokenizer.json", read_checkpoint_config(directory, 512, 512, TEXT)).encode(prompts)
     return {int(p) for p in cond.pad} | {int(cond.uncond_pad)}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(ckpt, tmp_path, monkeypatch, precision):
+    """The CPU-side TensorRT checks of a text-to-image export: no op or dtype outside the TensorRT
+    10.3 / 11 tables, `start` / `pad` only as gather indices (never shape tensors), and the
+    optimisation profiles are the contract's (ids [rows, prefix], pad [rows], the GQA cache)."""
+    from bitdance_rt import stages as st
+    from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
+    from bitdance_rt.engines.lint import TARGETS, lint_export
+    from bitdance_rt.engines.profiles import stage_profile
+
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    source = resolve_model(None, str(ckpt[16]), None, 512, 512, TEXT)
+    with torch_threads(1):
+        directory = auto_export(source, 2, BackendOptions(progress=False, log=lambda *_: None), precision)
+    for target in TARGETS:
+        assert [str(f) for f in lint_export(directory, target)] == [], (precision, target)
+    cfg = source.config
+    specs = st.stage_specs(cfg, st.GENERATION_STAGES, 2)
+    prefill = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(specs[st.PREFILL]))
+    assert sorted(prefill) == ["ids", "pad"] and prefill["ids"][2] == (2 * 16, cfg.prefix_len)
+    step = [n for n, *_ in stage_profile(specs[st.BACKBONE_STEP])]
+    assert step[:3] == ["tokens", "start", "pad"] and step[3:] == st.cache_input_names(cfg)
+    cache = dict((n, hi) for n, lo, opt, hi in stage_profile(specs[st.BACKBONE_STEP]))[st.cache_input_names(cfg)[0]]
+    assert cache == (2 * 16, cfg.n_kv_head, cfg.max_seq_len, cfg.head_dim)  # GQA: the kv heads, not the query heads
