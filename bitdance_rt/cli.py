@@ -35,7 +35,7 @@ def _model(args):
 
     t2i = bool(args.checkpoint and Path(args.checkpoint).is_dir())
     size = (getattr(args, "height", None), getattr(args, "width", None), getattr(args, "max_text_tokens", None))
-    return resolve_model(args.model, args.checkpoint, args.vae, *(size if t2i else (None, None, None)))
+    return resolve_model(args.model, args.checkpoint, getattr(args, "vae", None), *(size if t2i else (None, None, None)))
 
 
 def _options(args, **extra):
@@ -440,21 +440,18 @@ def cmd_calibrate(args) -> int:
             raise BitDanceError("--report for text-to-image models is not available yet (its accuracy report "
                                 "generates from class labels)")
         encoder = PromptEncoder(Path(source.checkpoint) / "tokenizer.json", cfg)
-        texts = list(args.prompt) if args.prompt else fitting_prompts(default_prompts(), encoder)
-        if args.samples is not None:
-            if args.samples < 1:
-                raise BitDanceError(f"--samples must be >= 1, got {args.samples}")
-            texts = [texts[i % len(texts)] for i in range(args.samples)]
-        prompts = encoder.encode(texts)
-        labels = texts
+        labels = list(args.prompt) if args.prompt else fitting_prompts(default_prompts(), encoder)
     else:
         if args.prompt is not None:
             raise BitDanceError(f"--prompt is for text-to-image models; {cfg.name} takes --labels")
         labels = args.labels if args.labels is not None else list(range(cfg.num_classes))
-        if args.samples is not None:
-            if args.samples < 1:
-                raise BitDanceError(f"--samples must be >= 1, got {args.samples}")
-            labels = [labels[i % len(labels)] for i in range(args.samples)] if labels else labels
+    if args.samples is not None:  # images per seed, cycling over the labels (or prompts)
+        if args.samples < 1:
+            raise BitDanceError(f"--samples must be >= 1, got {args.samples}")
+        labels = [labels[i % len(labels)] for i in range(args.samples)] if labels else labels
+    if source.t2i:
+        prompts = encoder.encode(labels)
+    else:
         check_request(cfg.num_classes, labels, steps)
     if args.sensitivity and not args.report:
         raise BitDanceError("--sensitivity is part of the report: add --report")
@@ -568,11 +565,7 @@ def cmd_plan(args) -> int:
     if args.model in T2I_PRESETS:
         cfg = t2i_preset(args.model, **size)
     else:
-        from .backends import resolve_model
-
-        t2i = bool(args.checkpoint and Path(args.checkpoint).is_dir())
-        cfg = resolve_model(args.model, args.checkpoint, None, *((args.height, args.width, args.max_text_tokens)
-                                                                 if t2i else (None, None, None))).config
+        cfg = _model(args).config
     bad = [t for t in args.target or () if t not in TARGETS]
     if bad:
         raise BitDanceError(f"unknown target {bad[0]!r}: one of {', '.join(TARGETS)}")

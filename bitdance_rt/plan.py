@@ -109,7 +109,7 @@ def _meta_model(cfg):
 
 
 def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str, dict[str, tuple]]:
-    """{stage: {tensor name: (elements, element size, owner module type, owner name)}} of the
+    """{stage: {tensor name: (elements, element size, leading dim, owner module type, owner name)}} of the
     tensors each stage's graph holds: its forward run once on the meta device (no memory), watched
     by a TorchFunctionMode. What a graph holds is the frontier between constants and what runs: every
     tensor no stage input flows into that an op reads together with one that does, or that a
@@ -181,7 +181,7 @@ def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str,
             if origin is None or len(origin) > 3:  # a folded constant: one per op that reads it, as
                 self.constants += 1  # the exporter folds it into each consumer (weights stay shared)
                 name = f"{name}#{self.constants}"
-            self.held[name] = (x.numel(), x.element_size(), kind, owner)
+            self.held[name] = (x.numel(), x.element_size(), x.shape[0] if x.dim() else 1, kind, owner)
 
     specs = st.stage_specs(cfg, stages, steps=steps)
     out = {}
@@ -222,18 +222,12 @@ def stage_memory(cfg, precision: str, steps: int | None = None) -> tuple[list[St
     """(per stage memory, distinct bytes) at `precision`; the fused sampler of `steps` sampler steps
     (default: the model's), whose unrolled time constants grow with it."""
     steps = cfg.default_steps if steps is None else int(steps)
-    model = None
     rows, seen = [], {}
     tensors = stage_tensors(cfg, steps=steps)
     for stage, reads in tensors.items():
         total, params = 0, 0
-        for name, (numel, size, kind, owner) in reads.items():
-            out = None
-            if kind in ("Linear", "Conv2d") and name.endswith(".weight"):
-                if model is None:
-                    model = _meta_model(cfg)
-                out = model.get_parameter(name).shape[0]
-            b = tensor_bytes(precision, stage, name, numel, size, kind, owner, out)
+        for name, (numel, size, channels, kind, owner) in reads.items():  # (a weight's leading dim: its outputs)
+            b = tensor_bytes(precision, stage, name, numel, size, kind, owner, channels)
             total += b
             params += numel
             key = (stage, name) if "#" in name else name  # a graph's own constants are its own

@@ -325,7 +325,7 @@ def _describe(errors) -> tuple[str | None, str]:
     if kind == "extra_forbidden":
         return param, f"unknown field {param!r} (see the API's fields: prompt, n, size, response_format, model, " \
                       "stream, partial_images, seed, steps, guidance_scale, cfg_schedule, labels)"
-    where = ".".join(loc[:1] + [p for p in loc[1:] if not p.isalpha() or p not in ("str", "int")])
+    where = ".".join(loc[:1] + [p for p in loc[1:] if p not in ("str", "int")])  # (not the Union member tried)
     got = e.get("input")
     shown = "" if isinstance(got, dict) else f" (got {json.dumps(got) if _jsonable(got) else repr(got)})"
     return param, f"{where}: {e.get('msg', 'invalid value')}{shown}"
