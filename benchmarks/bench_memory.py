@@ -3,12 +3,15 @@
     python benchmarks/bench_memory.py                                  # the embedded model
     python benchmarks/bench_memory.py --model BitDance-B-4x --steps 25 # random weights
     python benchmarks/bench_memory.py --checkpoint T2I_DIR --height 512 --width 512 --steps 2
+    python benchmarks/bench_memory.py --model BitDance-B-4x --steps 25 --export-dir DIR  # an existing export
 
 Measures the process's resident set (VmRSS) before loading, after loading, and after one
 generation of --images images (the KV cache is then allocated for their rows), and prints them
 next to the plan's weights held and KV cache, with the ratio measured / planned; ends with one JSON
-line. The measured growth includes ONNX Runtime's own buffers (prepacked weights, arenas), which
-the plan does not count: the ratio says how much they add. Asserts nothing.
+line. One generation at the export's S runs the fused sampler, so head_step (loaded on demand)
+stays out, as in the plan's held weights. The measured growth includes ONNX Runtime's own buffers
+(prepacked weights, arenas), which the plan does not count: the ratio says how much they add.
+Asserts nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
     ap.add_argument("--images", type=int, default=1, help="images of the one generation (default 1)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--export-dir", default=None, help="run this export (default: the cache's, exported if missing)")
     args = ap.parse_args(argv)
 
     import torch
@@ -49,8 +53,8 @@ def main(argv=None) -> None:
     before = rss_bytes()
     pipe = Pipeline.from_pretrained(args.model, args.checkpoint, backend="onnxruntime", precision=args.precision,
                                     steps=args.steps, max_batch=args.images, height=args.height, width=args.width,
-                                    max_text_tokens=args.max_text_tokens, threads=args.threads, progress=False,
-                                    log=None)
+                                    max_text_tokens=args.max_text_tokens, threads=args.threads,
+                                    export_dir=args.export_dir, progress=False, log=None)
     gc.collect()
     loaded = rss_bytes()
     condition = {"prompt": "a red cat"} if pipe.model.t2i else {"labels": 0}
@@ -61,10 +65,12 @@ def main(argv=None) -> None:
     p = plan(pipe.config, args.precision, "onnxruntime", args.images, steps=pipe.steps)
     kv = getattr(pipe.backend, "_kv", None)  # the cache the core allocated for the rows it served
     cache, rows = (kv.numel() * kv.element_size(), int(kv.shape[2])) if kv is not None else (0, 0)
+    sessions = sorted(getattr(pipe.backend, "sessions", {}))  # the graphs loaded (head_step only on demand)
     pipe.close()
     mb = 1e6
     print(f"{pipe.config.name}, {args.precision}, ONNX Runtime on {platform.machine()}: resident memory "
           f"{before / mb:.0f} MB before loading")
+    print(f"  graphs loaded: {', '.join(sessions)}")
     print(f"  after loading    +{(loaded - before) / mb:8.1f} MB   plan: weights held {p.weight_bytes / mb:8.1f} MB "
           f"(ratio {(loaded - before) / p.weight_bytes:.2f})")
     print(f"  after generating +{(generated - before) / mb:8.1f} MB   plan: + KV cache of the rows allocated "
@@ -73,7 +79,7 @@ def main(argv=None) -> None:
     print(json.dumps({"bench": "memory", "model": pipe.config.name, "precision": args.precision,
                       "rss_before": before, "rss_loaded": loaded, "rss_generated": generated,
                       "plan_weight_bytes": p.weight_bytes, "plan_distinct_bytes": p.distinct_bytes,
-                      "cache_bytes": cache, "rows": rows,
+                      "cache_bytes": cache, "rows": rows, "graphs_loaded": sessions,
                       "loaded_ratio": (loaded - before) / p.weight_bytes,
                       "generated_ratio": (generated - before) / (p.weight_bytes + cache)}))
 

@@ -75,7 +75,8 @@ def main() -> None:
         cset = capture(model, source, labels, [0], args.steps, args.cfg, "linear", policy, batch_size=1).dataset
         save_calibration(cset, cal_dir)
         print(f"calibration capture ({len(labels)} images, torch): {time.perf_counter() - t0:.0f}s; samples "
-              + ", ".join(f"{k} {len(v)}" for k, v in cset.samples.items()))
+              + ", ".join(f"{k} {len(v)}" for k, v in cset.samples.items())
+              + " (backbone " + ", ".join(f"{p} {n}" for p, n in cset.phase_counts("backbone").items()) + ")")
     exports = {"fp32": fp32.directory}
     for precision in ["int8"] + (["fp16"] if args.fp16 else []):
         t0 = time.perf_counter()
@@ -132,9 +133,11 @@ def main() -> None:
     print(f"\nteacher-forced fidelity vs FP32 ({args.report_images} images, {time.perf_counter() - t0:.0f}s):")
     for p, j in fidelity.items():
         tf = j["teacher_forced"]
-        print(f"  {p}: bit agreement prefill {tf['prefill']['bit_agreement']:.4f}, backbone_step "
-              f"{tf['backbone_step']['bit_agreement']:.4f}, head {tf['head']['bit_agreement']:.4f}, end to end "
-              f"{tf['end_to_end']['bit_agreement']:.4f}; decoder PSNR {tf['decoder']['psnr_db_min']:.1f} dB")
+        phases = tf["backbone"]["phases"]
+        print(f"  {p}: bit agreement token_embed {tf['token_embed']['bit_agreement']:.4f}, backbone prefill "
+              f"{phases['prefill']['bit_agreement']:.4f} / step {phases['step']['bit_agreement']:.4f}, head "
+              f"{tf['head']['bit_agreement']:.4f}, end to end {tf['end_to_end']['bit_agreement']:.4f}; decoder PSNR "
+              f"{tf['decoder']['psnr_db_min']:.1f} dB")
     summary = {
         "model": cfg.name, "cpu": int8_kernels.cpu_summary(), "int8_exact_kernels": exact,
         "steps": args.steps, "cfg": args.cfg, "threads": args.threads, "method": args.method,

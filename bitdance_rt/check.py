@@ -6,7 +6,9 @@ backend's session, or TrtRunner over the cached TensorRT engine) on the same val
 (export.wrappers.example_inputs) and compares every output with its own tolerance
 (SimpleCompareFunc / CompareFunc.simple, per-output atol/rtol). Outputs that are +/-1 codes (sampler `tokens`, encoder
 `latent`) are compared by agreement (share of equal signs) instead, which must reach
-`min_agreement` (1.0, i.e. identical, for fp32).
+`min_agreement` (1.0, i.e. identical, for fp32). A stage with phases (the backbone: one graph for
+the prefill and the steps) is compared in each phase, on its shapes and, on TensorRT, its
+optimisation profile; the prefill on real prefix embeddings at start 0, as the runtime calls it.
 
 End to end (`--noise-from`): both backends generate with the same recorded noise; the tokens must
 agree (fp32: identical; fp16 / int8: the agreement is reported and checked against
@@ -16,8 +18,8 @@ Polygraphy API used (polygraphy 0.49+: polygraphy.comparator.Comparator.run / co
 whose return type changed after 0.49 (see _first_accuracy); SimpleCompareFunc (newer) or
 CompareFunc.simple (0.49) with per-output dicts keyed by output name, "" = default; BaseRunner's
 activate_impl / get_input_metadata_impl / infer_impl; backend.onnxrt.OnnxrtRunner;
-backend.trt.TrtRunner + EngineFromBytes), as documented in Polygraphy's API reference
-(docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/).
+backend.trt.TrtRunner(engine, name, optimization_profile) + EngineFromBytes), as documented in
+Polygraphy's API reference (docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/).
 """
 
 from __future__ import annotations
@@ -150,10 +152,15 @@ class OutputResult:
 class StageResult:
     stage: str
     outputs: list[OutputResult]
+    phase: str | None = None  # of a stage with phases (the backbone)
 
     @property
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
+
+    @property
+    def label(self) -> str:
+        return self.stage if self.phase is None else f"{self.stage} ({self.phase})"
 
 
 @dataclass
@@ -170,7 +177,7 @@ class CheckReport:
     def text(self) -> str:
         lines = [f"check {self.backend} ({self.precision}) against torch fp32:"]
         for s in self.stages:
-            lines.append(f"  {s.stage}: {'PASS' if s.passed else 'FAIL'}")
+            lines.append(f"  {s.label}: {'PASS' if s.passed else 'FAIL'}")
             lines += [f"    {o.name}: {'ok' if o.passed else 'FAILED'}, {o.detail}" for o in s.outputs]
         if self.end_to_end is not None:
             e = self.end_to_end
@@ -183,13 +190,33 @@ class CheckReport:
 
 
 # ---- the comparisons -------------------------------------------------------------------------
-def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32", batch: int = 2, seed: int = 0,
-                  min_agreement: float | None = None, device: str = "cpu") -> StageResult:
-    """Run torch and `candidate` (a Polygraphy runner) on the same inputs and compare every output."""
+def example_feed(model, spec: st.StageSpec, batch: int = 2, seed: int = 0, phase: str | None = None) -> OrderedDict:
+    """Valid inputs of one call of `spec` (export.wrappers.example_inputs: a step, for the backbone). The
+    backbone's prefill: the prefix embeddings (torch prefix_embed of example labels / ids) at start 0,
+    as the runtime calls it."""
     from .export.wrappers import example_inputs, stage_module
 
+    if phase is not None and phase not in spec.phases:
+        raise BitDanceError(f"stage {spec.name} has no phase {phase!r} (its phases: {', '.join(spec.phases) or 'none'})")
+    feed = OrderedDict((t.name, x) for t, x in zip(spec.inputs, example_inputs(spec, model, batch, seed)))
+    if phase == "prefill" and spec.name == st.BACKBONE:
+        prefix = st.stage_spec(st.PREFIX_EMBED, model.cfg)
+        with torch.inference_mode():
+            feed["x"] = stage_module(st.PREFIX_EMBED, model)(*example_inputs(prefix, model, batch, seed)).float()
+        feed["start"] = torch.zeros_like(feed["start"])
+    elif phase is not None and phase != "step":
+        raise BitDanceError(f"no example inputs for phase {phase!r} of stage {spec.name}")
+    return OrderedDict((k, v.detach().cpu().numpy()) for k, v in feed.items())
+
+
+def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32", batch: int = 2, seed: int = 0,
+                  min_agreement: float | None = None, device: str = "cpu", phase: str | None = None) -> StageResult:
+    """Run torch and `candidate` (a Polygraphy runner) on the same inputs (of `phase`, for a stage with
+    phases) and compare every output."""
+    from .export.wrappers import stage_module
+
     Comparator, _ = _polygraphy()
-    feed = OrderedDict((t.name, x.numpy()) for t, x in zip(spec.inputs, example_inputs(spec, model, batch, seed)))
+    feed = example_feed(model, spec, batch, seed, phase)
     reference = _torch_runner_class()(stage_module(spec.name, model), spec, device)
     results = Comparator.run([reference, candidate], data_loader=[feed])
     accuracy = Comparator.compare_accuracy(results, compare_func=make_compare_func(precision, spec.output_names,
@@ -207,7 +234,7 @@ def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32",
                                                      f"(atol {atol:.0e}, rtol {rtol:.0e})"))
     missing = [t.name for t in spec.outputs if t.name not in per_output]
     out += [OutputResult(name, False, "not produced by the candidate") for name in missing]
-    return StageResult(spec.name, out)
+    return StageResult(spec.name, out, phase)
 
 
 def _first_accuracy(accuracy):
@@ -218,16 +245,23 @@ def _first_accuracy(accuracy):
     return accuracy if hasattr(accuracy, "items") else accuracy[0]
 
 
-def ort_runner(backend, stage: str):
+def ort_runner(backend, stage: str, phase: str | None = None):
+    """The stage's session (one session serves every phase: its shapes are dynamic)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    return OnnxrtRunner(backend._get_session(stage), name=f"onnxruntime-{stage}")
+    return OnnxrtRunner(backend._get_session(stage), name=f"onnxruntime-{stage}" + (f"-{phase}" if phase else ""))
 
 
-def trt_runner(backend, stage: str):
+def trt_runner(backend, stage: str, phase: str | None = None):
+    """The stage's engine, on the optimisation profile of `phase` (engines.profiles.profile_index)."""
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    return TrtRunner(EngineFromBytes(backend.engine_paths[stage].read_bytes()), name=f"tensorrt-{stage}")
+    from .engines.profiles import profile_index
+
+    spec = backend.specs[stage]
+    profile = profile_index(spec, phase) if spec.phases else None
+    return TrtRunner(EngineFromBytes(backend.engine_paths[stage].read_bytes()), optimization_profile=profile,
+                     name=f"tensorrt-{stage}" + (f"-{phase}" if phase else ""))
 
 
 def end_to_end(reference, candidate, labels, steps: int, cfg: float, schedule: str, noise_path,
@@ -297,8 +331,11 @@ def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> Ch
         raise BitDanceError(f"{req.export_dir} has no stage(s) {', '.join(unknown)}")
     report = CheckReport(name, precision)
     for stage in stages:
-        report.stages.append(compare_stage(reference, backend.specs[stage], make_runner(backend, stage), precision,
-                                           req.batch, min_agreement=req.min_agreement, device=opts.device))
+        spec = backend.specs[stage]
+        for phase in spec.profile_phases:  # [None] for a stage without phases
+            report.stages.append(compare_stage(reference, spec, make_runner(backend, stage, phase), precision,
+                                               req.batch, min_agreement=req.min_agreement, device=opts.device,
+                                               phase=phase))
     if req.noise_from:
         labels = req.labels
         if labels is None:

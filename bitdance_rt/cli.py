@@ -436,9 +436,6 @@ def cmd_calibrate(args) -> int:
 
         if args.labels is not None:
             raise BitDanceError("--labels are for class-conditional models; a text-to-image model takes --prompt")
-        if args.report:
-            raise BitDanceError("--report for text-to-image models is not available yet (its accuracy report "
-                                "generates from class labels)")
         encoder = PromptEncoder(Path(source.checkpoint) / "tokenizer.json", cfg)
         labels = list(args.prompt) if args.prompt else fitting_prompts(default_prompts(), encoder)
     else:
@@ -488,7 +485,15 @@ def _calibration_report(args, source, set_dir: Path, steps: int, scale: float, s
     cfg, weights = source.config, source.weights_source()
     fp32 = auto_export(source, steps, BackendOptions(allow_pickle=args.unsafe_allow_pickle), "fp32")
     cset = load_calibration(set_dir, config=cfg, weights=weights)
-    report = accuracy_report(cfg, weights, fp32, cset, args.method, report_labels(cfg, args.report_images),
+    if source.t2i:  # held-out prompts (none is a calibration prompt), shortened to fit the graphs
+        from .precision.auto import fitting_prompts, report_prompts
+        from .t2i.prompt import PromptEncoder
+
+        encoder = PromptEncoder(Path(source.checkpoint) / "tokenizer.json", cfg)
+        condition = encoder.encode(fitting_prompts(report_prompts(args.report_images), encoder))
+    else:
+        condition = report_labels(cfg, args.report_images)
+    report = accuracy_report(cfg, weights, fp32, cset, args.method, condition,
                              [args.report_seed], steps, scale, schedule,
                              lambda d: OrtBackend(d, threads=args.threads, verify_hashes=False),
                              sensitivity=args.sensitivity)

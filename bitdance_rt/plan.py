@@ -1,22 +1,27 @@
 """Memory of a model before it is loaded: what each stage's weights take at a precision, the KV
-cache, an activation estimate and the TensorRT workspace, and whether that fits a GPU or a Jetson.
+cache, an activation estimate per call and the TensorRT workspace, and whether that fits a GPU or a
+Jetson.
 
 The weights of a stage are found, not listed: the model is built on the meta device (no memory)
 and each stage's forward is run there once, recording every parameter and buffer it reads. So the
 figures follow the code (a stage that stops reading a weight stops counting it) and agree with the
 export (tests/test_plan.py compares them with the initialisers of real exports). Each ONNX Runtime
-session and each TensorRT engine holds its own copy of the weights it reads, so a backbone read by
-two stages is held twice ("held"); the torch backend runs every stage on one model ("distinct").
+session and each TensorRT engine holds its own copy of what it reads ("held"), even where files
+share weights on disk; the stages read disjoint weights (one backbone graph serves the prefill and
+every step), so held is each weight once ("distinct") but for what two loaded graphs really both
+read, which the notes name, and head_step, loaded on demand beside the fused sampler. The torch
+backend runs every stage on one model (distinct).
 
 Bytes per weight: fp32 4; fp16 2 (GroupNorm / LayerNorm affine weights stay fp32, as the FP16
 policy keeps those ops in fp32); int8: the Linear / Conv weights the INT8 policy quantises take 1
-byte plus a float32 scale and an int8 zero point per output channel, the rest stays fp32
-(precision/policy.py). The KV cache is float32 at every precision (runtime/core.py) and sized for
+byte plus a float32 scale and an int8 zero point per output channel, the rest stays fp32, and the
+stages INT8 does not quantise (prefix_embed's table) take their fp16 bytes (precision/policy.py). The KV cache is float32 at every precision (runtime/core.py) and sized for
 every slot: 2 rows per image with guidance, `max_batch` images.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from . import stages as st
@@ -42,8 +47,24 @@ TARGETS = {
 SHAPED = ("zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like")
 UNFOLDED = ("linear", "matmul", "mm", "bmm", "addmm", "conv2d", "conv1d", "embedding", "layer_norm", "group_norm",
             "rms_norm", "scaled_dot_product_attention")
+# Ops that broadcast a constant to a shape known at run time (a batch dim): the graph stores the constant.
+BROADCASTS = ("expand", "expand_as", "broadcast_to")
 PLAN_BACKENDS = ("onnxruntime", "tensorrt", "torch")
-LOADED_STAGES = st.REQUIRED_STAGES + st.SAMPLER_STAGES  # what a Pipeline loads; head_step only on demand
+
+
+def export_stages(precision: str) -> tuple[str, ...]:
+    """The generation stages an export of `precision` holds: INT8 exports have no fused sampler (they
+    sample with the quantised head_step, precision/derive.py)."""
+    if precision == "int8":
+        return tuple(s for s in st.GENERATION_STAGES if s not in st.SAMPLER_STAGES)
+    return st.GENERATION_STAGES
+
+
+def loaded_stages(precision: str) -> tuple[str, ...]:
+    """What a Pipeline loads at start-up: the required stages and one head graph; head_step beside the
+    fused sampler only on demand (another sampler step count than the graph's S, or the step sampler)."""
+    head = st.SAMPLER_STAGES if precision != "int8" else (st.HEAD_STEP,)
+    return st.REQUIRED_STAGES + head
 
 
 @dataclass
@@ -69,11 +90,12 @@ class MemoryPlan:
     activation_bytes: int  # estimate of the peak
     workspace_bytes: int
     notes: list[str] = field(default_factory=list)
+    activations: dict[str, int] = field(default_factory=dict)  # estimate per call (activation_phases)
 
     @property
     def weight_bytes(self) -> int:
-        """What the backend holds: every loaded stage its own copy (ONNX Runtime, TensorRT), or each
-        weight once (torch)."""
+        """What the backend holds: every loaded stage its own copy of what it reads (ONNX Runtime,
+        TensorRT), or each weight once (torch)."""
         if self.backend == "torch":
             return self.distinct_bytes
         return sum(s.bytes for s in self.stages if s.loaded)
@@ -84,8 +106,14 @@ class MemoryPlan:
 
     @property
     def total_if_once(self) -> int:
-        """The total with each weight held once (what a shared-weights layout of the stages gives)."""
+        """The total with each weight held once (the torch backend's; on the others it differs by the
+        weights two loaded graphs both read)."""
         return self.total_bytes - self.weight_bytes + self.distinct_bytes
+
+    @property
+    def on_demand_bytes(self) -> int:
+        """Weights of the stages loaded only on demand (head_step beside the fused sampler)."""
+        return 0 if self.backend == "torch" else sum(s.bytes for s in self.stages if not s.loaded)
 
     def fits(self, target: str) -> tuple[bool, int]:
         """(fits, bytes left over, negative when short) on a target of TARGETS."""
@@ -117,7 +145,14 @@ def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str,
     at fixed positions counts as its slice, and a sampler's unrolled time embeddings count as the
     constants they are (the exporter folds the constant side of the rest). Folded constants are
     named "<name>#N" (N: one per reading op, as the exporter folds them into each consumer), with
-    owner type "constant" when no weight made them."""
+    owner type "constant" when no weight made them. A constant broadcast to a run-time shape (the
+    query tokens expanded to the rows) counts as itself: the exporter keeps it and the Expand."""
+    return {stage: dict(held) for stage, held in _trace(cfg, tuple(stages), int(steps)).items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _trace(cfg, stages: tuple, steps: int) -> dict[str, dict[str, tuple]]:
+    """stage_tensors' trace, cached: a 14B model takes seconds to trace."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -148,6 +183,7 @@ def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str,
             self.keep = list(inputs)  # every tensor seen stays alive, so an id stays its tensor's
             self.dynamic = {id(x) for x in inputs}
             self.origin = dict(owners)  # constants made from a weight keep its name
+            self.base = {}  # broadcast views of a constant -> the constant
             self.held: dict[str, tuple] = {}
             self.constants = 0
 
@@ -168,6 +204,9 @@ def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str,
                 for x in read:
                     if id(x) not in self.dynamic:
                         self._hold(x)
+            elif op in BROADCASTS and read:
+                base = self.base.get(id(read[0]), read[0])
+                self.base.update((id(y), base) for y in made)
             else:
                 source = next((self.origin[id(x)] for x in read if id(x) in self.origin), None)
                 for y in made:
@@ -176,6 +215,7 @@ def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str,
             return out
 
         def _hold(self, x) -> None:
+            x = self.base.get(id(x), x)
             origin = self.origin.get(id(x))
             name, kind, owner = origin[:3] if origin is not None else ("<constant>", "constant", "")
             if origin is None or len(origin) > 3:  # a folded constant: one per op that reads it, as
@@ -204,6 +244,10 @@ def _int8_float(stage: str, owner: str) -> bool:
 def tensor_bytes(precision: str, stage: str, name: str, numel: int, size: int, kind: str, owner: str,
                  shape_out: int | None = None) -> int:
     """Bytes of one weight in a graph of `precision` (the module docstring's rules)."""
+    from .precision.policy import INT8_FP16_STAGES
+
+    if precision == "int8" and stage in INT8_FP16_STAGES:
+        precision = "fp16"
     if size != 4:  # integer buffers (index tables) keep their type
         return numel * size
     if precision == "fp32":
@@ -218,22 +262,55 @@ def tensor_bytes(precision: str, stage: str, name: str, numel: int, size: int, k
     raise BitDanceError(f"precision {precision!r}: plan fp32, fp16 or int8")
 
 
-def stage_memory(cfg, precision: str, steps: int | None = None) -> tuple[list[StageMemory], int]:
-    """(per stage memory, distinct bytes) at `precision`; the fused sampler of `steps` sampler steps
-    (default: the model's), whose unrolled time constants grow with it."""
+def stage_weights(cfg, precision: str, steps: int | None = None, stages=None) -> dict[str, dict[str, tuple]]:
+    """{stage: {tensor: (elements, bytes at `precision`)}} of the stages an export of `precision`
+    holds (default); the fused sampler of `steps` sampler steps (default: the model's), whose unrolled
+    time constants grow with it."""
     steps = cfg.default_steps if steps is None else int(steps)
-    rows, seen = [], {}
-    tensors = stage_tensors(cfg, steps=steps)
-    for stage, reads in tensors.items():
-        total, params = 0, 0
-        for name, (numel, size, channels, kind, owner) in reads.items():  # (a weight's leading dim: its outputs)
-            b = tensor_bytes(precision, stage, name, numel, size, kind, owner, channels)
-            total += b
-            params += numel
-            key = (stage, name) if "#" in name else name  # a graph's own constants are its own
+    out = {}
+    for stage, reads in stage_tensors(cfg, export_stages(precision) if stages is None else stages, steps).items():
+        # (a weight's leading dim: its output channels)
+        out[stage] = {name: (numel, tensor_bytes(precision, stage, name, numel, size, kind, owner, channels))
+                      for name, (numel, size, channels, kind, owner) in reads.items()}
+    return out
+
+
+def _is_weight(name: str) -> bool:
+    """A model tensor, not a graph's own folded constant: stages that read it read the same one."""
+    return "#" not in name
+
+
+def distinct_bytes(weights: dict) -> int:
+    """Bytes with each weight once (one model); a graph's own folded constants are its own."""
+    seen = {}
+    for stage, reads in weights.items():
+        for name, (_, b) in reads.items():
+            key = name if _is_weight(name) else (stage, name)
             seen[key] = max(seen.get(key, 0), b)
-        rows.append(StageMemory(stage, params, total, stage in LOADED_STAGES))
-    return rows, sum(seen.values())
+    return sum(seen.values())
+
+
+def shared_weights(weights: dict, stages) -> dict[str, tuple[int, list[str]]]:
+    """{weight: (bytes, the stages holding it)} for the weights more than one of `stages` reads: what
+    a process of one session / engine per stage holds more than once."""
+    by = {}
+    for stage in stages:
+        for name, (_, b) in weights.get(stage, {}).items():
+            if _is_weight(name):
+                by.setdefault(name, (b, []))[1].append(stage)
+    return {name: (b, held) for name, (b, held) in by.items() if len(held) > 1}
+
+
+def _memory(weights: dict, precision: str) -> list[StageMemory]:
+    loaded = loaded_stages(precision)
+    return [StageMemory(stage, sum(n for n, _ in reads.values()), sum(b for _, b in reads.values()), stage in loaded)
+            for stage, reads in weights.items()]
+
+
+def stage_memory(cfg, precision: str, steps: int | None = None) -> tuple[list[StageMemory], int]:
+    """(per stage memory, distinct bytes) at `precision` (see stage_weights)."""
+    weights = stage_weights(cfg, precision, steps)
+    return _memory(weights, precision), distinct_bytes(weights)
 
 
 # ---- cache and activations ---------------------------------------------------------------------------
@@ -245,21 +322,38 @@ def kv_cache_bytes(cfg, rows: int) -> int:
     return n * 4
 
 
-def activation_bytes(cfg, rows: int, precision: str) -> int:
-    """An estimate of the peak activations: the largest of prefill (the FFN of every prefix position,
-    the attention scores), the step and the head, plus the decoder of one image (it may run beside the
-    AR steps on a GPU): its top-resolution feature maps (input, output, residual)."""
+def activation_phases(cfg, rows: int, precision: str) -> dict[str, int]:
+    """Estimated peak activations of each call: the backbone per phase (stages.backbone_phases), a
+    chunk of T positions: its FFN, the attention scores over the cache and the chunk (float32, with
+    their softmax) and its float32 kv_new; the head; the decoder of one image: its top-resolution
+    feature maps (input, output, residual)."""
     e = 2 if precision == "fp16" else 4
     dim = cfg.dim
     ffn = cfg.llm.intermediate_size if st.is_t2i(cfg) else 4 * dim
     heads, length, p = cfg.n_head, cfg.max_seq_len, cfg.parallel_num
-    prefill = rows * cfg.prefix_len * (2 * ffn + 4 * dim) * e + rows * heads * cfg.prefix_len * length * 4
-    step = rows * p * (2 * ffn + 4 * dim) * e + rows * heads * p * length * 4
+    out = {}
+    for phase, fixed in st.backbone_phases(cfg).items():
+        t = fixed["seq"]
+        kv_new = 4
+        for d in st.kv_shape(cfg, rows, length=t):
+            kv_new *= d
+        out[f"backbone {phase}"] = rows * t * (2 * ffn + 4 * dim) * e + 2 * rows * heads * t * (length + t) * 4 + kv_new
     head_width = cfg.head.ch_latent if st.is_t2i(cfg) else cfg.diff_dim
-    head = 8 * rows * p * head_width * e
+    out["head"] = 8 * rows * p * head_width * e
     h, w = cfg.image_hw if st.is_t2i(cfg) else (cfg.image_size, cfg.image_size)
-    decoder = 3 * cfg.vae.ch * cfg.vae.ch_mult[0] * h * w * e
-    return max(prefill, step, head) + decoder
+    out["decoder"] = 3 * cfg.vae.ch * cfg.vae.ch_mult[0] * h * w * e
+    return out
+
+
+def activation_bytes(cfg, rows: int, precision: str, backend: str = "onnxruntime") -> int:
+    """The peak. TensorRT: the largest call, decoder included (its contexts share one scratch buffer and
+    run one after another on one stream, runtime/trt_backend.py; the backbone's two profiles are one
+    engine). ONNX Runtime and torch: the largest AR-step call plus the decoder, which they run beside
+    the AR steps on a GPU (concurrent_decode)."""
+    calls = activation_phases(cfg, rows, precision)
+    if backend == "tensorrt":
+        return max(calls.values())
+    return max(v for k, v in calls.items() if k != "decoder") + calls["decoder"]
 
 
 def plan(cfg, precision: str = "fp32", backend: str = "onnxruntime", max_batch: int = 1, guided: bool = True,
@@ -270,15 +364,34 @@ def plan(cfg, precision: str = "fp32", backend: str = "onnxruntime", max_batch: 
     if max_batch < 1:
         raise BitDanceError(f"max batch must be >= 1, got {max_batch}")
     rows = max_batch * (2 if guided else 1)
-    stages, distinct = stage_memory(cfg, precision, steps)
+    weights = stage_weights(cfg, precision, steps)
+    stages = _memory(weights, precision)
     workspace = (1024 if workspace_mb is None else int(workspace_mb)) * 2**20 if backend == "tensorrt" else 0
     h, w = cfg.image_hw if st.is_t2i(cfg) else (cfg.image_size, cfg.image_size)
-    notes = []
-    if backend != "torch":
-        notes.append("each session / engine holds its own copy of the weights it reads (prefill and backbone_step "
-                     "both hold the backbone)")
-    return MemoryPlan(cfg.name, backend, precision, h, w, max_batch, rows, stages, distinct,
-                      kv_cache_bytes(cfg, rows), activation_bytes(cfg, rows, precision), workspace, notes)
+    calls = activation_phases(cfg, rows, precision)
+    p = MemoryPlan(cfg.name, backend, precision, h, w, max_batch, rows, stages, distinct_bytes(weights),
+                   kv_cache_bytes(cfg, rows), activation_bytes(cfg, rows, precision, backend), workspace, [], calls)
+    p.notes = _notes(p, weights)
+    return p
+
+
+def _notes(p: MemoryPlan, weights: dict) -> list[str]:
+    if p.backend == "torch":
+        return ["one model: each weight once"]
+    loaded = [s.stage for s in p.stages if s.loaded]
+    twice = shared_weights(weights, loaded)
+    if twice:
+        notes = ["held twice, in two loaded graphs: " + "; ".join(
+            f"{name} ({' and '.join(by)}) {_gb(b)}" for name, (b, by) in sorted(twice.items(), key=lambda kv: -kv[1][0]))]
+    else:
+        notes = ["each weight held once: the stages read disjoint weights"]
+    for s in p.stages:
+        if not s.loaded:
+            again = sum(b for name, (b, by) in shared_weights(weights, loaded + [s.stage]).items() if s.stage in by)
+            notes.append(f"{s.stage} is loaded only on demand (a sampler step count other than head_sampler's, or "
+                         f"the step sampler): it holds the head's {_gb(again)} again (total "
+                         f"{_gb(p.total_bytes + s.bytes)}); not counted above")
+    return notes
 
 
 # ---- text -------------------------------------------------------------------------------------------
@@ -293,10 +406,12 @@ def format_plan(p: MemoryPlan, targets=None) -> str:
     for s in p.stages:
         lines.append(f"  {s.stage:<14} {s.parameters:>14,} {_gb(s.bytes):>10}  {'yes' if s.loaded else 'on demand'}")
     lines.append(f"  weights held {_gb(p.weight_bytes)} (each weight once: {_gb(p.distinct_bytes)})")
+    calls = ", ".join(f"{k} {_gb(v)}" for k, v in p.activations.items())
     lines.append(f"  KV cache {_gb(p.kv_cache_bytes)}, activations ~{_gb(p.activation_bytes)}"
                  + (f", TensorRT workspace {_gb(p.workspace_bytes)}" if p.workspace_bytes else ""))
-    lines.append(f"  total {_gb(p.total_bytes)}" + (f" (with each weight held once: {_gb(p.total_if_once)})"
-                                                    if p.total_if_once != p.total_bytes else ""))
+    if calls:
+        lines.append(f"  activations per call: {calls}")
+    lines.append(f"  total {_gb(p.total_bytes)}")
     for note in p.notes:
         lines.append(f"  note: {note}")
     for t in (TARGETS if targets is None else targets):

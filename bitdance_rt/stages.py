@@ -11,25 +11,39 @@ Shapes mix static sizes (ints, fixed by the ModelConfig) and symbolic dims (stri
 A dim expression is a name or "k*name"; `StageSpec.shape`/`profile` evaluate it, so a
 TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim.
 
+- "seq": the chunk length of the backbone; one value per phase (see `StageSpec.phases`):
+  prefix_len at the prefill, P at every AR step.
+
+The backbone is ONE graph for both phases, so its weights are held once per process: the small
+embedding stages turn a phase's inputs into backbone input vectors, and the backbone maps
+`x` [rows, seq, dim] at each row's positions [start, start+seq) to the head conditions and the
+chunk's keys/values:
+    prefill:  prefix_embed(labels | ids)  -> x [rows, prefix_len, dim], start = 0
+    AR step:  token_embed(tokens)         -> x [rows, P, dim],          start = step_start(i)
+Which keys a query sees follows from positions alone (`models/layout.chunk_visible`), so one graph
+serves both phases without a phase flag; on TensorRT one engine has one optimisation profile per
+phase (static shapes per phase: CUDA graphs stay possible).
+
 KV cache (one static tensor, preallocated at full length by the runtime; the position is an input):
     kv [n_layer, 2, rows, n_head, L, head_dim] float32, L = cfg.max_seq_len,
     kv[i, 0] = keys and kv[i, 1] = values of layer i, after RoPE (keys), position-major in L.
-`backbone_step` takes it as 2*n_layer inputs `cache.{i}.key` / `cache.{i}.value`
+The backbone takes it as 2*n_layer inputs `cache.{i}.key` / `cache.{i}.value`
 [rows, n_head, L, head_dim], the contiguous parts kv[i, 0] / kv[i, 1] bound by address: one
 stacked input would make every graph split it into layers, which ONNX Runtime does by copying.
 Graphs only READ the cache and return the keys/values of their own chunk as `kv_new`
-[n_layer, 2, rows, n_head, T, head_dim]; the runtime writes them at [start, start+T) (T =
-prefix_len for `prefill`, P for `backbone_step`). `backbone_step` takes `start` (int64 [rows],
-each row's first position, see `step_start`: rows at different AR steps share one call, which is
-what continuous batching needs) and attends over all L cache positions, those at or past its
-row's `start` masked, plus its own chunk; so every graph has fixed shapes apart from "rows", no graph copies the cache
-(an earlier kv_in -> kv_out design spent 30-40% of the ORT step on cache copies), and no
-input/output aliasing is needed (TensorRT forbids it; CUDA graphs want fixed buffers).
+[n_layer, 2, rows, n_head, seq, head_dim]; the runtime writes them at [start, start+seq).
+`start` (int64 [rows], each row's first position: 0 at the prefill, `step_start` at a step)
+lets rows at different AR steps share one call, which is what continuous batching needs. The
+backbone attends over all L cache positions, those at or past its row's `start` masked, plus its
+own chunk; so no graph copies the cache (an earlier kv_in -> kv_out design spent 30-40% of the
+ORT step on cache copies), and no input/output aliasing is needed (TensorRT forbids it; CUDA
+graphs want fixed buffers).
 
 Text-to-image models (bitdance_rt.t2i, Qwen3 backbone) use the same stages and cache layout with
-n_kv_head (GQA) heads in the cache; their prefill takes `ids` [rows, prefix_len] (left-padded chat
-prompt + vision-start, resolution and query tokens) and `pad` [rows] (padding length per row),
-and backbone_step takes `pad` too (see `step_context_names`), since padding keys stay hidden.
+n_kv_head (GQA) heads in the cache; their prefix_embed takes `ids` [rows, prefix_len]
+(left-padded chat prompt + vision-start, resolution and query tokens), and the backbone takes
+`pad` [rows] (padding length per row; see `step_context_names`), since padding keys stay hidden,
+and adds the 2D position embedding of the fed cells (it holds that table for the head conditions).
 
 The head sampler graph bakes in the number of sampler steps S (noise is [S+1, ...]); the export
 manifest records S. Every row carries its own guidance (`cfg`, `cond_row`, `uncond_row`, see
@@ -45,8 +59,9 @@ from dataclasses import dataclass, field
 from .config import ModelConfig
 from .errors import BitDanceError
 
-PREFILL = "prefill"
-BACKBONE_STEP = "backbone_step"
+PREFIX_EMBED = "prefix_embed"
+TOKEN_EMBED = "token_embed"
+BACKBONE = "backbone"
 HEAD_STEP = "head_step"
 HEAD_SAMPLER = "head_sampler"
 DECODER = "decoder"
@@ -69,8 +84,14 @@ class StageRole:
 
 # The one registry of stages, in pipeline order. Every stage list elsewhere is derived from it.
 REGISTRY = (
-    StageRole(PREFILL, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False, int8=True),
-    StageRole(BACKBONE_STEP, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True,
+    # labels / ids -> embeddings: a table lookup (kept float: a Gather has nothing to quantise)
+    StageRole(PREFIX_EMBED, generation=True, required=True, sampler=False, calibrated=False, graph_capture=False,
+              int8=False),
+    # fed-back tokens -> embeddings (the input projection)
+    StageRole(TOKEN_EMBED, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True,
+              int8=True),
+    # the transformer, for the prefill and every AR step (graph capture: the step phase)
+    StageRole(BACKBONE, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True,
               int8=True),
     # head_step serves a sampler step count other than the fused graph's S (and the step sampler mode)
     StageRole(HEAD_STEP, generation=True, required=False, sampler=False, calibrated=True, graph_capture=True,
@@ -98,8 +119,9 @@ CALIBRATED_STAGES = _names("calibrated")
 GRAPH_CAPTURE_STAGES = _names("graph_capture")
 INT8_STAGES = _names("int8")
 # Version of this contract, part of every export's cache key: graphs of an older contract are
-# re-exported, never run (2: per-row `start`, one head_sampler with per-row guidance).
-CONTRACT_VERSION = 2
+# re-exported, never run (2: per-row `start`, one head_sampler with per-row guidance; 3: one backbone
+# for both phases over the embedding stages).
+CONTRACT_VERSION = 3
 
 DTYPES = ("float32", "int64")
 _DIM_RE = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*)$")
@@ -169,6 +191,9 @@ class StageSpec:
     outputs: tuple[TensorSpec, ...]
     dims: dict = field(default_factory=dict)  # symbol -> DimRange
     doc: str = ""
+    # phase -> {symbol: value}: calls of one graph with different fixed sizes (the backbone's prefill
+    # and step); each phase is one TensorRT optimisation profile. Empty: one profile over `dims`.
+    phases: dict = field(default_factory=dict)
 
     # ---- lookup ------------------------------------------------------------------------
     @property
@@ -197,10 +222,26 @@ class StageSpec:
                 out.append(k * int(values[sym]))
         return tuple(out)
 
-    def profile(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """(min, opt, max) shapes of an input, as a TensorRT optimisation profile wants them."""
-        pick = lambda attr: {s: getattr(r, attr) for s, r in self.dims.items()}  # noqa: E731
+    @property
+    def profile_phases(self) -> list[str | None]:
+        """One entry per TensorRT optimisation profile: the phases in order, or [None]."""
+        return list(self.phases) or [None]
+
+    def profile(self, name: str, phase: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) shapes of an input, as a TensorRT optimisation profile wants them; a phase's
+        fixed sizes (`phases`) replace their symbols' ranges."""
+        if self.phases and phase not in self.phases:
+            raise BitDanceError(f"stage {self.name} has phases {list(self.phases)}, not {phase!r}")
+        fixed = self.phases.get(phase, {}) if phase is not None else {}
+        pick = lambda attr: {s: fixed.get(s, getattr(r, attr)) for s, r in self.dims.items()}  # noqa: E731
         return self.shape(name, **pick("min")), self.shape(name, **pick("opt")), self.shape(name, **pick("max"))
+
+    def phase_of(self, values: dict) -> str | None:
+        """The phase whose fixed sizes `values` (from `match`) have; None for a stage without phases."""
+        for phase, fixed in self.phases.items():
+            if all(values.get(s) == v for s, v in fixed.items()):
+                return phase
+        return None
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """{tensor: {axis: dim expression}} for torch.onnx.export."""
@@ -243,6 +284,11 @@ class StageSpec:
             value = got // k
             if values.setdefault(sym, value) != value:
                 raise fail(f"{sym}={value} disagrees with {sym}={values[sym]} of another input")
+            allowed = sorted({fixed[sym] for fixed in self.phases.values() if sym in fixed})
+            if allowed:
+                if value not in allowed:
+                    raise fail(f"{sym}={value} is none of its phases' sizes {allowed} ({', '.join(self.phases)})")
+                continue
             rng = self.dims[sym]
             if not rng.min <= value <= rng.max:
                 raise fail(f"{sym}={value} is outside the exported range [{rng.min}, {rng.max}] "
@@ -257,6 +303,7 @@ class StageSpec:
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "dims": {s: {"min": r.min, "opt": r.opt, "max": r.max} for s, r in self.dims.items()},
+            **({"phases": self.phases} if self.phases else {}),
         }
 
     @classmethod
@@ -267,12 +314,13 @@ class StageSpec:
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             dims={s: DimRange(int(r["min"]), int(r["opt"]), int(r["max"])) for s, r in data["dims"].items()},
             doc=data.get("doc", ""),
+            phases={p: {s: int(v) for s, v in fixed.items()} for p, fixed in data.get("phases", {}).items()},
         )
 
 
 # ---- positions ---------------------------------------------------------------------------
 def step_start(cfg: ModelConfig, step: int) -> int:
-    """The `start` input of backbone_step for AR step `step` >= 1: first cache position fed."""
+    """The backbone's `start` at AR step `step` >= 1: first cache position fed."""
     if not 1 <= step < cfg.ar_steps:
         raise BitDanceError(f"AR step {step} out of range: this model feeds tokens at steps 1..{cfg.ar_steps - 1}")
     return cfg.prefix_len + (step - 1) * cfg.parallel_num
@@ -289,7 +337,8 @@ def kv_shape(cfg: ModelConfig, rows: int | str = "rows", length: int | None = No
 
 
 def step_context_names(cfg) -> list[str]:
-    """Per-generation inputs of backbone_step between `start` and the cache (set at prefill)."""
+    """Per-generation inputs of the backbone between `start` and the cache (given at the prefill, kept
+    per cache slot for the steps)."""
     return ["pad"] if is_t2i(cfg) else []
 
 
@@ -299,48 +348,64 @@ def _pad_spec(cfg) -> TensorSpec:
 
 
 def cache_input_names(cfg: ModelConfig) -> list[str]:
-    """backbone_step's cache inputs, in order: cache.0.key, cache.0.value, cache.1.key, ..."""
+    """The backbone's cache inputs, in order: cache.0.key, cache.0.value, cache.1.key, ..."""
     return [f"cache.{i}.{part}" for i in range(cfg.n_layer) for part in ("key", "value")]
 
 
 # ---- the stages --------------------------------------------------------------------------
-def _spec(name, inputs, outputs, limits: Limits, doc: str) -> StageSpec:
+def _spec(name, inputs, outputs, limits: Limits, doc: str, phases: dict | None = None) -> StageSpec:
     used = set()
     for t in inputs + outputs:
         used |= {parse_dim(d)[1] for d in t.shape if isinstance(d, str)}
-    dims = {s: r for s, r in limits.dims().items() if s in used}
-    return StageSpec(name, tuple(inputs), tuple(outputs), dims, doc)
+    ranges = dict(limits.dims())
+    for fixed in (phases or {}).values():  # a phase-fixed symbol ranges over its phases' sizes
+        for sym, v in fixed.items():
+            old = ranges.get(sym)
+            ranges[sym] = DimRange(v, v, v) if old is None else DimRange(min(old.min, v), old.opt, max(old.max, v))
+    dims = {s: r for s, r in ranges.items() if s in used}
+    return StageSpec(name, tuple(inputs), tuple(outputs), dims, doc, dict(phases or {}))
 
 
-def prefill_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
-    p, dim = cfg.parallel_num, cfg.dim
+def backbone_phases(cfg) -> dict[str, dict[str, int]]:
+    """The backbone's calls: the prefill (seq = prefix_len), then every AR step (seq = P); the step's
+    size is the one TensorRT tunes for (opt), it runs every step."""
+    return {"prefill": {"seq": cfg.prefix_len}, "step": {"seq": cfg.parallel_num}}
+
+
+def prefix_embed_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     if is_t2i(cfg):
         inputs = [TensorSpec("ids", "int64", ("rows", cfg.prefix_len),
-                             "left-padded chat prompt, <|vision_start|>, <|res_h|>, <|res_w|>, <|query_1..P-1|>"),
-                  _pad_spec(cfg)]
+                             "left-padded chat prompt, <|vision_start|>, <|res_h|>, <|res_w|>, <|query_1..P-1|>")]
+        doc = "token embeddings of the prompt, image-start and query tokens"
     else:
         inputs = [TensorSpec("labels", "int64", ("rows",),
                              f"class ids in [0, {cfg.num_classes}]; {cfg.num_classes} = null class")]
-    return _spec(PREFILL, inputs, [
-        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step 0"),
-        TensorSpec("kv_new", "float32", kv_shape(cfg, length=cfg.prefix_len),
-                   f"keys/values of cache positions [0, {cfg.prefix_len})"),
-    ], limits, ("prompt, image-start and query tokens" if is_t2i(cfg) else "class (+ query) tokens")
-       + " through the backbone; their keys/values start the KV cache")
+        doc = "class (+ query) token embeddings"
+    return _spec(PREFIX_EMBED, inputs, [
+        TensorSpec("x", "float32", ("rows", cfg.prefix_len, cfg.dim), "backbone input of positions [0, prefix_len)"),
+    ], limits, doc)
 
 
-def backbone_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
-    p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
-    return _spec(BACKBONE_STEP, [
-        TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1"),
-        TensorSpec("start", "int64", ("rows",), "each row's first cache position of its tokens: step_start(cfg, i)"),
+def token_embed_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
+    p, c = cfg.parallel_num, cfg.token_dim
+    return _spec(TOKEN_EMBED, [TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1")], [
+        TensorSpec("x", "float32", ("rows", p, cfg.dim), "backbone input of positions [start, start+P)"),
+    ], limits, "fed-back tokens -> input projection")
+
+
+def backbone_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
+    p, dim = cfg.parallel_num, cfg.dim
+    return _spec(BACKBONE, [
+        TensorSpec("x", "float32", ("rows", "seq", dim), "embeddings of the chunk (prefix_embed / token_embed)"),
+        TensorSpec("start", "int64", ("rows",), "each row's first position of the chunk: 0 at the prefill, "
+                   "step_start(cfg, i) at AR step i"),
         *([_pad_spec(cfg)] if is_t2i(cfg) else []),
         *(TensorSpec(name, "float32", kv_shape(cfg)[2:], "kv[layer, 0|1]: positions [0, start[row]) valid (read only)")
           for name in cache_input_names(cfg)),
     ], [
-        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of AR step i"),
-        TensorSpec("kv_new", "float32", kv_shape(cfg, length=p), "keys/values of positions [start[row], +P)"),
-    ], limits, "fed-back tokens -> projection -> backbone over the full static cache")
+        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of the AR step the chunk completes"),
+        TensorSpec("kv_new", "float32", kv_shape(cfg, length="seq"), "keys/values of positions [start[row], +seq)"),
+    ], limits, "the transformer over the cache, for the prefill and every AR step", backbone_phases(cfg))
 
 
 def head_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
@@ -401,7 +466,8 @@ def stage_spec(name: str, cfg: ModelConfig, steps: int | None = None, limits: Li
         if steps is None:
             raise BitDanceError(f"stage {name} needs the sampler step count S")
         return head_sampler_stage(cfg, steps, limits)
-    builders = {PREFILL: prefill_stage, BACKBONE_STEP: backbone_step_stage, HEAD_STEP: head_step_stage,
+    builders = {PREFIX_EMBED: prefix_embed_stage, TOKEN_EMBED: token_embed_stage, BACKBONE: backbone_stage,
+                HEAD_STEP: head_step_stage,
                 DECODER: decoder_stage, ENCODER: encoder_stage}
     if name not in builders:
         raise BitDanceError(f"unknown stage {name!r}: use one of {', '.join(ALL_STAGES)}")

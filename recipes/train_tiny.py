@@ -150,7 +150,7 @@ def teacher_forced_loss(model: BitDance, tokens: torch.Tensor, labels: torch.Ten
     cfg = model.cfg
     b, n, c = tokens.shape
     p = cfg.parallel_num
-    x = torch.cat([model.prefix_embeddings(labels), model.proj_in(tokens[:, :-p])], dim=1)
+    x = torch.cat([model.prefix_embed(labels), model.proj_in(tokens[:, :-p])], dim=1)
     # One pass over the whole sequence (no cache) with the block-causal mask table.
     hidden, _ = model.backbone(x, 0, chunk_mask=attention_mask_table(cfg).to(x.device))
     cond = hidden[:, -n:] + model.pos_for_diff.weight  # [B, N, dim]

@@ -26,8 +26,8 @@ RES_TOKENS = list(range(8, 129, 8))
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>"]
 
 
-def head_config(parallel_num: int) -> dict:
-    return {"ch_target": 32, "ch_cond": HIDDEN, "ch_latent": 128, "depth_latent": 2, "depth_adanln": 1,
+def head_config(parallel_num: int, hidden: int = HIDDEN, ch_latent: int = 128, depth: int = 2) -> dict:
+    return {"ch_target": 32, "ch_cond": hidden, "ch_latent": ch_latent, "depth_latent": depth, "depth_adanln": 1,
             "grad_checkpointing": False, "time_shift": 1.0, "time_schedule": "logit_normal", "P_mean": -0.8,
             "P_std": 0.8, "parallel_num": parallel_num, "diff_batch_mul": 1, "use_swiglu": True}
 
@@ -66,8 +66,12 @@ def _randomize(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_checkpoint(directory: Path, parallel_num: int = 16, seed: int = 0, shards: int = 2) -> Path:
-    """The official file layout in `directory` (random float32 weights; bf16 for the LLM)."""
+def write_checkpoint(directory: Path, parallel_num: int = 16, seed: int = 0, shards: int = 2, llm: dict | None = None,
+                     head: dict | None = None) -> Path:
+    """The official file layout in `directory` (random float32 weights; bf16 for the LLM).
+
+    `llm` overrides LLM_CONFIG fields (e.g. Qwen3-14B's widths with a few layers), `head` the vision
+    head's ch_latent / depth."""
     from safetensors.torch import save_file
 
     from bitdance_rt.config import VAEConfig
@@ -79,15 +83,17 @@ def write_checkpoint(directory: Path, parallel_num: int = 16, seed: int = 0, sha
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab_size = len(byte_vocab()) + len(special_tokens()) + 4
-    llm_cfg = dict(LLM_CONFIG, vocab_size=vocab_size)
+    llm_cfg = dict(LLM_CONFIG, vocab_size=vocab_size, **(llm or {}))
+    hidden = llm_cfg["hidden_size"]
     (directory / "config.json").write_text(json.dumps(llm_cfg))
     (directory / "ae_config.json").write_text(json.dumps(AE_CONFIG))
-    (directory / "vision_head_config.json").write_text(json.dumps(head_config(parallel_num)))
+    h = head_config(parallel_num, hidden, **(head or {}))
+    (directory / "vision_head_config.json").write_text(json.dumps(h))
     write_tokenizer(directory / "tokenizer.json")
 
     llm = _randomize(Qwen3Model(Qwen3Config.from_json_dict(llm_cfg, "test")), seed)
     llm = {f"model.{k}": v.to(torch.bfloat16) for k, v in llm.items()}
-    llm["lm_head.weight"] = torch.zeros(vocab_size, HIDDEN, dtype=torch.bfloat16)
+    llm["lm_head.weight"] = torch.zeros(vocab_size, hidden, dtype=torch.bfloat16)
     keys = sorted(llm)
     weight_map = {}
     for i in range(shards):
@@ -97,10 +103,9 @@ def write_checkpoint(directory: Path, parallel_num: int = 16, seed: int = 0, sha
         weight_map.update({k: name for k in part})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
-    h = head_config(parallel_num)
-    head = DiffusionHead(TransformerHead(32, h["ch_latent"], HIDDEN, 2, 1, variant="t2i", swiglu=True))
-    save_file(_randomize(head, seed + 1), str(directory / "vision_head.safetensors"))
-    save_file(_randomize(Projector(32, HIDDEN), seed + 2), str(directory / "projector.safetensors"))
+    net = DiffusionHead(TransformerHead(32, h["ch_latent"], hidden, h["depth_latent"], 1, variant="t2i", swiglu=True))
+    save_file(_randomize(net, seed + 1), str(directory / "vision_head.safetensors"))
+    save_file(_randomize(Projector(32, hidden), seed + 2), str(directory / "projector.safetensors"))
     dd = AE_CONFIG["ddconfig"]
     vae = BinaryAutoencoder(VAEConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=1, z_channels=32))
     save_file(_randomize(vae, seed + 3), str(directory / "ae.safetensors"))

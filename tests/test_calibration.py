@@ -13,6 +13,7 @@ from bitdance_rt import stages as st
 from bitdance_rt.runtime.core import row_bucket
 from bitdance_rt.calibration import (CAPTURED_STAGES, MANIFEST, CapturePolicy, StageDataReader, capture, feed,
                                      load_calibration, save_calibration)
+from bitdance_rt.calibration.dataset import sample_phase
 from bitdance_rt.config import EMBEDDED_WEIGHTS
 from bitdance_rt.errors import BitDanceError
 from bitdance_rt.export import checkpoint_source
@@ -78,27 +79,56 @@ def test_every_stage_recorded_and_fits_contract(cap):
             known: dict = {}
             for name in specs[stage].input_names:
                 known = specs[stage].match(name, f[name].shape, str(f[name].dtype), known)
+            if stage == st.BACKBONE:  # a prefill sample has the prefill's sizes, a step sample a step's
+                assert specs[stage].phase_of(known) == sample_phase(stage, s) or cap.cfg.prefix_len == cap.cfg.parallel_num
     batches = -(-len(cap.run["labels"]) // cap.run["batch_size"]) * len(cap.run["seeds"])
-    assert len(cap.set.samples[st.PREFILL]) == batches
-    assert len(cap.set.samples[st.BACKBONE_STEP]) == batches * (cap.cfg.ar_steps - 1)
+    steps = batches * (cap.cfg.ar_steps - 1)
+    # the backbone: every prefill and every AR step, prefill samples first; token_embed: every AR step
+    phases = [sample_phase(st.BACKBONE, s) for s in cap.set.samples[st.BACKBONE]]
+    assert phases == ["prefill"] * batches + ["step"] * steps
+    assert cap.set.phase_counts(st.BACKBONE) == {"prefill": batches, "step": steps}
+    assert len(cap.set.samples[st.TOKEN_EMBED]) == steps
+    assert st.PREFIX_EMBED not in cap.set.samples  # a table lookup: nothing to calibrate
+    prefill = cap.set.phase_samples(st.BACKBONE, "prefill")
+    assert all(s.inputs["x"].shape[1] == cap.cfg.prefix_len and not s.inputs["start"].any() for s in prefill)
+    assert all(s.inputs["cache"].shape[4] == 0 for s in prefill), "a prefill reads nothing cached: none stored"
     times = {round(float(s.inputs["t"][0]), 4) for s in cap.set.samples[st.HEAD_STEP]}
     assert len(times) > S // 2, "head samples should span the sampler's times"
 
 
-def test_backbone_samples_reproduce_reference(cap):
-    cfg = cap.cfg
-    for s in cap.set.samples[st.BACKBONE_STEP]:
-        f = feed(cfg, st.BACKBONE_STEP, s)
-        assert len(set(f["start"].tolist())) == 1  # one request alone: every row at the same step
-        start = int(f["start"][0])
-        kv = torch.stack([torch.stack([torch.from_numpy(f[f"cache.{i}.key"]), torch.from_numpy(f[f"cache.{i}.value"])])
-                          for i in range(cfg.n_layer)])
-        assert not kv[:, :, :, :, start:].any(), "positions past start are empty, as in the runtime's cache"
-        step = (start - cfg.prefix_len) // cfg.parallel_num + 1
-        with torch.inference_mode():
-            cond, new = cap.model.step(torch.from_numpy(f["tokens"]), step, kv)  # full masked cache, as graphs read it
-        torch.testing.assert_close(cond, s.outputs["cond"], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(new, s.outputs["kv_new"], atol=1e-5, rtol=1e-5)
+def _labels_of(cap, batch: list[int]) -> list[int]:
+    return batch + [cap.cfg.num_classes] * len(batch)  # conditional rows, then the null class (CFG)
+
+
+def test_backbone_samples_hold_what_the_backbone_got_and_reproduce_it(cap):
+    """x of a prefill sample is the prefix embedding of the batch's rows; x of a step sample is the
+    output of that step's token_embed sample; the backbone on the recorded feeds (the full masked
+    cache, as the graphs read it) gives the recorded outputs, for both phases."""
+    from bitdance_rt.export.wrappers import stage_module
+
+    cfg, run = cap.cfg, cap.run
+    size = run["batch_size"]
+    batches = [run["labels"][i : i + size] for i in range(0, len(run["labels"]), size)] * len(run["seeds"])
+    backbone = stage_module(st.BACKBONE, cap.model)
+    names = st.stage_spec(st.BACKBONE, cfg).input_names
+    with torch.inference_mode():
+        for s, batch in zip(cap.set.phase_samples(st.BACKBONE, "prefill"), batches):
+            want = cap.model.prefix_embed(torch.tensor(_labels_of(cap, batch)))
+            torch.testing.assert_close(s.inputs["x"], want, atol=0, rtol=0)
+        steps = cap.set.phase_samples(st.BACKBONE, "step")
+        for s, t in zip(steps, cap.set.samples[st.TOKEN_EMBED], strict=True):
+            assert torch.equal(s.inputs["x"], t.outputs["x"])  # the very x the call got
+            torch.testing.assert_close(cap.model.token_embed(t.inputs["tokens"]), t.outputs["x"], atol=1e-5, rtol=1e-5)
+        for s in cap.set.samples[st.BACKBONE]:
+            f = feed(cfg, st.BACKBONE, s)
+            assert len(set(f["start"].tolist())) == 1  # one request alone: every row at the same step
+            start = int(f["start"][0])
+            kv = np.stack([np.stack([f[f"cache.{i}.key"], f[f"cache.{i}.value"]]) for i in range(cfg.n_layer)])
+            assert not kv[:, :, :, :, start:].any(), "positions past start are empty, as in the runtime's cache"
+            cond, new = backbone(*(torch.from_numpy(f[n]) for n in names))
+            torch.testing.assert_close(cond, s.outputs["cond"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(new, s.outputs["kv_new"], atol=1e-5, rtol=1e-5)
+            assert new.shape[4] == (cfg.prefix_len if start == 0 else cfg.parallel_num)
 
 
 def test_head_samples_reproduce_reference(cap):
@@ -124,13 +154,18 @@ def test_head_samples_reproduce_reference(cap):
 
 def test_policy_bounds_and_is_deterministic(tiny):
     run = dict(tiny.run, seeds=[5])
-    policy = CapturePolicy(backbone_every=2, head_fraction=0.3, max_samples=4, seed=11)
+    policy = CapturePolicy(backbone_every=2, head_fraction=0.3, max_samples=3, seed=11)
     a = capture(tiny.model, tiny.weights, **run, policy=policy).dataset
     b = capture(tiny.model, tiny.weights, **run, policy=policy).dataset
-    assert all(len(v) <= 4 for v in a.samples.values())
-    assert {int(s.inputs["start"][0]) for s in a.samples[st.BACKBONE_STEP]} <= {st.step_start(tiny.cfg, i)
-                                                                           for i in range(1, tiny.cfg.ar_steps, 2)}
-    assert a.candidates[st.HEAD_STEP] > 4  # reservoir sampling had to choose
+    assert all(len(v) <= 3 for k, v in a.samples.items() if k != st.BACKBONE)
+    # 3 labels in batches of 2: 2 prefills, and AR steps 1 and 3 of each batch (backbone_every=2) kept as
+    # candidates; one reservoir per backbone phase, so the steps never crowd the prefills out
+    kept = {st.step_start(tiny.cfg, i) for i in range(1, tiny.cfg.ar_steps, 2)}
+    assert a.phase_candidates[st.BACKBONE] == {"prefill": 2, "step": 2 * len(kept)}
+    assert a.phase_counts(st.BACKBONE) == {"prefill": 2, "step": 3}
+    assert {int(s.inputs["start"][0]) for s in a.phase_samples(st.BACKBONE, "step")} <= kept
+    assert a.candidates[st.TOKEN_EMBED] == a.phase_candidates[st.BACKBONE]["step"]  # the same thinned steps
+    assert a.candidates[st.HEAD_STEP] > 3  # reservoir sampling had to choose
     for stage in CAPTURED_STAGES:
         assert [float(s.inputs[next(iter(s.inputs))].sum()) for s in a.samples[stage]] == \
                [float(s.inputs[next(iter(s.inputs))].sum()) for s in b.samples[stage]]
@@ -147,6 +182,10 @@ def saved(tiny, tmp_path_factory):
 def test_round_trip(tiny, saved):
     back = load_calibration(saved, config=tiny.cfg, weights=tiny.weights, steps=S)
     assert back.key == tiny.set.key
+    assert back.phase_candidates == tiny.set.phase_candidates and back.candidates == tiny.set.candidates
+    summary = __import__("json").loads((saved / MANIFEST).read_text())["stages"][st.BACKBONE]
+    assert summary["phases"] == {p: {"samples": n, "candidates": tiny.set.phase_candidates[st.BACKBONE][p]}
+                                 for p, n in tiny.set.phase_counts(st.BACKBONE).items()}
     for stage in CAPTURED_STAGES:
         assert len(back.samples[stage]) == len(tiny.set.samples[stage])
         for a, b in zip(back.samples[stage], tiny.set.samples[stage]):
@@ -226,15 +265,17 @@ def test_reader_feeds_run_in_exported_graphs(tiny, saved, tmp_path_factory):
         assert sum(1 for _ in iter(reader.get_next, None)) == len(cset.samples[stage])
         if stage in st.SAMPLER_STAGES:
             continue
-        # per-row feeds (what the histogram calibrators need): same outputs, row by row
-        rows = cset.reader(stage)
-        first = cset.samples[stage][0]
-        n_rows = next(iter(first.inputs.values())).shape[0] if stage != st.BACKBONE_STEP else first.inputs["tokens"].shape[0]
-        name = st.stage_spec(stage, tiny.cfg, S).output_names[0]
-        for r in range(n_rows):
-            got = session.run([name], rows.get_next())[0]
-            np.testing.assert_allclose(got[0], first.outputs[name][r].numpy(), atol=1e-4, rtol=1e-4,
-                                       err_msg=f"{stage} row {r}")
+        # per-row feeds (what the histogram calibrators need): same outputs, row by row, in each phase
+        spec = st.stage_spec(stage, tiny.cfg, S)
+        for phase in spec.phases or [None]:
+            rows = cset.reader(stage, phase)
+            first = cset.phase_samples(stage, phase)[0]
+            n_rows = feed(tiny.cfg, stage, first)[spec.input_names[0]].shape[0]
+            name = spec.output_names[0]
+            for r in range(n_rows):
+                got = session.run([name], rows.get_next())[0]
+                np.testing.assert_allclose(got[0], first.outputs[name][r].numpy(), atol=1e-4, rtol=1e-4,
+                                           err_msg=f"{stage} {phase} row {r}")
 
 
 def test_reader_drives_onnxruntime_quantization(tiny, saved, tmp_path):
@@ -257,3 +298,80 @@ def test_reader_drives_onnxruntime_quantization(tiny, saved, tmp_path):
     sample = cset.samples[st.HEAD_STEP][0]
     got = session.run(None, feed(tiny.cfg, st.HEAD_STEP, sample))[0]
     assert got.shape == tuple(sample.outputs["x_pred"].shape) and np.isfinite(got).all()
+
+
+def test_backbone_is_calibrated_on_both_phases(tiny, saved, tmp_path):
+    """One backbone graph serves the prefill and the steps, so its activation ranges come from both:
+    the reader gives one group per phase (one shape each, which ONNX Runtime's histogram
+    calibrators need), MinMax ranges over both are each phase's merged, and the histogram methods
+    calibrate over both phases."""
+    pytest.importorskip("onnxruntime.quantization")
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from bitdance_rt.export import export_stages
+    from bitdance_rt.precision.int8 import activation_ranges
+
+    cfg, cset = tiny.cfg, load_calibration(saved)
+    with torch_threads(1):
+        out = export_stages(tiny.model, tmp_path / "onnx", tiny.weights, stages=[st.BACKBONE], sampler_steps=S,
+                            progress=False).directory
+    graph = Path(out) / f"{st.BACKBONE}.onnx"
+    reader = cset.reader(st.BACKBONE)
+    groups = reader.groups()
+    assert [g.phase for g in groups] == ["prefill", "step"]
+    for g, seq in zip(groups, (cfg.prefix_len, cfg.parallel_num)):
+        assert {tuple(f["x"].shape) for f in iter(g.get_next, None)} == {(1, seq, cfg.dim)}
+    assert [len(g) for g in groups] == [cset.phase_counts(st.BACKBONE)[p] for p in ("prefill", "step")]
+    assert sum(len(g) for g in groups) == len(reader) == len(cset.samples[st.BACKBONE])
+    assert cset.reader(st.HEAD_STEP).groups()[0].phase is None  # a stage without phases: one group
+
+    def ranges(r, method):
+        path = tmp_path / f"{method}-{r.phase}.json"
+        activation_ranges(graph, r, method, path)
+        return {k: float(np.max(v.range_value[1])) for k, v in load_tensors_data(path).items()}
+
+    both, prefill, step = (ranges(r, "max") for r in (reader, *groups))
+    assert both.keys() == prefill.keys() == step.keys() and both
+    for k in both:
+        assert both[k] == pytest.approx(max(prefill[k], step[k]), rel=1e-6), k
+    # the phases' activations differ both ways: ranges from one phase would clip the other somewhere
+    assert any(prefill[k] > 1.05 * step[k] for k in both) and any(step[k] > 1.05 * prefill[k] for k in both)
+    pct_both, pct_step = ranges(reader, "percentile"), ranges(groups[1], "percentile")
+    assert pct_both.keys() == both.keys()
+    assert any(not np.isclose(pct_both[k], pct_step[k]) for k in both), "the prefill phase changed no range"
+
+
+def test_text_to_image_capture_records_both_phases_with_padding(tmp_path):
+    """Text-to-image: token_embed takes the tokens only; the backbone's prefill and step samples
+    both carry each row's prompt padding (the keys they hide), and reproduce the reference."""
+    from t2i_tiny import write_checkpoint
+
+    from bitdance_rt.export.wrappers import stage_module
+    from bitdance_rt.t2i.loading import load_t2i
+
+    with torch_threads(1):
+        loaded = load_t2i(write_checkpoint(tmp_path / "t2i", parallel_num=64), 512, 512, max_text_tokens=48)
+        model, cfg = loaded.model, loaded.model.cfg
+        prompts = loaded.prompts.encode(["a red cat", "a blue dog on a long walk"])
+        result = capture(model, loaded.source, None, [0], 2, 3.0, prompts=prompts, batch_size=2)
+    cset = result.dataset
+    cset.check_contract()
+    pads = torch.cat([prompts.pad, torch.full((2,), prompts.uncond_pad)])  # conditional rows, then CFG's
+    assert len(set(pads.tolist())) > 1, "rows with different padding"
+    counts = cset.phase_counts(st.BACKBONE)
+    assert counts == {"prefill": 1, "step": cfg.ar_steps - 1}
+    assert sorted(cset.samples[st.TOKEN_EMBED][0].inputs) == ["tokens"]
+    backbone = stage_module(st.BACKBONE, model)
+    names = st.stage_spec(st.BACKBONE, cfg).input_names
+    assert "pad" in names
+    with torch.inference_mode():
+        prefill = cset.phase_samples(st.BACKBONE, "prefill")[0]
+        assert torch.equal(prefill.inputs["x"], model.prefix_embed(prompts.rows(True)["ids"]))
+        for s, t in zip(cset.phase_samples(st.BACKBONE, "step"), cset.samples[st.TOKEN_EMBED], strict=True):
+            assert torch.equal(s.inputs["x"], t.outputs["x"])
+        for s in (prefill, *cset.phase_samples(st.BACKBONE, "step")[:3]):
+            assert torch.equal(s.inputs["pad"], pads)
+            f = feed(cfg, st.BACKBONE, s)
+            cond, new = backbone(*(torch.from_numpy(f[n]) for n in names))
+            torch.testing.assert_close(cond, s.outputs["cond"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(new, s.outputs["kv_new"], atol=1e-5, rtol=1e-5)

@@ -47,7 +47,10 @@ def test_check_cli_onnxruntime_every_stage_and_end_to_end(tiny, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     for stage in st.ALL_STAGES:
-        assert f"  {stage}: PASS" in out
+        if stage == st.BACKBONE:  # one graph, compared in each of its phases
+            assert "  backbone (prefill): PASS" in out and "  backbone (step): PASS" in out
+        else:
+            assert f"  {stage}: PASS" in out
     assert "tokens: ok, agreement 1.000000 (>= 1.0)" in out  # fp32: identical sampler tokens
     assert "image: ok, max |diff|" in out and "(atol 1e-04, rtol 1e-04)" in out
     assert "token agreement 1.000000 (>= 1.0), 2 of 2 images with identical tokens" in out
@@ -87,6 +90,31 @@ def test_end_to_end_disagreement_fails(tiny, capsys, tmp_path):
     assert not e["passed"] and e["agreement"] < 1.0 and e["identical_images"] < 2
     e = end_to_end(TorchBackend(tiny[1]), backend, [3, 7], S, 3.0, "linear", d / "sample.safetensors", 1.0)
     assert e["passed"] and e["agreement"] == 1.0 and e["identical_images"] == 2
+
+
+def test_backbone_is_checked_in_both_phases(tiny):
+    """The prefill phase runs the prefix embeddings (prefix_len positions) at start 0, the step phase
+    P positions at step positions: both through the one backbone graph, both must agree; a
+    perturbed backbone weight fails both."""
+    from bitdance_rt.check import example_feed
+
+    _, model, export = tiny
+    backend = OrtBackend(export, threads=1)
+    spec = backend.specs[st.BACKBONE]
+    cfg = model.cfg
+    prefill, step = example_feed(model, spec, 2, 0, "prefill"), example_feed(model, spec, 2, 0, "step")
+    assert prefill["x"].shape == (4, cfg.prefix_len, cfg.dim) and not prefill["start"].any()
+    assert step["x"].shape == (4, cfg.parallel_num, cfg.dim) and (step["start"] >= cfg.prefix_len).all()
+    with pytest.raises(Exception, match="no phase 'decode'"):
+        example_feed(model, spec, 2, 0, "decode")
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.layers[0].attention.wqkv.weight.add_(0.05)
+    for phase in spec.profile_phases:
+        good = compare_stage(model, spec, ort_runner(backend, st.BACKBONE, phase), phase=phase)
+        assert good.passed and good.label == f"backbone ({phase})", good
+        assert {o.name for o in good.outputs} == {"cond", "kv_new"}
+        assert not compare_stage(bad, spec, ort_runner(backend, st.BACKBONE, phase), phase=phase).passed
 
 
 def _iteration(name, **outputs):

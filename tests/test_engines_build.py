@@ -24,7 +24,7 @@ from bitdance_rt.engines import build as eb  # noqa: E402
 from bitdance_rt.engines import cache as ec  # noqa: E402
 from bitdance_rt.engines.options import (PrecisionPlan, graph_precision, opt_level, plan_precision,  # noqa: E402
                                          workspace_bytes)
-from bitdance_rt.engines.profiles import stage_profile  # noqa: E402
+from bitdance_rt.engines.profiles import stage_profile, stage_profiles  # noqa: E402
 from bitdance_rt.errors import BitDanceError  # noqa: E402
 from bitdance_rt.export import checkpoint_source, export_stages, read_manifest  # noqa: E402
 from bitdance_rt.export.manifest import manifest_specs  # noqa: E402
@@ -32,7 +32,7 @@ from bitdance_rt.loading import load_model  # noqa: E402
 
 from conftest import REPO, fixture_dir, torch_threads  # noqa: E402
 
-STAGES = [st.PREFILL, st.HEAD_STEP, st.DECODER]
+STAGES = [st.PREFIX_EMBED, st.BACKBONE, st.HEAD_STEP, st.DECODER]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ class FakeTensorRT:
         self.calls = []
         self.fail = fail
 
-    def build(self, onnx_path, plan, profile, workspace, level, timing_cache):
-        self.calls.append(dict(onnx=Path(onnx_path), plan=plan, profile=profile, workspace=workspace, level=level,
+    def build(self, onnx_path, plan, profiles, workspace, level, timing_cache):
+        self.calls.append(dict(onnx=Path(onnx_path), plan=plan, profiles=profiles, workspace=workspace, level=level,
                                timing=timing_cache))
         if self.fail:
             raise BitDanceError(self.fail)
@@ -144,12 +144,17 @@ def test_build_then_hit_then_stale_rebuild(export, tmp_path):
     specs = manifest_specs(read_manifest(export), export)
     for call, stage in zip(fake.calls, STAGES):
         assert call["onnx"] == export / f"{stage}.onnx"
-        assert call["profile"] == stage_profile(specs[stage])  # the contract's min/opt/max, nothing else
+        assert call["profiles"] == stage_profiles(specs[stage])  # the contract's min/opt/max, nothing else
         assert call["workspace"] == 512 << 20 and call["level"] == 3
         assert call["plan"].precision == "fp32" and call["plan"].clear_tf32
         assert call["timing"] == root / "timing-trt10.3.0-orin-sm8.7.cache"
-    prefill_profile = fake.calls[0]["profile"]
-    assert prefill_profile == [("labels", (1,), (4,), (8,))]  # rows = 2 x batch, opt batch 2, max 4
+    assert fake.calls[0]["profiles"] == [[("labels", (1,), (4,), (8,))]]  # rows = 2 x batch, opt batch 2, max 4
+    backbone = fake.calls[1]["profiles"]  # ONE engine, a profile per phase: prefill, then step
+    assert backbone == [stage_profile(specs[st.BACKBONE], "prefill"), stage_profile(specs[st.BACKBONE], "step")]
+    cfg = specs[st.BACKBONE]
+    seqs = [dict((n, (lo, opt, hi)) for n, lo, opt, hi in p)["x"][0][1] for p in backbone]
+    assert seqs == [cfg.phases["prefill"]["seq"], cfg.phases["step"]["seq"]]
+    assert len(built[st.BACKBONE].key.profiles) == 2 and not list(root.glob("backbone_step-*"))
     for b in built.values():
         assert b.path.read_bytes().startswith(b"engine:") and ec.sidecar_path(b.path).is_file()
         assert b.path.parent == root and b.path.name.startswith(f"{b.stage}-fp32-")
@@ -192,13 +197,13 @@ def test_fp16_engine_from_fp32_graphs_on_trt10(export, tmp_path):
 def test_precision_comes_from_the_manifest(export, tmp_path):
     fp16 = with_precision(export, tmp_path / "fp16", "fp16")
     fake = FakeTensorRT("11.0.0")
-    built = eb.build_engines(fp16, root=tmp_path / "e", toolkit=fake, stages=[st.PREFILL], log=lambda _: None)
-    assert built[st.PREFILL].key.precision == "fp16" and fake.calls[0]["plan"].strongly_typed
+    built = eb.build_engines(fp16, root=tmp_path / "e", toolkit=fake, stages=[st.PREFIX_EMBED], log=lambda _: None)
+    assert built[st.PREFIX_EMBED].key.precision == "fp16" and fake.calls[0]["plan"].strongly_typed
     with pytest.raises(BitDanceError, match="run the INT8 quantisation first"):
         eb.build_engines(fp16, precision="int8", root=tmp_path / "e", toolkit=fake, log=lambda _: None)
     int8 = with_precision(export, tmp_path / "int8", "int8")
-    built = eb.build_engines(int8, root=tmp_path / "e", toolkit=fake, stages=[st.PREFILL], log=lambda _: None)
-    assert built[st.PREFILL].path.name.startswith("prefill-int8-")
+    built = eb.build_engines(int8, root=tmp_path / "e", toolkit=fake, stages=[st.PREFIX_EMBED], log=lambda _: None)
+    assert built[st.PREFIX_EMBED].path.name.startswith("prefix_embed-int8-")
 
 
 def test_failed_build_leaves_no_engine(export, tmp_path):
@@ -293,7 +298,7 @@ def test_build_cli_reports_counts(export, tmp_path, capsys, monkeypatch):
     fake = FakeTensorRT()
     monkeypatch.setattr(eb, "TensorRT", lambda device=0: fake)
     argv = ["build", "--export", str(export), "--engine-dir", str(tmp_path), "--workspace-mb", "64",
-            "--stages", "prefill", "decoder"]
+            "--stages", "prefix_embed", "decoder"]
     assert main(argv) == 0
     assert "2 built, 0 rebuilt, 0 cached (TensorRT 10.3.0, Orin)" in capsys.readouterr().out
     assert main(argv) == 0

@@ -18,11 +18,12 @@ from onnx import TensorProto, helper  # noqa: E402
 from bitdance_rt import stages as st  # noqa: E402
 from bitdance_rt.engines import cache as ec  # noqa: E402
 from bitdance_rt.engines.lint import TARGETS, lint_export, lint_graph, op_table  # noqa: E402
-from bitdance_rt.engines.profiles import shape_strings, stage_profile, trtexec_shapes  # noqa: E402
+from bitdance_rt.engines.profiles import (multi_shape_strings, profile_index, shape_strings,  # noqa: E402
+                                          spanning_profile, stage_profile, stage_profiles, trtexec_shapes)
 from bitdance_rt.errors import BitDanceError  # noqa: E402
 from bitdance_rt.export import checkpoint_source, export_stages, read_manifest  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
-from bitdance_rt.runtime.ort_backend import trt_profile_options  # noqa: E402
+from bitdance_rt.runtime.ort_session import trt_profile_options  # noqa: E402
 
 from conftest import fixture_dir, torch_threads  # noqa: E402
 
@@ -51,7 +52,7 @@ def test_fixture_exports_pass_lint(export, target):
 def test_every_op_we_export_is_listed(export):
     directory, _ = export
     used = set()
-    for f in read_manifest(directory)["files"]:
+    for f in (f for f in read_manifest(directory)["files"] if f.endswith(".onnx")):  # not shared.weights
         used |= {n.op_type for n in onnx.load(str(directory / f), load_external_data=False).graph.node}
     for target in TARGETS:
         assert used <= op_table(target).ops, (target, sorted(used - op_table(target).ops))
@@ -138,6 +139,25 @@ def test_int_input_feeding_a_shape_operand_is_reported():
     assert (f.node, f.op, f.severity) == ("slice_at_start", "Slice", "warning") and "shape tensor" in f.why
 
 
+def test_backbone_graph_with_a_static_seq_is_flagged(export):
+    """Our backbone graph keeps `seq` dynamic (one engine, a profile per phase); a graph with seq baked
+    in (or any contract-dynamic dim made static, or a wrong static size) is an error naming the dim."""
+    directory, cfg = export
+    spec = st.stage_spec(st.BACKBONE, cfg, S, st.Limits.from_json(read_manifest(directory)["key"]["limits"]))
+    model = onnx.load(str(directory / "backbone.onnx"), load_external_data=False)
+    assert lint_graph(model, "10.3", spec) == []
+    x = next(v for v in model.graph.input if v.name == "x")
+    x.type.tensor_type.shape.dim[1].dim_value = cfg.prefix_len  # seq fixed to the prefill's size
+    kv = next(v for v in model.graph.output if v.name == "kv_new")
+    kv.type.tensor_type.shape.dim[0].dim_value = cfg.n_layer + 1  # a static size the contract fixes otherwise
+    found = {f.node: f for f in lint_graph(model, "10.3", spec)}
+    assert set(found) == {"x", "kv_new"} and all(f.severity == "error" for f in found.values())
+    assert f"axis 1 is fixed to {cfg.prefix_len}" in found["x"].why and "'seq'" in found["x"].why
+    assert f"prefill: {cfg.prefix_len}, step: {cfg.parallel_num}" in found["x"].why
+    assert f"axis 0 is {cfg.n_layer + 1}" in found["kv_new"].why
+    assert lint_graph(model, "10.3") == []  # without the contract only the graph itself is linted
+
+
 def test_lint_errors_are_one_line(tmp_path):
     with pytest.raises(BitDanceError, match="not found"):
         lint_graph(tmp_path / "none.onnx")
@@ -149,49 +169,102 @@ def test_lint_errors_are_one_line(tmp_path):
 
 
 # ---- profiles -----------------------------------------------------------------------------------
+def _opts(options):
+    return options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]
+
+
 def test_profiles_are_the_contract(export):
     _, cfg = export
     limits = st.Limits(max_batch=3, opt_batch=2)
     for spec in st.stage_specs(cfg, st.ALL_STAGES, S, limits).values():
-        profile = stage_profile(spec)
+        profiles = stage_profiles(spec)
+        assert len(profiles) == len(spec.profile_phases)  # one per phase, else one
         dynamic = [t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)]
-        assert [p[0] for p in profile] == dynamic
-        for name, lo, opt, hi in profile:
-            assert (lo, opt, hi) == spec.profile(name)
-        opts = trt_profile_options(spec)
-        assert shape_strings(profile) == (opts["trt_profile_min_shapes"], opts["trt_profile_opt_shapes"],
-                                          opts["trt_profile_max_shapes"])
+        for phase, profile in zip(spec.profile_phases, profiles):
+            assert [p[0] for p in profile] == dynamic and profile == stage_profile(spec, phase)
+            for name, lo, opt, hi in profile:
+                assert (lo, opt, hi) == spec.profile(name, phase)
+            assert profile_index(spec, phase) == spec.profile_phases.index(phase)
+        if not spec.phases:
+            assert _opts(trt_profile_options(spec)) == shape_strings(profiles[0])
+            assert _opts(trt_profile_options(spec, per_phase=True)) == shape_strings(profiles[0])
     p, c = cfg.parallel_num, cfg.token_dim
     head = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(st.head_step_stage(cfg, limits)))
     assert head["x"] == ((1, p, c), (4, p, c), (6, p, c)) and head["t"] == ((1,), (4,), (6,))
     sampler = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(st.head_sampler_stage(cfg, S, limits)))
     assert sampler["cond"][2][0] == 6 and sampler["noise"] == ((S + 1, 1, p, c), (S + 1, 4, p, c), (S + 1, 6, p, c))
     assert sampler["cfg"] == sampler["cond_row"] == sampler["uncond_row"] == ((1,), (4,), (6,))  # one per row
-    step = [n for n, *_ in stage_profile(st.backbone_step_stage(cfg, limits))]
-    assert step[:2] == ["tokens", "start"] and step[2:] == st.cache_input_names(cfg)
+    backbone = st.backbone_stage(cfg, limits)
+    names = [n for n, *_ in stage_profile(backbone, "step")]
+    assert names[:2] == ["x", "start"] and names[2:] == st.cache_input_names(cfg)
     args = trtexec_shapes(st.head_step_stage(cfg, limits))
     assert args[0] == f"--minShapes=x:1x{p}x{c},t:1,cond:1x{p}x{cfg.dim}"
     assert [a.split("=")[0] for a in args] == ["--minShapes", "--optShapes", "--maxShapes"]
+    two = trtexec_shapes(backbone)  # one flag set per profile, in profile order
+    assert [a.split("=")[0] for a in two] == ["--minShapes", "--optShapes", "--maxShapes"] * 2
+    assert two[0].startswith(f"--minShapes=x:1x{cfg.prefix_len}x{cfg.dim},") and two[3].startswith(
+        f"--minShapes=x:1x{p}x{cfg.dim},")
+    with pytest.raises(BitDanceError, match="no phase 'decode'"):
+        profile_index(backbone, "decode")
+
+
+def test_backbone_profiles_per_phase(export):
+    """The backbone: profile 0 is the prefill's (seq = prefix_len), profile 1 the step's (seq = P), with the
+    contract's row range in each; the phase-fixed dims are exact (min = opt = max)."""
+    _, cfg = export
+    limits = st.Limits(max_batch=3, opt_batch=2)
+    spec = st.backbone_stage(cfg, limits)
+    prefill, step = stage_profiles(spec)
+    for profile, seq in ((prefill, cfg.prefix_len), (step, cfg.parallel_num)):
+        entries = dict((n, (lo, opt, hi)) for n, lo, opt, hi in profile)
+        assert entries["x"] == ((1, seq, cfg.dim), (4, seq, cfg.dim), (6, seq, cfg.dim))
+        assert entries["start"] == ((1,), (4,), (6,))
+        kv = st.kv_shape(cfg)[3:]
+        assert entries[st.cache_input_names(cfg)[-1]] == ((1, *kv), (4, *kv), (6, *kv))
+    with pytest.raises(BitDanceError, match="phases"):
+        stage_profile(spec)  # a stage with phases has no phase-less profile
+
+
+def test_ort_tensorrt_ep_profiles(export):
+    """The ORT TensorRT EP: by default ONE profile spanning both phases (the EP keeps its context on
+    profile 0), tuned for the step; per_phase lists each input once per profile, in profile order."""
+    _, cfg = export
+    spec = st.backbone_stage(cfg, st.Limits(max_batch=3, opt_batch=2))
+    lo, opt, hi = _opts(trt_profile_options(spec))
+    short, long_ = sorted((cfg.prefix_len, cfg.parallel_num))
+    assert lo.startswith(f"x:1x{short}x{cfg.dim},start:1,") and hi.startswith(f"x:6x{long_}x{cfg.dim},start:6,")
+    assert opt.startswith(f"x:4x{cfg.parallel_num}x{cfg.dim},")
+    assert (lo, opt, hi) == shape_strings(spanning_profile(spec))
+    many = _opts(trt_profile_options(spec, per_phase=True))
+    assert many == multi_shape_strings(stage_profiles(spec))
+    for text in many:  # each input once per profile: ParseProfileShapes collects profile k = k-th entry
+        names = [entry.split(":")[0] for entry in text.split(",")]
+        assert names == spec.input_names * 2
+    assert many[0].startswith(f"x:1x{cfg.prefix_len}x{cfg.dim},")
+    assert f",x:1x{cfg.parallel_num}x{cfg.dim}," in many[0]
 
 
 # ---- engine cache -------------------------------------------------------------------------------
-def _key(export, stage=st.HEAD_STEP, **changes):
+def _key(export, stage=st.HEAD_STEP, profiles=None, **changes):
     directory, cfg = export
     spec = st.stage_spec(stage, cfg, S)
-    key = ec.engine_key(read_manifest(directory), stage, "fp16", stage_profile(spec), "NVIDIA H100 80GB HBM3",
+    profiles = stage_profiles(spec) if profiles is None else profiles
+    key = ec.engine_key(read_manifest(directory), stage, "fp16", profiles, "NVIDIA H100 80GB HBM3",
                         "9.0", "10.3.0", opt_level=3, workspace_bytes=1 << 30)
     return replace(key, **changes)
 
 
 CHANGES = {"onnx_sha256": "0" * 64, "data_sha256": "1" * 64, "precision": "bf16",
-           "profile": (("x", (1,), (2,), (3,)),), "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0",
-           "trt_version": "11.0.0", "opt_level": 5, "workspace_bytes": 1 << 31, "flags": ("strongly_typed",)}
+           "profiles": ((("x", (1,), (2,), (3,)),),), "gpu_name": "NVIDIA A100-SXM4-80GB",
+           "compute_capability": "8.0", "trt_version": "11.0.0", "opt_level": 5, "workspace_bytes": 1 << 31,
+           "flags": ("strongly_typed",)}
 
 
 def test_key_changes_with_every_field(export):
     base = _key(export)
     assert base.onnx_sha256 == read_manifest(export[0])["files"]["head_step.onnx"]["sha256"]
-    assert base.profile[0][0] == "x" and base.data_sha256 is None
+    assert len(base.profiles) == 1 and base.profiles[0][0][0] == "x"
+    assert base.data_sha256 == read_manifest(export[0])["files"]["shared.weights"]["sha256"]  # the head's weights
     assert set(CHANGES) | {"stage"} == set(base.to_json())
     digests = {base.digest()}
     for field, value in CHANGES.items():
@@ -209,7 +282,40 @@ def test_key_validation(export):
         with pytest.raises(BitDanceError):
             _key(export, **bad)
     with pytest.raises(BitDanceError, match="no files recorded|records no files"):
-        ec.engine_key({"stage_files": {}, "files": {}}, "decoder", "fp16", [], "gpu", "9.0", "10.3")
+        ec.engine_key({"stage_files": {}, "files": {}}, "decoder", "fp16", [[]], "gpu", "9.0", "10.3")
+    one = stage_profile(st.stage_spec(st.HEAD_STEP, export[1], S))
+    with pytest.raises(BitDanceError, match="the list of its profiles"):  # one profile where a list belongs
+        ec.engine_key(read_manifest(export[0]), st.HEAD_STEP, "fp16", one, "gpu", "9.0", "10.3")
+
+
+def test_backbone_key_holds_every_phase_profile(export, tmp_path):
+    """Both profiles are in the backbone's key, in order: another step profile (or the two swapped) is
+    another engine, and a stale one says the profiles changed."""
+    _, cfg = export
+    spec = st.stage_spec(st.BACKBONE, cfg, S)
+    prefill, step = stage_profiles(spec)
+    base = _key(export, st.BACKBONE)
+    assert len(base.profiles) == 2 and base.profiles == ec._freeze([ec.profile_json(p) for p in (prefill, step)])
+    other_step = [(n, lo, opt, hi) if n != "x" else (n, lo, (2, *opt[1:]), hi) for n, lo, opt, hi in step]
+    keys = [base, _key(export, st.BACKBONE, profiles=[prefill, other_step]),
+            _key(export, st.BACKBONE, profiles=[step, prefill]), _key(export, st.BACKBONE, profiles=[prefill])]
+    assert len({k.digest() for k in keys}) == 4
+    ec.store(base, b"two-profile engine", tmp_path)
+    found = ec.lookup(keys[1], tmp_path)
+    assert found.status == "stale" and found.differs == ("profiles",)
+    assert "optimisation profiles changed" in found.reason
+    assert ec.EngineKey.from_json(json.loads(json.dumps(base.to_json()))) == base
+
+
+def test_sidecar_of_the_one_profile_format_is_stale(export, tmp_path):
+    key = _key(export)
+    path = ec.store(key, b"engine-bytes", tmp_path)
+    side = json.loads(ec.sidecar_path(path).read_text())
+    side["format"] = "bitdance-rt-engine/1"
+    side["key"]["profile"] = side["key"].pop("profiles")[0]
+    ec.sidecar_path(path).write_text(json.dumps(side))
+    found = ec.lookup(key, tmp_path)
+    assert found.status == "stale" and found.differs == ("format",) and "bitdance-rt-engine/1" in found.reason
 
 
 def test_root_follows_env(monkeypatch, tmp_path, export):

@@ -102,14 +102,16 @@ def test_manifest_records_everything(ex):
     assert m["stages"] == {n: s.to_json() for n, s in ex.specs.items()}
     from bitdance_rt.checkpoint import file_sha256
 
-    assert set(m["files"]) == {f"{s}.onnx" for s in st.ALL_STAGES}
+    # the head's weights once, read by head_step and the fused sampler (export/shared_weights.py)
+    assert set(m["files"]) == {f"{s}.onnx" for s in st.ALL_STAGES} | {"shared.weights"}
+    assert {s for s, files in m["stage_files"].items() if "shared.weights" in files} == {st.HEAD_STEP, st.HEAD_SAMPLER}
     for f, info in m["files"].items():
         assert file_sha256(ex.dir / f) == info["sha256"]
 
 
 # ---- numerics against torch ------------------------------------------------------------------
 def cache_feed(cfg, kv) -> dict:
-    """backbone_step's per-layer cache inputs from a stacked [n_layer, 2, ...] cache."""
+    """The backbone's per-layer cache inputs from a stacked [n_layer, 2, ...] cache."""
     kv = np.asarray(kv)
     return {name: np.ascontiguousarray(kv[i // 2, i % 2]) for i, name in enumerate(st.cache_input_names(cfg))}
 
@@ -124,28 +126,50 @@ def _prefilled(ex: Export, rows: int):
     return labels, cond, new, kv
 
 
+def _graph_prefill(ex: Export, labels, kv=None, backbone=None):
+    """prefix_embed -> backbone at start 0 (the graphs' prefill) over cache `kv` (default zeros)."""
+    rows = labels.shape[0]
+    kv = np.zeros(st.kv_shape(ex.cfg, rows), dtype=np.float32) if kv is None else np.asarray(kv)
+    (x,) = ex.run(st.PREFIX_EMBED, labels)
+    assert x.shape == (rows, ex.cfg.prefix_len, ex.cfg.dim)
+    return (backbone or ex.session(st.BACKBONE)).run(None, {"x": x, "start": np.zeros(rows, dtype=np.int64),
+                                                             **cache_feed(ex.cfg, kv)})
+
+
+def _graph_step(ex: Export, tokens, starts, kv):
+    (x,) = ex.run(st.TOKEN_EMBED, tokens)
+    return ex.session(st.BACKBONE).run(None, {"x": x, "start": np.asarray(starts, dtype=np.int64),
+                                              **cache_feed(ex.cfg, kv)})
+
+
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_prefill_matches_torch(ex, rows):
+    """The one backbone graph at the prefill: whatever the cache holds, start 0 hides all of it."""
     labels, cond, new, _ = _prefilled(ex, rows)
-    got_cond, got_new = ex.run(st.PREFILL, labels)
-    _close(got_cond, cond)
-    _close(got_new, new)
+    noisy = torch.randn(st.kv_shape(ex.cfg, rows), generator=torch.Generator().manual_seed(rows))
+    for kv in (None, noisy):
+        got_cond, got_new = _graph_prefill(ex, labels, kv)
+        _close(got_cond, cond)
+        _close(got_new, new)
 
 
 def test_prefill_and_steps_match_official_fixture(ex):
     """The fixture's backbone chain (prefill -> step1 -> step2, one cache) through the graphs."""
     s, p = ex.stages, ex.cfg.parallel_num
     pos = ex.model.pos_for_diff.weight.detach()
-    cond, new = ex.run(st.PREFILL, s["backbone.labels"])
+    (x,) = ex.run(st.PREFIX_EMBED, s["backbone.labels"])
+    assert np.array_equal(x, s["backbone.prefill.input"].numpy())
+    cond, new = _graph_prefill(ex, s["backbone.labels"])
     _close(cond, s["backbone.prefill.output"][:, -p:] + pos[:p])
     kv = np.zeros(st.kv_shape(ex.cfg, 4), dtype=np.float32)
     kv[..., : new.shape[4], :] = new
-    step = ex.session(st.BACKBONE_STEP)
     for i in (1, 2):
         start = int(s[f"backbone.step{i}.start_pos"])
         assert start == st.step_start(ex.cfg, i)
-        cond, new = step.run(None, {"tokens": s[f"backbone.step{i}.tokens"].reshape(4, p, -1).numpy(),
-                                    "start": np.full(4, start, dtype=np.int64), **cache_feed(ex.cfg, kv)})
+        tokens = s[f"backbone.step{i}.tokens"].reshape(4, p, -1)
+        (x,) = ex.run(st.TOKEN_EMBED, tokens)
+        _close(x, s[f"backbone.step{i}.input"].reshape(4, p, -1))
+        cond, new = _graph_step(ex, tokens, np.full(4, start), kv)
         _close(cond, s[f"backbone.step{i}.output"].reshape(4, p, -1) + pos[i * p:(i + 1) * p])
         kv[..., start : start + p, :] = new
 
@@ -153,18 +177,28 @@ def test_prefill_and_steps_match_official_fixture(ex):
 @pytest.mark.parametrize("rows", [2, 5])
 def test_backbone_step_matches_torch_at_every_step(ex, rows):
     _, _, _, kv = _prefilled(ex, rows)
-    session = ex.session(st.BACKBONE_STEP)
     gen = torch.Generator().manual_seed(rows)
     for i in range(1, ex.cfg.ar_steps):
         tokens = torch.where(torch.rand(rows, ex.cfg.parallel_num, ex.cfg.token_dim, generator=gen) > 0.5, 1.0, -1.0)
         start = st.step_start(ex.cfg, i)
         with torch.no_grad():
             cond, new = ex.model.step(tokens, i, kv)  # full static cache, masked past start
-        got, got_new = session.run(None, {"tokens": tokens.numpy(), "start": np.full(rows, start),
-                                          **cache_feed(ex.cfg, kv.numpy())})
+        got, got_new = _graph_step(ex, tokens, np.full(rows, start), kv.numpy())
         _close(got, cond)
         _close(got_new, new)
         ex.model.write_cache(kv, new, start)
+
+
+def test_the_backbone_graph_refuses_sizes_of_no_phase(ex):
+    """seq is prefix_len (prefill) or P (step): the contract refuses any other chunk length."""
+    spec = ex.specs[st.BACKBONE]
+    assert spec.phases == {"prefill": {"seq": ex.cfg.prefix_len}, "step": {"seq": ex.cfg.parallel_num}}
+    assert spec.match("x", (4, ex.cfg.prefix_len, ex.cfg.dim)) == {"rows": 4, "seq": ex.cfg.prefix_len}
+    assert spec.phase_of({"rows": 4, "seq": ex.cfg.prefix_len}) == "prefill"
+    if ex.cfg.prefix_len != ex.cfg.parallel_num:
+        assert spec.phase_of({"rows": 2, "seq": ex.cfg.parallel_num}) == "step"
+    with pytest.raises(BitDanceError, match="none of its phases"):
+        spec.match("x", (4, ex.cfg.prefix_len + 1, ex.cfg.dim))
 
 
 def test_head_step_matches_fixture_and_torch(ex):
@@ -189,8 +223,7 @@ def test_backbone_step_rows_at_different_positions(ex):
     tokens = torch.where(torch.rand(rows, ex.cfg.parallel_num, ex.cfg.token_dim, generator=gen) > 0.5, 1.0, -1.0)
     steps = [1, ex.cfg.ar_steps - 1, 2, ex.cfg.ar_steps // 2]
     starts = np.array([st.step_start(ex.cfg, i) for i in steps])
-    session = ex.session(st.BACKBONE_STEP)
-    got, got_new = session.run(None, {"tokens": tokens.numpy(), "start": starts, **cache_feed(ex.cfg, kv.numpy())})
+    got, got_new = _graph_step(ex, tokens, starts, kv.numpy())
     for r, i in enumerate(steps):
         with torch.no_grad():
             cond, new = ex.model.step(tokens[r : r + 1], i, kv[:, :, r : r + 1])
@@ -279,13 +312,12 @@ def test_external_data_for_large_models(ex, tmp_path):
 
 @pytest.mark.parametrize("opset", [18, 20])
 def test_other_opsets(ex, tmp_path, opset):
-    spec = ex.specs[st.PREFILL]
+    spec = ex.specs[st.BACKBONE]
     export_stage(ex.model, spec, tmp_path, opset=opset)
-    model = onnx.load(str(tmp_path / "prefill.onnx"))
+    model = onnx.load(str(tmp_path / "backbone.onnx"))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
     labels, cond, new, _ = _prefilled(ex, 3)
-    sess = _session(tmp_path / "prefill.onnx")
-    got_cond, got_new = sess.run(None, {"labels": labels.numpy()})
+    got_cond, got_new = _graph_prefill(ex, labels, backbone=_session(tmp_path / "backbone.onnx"))
     _close(got_cond, cond)
     _close(got_new, new)
 
@@ -298,7 +330,7 @@ def test_opset_out_of_range_is_refused(ex, tmp_path, opset):
 
 def test_unknown_stage_is_refused(ex, tmp_path):
     with pytest.raises(BitDanceError, match="unknown stage"):
-        export_stages(ex.model, tmp_path / "x", ex.source, stages=["prefill", "nope"])
+        export_stages(ex.model, tmp_path / "x", ex.source, stages=["backbone", "nope"])
     assert not (tmp_path / "x").exists()
 
 
@@ -308,15 +340,24 @@ def test_contract_shapes_profiles_and_json(ex):
     lim = st.Limits(max_batch=16, opt_batch=4)
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
     kv = (cfg.n_layer, 2, "rows", cfg.n_head, cfg.max_seq_len, cfg.head_dim)
-    assert st.prefill_stage(cfg, lim).tensor("kv_new").shape == kv[:4] + (cfg.prefix_len, cfg.head_dim)
-    step = st.backbone_step_stage(cfg, lim)
+    step = st.backbone_stage(cfg, lim)
     names = st.cache_input_names(cfg)
-    assert step.input_names == ["tokens", "start", *names] and len(names) == 2 * cfg.n_layer
+    assert step.input_names == ["x", "start", *names] and len(names) == 2 * cfg.n_layer
     assert names[:2] == ["cache.0.key", "cache.0.value"]
     assert all(step.tensor(n).shape == kv[2:] for n in names)
-    assert step.tensor("kv_new").shape == kv[:4] + (cfg.parallel_num, cfg.head_dim)
-    assert step.profile("cache.1.value")[2][0] == 32 and step.profile("tokens") == ((1, p, c), (8, p, c), (32, p, c))
-    assert step.profile("start") == ((1,), (8,), (32,))
+    assert step.tensor("kv_new").shape == kv[:4] + ("seq", cfg.head_dim)
+    assert step.profile_phases == ["prefill", "step"]
+    assert step.profile("cache.1.value", "step")[2][0] == 32
+    assert step.profile("x", "step") == ((1, p, dim), (8, p, dim), (32, p, dim))
+    n = cfg.prefix_len
+    assert step.profile("x", "prefill") == ((1, n, dim), (8, n, dim), (32, n, dim))
+    assert step.profile("start", "prefill") == ((1,), (8,), (32,))
+    with pytest.raises(BitDanceError, match="phases"):
+        step.profile("x")
+    assert st.prefix_embed_stage(cfg, lim).profile("labels") == ((1,), (8,), (32,))
+    assert st.prefix_embed_stage(cfg, lim).tensor("x").shape == ("rows", n, dim)
+    embed = st.token_embed_stage(cfg, lim)
+    assert embed.input_names == ["tokens"] and embed.profile("tokens") == ((1, p, c), (8, p, c), (32, p, c))
     g = st.head_sampler_stage(cfg, S, lim)
     assert g.input_names == ["cond", "noise", "cfg", "cond_row", "uncond_row"]
     assert g.profile("cond") == ((1, p, dim), (8, p, dim), (32, p, dim))
@@ -329,9 +370,9 @@ def test_contract_shapes_profiles_and_json(ex):
     with pytest.raises(BitDanceError, match="multiple of 2"):
         pair.match("x", (5,))
     with pytest.raises(BitDanceError, match="outside the exported range"):
-        step.match("tokens", (33, p, c))
+        embed.match("tokens", (33, p, c))
     with pytest.raises(BitDanceError, match="fixed by the model config"):
-        step.match("tokens", (2, p + 1, c))
+        embed.match("tokens", (2, p + 1, c))
     for spec in st.stage_specs(cfg, st.ALL_STAGES, S, lim).values():
         assert st.StageSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
     assert st.step_start(cfg, 1) == cfg.prefix_len

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitdance_rt.models.layout import latent_to_tokens, tokens_to_latent
+from bitdance_rt.models.layout import attention_mask_table, latent_to_tokens, tokens_to_latent
 
 from conftest import assert_matches_oracle
 
@@ -61,10 +61,10 @@ def test_backbone_prefill_and_steps(official, name, full_cache):
     kv = model.new_cache(labels.shape[0])
     n = model.cfg.prefix_len
     with torch.no_grad():
-        emb = model.prefix_embeddings(labels)
+        emb = model.prefix_embed(labels)
         assert torch.equal(emb, stages["backbone.prefill.input"])
         assert (int(stages["backbone.prefill.start_pos"]), int(stages["backbone.prefill.end_pos"])) == (0, n)
-        hidden, new = model.backbone(emb, 0, chunk_mask=model.prefix_mask)
+        hidden, new = model.backbone(emb, 0, chunk_mask=attention_mask_table(model.cfg)[:n, :n])
         assert_matches_oracle(hidden, stages["backbone.prefill.output"], "prefill hidden")
         assert new.shape == (model.cfg.n_layer, 2, labels.shape[0], model.cfg.n_head, n, model.cfg.head_dim)
         model.write_cache(kv, new, 0)
@@ -115,3 +115,39 @@ def test_the_oracle_bound_catches_weights_rounded_through_bfloat16(official, nam
     for what, (got, want) in outs.items():
         with pytest.raises(AssertionError, match="max abs error"):
             assert_matches_oracle(got, want, what)
+
+
+@pytest.mark.parametrize("preset", ["BitDance-B-1x", "BitDance-B-4x", "BitDance-B-16x", "tiny-4x"])
+def test_one_mask_rule_gives_the_prefill_and_every_step(preset):
+    """layout.chunk_visible (positions -> which keys a chunk sees, the rule the one backbone graph
+    computes) equals the block-causal table of the official mask on the prefix and on every fed
+    patch, also for rows at different steps in one call."""
+    from bitdance_rt.config import load_config
+    from bitdance_rt.models.layout import chunk_step, chunk_visible
+    from bitdance_rt.stages import step_start
+
+    cfg = load_config(preset)
+    table = attention_mask_table(cfg) == 0
+    n, p = cfg.prefix_len, cfg.parallel_num
+    assert torch.equal(chunk_visible(cfg, 0, n), table[:n, :n]) and chunk_step(cfg, 0, n) == 0
+    starts = [step_start(cfg, i) for i in range(1, cfg.ar_steps)]
+    for i, s in enumerate(starts, start=1):
+        assert torch.equal(chunk_visible(cfg, s, p), table[s:s + p, s:s + p]), (preset, i)
+        assert chunk_step(cfg, s, p) == i
+    rows = torch.tensor(starts[::7])
+    got = chunk_visible(cfg, rows, p)
+    assert torch.equal(got, torch.stack([table[s:s + p, s:s + p] for s in rows.tolist()]))
+    assert torch.equal(chunk_step(cfg, rows, p), (rows - n) // p + 1)
+
+
+def test_one_mask_rule_gives_the_text_to_image_prefix():
+    """Text-to-image: causal over the prompt, the last P prefix positions (<|res_w|> and the
+    queries) one block, as the official second prefill call with an all-ones mask."""
+    from bitdance_rt.models.layout import chunk_visible
+    from bitdance_rt.t2i_config import t2i_preset
+
+    cfg = t2i_preset("BitDance-14B-64x", 512, 512)
+    n, p = cfg.prefix_len, cfg.parallel_num
+    i, j = torch.arange(n).unsqueeze(1), torch.arange(n).unsqueeze(0)
+    assert torch.equal(chunk_visible(cfg, 0, n), (j <= i) | ((i >= n - p) & (j >= n - p)))
+    assert chunk_visible(cfg, n, p).all()

@@ -121,7 +121,7 @@ def test_cache_is_one_static_buffer_written_in_place(ex):
 def test_session_options(ex, tmp_path):
     opt_dir = tmp_path / "opt"
     backend = OrtBackend(ex.dir, threads=1, opt_level="basic", optimized_model_dir=opt_dir, providers=["cpu"])
-    assert (opt_dir / "prefill.basic.onnx").is_file()
+    assert (opt_dir / "backbone.basic.onnx").is_file()
     # thread pools stop spinning at the end of a run (the next stage's session needs the cores)
     assert {s.get_session_options().get_session_config_entry("session.force_spinning_stop")
             for s in backend.sessions.values()} == {"1"}
@@ -135,11 +135,11 @@ def test_session_options(ex, tmp_path):
 # ---- bad exports and bad calls --------------------------------------------------------------
 def test_truncated_onnx_file(ex, tmp_path):
     d = ex.copy(tmp_path / "exp")
-    path = d / "backbone_step.onnx"
+    path = d / "backbone.onnx"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(BitDanceError, match=r"backbone_step\.onnx.*re-export"):
+    with pytest.raises(BitDanceError, match=r"backbone\.onnx.*re-export"):
         OrtBackend(d)
-    with pytest.raises(BitDanceError, match=r"backbone_step\.onnx"):
+    with pytest.raises(BitDanceError, match=r"backbone\.onnx"):
         OrtBackend(d, verify_hashes=False)
 
 
@@ -171,7 +171,7 @@ def test_manifest_of_another_checkpoint(ex, tmp_path):
     other_model = load_model(FIXTURES / other / "config.json", FIXTURES / other / "checkpoint.pt").model
     other_dir = tmp_path / "other"
     export_stages(other_model, other_dir, checkpoint_source(FIXTURES / other / "checkpoint.pt"),
-                  stages=[st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER])
+                  stages=[*st.REQUIRED_STAGES, st.HEAD_STEP])
     d = ex.copy(tmp_path / "exp")
     shutil.copy(other_dir / MANIFEST, d / MANIFEST)
     with pytest.raises(BitDanceError, match=r"\.onnx does not match the sha256|\.onnx has \d+ bytes"):
@@ -200,7 +200,7 @@ def test_missing_or_foreign_manifest(ex, tmp_path):
 
 def test_export_without_needed_stages(ex, tmp_path):
     d = tmp_path / "partial"
-    export_stages(ex.model, d, ex.source, stages=[st.PREFILL, st.BACKBONE_STEP, st.DECODER, *st.SAMPLER_STAGES],
+    export_stages(ex.model, d, ex.source, stages=[*st.REQUIRED_STAGES, *st.SAMPLER_STAGES],
                   sampler_steps=S)
     backend = OrtBackend(d, threads=1)
     with pytest.raises(BitDanceError, match=r"S=6.*S=4.*no head_step"):
@@ -240,9 +240,9 @@ def test_bad_calls_and_options(ex):
 def test_external_data_export_runs_end_to_end(ex, tmp_path):
     """The >1.5 GB layout (weights in <stage>.onnx.data), forced on the tiny model."""
     d = tmp_path / "ext"
-    result = export_stages(ex.model, d, ex.source, stages=[st.PREFILL, st.BACKBONE_STEP, st.HEAD_STEP, st.DECODER],
+    result = export_stages(ex.model, d, ex.source, stages=[*st.REQUIRED_STAGES, st.HEAD_STEP],
                            external_data_bytes=0)
-    assert "prefill.onnx.data" in result.manifest["files"]
+    assert "backbone.onnx.data" in result.manifest["files"]
     backend = OrtBackend(d, threads=1, optimized_model_dir=tmp_path / "opt")
     got = generate(backend, ex.labels, S, 3.0, "linear", ReplayNoise(ex.fixture / "sample.safetensors"))
     assert torch.equal(got.tokens, ex.sample["tokens"])
@@ -252,7 +252,7 @@ def test_external_data_export_runs_end_to_end(ex, tmp_path):
 
 
 def test_tensorrt_profiles_come_from_the_contract(ex):
-    from bitdance_rt.runtime.ort_backend import trt_profile_options
+    from bitdance_rt.runtime.ort_session import trt_profile_options
 
     cfg = ex.model.cfg
     spec = st.stage_spec(st.HEAD_SAMPLER, cfg, S, st.Limits(max_batch=8, opt_batch=2))
@@ -262,7 +262,7 @@ def test_tensorrt_profiles_come_from_the_contract(ex):
                                               "uncond_row:1")
     assert opts["trt_profile_max_shapes"] == (f"cond:16x{p}x{dim},noise:{S + 1}x16x{p}x{c},cfg:16,cond_row:16,"
                                               "uncond_row:16")
-    step = trt_profile_options(st.stage_spec(st.BACKBONE_STEP, cfg))
+    step = trt_profile_options(st.stage_spec(st.BACKBONE, cfg))
     assert "start:8," in step["trt_profile_opt_shapes"] and "cache.0.key:" in step["trt_profile_opt_shapes"]
 
 

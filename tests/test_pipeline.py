@@ -154,7 +154,7 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path, 
     assert eight.tokens.abs().eq(1).all() and eight.image.shape == (1, 3, 512, 512) and eight.image.isfinite().all()
     import onnx
 
-    for stage in ("prefill", "backbone_step", "head_step", "decoder"):  # (the INT8 variant's stages)
+    for stage in ("token_embed", "backbone", "head_step", "decoder"):  # (the INT8 variant's quantised stages)
         ops = {n.op_type for n in onnx.load(str(graphs / f"{stage}.onnx"), load_external_data=False).graph.node}
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, stage
     from bitdance_rt.calibration import load_calibration
@@ -163,10 +163,11 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path, 
     calib = [d for d in (tmp_path / "cache" / "calibration").iterdir() if d.is_dir()]
     cset = load_calibration(calib[0])
     assert all(prompt in " ".join(DEFAULT_T2I_PROMPTS) for prompt in cset.key["prompts"])
-    prefill = cset.samples["prefill"][0].inputs
-    assert sorted(prefill) == ["ids", "pad"] and prefill["ids"].shape[1] == p.config.prefix_len
-    step = cset.samples["backbone_step"][0].inputs
-    assert "pad" in step and step["pad"].shape == step["start"].shape
+    prefill = cset.phase_samples("backbone", "prefill")[0].inputs  # the backbone at its prefill: x of the ids
+    assert prefill["x"].shape[1] == p.config.prefix_len and prefill["pad"].shape == prefill["start"].shape
+    step = cset.phase_samples("backbone", "step")[0].inputs
+    assert step["x"].shape[1] == p.config.parallel_num and step["pad"].shape == step["start"].shape
+    assert cset.samples["token_embed"] and "prefix_embed" not in cset.samples  # a table lookup: nothing to calibrate
     if not torch.cuda.is_available():  # never a silent fallback to another backend
         with pytest.raises(BitDanceError, match="needs a CUDA GPU"):
             Pipeline.from_pretrained(backend="tensorrt", **kw)

@@ -5,6 +5,7 @@ replayed noise for 64x; teacher-forced for 16x), and the CLI."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -278,23 +279,50 @@ def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, tmp_path, capsys, mo
     and `generate --precision int8 --calibration SET` derives INT8 graphs from them and generates."""
     from bitdance_rt.calibration import load_calibration
     from bitdance_rt.cli import main
+    from bitdance_rt.precision.auto import REPORT_T2I_PROMPTS
 
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
     model = ["--checkpoint", str(ckpt[16]), "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT)]
     out = tmp_path / "set"
     with torch_threads(1):
-        assert main(["calibrate", *model, "--steps", "2", "--prompt", "a red cat", "a blue dog", "--out", str(out)]) == 0
+        assert main(["calibrate", *model, "--steps", "2", "--prompt", "a red cat", "a blue dog", "--out", str(out),
+                     "--report", "--report-images", "1", "--threads", "1"]) == 0
         assert "2 prompt(s) x 1 seed(s)" in capsys.readouterr().out
+        # the accuracy report, on a held-out prompt: every stage of both precisions measured
+        report = json.loads((out / "report.json").read_text())
+        (prompt,) = report["setup"]["prompts"]  # (shortened by whole words to fit the graphs' prompt length)
+        assert prompt and REPORT_T2I_PROMPTS[0].startswith(prompt) and "labels" not in report["setup"]
+        for precision in ("fp16", "int8"):
+            tf = report["precisions"][precision]["teacher_forced"]
+            assert {"prefix_embed", "token_embed", "backbone", "head", "end_to_end"} <= set(tf)
+            assert 0.5 < tf["end_to_end"]["bit_agreement"] <= 1.0
+        assert report["precisions"]["fp16"]["teacher_forced"]["backbone"]["bit_agreement"] >= 0.99
         cset = load_calibration(out)
         assert cset.key["prompts"] == ["a red cat", "a blue dog"] and "labels" not in cset.key
-        pads = torch.cat([s.inputs["pad"] for s in cset.samples["prefill"]])
+        pads = torch.cat([s.inputs["pad"] for s in cset.phase_samples("backbone", "prefill")])
         assert set(pads.tolist()) == _pads(ckpt[16], ["a red cat", "a blue dog"])  # conditional and CFG rows
-        assert all(s.inputs["pad"].shape == s.inputs["start"].shape for s in cset.samples["backbone_step"])
+        steps = cset.phase_samples("backbone", "step")
+        assert steps and all(s.inputs["pad"].shape == s.inputs["start"].shape for s in steps)
+        layer = "/model/layers.0/mlp/down_proj/MatMul"  # a Qwen3 layer kept float by --keep-float
         assert main(["generate", "--prompt", "a cat", *model, "--steps", "2", "--precision", "int8", "--calibration",
-                     str(out), "--quiet", "--threads", "1", "--out", str(tmp_path / "png")]) == 0
+                     str(out), "--keep-float", layer, "--quiet", "--threads", "1", "--out", str(tmp_path / "png")]) == 0
         assert "(int8)" in capsys.readouterr().out and (tmp_path / "png" / "000.png").is_file()
+    # two INT8 variants: the report's (the policy's float layers) and generate's, which keeps `layer` too
+    int8 = [d for d in (tmp_path / "cache" / "exports").iterdir() if "int8" in d.name and (d / "backbone.onnx").is_file()]
+    assert sorted(_keeps(d, layer) for d in int8) == [False, True]
+    assert not any(_keeps(d, "/model/layers.0/mlp/up_proj/MatMul") for d in int8)
     assert main(["calibrate", *model, "--labels", "1", "--out", str(tmp_path / "x")]) == 2
     assert "takes --prompt" in capsys.readouterr().err
+
+
+def _keeps(directory, layer) -> bool:
+    """Whether node `layer` of the backbone graph in `directory` reads no dequantised input (stays float)."""
+    import onnx
+
+    g = onnx.load(str(directory / "backbone.onnx"), load_external_data=False).graph
+    produced = {o: n for n in g.node for o in n.output}
+    node = next(n for n in g.node if n.name == layer)
+    return all(getattr(produced.get(i), "op_type", None) != "DequantizeLinear" for i in node.input)
 
 
 def _pads(directory, prompts) -> set[int]:
@@ -325,9 +353,13 @@ def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(ckpt, tm
         assert [str(f) for f in lint_export(directory, target)] == [], (precision, target)
     cfg = source.config
     specs = st.stage_specs(cfg, st.GENERATION_STAGES, 2)
-    prefill = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(specs[st.PREFILL]))
-    assert sorted(prefill) == ["ids", "pad"] and prefill["ids"][2] == (2 * 16, cfg.prefix_len)
-    step = [n for n, *_ in stage_profile(specs[st.BACKBONE_STEP])]
-    assert step[:3] == ["tokens", "start", "pad"] and step[3:] == st.cache_input_names(cfg)
-    cache = dict((n, hi) for n, lo, opt, hi in stage_profile(specs[st.BACKBONE_STEP]))[st.cache_input_names(cfg)[0]]
+    ids = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(specs[st.PREFIX_EMBED]))
+    assert sorted(ids) == ["ids"] and ids["ids"][2] == (2 * 16, cfg.prefix_len)
+    prefill = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(specs[st.BACKBONE], "prefill"))
+    assert prefill["x"][2] == (2 * 16, cfg.prefix_len, cfg.dim) and prefill["pad"][2] == (2 * 16,)
+    step = [n for n, *_ in stage_profile(specs[st.BACKBONE], "step")]
+    assert step[:3] == ["x", "start", "pad"] and step[3:] == st.cache_input_names(cfg)
+    embed = dict((n, hi) for n, lo, opt, hi in stage_profile(specs[st.TOKEN_EMBED]))
+    assert embed == {"tokens": (2 * 16, cfg.parallel_num, cfg.token_dim)}
+    cache = dict((n, hi) for n, lo, opt, hi in stage_profile(specs[st.BACKBONE], "step"))[st.cache_input_names(cfg)[0]]
     assert cache == (2 * 16, cfg.n_kv_head, cfg.max_seq_len, cfg.head_dim)  # GQA: the kv heads, not the query heads

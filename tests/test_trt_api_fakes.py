@@ -135,11 +135,11 @@ def toolkit(trt) -> eb.TensorRT:
     return tk
 
 
-def _build(tk, tmp_path, graph="fp32", asked=None, timing=True):
+def _build(tk, tmp_path, graph="fp32", asked=None, timing=True, profiles=None):
     plan = plan_precision(graph, asked, tk.version)
-    profile = [("labels", (1,), (2,), (4,))]
+    profiles = [[("labels", (1,), (2,), (4,))]] if profiles is None else profiles
     cache = tmp_path / "timing.cache" if timing else None
-    return tk.build(tmp_path / "x.onnx", plan, profile, 1 << 20, 3, cache)
+    return tk.build(tmp_path / "x.onnx", plan, profiles, 1 << 20, 3, cache)
 
 
 # ---- builder -------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_trt10_strongly_typed_fp32_clears_tf32(tmp_path):
     assert flags == 1 << 1  # 1 << kSTRONGLY_TYPED (= 1 in 10.x); no EXPLICIT_BATCH
     assert "TF32" not in builder_flags and "FP16" not in builder_flags
     assert trt.config.pools == {"WORKSPACE": 1 << 20} and trt.config.builder_optimization_level == 3
-    assert trt.config.profiles[0].shapes == [("labels", (1,), (2,), (4,))]
+    assert len(trt.config.profiles) == 1 and trt.config.profiles[0].shapes == [("labels", (1,), (2,), (4,))]
 
 
 def test_trt10_fp16_flag_on_weakly_typed_network(tmp_path):
@@ -277,8 +277,19 @@ class FakeGraph:
         self.replays += 1
 
 
+def _patch_cuda_graphs(monkeypatch, graph_ctx, graphs: list) -> None:
+    """torch.cuda's graph capture as stand-ins: `graph_ctx` for torch.cuda.graph, FakeGraphs into `graphs`."""
+    def new_graph():
+        graphs.append(FakeGraph())
+        return graphs[-1]
+
+    monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
 def _call(monkeypatch, context, invalidate=False):
-    """A _Call for backbone_step with fake torch.cuda graph/stream objects (no GPU needed)."""
+    """A _Call for the backbone's step phase with fake torch.cuda graph/stream objects (no GPU needed)."""
     logs, graphs = [], []
 
     @contextlib.contextmanager
@@ -292,19 +303,14 @@ def _call(monkeypatch, context, invalidate=False):
         finally:
             context.capturing = False
 
-    def new_graph():
-        graphs.append(FakeGraph())
-        return graphs[-1]
-
-    monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    _patch_cuda_graphs(monkeypatch, graph_ctx, graphs)
     backend = SimpleNamespace(stream=SimpleNamespace(cuda_stream=1234, synchronize=lambda: None), cuda_graphs=True,
                               captures=[], log=logs.append)
     call = object.__new__(tb._Call)
-    call.stage, call.backend, call.context, call.host_shape_inputs = tb.st.BACKBONE_STEP, backend, context, False
+    call.stage, call.backend, call.context, call.host_shape_inputs = tb.st.BACKBONE, backend, context, False
+    call.phase, call.graph_candidate = "step", True
     call.after, call.graph, call.capture_failed, call.calls = None, None, False, 0
-    call.key = (call.stage, (("rows", 2),))
+    call.key = (call.stage, call.phase, (("rows", 2), ("seq", 1)))
     writes = []
     call.after = lambda: writes.append(context.capturing)
     return call, backend, logs, graphs, writes
@@ -346,8 +352,17 @@ def test_refused_optimisation_profile_is_an_error(tmp_path, monkeypatch):
     """add_optimization_profile returns -1 for an invalid profile (NvInfer.h): never ignored."""
     trt = fake_trt("10.3.0")
     monkeypatch.setattr(FakeConfig, "add_optimization_profile", lambda self, profile: -1)
-    with pytest.raises(BitDanceError, match="refused the optimisation profile"):
+    with pytest.raises(BitDanceError, match="refused optimisation profile 0"):
         _build(toolkit(trt), tmp_path)
+
+
+def test_second_profile_refused_names_it(tmp_path, monkeypatch):
+    real = FakeConfig.add_optimization_profile
+    monkeypatch.setattr(FakeConfig, "add_optimization_profile",
+                        lambda self, profile: -1 if self.profiles else real(self, profile))
+    two = [[("x", (1, 8, 4), (2, 8, 4), (4, 8, 4))], [("x", (1, 2, 4), (2, 2, 4), (4, 2, 4))]]
+    with pytest.raises(BitDanceError, match=r"refused optimisation profile 1 \[\('x', \(1, 2, 4\)"):
+        _build(toolkit(fake_trt("10.3.0")), tmp_path, profiles=two)
 
 
 class FakeEngine:
@@ -415,3 +430,348 @@ def test_put_goes_through_the_pinned_twin():
     assert call.buffers["start"].data_ptr() == address
     call.put("cond", torch.ones(6))
     assert call.buffers["cond"].shape == (2, 3) and call.buffers["cond"].sum() == 6
+
+
+# ---- the backbone: one engine, one profile per phase ---------------------------------------------
+def _tiny_specs(steps=2, cfg=None):
+    from bitdance_rt.config import load_config
+
+    cfg = cfg or load_config("tiny-4x")
+    return cfg, tb.st.stage_specs(cfg, tb.st.GENERATION_STAGES, steps, tb.st.Limits(max_batch=4, opt_batch=2))
+
+
+def test_backbone_engine_gets_one_profile_per_phase_in_order(tmp_path):
+    """TensorRT.build adds one optimisation profile per phase, in profile_phases order, each with the
+    contract's shapes of that phase (prefill: seq = prefix_len, step: seq = P), all in one engine."""
+    from bitdance_rt.engines.profiles import stage_profile, stage_profiles
+
+    cfg, specs = _tiny_specs()
+    spec = specs[tb.st.BACKBONE]
+    trt = fake_trt("10.3.0")
+    _build(toolkit(trt), tmp_path, profiles=stage_profiles(spec))
+    assert len(trt.built) == 1 and spec.profile_phases == ["prefill", "step"]
+    got = [p.shapes for p in trt.config.profiles]
+    assert got == [stage_profile(spec, "prefill"), stage_profile(spec, "step")]
+    rows = spec.dims["rows"]
+    for shapes, seq in zip(got, (cfg.prefix_len, cfg.parallel_num)):
+        x = dict((n, (lo, opt, hi)) for n, lo, opt, hi in shapes)["x"]
+        assert x == ((rows.min, seq, cfg.dim), (rows.opt, seq, cfg.dim), (rows.max, seq, cfg.dim))
+    assert [n for n, *_ in got[0]] == spec.input_names  # every input has the dynamic rows dim
+
+
+class FakeStream:
+    cuda_stream = 1234
+
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+class FakeExecContext:
+    """IExecutionContext as TensorRT checks it: shapes are checked against the SELECTED profile, and a
+    profile is selected before any shape is set."""
+
+    def __init__(self, engine, log):
+        self.engine, self.log = engine, log
+        self.profile, self.selected, self.shapes, self.addresses, self.capturing = 0, [], {}, {}, False
+
+    def set_optimization_profile_async(self, index, stream_handle):
+        assert isinstance(stream_handle, int) and not self.shapes, "select the profile before any shape"
+        self.selected.append(index)
+        if not 0 <= index < self.engine.num_optimization_profiles:
+            return False
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
+        if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        spec, dims = self.engine.spec, {}
+        for n, shape in self.shapes.items():
+            dims = spec.match(n, shape, known=dims)
+        return spec.shape(name, **dims)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+    def set_device_memory(self, address, size):
+        self.memory = (address, size)
+
+    def execute_async_v3(self, stream_handle):
+        self.log.append((self.engine.spec.name, self.profile, self.capturing))
+        return True
+
+
+class FakeTrtEngine:
+    """ICudaEngine of one stage, with the profiles the builder was given."""
+
+    def __init__(self, spec, profiles, log, memory=4096):
+        self.spec, self.profiles, self.log, self.device_memory_size_v2 = spec, profiles, log, memory
+        self.contexts = []
+
+    @property
+    def num_optimization_profiles(self):
+        return max(len(self.profiles), 1)
+
+    @property
+    def num_io_tensors(self):
+        return len(self.spec.inputs) + len(self.spec.outputs)
+
+    def get_tensor_name(self, i):
+        return (self.spec.input_names + self.spec.output_names)[i]
+
+    def get_tensor_shape(self, name):
+        return tuple(-1 if isinstance(d, str) else d for d in self.spec.tensor(name).shape)
+
+    def get_tensor_dtype(self, name):
+        return self.spec.tensor(name).dtype
+
+    def get_tensor_location(self, name):
+        return "DEVICE"
+
+    def get_tensor_profile_shape(self, name, index):
+        return list(dict((n, (lo, opt, hi)) for n, lo, opt, hi in self.profiles[index])[name])
+
+    def create_execution_context(self, strategy=None):
+        assert strategy == Strategy.USER_MANAGED
+        self.contexts.append(FakeExecContext(self, self.log))
+        return self.contexts[-1]
+
+
+class FakeRuntime:
+    def __init__(self, engines):
+        self.engines, self.loaded = engines, []
+
+    def deserialize_cuda_engine(self, blob):
+        stage = bytes(blob).decode()
+        self.loaded.append(stage)
+        return self.engines[stage]
+
+
+BACKEND_TRT = SimpleNamespace(float32="float32", float16="float16", int32="int32", int64="int64", bool="bool",
+                              int8="int8", TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
+                              ExecutionContextAllocationStrategy=Strategy)
+
+
+def _fake_backend(monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=True, make_engine=None, cfg=None):
+    """A TrtBackend over fake engines on the CPU: every engine has the profiles TensorRT.build (with the
+    fake bindings) was given for its stage, torch.cuda's stream / graph calls are stand-ins."""
+    from bitdance_rt.engines.profiles import stage_profiles
+
+    cfg, specs = _tiny_specs(steps, cfg)
+    log, graphs = [], []
+
+    @contextlib.contextmanager
+    def graph_ctx(graph, stream=None, capture_error_mode="global", **_):
+        for engine in backend.engines.values():
+            for c in engine.contexts:
+                c.capturing = True
+        try:
+            yield
+        finally:
+            for engine in backend.engines.values():
+                for c in engine.contexts:
+                    c.capturing = False
+
+    _patch_cuda_graphs(monkeypatch, graph_ctx, graphs)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    monkeypatch.setattr(tb, "check_alignment", lambda kv, cfg: None)  # CPU allocations are not 256-aligned
+    builder = fake_trt("10.3.0")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    engines, paths = {}, {}
+    for stage, spec in specs.items():
+        _build(toolkit(builder), tmp_path, profiles=stage_profiles(spec), timing=False)
+        profiles = [p.shapes for p in builder.config.profiles]
+        engines[stage] = (make_engine or FakeTrtEngine)(spec, profiles, log)
+        paths[stage] = tmp_path / f"{stage}.engine"
+        paths[stage].write_bytes(stage.encode())
+    backend = object.__new__(tb.TrtBackend)
+    backend.dir, backend.config, backend.specs, backend.sampler, backend.sampler_steps = (
+        tmp_path, cfg, specs, sampler, steps)
+    backend.device, backend.log, backend.trt = torch.device("cpu"), log.append, BACKEND_TRT
+    backend._runtime, backend.engine_paths, backend.stream = FakeRuntime(engines), paths, FakeStream()
+    backend.cuda_graphs, backend.captures, backend._calls = cuda_graphs, [], {}
+    backend._load_engines(tb.lazy_stages(sampler, specs))  # what TrtBackend.__init__ does after the build
+    backend._init_core(specs[tb.st.BACKBONE].dims["rows"].max)
+    return backend, log, graphs
+
+
+def _generate_steps(backend, steps=2, ar_steps=3):
+    cfg = backend.config
+    p, c = cfg.parallel_num, cfg.token_dim
+    backend.prefill(torch.tensor([1, 2, cfg.num_classes, cfg.num_classes]))  # 2 images with CFG: 4 rows
+    for i in range(1, ar_steps):
+        backend.step(torch.ones(4, p, c), i)
+    return backend.sample_tokens(torch.zeros(4, p, cfg.dim), torch.zeros(steps + 1, 2, p, c), 3.0, True)
+
+
+def _backbone_call(backend, phase):
+    (call,) = [c for c in backend._calls.values() if c.stage == tb.st.BACKBONE and c.phase == phase]
+    return call
+
+
+def test_prefill_on_profile_0_step_on_profile_1(monkeypatch, tmp_path):
+    backend, log, _ = _fake_backend(monkeypatch, tmp_path)
+    _generate_steps(backend)
+    prefill, step = _backbone_call(backend, "prefill"), _backbone_call(backend, "step")
+    assert prefill.context is not step.context  # two contexts of ONE engine (its weights once)
+    assert {id(prefill.context), id(step.context)} <= {id(c) for c in backend.engines[tb.st.BACKBONE].contexts}
+    assert (prefill.context.selected, prefill.context.profile) == ([0], 0)
+    assert (step.context.selected, step.context.profile) == ([1], 1)
+    cfg = backend.config
+    assert prefill.context.shapes["x"] == (4, cfg.prefix_len, cfg.dim)
+    assert step.context.shapes["x"] == (4, cfg.parallel_num, cfg.dim)
+    runs = [(stage, profile) for stage, profile, _ in log if isinstance(stage, str) and stage == tb.st.BACKBONE]
+    assert runs[0] == (tb.st.BACKBONE, 0) and set(runs[1:]) == {(tb.st.BACKBONE, 1)}
+    with pytest.raises(BitDanceError, match="phase step"):  # a prefill-sized call is no step
+        backend._run(tb.st.BACKBONE, {"x": torch.zeros(4, cfg.prefix_len, cfg.dim),
+                                      "start": torch.zeros(4, dtype=torch.int64), **backend._cache_feeds(4)},
+                     phase="step")
+
+
+def test_only_step_phase_calls_are_graph_captured(monkeypatch, tmp_path):
+    backend, log, graphs = _fake_backend(monkeypatch, tmp_path)
+    _generate_steps(backend, ar_steps=4)
+    captured = {(stage, phase) for stage, phase, _ in backend.captures}
+    assert captured == {(tb.st.TOKEN_EMBED, None), (tb.st.BACKBONE, "step"), (tb.st.HEAD_SAMPLER, None)}
+    assert _backbone_call(backend, "prefill").graph is None  # the prefill runs eagerly, never captured
+    assert not [1 for stage, _, capturing in log if capturing and stage == tb.st.PREFIX_EMBED]
+    step = _backbone_call(backend, "step")
+    assert step.graph.replays == 2 and step.calls == 3  # eager warm-up + capture, then replays
+    plain, _, _ = _fake_backend(monkeypatch, tmp_path / "plain", cuda_graphs=False)
+    _generate_steps(plain)
+    assert plain.captures == []
+
+
+def test_embeddings_stay_on_the_device_buffers(monkeypatch, tmp_path):
+    """The backbone reads the embedding stage's output buffer in place: no copy, no host round trip."""
+    backend, _, _ = _fake_backend(monkeypatch, tmp_path)
+    _generate_steps(backend)
+    calls = {c.stage: c for c in backend._calls.values() if c.stage != tb.st.BACKBONE}
+    prefill, step = _backbone_call(backend, "prefill"), _backbone_call(backend, "step")
+    assert prefill.buffers["x"] is calls[tb.st.PREFIX_EMBED].buffers["x"]
+    assert step.buffers["x"] is calls[tb.st.TOKEN_EMBED].buffers["x"]
+    assert "x" not in step.staging and "x" not in prefill.staging
+    assert step.context.addresses["x"] == calls[tb.st.TOKEN_EMBED].context.addresses["x"]
+    out = backend._run(tb.st.TOKEN_EMBED, {"tokens": torch.ones(4, backend.config.parallel_num,
+                                                                backend.config.token_dim)})
+    assert out["x"] is calls[tb.st.TOKEN_EMBED].buffers["x"]  # handed back as the device buffer
+    # another x (not our buffer) is copied into the bound buffer, which keeps its address
+    address = step.buffers["x"].data_ptr()
+    step.put("x", torch.full(tuple(step.buffers["x"].shape), 2.0))
+    assert step.buffers["x"].data_ptr() == address and float(step.buffers["x"].mean()) == 2.0
+
+
+def test_head_step_is_deserialised_only_when_needed(monkeypatch, tmp_path):
+    backend, log, _ = _fake_backend(monkeypatch, tmp_path, steps=2)
+    runtime = backend._runtime
+    assert tb.st.HEAD_STEP not in runtime.loaded and tb.st.HEAD_STEP not in backend.engines
+    assert backend.has_stage(tb.st.HEAD_STEP)  # built, so the sampler choice still sees it
+    _generate_steps(backend, steps=2)  # S = the fused graph's: head_sampler serves
+    assert tb.st.HEAD_STEP not in runtime.loaded
+    cfg = backend.config
+    p, c = cfg.parallel_num, cfg.token_dim
+    backend.sample_tokens(torch.zeros(4, p, cfg.dim), torch.zeros(4, 2, p, c), 3.0, True)  # S = 3: head_step
+    backend.sample_tokens(torch.zeros(4, p, cfg.dim), torch.zeros(4, 2, p, c), 3.0, True)
+    assert runtime.loaded.count(tb.st.HEAD_STEP) == 1 and tb.st.HEAD_STEP in backend.engines
+    assert any("head_step: loading its engine" in str(line) for line in log)
+    assert sorted(runtime.loaded) == sorted(backend.specs)  # every other engine once, at load
+
+
+@pytest.mark.parametrize("sampler, lazy", [("auto", {"head_step"}), ("fused", {"head_step"}), ("step", set())])
+def test_lazy_stages(sampler, lazy):
+    _, specs = _tiny_specs()
+    assert tb.lazy_stages(sampler, specs) == lazy
+    assert tb.lazy_stages(sampler, {k: v for k, v in specs.items() if k != tb.st.HEAD_SAMPLER}) == set()
+
+
+def test_step_sampler_loads_head_step_at_start(monkeypatch, tmp_path):
+    backend, _, _ = _fake_backend(monkeypatch, tmp_path, sampler="step")
+    assert sorted(backend._runtime.loaded) == sorted(backend.specs)
+
+
+def test_lazily_loaded_engine_larger_than_the_scratch_gets_its_own(monkeypatch, tmp_path):
+    def engine(spec, profiles, log):
+        return FakeTrtEngine(spec, profiles, log, memory=1 << 16 if spec.name == tb.st.HEAD_STEP else 4096)
+
+    backend, _, _ = _fake_backend(monkeypatch, tmp_path, make_engine=engine)
+    assert backend.scratch.numel() == 4096
+    backend._run(tb.st.HEAD_STEP, {"x": torch.zeros(4, backend.config.parallel_num, backend.config.token_dim),
+                                   "t": torch.zeros(4), "cond": torch.zeros(4, backend.config.parallel_num,
+                                                                            backend.config.dim)})
+    (call,) = [c for c in backend._calls.values() if c.stage == tb.st.HEAD_STEP]
+    assert call.context.memory == (backend._own_scratch[tb.st.HEAD_STEP].data_ptr(), 1 << 16)
+    assert backend.scratch.numel() == 4096  # the shared scratch (and its address) did not move
+
+
+def test_backbone_engine_without_the_phase_profiles_is_refused(monkeypatch, tmp_path):
+    """An engine with one profile (or the phases' profiles swapped) cannot serve the contexts' indices."""
+    from bitdance_rt.engines.profiles import spanning_profile, stage_profile
+
+    _, specs = _tiny_specs()
+    spec = specs[tb.st.BACKBONE]
+    one = FakeTrtEngine(spec, [spanning_profile(spec)], [])
+    with pytest.raises(BitDanceError, match="1 optimisation profile.*one per phase.*rebuild"):
+        tb.check_engine_profiles(one, spec, "backbone.engine")
+    swapped = FakeTrtEngine(spec, [stage_profile(spec, "step"), stage_profile(spec, "prefill")], [])
+    with pytest.raises(BitDanceError, match="profile 0 gives x .* phase prefill"):
+        tb.check_engine_profiles(swapped, spec, "backbone.engine")
+    tb.check_engine_profiles(FakeTrtEngine(spec, [stage_profile(spec, "prefill"), stage_profile(spec, "step")], []),
+                             spec, "backbone.engine")
+    tb.check_engine_profiles(one, specs[tb.st.DECODER], "decoder.engine")  # no phases: nothing to check
+
+
+def test_refused_profile_selection_is_an_error():
+    class Old:  # bindings that raise instead of returning False
+        def set_optimization_profile_async(self, index, stream):
+            raise RuntimeError("Error in set optimization profile async.\nmore")
+
+    with pytest.raises(BitDanceError, match=r"backbone: TensorRT refused optimisation profile 1 \(Error in set"):
+        tb._select_profile(Old(), 1, 7, "backbone")
+    no = SimpleNamespace(set_optimization_profile_async=lambda index, stream: False)
+    with pytest.raises(BitDanceError, match="returned False"):
+        tb._select_profile(no, 1, 7, "backbone")
+
+
+def test_text_to_image_runs_on_the_tensorrt_backend(monkeypatch, tmp_path):
+    """Text-to-image on TrtBackend (fake engines, the tiny Qwen3 checkpoint's contract): prefix_embed
+    gets the ids, the backbone each row's pad and position at the prefill and at every step, and the
+    cache it reads has the GQA kv heads; the embeddings stay in place."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from t2i_tiny import write_checkpoint
+
+    from bitdance_rt.t2i.config import read_checkpoint_config
+
+    cfg = read_checkpoint_config(write_checkpoint(tmp_path / "ckpt"), 512, 512, 12)
+    backend, log, _ = _fake_backend(monkeypatch, tmp_path / "engines", cfg=cfg)
+    p, c = cfg.parallel_num, cfg.token_dim
+    ids = torch.randint(0, cfg.llm.vocab_size, (4, cfg.prefix_len), generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([3, 0, 5, 5])
+    backend.prefill({"ids": ids, "pad": pad})
+    for i in (1, 2):
+        backend.step(torch.ones(4, p, c), i)
+    calls = {(k.stage, k.phase): k for k in backend._calls.values()}
+    assert torch.equal(calls[(tb.st.PREFIX_EMBED, None)].buffers["ids"], ids)
+    prefill, step = calls[(tb.st.BACKBONE, "prefill")], calls[(tb.st.BACKBONE, "step")]
+    assert torch.equal(prefill.buffers["pad"], pad) and not prefill.buffers["start"].any()
+    assert torch.equal(step.buffers["pad"], pad)
+    assert step.buffers["start"].tolist() == [tb.st.step_start(cfg, 2)] * 4
+    assert calls[(tb.st.TOKEN_EMBED, None)].context.shapes == {"tokens": (4, p, c)}
+    assert prefill.buffers["x"] is calls[(tb.st.PREFIX_EMBED, None)].buffers["x"]
+    key = step.buffers[tb.st.cache_input_names(cfg)[0]]
+    assert key.shape == (4, cfg.n_kv_head, cfg.max_seq_len, cfg.head_dim) and cfg.n_kv_head < cfg.n_head
+    with pytest.raises(BitDanceError, match="pad must lie"):
+        backend.prefill({"ids": ids, "pad": torch.tensor([0, 0, 0, cfg.max_text_tokens + 1])})

@@ -1,6 +1,9 @@
 """TensorRT on a GPU (marker `gpu`; skipped without CUDA or without the tensorrt package):
 fixture engines give the official tokens (FP32), FP16 agreement is reported, CUDA-graph replay
-equals plain execution, a stale engine is rebuilt, and `check --backend tensorrt` passes."""
+equals plain execution (the backbone's step phase captured, never its prefill), the backbone is one
+engine with a profile per phase (prefill contexts on profile 0, step contexts on profile 1),
+head_step is deserialised only when needed, a stale engine is rebuilt, and `check --backend
+tensorrt` passes."""
 
 from __future__ import annotations
 
@@ -66,12 +69,53 @@ def test_cuda_graph_replay_equals_plain_execution(tiny):
     plain = _backend(tiny, cuda_graphs=False)
     a, b = _run(graphs, tiny), _run(plain, tiny)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.image, b.image)
-    captured = {stage for stage, _ in graphs.captures}
+    captured = {(stage, phase) for stage, phase, _ in graphs.captures}
     assert not [c.key for c in graphs._calls.values() if c.capture_failed]  # no silent fallback to eager
-    assert st.BACKBONE_STEP in captured and captured & set(st.SAMPLER_STAGES)
+    assert {(st.BACKBONE, "step"), (st.TOKEN_EMBED, None)} <= captured
+    assert (st.BACKBONE, "prefill") not in captured and (st.PREFIX_EMBED, None) not in captured
+    assert {stage for stage, _ in captured} & set(st.SAMPLER_STAGES)
     assert plain.captures == []
     again = _run(graphs, tiny)  # replay only: no new captures for the same shapes
     assert torch.equal(again.tokens, a.tokens) and len({k for k in graphs.captures}) == len(graphs.captures)
+
+
+def test_backbone_is_one_engine_with_a_profile_per_phase(tiny):
+    """The built backbone engine holds the contract's prefill and step profiles (in that order); a
+    generation runs the prefill on a profile-0 context and every step on a profile-1 context, and the
+    backbone reads the embedding stages' output buffers in place."""
+    from bitdance_rt.engines.profiles import dynamic_inputs
+
+    backend = _backend(tiny)
+    _run(backend, tiny)
+    engine, spec = backend.engines[st.BACKBONE], backend.specs[st.BACKBONE]
+    assert engine.num_optimization_profiles == 2 and spec.profile_phases == ["prefill", "step"]
+    for k, phase in enumerate(spec.profile_phases):
+        for name in dynamic_inputs(spec):
+            got = tuple(tuple(d) for d in engine.get_tensor_profile_shape(name, k))
+            assert got == spec.profile(name, phase), (name, phase)
+    calls = [c for c in backend._calls.values() if c.stage == st.BACKBONE]
+    assert {c.phase for c in calls} == {"prefill", "step"}
+    for c in calls:
+        assert c.profile == (0 if c.phase == "prefill" else 1)
+        active = getattr(c.context, "active_optimization_profile", c.profile)
+        assert active == c.profile
+        embed = st.PREFIX_EMBED if c.phase == "prefill" else st.TOKEN_EMBED
+        producer = backend._calls[(embed, None, (("rows", c.key[2][0][1]),))]
+        assert c.buffers["x"] is producer.buffers["x"]  # no copy, no host round trip
+
+
+def test_head_step_engine_is_loaded_only_when_needed(tiny):
+    backend = _backend(tiny)  # sampler auto, fused graph of S: head_step waits
+    result = _run(backend, tiny)
+    assert st.HEAD_STEP not in backend.engines and backend.has_stage(st.HEAD_STEP)
+    from bitdance_rt.sampling import SeededNoise
+
+    sample = tiny[3]
+    generate(backend, [int(x) for x in sample["labels"]][:1], S - 1, 3.0, "linear", SeededNoise(0))
+    assert st.HEAD_STEP in backend.engines  # another step count: loaded now
+    step = _backend(tiny, sampler="step")
+    assert st.HEAD_STEP in step.engines
+    assert torch.equal(_run(step, tiny).tokens.cpu(), result.tokens.cpu())
 
 
 def test_fp16_engines_report_agreement(tiny):

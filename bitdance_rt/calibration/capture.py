@@ -2,16 +2,22 @@
 
 `RecordingBackend` wraps the torch reference backend and is driven by the ordinary loop
 (bitdance_rt.runtime.generate_batched, through the scheduler), so the trajectories are the real ones: the same labels,
-CFG rows and schedule, noise and fed-back tokens as a normal run. It records, per stage of the
-contract, the call's inputs (contract names) and the float32 outputs:
+CFG rows and schedule, noise and fed-back tokens as a normal run. It records, per calibrated stage
+of the contract, the call's inputs (contract names) and the float32 outputs:
 
-- prefill {labels}; backbone_step {tokens, start, cache (see dataset.COMPACT_CACHE)};
+- token_embed {tokens} of every AR step;
+- backbone {x, start (, pad), cache (see dataset.COMPACT_CACHE)} of BOTH phases: the prefill (x from
+  prefix_embed, start 0) and every AR step (x from token_embed), since one graph serves both;
 - head_step {x, t, cond}: every evaluation of the head net inside the sampler (the net callable
   handed to sample_tokens is wrapped), so x_t spans all sampler times of all AR steps;
 - head_sampler {cond, noise, cfg, cond_row, uncond_row}; decoder {latent}.
 
-What is kept follows a CapturePolicy (policy.py). Recording only copies tensors: the maths and
-the noise draws are those of TorchBackend, and a recorded run gives the same tokens.
+The embeddings and the backbone are recorded where the runtime core calls them (`_run` of the
+inner backend), so a backbone sample holds the very `x` it got, and only the rows of the call's
+requests (not the padding rows of its row bucket, nor rows a step does not advance).
+What is kept follows a CapturePolicy (policy.py), with one reservoir per backbone phase so that
+the few prefill calls are never crowded out by the many steps. Recording only copies tensors:
+the maths and the noise draws are those of TorchBackend, and a recorded run gives the same tokens.
 """
 
 from __future__ import annotations
@@ -38,8 +44,8 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
 
 class RecordingBackend:
     """TorchBackend plus recording of every stage call chosen by the policy. It wraps the row-level
-    calls the scheduler makes (runtime/core.py), so the recorded rows are the request's own rows,
-    never the padding rows the core adds."""
+    calls the scheduler makes (runtime/core.py) and, inside them, the stage calls of the core, so
+    the recorded rows are the request's own rows, never the padding rows the core adds."""
 
     name = "torch (recording)"
 
@@ -48,10 +54,14 @@ class RecordingBackend:
         self.config = inner.config
         self.policy = policy
         self._rng = random.Random(policy.seed)
-        self.reservoirs = {stage: Reservoir(policy.max_samples, self._rng) for stage in CAPTURED_STAGES}
+        # one reservoir per (stage, phase); phase None for a stage without phases
+        self.reservoirs = {(stage, phase): Reservoir(policy.max_samples, self._rng) for stage in CAPTURED_STAGES
+                           for phase in (st.stage_spec(stage, self.config, steps=1).phases or [None])}
         self.head_evaluations = 0
         self._real_rows = None  # rows of the sampler call in progress (the rest is padding)
+        self._rows = None  # rows of the prefill / step call in progress to record (None: record nothing)
         inner.head_net = self._recording_net(inner.head_net)  # sees every evaluation inside the sampler
+        inner._run = self._recording_run(inner._run)  # sees the embeddings and the backbone
 
     @property
     def max_batch(self):
@@ -61,33 +71,49 @@ class RecordingBackend:
     def max_rows(self):
         return self.inner.max_rows
 
-    def _offer(self, stage: str) -> bool:
-        return self.reservoirs[stage].offer()
+    def _offer(self, stage: str, phase: str | None = None) -> bool:
+        return self.reservoirs[(stage, phase)].offer()
+
+    def _put(self, stage: str, sample: Sample, phase: str | None = None) -> None:
+        self.reservoirs[(stage, phase)].put(sample)
 
     def prefill_rows(self, inputs, slots):
-        cond = self.inner.prefill_rows(inputs, slots)
-        if self._offer(st.PREFILL):
-            kv_new = self.inner.kv_rows(slots)[:, :, :, :, : self.config.prefix_len]
-            named = dict(inputs) if isinstance(inputs, dict) else {"labels": inputs}  # (text-to-image: ids, pad)
-            self.reservoirs[st.PREFILL].put(Sample({k: _keep(torch.as_tensor(v)) for k, v in named.items()},
-                                                   {"cond": _keep(cond), "kv_new": _keep(kv_new)}))
-        return cond
+        self._rows = list(range(len(slots)))  # the call's first rows; the rest pads its bucket
+        try:
+            return self.inner.prefill_rows(inputs, slots)
+        finally:
+            self._rows = None
 
     def step_rows(self, tokens, starts, write):
-        step = (int(max(starts)) - self.config.prefix_len) // self.config.parallel_num + 1
-        if not self.policy.keeps_step(step) or not self._offer(st.BACKBONE_STEP):
+        rows = [i for i, w in enumerate(write) if w]  # rows not written are padding (or were just prefilled)
+        if rows:
+            step = (max(int(starts[i]) for i in rows) - self.config.prefix_len) // self.config.parallel_num + 1
+            self._rows = rows if self.policy.keeps_step(step) else None
+        try:
             return self.inner.step_rows(tokens, starts, write)
-        rows, end = int(tokens.shape[0]), int(max(starts))
-        inputs = {"tokens": _keep(tokens).float(), "start": torch.tensor(list(starts), dtype=torch.int64),
-                  COMPACT_CACHE: _keep(self.inner.kv_rows(range(rows))[:, :, :, :, :end])}
-        for name in st.step_context_names(self.config):  # text-to-image: each row's prompt padding
-            inputs[name] = _keep(self.inner.step_context(name, rows))
-        cond = self.inner.step_rows(tokens, starts, write)
-        p = self.config.parallel_num
-        kv_new = torch.stack([self.inner.kv_rows([r])[:, :, 0, :, int(s) : int(s) + p] for r, s in enumerate(starts)],
-                             dim=2)
-        self.reservoirs[st.BACKBONE_STEP].put(Sample(inputs, {"cond": _keep(cond), "kv_new": _keep(kv_new)}))
-        return cond
+        finally:
+            self._rows = None
+
+    def _recording_run(self, run):
+        def recorded(stage, feeds, phase=None):
+            out = run(stage, feeds, phase)
+            if self._rows is None or stage not in (st.TOKEN_EMBED, st.BACKBONE) or not self._offer(stage, phase):
+                return out
+            index = torch.tensor(self._rows, dtype=torch.int64)
+            take = lambda t: _keep(t.index_select(0, index.to(t.device)))  # noqa: E731
+            inputs = {name: take(t) for name, t in feeds.items() if not name.startswith("cache.")}
+            outputs = {name: take(t) for name, t in out.items() if name != "kv_new"}
+            if stage == st.BACKBONE:
+                end = int(inputs["start"].max())  # positions a row of the call reads unmasked: [0, start)
+                names = st.cache_input_names(self.config)
+                inputs[COMPACT_CACHE] = torch.stack([torch.stack([take(feeds[names[2 * i + part]][:, :, :end])
+                                                                  for part in (0, 1)])
+                                                     for i in range(self.config.n_layer)])  # kv[..., rows, :, :end]
+                outputs["kv_new"] = _keep(out["kv_new"].index_select(2, index.to(out["kv_new"].device)))
+            self._put(stage, Sample(inputs, {k: v.float() for k, v in outputs.items()}), phase)
+            return out
+
+        return recorded
 
     def _recording_net(self, net):
         def recorded(x, t, cond):
@@ -97,8 +123,8 @@ class RecordingBackend:
             # The first evaluation is always a candidate, so a short run never leaves head_step empty.
             chosen = self._rng.random() < self.policy.head_fraction or self.head_evaluations == 1
             if chosen and self._offer(st.HEAD_STEP):
-                self.reservoirs[st.HEAD_STEP].put(Sample({"x": _keep(x[:m]), "t": _keep(t[:m]), "cond": _keep(cond[:m])},
-                                                         {"x_pred": _keep(out[:m])}))
+                self._put(st.HEAD_STEP, Sample({"x": _keep(x[:m]), "t": _keep(t[:m]), "cond": _keep(cond[:m])},
+                                               {"x_pred": _keep(out[:m])}))
             return out
 
         return recorded
@@ -113,20 +139,34 @@ class RecordingBackend:
         if self._offer(st.HEAD_SAMPLER):
             inputs = {"cond": _keep(cond), "noise": _keep(noise), "cfg": _keep(torch.as_tensor(cfg, dtype=torch.float32)),
                       "cond_row": _keep(torch.as_tensor(cond_row)), "uncond_row": _keep(torch.as_tensor(uncond_row))}
-            self.reservoirs[st.HEAD_SAMPLER].put(Sample(inputs, {"tokens": _keep(tokens)}))
+            self._put(st.HEAD_SAMPLER, Sample(inputs, {"tokens": _keep(tokens)}))
         return tokens
 
     def decode(self, latent):
         image = self.inner.decode(latent)
         if self._offer(st.DECODER):
-            self.reservoirs[st.DECODER].put(Sample({"latent": _keep(latent).float()}, {"image": _keep(image)}))
+            self._put(st.DECODER, Sample({"latent": _keep(latent).float()}, {"image": _keep(image)}))
         return image
 
     def samples(self) -> dict[str, list[Sample]]:
-        return {stage: r.items() for stage, r in self.reservoirs.items()}
+        """{stage: samples}; the backbone's prefill samples first, then its steps'."""
+        out: dict[str, list[Sample]] = {}
+        for (stage, _), r in self.reservoirs.items():
+            out.setdefault(stage, []).extend(r.items())
+        return out
 
     def candidates(self) -> dict[str, int]:
-        return {stage: r.seen for stage, r in self.reservoirs.items()}
+        out: dict[str, int] = {}
+        for (stage, _), r in self.reservoirs.items():
+            out[stage] = out.get(stage, 0) + r.seen
+        return out
+
+    def phase_candidates(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (stage, phase), r in self.reservoirs.items():
+            if phase is not None:
+                out.setdefault(stage, {})[phase] = r.seen
+        return out
 
 
 @dataclass
@@ -143,7 +183,7 @@ def capture(model: BitDance, weights: str, labels, seeds, steps: int, cfg_scale:
 
     `weights` names the weights (bitdance_rt.export.checkpoint_source / random_source), so a set
     is never used with another checkpoint. `batch_size` bounds the rows per recorded call (and
-    so the size of a backbone sample, which holds the KV cache of all its rows).
+    so the size of a backbone step sample, which holds the KV cache of all its rows).
     """
     seeds = [int(s) for s in seeds]
     cfg = model.cfg
@@ -162,5 +202,5 @@ def capture(model: BitDance, weights: str, labels, seeds, steps: int, cfg_scale:
     key = {"format": FORMAT, "config": cfg.to_json_dict(), "weights": weights, **what, "seeds": seeds,
            "steps": int(steps), "cfg_scale": float(cfg_scale), "cfg_schedule": cfg_schedule,
            "batch_size": batch_size, "policy": policy.to_json(), "head_evaluations": backend.head_evaluations}
-    cset = CalibrationSet(key, backend.samples(), backend.candidates())
+    cset = CalibrationSet(key, backend.samples(), backend.candidates(), phase_candidates=backend.phase_candidates())
     return Capture(cset, results)

@@ -5,10 +5,14 @@ Layout of a set directory:
     <stage>.safetensors       samples numbered 00000, 00001, ...: `{n}.in.{name}` / `{n}.out.{name}`
 
 Inputs are stored under the contract's names (bitdance_rt.stages), with one exception that keeps
-sets small: a backbone_step sample stores `cache` = kv[:, :, :, :, :start] (the only cache positions a
-graph reads unmasked; everything past `start` is zero in the runtime's cache), and `feed()`
-rebuilds the contract's `cache.{i}.key` / `cache.{i}.value` [rows, n_head, L, head_dim] from it.
+sets small: a backbone sample stores `cache` = kv[:, :, :, :, :max(start)] (the only cache positions
+a graph reads unmasked: none at the prefill), and `feed()` rebuilds the contract's `cache.{i}.key` /
+`cache.{i}.value` [rows, n_head, L, head_dim] from it, zero past `start`.
 Outputs are the float32 torch reference's, for accuracy reports under teacher forcing.
+
+The backbone is one graph for two phases (stages.backbone_phases), so its samples come in two
+shapes: prefill calls (start 0, seq = prefix_len) first, then AR steps (seq = P); `sample_phase`
+tells them apart by `start` (the sizes alone coincide when prefix_len == P).
 
 The directory is written under a temporary name and renamed into place, so a set that exists is
 complete. Loading checks the format, the files' sizes and hashes, every sample against the stage
@@ -37,7 +41,7 @@ from ..manifest_file import read_manifest_file
 MANIFEST = "calibration.json"
 FORMAT = f"bitdance-rt-calibration/{st.CONTRACT_VERSION}"  # samples follow the stage contract
 CAPTURED_STAGES = st.CALIBRATED_STAGES
-COMPACT_CACHE = "cache"  # stored name of backbone_step's kv[:, :, :, :, :start]
+COMPACT_CACHE = "cache"  # stored name of the backbone's kv[:, :, :, :, :max(start)]
 _WIDE = st.Limits(max_batch=1 << 20, opt_batch=1)  # validation: any batch the capture used
 
 
@@ -61,15 +65,22 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy().copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
 
 
+def sample_phase(stage: str, sample: Sample) -> str | None:
+    """The phase of a sample of a stage with phases (the backbone: "prefill" at start 0, else "step")."""
+    if stage != st.BACKBONE:
+        return None
+    return "prefill" if int(sample.inputs["start"].max()) == 0 else "step"
+
+
 def feed(cfg: ModelConfig, stage: str, sample: Sample) -> dict[str, np.ndarray]:
     """The sample as a graph of `stage` takes it: {contract input name: numpy array}."""
-    if stage != st.BACKBONE_STEP:
+    if stage != st.BACKBONE:
         return {name: _np(t) for name, t in sample.inputs.items()}
     valid = sample.inputs[COMPACT_CACHE]
     start = int(sample.inputs["start"].max())  # positions past a row's start are masked in the graph
     full = torch.zeros(st.kv_shape(cfg, valid.shape[2]), dtype=torch.float32)
     full[:, :, :, :, :start] = valid
-    out = {name: _np(t) for name, t in sample.inputs.items() if name != COMPACT_CACHE}  # tokens, start (, pad)
+    out = {name: _np(t) for name, t in sample.inputs.items() if name != COMPACT_CACHE}  # x, start (, pad)
     for i, name in enumerate(st.cache_input_names(cfg)):
         out[name] = _np(full[i // 2, i % 2])
     return out
@@ -96,6 +107,7 @@ class CalibrationSet:
     samples: dict[str, list[Sample]]
     candidates: dict[str, int] = field(default_factory=dict)  # calls seen per stage before subsampling
     directory: Path | None = None  # where it was loaded from, for messages
+    phase_candidates: dict[str, dict[str, int]] = field(default_factory=dict)  # {stage: {phase: calls seen}}
 
     @property
     def config(self) -> ModelConfig:
@@ -109,18 +121,28 @@ class CalibrationSet:
         """The stage contracts of the set's own config and steps (any batch size): see `contract`."""
         return contract(self.config, self.steps)
 
-    def feeds(self, stage: str):
-        """Iterator of feed dicts (numpy, contract input names) for `stage`."""
+    def phase_samples(self, stage: str, phase: str | None = None) -> list[Sample]:
+        """`stage`'s samples, only those of `phase` when given (see sample_phase)."""
+        samples = self.samples.get(stage, [])
+        return samples if phase is None else [s for s in samples if sample_phase(stage, s) == phase]
+
+    def phase_counts(self, stage: str) -> dict[str, int]:
+        """{phase: samples} of a stage with phases (the backbone); {} for the others."""
+        phases = self.stage_specs()[stage].phases
+        return {p: len(self.phase_samples(stage, p)) for p in phases}
+
+    def feeds(self, stage: str, phase: str | None = None):
+        """Iterator of feed dicts (numpy, contract input names) for `stage` (of one `phase` when given)."""
         if stage not in CAPTURED_STAGES:
             raise BitDanceError(f"no calibration data for stage {stage!r}: sets hold {', '.join(CAPTURED_STAGES)}")
         cfg = self.config
-        return (feed(cfg, stage, s) for s in self.samples.get(stage, []))
+        return (feed(cfg, stage, s) for s in self.phase_samples(stage, phase))
 
-    def reader(self, stage: str):
-        """An onnxruntime.quantization CalibrationDataReader over `stage`'s feeds."""
+    def reader(self, stage: str, phase: str | None = None):
+        """An onnxruntime.quantization CalibrationDataReader over `stage`'s feeds (see reader.py)."""
         from .reader import StageDataReader
 
-        return StageDataReader(self, stage)
+        return StageDataReader(self, stage, phase=phase)
 
     def check_contract(self, where: str = "calibration set") -> None:
         """Every sample's inputs fit the stage contract of the set's own config and steps."""
@@ -135,14 +157,28 @@ class CalibrationSet:
                     known: dict = {}
                     for name in spec.input_names:
                         known = spec.match(name, f[name].shape, str(f[name].dtype), known)
+                    phase = sample_phase(stage, s)
+                    if phase is not None:  # the sizes of the phase its `start` says (and one phase per sample)
+                        if phase == "step" and not f["start"].all():
+                            raise BitDanceError("rows of the prefill (start 0) and of AR steps in one sample")
+                        want = spec.phases[phase]
+                        if any(known.get(sym) != v for sym, v in want.items()):
+                            raise BitDanceError(f"a {phase} sample needs {want}, got "
+                                                f"{ {sym: known.get(sym) for sym in want} }")
                 except (BitDanceError, KeyError, RuntimeError, ValueError) as exc:
                     raise BitDanceError(f"{where}: {stage} sample {n} does not fit the stage contract ({exc}); "
                                         "capture it again") from None
 
     def summary(self) -> dict:
-        return {stage: {"samples": len(s), "candidates": self.candidates.get(stage, len(s)),
-                        "inputs": _shapes(s, "inputs"), "outputs": _shapes(s, "outputs")}
-                for stage, s in self.samples.items()}
+        out = {stage: {"samples": len(s), "candidates": self.candidates.get(stage, len(s)),
+                       "inputs": _shapes(s, "inputs"), "outputs": _shapes(s, "outputs")}
+               for stage, s in self.samples.items()}
+        for stage in out:
+            counts = self.phase_counts(stage)
+            if counts:
+                seen = self.phase_candidates.get(stage, {})
+                out[stage]["phases"] = {p: {"samples": n, "candidates": seen.get(p, n)} for p, n in counts.items()}
+        return out
 
 
 # ---- save --------------------------------------------------------------------------------
@@ -275,14 +311,16 @@ def load_calibration(directory: str | Path, config: ModelConfig | None = None, w
     try:
         key, stages, files = manifest["key"], manifest["stages"], manifest["files"]
         check_identity(key, directory, config, weights, steps)
-        samples, candidates = {}, {}
+        samples, candidates, phases = {}, {}, {}
         for stage in CAPTURED_STAGES:
             info = stages[stage]
             path = _verify_file(directory, info["file"], files[info["file"]], hashes)
             samples[stage] = _read_samples(path, int(info["samples"]))
             candidates[stage] = int(info["candidates"])
+            if "phases" in info:
+                phases[stage] = {p: int(v["candidates"]) for p, v in info["phases"].items()}
     except (KeyError, TypeError) as exc:
         raise BitDanceError(f"{directory / MANIFEST}: malformed manifest (no {exc}); capture the set again") from None
-    cset = CalibrationSet(key, samples, candidates, directory)
+    cset = CalibrationSet(key, samples, candidates, directory, phases)
     cset.check_contract(str(directory))
     return cset

@@ -3,10 +3,12 @@
 A full trajectory is far too large to keep (BitDance-B-4x at S=100: 64 backbone steps and 6,464
 head evaluations per image, each backbone input holding the whole KV cache), so a capture keeps:
 
-1. candidates: every prefill, sampler and decoder call; backbone steps i with (i-1) % backbone_every
-   == 0 (step 1 always); each head-net evaluation with probability `head_fraction` (the first always);
-2. at most `max_samples` candidates per stage, chosen by reservoir sampling, so the kept set is a
-   uniform sample over all images, AR steps and sampler times, not the first calls of the run.
+1. candidates: every backbone prefill, sampler and decoder call; the AR steps i with
+   (i-1) % backbone_every == 0 (step 1 always; their token_embed and backbone calls); each head-net
+   evaluation with probability `head_fraction` (the first always);
+2. at most `max_samples` candidates per stage and phase (the backbone's prefill and steps apart),
+   chosen by reservoir sampling, so the kept set is a uniform sample over all images, AR steps and
+   sampler times, not the first calls of the run.
 
 All choices come from one `random.Random(seed)`, never from torch's generators, so recording
 cannot change the noise a generation draws.

@@ -8,8 +8,10 @@ What a build does, per stage (`build_engines`):
   1. the export is validated (manifest, contract, file sizes and sha256) and linted against the
      ONNX-TensorRT operator list of the TensorRT major version in use (engines.lint);
   2. the precision plan comes from the graphs' precision and the request (engines.options);
-  3. the optimisation profile (batch min/opt/max) comes from the stage contract (engines.profiles);
-  4. the engine-cache key (ONNX sha256, precision, profile, GPU name + compute capability,
+  3. the optimisation profiles come from the stage contract (engines.profiles): one (batch min/opt/max)
+     per stage, and one per phase for a stage with phases (the backbone: prefill, step), all in ONE
+     engine so its weights are held once;
+  4. the engine-cache key (ONNX sha256, precision, profiles, GPU name + compute capability,
      TensorRT version, optimisation level, workspace cap, plan flags) is looked up: a hit is used,
      a stale engine is rebuilt with a message naming what changed, a miss is built;
   5. builds run under a per-engine file lock (a second process waits, then finds a hit); the
@@ -27,7 +29,7 @@ Builder / BuilderConfig / Network / OnnxParser) and the "Optimizing Builder Perf
   builder.create_builder_config(); config.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)
   config.builder_optimization_level = 0..5; config.set_flag / clear_flag(BuilderFlag.FP16 / TF32)
   builder.create_optimization_profile(); profile.set_shape(name, min, opt, max);
-  config.add_optimization_profile(profile)
+  config.add_optimization_profile(profile) -> its index (0, 1, ... in call order; -1: invalid)
   config.create_timing_cache(bytes); config.set_timing_cache(cache, ignore_mismatch=False);
   cache.combine(other, ignore_mismatch=False); cache.serialize()
   builder.build_serialized_network(network, config) -> IHostMemory or None
@@ -50,7 +52,7 @@ from ..export.manifest import MANIFEST, manifest_specs, read_manifest, stage_fil
 from ..fileio import atomic_write
 from . import cache as ec
 from .options import PrecisionPlan, graph_precision, opt_level, plan_precision, trt_major, workspace_bytes
-from .profiles import Profile, stage_profile
+from .profiles import Profile, stage_profiles
 
 INSTALL_HINT = ("pip install 'bitdance-rt[tensorrt]' (or NVIDIA's tensorrt wheel for your CUDA; on Jetson, "
                 "JetPack's python3-libnvinfer)")
@@ -168,8 +170,9 @@ class TensorRT:
                 return None  # build without a timing cache rather than fail
         return cache
 
-    def build(self, onnx_path: Path, plan: PrecisionPlan, profile: Profile, workspace: int | None, level: int,
-              timing_cache: Path | None) -> bytes:
+    def build(self, onnx_path: Path, plan: PrecisionPlan, profiles: list[Profile], workspace: int | None,
+              level: int, timing_cache: Path | None) -> bytes:
+        """A serialized engine; `profiles[k]` becomes optimisation profile k (the runtime selects it by index)."""
         trt = self.trt
         builder = trt.Builder(self.logger)
         network = builder.create_network(self._network_flags(plan))
@@ -191,12 +194,13 @@ class TensorRT:
             # strongly typed networks too: trtexec --stronglyTyped only drops FP16/INT8/BF16/FP8/INT4 and still
             # honours --noTF32 (samples/common/sampleOptions.cpp, sampleEngines.cpp, TensorRT v10.3.0).
             config.clear_flag(trt.BuilderFlag.TF32)
-        if profile:
+        for k, profile in enumerate(p for p in profiles if p):  # a fully static stage needs none
             opt = builder.create_optimization_profile()
             for name, lo, mid, hi in profile:
                 opt.set_shape(name, lo, mid, hi)
-            if config.add_optimization_profile(opt) < 0:  # -1: "the input profile is invalid" (NvInfer.h)
-                raise BitDanceError(f"{onnx_path}: TensorRT {self.version} refused the optimisation profile "
+            index = config.add_optimization_profile(opt)  # -1: "the input profile is invalid" (NvInfer.h)
+            if index != k:
+                raise BitDanceError(f"{onnx_path}: TensorRT {self.version} refused optimisation profile {k} "
                                     f"{[(n, lo, mid, hi) for n, lo, mid, hi in profile]} (min <= opt <= max per input?)")
         cache = self._attach_timing_cache(config, timing_cache) if timing_cache is not None else None
         serialized = builder.build_serialized_network(network, config)
@@ -263,7 +267,7 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
     """Engines for the stages of an export (all by default): cached ones reused, others built.
 
     `toolkit`: a TensorRT() (default) or any object with .version, .gpu (GpuInfo) and
-    .build(onnx_path, plan, profile, workspace_bytes, level, timing_cache_path) -> bytes.
+    .build(onnx_path, plan, profiles, workspace_bytes, level, timing_cache_path) -> bytes.
     """
     directory = Path(export_dir)
     manifest = read_manifest(directory)
@@ -282,8 +286,8 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
     timing = timing_cache_path(root, toolkit.version, toolkit.gpu)
     out = {}
     for stage in names:
-        profile = stage_profile(specs[stage])
-        key = ec.engine_key(manifest, stage, plan.precision, profile, toolkit.gpu.name,
+        profiles = stage_profiles(specs[stage])
+        key = ec.engine_key(manifest, stage, plan.precision, profiles, toolkit.gpu.name,
                             toolkit.gpu.compute_capability, toolkit.version, level, workspace, plan.key_flags)
         found = ec.lookup(key, root)
         if found.hit:
@@ -298,9 +302,9 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
                 f"{toolkit.gpu.name} (sm {toolkit.gpu.compute_capability})")
         built = []
 
-        def build(onnx_path=onnx_path, profile=profile):
+        def build(onnx_path=onnx_path, profiles=profiles):
             built.append(True)
-            return toolkit.build(onnx_path, plan, profile, workspace, level, timing)
+            return toolkit.build(onnx_path, plan, profiles, workspace, level, timing)
 
         path = ec.get_or_build(key, build, root, timeout=lock_timeout)
         status = ("rebuilt" if found.status == "stale" else "built") if built else "cached"

@@ -1,8 +1,9 @@
 """The engine cache: which TensorRT engine file belongs to which graph, GPU and build settings.
 
 A serialized engine is valid only for the exact graph (sha256 of the ONNX file and its external
-data, from the export manifest), precision, optimisation profile, GPU model and compute
-capability, TensorRT version, builder optimisation level and workspace cap it was built with.
+data, from the export manifest), precision, optimisation profiles (all of them, in order: the
+runtime selects profile k for phase k), GPU model and compute capability, TensorRT version,
+builder optimisation level and workspace cap it was built with.
 All of these form the key; its hash names the file
     <root>/<stage>-<precision>-<16 hex>.engine   (root: bitdance_rt.paths.engines_root(),
                                                   $BITDANCE_RT_CACHE/engines or ~/.cache/bitdance-rt/engines)
@@ -29,7 +30,7 @@ from ..errors import BitDanceError
 from ..paths import engines_root
 from .profiles import Profile, profile_json
 
-FORMAT = "bitdance-rt-engine/1"
+FORMAT = "bitdance-rt-engine/2"  # 2: `profiles` (one per phase) replaced `profile`
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
 OPT_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level
 
@@ -47,7 +48,7 @@ class EngineKey:
     onnx_sha256: str
     data_sha256: str | None  # external weights (<stage>.onnx.data), if any
     precision: str
-    profile: tuple  # profile_json(...) as nested tuples: ((name, min, opt, max), ...)
+    profiles: tuple  # per profile, profile_json(...) as nested tuples: (((name, min, opt, max), ...), ...)
     gpu_name: str
     compute_capability: str  # "9.0"
     trt_version: str
@@ -66,14 +67,14 @@ class EngineKey:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        data["profile"] = [[n, list(a), list(b), list(c)] for n, a, b, c in self.profile]
+        data["profiles"] = [[[n, list(a), list(b), list(c)] for n, a, b, c in p] for p in self.profiles]
         data["flags"] = list(self.flags)
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> "EngineKey":
         data = dict(data)
-        data["profile"] = _freeze(data["profile"])
+        data["profiles"] = _freeze(data["profiles"])
         data["flags"] = tuple(data.get("flags", ()))
         return cls(**data)
 
@@ -90,21 +91,30 @@ class EngineKey:
         return [k for k in a if a[k] != b.get(k)]
 
 
+def _is_entry(x) -> bool:
+    """(name, min, opt, max): one profile entry, where a profile (a list of entries) belongs."""
+    return isinstance(x, (list, tuple)) and bool(x) and isinstance(x[0], str)
+
+
 def _freeze(x):
     return tuple(_freeze(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def engine_key(manifest: dict, stage: str, precision: str, profile: Profile, gpu_name: str,
+def engine_key(manifest: dict, stage: str, precision: str, profiles: list[Profile], gpu_name: str,
                compute_capability: str, trt_version: str, opt_level: int = 3,
                workspace_bytes: int | None = None, flags=()) -> EngineKey:
-    """The key of `stage` of an export (its manifest: bitdance_rt.export.manifest.read_manifest)."""
+    """The key of `stage` of an export (its manifest: bitdance_rt.export.manifest.read_manifest);
+    `profiles`: the engine's optimisation profiles in index order (profiles.stage_profiles)."""
+    if not isinstance(profiles, (list, tuple)) or any(_is_entry(p) for p in profiles):
+        raise BitDanceError(f"engine key of {stage}: give the list of its profiles (profiles.stage_profiles), "
+                            "not one profile")
     try:
         files = [str(f) for f in manifest["stage_files"][stage]]
         hashes = [manifest["files"][f]["sha256"] for f in files]
     except (KeyError, TypeError):
         raise BitDanceError(f"the export manifest records no files for stage {stage}; re-export it") from None
     return EngineKey(stage, hashes[0], hashes[1] if len(hashes) > 1 else None, precision,
-                     _freeze(profile_json(profile)), gpu_name, str(compute_capability), trt_version,
+                     _freeze([profile_json(p) for p in profiles]), gpu_name, str(compute_capability), trt_version,
                      opt_level, workspace_bytes, tuple(flags))
 
 
@@ -133,7 +143,7 @@ class Lookup:
 def _read_sidecar(engine: Path) -> dict | None:
     try:
         data = json.loads(sidecar_path(engine).read_text())
-        return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+        return data if isinstance(data, dict) else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
 
@@ -147,6 +157,9 @@ def check_engine(engine: str | Path, key: EngineKey, hashes: bool = False) -> Lo
     if side is None:
         return Lookup("stale", engine, f"{sidecar_path(engine)} is missing or unreadable (interrupted build?)",
                       ("sidecar",), engine)
+    if side.get("format") != FORMAT:  # e.g. /1: one profile per engine, before the backbone had two phases
+        return Lookup("stale", engine, f"{sidecar_path(engine)} is of engine format {side.get('format')!r}, this "
+                                       f"version writes {FORMAT!r}", ("format",), engine)
     try:
         stored = EngineKey.from_json(side["key"])
     except (KeyError, TypeError, BitDanceError) as exc:
@@ -154,7 +167,7 @@ def check_engine(engine: str | Path, key: EngineKey, hashes: bool = False) -> Lo
     differs = tuple(key.differences(stored))
     if differs:
         detail = "; ".join(f"{k}: {stored.to_json()[k]!r} -> {key.to_json()[k]!r}" for k in differs
-                           if k not in ("profile",)) or "profile changed"
+                           if k not in ("profiles",)) or "optimisation profiles changed"
         return Lookup("stale", engine, f"{engine} was built for another {', '.join(differs)} ({detail})",
                       differs, engine)
     size = engine.stat().st_size

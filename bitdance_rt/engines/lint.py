@@ -6,8 +6,11 @@ itself: operators the parser of a TensorRT version does not import (the lists in
 from onnx-tensorrt's docs/operators.md, sources in their headers), opsets outside its range,
 tensor types TensorRT lacks (DOUBLE, which it silently casts to FLOAT; UINT8 inside the graph;
 unsigned and 16-bit integers, strings), per-operator restrictions from the same tables (constant
-`axes`, ScatterND reductions, LayerNormalization's extra outputs), and integer graph inputs that
-TensorRT would have to treat as shape tensors (profile values, host memory).
+`axes`, ScatterND reductions, LayerNormalization's extra outputs), integer graph inputs that
+TensorRT would have to treat as shape tensors (profile values, host memory), and, for an export,
+graph I/O dims against the stage contract: a dim the contract leaves symbolic must be dynamic in
+the graph, above all the backbone's `seq` (prefix_len at the prefill, P at a step: one engine
+with a profile per phase, which a graph with `seq` baked in cannot have).
 
 Passing the lint does not prove that an engine builds (the parser also checks shapes and
 attribute values); failing it means the build will fail or compute something else.
@@ -137,8 +140,9 @@ def _nodes(graph, prefix: str = ""):
                 yield from _nodes(sub, name + "/")
 
 
-def lint_graph(path_or_model, target: str = "10.3") -> list[Finding]:
-    """Findings for one ONNX file (or ModelProto) against TensorRT `target` ('10.3' or '11')."""
+def lint_graph(path_or_model, target: str = "10.3", spec=None) -> list[Finding]:
+    """Findings for one ONNX file (or ModelProto) against TensorRT `target` ('10.3' or '11'); with
+    `spec` (its stages.StageSpec) also its I/O dims against the contract."""
     table = op_table(target)
     model, file = _load(path_or_model)
     out: list[Finding] = []
@@ -168,6 +172,8 @@ def lint_graph(path_or_model, target: str = "10.3") -> list[Finding]:
         out += _node_findings(file, node, name, target, table, functions, constants)
     out += _type_findings(file, types, produced_by, consumers, graph_io, constants, target)
     out += _shape_tensor_findings(file, model, types, consumers)
+    if spec is not None:
+        out += _contract_findings(file, model, spec)
     return out
 
 
@@ -255,17 +261,65 @@ def _shape_tensor_findings(file, model, types, consumers) -> list[Finding]:
     return out
 
 
+def _sizes(spec, sym: str) -> list[int]:
+    """The values a contract symbol takes: its phases' sizes, else its range's ends."""
+    fixed = sorted({f[sym] for f in spec.phases.values() if sym in f})
+    if fixed:
+        return fixed
+    rng = spec.dims[sym]
+    return sorted({rng.min, rng.max})
+
+
+def _contract_findings(file, model, spec) -> list[Finding]:
+    """Graph inputs / outputs whose dims cannot serve the contract's shapes: a static size where the
+    contract's dim varies (TensorRT then refuses the profile, or the phase, that needs another), or a
+    static size other than the contract's."""
+    from ..stages import parse_dim
+
+    out = []
+    inits = {t.name for t in model.graph.initializer}
+    for v in list(model.graph.input) + list(model.graph.output):
+        if v.name in inits or v.name not in spec.input_names + spec.output_names:
+            continue  # missing / extra tensors: the manifest check and check_engine_io say so
+        want = spec.tensor(v.name).shape
+        if not v.type.HasField("tensor_type") or not v.type.tensor_type.HasField("shape"):
+            continue
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) != len(want):
+            out.append(Finding(file, v.name, "graph I/O", f"rank {len(dims)}, the stage contract's "
+                                                          f"{list(want)} has rank {len(want)}: re-export it"))
+            continue
+        for axis, (d, w) in enumerate(zip(dims, want)):
+            if not d.HasField("dim_value"):
+                continue  # dynamic (dim_param or unknown): any contract size fits
+            got = int(d.dim_value)
+            if isinstance(w, int):
+                if got != w:
+                    out.append(Finding(file, v.name, "graph I/O", f"axis {axis} is {got}, the stage contract's "
+                                                                  f"{list(want)} fixes it to {w}: re-export it"))
+                continue
+            k, sym = parse_dim(w)
+            sizes = [k * n for n in _sizes(spec, sym)]
+            if sizes != [got]:
+                phases = ", ".join(f"{p}: {f[sym]}" for p, f in spec.phases.items() if sym in f)
+                out.append(Finding(file, v.name, "graph I/O",
+                                   f"axis {axis} is fixed to {got}, but the stage contract's dim {w!r} takes "
+                                   f"{sizes}{f' ({phases})' if phases else ''}: export it as a dynamic axis"))
+    return out
+
+
 # ---- a whole export -----------------------------------------------------------------------
 def lint_export(export_dir, target: str = "10.3") -> list[Finding]:
     """Findings for every stage graph of an export directory (bitdance_rt.export), in stage order."""
-    from ..export.manifest import read_manifest, stage_files, verify_files
+    from ..export.manifest import manifest_specs, read_manifest, stage_files, verify_files
     from ..stages import ALL_STAGES
 
     directory = Path(export_dir)
     manifest = read_manifest(directory)
     verify_files(directory, manifest, hashes=False)
+    specs = manifest_specs(manifest, directory)
     stages = sorted(manifest.get("stage_files", {}), key=lambda s: (ALL_STAGES + (s,)).index(s))
     out = []
     for stage in stages:
-        out += lint_graph(directory / stage_files(manifest, directory, stage)[0], target)
+        out += lint_graph(directory / stage_files(manifest, directory, stage)[0], target, specs.get(stage))
     return out

@@ -30,6 +30,7 @@ from ..config import ModelConfig, load_config
 from ..errors import BitDanceError
 from ..models import BitDance
 from ..stages import ALL_STAGES, SAMPLER_STAGES, Limits, StageSpec, stage_specs
+from .shared_weights import share_weights
 from .manifest import MANIFEST, manifest_key, manifest_specs, read_manifest, verify_files, write_manifest
 from .wrappers import example_inputs, stage_module
 
@@ -230,6 +231,7 @@ def export_stages(
         for name in bar:
             bar.set_postfix_str(name)
             stage_files[name] = export_stage(model, specs[name], work, opset, external_data_bytes)
+        stage_files = share_weights(work, stage_files)  # the head's net: once, for head_step and the sampler
         manifest = {
             "key": key,
             "stages": {name: specs[name].to_json() for name in stages},

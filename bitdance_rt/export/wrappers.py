@@ -16,33 +16,42 @@ from ..models import BitDance
 from ..sampling import guidance_rows, sample_tokens_rows
 
 
-class PrefillStage(nn.Module):
-    """labels [rows] (text-to-image: ids, pad) -> cond [rows, P, dim], kv_new (keys/values of [0, prefix_len))."""
+class PrefixEmbedStage(nn.Module):
+    """labels [rows] (text-to-image: ids [rows, prefix_len]) -> x [rows, prefix_len, dim]."""
 
     def __init__(self, model: BitDance):
         super().__init__()
         self.model = model
 
     def forward(self, *inputs):
-        return self.model.prefill(*inputs)
+        return self.model.prefix_embed(*inputs)
 
 
-class BackboneStepStage(nn.Module):
-    """tokens [rows, P, C], start [rows] (each row's cache position), per-layer keys and values ->
-    cond [rows, P, dim], kv_new for [start[row], +P)."""
+class TokenEmbedStage(nn.Module):
+    """tokens [rows, P, C] (text-to-image: and start [rows]) -> x [rows, P, dim]."""
 
     def __init__(self, model: BitDance):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, start, *rest):
+    def forward(self, *inputs):
+        return self.model.token_embed(*inputs)
+
+
+class BackboneStage(nn.Module):
+    """x [rows, seq, dim], start [rows] (each row's first position), (text-to-image: pad), per-layer
+    keys and values -> cond [rows, P, dim], kv_new for [start[row], +seq): the prefill and the steps."""
+
+    def __init__(self, model: BitDance):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, start, *rest):
         cfg = self.model.cfg
-        # invert stages.step_start: start = prefix_len + (step - 1) * P
-        step = torch.div(start - cfg.prefix_len, cfg.parallel_num, rounding_mode="floor") + 1
         names = st.step_context_names(cfg)  # text-to-image: pad
         context, cache = dict(zip(names, rest[: len(names)])), rest[len(names):]
         layers = [(cache[2 * i], cache[2 * i + 1]) for i in range(cfg.n_layer)]  # kv[i][0|1] as the model reads it
-        return self.model.step(tokens, step, layers, **context)
+        return self.model.transformer(x, start, kv=layers, **context)
 
 
 class HeadStepStage(nn.Module):
@@ -87,7 +96,8 @@ class EncoderStage(nn.Module):
 
 def stage_module(name: str, model: BitDance) -> nn.Module:
     """The wrapper of stage `name`, in eval mode."""
-    classes = {st.PREFILL: PrefillStage, st.BACKBONE_STEP: BackboneStepStage, st.HEAD_STEP: HeadStepStage,
+    classes = {st.PREFIX_EMBED: PrefixEmbedStage, st.TOKEN_EMBED: TokenEmbedStage, st.BACKBONE: BackboneStage,
+               st.HEAD_STEP: HeadStepStage,
                st.HEAD_SAMPLER: HeadSamplerStage,
                st.DECODER: DecoderStage, st.ENCODER: EncoderStage}
     return classes[name](model).eval()
@@ -102,6 +112,8 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
     values = {"batch": batch, "rows": 2 * batch}
+    if spec.phases:  # the phase of the most calls (the backbone: a step)
+        values.update(spec.phases["step"])
     # the sampler's per-row guidance: the first half of the rows guided pairs, the rest unguided
     rows = values["rows"]
     scale, c, u = guidance_rows(2 * (rows // 4), 2.5, True)
@@ -117,6 +129,8 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
             x = torch.randint(0, cfg.llm.vocab_size, shape, generator=gen)
         elif t.name == "pad":
             x = torch.randint(0, cfg.max_text_tokens, shape, generator=gen)
+        elif t.name == "x":  # embeddings
+            x = torch.randn(shape, generator=gen)
         elif t.name == "start":  # rows at different AR steps
             steps = torch.randint(1, cfg.ar_steps, shape, generator=gen)
             x = cfg.prefix_len + (steps - 1) * cfg.parallel_num

@@ -3,9 +3,11 @@ official `model.py` / `model_parallel.py` BitDance (keys `cls_embedding`, `query
 `proj_in`, `emb_norm`, `layers.*`, `norm`, `pos_for_diff`, `head.net.*`, `vae.*`).
 
 The model exposes the stage computations the runtime needs, each as a method:
-`prefill` (class + query tokens -> head conditions of the first step), `step` (fed-back tokens
--> head conditions of the next step), `head` (one net evaluation), `decode` / `encode`.
-Head conditions are the backbone output of the last P positions plus their `pos_for_diff` rows.
+`prefix_embed` (class + query tokens), `token_embed` (fed-back tokens), `transformer` (a chunk of
+embeddings at its positions -> head conditions of the AR step it completes, for the prefill and
+every step alike), `head_net` (one net evaluation), `decode` / `encode`; `prefill` and `step`
+compose them. Head conditions are the backbone output of the last P positions plus their
+`pos_for_diff` rows.
 """
 
 from __future__ import annotations
@@ -42,8 +44,6 @@ class BitDance(nn.Module):
             head_cls(cfg.token_dim, cfg.diff_dim, cfg.dim, cfg.diff_layers, cfg.diff_adanln_layers)
         )
         self.register_buffer("rope", layout.rope_table(cfg), persistent=False)
-        n = cfg.prefix_len  # steps need no mask (a fed patch sees all of itself); the prefix does
-        self.register_buffer("prefix_mask", layout.attention_mask_table(cfg)[:n, :n].clone(), persistent=False)
 
     # ---- backbone ----------------------------------------------------------------------
     def new_cache(self, rows: int) -> torch.Tensor:
@@ -77,13 +77,17 @@ class BitDance(nn.Module):
         """Store a chunk's keys/values (from `backbone`) at [start, start+T) of the cache, in place."""
         write_cache(kv, new, start)
 
-    def prefix_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
+    def prefix_embed(self, labels: torch.Tensor) -> torch.Tensor:
         """Class tokens (row `label` of cls_embedding as [cls, dim]) ++ the P-1 query tokens."""
         rows = labels.shape[0]
         x = self.cls_embedding(labels).view(rows, self.cfg.cls_token_num, self.cfg.dim)
         if self.cfg.is_parallel:
             x = torch.cat([x, self.query_token.expand(rows, -1, -1)], dim=1)
         return x
+
+    def token_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """+/-1 tokens [R, P, C] -> backbone inputs [R, P, dim] (the input projection)."""
+        return self.proj_in(tokens)
 
     def step_start(self, step):
         """First cache position of the tokens fed at AR step `step` >= 1 (int or 0-d tensor)."""
@@ -94,19 +98,30 @@ class BitDance(nn.Module):
         p = self.cfg.parallel_num
         return hidden[:, -p:] + layout.gather_positions(self.pos_for_diff.weight, step * p, p)
 
-    def prefill(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """AR step 0: labels [R] -> (head conditions [R, P, dim], keys/values of [0, prefix_len)).
+    def transformer(self, x: torch.Tensor, start, kv=None, kv_len=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings x [R, T, dim] at positions [start, start+T) -> (head conditions [R, P, dim] of the
+        AR step the chunk completes, keys/values [n_layer, 2, R, n_head, T, head_dim]).
 
-        The prefix attends only to itself, block-causally (an empty cache has nothing to add).
-        """
-        hidden, new = self.backbone(self.prefix_embeddings(labels), 0, chunk_mask=self.prefix_mask)
-        return self.head_condition(hidden, 0), new
+        The prefill (start 0, T = prefix_len) attends block-causally to itself; a step's patch sees
+        all of itself; both follow from positions (layout.key_limit). `kv` (None: nothing cached) is
+        read as in `backbone`."""
+        t = x.shape[1]
+        visible = layout.chunk_visible(self.cfg, start, t)
+        mask = torch.zeros(visible.shape, device=x.device).masked_fill(~visible, float("-inf"))
+        if mask.dim() == 3:
+            mask = mask.unsqueeze(1)  # [R, 1, T, T]: per row, broadcast over heads
+        hidden, new = self.backbone(x, start, kv, kv_len, chunk_mask=mask)
+        return self.head_condition(hidden, layout.chunk_step(self.cfg, start, t)), new
+
+    def prefill(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AR step 0: labels [R] -> (head conditions [R, P, dim], keys/values of [0, prefix_len)),
+        with nothing cached (an empty cache has nothing to add)."""
+        return self.transformer(self.prefix_embed(labels), 0)
 
     def step(self, tokens: torch.Tensor, step, kv: torch.Tensor, kv_len=None) -> tuple[torch.Tensor, torch.Tensor]:
         """AR step `step` >= 1: tokens [R, P, C] of step-1 -> (head conditions [R, P, dim], new
-        keys/values for [step_start(step), +P)). A fed patch attends to all of itself."""
-        hidden, new = self.backbone(self.proj_in(tokens), self.step_start(step), kv, kv_len)
-        return self.head_condition(hidden, step), new
+        keys/values for [step_start(step), +P))."""
+        return self.transformer(self.token_embed(tokens), self.step_start(step), kv, kv_len)
 
     # ---- head and tokenizer ------------------------------------------------------------
     def head_net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

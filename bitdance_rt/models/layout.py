@@ -93,3 +93,40 @@ def gather_positions(table: torch.Tensor, first, count: int) -> torch.Tensor:
         index = (first.view(-1, 1) + offsets).reshape(-1)
         return table.index_select(0, index).view(first.shape[0], count, *table.shape[1:])
     return table.index_select(0, first + offsets)
+
+
+# ---- one chunk of the sequence (the backbone's prefill and steps alike) ----------------------------
+def chunk_positions(start, count: int) -> torch.Tensor:
+    """Positions of a chunk of `count` at `start`: [count] (int or 0-d start) or [R, count] (start [R])."""
+    offsets = torch.arange(count, device=start.device if torch.is_tensor(start) else None)
+    if torch.is_tensor(start) and start.dim() == 1:
+        return start.view(-1, 1) + offsets
+    return start + offsets
+
+
+def key_limit(cfg, positions: torch.Tensor) -> torch.Tensor:
+    """First key position hidden from a query at each position: keys [0, limit) are visible.
+
+    Causal before the first block, then blocks of P from prefix_len - P (the last prefix token with
+    the queries, then each fed-back patch) see all of themselves; the same rule as
+    `attention_mask_table` (ImageNet) and the text-to-image prefix (t2i.py), written as arithmetic
+    so that one graph computes the prefill's mask and the steps' (all visible) from positions."""
+    p = cfg.parallel_num
+    first = cfg.prefix_len - p
+    block_end = first + p * (torch.div((positions - first).clamp(min=0), p, rounding_mode="floor") + 1)
+    return torch.where(positions < first, positions + 1, block_end)
+
+
+def chunk_visible(cfg, start, count: int) -> torch.Tensor:
+    """[count, count] (or [R, count, count]) bool: query i of the chunk sees key j of the chunk."""
+    pos = chunk_positions(start, count)
+    return pos.unsqueeze(-2) < key_limit(cfg, pos).unsqueeze(-1)
+
+
+def chunk_step(cfg, start, count: int):
+    """The AR step whose head conditions a chunk at `start` of `count` positions yields: 0 for the
+    prefix [0, prefix_len), i for the tokens fed at step_start(i)."""
+    end = start + count - cfg.prefix_len
+    if torch.is_tensor(end):
+        return torch.div(end, cfg.parallel_num, rounding_mode="floor")
+    return end // cfg.parallel_num

@@ -72,13 +72,11 @@ class BitDanceT2I(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self, device=None) -> None:
-        """(Re)compute the derived tables: RoPE, 2D position embedding, prefix visibility.
+        """(Re)compute the derived tables: RoPE, 2D position embedding.
         The loader calls it after assigning weights into a model built on the meta device."""
         cfg = self.cfg
-        n, p = cfg.prefix_len, cfg.parallel_num
-        i, j = torch.arange(n).unsqueeze(1), torch.arange(n).unsqueeze(0)
         tables = {"rope": rope_table(cfg.llm, cfg.max_seq_len), "pos2d": pos_embed_2d(cfg),
-                  "prefix_visible": (j <= i) | ((i >= n - p) & (j >= n - p))}
+}
         for name, value in tables.items():
             self.register_buffer(name, value.to(device) if device is not None else value, persistent=False)
 
@@ -100,38 +98,66 @@ class BitDanceT2I(nn.Module):
         p = self.cfg.parallel_num
         return layout.gather_positions(self.pos2d, step * p, p)
 
+    def prefix_embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [R, prefix_len] -> token embeddings [R, prefix_len, dim]."""
+        return self.model.embed_tokens(ids)
+
+    def token_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [R, P, C] -> projector(tokens); the transformer adds their cells' 2D embedding (the
+        one stage that holds the table: it adds it to the head conditions too)."""
+        return self.projector(tokens)
+
+    def _fed_pos(self, start, t: int) -> torch.Tensor:
+        """The 2D embedding of the cells a chunk feeds: position q >= prefix_len holds the tokens of
+        cell q - prefix_len; the prefix none (0). [T, dim] or [R, T, dim]."""
+        pos = layout.chunk_positions(start, t) - self.cfg.prefix_len
+        fed = (pos >= 0).unsqueeze(-1).to(self.pos2d.dtype)
+        flat = self.pos2d.index_select(0, pos.clamp(min=0).reshape(-1)).view(*pos.shape, -1)
+        return flat * fed
+
+    def transformer(self, x: torch.Tensor, start, pad: torch.Tensor, kv=None, kv_len=None):
+        """Embeddings x [R, T, dim] at [start, start+T) -> (head conditions [R, P, dim] of the AR step the
+        chunk completes, kv_new [n_layer, 2, R, n_kv, T, hd]).
+
+        Inside the chunk: causal, then blocks of P (layout.key_limit): the prefill's mask, and all
+        visible in a step. Padding keys (positions < pad[r]) are hidden from every query except
+        themselves, so that no softmax row is empty (their outputs are never read). kv: None (nothing
+        cached) or a list of (keys, values) [R, n_kv, L, hd] per layer, read at [0, kv_len), positions
+        at or past `start` hidden."""
+        t = x.shape[1]
+        x = x + self._fed_pos(start, t)
+        pos = layout.chunk_positions(start, t)
+        rope = layout.gather_positions(self.rope, start, t)  # [T, ...], or [R, T, ...] per row
+        if rope.dim() == 4:
+            rope = rope.unsqueeze(1)  # [R, 1, T, hd/2, 2]: broadcast over heads
+        key_pos = pos if pos.dim() == 2 else pos.unsqueeze(0)  # [R or 1, T]
+        key_ok = key_pos >= pad.unsqueeze(1)  # [R, T]
+        offsets = torch.arange(t, device=x.device)
+        itself = offsets.unsqueeze(1) == offsets.unsqueeze(0)  # (not EyeLike: ONNX Runtime has no bool kernel)
+        visible = layout.chunk_visible(self.cfg, start, t) & (key_ok.unsqueeze(1) | itself)
+        chunk_mask = torch.zeros(visible.shape, device=x.device).masked_fill(~visible, float("-inf")).unsqueeze(1)
+        cache, cache_mask = None, None
+        if kv is not None:
+            length = self.cfg.max_seq_len if kv_len is None else kv_len
+            cache = [(layer[0][:, :, :length], layer[1][:, :, :length]) if kv_len is not None else (layer[0], layer[1])
+                     for layer in kv]
+            keys = torch.arange(length, device=x.device)
+            first = start.view(-1, 1) if torch.is_tensor(start) and start.dim() == 1 else start
+            hidden_key = (keys.unsqueeze(0) >= first) | (keys.unsqueeze(0) < pad.unsqueeze(1))  # [R, L]
+            cache_mask = torch.zeros(hidden_key.shape, device=x.device).masked_fill(hidden_key, float("-inf"))
+            cache_mask = cache_mask[:, None, None, :]
+        hidden, new = self.model(x, rope, chunk_mask, cache, cache_mask)
+        return hidden[:, -self.cfg.parallel_num:] + self._pos(layout.chunk_step(self.cfg, start, t)), new
+
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [R, prefix_len], pad [R] -> (head conditions of step 0, kv of [0, prefix_len))."""
-        n = self.cfg.prefix_len
-        pos = torch.arange(n, device=ids.device)
-        key_ok = pos.unsqueeze(0) >= pad.unsqueeze(1)  # [R, n]: padding keys are hidden ...
-        visible = self.prefix_visible.unsqueeze(0) & (key_ok.unsqueeze(1) | torch.eye(n, dtype=torch.bool,
-                                                                                     device=ids.device))
-        mask = torch.zeros(visible.shape, device=ids.device).masked_fill(~visible, float("-inf")).unsqueeze(1)
-        # ... except from themselves, so that no softmax row is empty (their outputs are never read)
-        hidden, new = self.model(self.model.embed_tokens(ids), self.rope[:n], mask)
-        return hidden[:, -self.cfg.parallel_num:] + self._pos(0), new
+        """ids [R, prefix_len], pad [R] -> (head conditions of step 0, kv of [0, prefix_len)), nothing cached."""
+        return self.transformer(self.prefix_embed(ids), 0, pad)
 
     def step(self, tokens: torch.Tensor, step, kv, kv_len=None, pad: torch.Tensor | None = None):
         """AR step >= 1: tokens [R, P, C] of step-1 -> (head conditions [R, P, dim], kv of [start, +P)).
 
         kv: [n_layer, 2, R, n_kv, L, hd] or a list of (keys, values) per layer; reads [0, kv_len)."""
-        p = self.cfg.parallel_num
-        start = self.step_start(step)
-        x = self.projector(tokens) + self._pos(step - 1)
-        rope = layout.gather_positions(self.rope, start, p)  # [P, ...], or [R, P, ...] per row
-        if rope.dim() == 4:
-            rope = rope.unsqueeze(1)  # [R, 1, P, hd/2, 2]: broadcast over heads
-        length = self.cfg.max_seq_len if kv_len is None else kv_len
-        cache = [(layer[0][:, :, :length], layer[1][:, :, :length]) if kv_len is not None else (layer[0], layer[1])
-                 for layer in kv]
-        keys = torch.arange(length, device=tokens.device)
-        first = start.view(-1, 1) if torch.is_tensor(start) and start.dim() == 1 else start
-        hidden_key = (keys.unsqueeze(0) >= first) | (keys.unsqueeze(0) < pad.unsqueeze(1))  # [R, L]
-        cache_mask = torch.zeros(hidden_key.shape, device=tokens.device).masked_fill(hidden_key, float("-inf"))
-        chunk_mask = torch.zeros(1, 1, p, p, device=tokens.device)
-        hidden, new = self.model(x, rope, chunk_mask, cache, cache_mask[:, None, None, :])
-        return hidden + self._pos(step), new
+        return self.transformer(self.token_embed(tokens), self.step_start(step), pad, kv, kv_len)
 
     def head_net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.head(x, t, cond)

@@ -20,9 +20,10 @@ from .policy import check_method, check_precision
 
 DEFAULT_CALIBRATION_IMAGES = 16
 DEFAULT_CAPTURE_BATCH = 4
-# What the default set's backbone samples may hold: each keeps the KV cache of its rows up to its
-# position (BitDance-B-4x, 4 images: ~230 MB on average), and every AR step of every batch is a
+# What the default set's backbone step samples may hold: each keeps the KV cache of its rows up to
+# its position (BitDance-B-4x, 4 images: ~230 MB on average), and every AR step of every batch is a
 # candidate, so without a budget the default B-4x set wanted ~57 GB: killed on a 24 GB machine.
+# (Prefill samples hold no cache: start 0, nothing cached is read.)
 BACKBONE_BUDGET_BYTES = 4 << 30
 
 
@@ -47,7 +48,8 @@ def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = 
 
 def keep_float_by_stage(fp32_dir, names) -> dict[str, list[str]]:
     """Layer names (as the sensitivity report prints them) -> {INT8 stage: the names it has}.
-    Prefill and backbone_step run the same backbone, so a backbone layer is kept in both."""
+    Each stage whose graph has a name keeps it float. The backbone is one graph for the prefill
+    and the steps, so a backbone layer kept float is float in both phases."""
     from ..export.manifest import read_manifest
     from .derive import int8_layers
 
@@ -86,6 +88,22 @@ DEFAULT_T2I_PROMPTS = (
     "a cup of coffee with latte art, top view",
     "a cartoon robot waving, flat colors",
 )
+
+
+# Prompts of the text-to-image accuracy report (`calibrate --report`): none of them is a calibration
+# prompt, so the report measures prompts the INT8 ranges were not fitted to.
+REPORT_T2I_PROMPTS = (
+    "a sailing boat on a calm lake under a pink sky",
+    "a bowl of ramen with steam rising, studio photo",
+    "a pencil sketch of a cat sleeping on a windowsill",
+    "a medieval castle on a hill in autumn",
+    "a bright abstract poster with circles and stripes",
+    "a hummingbird drinking from a red flower, macro",
+)
+
+
+def report_prompts(images: int) -> list[str]:
+    return [REPORT_T2I_PROMPTS[i % len(REPORT_T2I_PROMPTS)] for i in range(images)]
 
 
 def default_prompts(images: int = DEFAULT_CALIBRATION_IMAGES) -> list[str]:

@@ -5,8 +5,10 @@ float32 inputs/outputs), so every backend loads it unchanged; its manifest adds 
 "precision" and, in its key, what it was derived from: the FP32 export's key and, for INT8, the
 calibration set's identity and the method. Reuse follows the key, as for FP32 exports.
 
-INT8 covers the stages a calibration set has data for and that carry weight GEMMs: prefill,
-backbone_step, head_step, decoder. The fused head samplers are not quantised: calibrating one
+INT8 covers the stages a calibration set has data for and that carry weight GEMMs: token_embed,
+the backbone (calibrated on both its phases, see calibration/reader.py), head_step, decoder.
+prefix_embed, a table lookup, is carried as its FP16 graph (policy.INT8_FP16_STAGES), so that an
+INT8 export generates on its own. The fused head samplers are not quantised: calibrating one
 means recording every intermediate of S+1 unrolled head nets (minutes for the tiny model, far
 more for real ones), so INT8 generation samples with head_step (the ONNX Runtime backend falls
 back to it by itself; measured ~10% slower than the fused graph in FP32) and the encoder, which
@@ -25,8 +27,10 @@ from tqdm.auto import tqdm
 
 from .. import stages as st
 from ..errors import BitDanceError
+from ..export.shared_weights import share_weights
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
-from .policy import check_method, check_precision, fingerprint, int8_float_layers, quantised_layers
+from .policy import (INT8_FP16_STAGES, check_method, check_precision, fingerprint, int8_float_layers,
+                     quantised_layers)
 
 INT8_STAGES = st.INT8_STAGES  # (stages.REGISTRY)
 FP16_STAGES = st.ALL_STAGES
@@ -74,6 +78,12 @@ def _check_calibration(calibration, fp32_dir: Path, manifest: dict) -> None:
         raise BitDanceError("INT8 needs a calibration set (bitdance-rt calibrate --out DIR)")
     where = Path(getattr(calibration, "directory", None) or "the calibration set")
     check_identity(calibration.key, where, manifest_config(manifest, fp32_dir), manifest["key"]["checkpoint"])
+    # a graph that serves several phases is calibrated on all of them (ranges of one would clip the other)
+    for stage in (s for s in manifest["key"]["stages"] if s in INT8_STAGES):
+        empty = [p for p, n in calibration.phase_counts(stage).items() if n == 0]
+        if empty:
+            raise BitDanceError(f"{where}: no {stage} samples of its {' / '.join(empty)} phase; capture the set "
+                                "again (bitdance-rt calibrate)")
 
 
 def _save(model, path: Path) -> list[str]:
@@ -119,13 +129,18 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
     if precision == "int8":
         check_method(method)
         _check_calibration(calibration, fp32_dir, manifest)
-        stages = [s for s in available if s in INT8_STAGES]
+        stages = [s for s in available if s in INT8_STAGES or s in INT8_FP16_STAGES]
         if st.HEAD_STEP not in stages:
             raise BitDanceError(f"{fp32_dir} has no head_step graph, which INT8 generation samples with; "
                                 "re-export with it (bitdance-rt export, all stages)")
     else:
         stages = [s for s in available if s in FP16_STAGES]
-    keep_float = {s: list(v) for s, v in (keep_float or {}).items() if s in stages}
+    quantised = [s for s in stages if precision == "int8" and s in INT8_STAGES]
+    unknown = sorted(set(keep_float or {}) - set(quantised))
+    if unknown:  # (a keep-float list for another stage would be dropped without a word)
+        raise BitDanceError(f"keep_float names {', '.join(unknown)}, which this {precision} variant does not quantise "
+                            f"(its INT8 stages: {', '.join(quantised) or 'none'})")
+    keep_float = {s: list(v) for s, v in (keep_float or {}).items()}
     if precision == "int8":  # the policy's float layers join the caller's
         for stage, layers in int8_layers(fp32_dir, manifest, stages).items():
             policy = int8_float_layers(stage, layers)
@@ -145,6 +160,8 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
             dst = work / f"{stage}.onnx"
             if precision == "fp16":
                 files[stage] = _save(convert_fp16(onnx.load(str(src)), sampler=stage in st.SAMPLER_STAGES), dst)
+            elif stage not in INT8_STAGES:  # INT8_FP16_STAGES: the FP16 variant's graph
+                files[stage] = _save(convert_fp16(onnx.load(str(src))), dst)
             else:
                 big = len(stage_files(manifest, fp32_dir, stage)) > 1
                 quantize_int8(src, dst, calibration.reader(stage), method, keep_float.get(stage, ()),
@@ -152,11 +169,13 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
                 files[stage] = [dst.name] + sorted(p.name for p in work.iterdir()
                                                    if p.name.startswith(dst.name + ".") or p.name == f"{stage}.data")
             _check(dst, stage)
+        files = share_weights(work, files)  # FP16: the head of head_step and the sampler once again
         new = {"key": key, "precision": precision,
                "stages": {s: manifest["stages"][s] for s in stages},
                "versions": {**manifest.get("versions", {}), **_versions()}}
         if precision == "int8":
             new["calibration_method"] = method
+            new["fp16_stages"] = [s for s in stages if s not in INT8_STAGES]
             # one graph for every runtime: ONNX Runtime picks exact kernels for the CPU it runs on
             # (runtime/int8_kernels.py), so this is provenance, not a condition of use
             from ..runtime.int8_kernels import cpu_summary

@@ -8,7 +8,15 @@ graphs are worked around here, around the call rather than inside the graph logi
    "Type parameter (T) of Mul bound to different types": we drop such no-op Casts first;
 2. a Cast from an integer type to FLOAT (e.g. a shape product turned into a divisor) gets an FP16
    value_info but keeps to=FLOAT: we point those Casts at FLOAT16 afterwards.
-(Putting Cast in its block list instead loops forever in 1.16.) NVIDIA ModelOpt's AutoCast also
+(Putting Cast in its block list instead loops forever in 1.16.)
+
+RMSNorm's square (x * x feeding the ReduceMean of the exported rms_norm) is kept in FP32 by node:
+ReduceMean is FP32 already, but the square before it would overflow FP16 (max 65504) for any
+|x| > 256, and LLM residual streams carry such "massive activations" (in the thousands in LLaMA-2,
+arXiv 2402.17762): the row's norm becomes inf and its output 0. Measured on the tiny Qwen3 model
+with one hidden channel scaled to ~500 (tests/test_fp16_norms.py): FP16 with the square in FP16
+gives non-finite or zeroed conditions, with it in FP32 the FP32 conditions within 1%.
+NVIDIA ModelOpt's AutoCast also
 converts these graphs, but it installs CUDA torch, onnxruntime-gpu and CuPy: too heavy for a CPU
 deployment path, and it conflicts with the onnxruntime CPU package.
 """
@@ -18,6 +26,14 @@ from __future__ import annotations
 from .policy import FP16_KEEP_FLOAT_OPS, sampler_arithmetic
 
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto
+
+
+def norm_squares(nodes) -> list[str]:
+    """Names of the x * x nodes whose output a ReduceMean reads (the RMSNorm statistics)."""
+    nodes = list(nodes)
+    reduced = {name for n in nodes if n.op_type == "ReduceMean" for name in n.input[:1]}
+    return [n.name for n in nodes if n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]
+            and n.output[0] in reduced]
 
 
 def _drop_noop_casts(model) -> int:
@@ -66,7 +82,7 @@ def convert_fp16(model, sampler: bool = False):
 
     model.graph.ClearField("value_info")
     _drop_noop_casts(model)
-    blocked_nodes = sampler_arithmetic(model.graph.node) if sampler else []
+    blocked_nodes = (sampler_arithmetic(model.graph.node) if sampler else []) + norm_squares(model.graph.node)
     import warnings
 
     with warnings.catch_warnings():

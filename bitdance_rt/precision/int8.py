@@ -71,7 +71,10 @@ def activation_ranges(fp32_path, reader, method: str, cache_file, external_data:
     calibrator then gets 128 histogram bins for 128 quantized bins, which leaves a single candidate
     threshold -- the max -- so "entropy" would silently be "max". Here entropy gets 512 bins (192
     candidate thresholds; its KL search is pure Python, ~4x slower per bin doubling) and percentile
-    2048 bins (percentile 99.999)."""
+    2048 bins (percentile 99.999). And quantize_static reads its reader in one `collect_data` call,
+    which the histogram calibrators cannot do over feeds of two shapes (the backbone's phases):
+    here each group of `reader.groups()` (calibration/reader.py) is one call, merged by the
+    calibrator (MinMax: min/max of the groups' ranges; histograms: summed)."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
     try:
@@ -89,7 +92,10 @@ def activation_ranges(fp32_path, reader, method: str, cache_file, external_data:
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                                        use_external_data_format=external_data, extra_options=extra)
-        calibrator.collect_data(reader)
+        for group in (reader.groups() if hasattr(reader, "groups") else [reader]):
+            if hasattr(group, "rewind"):  # (a reader read before starts over)
+                group.rewind()
+            calibrator.collect_data(group)
         save_tensors_data(calibrator.compute_data(), cache_file)
 
 

@@ -23,24 +23,30 @@ def _num(x) -> str:
 
 def markdown(report: dict) -> str:
     head = report["setup"]
+    phases = head.get("calibration_phases", {}).get("backbone")
     lines = [
         f"# Precision report: {head['model']}",
         "",
         f"Weights {head['weights']}; S={head['steps']}, CFG {head['cfg']} ({head['cfg_schedule']}); "
         f"{head['images']} images x seeds {head['seeds']} (noise seeds not used for calibration); INT8 calibration "
-        f"set {head['calibration']} ({head['method']}). Reference: FP32 graphs on {head['backend']}. "
-        "Teacher forced: every stage gets the reference history and noise, so each row isolates one stage.",
+        f"set {head['calibration']} ({head['method']}"
+        + (", backbone: " + ", ".join(f"{n} {p} samples" for p, n in phases.items()) if phases else "")
+        + f"). Reference: FP32 graphs on {head['backend']}. "
+        "Teacher forced: every stage gets the reference history and noise, and the reference's other stages, "
+        "so each column isolates one stage (the backbone is one graph: its prefill and AR steps apart).",
         "",
-        "| precision | prefill bits | backbone_step bits | head bits | end-to-end bits (teacher forced) | "
-        "decoder PSNR min | free-running bits | backbone cond max err |",
-        "|---|---|---|---|---|---|---|---|",
+        "| precision | prefix_embed bits | token_embed bits | backbone prefill bits | backbone step bits | head bits | "
+        "end-to-end bits (teacher forced) | decoder PSNR min | free-running bits | backbone cond max err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p, r in report["precisions"].items():
         tf, free = r["teacher_forced"], r["free_running"]
-        lines.append(f"| {p} | {_pct(tf['prefill']['bit_agreement'])} | {_pct(tf['backbone_step']['bit_agreement'])} | "
+        backbone = tf["backbone"]["phases"]
+        lines.append(f"| {p} | {_pct(tf['prefix_embed']['bit_agreement'])} | {_pct(tf['token_embed']['bit_agreement'])} | "
+                     f"{_pct(backbone['prefill']['bit_agreement'])} | {_pct(backbone['step']['bit_agreement'])} | "
                      f"{_pct(tf['head']['bit_agreement'])} | {_pct(tf['end_to_end']['bit_agreement'])} | "
                      f"{_db(tf['decoder']['psnr_db_min'])} | {_pct(free['bit_agreement'])} | "
-                     f"{_num(tf['backbone_step']['cond_max_abs_err'])} |")
+                     f"{_num(tf['backbone']['cond_max_abs_err'])} |")
     if report.get("targets"):
         lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["targets"].items())]
     if report.get("sensitivity"):

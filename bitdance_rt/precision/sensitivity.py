@@ -3,9 +3,10 @@
 A "layer" is one quantised op (a weight MatMul / Gemm / Conv, named by its module path, e.g.
 /layers.2/feed_forward/w1/MatMul). For each stage and each of its layers, the INT8 export is
 derived again with that one layer kept float, and the stage's own teacher-forced number is
-measured (report.compare): bit agreement for prefill, backbone_step and head_step (via the head
-sampler), decoder PSNR. The gain over the all-INT8 export ranks the layers; the ranking is what a
-user needs to choose `keep_float` for a deployment.
+measured (report.compare): bit agreement for token_embed, the backbone (both phases pooled: a
+layer kept float is float in both) and head_step (via the head sampler), decoder PSNR. The gain
+over the all-INT8 export ranks the layers; the ranking is what a user needs to choose
+`keep_float` for a deployment.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 from .. import stages as st
 from .policy import quantised_layers
 
-METRIC = {st.PREFILL: "prefill", st.BACKBONE_STEP: "backbone_step", st.HEAD_STEP: "head", st.DECODER: "decoder"}
+# the teacher-forced measurement of each INT8 stage (report.Comparison.to_json)
+METRIC = {st.TOKEN_EMBED: "token_embed", st.BACKBONE: "backbone", st.HEAD_STEP: "head", st.DECODER: "decoder"}
+if set(METRIC) != set(st.INT8_STAGES):  # a quantised stage without a metric would leave the sweep silently
+    raise RuntimeError(f"sensitivity METRIC covers {sorted(METRIC)}, the INT8 stages are {list(st.INT8_STAGES)}")
 
 
 def stage_metric(comparison_json: dict, stage: str) -> float:

@@ -34,7 +34,7 @@ SAMPLER_MODES = ("auto", "fused", "step")
 
 
 def check_generation_stages(specs: dict, where) -> None:
-    """An export (or engine set) can generate: prefill, backbone_step, decoder, and a head sampler
+    """An export (or engine set) can generate: the embeddings, the backbone, the decoder, and a head sampler
     (the fused graph, or head_step for the step-by-step sampler)."""
     missing = [s for s in st.REQUIRED_STAGES if s not in specs]
     if missing or not (st.HEAD_STEP in specs or st.HEAD_SAMPLER in specs):
@@ -77,10 +77,12 @@ class StageBackend:
         self._kv: torch.Tensor | None = None
         self._context: dict[str, torch.Tensor] = {}  # per-slot inputs fixed at prefill (T2I: pad)
         self._batch_rows = 0  # rows of the running batch-level generation
+        self._prefix_names = st.stage_spec(st.PREFIX_EMBED, self.config).input_names
 
     # ---- what a backend implements ------------------------------------------------------
-    def _run(self, stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run one stage on contract-named inputs; outputs by contract name (on the CPU or device)."""
+    def _run(self, stage: str, feeds: dict[str, torch.Tensor], phase: str | None = None) -> dict[str, torch.Tensor]:
+        """Run one stage on contract-named inputs; outputs by contract name (on the CPU or device).
+        `phase`: the backbone's call ("prefill" or "step", stages.backbone_phases); None otherwise."""
         raise NotImplementedError
 
     def _alloc_cache(self, rows: int) -> torch.Tensor:
@@ -134,14 +136,22 @@ class StageBackend:
         m = row_count(feeds)
         if m != len(slots):
             raise BitDanceError(f"prefill_rows: {m} rows of inputs for {len(slots)} cache slots")
+        missing = [k for k in self._prefix_names + st.step_context_names(self.config) if k not in feeds]
+        if missing:
+            raise BitDanceError(f"prefill_rows: inputs {', '.join(missing)} missing (got {', '.join(feeds) or 'none'})")
         self._check_prefill(feeds)
         self.ensure_cache(max(slots) + 1)
         padded = self.bucket(m)
         # dummy rows repeat row 0 (any valid input; their results are dropped)
         run = {k: torch.cat([v, v[:1].expand(padded - m, *v.shape[1:])]) for k, v in feeds.items()}
-        out = self._run(st.PREFILL, run)
+        embed = {k: run[k] for k in self._prefix_names}
+        x = self._run(st.PREFIX_EMBED, embed)["x"]
+        context = {name: run[name] for name in st.step_context_names(self.config)}  # text-to-image: pad
+        # the cache rows the call reads are any `padded` slots: with start 0 every cached key is hidden
+        out = self._run(st.BACKBONE, {"x": x, "start": torch.zeros(padded, dtype=torch.int64), **context,
+                                      **self._cache_feeds(padded)}, phase="prefill")
         write_rows(self._kv, out["kv_new"][:, :, :m].to(self._kv.device), slots, 0)
-        for name in st.step_context_names(self.config):  # inputs the backbone step needs again
+        for name in context:  # inputs the backbone steps need again
             ctx = self._context.setdefault(name, torch.zeros(self._kv.shape[2], dtype=torch.int64))
             ctx[torch.tensor(slots)] = feeds[name]
         return out["cond"][:m].float().cpu()
@@ -174,12 +184,13 @@ class StageBackend:
             raise BitDanceError(f"step_rows: start(s) {bad} outside the fed positions [{lo}, {hi}] of this model")
         padded = self.bucket(n)
         self.ensure_cache(padded)
-        feeds = {"tokens": _pad_rows(tokens.float().cpu(), padded),
-                 "start": _pad_rows(torch.tensor(starts, dtype=torch.int64), padded, lo)}
+        start = _pad_rows(torch.tensor(starts, dtype=torch.int64), padded, lo)
+        feeds = {"x": self._run(st.TOKEN_EMBED, {"tokens": _pad_rows(tokens.float().cpu(), padded)})["x"],
+                 "start": start}
         for name, values in self._context.items():
             feeds[name] = values[:padded]
         feeds.update(self._cache_feeds(padded))
-        out = self._run(st.BACKBONE_STEP, feeds)
+        out = self._run(st.BACKBONE, feeds, phase="step")
         keep = [i for i, w in enumerate(write) if w]
         if keep:
             new = out["kv_new"].to(self._kv.device)

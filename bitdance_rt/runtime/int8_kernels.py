@@ -17,9 +17,10 @@ symmetric Q/DQ), ONNX Runtime on every CPU, and a copy moved to another machine,
 kernels are chosen where the session is made, from the CPU it runs on. We set it only where the
 U8S8 kernels saturate: on a VNNI CPU U8U8 is slower (README, "Precision"), and there U8S8 is exact.
 
-Chosen by measurement (embedded model, teacher forced, seed 1000): U8U8 gives an AVX2-only CPU
-(an emulated EPYC-Milan) exactly the tokens of a VNNI CPU (backbone_step 99.22%, head 99.55%, end to
-end 99.14%, decoder 44.3 dB), where its U8S8 kernels gave 95.2% / 96.5% / 94.5% / 14.9 dB. ONNX
+Chosen by measurement (embedded model, teacher forced, seed 1000, stage contract 2): U8U8 gives an
+AVX2-only CPU (an emulated EPYC-Milan) exactly the tokens of a VNNI CPU (AR-step backbone 99.22%,
+head 99.55%, end to end 99.14%, decoder 44.3 dB), where its U8S8 kernels gave 95.2% / 96.5% / 94.5% /
+14.9 dB. ONNX
 Runtime's other documented way out, 7-bit weights (reduce_range), would change the graph (a second
 variant beside TensorRT's) and costs accuracy on every CPU: 98.96% / 99.08% / 98.83% / 43.1 dB.
 """

@@ -26,7 +26,7 @@ from ..export.manifest import (MANIFEST, manifest_config, manifest_specs, read_m
                                verify_files)
 from .core import SAMPLER_MODES, StageBackend, check_generation_stages
 from .int8_kernels import configure as int8_configure
-from .ort_session import graph_signature, make_session
+from .ort_session import graph_signature, make_session, trt_profile_options
 from .int8_kernels import resolve as int8_kernels_resolve
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -70,14 +70,6 @@ def normalize_providers(providers) -> list:
 def _architecture(cfg: ModelConfig) -> dict:
     """What decides the graphs: the official class, its arguments and the VAE (not name or defaults)."""
     return {k: v for k, v in cfg.to_json_dict().items() if k in ("model_class", "constructor_args", "vae")}
-
-
-def trt_profile_options(spec: st.StageSpec) -> dict[str, str]:
-    """TensorRT EP provider options with the contract's min/opt/max shapes of the dynamic inputs."""
-    from ..engines.profiles import shape_strings, stage_profile
-
-    lo, opt, hi = shape_strings(stage_profile(spec))
-    return {"trt_profile_min_shapes": lo, "trt_profile_opt_shapes": opt, "trt_profile_max_shapes": hi}
 
 
 class OrtBackend(StageBackend):
@@ -130,7 +122,7 @@ class OrtBackend(StageBackend):
         lazy = {st.HEAD_STEP} if sampler != "step" and st.HEAD_SAMPLER in self.specs else set()
         self.sessions = {name: self._session(name, *self._session_args) for name in self.specs if name not in lazy}
         self._out_buffers: dict = {}
-        self._init_core(self.specs[st.PREFILL].dims["rows"].max)
+        self._init_core(self.specs[st.BACKBONE].dims["rows"].max)
 
     @property
     def concurrent_decode(self) -> bool:
@@ -217,7 +209,7 @@ class OrtBackend(StageBackend):
             self.sessions[name] = self._session(name, *self._session_args)
         return self.sessions[name]
 
-    def _run(self, name: str, feeds: dict) -> dict:
+    def _run(self, name: str, feeds: dict, phase: str | None = None) -> dict:
         """Run stage `name` on contract-named torch tensors: the cache views (and `kv_new`) bound by
         address, the rest as host arrays; outputs as torch tensors."""
         spec = self.specs[name]
@@ -233,8 +225,8 @@ class OrtBackend(StageBackend):
         out_kv = None
         for t in spec.outputs:
             if t.name == "kv_new":
-                key = (name, dims["rows"])
-                if key not in self._out_buffers:  # one preallocated buffer per (stage, rows)
+                key = (name, *sorted(dims.items()))
+                if key not in self._out_buffers:  # one preallocated buffer per (stage, rows, seq)
                     self._out_buffers[key] = torch.empty(spec.shape("kv_new", **dims), dtype=torch.float32,
                                                          device=self._kv.device)
                 out_kv = self._out_buffers[key]

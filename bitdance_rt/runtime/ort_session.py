@@ -177,6 +177,22 @@ def graph_signature(path: str | Path) -> tuple[list[str], list[str]]:
     return [n for n in inputs if n not in initializers], outputs
 
 
+# ---- TensorRT EP profiles ----------------------------------------------------------------------------
+def trt_profile_options(spec, per_phase: bool = False) -> dict[str, str]:
+    """TensorRT EP provider options with the contract's min/opt/max shapes of the dynamic inputs.
+
+    A stage with phases (the backbone) gets, by default, ONE profile spanning them, tuned for the
+    step: the EP parses several profiles (each input listed once per profile, ParseProfileShapes in
+    tensorrt_execution_provider_utils.h) and builds them into its engine, but keeps the execution
+    context on profile 0, so a call outside profile 0 fails (onnxruntime PR #31624, still open when
+    this was written, adds runtime switching). `per_phase=True` lists one profile per phase, for an EP that
+    switches."""
+    from ..engines.profiles import multi_shape_strings, shape_strings, spanning_profile, stage_profiles
+
+    lo, opt, hi = multi_shape_strings(stage_profiles(spec)) if per_phase else shape_strings(spanning_profile(spec))
+    return {"trt_profile_min_shapes": lo, "trt_profile_opt_shapes": opt, "trt_profile_max_shapes": hi}
+
+
 # ---- the optimised-graph cache --------------------------------------------------------------------
 def default_cache_dir() -> Path:
     """<cache root>/ort-optimized ($BITDANCE_RT_CACHE, else ~/.cache/bitdance-rt): bitdance_rt.paths."""

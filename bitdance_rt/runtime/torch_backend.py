@@ -26,7 +26,7 @@ class TorchBackend(StageBackend):
         self.device = torch.device(device)
         self.head_net = self.model.head_net  # the sampler's net; wrappers (calibration) may observe it
         self._names = {name: st.stage_spec(name, self.config, steps=1).input_names
-                       for name in (st.PREFILL, st.BACKBONE_STEP, st.DECODER, st.ENCODER)}
+                       for name in (st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.DECODER, st.ENCODER)}
         self._modules = {name: stage_module(name, self.model) for name in self._names}  # made once: no races
         self._init_core(None if max_batch is None else 2 * max_batch)
 
@@ -40,7 +40,7 @@ class TorchBackend(StageBackend):
         return torch.zeros(st.kv_shape(self.config, rows), dtype=torch.float32, device=self.device)
 
     @torch.inference_mode()
-    def _run(self, stage, feeds):
+    def _run(self, stage, feeds, phase=None):
         feeds = {k: v.to(self.device) for k, v in feeds.items()}
         if stage == st.HEAD_SAMPLER:
             return {"tokens": sample_tokens_rows(self.head_net, feeds["cond"], feeds["noise"], feeds["cfg"],
@@ -48,6 +48,6 @@ class TorchBackend(StageBackend):
         if stage == st.HEAD_STEP:
             return {"x_pred": self.head_net(feeds["x"], feeds["t"], feeds["cond"])}
         out = self._modules[stage](*(feeds[n] for n in self._names[stage]))
-        if stage in (st.PREFILL, st.BACKBONE_STEP):
+        if stage == st.BACKBONE:
             return {"cond": out[0], "kv_new": out[1]}
-        return {"image" if stage == st.DECODER else "latent": out}
+        return {st.stage_spec(stage, self.config, steps=1).output_names[0]: out}

@@ -5,37 +5,53 @@ row padding), over engines from bitdance_rt.engines.build (built into the engine
 missing or stale), on the device it was given: build, deserialisation and contexts run inside
 that device's context, so one backend per GPU works.
 
+Engines: one per stage, deserialised at load, except head_step when the fused head sampler serves
+the generation (sampler "auto"/"fused" with a head_sampler stage): it is built with the others but
+deserialised only when a step count without a fused graph (or sampler "step") asks for it, as
+OrtBackend does; otherwise the head net's weights would be held twice. The backbone is ONE engine
+with one optimisation profile per phase (stages.backbone_phases: 0 = prefill, 1 = step), so its
+weights are held once; every context of it selects its phase's profile
+(IExecutionContext.set_optimization_profile_async(index, stream)) before its input shapes are set,
+since they are checked against the selected profile, and `_run`'s `phase` picks the context.
+
 Memory and execution (one CUDA stream, torch CUDA tensors as the device buffers):
-- one execution context per (stage, rows) shape, created with
+- one execution context per (stage, phase, rows) shape, created with
   ExecutionContextAllocationStrategy.USER_MANAGED, all sharing ONE scratch buffer sized to the
-  largest engine's device_memory_size_v2: stages run one after another on the stream, so their
+  largest loaded engine's device_memory_size_v2 (its largest profile; a lazily loaded engine that
+  needs more gets its own): stages run one after another on the stream, so their
   activations never live at the same time (TensorRT Python API, ICudaEngine.create_execution_context /
   IExecutionContext.set_device_memory; TensorRT 11 also offers IRuntimeConfig for the strategy);
 - every input and output is a fixed torch CUDA tensor bound once with set_tensor_address; a call
   copies its arguments into the input buffers (per-row positions, guidance and noise through
   pinned host twins, asynchronously) and reads the outputs: no allocation per call;
+- the embeddings `x` stay on the device: an embedding stage returns its output buffer, and the
+  backbone context of that phase and row count binds that very buffer as its `x` input (no copy,
+  no host round trip; both addresses fixed, so captured graphs stay valid);
 - the KV cache [n_layer, 2, max rows, heads, L, hd] is allocated once for every slot (its address
   never changes), bound to the per-layer `cache.{i}.key/value` inputs by address (read only, no
   aliasing with any output; each view 256-byte aligned, checked); the core writes `kv_new` into
   each row's slot and position after the engine;
 - the scheduler pads row counts to a few sizes (core.row_bucket), so few shapes are captured;
-- backbone_step, head_step and the fused head sampler are run once with execute_async_v3
-  (warm-up; TensorRT's developer guide asks for one enqueue before capture, which does the
-  deferred per-shape work), then captured with torch.cuda.CUDAGraph on the same stream, one graph
-  per (stage, rows), and replayed on every later call. An engine whose input is a shape tensor
-  (host memory, read at enqueue time) is never captured.
-- every engine's I/O names and static dims are checked against the stage contract at load.
+- the graph-capture stages (stages.GRAPH_CAPTURE_STAGES: token_embed, the backbone's STEP phase,
+  head_step, the fused head sampler; never a prefill, which runs once per request) are run once
+  with execute_async_v3 (warm-up; TensorRT's developer guide asks for one enqueue before capture,
+  which does the deferred per-shape work, and the setup a profile switch may defer to the next
+  enqueue; a context selects its profile once and never switches), then captured with torch.cuda.CUDAGraph on the same
+  stream, one graph per (stage, phase, rows), and replayed on every later call. An engine whose
+  input is a shape tensor (host memory, read at enqueue time) is never captured.
+- every engine's I/O names and static dims, and the backbone's profiles (count and shapes per
+  phase), are checked against the stage contract at load.
 
 Checked against NVIDIA's sources (github.com/NVIDIA/TensorRT, tags v10.3.0 and v11.1):
-- contexts sharing profile 0: "The newly created execution context will be assigned optimization
+- contexts sharing a profile: "The newly created execution context will be assigned optimization
   profile 0" (ICudaEngine::createExecutionContext, NvInferRuntime.h, 10.3 and 11.1). The developer
   guide says the 8.x one-context-per-profile rule was dropped in 9.0, but the 10.3 and 11.1 headers
-  still ask for a separate profile per context used CONCURRENTLY. Our contexts of one engine (one
-  per row count) all hold profile 0 and are safe only because they never run concurrently: every
-  call is enqueued on the one stream of this backend. Keep it so (a second stream would need one
-  profile per concurrent context at build time). Device memory is "in use from the invocation of
-  enqueueV3() until network execution is complete" (setDeviceMemoryV2), so the shared scratch
-  relies on the same one-stream order.
+  still ask for a separate profile per context used CONCURRENTLY. Our contexts of one profile (one
+  per row count) are safe only because they never run concurrently: every call is enqueued on the
+  one stream of this backend. Keep it so (a second stream would need one profile per concurrent
+  context at build time). Device memory is "in use from the invocation of enqueueV3() until
+  network execution is complete" (setDeviceMemoryV2), so the shared scratch relies on the same
+  one-stream order.
 - graph capture follows trtexec (samples/common/sampleInference.cpp, createEnqueueFunction): one
   enqueue "to avoid capturing initialization calls", stream synchronize, capture in thread-local mode
   (sampleDevice.h: cudaStreamCaptureModeThreadLocal); an enqueue that fails under capture means the
@@ -52,6 +68,7 @@ import torch
 
 from .. import stages as st
 from ..config import ModelConfig
+from ..engines.profiles import HOT_PHASE, dynamic_inputs, profile_index
 from ..errors import BitDanceError
 from ..export.manifest import MANIFEST, manifest_config, manifest_specs, read_manifest
 from .core import SAMPLER_MODES, StageBackend, check_generation_stages
@@ -103,27 +120,55 @@ def _set_device_memory(context, ptr: int, size: int) -> None:
         context.device_memory = ptr
 
 
-class _Call:
-    """One stage at one shape: its context, static buffers, and (after capture) its CUDA graph."""
+def _select_profile(context, index: int, stream_handle: int, stage: str) -> None:
+    """IExecutionContext.set_optimization_profile_async(profile_index, stream_handle): returns False
+    in 10.x / 11.x when TensorRT refuses, older bindings raise RuntimeError instead."""
+    try:
+        ok = context.set_optimization_profile_async(index, stream_handle)
+    except RuntimeError as exc:
+        ok, why = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    else:
+        why = "it returned False"
+    if not ok:
+        raise BitDanceError(f"stage {stage}: TensorRT refused optimisation profile {index} ({why}); rebuild the "
+                            "engines for this export")
 
-    def __init__(self, backend: "TrtBackend", stage: str, dims: dict[str, int], bound: dict[str, torch.Tensor]):
-        trt, engine = backend.trt, backend.engines[stage]
+
+def _graph_candidate(stage: str, phase: str | None) -> bool:
+    """Replayed as a CUDA graph: a graph-capture stage, and of a stage with phases only the step phase
+    (the prefill runs once per request: a graph per row count would only cost memory)."""
+    return stage in st.GRAPH_CAPTURE_STAGES and phase in (None, HOT_PHASE)
+
+
+class _Call:
+    """One stage at one shape (and phase): its context, static buffers, and (after capture) its CUDA graph."""
+
+    def __init__(self, backend: "TrtBackend", stage: str, dims: dict[str, int], bound: dict[str, torch.Tensor],
+                 phase: str | None = None, shared: dict[str, torch.Tensor] | None = None):
+        """`bound`: inputs given by address that must fit (the cache views); `shared`: inputs given by
+        address when dtype and shape fit (another call's output buffer, e.g. the embeddings `x`)."""
+        trt, engine = backend.trt, backend._engine(stage)
         spec = backend.specs[stage]
-        self.stage, self.backend = stage, backend
+        self.stage, self.phase, self.backend = stage, phase, backend
+        self.profile = profile_index(spec, phase)
         self.context = _create_context(trt, engine)
         if self.context is None:
             raise BitDanceError(f"stage {stage}: TensorRT could not create an execution context")
-        _set_device_memory(self.context, backend.scratch.data_ptr(), backend.scratch.numel())
+        _set_device_memory(self.context, *backend._scratch_for(stage))
+        if spec.phases:  # before any input shape: the shapes are checked against the selected profile
+            _select_profile(self.context, self.profile, backend.stream.cuda_stream, stage)
         self.buffers: dict[str, torch.Tensor] = {}
         self.staging: dict[str, torch.Tensor] = {}
         self.host_shape_inputs = False
+        shared = shared or {}
         for t in spec.inputs:
             shape = spec.shape(t.name, **dims)
             if any(d < 0 for d in engine.get_tensor_shape(t.name)):
                 if not self.context.set_input_shape(t.name, shape):
                     raise BitDanceError(f"stage {stage}: TensorRT refused shape {list(shape)} for {t.name} (outside "
-                                        "the engine's profile; rebuild the engines for this export)")
+                                        f"the engine's profile {self.profile}; rebuild the engines for this export)")
             dtype = _torch_dtype(trt, engine.get_tensor_dtype(t.name))
+            given = shared.get(t.name)
             if t.name in bound:
                 buf = bound[t.name]
                 if buf.dtype != dtype or tuple(buf.shape) != shape:
@@ -131,6 +176,9 @@ class _Call:
             elif _on_host(trt, engine, t.name):
                 buf = torch.zeros(shape, dtype=dtype).pin_memory()  # shape tensors are read on the host
                 self.host_shape_inputs = True
+            elif (given is not None and given.dtype == dtype and tuple(given.shape) == shape
+                  and given.is_contiguous() and given.device == backend.device):
+                buf = given  # the producer's fixed output buffer: read in place, never copied
             else:
                 buf = torch.zeros(shape, dtype=dtype, device=backend.device)
                 # pinned host twin: per-call values (tokens, positions, guidance, noise) go to the fixed
@@ -151,15 +199,18 @@ class _Call:
         self.after = None  # extra work on the stream after the engine (captured with it)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_failed = False  # tried once, the engine cannot be captured: run eagerly
-        self.key = (stage, tuple(sorted(dims.items())))
+        self.graph_candidate = _graph_candidate(stage, phase)
+        self.key = (stage, phase, tuple(sorted(dims.items())))
         self.calls = 0
 
     def put(self, name: str, value: torch.Tensor) -> None:
         """Input `name` for the next run (on the backend's stream). The host twin is rewritten only
         after the previous run's outputs were read (the backend waits for them), so its last
-        asynchronous copy has finished."""
+        asynchronous copy has finished. The bound buffer itself (a shared `x`) needs no copy."""
         buf = self.buffers[name]
         value = torch.as_tensor(value)
+        if value.data_ptr() == buf.data_ptr() and value.device == buf.device and value.shape == buf.shape:
+            return
         if value.is_cuda:
             buf.copy_(value.reshape(buf.shape))
         elif name in self.staging:
@@ -176,7 +227,7 @@ class _Call:
 
     def run(self) -> None:
         """Run with the inputs already in the buffers. The first call runs eagerly (it is also the
-        warm-up enqueue TensorRT wants before a capture); right after it, graph-eligible stages are
+        warm-up enqueue TensorRT wants before a capture); right after it, graph candidates are
         captured once, and every later call replays the graph."""
         b = self.backend
         with torch.cuda.stream(b.stream):
@@ -184,8 +235,7 @@ class _Call:
                 self.graph.replay()
             else:
                 self._enqueue()
-                if (b.cuda_graphs and self.stage in st.GRAPH_CAPTURE_STAGES and not self.host_shape_inputs
-                        and not self.capture_failed):
+                if b.cuda_graphs and self.graph_candidate and not self.host_shape_inputs and not self.capture_failed:
                     self._capture()
         self.calls += 1
 
@@ -209,6 +259,17 @@ class _Call:
             return
         self.graph = graph
         b.captures.append(self.key)
+
+
+def lazy_stages(sampler: str, specs) -> set[str]:
+    """Stages deserialised on first use: head_step while the fused head sampler serves (as in OrtBackend);
+    it is needed only for a step count the fused graph was not exported for, or with sampler "step"."""
+    return {st.HEAD_STEP} if sampler != "step" and st.HEAD_SAMPLER in specs else set()
+
+
+# outputs handed back as the call's device buffer (valid until that call runs again): the cache rows
+# the core writes into the cache, and the embeddings the backbone reads in place
+DEVICE_OUTPUTS = ("kv_new", "x")
 
 
 class TrtBackend(StageBackend):
@@ -243,29 +304,64 @@ class TrtBackend(StageBackend):
         with torch.cuda.device(self.device):
             toolkit = TensorRT(device=index)
             self.trt = toolkit.trt
+            # every stage is built now (a later load finds its engine cached); only loading may wait
             built = build_engines(self.dir, precision, workspace_mb, level, list(self.specs), engine_root, toolkit,
                                   log=self.log)
             self.precision = next(iter(built.values())).key.precision
             self.engine_paths = {s: b.path for s, b in built.items()}
-            runtime = self.trt.Runtime(toolkit.logger)
-            self.engines = {}
-            for stage, path in self.engine_paths.items():
-                engine = runtime.deserialize_cuda_engine(path.read_bytes())
-                if engine is None:
-                    raise BitDanceError(f"{path}: TensorRT could not deserialize it (delete it to rebuild)")
-                check_engine_io(self.trt, engine, self.specs[stage], path)
-                self.engines[stage] = engine
-            self._runtime = runtime
+            self._runtime = self.trt.Runtime(toolkit.logger)
             self.stream = torch.cuda.Stream(self.device)
-            size = max(_device_memory_size(e) for e in self.engines.values())
-            self.scratch = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)  # shared by all contexts
+        self._load_engines(lazy_stages(sampler, self.specs))
         self.cuda_graphs = bool(cuda_graphs)
         self.captures: list = []
         self._calls: dict = {}
-        self._init_core(self.specs[st.PREFILL].dims["rows"].max)
+        self._init_core(self.specs[st.BACKBONE].dims["rows"].max)
 
     def has_stage(self, stage: str) -> bool:
-        return stage in self.engines
+        return stage in self.engine_paths
+
+    # ---- engines -------------------------------------------------------------------------
+    def _load_engines(self, lazy) -> None:
+        """Deserialise every engine but the `lazy` stages'; size the shared scratch to the loaded ones."""
+        self.engines = {}
+        for stage in self.engine_paths:
+            if stage not in lazy:
+                self._load(stage)
+        size = max(_device_memory_size(e) for e in self.engines.values())
+        self.scratch = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)  # shared by all contexts
+        self._own_scratch: dict[str, torch.Tensor] = {}  # lazily loaded engines that need more than `scratch`
+
+    def _load(self, stage: str):
+        """Deserialise the engine of `stage` (on this backend's device) and check it against the contract."""
+        path = self.engine_paths[stage]
+        with torch.cuda.device(self.device):
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise BitDanceError(f"{path}: TensorRT could not deserialize it (delete it to rebuild)")
+        check_engine_io(self.trt, engine, self.specs[stage], path)
+        check_engine_profiles(engine, self.specs[stage], path)
+        self.engines[stage] = engine
+        return engine
+
+    def _engine(self, stage: str):
+        if stage not in self.engines:  # head_step: deserialised on first use
+            if stage not in self.engine_paths:
+                raise BitDanceError(f"{self.dir} has no {stage} stage; re-export with it")
+            self.log(f"{stage}: loading its engine (first call)")
+            self._load(stage)
+        return self.engines[stage]
+
+    def _scratch_for(self, stage: str) -> tuple[int, int]:
+        """(address, bytes) of the activation memory for a context of `stage`: the shared scratch, or,
+        for a lazily loaded engine needing more, its own (growing the shared one would move the
+        address that existing contexts and captured graphs hold)."""
+        size = _device_memory_size(self.engines[stage])
+        if size <= self.scratch.numel():
+            return self.scratch.data_ptr(), self.scratch.numel()
+        if stage not in self._own_scratch:
+            self._own_scratch[stage] = torch.empty(size, dtype=torch.uint8, device=self.device)
+        own = self._own_scratch[stage]
+        return own.data_ptr(), own.numel()
 
     # ---- plumbing ------------------------------------------------------------------------
     def _alloc_cache(self, rows: int) -> torch.Tensor:
@@ -275,24 +371,48 @@ class TrtBackend(StageBackend):
         check_alignment(kv, self.config)
         return kv
 
-    def _call(self, stage: str, dims: dict[str, int]) -> _Call:
-        key = (stage, tuple(sorted(dims.items())))
+    def _own_output(self, value) -> bool:
+        """Whether `value` is an output buffer of one of our calls (fixed address: safe to bind)."""
+        if not isinstance(value, torch.Tensor):
+            return False
+        return any(value is c.buffers.get(t.name) for c in self._calls.values()
+                   for t in self.specs[c.stage].outputs)
+
+    def _call(self, stage: str, dims: dict[str, int], phase: str | None = None, feeds: dict | None = None) -> _Call:
+        key = (stage, phase, tuple(sorted(dims.items())))
         if key not in self._calls:
-            bound = {}
-            if stage == st.BACKBONE_STEP:
-                bound = self._cache_feeds(dims["rows"])  # by address, read only
+            bound = self._cache_feeds(dims["rows"]) if stage == st.BACKBONE else {}  # by address, read only
+            shared = {k: v for k, v in (feeds or {}).items() if k not in bound and self._own_output(v)}
             with torch.cuda.device(self.device):
-                self._calls[key] = _Call(self, stage, dims, bound)
+                self._calls[key] = _Call(self, stage, dims, bound, phase, shared)
         return self._calls[key]
 
-    def _run(self, stage: str, feeds: dict) -> dict:
-        """Copy the inputs into the call's fixed device buffers (through pinned host memory), run (or
-        replay) it on our stream; outputs: kv_new as the device buffer, the rest copied to the host."""
+    def _phase(self, spec: st.StageSpec, dims: dict, phase: str | None) -> str | None:
+        """The profile's phase of a call: the one asked (its sizes checked), else the one `dims` imply."""
+        if not spec.phases:
+            if phase is not None:
+                raise BitDanceError(f"stage {spec.name} has no phases, got phase {phase!r}")
+            return None
+        if phase is None:
+            return spec.phase_of(dims)
+        if phase not in spec.phases:
+            raise BitDanceError(f"stage {spec.name} has phases {', '.join(spec.phases)}, not {phase!r}")
+        wrong = {s: dims.get(s) for s, v in spec.phases[phase].items() if dims.get(s) != v}
+        if wrong:
+            raise BitDanceError(f"stage {spec.name}, phase {phase}: {wrong} where the phase has "
+                                f"{spec.phases[phase]}")
+        return phase
+
+    def _run(self, stage: str, feeds: dict, phase: str | None = None) -> dict:
+        """Copy the inputs into the call's fixed device buffers (through pinned host memory; an input
+        that is already its buffer stays), run (or replay) it on our stream; outputs: kv_new and x as
+        the device buffers, the rest copied to the host."""
         spec = self.specs[stage]
         dims: dict = {}
         for t in spec.inputs:
             dims = spec.match(t.name, feeds[t.name].shape, known=dims)
-        call = self._call(stage, dims)
+        phase = self._phase(spec, dims, phase)
+        call = self._call(stage, dims, phase, feeds)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # inputs made on the caller's stream
         with torch.cuda.stream(self.stream):
             for t in spec.inputs:
@@ -300,7 +420,7 @@ class TrtBackend(StageBackend):
                     call.put(t.name, feeds[t.name])
         call.run()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return {t.name: call.buffers[t.name] if t.name == "kv_new" else call.buffers[t.name].float().cpu()
+        return {t.name: call.buffers[t.name] if t.name in DEVICE_OUTPUTS else call.buffers[t.name].float().cpu()
                 for t in spec.outputs}
 
 
@@ -317,6 +437,28 @@ def check_engine_io(trt, engine, spec: st.StageSpec, path) -> None:
         if len(got) != len(t.shape) or any(isinstance(w, int) and g not in (w, -1) for g, w in zip(got, t.shape)):
             raise BitDanceError(f"{path}: engine tensor {t.name} has shape {list(got)}, the contract "
                                 f"{list(t.shape)}; rebuild the engines for this export")
+
+
+def check_engine_profiles(engine, spec: st.StageSpec, path) -> None:
+    """A stage with phases needs its engine's profile k to be phase k's (the contexts select profiles
+    by index): the count always, the shapes where the binding reports them (get_tensor_profile_shape)."""
+    if not spec.phases:
+        return
+    phases = spec.profile_phases
+    count = int(getattr(engine, "num_optimization_profiles", len(phases)))
+    if count != len(phases):
+        raise BitDanceError(f"{path}: engine has {count} optimisation profile(s), stage {spec.name} one per phase "
+                            f"({', '.join(phases)}); rebuild the engines for this export")
+    shapes = getattr(engine, "get_tensor_profile_shape", None)
+    if shapes is None:
+        return
+    for k, phase in enumerate(phases):
+        for name in dynamic_inputs(spec):
+            got = tuple(tuple(int(d) for d in dims) for dims in shapes(name, k))
+            if got != spec.profile(name, phase):
+                raise BitDanceError(f"{path}: profile {k} gives {name} min/opt/max {[list(d) for d in got]}, phase "
+                                    f"{phase} of stage {spec.name} {[list(d) for d in spec.profile(name, phase)]}; "
+                                    "rebuild the engines for this export")
 
 
 def check_alignment(kv: torch.Tensor, cfg) -> None:

@@ -1,0 +1,168 @@
+"""An export holds each weight once: the distinct initializer bytes of all its stage files add up to
+the model's parameter bytes (before, the backbone sat in prefill.onnx and backbone_step.onnx, the
+head in head_step.onnx and the fused sampler: about 1.5x), and the graphs still compute the model.
+
+"Distinct" is counted by storage place: an initializer inline in a graph counts once per graph, one
+in an external file once per (file, offset); so a weight that two graphs read from one shared file
+counts once, and a weight copied into two files counts twice, whatever its name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from bitdance_rt import stages as st  # noqa: E402
+from bitdance_rt.config import load_config  # noqa: E402
+from bitdance_rt.export import export_stages, random_source  # noqa: E402
+from bitdance_rt.loading import load_model  # noqa: E402
+from bitdance_rt.models import BitDance  # noqa: E402
+
+from conftest import torch_threads  # noqa: E402
+
+MIN_SHARED = 1024  # below this a repeated constant is not a weight (norm scalars, shape constants)
+
+
+def _storage(directory: Path, manifest: dict):
+    """(place, bytes, dtype/shape/content key) of every initializer of every stage graph."""
+    import hashlib
+
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for stage, files in manifest["stage_files"].items():
+        graph = onnx.load(str(directory / files[0]), load_external_data=False)
+        for tensor in graph.graph.initializer:
+            if uses_external_data(tensor):
+                info = {e.key: e.value for e in tensor.external_data}
+                place = (info["location"], int(info.get("offset", 0)))
+                copy = onnx.TensorProto()
+                copy.CopyFrom(tensor)
+                load_external_data_for_tensor(copy, str(directory))
+                data = copy.raw_data
+            else:
+                place = (files[0], tensor.name)
+                data = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
+            yield place, len(data), (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
+
+
+def _check_once(directory: Path, manifest: dict, param_bytes: int, buffer_bytes: int) -> dict:
+    places: dict = {}
+    contents: dict = {}
+    for place, size, key in _storage(directory, manifest):
+        places[place] = size
+        if size >= MIN_SHARED:
+            contents.setdefault(key, set()).add(place)
+    distinct = sum(places.values())
+    copies = {k: v for k, v in contents.items() if len(v) > 1}
+    assert not copies, f"weights stored more than once: {list(copies.values())[:3]}"
+    # graphs hold the parameters plus derived tables (RoPE, position tables, masks' constants, the
+    # sampler's folded time embeddings): at most the buffers and 2% more
+    assert param_bytes <= distinct <= 1.02 * param_bytes + buffer_bytes, (distinct, param_bytes, buffer_bytes)
+    return distinct
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_embedded_model_export_holds_each_weight_once(tmp_path):
+    with torch_threads(1):
+        loaded = load_model()
+        result = export_stages(loaded.model, tmp_path / "e", random_source(0), sampler_steps=4, progress=False)
+    m = loaded.model
+    _check_once(result.directory, result.manifest, _bytes(m.parameters()), _bytes(m.buffers()))
+    # the head is read by head_step and the fused sampler, from one file
+    files = result.manifest["stage_files"]
+    assert "shared.weights" in files[st.HEAD_STEP] and "shared.weights" in files[st.HEAD_SAMPLER]
+
+
+def test_b4x_widths_transformer_and_head_held_once(tmp_path):
+    """BitDance-B-4x at its real widths (2 of its 24 layers; the tokenizer left out): the stages the
+    duplication was in."""
+    cfg = load_config("BitDance-B-4x").replace(n_layer=2)
+    torch.manual_seed(0)
+    with torch_threads(2):
+        model = BitDance(cfg).eval()
+        with torch.no_grad():  # no two parameters alike (zero-initialised ones would be stored once)
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        stages = [st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.HEAD_STEP, st.HEAD_SAMPLER]
+        result = export_stages(model, tmp_path / "b", random_source(0), stages=stages, sampler_steps=2,
+                               progress=False)
+    params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
+    buffers = [b for n, b in model.named_buffers() if not n.startswith("vae.")]
+    _check_once(result.directory, result.manifest, _bytes(params), _bytes(buffers))
+
+
+def test_text_to_image_export_holds_each_weight_once(tmp_path):
+    from t2i_tiny import write_checkpoint
+
+    from bitdance_rt.t2i.loading import load_t2i
+
+    model = load_t2i(write_checkpoint(tmp_path / "ckpt", parallel_num=16), 512, 512, max_text_tokens=12).model
+    with torch_threads(1):
+        result = export_stages(model, tmp_path / "e", random_source(0), sampler_steps=2, progress=False)
+    _check_once(result.directory, result.manifest, _bytes(model.parameters()), _bytes(model.buffers()))
+
+
+def test_a_shared_weights_file_is_verified_like_every_export_file(tmp_path):
+    """Corrupting the shared head weights makes the export unusable (re-exported), never half-read."""
+    from bitdance_rt.export.onnx_export import find_reusable
+    from bitdance_rt.export.manifest import read_manifest
+
+    with torch_threads(1):
+        model = load_model().model
+        result = export_stages(model, tmp_path / "e", random_source(0), stages=[st.HEAD_STEP, st.HEAD_SAMPLER],
+                               sampler_steps=2, progress=False)
+    shared = result.directory / "shared.weights"
+    assert result.manifest["files"]["shared.weights"]["bytes"] == shared.stat().st_size
+    data = bytearray(shared.read_bytes())
+    data[-1] ^= 0xFF
+    shared.write_bytes(bytes(data))
+    assert find_reusable(result.directory, read_manifest(result.directory)["key"]) is None
+    with torch_threads(1):
+        again = export_stages(model, tmp_path / "e", random_source(0), stages=[st.HEAD_STEP, st.HEAD_SAMPLER],
+                              sampler_steps=2, progress=False)
+    assert not again.reused and shared.read_bytes() != bytes(data)
+    import numpy as np
+    import onnxruntime as ort
+
+    from bitdance_rt.export.wrappers import example_inputs
+
+    spec = st.stage_spec(st.HEAD_STEP, model.cfg)
+    args = example_inputs(spec, model, batch=2)
+    session = ort.InferenceSession(str(result.directory / "head_step.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {n: a.numpy() for n, a in zip(spec.input_names, args)})
+    with torch.no_grad():
+        want = model.head_net(*args).numpy()
+    assert np.abs(got - want).max() <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_derived_variants_hold_each_weight_once(tmp_path, precision, monkeypatch):
+    """The FP16 / INT8 variants of the embedded model's export: no weight stored twice (FP16: the
+    converted head of head_step and the sampler shared again; INT8: the FP32 sampler next to the
+    quantised head_step), and they generate."""
+    from bitdance_rt import Pipeline
+    from bitdance_rt.export.manifest import read_manifest
+
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    with torch_threads(1), Pipeline.from_pretrained(backend="onnxruntime", precision=precision, steps=4, threads=1,
+                                                    progress=False, log=None) as pipe:
+        out = pipe.generate(labels=3, seed=0)
+        directory = pipe.backend.dir
+    assert out.tokens.abs().eq(1).all()
+    manifest = read_manifest(directory)
+    places, contents = {}, {}
+    for place, size, key in _storage(directory, manifest):
+        places[place] = size
+        if size >= MIN_SHARED:
+            contents.setdefault(key, set()).add(place)
+    assert not [v for v in contents.values() if len(v) > 1]
+    if precision == "fp16":
+        files = manifest["stage_files"]
+        assert "shared.weights" in files[st.HEAD_STEP] and "shared.weights" in files[st.HEAD_SAMPLER]
