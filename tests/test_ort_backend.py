@@ -125,6 +125,9 @@ def test_session_options(ex, tmp_path):
     # thread pools stop spinning at the end of a run (the next stage's session needs the cores)
     assert {s.get_session_options().get_session_config_entry("session.force_spinning_stop")
             for s in backend.sessions.values()} == {"1"}
+    # the decoder (once per image, the largest activations) frees them after each call: no arena keeps them
+    arena = {name: s.get_session_options().enable_cpu_mem_arena for name, s in backend.sessions.items()}
+    assert arena.pop(st.DECODER) is False and set(arena.values()) == {True}
     got = generate(backend, ex.labels, S, 3.0, "linear", ReplayNoise(ex.fixture / "sample.safetensors"))
     assert torch.equal(got.tokens, ex.sample["tokens"])
     plain = OrtBackend(ex.dir, opt_level="disable", threads=1)

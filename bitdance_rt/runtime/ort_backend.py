@@ -164,6 +164,10 @@ class OrtBackend(StageBackend):
         if threads is not None:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        if name == st.DECODER and self.device[0] == "cpu":
+            # one call per image with the largest activations (B-4x: ~0.3 GB at 256 px): an arena would
+            # keep that peak resident between images; freed after each call instead
+            opts.enable_cpu_mem_arena = False
         opts.log_severity_level = 3
         # Each session has its own thread pool, whose idle threads spin for a while after a run. The loop
         # alternates sessions (26 head_step runs, then a backbone step), and the head's threads spinning on
