@@ -49,6 +49,10 @@ def main(argv=None) -> None:
     from bitdance_rt import Pipeline
     from bitdance_rt.plan import plan
 
+    import onnxruntime  # noqa: F401  (the baseline holds the runtime's libraries: the model's memory is the rest)
+
+    if args.checkpoint is not None:
+        import tokenizers  # noqa: F401
     gc.collect()
     before = rss_bytes()
     pipe = Pipeline.from_pretrained(args.model, args.checkpoint, backend="onnxruntime", precision=args.precision,
