@@ -166,3 +166,38 @@ def test_derived_variants_hold_each_weight_once(tmp_path, precision, monkeypatch
     if precision == "fp16":
         files = manifest["stage_files"]
         assert "shared.weights" in files[st.HEAD_STEP] and "shared.weights" in files[st.HEAD_SAMPLER]
+
+
+def test_sharing_keeps_a_graphs_other_external_tensors(tmp_path):
+    """A graph whose own weights and Constant attributes are external data (as ONNX Runtime's
+    quantiser writes a large graph) keeps them when a shared weight moves to shared.weights; both
+    graphs still compute what they computed."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bitdance_rt.export.shared_weights import SHARED_WEIGHTS, share_weights
+
+    rng = np.random.default_rng(0)
+    w, v = (rng.standard_normal((32, 32)).astype(np.float32) for _ in range(2))
+    c = rng.standard_normal(32).astype(np.float32)
+
+    def graph(name, own):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "v"], ["k"]),
+                 helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c + own, "c")),
+                 helper.make_node("Add", ["k", "c"], ["y"])]
+        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v + own, "v")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    onnx.save_model(graph("a", 0.0), str(tmp_path / "a.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="a.onnx.data", size_threshold=0, convert_attribute=True)
+    onnx.save_model(graph("b", 1.0), str(tmp_path / "b.onnx"))
+    files = share_weights(tmp_path, {"a": ["a.onnx", "a.onnx.data"], "b": ["b.onnx"]})
+    assert files == {"a": ["a.onnx", "a.onnx.data", SHARED_WEIGHTS], "b": ["b.onnx", SHARED_WEIGHTS]}
+    assert (tmp_path / SHARED_WEIGHTS).stat().st_size == w.nbytes  # w once; v, c differ between the graphs
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    for name, own in (("a", 0.0), ("b", 1.0)):
+        session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ w @ (v + own) + (c + own), rtol=1e-5, atol=1e-4)

@@ -20,6 +20,7 @@ from pathlib import Path
 SHARED_WEIGHTS = "shared.weights"
 MIN_BYTES = 1024
 _ALIGN = 4096
+_PROTOBUF_BYTES = 1_500_000_000  # above this a graph's own tensors go to external data (protobuf's 2 GB limit)
 
 
 def _tensor_bytes(tensor, base: Path) -> bytes:
@@ -89,31 +90,24 @@ def _reads_shared(path: Path) -> bool:
 
 
 def _rewrite(directory: Path, stage: str, files: list[str], shared: set, offsets: dict, blob, min_bytes: int) -> list[str]:
-    """Point one graph's shared initializers into `blob` (writing those not yet there); its other
-    external weights are written anew into its own data file (created if they came from a shared
-    file). Returns its own files (without SHARED_WEIGHTS)."""
+    """Point one graph's shared initializers into `blob` (writing those not yet there). The graph is
+    loaded whole first: its other external tensors (initialisers, and Constant attributes, which a
+    quantiser may store externally too) are written anew, to its own data file when it had one or
+    when they are too large for one protobuf. Returns its own files (without SHARED_WEIGHTS)."""
     import onnx
-    from onnx.external_data_helper import uses_external_data
 
     path = directory / files[0]
-    graph = onnx.load(str(path), load_external_data=False)
-    own_external = False
+    graph = onnx.load(str(path))  # every tensor in memory, external data included
     for tensor in graph.graph.initializer:
         data = _tensor_bytes(tensor, directory)
         key = _key(tensor, data)
         if len(data) < min_bytes or key not in shared:
-            if uses_external_data(tensor):  # stays this graph's: held in memory until saved below
-                own_external = True
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = data
             continue
         if key not in offsets:
             blob.write(b"\0" * (-blob.tell() % _ALIGN))
             offsets[key] = (blob.tell(), len(data))
             blob.write(data)
-        tensor.ClearField("raw_data")
-        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             tensor.ClearField(field)
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -123,7 +117,7 @@ def _rewrite(directory: Path, stage: str, files: list[str], shared: set, offsets
     own_data = [f for f in files[1:] if f != SHARED_WEIGHTS]
     for name in own_data:  # rewritten below, without the shared tensors
         os.remove(directory / name)
-    if own_external:
+    if own_data or graph.ByteSize() > _PROTOBUF_BYTES:
         location = own_data[0] if own_data else f"{stage}.onnx.data"
         onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
         return [files[0], location]
