@@ -8,11 +8,10 @@ Shapes mix static sizes (ints, fixed by the ModelConfig) and symbolic dims (stri
 - "rows": backbone / head rows; with CFG that is 2B (conditional rows first, then the null
   class), without CFG it is B. Range [1, 2 * max_batch].
 - "batch": images; range [1, max_batch].
-A dim expression is a name or "k*name"; `StageSpec.shape`/`profile` evaluate it, so a
-TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim.
-
 - "seq": the chunk length of the backbone; one value per phase (see `StageSpec.phases`):
   prefix_len at the prefill, P at every AR step.
+A dim expression is a name or "k*name"; `StageSpec.shape`/`profile` evaluate it, so a
+TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim.
 
 The backbone is ONE graph for both phases, so its weights are held once per process: the small
 embedding stages turn a phase's inputs into backbone input vectors, and the backbone maps
