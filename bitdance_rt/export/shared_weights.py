@@ -67,11 +67,10 @@ def share_weights(directory: Path, stage_files: dict[str, list[str]], min_bytes:
     with open(new, "wb") as blob:
         for stage in stage_files:
             if stage in touched:
-                out[stage] = _rewrite(directory, stage, stage_files[stage], shared, offsets, blob, min_bytes)
+                own, reads = _rewrite(directory, stage, stage_files[stage], shared, offsets, blob, min_bytes)
+                out[stage] = own + [SHARED_WEIGHTS] if reads else own
     if offsets:
         os.replace(new, directory / SHARED_WEIGHTS)
-        out = {stage: files + [SHARED_WEIGHTS] if stage in touched and _reads_shared(directory / files[0]) else files
-               for stage, files in out.items()}
     else:
         new.unlink()
         (directory / SHARED_WEIGHTS).unlink(missing_ok=True)
@@ -80,24 +79,17 @@ def share_weights(directory: Path, stage_files: dict[str, list[str]], min_bytes:
     return out
 
 
-def _reads_shared(path: Path) -> bool:
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    graph = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(t) and any(e.key == "location" and e.value == SHARED_WEIGHTS for e in t.external_data)
-               for t in graph.graph.initializer)
-
-
-def _rewrite(directory: Path, stage: str, files: list[str], shared: set, offsets: dict, blob, min_bytes: int) -> list[str]:
+def _rewrite(directory: Path, stage: str, files: list[str], shared: set, offsets: dict, blob,
+             min_bytes: int) -> tuple[list[str], bool]:
     """Point one graph's shared initializers into `blob` (writing those not yet there). The graph is
     loaded whole first: its other external tensors (initialisers, and Constant attributes, which a
     quantiser may store externally too) are written anew, to its own data file when it had one or
-    when they are too large for one protobuf. Returns its own files (without SHARED_WEIGHTS)."""
+    when they are too large for one protobuf. Returns (its own files, whether it reads SHARED_WEIGHTS)."""
     import onnx
 
     path = directory / files[0]
     graph = onnx.load(str(path))  # every tensor in memory, external data included
+    reads = False
     for tensor in graph.graph.initializer:
         data = _tensor_bytes(tensor, directory)
         key = _key(tensor, data)
@@ -107,6 +99,7 @@ def _rewrite(directory: Path, stage: str, files: list[str], shared: set, offsets
             blob.write(b"\0" * (-blob.tell() % _ALIGN))
             offsets[key] = (blob.tell(), len(data))
             blob.write(data)
+        reads = True
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             tensor.ClearField(field)
         del tensor.external_data[:]
@@ -120,6 +113,6 @@ def _rewrite(directory: Path, stage: str, files: list[str], shared: set, offsets
     if own_data or graph.ByteSize() > _PROTOBUF_BYTES:
         location = own_data[0] if own_data else f"{stage}.onnx.data"
         onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
-        return [files[0], location]
+        return [files[0], location], reads
     onnx.save_model(graph, str(path))
-    return [files[0]]
+    return [files[0]], reads

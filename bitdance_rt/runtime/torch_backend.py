@@ -25,8 +25,10 @@ class TorchBackend(StageBackend):
         self.config = model.cfg
         self.device = torch.device(device)
         self.head_net = self.model.head_net  # the sampler's net; wrappers (calibration) may observe it
-        self._names = {name: st.stage_spec(name, self.config, steps=1).input_names
-                       for name in (st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.DECODER, st.ENCODER)}
+        specs = {name: st.stage_spec(name, self.config, steps=1)
+                 for name in (st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.DECODER, st.ENCODER)}
+        self._names = {name: spec.input_names for name, spec in specs.items()}
+        self._outputs = {name: spec.output_names for name, spec in specs.items()}
         self._modules = {name: stage_module(name, self.model) for name in self._names}  # made once: no races
         self._init_core(None if max_batch is None else 2 * max_batch)
 
@@ -48,6 +50,4 @@ class TorchBackend(StageBackend):
         if stage == st.HEAD_STEP:
             return {"x_pred": self.head_net(feeds["x"], feeds["t"], feeds["cond"])}
         out = self._modules[stage](*(feeds[n] for n in self._names[stage]))
-        if stage == st.BACKBONE:
-            return {"cond": out[0], "kv_new": out[1]}
-        return {st.stage_spec(stage, self.config, steps=1).output_names[0]: out}
+        return dict(zip(self._outputs[stage], out if isinstance(out, tuple) else (out,)))
