@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from .backends import BackendOptions, ModelSource, make_backend, resolve_model
 from .errors import BitDanceError
 from .runtime.loop import make_request
+from .runtime.params import ParamError, check_request_values, check_steps
 from .runtime.request import Event, GenerationResult
 from .runtime.scheduler import Scheduler
 from .sampling import NoiseSource, SeededNoise
@@ -91,6 +93,10 @@ class Pipeline:
         self.max_batch = self.scheduler.max_rows // 2
         self._prompts = None
         self._lock = threading.Lock()
+        # close() runs at interpreter exit (or when the Pipeline is collected) if the caller did not
+        # call it: the scheduler thread stops and the runtimes are released in order (a script
+        # that just ends used to abort in the runtime's static destructors)
+        self._finalizer = weakref.finalize(self, _shut_down, self.scheduler, backend)
 
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
@@ -115,9 +121,7 @@ class Pipeline:
             os.environ["BITDANCE_RT_CACHE"] = str(cache_dir)
         source = resolve_model(model, checkpoint, vae, height, width, max_text_tokens)
         cfg = source.config
-        steps = cfg.default_steps if steps is None else int(steps)
-        if steps < 1:
-            raise BitDanceError(f"steps must be >= 1, got {steps}")
+        steps = check_steps(cfg.default_steps if steps is None else steps)
         opts = BackendOptions(backend=backend, precision=precision, device=device, threads=threads,
                               max_batch=max_batch, export_dir=None if export_dir is None else str(export_dir),
                               progress=progress, log=log or (lambda *_: None), **options)
@@ -156,33 +160,22 @@ class Pipeline:
     # ---- requests -------------------------------------------------------------------------------
     def _call(self, labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every=0,
               on_event=None) -> _Call:
-        if not isinstance(num_images, int) or num_images < 1:
-            raise BitDanceError(f"num_images must be a positive integer, got {num_images!r}")
-        t2i = self.model.t2i
-        if t2i:
-            if labels is not None:
-                raise BitDanceError(f"{self.config.name} is text-to-image: give prompt=..., not labels")
-            if prompt is None:
-                raise BitDanceError(f"{self.config.name} is text-to-image: give prompt=...")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            per_image = [p for p in prompts for _ in range(num_images)]
+        values = check_request_values(self.config, self.model.t2i, labels=labels, prompt=prompt,
+                                      num_images=num_images, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
+                                      seed=seed, default_steps=self.steps)
+        n = values.num_images
+        if values.prompts is not None:
+            per_image = [p for p in values.prompts for _ in range(n)]
             condition, labels_out, prompts_out = self._prompt_encoder().encode(per_image), None, per_image
         else:
-            if prompt is not None:
-                raise BitDanceError(f"{self.config.name} is class-conditional: give labels=..., not a prompt")
-            if labels is None:
-                raise BitDanceError(f"give labels=... (class indices 0..{self.config.num_classes - 1})")
-            labels = [labels] if isinstance(labels, int) else [int(l) for l in labels]
-            per_image = [l for l in labels for _ in range(num_images)]
+            per_image = [l for l in values.labels for _ in range(n)]
             condition, labels_out, prompts_out = per_image, per_image, None
-        steps = self.steps if steps is None else steps
-        scale = self.config.default_cfg if cfg is None else float(cfg)
         if noise is None:
-            noise = SeededNoise(int(seed))
+            noise = SeededNoise(values.seed)
         elif not isinstance(noise, NoiseSource):
-            raise BitDanceError("noise must be a bitdance_rt.sampling NoiseSource (SeededNoise, ReplayNoise)")
-        request = make_request(self.config, condition, steps, scale, cfg_schedule, noise, self.max_batch,
-                               preview_steps=self._preview_steps(preview_every), on_event=on_event)
+            raise ParamError("noise", "noise must be a bitdance_rt.sampling NoiseSource (SeededNoise, ReplayNoise)")
+        request = make_request(self.config, condition, values.steps, values.cfg, values.cfg_schedule, noise,
+                               self.max_batch, preview_steps=self._preview_steps(preview_every), on_event=on_event)
         return _Call(request, labels_out, prompts_out)
 
     def _preview_steps(self, every) -> frozenset:
@@ -190,15 +183,18 @@ class Pipeline:
         last = self.config.ar_steps
         if isinstance(every, int) and not isinstance(every, bool):
             if every < 0:
-                raise BitDanceError(f"preview_every must be an integer >= 0 or a list of AR steps, got {every!r}")
+                raise ParamError("preview_every", f"preview_every must be an integer >= 0 or a list of AR steps, "
+                                                  f"got {every!r}")
             return frozenset(range(every, last, every)) if every else frozenset()
         try:
             steps = frozenset(int(s) for s in every)
         except (TypeError, ValueError):
-            raise BitDanceError(f"preview_every must be an integer >= 0 or a list of AR steps, got {every!r}") from None
+            raise ParamError("preview_every", f"preview_every must be an integer >= 0 or a list of AR steps, "
+                                              f"got {every!r}") from None
         bad = sorted(s for s in steps if not 1 <= s < last)
         if bad:
-            raise BitDanceError(f"preview step {bad[0]} is out of range: previews come after AR steps 1..{last - 1}")
+            raise ParamError("preview_every", f"preview step {bad[0]} is out of range: previews come after AR "
+                                              f"steps 1..{last - 1}")
         return steps
 
     def _output(self, call: _Call, result: GenerationResult) -> Output:
@@ -293,12 +289,19 @@ class Pipeline:
         return self.scheduler.queued
 
     @property
+    def backlog(self) -> int:
+        """Queued requests that the free cache rows cannot take at the next AR step (what a server
+        limits: requests that merely wait for the next step boundary are not a backlog)."""
+        return self.scheduler.backlog
+
+    @property
     def rows_in_flight(self) -> int:
         return self.scheduler.rows_in_flight
 
     def close(self) -> None:
-        """Finish what is in flight and stop the scheduler thread."""
-        self.scheduler.close(wait=True)
+        """Finish what is in flight, stop the scheduler thread and release the backend (sessions,
+        engines, cache); the Pipeline takes no requests after this. Idempotent."""
+        self._finalizer()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -308,6 +311,13 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.description}, max_batch={self.max_batch}, steps={self.steps})"
+
+
+def _shut_down(scheduler: Scheduler, backend) -> None:
+    scheduler.close(wait=True)
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
 
 
 def _pil(image: torch.Tensor):

@@ -15,7 +15,11 @@ def write_rows(kv: torch.Tensor, new: torch.Tensor, slots, starts) -> None:
     """Write row i of `new` into cache row `slots[i]` at positions [starts[i], starts[i]+T).
 
     `slots`, `starts`: sequences of ints (or an int `starts` for all rows). Rows that share a start
-    and sit in consecutive slots are written with one copy."""
+    and sit in consecutive slots are written with one copy. Non-finite values are stored as 0: a
+    masked cache position still adds 0 x value, so one NaN or inf kept here would poison every later
+    call that reads the row, whoever owns it then (the request that made it fails on its own tokens)."""
+    if not bool(torch.isfinite(new).all()):
+        new = torch.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0)
     t = new.shape[4]
     slots = [int(s) for s in slots]
     starts = [int(starts)] * len(slots) if isinstance(starts, int) else [int(s) for s in starts]

@@ -91,6 +91,13 @@ class StageBackend:
     def has_stage(self, stage: str) -> bool:
         return self.specs is None or stage in self.specs
 
+    def close(self) -> None:
+        """Release what the backend holds (cache; subclasses: sessions, engines) before the
+        interpreter exits: runtimes torn down by their static destructors while their thread
+        pools still run abort the process ("terminate called without an active exception")."""
+        self._kv = None
+        self._context = {}
+
     # ---- limits -------------------------------------------------------------------------
     @property
     def max_batch(self) -> int | None:
@@ -122,6 +129,11 @@ class StageBackend:
         """The cache rows of `slots` [n_layer, 2, len(slots), heads, L, head_dim] (a copy, for inspection)."""
         return self._kv[:, :, torch.as_tensor(list(slots), dtype=torch.int64, device=self._kv.device)]
 
+    def clear_rows(self, slots) -> None:
+        """Zero the cache rows of `slots` (a request's rows at admission)."""
+        index = torch.as_tensor(list(slots), dtype=torch.int64, device=self._kv.device)
+        self._kv.index_fill_(2, index, 0.0)
+
     def _cache_feeds(self, rows: int) -> dict[str, torch.Tensor]:
         kv = self._kv
         return {name: kv[i // 2, i % 2, :rows] for i, name in enumerate(st.cache_input_names(self.config))}
@@ -150,6 +162,7 @@ class StageBackend:
         # the cache rows the call reads are any `padded` slots: with start 0 every cached key is hidden
         out = self._run(st.BACKBONE, {"x": x, "start": torch.zeros(padded, dtype=torch.int64), **context,
                                       **self._cache_feeds(padded)}, phase="prefill")
+        self.clear_rows(slots)  # the rows start clean, whatever their last owner left there
         write_rows(self._kv, out["kv_new"][:, :, :m].to(self._kv.device), slots, 0)
         for name in context:  # inputs the backbone steps need again
             ctx = self._context.setdefault(name, torch.zeros(self._kv.shape[2], dtype=torch.int64))

@@ -16,8 +16,9 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from ..errors import BitDanceError
-from ..sampling import NoiseSource, cfg_at_step, schedule_for
+from ..sampling import NoiseSource, schedule_for
 from .conditions import as_condition
+from .params import check_cfg, check_cfg_schedule, check_labels, check_steps
 from .request import GenerationResult, Request
 from .scheduler import Scheduler
 
@@ -25,32 +26,26 @@ __all__ = ["GenerationResult", "check_request", "generate", "generate_batched", 
 
 
 def check_request(num_classes: int, labels, steps: int) -> None:
-    if len(labels) == 0:
-        raise BitDanceError("no labels given: pass at least one class label")
-    bad = [int(l) for l in labels if not 0 <= int(l) < num_classes]
-    if bad:
-        raise BitDanceError(f"label(s) {bad} out of range: this model has classes 0..{num_classes - 1}")
-    if int(steps) < 1:
-        raise BitDanceError(f"steps must be >= 1, got {steps}")
+    """Labels and sampler steps of a request, before any weights are loaded (runtime/params.py)."""
+    check_labels(labels, num_classes)
+    check_steps(steps)
 
 
 def make_request(cfg, condition, steps: int, cfg_scale: float, cfg_schedule: str | None, noise: NoiseSource,
                  batch_size: int | None, **options) -> Request:
     """A validated request: `condition` labels or a condition, split into parts of `batch_size`."""
     if not hasattr(condition, "rows") and hasattr(cfg, "num_classes"):
-        check_request(cfg.num_classes, condition, steps)
+        check_labels(condition, cfg.num_classes)
     condition = as_condition(condition, cfg)
     if len(condition) == 0:
         raise BitDanceError("nothing to generate: give at least one label or prompt")
-    if int(steps) < 1:
-        raise BitDanceError(f"steps must be >= 1, got {steps}")
-    schedule = schedule_for(cfg_schedule, cfg)
-    cfg_at_step(cfg_scale, schedule, 0, cfg.ar_steps)  # validates the schedule name early
+    steps, cfg_scale = check_steps(steps), check_cfg(cfg_scale)
+    schedule = schedule_for(check_cfg_schedule(cfg_schedule), cfg)
     size = batch_size or len(condition)
     if size < 1:
         raise BitDanceError(f"batch size must be >= 1, got {size}")
     parts = [condition[i : i + size] for i in range(0, len(condition), size)]
-    return Request(parts, int(steps), float(cfg_scale), schedule, noise, cfg.ar_steps, **options)
+    return Request(parts, steps, cfg_scale, schedule, noise, cfg.ar_steps, **options)
 
 
 def _rows_for(backend, request: Request) -> int:

@@ -124,6 +124,12 @@ class OrtBackend(StageBackend):
         self._out_buffers: dict = {}
         self._init_core(self.specs[st.BACKBONE].dims["rows"].max)
 
+    def close(self) -> None:
+        """Drop every ONNX Runtime session (and with it its thread pools) and the cache."""
+        self.sessions.clear()
+        self._out_buffers.clear()
+        super().close()
+
     @property
     def concurrent_decode(self) -> bool:
         """Decode beside the AR steps on a GPU provider (ONNX Runtime's Run is thread-safe). On the CPU

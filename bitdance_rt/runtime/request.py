@@ -18,10 +18,7 @@ from typing import Callable
 import torch
 
 from ..sampling import NoiseSource, batch_layout, cfg_at_step
-
-
-MAX_STEPS = 1000  # sampler steps S one request may ask for (the official models use 25 to 50)
-MAX_PARTIAL_IMAGES = 3  # previews one streamed request may ask for (as OpenAI's Images API)
+from .params import MAX_PARTIAL_IMAGES, MAX_STEPS  # noqa: F401  (the caps live in params.py)
 
 
 def preview_steps(ar_steps: int, partial_images: int) -> list[int]:

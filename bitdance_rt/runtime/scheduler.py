@@ -94,6 +94,20 @@ class Scheduler:
     def rows_in_flight(self) -> int:
         return sum(r.rows for r in self._running)
 
+    @property
+    def backlog(self) -> int:
+        """Waiting requests that the free cache slots cannot take at the next AR-step boundary
+        (first come, first served): the queue a server should limit, not the requests that merely
+        wait for the next boundary."""
+        with self._cv:
+            free = len(self._free)
+            waiting = list(self._waiting)
+        for i, r in enumerate(waiting):
+            if r.rows > free:
+                return len(waiting) - i
+            free -= r.rows
+        return 0
+
     # ---- driving --------------------------------------------------------------------------
     def start(self) -> None:
         """Run the loop in a background thread (idempotent)."""
@@ -247,6 +261,9 @@ class Scheduler:
         offset = 0
         for r, _ in drawn:
             r.last, offset = tokens[offset : offset + r.rows], offset + r.rows
+            if not bool(torch.isfinite(r.last).all()):  # never a silent black image
+                self._fail(r, BitDanceError(f"the model computed non-finite values at AR step {r.step} of this "
+                                            "request (its guidance, noise or the graphs' precision); it was stopped"))
 
     def _partial_latent(self, r: Request) -> torch.Tensor:
         """The latent so far: generated tokens in place, 0 where nothing was generated yet."""

@@ -320,6 +320,15 @@ class TrtBackend(StageBackend):
     def has_stage(self, stage: str) -> bool:
         return stage in self.engine_paths
 
+    def close(self) -> None:
+        """Finish the stream's work, then drop CUDA graphs, contexts and engines (in that order)."""
+        if getattr(self, "stream", None) is not None:
+            self.stream.synchronize()
+        self.captures.clear()
+        self._calls.clear()
+        self.engines = {}
+        super().close()
+
     # ---- engines -------------------------------------------------------------------------
     def _load_engines(self, lazy) -> None:
         """Deserialise every engine but the `lazy` stages'; size the shared scratch to the loaded ones."""

@@ -25,7 +25,6 @@ outputs (each response carries all three)
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from concurrent.futures import CancelledError
@@ -36,7 +35,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import BitDanceError
-from ..runtime.request import MAX_PARTIAL_IMAGES, MAX_STEPS, preview_steps
+from ..runtime.params import MAX_PARTIAL_IMAGES, MAX_SEED, MAX_STEPS, ParamError, check_cfg
+from ..runtime.request import preview_steps
 from ..sampling import CFG_SCHEDULES
 
 SERVE_BACKENDS = ("onnxruntime", "tensorrt")
@@ -286,7 +286,7 @@ def parse_inputs(inputs: Mapping[str, object], info: ModelInfo) -> GenerateArgs:
     if args.images > info.max_images:
         raise RequestError(f"input 'num_images': {args.images} images in one request (labels x num_images); "
                            f"this model allows at most {info.max_images}")
-    args.seed = _integer(inputs, "seed", -(2**63), 2**63 - 1, 0)
+    args.seed = _integer(inputs, "seed", 0, MAX_SEED, 0)
     args.steps = _integer(inputs, "steps", 1, MAX_STEPS, None)
     scale = _scalar(inputs, "guidance_scale", "number")
     if scale is not None:
@@ -294,9 +294,10 @@ def parse_inputs(inputs: Mapping[str, object], info: ModelInfo) -> GenerateArgs:
             scale = float(scale)
         except (TypeError, ValueError):
             raise RequestError(f"input 'guidance_scale': expected a number (FP32), got {scale!r}") from None
-        if not math.isfinite(scale) or scale < 0:
-            raise RequestError(f"input 'guidance_scale': expected a finite number >= 0 (1 = no guidance), got {scale}")
-        args.cfg = scale
+        try:
+            args.cfg = check_cfg(scale)
+        except ParamError as exc:
+            raise RequestError(f"input 'guidance_scale': {exc}") from None
     args.cfg_schedule = _text(inputs, "cfg_schedule")
     if args.cfg_schedule is not None and args.cfg_schedule not in CFG_SCHEDULES:
         raise RequestError(f"input 'cfg_schedule': expected one of {', '.join(CFG_SCHEDULES)}, "
