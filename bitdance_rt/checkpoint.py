@@ -23,14 +23,34 @@ from .fileio import atomic_write, file_sha256  # noqa: F401  (re-exported)
 WRAPPER_KEYS = ("ema", "model", "state_dict")
 
 
+PICKLE_PROTOCOLS = range(2, 6)  # torch.save's legacy format: pickles of protocol 2 and up (b"\x80" + version)
+
+
 def require_file(path: str | Path, what: str = "checkpoint") -> Path:
-    """`path` as a Path if it is an existing file, else a CheckpointError saying which."""
+    """`path` as a Path if it is an existing, readable file, else a CheckpointError saying which
+    (an unreadable file would otherwise surface as a traceback from the hashing or loading code)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what} not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} is not a file")
+    try:
+        open(path, "rb").close()
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
     return path
+
+
+def _container(path: Path) -> str | None:
+    """'zip' (torch.save's format: PK\x03\x04, or PK\x05\x06 when empty) or 'pickle' (its legacy
+    format) by the file's first bytes, else None: such a file is no checkpoint, whatever the flags."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] == b"PK" and head[2:4] in (b"\x03\x04", b"\x05\x06"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS:
+        return "pickle"
+    return None
 
 
 def read_tensor_file(path: str | Path, allow_pickle: bool = False) -> Mapping:
@@ -45,19 +65,39 @@ def read_tensor_file(path: str | Path, allow_pickle: bool = False) -> Mapping:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: unreadable .safetensors file ({exc})") from None
     try:
+        kind = _container(path)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read it ({exc.strerror or exc})") from None
+    if kind is None:  # random bytes, a text file, a truncated header: no unpickling would help
+        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint: not a PyTorch file (neither a zip "
+                              "archive nor a pickle) nor .safetensors; check it or download it again")
+    try:
         return torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read it ({exc.strerror or exc})") from None
     except pickle.UnpicklingError as exc:
-        if not allow_pickle and "weights_only" in str(exc):
+        # only a well-formed pickle that names classes/functions (GLOBAL) needs full unpickling;
+        # corrupt data fails the safe loader too ("Unsupported operand"), and unpickling would not help
+        if not allow_pickle and ("GLOBAL" in str(exc) or "Unsupported class" in str(exc)):
             raise CheckpointError(
                 f"checkpoint {path} holds objects other than tensors and refuses safe loading; "
                 "if you trust its source, pass --unsafe-allow-pickle (or convert it once with "
                 "`bitdance-rt convert --unsafe-allow-pickle`)"
             ) from None
-        raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"checkpoint {path}: not a readable checkpoint (corrupt {kind}: "
+                              f"{_unpickling_reason(exc)})") from None
     except Exception as exc:  # torch.load raises many types on foreign or truncated files
         raise CheckpointError(
             f"checkpoint {path}: unreadable (truncated or not a .pt/.safetensors file: {_first_line(exc)})"
         ) from None
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The line of torch's long weights_only message that says what failed (e.g. 'Unsupported operand 123')."""
+    for line in str(exc).splitlines():
+        if "Unsupported" in line:
+            return line.split("error:")[-1].strip()
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

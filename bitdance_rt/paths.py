@@ -8,7 +8,7 @@ Layout under the cache root ($BITDANCE_RT_CACHE, else ~/.cache/bitdance-rt):
     exports/<fp32 export>-int8-<method>-<8 hex> (one per calibration set, method and kept-float layers)
     calibration/<model>-<12 hex>-s<S>           the default INT8 calibration set of that model
     engines/<stage>-<precision>-<16 hex>.engine TensorRT engines (+ .json sidecars, timing caches)
-    ort-optimized/                              ONNX Runtime optimised graphs (reserved; none written today)
+    ort-optimized/                              ONNX Runtime optimised graphs (runtime/ort_session.py)
     file-hashes.json                            the persistent sha256 cache
 
 <model>-<12 hex> names a (model architecture, weights) pair: the digest of the config's

@@ -15,16 +15,17 @@ shapes: prefill calls (start 0, seq = prefix_len) first, then AR steps (seq = P)
 tells them apart by `start` (the sizes alone coincide when prefix_len == P).
 
 The directory is written under a temporary name and renamed into place, so a set that exists is
-complete. Loading checks the format, the files' sizes and hashes, every sample against the stage
-contract, and (when asked) that the set belongs to the model, weights and sampler steps at hand.
+complete; the temporary directory is locked while in use (fileio.make_work_dir), so one left by a
+killed capture is removed by the next save or load in the same parent directory. Loading checks
+the format, the files' sizes and hashes, every sample against the stage contract, and (when asked)
+that the set belongs to the model, weights and sampler steps at hand.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 
 from .. import stages as st
 from ..checkpoint import file_sha256
-from ..fileio import cached_sha256
+from ..fileio import cached_sha256, make_work_dir, older_than, os_error_text, sweep_work_dirs
 from ..config import TRAINING_ONLY_ARGS, ModelConfig
 from ..errors import BitDanceError
 from ..manifest_file import read_manifest_file
@@ -190,45 +191,63 @@ def _versions() -> dict:
     return {"bitdance_rt": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
 
 
+_UNLOCKED_WORK = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")  # tempfile names of older versions
+
+
+def _unlocked_leftover(p: Path) -> bool:
+    """A work directory of an older bitdance-rt (no lock file) untouched for a day: litter."""
+    return bool(_UNLOCKED_WORK.match(p.name)) and older_than(p)
+
+
+def _work_dir(directory: Path, suffix: str):
+    return make_work_dir(directory.parent, f".{directory.name}.", suffix, legacy=_unlocked_leftover)
+
+
 def save_calibration(cset: CalibrationSet, directory: str | Path, overwrite: bool = False) -> Path:
     """Write the set into `directory` (created whole, or not at all)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise BitDanceError(f"{directory} exists: choose another directory or pass overwrite=True")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     cset.check_contract()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        files, summary = {}, cset.summary()
-        for stage in CAPTURED_STAGES:
-            tensors = {}
-            for n, s in enumerate(cset.samples.get(stage, [])):
-                for part, named in (("in", s.inputs), ("out", s.outputs)):
-                    tensors.update({f"{n:05d}.{part}.{name}": t.detach().cpu().contiguous().clone()
-                                    for name, t in named.items()})
-            path = tmp / f"{stage}.safetensors"
-            save_file(tensors, str(path), metadata={"format": FORMAT, "stage": stage})
-            path.chmod(0o644)  # shared like an export directory
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-            summary.setdefault(stage, {"samples": 0, "candidates": 0, "inputs": {}, "outputs": {}})
-            summary[stage]["file"] = path.name
-        manifest = {"key": cset.key, "stages": summary, "files": files, "versions": _versions()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        (tmp / MANIFEST).chmod(0o644)
-        tmp.chmod(0o755)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-            os.replace(directory, old / "set")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with _work_dir(directory, ".tmp") as work:
+            _write_set(cset, directory, work)
+    except OSError as exc:  # a full disk: one line naming the file, not a traceback
+        raise BitDanceError(f"cannot write the calibration set {directory} ({os_error_text(exc)}); "
+                            "free disk space or choose another --out / $BITDANCE_RT_CACHE") from None
     return directory
+
+
+def _write_set(cset: CalibrationSet, directory: Path, work) -> None:
+    """Write the set into the locked work directory, then rename it onto `directory`."""
+    from safetensors.torch import save_file
+
+    tmp = work.path
+    files, summary = {}, cset.summary()
+    for stage in CAPTURED_STAGES:
+        tensors = {}
+        for n, s in enumerate(cset.samples.get(stage, [])):
+            for part, named in (("in", s.inputs), ("out", s.outputs)):
+                tensors.update({f"{n:05d}.{part}.{name}": t.detach().cpu().contiguous().clone()
+                                for name, t in named.items()})
+        path = tmp / f"{stage}.safetensors"
+        save_file(tensors, str(path), metadata={"format": FORMAT, "stage": stage})
+        path.chmod(0o644)  # shared like an export directory
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        summary.setdefault(stage, {"samples": 0, "candidates": 0, "inputs": {}, "outputs": {}})
+        summary[stage]["file"] = path.name
+    manifest = {"key": cset.key, "stages": summary, "files": files, "versions": _versions()}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    (tmp / MANIFEST).chmod(0o644)
+    tmp.chmod(0o755)
+    if directory.exists():
+        with _work_dir(directory, ".old") as old:
+            os.replace(directory, old.path / "set")
+            work.unlock_file()  # the set keeps no lock file
+            os.replace(tmp, directory)
+    else:
+        work.unlock_file()
+        os.replace(tmp, directory)
 
 
 # ---- load --------------------------------------------------------------------------------
@@ -307,6 +326,7 @@ def load_calibration(directory: str | Path, config: ModelConfig | None = None, w
                      steps: int | None = None, hashes: bool = True) -> CalibrationSet:
     """Read and validate a set; `config` / `weights` / `steps` refuse a set of another model."""
     directory = Path(directory)
+    sweep_work_dirs(directory.parent, legacy=_unlocked_leftover)  # killed captures' leftovers
     manifest = _read_manifest(directory)
     try:
         key, stages, files = manifest["key"], manifest["stages"], manifest["files"]

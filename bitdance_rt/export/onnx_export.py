@@ -5,14 +5,17 @@ which TensorRT 10.3 needs. Each graph's inputs/outputs are stamped with the cont
 and shapes (symbolic dims as dim_params), then checked by onnx.checker and strict shape
 inference. Files are written to a temporary directory next to the export and moved in with
 os.replace; the manifest goes last, so an interrupted export is never mistaken for a complete
-one. An export directory whose manifest key (checkpoint, config, stages, opset, S, limits)
-matches and whose files hash as recorded is reused as is.
+one. The temporary directory is locked while in use (fileio.make_work_dir): one left by a killed
+export is removed by the next export or reuse in the same parent directory. An export directory
+whose manifest key (checkpoint, config, stages, opset, S, limits) matches and whose files hash as
+recorded is reused as is. Write failures (a full disk) are one-line BitDanceErrors naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..checkpoint import file_sha256, require_file
-from ..fileio import cached_sha256
+from ..fileio import WorkDir, cached_sha256, make_work_dir, older_than, os_error_text, sweep_work_dirs
 from ..config import ModelConfig, load_config
 from ..errors import BitDanceError
 from ..models import BitDance
@@ -139,6 +142,8 @@ def export_stage(model: BitDance, spec: StageSpec, directory: Path, opset: int =
                     input_names=spec.input_names, output_names=spec.output_names,
                     dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
                 )
+            except OSError:  # a full disk is not the exporter's fault (export_stages says which file)
+                raise
             except Exception as exc:  # the exporter raises many types; name the stage
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise BitDanceError(f"stage {spec.name}: torch.onnx.export failed at opset {opset}: {first}") from exc
@@ -156,7 +161,7 @@ def export_stage(model: BitDance, spec: StageSpec, directory: Path, opset: int =
         onnx.shape_inference.infer_shapes_path(str(final), str(final), check_type=True, strict_mode=True, data_prop=True)
         onnx.checker.check_model(str(final), full_check=True)
         return [final.name, data]
-    except BitDanceError:
+    except (BitDanceError, OSError):
         raise
     except Exception as exc:
         if type(exc).__module__.startswith("onnx"):
@@ -165,6 +170,32 @@ def export_stage(model: BitDance, spec: StageSpec, directory: Path, opset: int =
         raise
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
+
+
+# ---- work directories -------------------------------------------------------------------
+# tempfile names: 8 characters of [a-z0-9_]; exports `.<name>.export-XXXXXXXX`, variants `.<name>.<precision>-...`
+_UNLOCKED_WORK = re.compile(r"^\..+\.(export|fp16|int8)-[a-z0-9_]{8}$")
+
+
+def _unlocked_leftover(p: Path) -> bool:
+    """A work directory of an older bitdance-rt (no lock file) untouched for a day: litter."""
+    return bool(_UNLOCKED_WORK.match(p.name)) and older_than(p)
+
+
+def export_work_dir(parent: Path, prefix: str) -> WorkDir:
+    """A locked work directory for an export or precision variant, after sweeping dead ones."""
+    return make_work_dir(parent, prefix, legacy=_unlocked_leftover)
+
+
+def sweep_exports(parent: str | Path) -> list[Path]:
+    """Remove work directories of killed exports in `parent` (live ones stay): see fileio.sweep_work_dirs."""
+    return sweep_work_dirs(parent, legacy=_unlocked_leftover)
+
+
+def write_error(exc: OSError, what: str, where: Path) -> BitDanceError:
+    """A full disk (ENOSPC), quota or read-only file system while writing: one line naming the file."""
+    return BitDanceError(f"cannot write {what} in {where} ({os_error_text(exc)}); free disk space or "
+                         "choose another directory (--out / --export-dir, or $BITDANCE_RT_CACHE)")
 
 
 # ---- whole exports ----------------------------------------------------------------------
@@ -191,6 +222,7 @@ def find_reusable(directory: str | Path, key: dict) -> dict | None:
         verify_files(directory, manifest, hashes=True)
     except (BitDanceError, KeyError, TypeError):
         return None
+    sweep_exports(Path(directory).parent)  # a run that only reads the cache cleans up killed exports too
     return manifest
 
 
@@ -222,8 +254,11 @@ def export_stages(
         return ExportResult(out_dir, manifest, True)
     import onnx
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    try:
+        workdir = export_work_dir(out_dir.parent, f".{out_dir.name}.export-")
+    except OSError as exc:
+        raise write_error(exc, "the ONNX export", out_dir.parent) from None
+    work = workdir.path
     try:
         model = model.eval()
         stage_files: dict[str, list[str]] = {}
@@ -238,8 +273,10 @@ def export_stages(
             "versions": {"bitdance_rt": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         }
         return ExportResult(out_dir, install_export(work, out_dir, manifest, stage_files), False)
+    except OSError as exc:
+        raise write_error(exc, "the ONNX export", out_dir) from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        workdir.remove()
 
 
 def install_export(work: Path, out_dir: Path, manifest: dict, stage_files: dict[str, list[str]]) -> dict:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -116,7 +114,7 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
     quantisation (the sensitivity sweep's lever), on top of the policy's INT8_FLOAT_LAYERS."""
     import onnx
 
-    from ..export.onnx_export import ExportResult, find_reusable, install_export
+    from ..export.onnx_export import ExportResult, export_work_dir, find_reusable, install_export, write_error
     from .fp16 import convert_fp16
     from .int8 import quantize_int8
 
@@ -149,8 +147,11 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
     key = derived_key(manifest, precision, stages, calibration, method, keep_float)
     if not force and (found := find_reusable(out_dir, key)) is not None:
         return ExportResult(out_dir, found, True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{precision}-", dir=out_dir.parent))
+    try:  # locked: a killed derivation's directory is swept by the next export or reuse here
+        workdir = export_work_dir(out_dir.parent, f".{out_dir.name}.{precision}-")
+    except OSError as exc:
+        raise write_error(exc, f"the {precision} graphs", out_dir.parent) from None
+    work = workdir.path
     try:
         files: dict[str, list[str]] = {}
         bar = tqdm(stages, desc=f"{precision.upper()} graphs", unit="stage", leave=False, disable=not progress)
@@ -182,8 +183,10 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
 
             new["derived_on"] = cpu_summary()
         return ExportResult(out_dir, install_export(work, out_dir, new, files), False)
+    except OSError as exc:
+        raise write_error(exc, f"the {precision} graphs", out_dir) from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        workdir.remove()
 
 
 def _versions() -> dict:

@@ -28,10 +28,16 @@ ONNX Runtime's documented limits on saved optimised graphs, and what this module
     (the TensorRT EP has its own engine cache).
   * free-dimension overrides added to `options` cannot be read back: include them in `key`.
 A cache entry is a directory <cache_dir>/<name>/ with model.onnx, model.onnx.data and meta.json
-(the full key and the file sizes). It is written in a temporary directory and renamed into place,
-so a crashed run leaves no half entry that is later loaded; an entry that fails to load is
+(the full key, the file sizes and sha256s). It is written in a locked temporary directory
+(fileio.make_work_dir) and renamed into place, so a crashed run leaves no half entry that is later
+loaded, and its leftovers are swept by the next run. An entry is checked as strongly as an export
+before it is loaded: sizes, then sha256 through fileio.cached_sha256 (memoised by path, size,
+mtime and inode; a change that keeps all of these, e.g. bit rot with the mtime restored, is the
+blind spot it shares with export checks). An entry that fails the checks or fails to load is
 deleted, the session is made from the original graph (re-creating the entry), and one warning
-line says so.
+line says so. A cache that cannot be written (read-only, full disk: ONNX Runtime fails to write
+the optimised graph) costs only the cache: the session is made from the original graph, with one
+warning per process.
 """
 
 from __future__ import annotations
@@ -42,15 +48,15 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from .. import paths
+from ..fileio import cached_sha256, file_sha256, make_work_dir, warn_once
 
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
 META = "meta.json"
-META_FORMAT = "bitdance-rt-ort-optimized/1"
+META_FORMAT = "bitdance-rt-ort-optimized/2"  # /2: files' sha256 recorded
 TMP_PREFIX = ".tmp-"
 CACHEABLE_PROVIDERS = ("CPUExecutionProvider",)
 EXTERNAL_DATA_ENTRY = "session.optimized_model_external_initializers_file_name"
@@ -278,23 +284,35 @@ def _read_meta(entry: Path, full: dict) -> str | None:
             return f"{entry / name} has {got} bytes, {META} records {size}"
     if not (entry / MODEL).is_file():
         return f"{entry / MODEL} is missing"
+    digests = meta.get("sha256") or {}
+    for name in meta.get("bytes") or {}:  # what ONNX Runtime would run must be what was written
+        try:
+            ok = cached_sha256(entry / name) == digests.get(name)
+        except OSError as exc:
+            return f"{entry / name} unreadable ({exc.strerror or exc})"
+        if not ok:
+            return f"{entry / name} does not match the sha256 in {META} (corrupt)"
     return None
 
 
-def _remove_stale_temps(cache_dir: Path) -> None:
-    """Temporary directories of runs that died (their pid is gone) are removed."""
+def _dead_writer(p: Path) -> bool:
+    """An unlocked temporary directory (an older version's, or a trash directory) whose pid is gone:
+    names are <TMP_PREFIX><entry>-<pid>-..., entry names have no '-'."""
+    if not p.name.startswith(TMP_PREFIX):
+        return False
     try:
-        candidates = [p for p in cache_dir.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir()]
-    except OSError:
-        return
-    for p in candidates:
-        try:
-            pid = int(p.name.split("-")[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError, OSError):
-            continue
+        os.kill(int(p.name[len(TMP_PREFIX):].split("-")[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, IndexError, OSError):
+        return False
+    return False
+
+
+def _cache_unwritable(cache_dir: Path, why: str) -> None:
+    """One line per process: a read-only or full cache would otherwise warn for every session."""
+    warn_once(f"warning: cannot write the optimised-graph cache in {cache_dir} ({why}); "
+              "making sessions without it", key=("ort-cache-unwritable", str(cache_dir)))
 
 
 class _Restore:
@@ -402,15 +420,16 @@ def _discard(entry: Path) -> None:
 
 
 def _create_and_save(path: Path, options, providers, cache_dir: Path, entry: Path, full: dict, ort):
-    """The session from the original graph, its optimised graph saved into `entry` on the way."""
+    """The session from the original graph, its optimised graph saved into `entry` on the way.
+
+    Saving can fail where loading would not (a full disk: ONNX Runtime fails to write the external
+    initializers): the session is then made without saving, and only a failure of that is raised."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(cache_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{entry.name}-{os.getpid()}-", dir=cache_dir))
+        work = make_work_dir(cache_dir, prefix=f"{TMP_PREFIX}{entry.name}-{os.getpid()}-", legacy=_dead_writer)
     except OSError as exc:
-        _warn(f"cannot write the optimised-graph cache in {cache_dir} ({exc.strerror or exc}); "
-              "making the session without it")
+        _cache_unwritable(cache_dir, exc.strerror or str(exc))
         return ort.InferenceSession(str(path), options, providers=providers)
+    tmp = work.path
     try:
         options.optimized_model_filepath = str(tmp / MODEL)
         try:
@@ -419,30 +438,46 @@ def _create_and_save(path: Path, options, providers, cache_dir: Path, entry: Pat
             current = None
         if current != DATA:  # weights always external: an optimised graph may pass protobuf's 2 GB
             options.add_session_config_entry(EXTERNAL_DATA_ENTRY, DATA)
-        session = ort.InferenceSession(str(path), options, providers=providers)
-        files = [f for f in (MODEL, DATA) if (tmp / f).is_file()]
-        if MODEL not in files:
-            _warn(f"ONNX Runtime saved no optimised graph for {path.name}; not cached")
-            return session
-        meta = {"format": META_FORMAT, "full_key": full, "source": str(path),
-                "bytes": {f: (tmp / f).stat().st_size for f in files}}
-        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like an export directory
-        for f in files:
-            fd = os.open(tmp / f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         try:
-            os.rename(tmp, entry)  # atomic; fails if another process installed the entry first
-        except OSError:
-            if _read_meta(entry, full) is not None:  # what is there is not a complete entry: replace it
-                _discard(entry)
-                try:
-                    os.rename(tmp, entry)
-                except OSError as exc:
-                    _warn(f"cannot install the optimised graph in {entry} ({exc.strerror or exc}); not cached")
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's pybind exception types
+            options.optimized_model_filepath = ""
+            session = ort.InferenceSession(str(path), options, providers=providers)  # fails: a real load error
+            _cache_unwritable(cache_dir, _first_line(exc))
+            return session
+        try:
+            _install(path, tmp, entry, full, work)
+        except OSError as exc:  # full disk, read-only: the session is good, the cache is not written
+            _cache_unwritable(cache_dir, exc.strerror or str(exc))
         return session
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        work.remove()
+
+
+def _install(path: Path, tmp: Path, entry: Path, full: dict, work) -> None:
+    """Record sizes and sha256s of what ONNX Runtime saved in `tmp`, and rename it to `entry`."""
+    files = [f for f in (MODEL, DATA) if (tmp / f).is_file()]
+    if MODEL not in files:
+        _warn(f"ONNX Runtime saved no optimised graph for {path.name}; not cached")
+        return
+    meta = {"format": META_FORMAT, "full_key": full, "source": str(path),
+            "bytes": {f: (tmp / f).stat().st_size for f in files},
+            "sha256": {f: file_sha256(tmp / f) for f in files}}
+    (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like an export directory
+    for f in files:
+        fd = os.open(tmp / f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    work.unlock_file()  # an entry holds no lock file (still locked until the work directory is released)
+    try:
+        os.rename(tmp, entry)  # atomic; fails if another process installed the entry first
+    except OSError:
+        if _read_meta(entry, full) is not None:  # what is there is not a complete entry: replace it
+            _discard(entry)
+            try:
+                os.rename(tmp, entry)
+            except OSError as exc:
+                _warn(f"cannot install the optimised graph in {entry} ({exc.strerror or exc}); not cached")
