@@ -99,15 +99,18 @@ class ModelSource:
 
 def resolve_model(model, checkpoint, vae, height, width, max_text_tokens) -> ModelSource:
     """`model` a preset, config file or config (default: the embedded model, with its shipped
-    weights when no weight files are given); or `checkpoint` a text-to-image directory."""
-    if checkpoint is not None and Path(checkpoint).is_dir():
+    weights when no weight files are given); or `checkpoint` a text-to-image checkpoint: a directory
+    (official or diffusers layout, or the ComfyUI files) or a ComfyUI main-model file (t2i/layouts.py)."""
+    from .t2i.layouts import is_t2i_checkpoint
+
+    if is_t2i_checkpoint(checkpoint):
         from .t2i.config import DEFAULT_MAX_TEXT_TOKENS, check_resolution, read_checkpoint_config
 
         if model is not None:
-            raise BitDanceError(f"checkpoint {checkpoint} is a text-to-image directory, which names its own model: "
+            raise BitDanceError(f"checkpoint {checkpoint} is a text-to-image checkpoint, which names its own model: "
                                 f"drop model={model!r}")
         if vae is not None:
-            raise BitDanceError("a text-to-image checkpoint directory holds its own autoencoder: drop vae")
+            raise BitDanceError("a text-to-image checkpoint holds its own autoencoder: drop vae")
         height, width = height or 1024, width or 1024
         check_resolution(height, width)
         cfg = read_checkpoint_config(checkpoint, height, width, max_text_tokens or DEFAULT_MAX_TEXT_TOKENS)

@@ -87,6 +87,10 @@ class Qwen3Config:
             raise fail("use_sliding_window=true is not supported")
         if data.get("hidden_act", "silu") != "silu":
             raise fail(f"hidden_act {data['hidden_act']!r}: only silu is supported")
+        # transformers >= 5 writes RoPE as rope_parameters {"rope_type", "rope_theta"} (no top-level rope_theta)
+        rope = data.get("rope_parameters") or {}
+        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+            raise fail(f"rope_parameters {rope!r} are not supported (BitDance-14B uses default RoPE)")
         heads = int(data["num_attention_heads"])
         return cls(
             vocab_size=int(data["vocab_size"]), hidden_size=int(data["hidden_size"]),
@@ -94,7 +98,7 @@ class Qwen3Config:
             num_key_value_heads=int(data.get("num_key_value_heads", heads)),
             head_dim=int(data.get("head_dim") or int(data["hidden_size"]) // heads),
             intermediate_size=int(data["intermediate_size"]),
-            rope_theta=float(data.get("rope_theta", 1_000_000.0)),
+            rope_theta=float(data.get("rope_theta", rope.get("rope_theta", 1_000_000.0))),
             rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
         )

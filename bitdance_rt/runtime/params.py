@@ -119,13 +119,14 @@ def check_prompts(value) -> list[str]:
     prompts = [value] if isinstance(value, str) else value
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ParamError("prompt", f"prompt must be a string or a non-empty list of strings, got {_shown(value)}")
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        which = "prompt" if isinstance(value, str) else f"prompt {i}"
         if not isinstance(p, str):
-            raise ParamError("prompt", f"prompt must be a string, got {type(p).__name__} {_shown(p)}")
+            raise ParamError("prompt", f"{which} must be a string, got {type(p).__name__} {_shown(p)}")
         if not p.strip():
-            raise ParamError("prompt", "prompt is empty: give a text description of the image")
+            raise ParamError("prompt", f"{which} is empty: give a text description of the image")
         if len(p) > MAX_PROMPT_CHARS:
-            raise ParamError("prompt", f"prompt is {len(p)} characters; at most {MAX_PROMPT_CHARS}")
+            raise ParamError("prompt", f"{which} is {len(p)} characters; at most {MAX_PROMPT_CHARS}")
     return list(prompts)
 
 

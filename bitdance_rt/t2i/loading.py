@@ -1,36 +1,32 @@
-"""Load an official text-to-image checkpoint directory into a BitDanceT2I model + prompt encoder.
+"""Load a text-to-image checkpoint into a BitDanceT2I model + prompt encoder, whatever its layout.
 
-Files (official README / modeling/t2i_pipeline.py): config.json + tokenizer.json + the Qwen3
-weights (model.safetensors, or shards listed in model.safetensors.index.json), ae_config.json +
-ae.safetensors, vision_head_config.json + vision_head.safetensors, projector.safetensors.
-Everything is checked before any weight is read: a missing file or shard, a key set or shape
-that does not fit the configs, each is one error naming the file and key. The LM head
-(`lm_head.weight`) is not needed for images and is skipped. Weights are read with safetensors
-(no pickle) and converted to `dtype` (float32: the reference precision).
+The layout (official directory, diffusers conversion, ComfyUI FP8 files: t2i/layouts.py) is
+detected from the path and gives the config, the tokenizer and, per weights file, which tensor
+goes where. Everything is checked before any weight is read: a missing file or shard, a key set or
+shape that does not fit the configs, each is one error naming the file and key. The LM head
+(`lm_head.weight`) is not needed for images and is skipped. Weights are read with safetensors (no
+pickle), FP8 ones dequantised with their scales, and converted to `dtype` (float32: the reference
+precision).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_fit, require_file
-from ..fileio import cached_sha256
+from ..checkpoint import check_fit
 from ..errors import CheckpointError
 from ..models.t2i import BitDanceT2I
 from ..t2i_config import T2IConfig
 from .config import read_checkpoint_config
+from .layouts import LLM_INDEX, LLM_SINGLE, PART_FILES, PARTS, SKIPPED_PREFIXES, WeightFile, detect_layout, \
+    warn_unscaled
 from .prompt import PromptEncoder
 
-LLM_INDEX = "model.safetensors.index.json"
-LLM_SINGLE = "model.safetensors"
-SKIPPED_PREFIXES = ("lm_head.",)
-# file -> prefix of its keys in BitDanceT2I's state dict
-PART_FILES = {"vision_head.safetensors": "head.", "projector.safetensors": "projector.", "ae.safetensors": "vae."}
+__all__ = ["LLM_INDEX", "LLM_SINGLE", "PART_FILES", "SKIPPED_PREFIXES", "LoadedT2I", "checkpoint_dir_source",
+           "load_t2i", "read_weights"]
 
 
 @dataclass
@@ -38,26 +34,6 @@ class LoadedT2I:
     model: BitDanceT2I
     prompts: PromptEncoder
     source: str
-
-
-def llm_files(directory: Path) -> dict[str, list[str]]:
-    """{shard file: [keys]} of the Qwen3 weights; every shard named by the index must exist."""
-    index = directory / LLM_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise CheckpointError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map')") from None
-        shards: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
-            shards.setdefault(str(shard), []).append(key)
-        for shard in shards:
-            require_file(directory / shard, f"LLM weight shard (listed in {index.name})")
-        return shards
-    if (directory / LLM_SINGLE).is_file():
-        return {LLM_SINGLE: []}
-    raise CheckpointError(f"{directory}: no LLM weights: expected {LLM_INDEX} (sharded) or {LLM_SINGLE}")
 
 
 def _open(path: Path):
@@ -69,74 +45,55 @@ def _open(path: Path):
         raise CheckpointError(f"checkpoint {path}: unreadable .safetensors file ({exc})") from None
 
 
-def _shapes_of(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Meta tensors with the shapes stored in `path` (no data read)."""
-    with _open(path) as f:
-        names = list(f.keys())
-        if keys:
-            absent = sorted(set(keys) - set(names))
-            if absent:
-                raise CheckpointError(f"{path}: lacks key(s) {', '.join(absent[:3])} that the index maps to it")
-        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in names}
+def checkpoint_dir_source(path: str | Path) -> str:
+    """Identity of the weights for export manifests: sha256 over every file the model reads, in the
+    layout the path has (each file's digest memoised by (path, size, mtime), fileio.cached_sha256)."""
+    return detect_layout(path).identity()
 
 
-def _weights_plan(directory: Path) -> list[tuple[Path, str, dict]]:
-    """[(file, prefix, {key: meta tensor})] for every weight file, LLM shards first."""
-    plan = [(directory / shard, "model.", _shapes_of(directory / shard, keys or None))
-            for shard, keys in llm_files(directory).items()]
-    for name, prefix in PART_FILES.items():
-        plan.append((require_file(directory / name, name.split(".")[0].replace("_", " ") + " weights"), prefix,
-                     _shapes_of(directory / name)))
-    return plan
+def _dequantised(q: torch.Tensor, scale: torch.Tensor, key: str, wf: WeightFile) -> torch.Tensor:
+    """q * scale in float32: one scale per tensor or per output channel (the ComfyUI node's rule)."""
+    if scale.numel() == 1:
+        s = scale.float().reshape(())
+    elif q.dim() >= 1 and scale.numel() == q.shape[0]:
+        s = scale.float().reshape(q.shape[0], *([1] * (q.dim() - 1)))
+    else:
+        raise CheckpointError(f"{wf.path}: scale {wf.scales[key]} {list(scale.shape)} fits neither the whole tensor "
+                              f"nor the output channels of {key} {list(q.shape)}")
+    return q.float() * s
 
 
-def checkpoint_dir_source(directory: str | Path) -> str:
-    """Identity of the weights for export manifests: sha256 over every file the model reads
-    (each file's digest memoised by (path, size, mtime) in the hash cache, fileio.cached_sha256)."""
-    d = Path(directory)
-    names = sorted(["config.json", "tokenizer.json", "ae_config.json", "vision_head_config.json", *PART_FILES,
-                    *llm_files(d), *([LLM_INDEX] if (d / LLM_INDEX).is_file() else [])])
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(f"{name}:{cached_sha256(require_file(d / name, name))}\n".encode())
-    return f"t2i-dir sha256:{digest.hexdigest()}"
+def read_weights(files: list[WeightFile], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """BitDanceT2I's state dict from planned weight files (FP8 tensors dequantised), in `dtype`."""
+    state = {}
+    for wf in files:
+        with _open(wf.path) as f:
+            for dst, key in wf.keys.items():
+                t = f.get_tensor(key)
+                if key in wf.scales:
+                    t = _dequantised(t, f.get_tensor(wf.scales[key]), key, wf)
+                elif key in wf.unscaled:
+                    t = t.float()
+                state[wf.part + dst] = t.to(dtype)
+    warn_unscaled(files)
+    return state
 
 
 def load_t2i(directory: str | Path, height: int, width: int, max_text_tokens: int | None = None,
              dtype: torch.dtype = torch.float32, config: T2IConfig | None = None) -> LoadedT2I:
-    d = Path(directory)
-    cfg = config or read_checkpoint_config(d, height, width, **({} if max_text_tokens is None else
-                                                               {"max_text_tokens": max_text_tokens}))
-    prompts = PromptEncoder(d / "tokenizer.json", cfg)
+    """The model and prompt encoder of a checkpoint path (any layout t2i/layouts.py detects)."""
+    layout = detect_layout(directory)
+    cfg = config or read_checkpoint_config(directory, height, width, **({} if max_text_tokens is None else
+                                                                        {"max_text_tokens": max_text_tokens}))
+    prompts = PromptEncoder(layout.tokenizer, cfg)
     prompts.image_tokens()  # a tokenizer without the BitDance tokens fails here, before the weights
-    plan = _weights_plan(d)
+    plan = layout.weight_files()
     with torch.device("meta"):
         model = BitDanceT2I(cfg)
-    parts = {"model.": (model.model, "Qwen3 LLM"), "head.": (model.head, "vision head"),
-             "projector.": (model.projector, "projector"), "vae.": (model.vae, "autoencoder")}
-    for prefix, (module, what) in parts.items():
-        shapes = {}
-        for path, pre, sd in plan:
-            if pre != prefix:
-                continue
-            for k, v in sd.items():
-                if prefix == "model.":
-                    if k.startswith(SKIPPED_PREFIXES):
-                        continue
-                    if not k.startswith("model."):
-                        raise CheckpointError(f"{path}: unexpected key {k} (Qwen3 weights are model.* and lm_head.*)")
-                    k = k[len("model."):]
-                shapes[k] = v
-        source = ", ".join(sorted({p.name for p, pre, _ in plan if pre == prefix}))
-        check_fit(module, shapes, source, f"{cfg.name} {what}", suggest_preset=False)
-    state = {}
-    for path, prefix, sd in plan:
-        with _open(path) as f:
-            for k in sd:
-                if prefix == "model." and k.startswith(SKIPPED_PREFIXES):
-                    continue
-                name = k if prefix == "model." else prefix + k
-                state[name] = f.get_tensor(k).to(dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    for prefix, what in PARTS.items():
+        shapes = {k: torch.empty(s, device="meta") for wf in plan if wf.part == prefix for k, s in wf.shapes.items()}
+        source = ", ".join(sorted({wf.name for wf in plan if wf.part == prefix}))
+        check_fit(getattr(model, prefix[:-1]), shapes, source, f"{cfg.name} {what}", suggest_preset=False)
+    model.load_state_dict(read_weights(plan, dtype), strict=True, assign=True)
     model.reset_buffers()
-    return LoadedT2I(model.eval(), prompts, f"{cfg.name} ({cfg.height}x{cfg.width}) from {d}")
+    return LoadedT2I(model.eval(), prompts, f"{cfg.name} ({cfg.height}x{cfg.width}) from {directory}")

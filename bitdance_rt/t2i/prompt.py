@@ -54,6 +54,12 @@ class PromptEncoder:
         except ImportError:
             raise BitDanceError("text-to-image needs the tokenizers package: pip install 'bitdance-rt[t2i]'") from None
         path = Path(tokenizer_file)
+        if not path.is_file() and path.name == "tokenizer.json" and path.parent.exists():
+            # <checkpoint>/tokenizer.json: the tokenizer of the checkpoint's layout (diffusers: tokenizer/,
+            # ComfyUI: beside the text encoder), so callers may join the name to any checkpoint path
+            from .layouts import tokenizer_file
+
+            path = tokenizer_file(path.parent)
         if not path.is_file():
             raise BitDanceError(f"tokenizer file not found: {path} (the checkpoint directory must hold the Qwen3 "
                                 "tokenizer.json)")
