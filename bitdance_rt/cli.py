@@ -24,6 +24,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load .pt files with full unpickling (can execute code: only for files you trust)")
 
 
+def _checked(name: str, kind=int):
+    """An argparse type running runtime/params.py's check_<name> (one cap per value everywhere);
+    imported when parsing, so that `--help` stays light."""
+    def parse(text: str):
+        from .runtime import params
+
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        try:
+            return getattr(params, f"check_{name}")(value)
+        except params.ParamError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+SEED, STEPS, CFG = _checked("seed"), _checked("steps"), _checked("cfg", float)
+
+
 SCHEDULE_HELP = ("guidance over AR steps (default: the model's, as the official code: linear for ImageNet models, "
                  "constant for text-to-image)")
 
@@ -33,7 +55,7 @@ def _model(args):
     config only, no weights read yet."""
     from .backends import resolve_model
 
-    t2i = bool(args.checkpoint and Path(args.checkpoint).is_dir())
+    t2i = _t2i_checkpoint(args.checkpoint)
     size = (getattr(args, "height", None), getattr(args, "width", None), getattr(args, "max_text_tokens", None))
     return resolve_model(args.model, args.checkpoint, getattr(args, "vae", None), *(size if t2i else (None, None, None)))
 
@@ -65,21 +87,28 @@ def _add_t2i_args(p: argparse.ArgumentParser) -> None:
                    help="text-to-image: longest chat prompt in tokens, the padded prompt length of the graphs (default 256)")
 
 
+def _t2i_checkpoint(checkpoint) -> bool:
+    """A text-to-image checkpoint: a directory (official, diffusers, ComfyUI files) or a ComfyUI main-model file."""
+    from .t2i.layouts import is_t2i_checkpoint
+
+    return is_t2i_checkpoint(checkpoint)
+
+
 def _is_t2i(args) -> bool:
-    return getattr(args, "prompt", None) is not None or bool(args.checkpoint and Path(args.checkpoint).is_dir())
+    return getattr(args, "prompt", None) is not None or _t2i_checkpoint(args.checkpoint)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Sampling and backend options shared by generate and eval."""
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
+    p.add_argument("--cfg", type=CFG, default=None, help="classifier-free guidance scale G (default: the model's)")
     p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help=SCHEDULE_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed of the one noise generator")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the one noise generator")
     _add_backend_args(p)
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     """How the model runs (generate, eval, serve): sampler steps, backend, precision, batch."""
-    p.add_argument("--steps", type=int, default=None, help="sampler steps S per AR step (default: the model's)")
+    p.add_argument("--steps", type=STEPS, default=None, help="sampler steps S per AR step (default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="onnxruntime (default when installed) or torch (the float32 reference)")
     p.add_argument("--export-dir", default=None,
@@ -138,8 +167,15 @@ def default_labels(cfg) -> list[int]:
     return list(range(cfg.num_classes if cfg.num_classes <= 16 else 8))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the CLI's contract for every error), status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitdance-rt", description="BitDance deployment runtime")
+    parser = _Parser(prog="bitdance-rt", description="BitDance deployment runtime")
     parser.add_argument("--version", action="version", version=f"bitdance-rt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -160,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export every stage to ONNX (+ manifest); reused when up to date")
     _add_model_args(e)
     e.add_argument("--out", required=True, help="export directory")
-    e.add_argument("--steps", type=int, default=None, help="sampler steps S baked into the fused head samplers")
+    e.add_argument("--steps", type=STEPS, default=None, help="sampler steps S baked into the fused head samplers")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (TensorRT 10.3 parses <= 20; default 17)")
     e.add_argument("--max-batch", type=int, default=16, help="largest batch (images) the graphs accept (default 16)")
     e.add_argument("--stages", nargs="+", default=None, help="stages to export (default: all)")
@@ -182,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text-to-image (--checkpoint DIR): prompts to record (default: the built-in calibration "
                           "prompts, shortened to fit --max-text-tokens)")
     _add_t2i_args(cal)
-    cal.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds; every label is generated once per seed")
-    cal.add_argument("--steps", type=int, default=None, help="sampler steps S (match the export's S; default: the model's)")
-    cal.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale G (default: the model's)")
+    cal.add_argument("--seeds", type=SEED, nargs="+", default=[0], help="noise seeds; every label is generated once per seed")
+    cal.add_argument("--steps", type=STEPS, default=None, help="sampler steps S (match the export's S; default: the model's)")
+    cal.add_argument("--cfg", type=CFG, default=None, help="classifier-free guidance scale G (default: the model's)")
     cal.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help=SCHEDULE_HELP)
     cal.add_argument("--batch-size", type=int, default=4, help="images per recorded call (bounds a backbone sample's size)")
     cal.add_argument("--backbone-every", type=int, default=1, help="keep backbone steps 1, 1+k, 1+2k, ... (default 1)")
@@ -201,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="then derive FP16 and INT8 graphs and measure them against FP32 (teacher-forced bit "
                           "agreement per stage, end to end, decoder PSNR): report.json + report.md in --out")
     cal.add_argument("--report-images", type=int, default=10, help="images of the report (default 10)")
-    cal.add_argument("--report-seed", type=int, default=1000, help="noise seed of the report (default 1000: held out)")
+    cal.add_argument("--report-seed", type=SEED, default=1000, help="noise seed of the report (default 1000: held out)")
     cal.add_argument("--sensitivity", action="store_true",
                      help="with --report: per-layer INT8 sensitivity (one INT8 derivation per quantised layer: slow)")
     cal.add_argument("--threads", type=int, default=None, help="CPU threads of the report's ONNX Runtime runs")
@@ -230,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also generate end to end with this recorded noise and compare the tokens with torch")
     ck.add_argument("--labels", type=int, nargs="+", default=None,
                     help="labels of the end-to-end run (default: the noise file's `labels`)")
-    ck.add_argument("--steps", type=int, default=None, help="sampler steps S of the end-to-end run (default: the export's)")
-    ck.add_argument("--cfg", type=float, default=None, help="guidance scale of the end-to-end run (default: the model's)")
+    ck.add_argument("--steps", type=STEPS, default=None, help="sampler steps S of the end-to-end run (default: the export's)")
+    ck.add_argument("--cfg", type=CFG, default=None, help="guidance scale of the end-to-end run (default: the model's)")
     ck.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help=SCHEDULE_HELP)
     ck.add_argument("--min-agreement", type=float, default=None,
                     help="token agreement needed to pass (default: 1.0 for fp32, 0.98 fp16, 0.95 int8)")
@@ -247,15 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_t2i_args(sv)
     _add_backend_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--port", type=_port, default=8000, help="port, 0..65535 (default 8000; 0: any free port)")
     sv.add_argument("--api-key", default=None,
-                    help="require 'Authorization: Bearer KEY' on every route but /health (default: "
-                         "$BITDANCE_RT_API_KEY; none when unset)")
+                    help="require 'Authorization: Bearer KEY' on every route but /health, /docs included (default: "
+                         "$BITDANCE_RT_API_KEY; no auth when unset; an empty key is an error, not 'no auth')")
     sv.add_argument("--max-queue", type=int, default=64,
                     help="requests waiting for cache rows before new ones get 429 + Retry-After (default 64)")
     sv.add_argument("--request-timeout", type=float, default=600.0,
                     help="seconds a request may take; then 504 and its rows are freed (default 600)")
     sv.add_argument("--max-images", type=int, default=16, help="images per request, n x labels (default 16)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="seconds SIGTERM waits for requests in flight before cancelling them (default 30)")
+    sv.add_argument("--body-timeout", type=float, default=10.0,
+                    help="seconds a client may take to send a request's headers, and as long again for its body; "
+                         "then 408 and the connection is closed (default 10)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                    help="largest request body; larger ones get 413 (default 1048576)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                     help="uvicorn's log level (default info)")
 
@@ -268,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the engine inside the model (default onnxruntime)")
     tr.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
                     help="onnxruntime: must be the export's (default); tensorrt: the engine precision")
-    tr.add_argument("--steps", type=int, default=None, help="sampler steps S of the fused sampler (default: the export's)")
+    tr.add_argument("--steps", type=STEPS, default=None, help="sampler steps S of the fused sampler (default: the export's)")
     tr.add_argument("--max-batch", type=int, default=None,
                     help="images one scheduler batch holds (default and most: the export's)")
     tr.add_argument("--max-images", type=int, default=None, help="most images one request may ask for (default: max batch)")
@@ -313,6 +356,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output(path, flag: str, directory: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory where a file is
+    wanted, a file where a directory is wanted, or a path under a file."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        want = "a directory" if directory else "a file path"
+        raise BitDanceError(f"{flag} {path}: it is {'a directory' if path.is_dir() else 'a file'}; give {want}")
+    for parent in (path, *path.parents) if directory else path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BitDanceError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+            import os
+
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise BitDanceError(f"{flag} {path}: {parent} is not writable")
+            return
+
+
 def cmd_generate(args) -> int:
     from .images import save_images, save_png, to_uint8
     from .runtime.loop import check_request
@@ -322,11 +383,16 @@ def cmd_generate(args) -> int:
     t2i = _is_t2i(args)
     if t2i and (args.labels is not None or args.model is not None):
         raise BitDanceError("--prompt (text-to-image) takes neither --labels nor --model: the model is --checkpoint DIR")
-    if t2i and not (args.checkpoint and Path(args.checkpoint).is_dir()):
+    if t2i and not _t2i_checkpoint(args.checkpoint):
         raise BitDanceError("text-to-image needs --checkpoint DIR: the BitDance-14B-16x / -64x directory "
-                            "(config.json, model*.safetensors, tokenizer.json, ae*, vision_head*, projector.safetensors)")
+                            "(config.json, model*.safetensors, tokenizer.json, ae*, vision_head*, "
+                            "projector.safetensors), its diffusers conversion, or the ComfyUI BitDance files "
+                            "(or their main-model file)")
     if t2i and args.prompt is None:
         raise BitDanceError(f"--checkpoint {args.checkpoint} is a text-to-image directory: give --prompt")
+    _check_output(args.out, "--out", directory=True)
+    if args.save_tokens:
+        _check_output(args.save_tokens, "--save-tokens", directory=False)
     source = _model(args)
     cfg = source.config
     steps = cfg.default_steps if args.steps is None else args.steps
@@ -335,8 +401,6 @@ def cmd_generate(args) -> int:
     if not t2i:
         labels = args.labels if args.labels is not None else default_labels(cfg)
         check_request(cfg.num_classes, labels, steps)  # before loading possibly large weights
-    elif steps < 1:
-        raise BitDanceError(f"--steps must be >= 1, got {steps}")
     noise = ReplayNoise(args.noise_from) if args.noise_from else None
     with _pipeline(args, source, steps) as pipe:
         submitted = process_seconds()
@@ -379,15 +443,13 @@ def cmd_export(args) -> int:
 
         PromptEncoder(Path(args.checkpoint) / "tokenizer.json", cfg).image_tokens()  # a bad tokenizer fails now
     steps = cfg.default_steps if args.steps is None else args.steps
-    if steps < 1:
-        raise BitDanceError(f"--steps must be >= 1, got {steps}")
     if args.max_batch < 1:
         raise BitDanceError(f"--max-batch must be >= 1, got {args.max_batch}")
     opts = _options(args, max_batch=args.max_batch, progress=True)
     if args.precision not in (None, "fp32"):
-        if args.stages or args.opset != 17 or args.max_batch != 16 or args.force:
-            raise BitDanceError(f"--precision {args.precision} derives from the cached default FP32 export: "
-                                "--stages/--opset/--max-batch/--force apply to FP32 exports only")
+        if args.stages or args.opset != 17 or args.force:
+            raise BitDanceError(f"--precision {args.precision} derives from the cached FP32 export of the same "
+                                "--max-batch: --stages/--opset/--force apply to FP32 exports only")
         out = auto_export(source, steps, opts, args.precision, out=args.out)
         print(f"{out}: {args.precision} export ready")
         return 0
@@ -526,15 +588,39 @@ def cmd_check(args) -> int:
     return 0 if report.passed else 1
 
 
-def cmd_serve(args) -> int:
+def _port(text: str) -> int:
+    """A TCP port for argparse (-1 or 70000 would fail deep inside the server, after the model started loading)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer 0..65535, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {port}")
+    return port
+
+
+def _api_key(args) -> str | None:
+    """--api-key, else $BITDANCE_RT_API_KEY; None (no auth) only when neither is given: an empty key is
+    a mistake (an unset variable in a script), refused rather than served without auth."""
     import os
 
+    given, where = (args.api_key, "--api-key") if args.api_key is not None else \
+        (os.environ.get("BITDANCE_RT_API_KEY"), "$BITDANCE_RT_API_KEY")
+    if given is not None and not given.strip():
+        raise BitDanceError(f"{where} is empty: give a key, or leave both --api-key and $BITDANCE_RT_API_KEY "
+                            "unset to serve without auth")
+    return None if given is None else given.strip()
+
+
+def cmd_serve(args) -> int:
     from .serve import ServerSettings, serve
 
+    api_key = _api_key(args)
+    for name in ("shutdown_timeout", "body_timeout", "max_body_bytes"):
+        if not getattr(args, name) > 0:
+            raise BitDanceError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     source = _model(args)
     steps = source.config.default_steps if args.steps is None else args.steps
-    if steps < 1:
-        raise BitDanceError(f"--steps must be >= 1, got {steps}")
     for name in ("max_queue", "max_images"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise BitDanceError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, "
@@ -542,7 +628,8 @@ def cmd_serve(args) -> int:
     if args.request_timeout <= 0:
         raise BitDanceError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     settings = ServerSettings(max_queue=args.max_queue, request_timeout=args.request_timeout,
-                              max_images=args.max_images, api_key=args.api_key or os.environ.get("BITDANCE_RT_API_KEY"))
+                              max_images=args.max_images, api_key=api_key, shutdown_timeout=args.shutdown_timeout,
+                              body_timeout=args.body_timeout, max_body_bytes=args.max_body_bytes)
     print(f"bitdance-rt serve: {source.config.name} on http://{args.host}:{args.port} (GET /health says when it is "
           "loaded)", flush=True)
     return serve(lambda: _pipeline(args, source, steps), settings, args.host, args.port, args.log_level)
@@ -614,7 +701,10 @@ def cmd_convert(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, already printed) or --help / --version
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
                 "convert": cmd_convert, "build": cmd_build, "check": cmd_check,
@@ -626,6 +716,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitdance-rt: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system said no (read-only, full, permission): one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"bitdance-rt: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

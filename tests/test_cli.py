@@ -88,7 +88,7 @@ def test_eval_scores_the_embedded_model_identically_on_both_backends():
 @pytest.mark.parametrize("extra,needle", [
     (["--labels", "10"], "out of range"),
     (["--labels", "-1"], "out of range"),
-    (["--steps", "0"], "steps must be >= 1"),
+    (["--steps", "0"], "steps must be an integer in 1..1000"),
     (["--checkpoint", "MISSING.pt"], "checkpoint not found"),
     (["--model", "BitDance-Z-9x"], "unknown model"),
     (["--noise-from", "MISSING.safetensors"], "noise file not found"),
@@ -161,3 +161,14 @@ def test_calibrate_writes_a_set_for_the_embedded_model(tmp_path):
     assert all(0 < len(s) <= 8 for s in cal.samples.values())
     res = run("calibrate", "--out", out, "--steps", "4")
     assert res.returncode == 2 and "--force" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_export_at_a_precision_takes_the_max_batch(tmp_path):
+    """`export --precision fp16 --max-batch 1` derives from the max-batch-1 FP32 export, so what `plan
+    --batch-size 1` assumes is what the command makes (it refused --max-batch with --precision)."""
+    import json
+
+    res = run("export", "--precision", "fp16", "--max-batch", "1", "--steps", "2", "--out", tmp_path / "fp16")
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and manifest["key"]["limits"]["max_batch"] == 1
