@@ -56,14 +56,20 @@ def sse_events(lines) -> list[tuple[str | None, str]]:
 
 
 class ThreadServer:
-    """uvicorn serving `app` on a free loopback port, in a thread of this process."""
+    """uvicorn serving `app` on a free loopback port, in a thread of this process; with `settings`,
+    configured as `bitdance-rt serve` configures it (its protocol and time limits)."""
 
-    def __init__(self, app):
+    def __init__(self, app, settings=None):
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        if settings is not None:
+            from bitdance_rt.serve.server import uvicorn_server
+
+            self.server = uvicorn_server(app, settings, "127.0.0.1", self.port, "warning")
+        else:
+            self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadServer":

@@ -10,7 +10,7 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ERROR_KINDS = ("bad_request", "unauthorized", "not_found", "queue_full", "loading", "draining", "timeout",
-               "disconnected", "internal")
+               "disconnected", "internal", "too_large", "body_timeout")
 RATE_WINDOW_S = 60.0
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)

@@ -3,14 +3,19 @@ loaded model; every refusal is a FieldError naming the body field and what was e
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 
 from ..errors import BitDanceError
+from ..runtime.params import MAX_PROMPT_CHARS
 from ..runtime.request import preview_steps
 from .schema import ImageRequest
 
-MAX_PROMPT_CHARS = 32000  # OpenAI's limit for its image models
+# A class index as a prompt: ASCII digits only (str.isdigit also takes "²" and "①", which int() refuses),
+# one optional '-'; longer than MAX_INDEX_DIGITS it is out of range without int() (which refuses 4,300+ digits).
+_INDEX = re.compile(r"-?[0-9]+")
+MAX_INDEX_DIGITS = 9
 
 
 class FieldError(ValueError):
@@ -69,7 +74,9 @@ def to_job(body: ImageRequest, pipe, max_images: int) -> Job:
 def _text_prompt(body: ImageRequest, pipe) -> str:
     if body.labels is not None:
         raise FieldError("labels", f"{pipe.config.name} is text-to-image: give a prompt, not labels")
-    if not isinstance(body.prompt, str) or not body.prompt.strip():
+    if not isinstance(body.prompt, str):
+        raise FieldError("prompt", "give the prompt as text: a description of the image")
+    if not body.prompt.strip():
         raise FieldError("prompt", "prompt is empty: give a text description of the image")
     if len(body.prompt) > MAX_PROMPT_CHARS:
         raise FieldError("prompt", f"prompt is {len(body.prompt)} characters; at most {MAX_PROMPT_CHARS}")
@@ -84,7 +91,7 @@ def _labels(body: ImageRequest, cfg) -> list[int]:
     classes = cfg.num_classes
     names = list(getattr(cfg, "class_names", None) or [])
     expected = f"a class index 0..{classes - 1}" + (" or a class name" if names else "")
-    has_prompt = body.prompt is not None and str(body.prompt).strip() != ""
+    has_prompt = isinstance(body.prompt, int) or isinstance(body.prompt, str) and body.prompt.strip() != ""
     if body.labels is not None:
         if has_prompt:
             raise FieldError("prompt", "give the class as prompt or as labels, not both (prompt may be \"\")")
@@ -94,13 +101,21 @@ def _labels(body: ImageRequest, cfg) -> list[int]:
         return list(body.labels)
     if not has_prompt:
         raise FieldError("prompt", f"{cfg.name} is class-conditional: the prompt is {expected} (or give labels)")
-    text = str(body.prompt).strip()
-    if text.lstrip("-").isdigit():
-        label = int(text)
-        if not 0 <= label < classes:
-            raise FieldError("prompt", f"class {label} is out of range: {cfg.name} has classes 0..{classes - 1}")
-        return [label]
+    if isinstance(body.prompt, int):  # (the schema takes 3 as well as "3")
+        return [_class_index(body.prompt, body.prompt, cfg)]
+    text = body.prompt.strip()
+    if _INDEX.fullmatch(text):
+        label = int(text) if len(text.lstrip("-")) <= MAX_INDEX_DIGITS else None
+        return [_class_index(label, text, cfg)]
     lowered = [n.lower() for n in names]
     if text.lower() in lowered:
         return [lowered.index(text.lower())]
     raise FieldError("prompt", f"{cfg.name} is class-conditional: the prompt must be {expected}, got {text[:80]!r}")
+
+
+def _class_index(label: int | None, given, cfg) -> int:
+    """`label` if it is one of the model's classes (None: too many digits to be one)."""
+    if label is None or not 0 <= label < cfg.num_classes:
+        shown = str(given) if len(str(given)) <= 24 else str(given)[:21] + "..."
+        raise FieldError("prompt", f"class {shown} is out of range: {cfg.name} has classes 0..{cfg.num_classes - 1}")
+    return label
