@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,29 @@ def official():
         return cache[name]
 
     return get
+
+
+# ---- one export of the embedded model per session ------------------------------------------------------
+@pytest.fixture(scope="session")
+def embedded_cache_template(tmp_path_factory):
+    """A cache root holding the embedded model's default export and ONNX Runtime's optimised graphs
+    of it, made once per session (in a subprocess: this process's environment is left alone).
+    Modules take a copy (`warm_cache`) instead of exporting the same graphs again (~20 s each on 2
+    cores); tests of exporting into an empty cache keep their own empty roots."""
+    root = tmp_path_factory.mktemp("embedded-cache-template")
+    code = "from bitdance_rt import Pipeline; Pipeline.from_pretrained(threads=1, progress=False, log=None).close()"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "BITDANCE_RT_CACHE": str(root)}, check=True,
+                   timeout=600, cwd=REPO)
+    return root
+
+
+def copy_cache(template: Path, dest: Path) -> Path:
+    """A private, writable copy of a cache root (the tiny model's export is a few MB)."""
+    shutil.copytree(template, dest, dirs_exist_ok=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def warm_cache(embedded_cache_template, tmp_path_factory):
+    """This module's own cache root, already holding the embedded model's export."""
+    return copy_cache(embedded_cache_template, tmp_path_factory.mktemp("warm-cache"))

@@ -27,7 +27,7 @@ pytest.importorskip("onnxruntime")
 from bitdance_rt import fileio  # noqa: E402
 from bitdance_rt.errors import BitDanceError, CheckpointError  # noqa: E402
 
-from conftest import torch_threads  # noqa: E402
+from conftest import copy_cache, torch_threads  # noqa: E402
 
 ENV = "BITDANCE_RT_CACHE"
 OLD = 1_600_000_000  # an mtime well in the past (not "racy" for the hash cache)
@@ -54,16 +54,9 @@ class Warm:
 
 
 @pytest.fixture(scope="module")
-def warm(tmp_path_factory):
-    from bitdance_rt.backends import BackendOptions, make_backend, resolve_model
-
-    root = tmp_path_factory.mktemp("faults") / "cache"
-    with pytest.MonkeyPatch.context() as mp, torch_threads(1):
-        mp.setenv(ENV, str(root))
-        source = resolve_model(None, None, None, None, None, None)
-        make_backend(source, source.config.default_steps,
-                     BackendOptions(threads=1, progress=False, log=lambda *a: None))
-    return Warm(root)
+def warm(tmp_path_factory, embedded_cache_template):
+    """A cache root with the embedded model's export and optimised graphs (a copy of the session's)."""
+    return Warm(copy_cache(embedded_cache_template, tmp_path_factory.mktemp("faults") / "cache"))
 
 
 def _env(root: Path) -> dict:

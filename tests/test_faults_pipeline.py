@@ -23,8 +23,8 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults-cache")
+def cache(warm_cache):
+    return warm_cache
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ BODY_S = 1.5  # body_timeout of the test servers
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults-cache")
+def cache(warm_cache):
+    return warm_cache
 
 
 @pytest.fixture(scope="module")

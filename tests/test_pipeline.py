@@ -21,9 +21,9 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipe(warm_cache):
     before = os.environ.get("BITDANCE_RT_CACHE")
-    cache = tmp_path_factory.mktemp("cache")
+    cache = warm_cache
     with torch_threads(1):
         p = Pipeline.from_pretrained(threads=1, cache_dir=cache, log=None, progress=False)
         assert os.environ["BITDANCE_RT_CACHE"] == str(cache) and any((cache / "exports").iterdir())

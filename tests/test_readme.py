@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_cache
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_python_example_runs(tmp_path):
+def test_readme_python_example_runs(tmp_path, embedded_cache_template):
     block = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
     assert block, "the README shows the Python API first"
     code = block.group(1)
     assert "Pipeline.from_pretrained()" in code and "submit" in code and "stream" in code
-    env = {"BITDANCE_RT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    cache = copy_cache(embedded_cache_template, tmp_path / "cache")  # its first export is tested elsewhere
+    env = {"BITDANCE_RT_CACHE": str(cache), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -27,7 +30,7 @@ def test_readme_python_example_runs(tmp_path):
     assert lines[-1].startswith("Output(1 image(s) of 32x32, labels=[5], ")
 
 
-def test_readme_server_example_works_as_printed(tmp_path):
+def test_readme_server_example_works_as_printed(tmp_path, embedded_cache_template):
     """`bitdance-rt serve` as the README shows it, and its openai client example, prints what the
     README says it prints (on a free port instead of 8000)."""
     pytest.importorskip("fastapi")
@@ -41,7 +44,7 @@ def test_readme_server_example_works_as_printed(tmp_path):
     printed = re.search(r"\nprints[^\n]*\n\n```\n(.*?)```", section, re.S).group(1)
     assert command[:2] == ["bitdance-rt", "serve"] and "8000" in code
     port = free_port()
-    env = {"BITDANCE_RT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {"BITDANCE_RT_CACHE": str(copy_cache(embedded_cache_template, tmp_path / "cache")), "OMP_NUM_THREADS": "1"}
     with server_process(command[2:], env, port) as proc:
         res = subprocess.run([sys.executable, "-c", code.replace("8000", str(port))], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)

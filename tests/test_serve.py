@@ -33,8 +33,8 @@ GEN = "/v1/images/generations"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("serve-cache")
+def cache(warm_cache):
+    return warm_cache
 
 
 @pytest.fixture(scope="module")
