@@ -10,6 +10,15 @@ graphs are worked around here, around the call rather than inside the graph logi
    value_info but keeps to=FLOAT: we point those Casts at FLOAT16 afterwards.
 (Putting Cast in its block list instead loops forever in 1.16.)
 
+Graphs over 2 GB (the 14B model's 3.1 GB text embedding, its backbone): protobuf cannot serialise
+them, and both our no-op-Cast pass and the converter ran onnx.shape_inference.infer_shapes on the
+in-memory model (ValueError past 2 GB). Both now see a skeleton -- every tensor of 1 MiB or more
+replaced by a data-less placeholder of the same name, dims and type (export/shared_weights.py),
+shape constants kept -- and the converter is told not to infer shapes itself
+(`disable_shape_infer`, given the skeleton's inferred value_info): it only decides which tensors
+become FLOAT16. Those are then converted here, chunk by chunk, with the converter's own clamp
+(`to_fp16`), and written to external data (`convert_fp16_file`, the entry derivation uses).
+
 RMSNorm's square (x * x feeding the ReduceMean of the exported rms_norm) is kept in FP32 by node:
 ReduceMean is FP32 already, but the square before it would overflow FP16 (max 65504) for any
 |x| > 256, and LLM residual streams carry such "massive activations" (in the thousands in LLaMA-2,
@@ -22,6 +31,8 @@ deployment path, and it conflicts with the onnxruntime CPU package.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from .policy import FP16_KEEP_FLOAT_OPS, sampler_arithmetic
 
@@ -37,11 +48,11 @@ def norm_squares(nodes) -> list[str]:
 
 
 def _drop_noop_casts(model) -> int:
-    """Remove Cast nodes whose input already has the target type; returns how many."""
-    import onnx
+    """Remove Cast nodes whose input already has the target type; returns how many. (Shape inference
+    runs on a skeleton: `model` may be over 2 GB.)"""
+    from ..export.shared_weights import infer_shapes
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
+    g = infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
     types.update({t.name: t.data_type for t in g.initializer})
     outputs = {o.name for o in model.graph.output}
@@ -75,19 +86,161 @@ def _fix_float_casts(model) -> int:
     return fixed
 
 
-def convert_fp16(model, sampler: bool = False):
-    """An FP16 copy of `model` (onnx.ModelProto, weights loaded) under the policy of policy.py;
-    `sampler`: a fused head sampler graph, whose update arithmetic stays FP32."""
+# onnxconverter-common's clamp (convert_np_to_float16's defaults, which convert_float_to_float16 uses)
+_MIN_POSITIVE, _MAX_FINITE = 1e-7, 1e4
+_STASH = "bitdance_rt_stash"  # external_data key of a stripped tensor's placeholder: its index in the stash
+
+
+def to_fp16(values):
+    """float32 values -> float16 exactly as onnxconverter-common converts an initialiser
+    (convert_np_to_float16 with the converter's defaults: magnitudes in (0, 1e-7) become 1e-7, finite
+    ones above 1e4 become 1e4, keeping the sign; 0, inf and NaN stay), ~10x faster than it: torch
+    rounds to FP16 (vectorised; numpy's cast is scalar code), and as rounding is monotonic the
+    values to clamp are exactly those whose FP16 magnitude lands below FP16(1e-7) (but 0) or above
+    FP16(1e4) (but inf from inf), found on the FP16 bits."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    a = np.asarray(values, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a read-only buffer: torch warns; it is only read)
+        out = torch.from_numpy(a).to(torch.float16).numpy()
+    bits = out.view(np.uint16)
+    mag = bits & 0x7FFF
+    for limit, below in ((_MIN_POSITIVE, True), (_MAX_FINITE, False)):
+        edge = int(np.array(limit, np.float32).astype(np.float16).view(np.uint16))
+        fix = mag < edge if below else (mag > edge) & (mag <= 0x7C00)  # (0x7C00: inf; above: NaN)
+        if fix.any():
+            fix &= (a != 0) if below else np.isfinite(a)
+            bits[fix] = (bits[fix] & 0x8000) | edge
+    return out
+
+
+def _strip(model, base):
+    """A skeleton of `model` for the converter: every tensor of SKELETON_BYTES or more (inline, or
+    external relative to `base`) becomes a placeholder (shape and type only) and goes to the stash;
+    smaller external ones are read in, so shape inference sees every shape constant. Returns
+    (skeleton, stash: [original tensor])."""
+    import onnx
+
+    from ..export.shared_weights import (SKELETON_BYTES, STRING, is_external, make_inline, placeholder, read_bytes,
+                                         skeleton, tensor_nbytes)
+
+    stash = []
+
+    def replace(t):
+        if t.data_type == STRING:  # not converted, kept as it is
+            return t
+        if tensor_nbytes(t) >= SKELETON_BYTES:
+            stash.append(t)
+            return placeholder(t, {_STASH: len(stash) - 1})
+        if is_external(t):
+            small = onnx.TensorProto()
+            small.CopyFrom(t)
+            make_inline(small, read_bytes(t, base))
+            return small
+        return t
+
+    return skeleton(model, replace), stash
+
+
+def _convert(model, sampler: bool):
+    """The converter on a skeleton (see _strip), value_info from shape inference on it."""
+    import warnings
+
     from onnxconverter_common import float16
+
+    from ..export.shared_weights import infer_shapes
 
     model.graph.ClearField("value_info")
     _drop_noop_casts(model)
     blocked_nodes = (sampler_arithmetic(model.graph.node) if sampler else []) + norm_squares(model.graph.node)
-    import warnings
-
+    inferred = infer_shapes(model)  # what the converter's own infer_shapes would give, without serialising weights
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about every value clamped into FP16 range
-        out = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FLOAT_OPS),
-                                               node_block_list=blocked_nodes)
+        out = float16.convert_float_to_float16(inferred, keep_io_types=True, disable_shape_infer=True,
+                                               op_block_list=list(FP16_KEEP_FLOAT_OPS), node_block_list=blocked_nodes)
     _fix_float_casts(out)
     return out
+
+
+def _stashed(out, stash):
+    """[(placeholder in the converted skeleton, original tensor)]."""
+    from ..export.shared_weights import external_info, is_external, tensors
+
+    found = []
+    for t, _ in tensors(out.graph):
+        index = external_info(t).get(_STASH) if is_external(t) else None
+        if index is not None:
+            found.append((t, stash[int(index)]))
+    return found
+
+
+def _data(placeholder, original, base):
+    """The converted tensor's raw bytes, in chunks: FP16 where the converter made it FLOAT16."""
+    import numpy as np
+
+    from ..export.shared_weights import read_chunks
+
+    chunks = read_chunks(original, base)
+    if placeholder.data_type == original.data_type:
+        return chunks
+    if (original.data_type, placeholder.data_type) != (FLOAT, FLOAT16):
+        raise ValueError(f"tensor {original.name!r}: converted from type {original.data_type} "
+                         f"to {placeholder.data_type}")
+    return (memoryview(to_fp16(np.frombuffer(c, np.float32))).cast("B") for c in chunks)
+
+
+def convert_fp16(model, sampler: bool = False, base_dir=None):
+    """An FP16 copy of `model` (onnx.ModelProto) under the policy of policy.py, its tensors inline;
+    `sampler`: a fused head sampler graph, whose update arithmetic stays FP32; `base_dir`: where the
+    external data of a model loaded without it lives. `model` is left as it is.
+
+    Graph size: the converter and shape inference see a skeleton (large tensors' data dropped), so
+    graphs over protobuf's 2 GB convert; the copy then holds every tensor in memory. Derivation
+    converts files with convert_fp16_file, which streams the tensors instead."""
+    skeleton, stash = _strip(model, base_dir)
+    out = _convert(skeleton, sampler)
+    _inline(_stashed(out, stash), base_dir)
+    return out
+
+
+def _inline(stashed, base) -> None:
+    """Put the converted data into the placeholders themselves (a graph that fits one protobuf)."""
+    from ..export.shared_weights import make_inline
+
+    for placeholder, original in stashed:  # (bytes(c): the file reader reuses its buffer)
+        make_inline(placeholder, b"".join(bytes(c) for c in _data(placeholder, original, base)))
+
+
+def convert_fp16_file(src, dst, sampler: bool = False, external_bytes: int = 1_500_000_000) -> list[str]:
+    """Convert the graph file `src` (with its external data, if any) into `dst`; returns the files
+    written (dst's name, and dst.name + ".data" when the FP16 tensors are over `external_bytes`).
+
+    The entry derivation uses, for graphs of any size: the graph is read without its weights, the
+    converter works on a skeleton, and each large tensor is then read, converted and written in
+    chunks (peak memory: the graph's small tensors plus one chunk; no ModelProto over 2 GB is ever
+    serialised)."""
+    import onnx
+
+    from ..export.shared_weights import MIN_BYTES, STRING, DataWriter, is_external, read_bytes, tensor_nbytes, tensors
+
+    src, dst = Path(src), Path(dst)
+    skeleton, stash = _strip(onnx.load(str(src), load_external_data=False), src.parent)
+    out = _convert(skeleton, sampler)
+    stashed = _stashed(out, stash)
+    if sum(tensor_nbytes(t) for t, _ in tensors(out.graph)) <= external_bytes:
+        _inline(stashed, src.parent)
+        onnx.save_model(out, str(dst))
+        return [dst.name]
+    data = dst.name + ".data"
+    with DataWriter(dst.parent / data) as writer:
+        for placeholder, original in stashed:
+            writer.put(placeholder, _data(placeholder, original, src.parent))
+        for t, init in tensors(out.graph):  # the small ones too, as onnx.save_model(save_as_external_data) would
+            if init and not is_external(t) and t.data_type != STRING and tensor_nbytes(t) >= MIN_BYTES:
+                writer.put(t, [read_bytes(t, None)])
+    onnx.save_model(out, str(dst))
+    return [dst.name, data]

@@ -24,6 +24,7 @@ from .policy import INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES, check_method, quantised
 from .qdq_fixups import fix_for_integer_kernels
 
 _METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+_EXTERNAL_DATA_BYTES = 1_500_000_000  # (export/onnx_export.py's EXTERNAL_DATA_BYTES)
 
 
 def quantize_options(method: str) -> dict:
@@ -99,13 +100,39 @@ def activation_ranges(fp32_path, reader, method: str, cache_file, external_data:
         save_tensors_data(calibrator.compute_data(), cache_file)
 
 
+def needs_external_data(fp32_path) -> bool:
+    """Whether ONNX Runtime must write the calibration and Q/DQ graphs of `fp32_path` with external
+    data: when the FP32 graph has some (exports put a graph's weights there above 1.5 GB) or its file
+    is that large. Without it, a graph over 2 GB fails at the calibrator's augmented copy (measured,
+    onnxruntime 1.32 / onnx 1.23: onnx.save writes a file that does not parse, "INVALID_PROTOBUF :
+    Load model from .../augmented.onnx failed")."""
+    import onnx
+
+    from ..export.shared_weights import is_external, tensors
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    return (any(is_external(t) for t, _ in tensors(model.graph))
+            or Path(fp32_path).stat().st_size > _EXTERNAL_DATA_BYTES)
+
+
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: str = "max",
                   nodes_to_exclude=(), external_data: bool = False, calibration_cache: str | Path | None = None) -> None:
     """Write the INT8 Q/DQ graph of `fp32_path` to `out_path`; `reader` yields calibration feeds.
 
     `calibration_cache`: a file that keeps the activation ranges; a later call with the same
     graph, data and method (e.g. the sensitivity sweep, which only changes `nodes_to_exclude`)
-    reads them instead of running the calibration again.
+    reads them instead of running the calibration again. `external_data`: write the Q/DQ graph's
+    weights to out_path + ".data"; chosen anyway for a graph that has external data
+    (`needs_external_data`).
+
+    Graphs over 2 GB: ONNX Runtime's quantize_static handles them with external data (it infers
+    shapes by path; its calibrator and quantiser save with external data). It does load the whole
+    graph into memory, more than once: measured on a MatMul with a 2.18 GB weight
+    (tests/test_large_graphs.py), 7.0 GB peak and about a minute on two busy cores, ~15 s of it its
+    per-channel weight quantisation (a numpy `take` per output channel), most of the rest loading
+    the graph twice and writing the calibrator's copy. So quantising a backbone takes about 3x its
+    FP32 size in RAM. Derivation quantises after the stages it converts to FP16 (derive.py), so a
+    failure there no longer comes after the quantised stages' hours.
     """
     from onnxruntime.quantization import quantize_static
 
@@ -115,6 +142,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: s
     options = quantize_options(method)
     # Name the nodes: in QDQ mode MatMulConstBOnly alone still lets activation x activation MatMuls through.
     nodes = [n for n in quantised_layers(fp32_path) if n not in set(nodes_to_exclude)]
+    external_data = external_data or needs_external_data(fp32_path)
     try:
         with tempfile.TemporaryDirectory(prefix="bitdance-rt-int8-") as tmp:
             cache = Path(calibration_cache) if calibration_cache is not None else Path(tmp) / "ranges.json"

@@ -59,11 +59,12 @@ def shapes_from_graph_inputs(model) -> int:
     knows every dim of x as a number or as a named dim of a graph input (the batch), the shape is
     built without reading x. Returns how many Shape nodes were replaced."""
     import numpy as np
-    import onnx
     from onnx import helper, numpy_helper
 
+    from ..export.shared_weights import infer_shapes
+
     graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model).graph
+    inferred = infer_shapes(model).graph  # on a skeleton: the graph may be over protobuf's 2 GB
     shapes = {v.name: v.type.tensor_type.shape for v in inferred.value_info}
     named = {}  # dim_param -> (graph input, axis)
     for inp in graph.input:
@@ -153,7 +154,8 @@ def gemm_bias_as_add(graph) -> int:
 
 
 def fix_for_integer_kernels(path) -> dict:
-    """Apply every fix to the Q/DQ graph at `path` in place (external data files are left as they are)."""
+    """Apply every fix to the Q/DQ graph at `path` in place (external data files are left as they are:
+    the graph is read without them, so this works on graphs over 2 GB)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
