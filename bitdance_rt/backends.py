@@ -203,7 +203,8 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
 
             encoder = PromptEncoder(Path(model.checkpoint) / "tokenizer.json", cfg)
         calibration = calibration_for(cfg, model.weights_source(), steps, scale, schedule,
-                                      lambda: model.load(opts.allow_pickle), opts.calibration, prompt_encoder=encoder)
+                                      lambda: model.load(opts.allow_pickle), opts.calibration, prompt_encoder=encoder,
+                                      fp32_export=fp32, threads=opts.threads, providers=ort_providers(opts))
     elif opts.calibration:
         raise BitDanceError("a calibration set is for precision int8 (FP16 graphs need no calibration)")
     variant = precision_export(fp32, precision, calibration, opts.calib_method, out_dir=out,

@@ -227,7 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--head-fraction", type=float, default=0.25, help="share of head-net evaluations kept (default 0.25)")
     cal.add_argument("--max-samples", type=int, default=256, help="most samples per stage, a uniform reservoir sample")
     cal.add_argument("--sample-seed", type=int, default=0, help="seed of the subsampling choices (not of the noise)")
-    cal.add_argument("--device", default="cpu", help="torch device of the recording run")
+    cal.add_argument("--capture-backend", choices=("torch", "onnxruntime"), default=None,
+                     help="backend the recorded generations run on: torch (the float32 reference; default for "
+                          "ImageNet models) or onnxruntime on the model's export (default for text-to-image "
+                          "models: no float32 torch model needed)")
+    cal.add_argument("--capture-precision", choices=("fp32", "fp16"), default=None,
+                     help="graphs of an onnxruntime capture: fp32 or fp16 (derived and cached; default fp16 for "
+                          "text-to-image models, else fp32); torch is fp32")
+    cal.add_argument("--capture-export", default=None, metavar="DIR",
+                     help="capture with onnxruntime on this export directory (of this model and weights, with "
+                          "head_step; its graphs' precision) instead of the automatic cached export")
+    cal.add_argument("--device", default="cpu",
+                     help="device of the recording run: torch device, or cuda for ONNX Runtime's CUDA provider")
     cal.add_argument("--force", action="store_true", help="replace an existing set in --out")
     cal.add_argument("--samples", type=int, default=None,
                      help="images to record per seed, labels cycling over --labels (default: each label once)")
@@ -240,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--report-seed", type=SEED, default=1000, help="noise seed of the report (default 1000: held out)")
     cal.add_argument("--sensitivity", action="store_true",
                      help="with --report: per-layer INT8 sensitivity (one INT8 derivation per quantised layer: slow)")
-    cal.add_argument("--threads", type=int, default=None, help="CPU threads of the report's ONNX Runtime runs")
+    cal.add_argument("--threads", type=int, default=None,
+                     help="CPU threads of the ONNX Runtime runs (an onnxruntime capture, the report)")
 
     b = sub.add_parser("build", help="build TensorRT engines of an export (one per stage, cached; needs a GPU)")
     b.add_argument("--export", required=True, help="export directory (bitdance-rt export)")
@@ -482,7 +494,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import CapturePolicy, capture, save_calibration
+    from .calibration import CapturePolicy, capture, describe_producer, save_calibration
     from .runtime.loop import check_request
     from .sampling import schedule_for
 
@@ -522,18 +534,52 @@ def cmd_calibrate(args) -> int:
         raise BitDanceError(f"--out {args.out} exists: pass --force to replace it")
     policy = CapturePolicy(args.backbone_every, args.head_fraction, args.max_samples, args.sample_seed)
     weights = source.weights_source()
-    result = capture(source.load(args.unsafe_allow_pickle), weights, None if prompts is not None else labels,
-                     args.seeds, steps, scale, schedule, policy, args.batch_size, args.device, progress=True,
-                     prompts=prompts)
+    backend, origin = _capture_backend(args, source, steps)  # (checks the choice before exporting)
+    try:
+        result = capture(None if backend else source.load(args.unsafe_allow_pickle), weights,
+                         None if prompts is not None else labels, args.seeds, steps, scale, schedule, policy,
+                         args.batch_size, args.device, progress=True, prompts=prompts, backend=backend, origin=origin)
+    finally:
+        if backend is not None:
+            backend.close()
     out = save_calibration(result.dataset, args.out, overwrite=args.force)
     counts = ", ".join(f"{stage} {len(s)}" for stage, s in result.dataset.samples.items())
-    print(f"model: {source.describe()}")
+    producer = describe_producer(result.dataset.producer, origin.get("export_dir"))
+    print(f"model: {source.describe()}; captured with {producer}")
     print(f"wrote calibration set {out}: {len(labels)} {'prompt' if prompts is not None else 'label'}(s) x "
           f"{len(args.seeds)} seed(s), S={steps}, "
           f"cfg {scale} ({schedule}); samples: {counts}")
     if args.report:
         _calibration_report(args, source, out, steps, scale, schedule)
     return 0
+
+
+def _capture_backend(args, source, steps: int):
+    """`calibrate`'s ONNX Runtime capture backend and the notes for the set's manifest, or (None, {})
+    for the torch reference (--capture-backend / --capture-precision / --capture-export)."""
+    from .backends import BackendOptions, auto_export, ort_providers
+    from .calibration import capture_choice, ort_capture_backend
+    from .export.manifest import read_manifest
+    from .precision.derive import graph_precision
+
+    if args.capture_export is not None:
+        if args.capture_backend == "torch":
+            raise BitDanceError("--capture-export is an onnxruntime capture: drop --capture-backend torch")
+        export = Path(args.capture_export)
+        held = graph_precision(read_manifest(export))
+        if args.capture_precision not in (None, held):
+            raise BitDanceError(f"--capture-export {export} holds {held} graphs, not --capture-precision "
+                                f"{args.capture_precision}")
+    else:
+        name, precision = capture_choice(source.t2i, args.capture_backend, args.capture_precision)
+        if name == "torch":
+            return None, {}
+        opts = BackendOptions(allow_pickle=args.unsafe_allow_pickle, max_batch=max(16, args.batch_size))
+        export = auto_export(source, steps, opts, precision)
+    providers = ort_providers(BackendOptions(device=args.device))
+    backend = ort_capture_backend(export, threads=args.threads, providers=providers, expect_config=source.config,
+                                  expect_source=source.weights_source())
+    return backend, {"export_dir": str(export)}
 
 
 def _calibration_report(args, source, set_dir: Path, steps: int, scale: float, schedule: str) -> None:

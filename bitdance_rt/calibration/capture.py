@@ -1,23 +1,29 @@
 """Record the inputs each stage really sees during generation (calibration data).
 
-`RecordingBackend` wraps the torch reference backend and is driven by the ordinary loop
-(bitdance_rt.runtime.generate_batched, through the scheduler), so the trajectories are the real ones: the same labels,
-CFG rows and schedule, noise and fed-back tokens as a normal run. It records, per calibrated stage
-of the contract, the call's inputs (contract names) and the float32 outputs:
+`RecordingBackend` wraps a stage backend (runtime/core.StageBackend: the float32 torch reference,
+ONNX Runtime on the FP32 or FP16 export, ...; producer.py says which is the default) and is driven by
+the ordinary loop (bitdance_rt.runtime.generate_batched, through the scheduler), so the trajectories
+are the real ones: the same labels, CFG rows and schedule, noise and fed-back tokens as a normal run.
+It records, per calibrated stage of the contract, the call's inputs (contract names) and its
+outputs (float32; those of the backend that ran, so an FP16 capture's outputs are the FP16 graphs'):
 
 - token_embed {tokens} of every AR step;
 - backbone {x, start (, pad), cache (see dataset.COMPACT_CACHE)} of BOTH phases: the prefill (x from
   prefix_embed, start 0) and every AR step (x from token_embed), since one graph serves both;
-- head_step {x, t, cond}: every evaluation of the head net inside the sampler (the net callable
-  handed to sample_tokens is wrapped), so x_t spans all sampler times of all AR steps;
+- head_step {x, t, cond}: every evaluation of the head net inside the step-by-step sampler, so x_t
+  spans all sampler times of all AR steps;
 - head_sampler {cond, noise, cfg, cond_row, uncond_row}; decoder {latent}.
 
-The embeddings and the backbone are recorded where the runtime core calls them (`_run` of the
-inner backend), so a backbone sample holds the very `x` it got, and only the rows of the call's
-requests (not the padding rows of its row bucket, nor rows a step does not advance).
-What is kept follows a CapturePolicy (policy.py), with one reservoir per backbone phase so that
-the few prefill calls are never crowded out by the many steps. Recording only copies tensors:
-the maths and the noise draws are those of TorchBackend, and a recorded run gives the same tokens.
+Stage calls are observed where the runtime core makes them (`_run`, through the stage-observer hook
+of observe.py), so a backbone sample holds the very `x` it got, and only the rows of the call's
+requests (not the padding rows of its row bucket, nor rows a step does not advance): the row-level
+calls (prefill_rows, step_rows, sample_rows, decode), which RecordingBackend wraps, say which rows
+those are. The sampler runs step by step (head_step graph) on every backend, which is the fused
+sampler's maths. What is kept follows a CapturePolicy (policy.py), with one reservoir per backbone
+phase so that the few prefill calls are never crowded out by the many steps. Recording only copies
+tensors: the maths and the noise draws are the backend's, and a recorded run gives its tokens.
+The same seeds give the same samples from torch and from ONNX Runtime on the FP32 export, to
+float32 rounding (tests/test_calibration_backends.py).
 """
 
 from __future__ import annotations
@@ -29,13 +35,13 @@ import torch
 
 from .. import stages as st
 from ..errors import BitDanceError
-from ..models import BitDance
 from ..runtime import GenerationResult, generate_batched
 from ..runtime.loop import check_request
-from ..runtime.torch_backend import TorchBackend
 from ..sampling import SeededNoise, schedule_for
 from .dataset import CAPTURED_STAGES, COMPACT_CACHE, FORMAT, CalibrationSet, Sample
+from .observe import is_observed
 from .policy import CapturePolicy, Reservoir
+from .producer import producer_of, torch_capture_backend
 
 
 def _keep(t: torch.Tensor) -> torch.Tensor:
@@ -43,15 +49,27 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
 
 
 class RecordingBackend:
-    """TorchBackend plus recording of every stage call chosen by the policy. It wraps the row-level
-    calls the scheduler makes (runtime/core.py) and, inside them, the stage calls of the core, so
-    the recorded rows are the request's own rows, never the padding rows the core adds."""
+    """A stage backend plus recording of every stage call chosen by the policy. It wraps the row-level
+    calls the scheduler makes (runtime/core.py), which say which rows of a call are the requests'
+    own, and observes the stage calls the core makes inside them (observe.py), so the recorded rows
+    are the request's own rows, never the padding rows the core adds.
 
-    name = "torch (recording)"
+    `inner`: any runtime/core.StageBackend built as its observed class (observe.observed; see
+    producer.torch_capture_backend / ort_capture_backend) that has a head_step stage. Its sampler
+    is set to "step", so every head-net evaluation is a head_step stage call (the maths of the fused
+    sampler, and of torch's, is the same step-by-step sampler: the tokens do not change)."""
 
-    def __init__(self, inner: TorchBackend, policy: CapturePolicy = CapturePolicy()):
+    def __init__(self, inner, policy: CapturePolicy = CapturePolicy()):
+        if not is_observed(inner):
+            raise BitDanceError(f"RecordingBackend: backend {getattr(inner, 'name', inner)!r} has no stage observers; "
+                                "build it with bitdance_rt.calibration.observe.observed(<backend class>)(...)")
+        if not inner.has_stage(st.HEAD_STEP):
+            raise BitDanceError(f"{inner._where()} has no head_step graph, which a capture samples with (every "
+                                "head-net evaluation is recorded); re-export with all stages")
         self.inner = inner
         self.config = inner.config
+        self.name = f"{inner.name} (recording)"
+        self.producer = producer_of(inner)
         self.policy = policy
         self._rng = random.Random(policy.seed)
         # one reservoir per (stage, phase); phase None for a stage without phases
@@ -60,8 +78,15 @@ class RecordingBackend:
         self.head_evaluations = 0
         self._real_rows = None  # rows of the sampler call in progress (the rest is padding)
         self._rows = None  # rows of the prefill / step call in progress to record (None: record nothing)
-        inner.head_net = self._recording_net(inner.head_net)  # sees every evaluation inside the sampler
-        inner._run = self._recording_run(inner._run)  # sees the embeddings and the backbone
+        self._decoding = False
+        self._sampler = inner.sampler
+        inner.sampler = "step"  # head_step calls: every evaluation inside the sampler (runtime/core.py)
+        inner.add_stage_observer(self._observe)
+
+    def detach(self) -> None:
+        """Stop recording: the inner backend's observer and sampler mode as they were."""
+        self.inner.remove_stage_observer(self._observe)
+        self.inner.sampler = self._sampler
 
     @property
     def max_batch(self):
@@ -94,40 +119,43 @@ class RecordingBackend:
         finally:
             self._rows = None
 
-    def _recording_run(self, run):
-        def recorded(stage, feeds, phase=None):
-            out = run(stage, feeds, phase)
-            if self._rows is None or stage not in (st.TOKEN_EMBED, st.BACKBONE) or not self._offer(stage, phase):
-                return out
-            index = torch.tensor(self._rows, dtype=torch.int64)
-            take = lambda t: _keep(t.index_select(0, index.to(t.device)))  # noqa: E731
-            inputs = {name: take(t) for name, t in feeds.items() if not name.startswith("cache.")}
-            outputs = {name: take(t) for name, t in out.items() if name != "kv_new"}
-            if stage == st.BACKBONE:
-                end = int(inputs["start"].max())  # positions a row of the call reads unmasked: [0, start)
-                names = st.cache_input_names(self.config)
-                inputs[COMPACT_CACHE] = torch.stack([torch.stack([take(feeds[names[2 * i + part]][:, :, :end])
-                                                                  for part in (0, 1)])
-                                                     for i in range(self.config.n_layer)])  # kv[..., rows, :, :end]
-                outputs["kv_new"] = _keep(out["kv_new"].index_select(2, index.to(out["kv_new"].device)))
-            self._put(stage, Sample(inputs, {k: v.float() for k, v in outputs.items()}), phase)
-            return out
+    def _observe(self, stage, feeds, phase, out) -> None:
+        """The stage observer: what the policy keeps of each stage call inside a recorded row-level call."""
+        if stage in (st.TOKEN_EMBED, st.BACKBONE):
+            if self._rows is not None and self._offer(stage, phase):
+                self._record_rows(stage, feeds, phase, out)
+        elif stage == st.HEAD_STEP:
+            if self._real_rows is not None:
+                self._record_head(feeds, out["x_pred"])
+        elif stage == st.DECODER:
+            if self._decoding and self._offer(st.DECODER):
+                self._put(st.DECODER, Sample({"latent": _keep(feeds["latent"]).float()},
+                                             {"image": _keep(out["image"]).float()}))
 
-        return recorded
+    def _record_rows(self, stage, feeds, phase, out) -> None:
+        index = torch.tensor(self._rows, dtype=torch.int64)
+        take = lambda t: _keep(t.index_select(0, index.to(t.device)))  # noqa: E731
+        inputs = {name: take(t) for name, t in feeds.items() if not name.startswith("cache.")}
+        outputs = {name: take(t) for name, t in out.items() if name != "kv_new"}
+        if stage == st.BACKBONE:
+            end = int(inputs["start"].max())  # positions a row of the call reads unmasked: [0, start)
+            names = st.cache_input_names(self.config)
+            inputs[COMPACT_CACHE] = torch.stack([torch.stack([take(feeds[names[2 * i + part]][:, :, :end])
+                                                              for part in (0, 1)])
+                                                 for i in range(self.config.n_layer)])  # kv[..., rows, :, :end]
+            outputs["kv_new"] = _keep(out["kv_new"].index_select(2, index.to(out["kv_new"].device)))
+        self._put(stage, Sample(inputs, {k: v.float() for k, v in outputs.items()}), phase)
 
-    def _recording_net(self, net):
-        def recorded(x, t, cond):
-            out = net(x, t, cond)
-            self.head_evaluations += 1
-            m = self._real_rows or x.shape[0]
-            # The first evaluation is always a candidate, so a short run never leaves head_step empty.
-            chosen = self._rng.random() < self.policy.head_fraction or self.head_evaluations == 1
-            if chosen and self._offer(st.HEAD_STEP):
-                self._put(st.HEAD_STEP, Sample({"x": _keep(x[:m]), "t": _keep(t[:m]), "cond": _keep(cond[:m])},
-                                               {"x_pred": _keep(out[:m])}))
-            return out
-
-        return recorded
+    def _record_head(self, feeds, x_pred) -> None:
+        """One head-net evaluation inside the sampler (its first `_real_rows` rows: the rest pads the bucket)."""
+        self.head_evaluations += 1
+        m = self._real_rows
+        # The first evaluation is always a candidate, so a short run never leaves head_step empty.
+        chosen = self._rng.random() < self.policy.head_fraction or self.head_evaluations == 1
+        if chosen and self._offer(st.HEAD_STEP):
+            x, t, cond = feeds["x"], feeds["t"], feeds["cond"]
+            self._put(st.HEAD_STEP, Sample({"x": _keep(x[:m]), "t": _keep(t[:m]), "cond": _keep(cond[:m])},
+                                           {"x_pred": _keep(x_pred[:m]).float()}))
 
     @torch.inference_mode()
     def sample_rows(self, cond, noise, cfg, cond_row, uncond_row):
@@ -143,10 +171,11 @@ class RecordingBackend:
         return tokens
 
     def decode(self, latent):
-        image = self.inner.decode(latent)
-        if self._offer(st.DECODER):
-            self._put(st.DECODER, Sample({"latent": _keep(latent).float()}, {"image": _keep(image)}))
-        return image
+        self._decoding = True  # (decoder calls are recorded by the stage observer)
+        try:
+            return self.inner.decode(latent)
+        finally:
+            self._decoding = False
 
     def samples(self) -> dict[str, list[Sample]]:
         """{stage: samples}; the backbone's prefill samples first, then its steps'."""
@@ -175,18 +204,26 @@ class Capture:
     results: list[GenerationResult]  # one per seed, as an unrecorded run would return them
 
 
-def capture(model: BitDance, weights: str, labels, seeds, steps: int, cfg_scale: float,
+def capture(model, weights: str, labels, seeds, steps: int, cfg_scale: float,
             cfg_schedule: str | None = None, policy: CapturePolicy = CapturePolicy(),
-            batch_size: int | None = 4, device: str = "cpu", progress: bool = False, prompts=None) -> Capture:
-    """Generate `labels` (text-to-image: `prompts`, a PromptCondition) once per seed with the torch
-    backend and record the stage inputs.
+            batch_size: int | None = 4, device: str = "cpu", progress: bool = False, prompts=None,
+            backend=None, origin: dict | None = None) -> Capture:
+    """Generate `labels` (text-to-image: `prompts`, a PromptCondition) once per seed and record the
+    stage inputs.
 
-    `weights` names the weights (bitdance_rt.export.checkpoint_source / random_source), so a set
-    is never used with another checkpoint. `batch_size` bounds the rows per recorded call (and
-    so the size of a backbone step sample, which holds the KV cache of all its rows).
+    The run is on `backend`, an observed stage backend (producer.ort_capture_backend for ONNX
+    Runtime on an export; then `model` may be None: no torch model is needed), else on the torch
+    reference of `model` on `device`. `weights` names the weights (bitdance_rt.export.checkpoint_source
+    / random_source), so a set is never used with another checkpoint; an export must be of them.
+    The set's key records the producer (producer.py). `batch_size` bounds the rows per recorded
+    call (and so the size of a backbone step sample, which holds the KV cache of all its rows).
+    `origin`: what else to note in the set's manifest about the run (not part of its key), such as
+    the export directory.
     """
     seeds = [int(s) for s in seeds]
-    cfg = model.cfg
+    if backend is None and model is None:
+        raise BitDanceError("capture: give the torch model or a capture backend")
+    cfg = model.cfg if model is not None else backend.config
     cfg_schedule = schedule_for(cfg_schedule, cfg)
     if prompts is not None:
         condition, what = prompts, {"prompts": list(prompts.prompts)}
@@ -196,11 +233,23 @@ def capture(model: BitDance, weights: str, labels, seeds, steps: int, cfg_scale:
         condition, what = labels, {"labels": labels}
     if not seeds:
         raise BitDanceError("no seeds given: pass at least one seed")
-    backend = RecordingBackend(TorchBackend(model, device), policy)
-    results = [generate_batched(backend, condition, steps, cfg_scale, cfg_schedule, SeededNoise(seed), progress,
-                                batch_size) for seed in seeds]
+    manifest = getattr(backend, "manifest", None)
+    if manifest is not None and manifest["key"].get("checkpoint") != weights:
+        raise BitDanceError(f"capture: {backend._where()} was exported from {manifest['key'].get('checkpoint')}, "
+                            f"not {weights}; capture from an export of these weights")
+    inner = backend if backend is not None else torch_capture_backend(model, device)
+    recording = RecordingBackend(inner, policy)
+    try:
+        results = [generate_batched(recording, condition, steps, cfg_scale, cfg_schedule, SeededNoise(seed),
+                                    progress, batch_size) for seed in seeds]
+    finally:
+        recording.detach()
+        if backend is None:
+            inner.close()
     key = {"format": FORMAT, "config": cfg.to_json_dict(), "weights": weights, **what, "seeds": seeds,
            "steps": int(steps), "cfg_scale": float(cfg_scale), "cfg_schedule": cfg_schedule,
-           "batch_size": batch_size, "policy": policy.to_json(), "head_evaluations": backend.head_evaluations}
-    cset = CalibrationSet(key, backend.samples(), backend.candidates(), phase_candidates=backend.phase_candidates())
+           "batch_size": batch_size, "policy": policy.to_json(), "head_evaluations": recording.head_evaluations,
+           "producer": recording.producer}
+    cset = CalibrationSet(key, recording.samples(), recording.candidates(),
+                          phase_candidates=recording.phase_candidates(), origin=dict(origin or {}))
     return Capture(cset, results)

@@ -1,14 +1,16 @@
 """A calibration set on disk: one .safetensors per stage plus `calibration.json`.
 
 Layout of a set directory:
-    calibration.json          what was captured, from which model and weights, and file hashes
+    calibration.json          what was captured, from which model and weights, on which backend and
+                              export (the key's "producer", calibration/producer.py), and file hashes
     <stage>.safetensors       samples numbered 00000, 00001, ...: `{n}.in.{name}` / `{n}.out.{name}`
 
 Inputs are stored under the contract's names (bitdance_rt.stages), with one exception that keeps
 sets small: a backbone sample stores `cache` = kv[:, :, :, :, :max(start)] (the only cache positions
 a graph reads unmasked: none at the prefill), and `feed()` rebuilds the contract's `cache.{i}.key` /
 `cache.{i}.value` [rows, n_head, L, head_dim] from it, zero past `start`.
-Outputs are the float32 torch reference's, for accuracy reports under teacher forcing.
+Outputs (float32) are those of the backend the capture ran on: the torch reference's, or the
+FP32 / FP16 graphs' (the key's producer says which).
 
 The backbone is one graph for two phases (stages.backbone_phases), so its samples come in two
 shapes: prefill calls (start 0, seq = prefix_len) first, then AR steps (seq = P); `sample_phase`
@@ -104,11 +106,21 @@ def _shapes(samples: list[Sample], part: str) -> dict[str, list[list[int]]]:
 class CalibrationSet:
     """Samples per stage plus the key saying what they were captured from."""
 
-    key: dict  # format, config, weights, labels (or prompts), seeds, steps, cfg_scale, cfg_schedule, batch_size, policy
+    # format, config, weights, labels (or prompts), seeds, steps, cfg_scale, cfg_schedule, batch_size, policy,
+    # head_evaluations, producer (what ran the capture: producer.py)
+    key: dict
     samples: dict[str, list[Sample]]
     candidates: dict[str, int] = field(default_factory=dict)  # calls seen per stage before subsampling
     directory: Path | None = None  # where it was loaded from, for messages
     phase_candidates: dict[str, dict[str, int]] = field(default_factory=dict)  # {stage: {phase: calls seen}}
+    origin: dict = field(default_factory=dict)  # notes on the run outside the key (the export directory, ...)
+
+    @property
+    def producer(self) -> dict:
+        """What the data was captured from: {backend, precision, export_key} (calibration/producer.py)."""
+        from .producer import set_producer
+
+        return set_producer(self.key)
 
     @property
     def config(self) -> ModelConfig:
@@ -237,6 +249,8 @@ def _write_set(cset: CalibrationSet, directory: Path, work) -> None:
         summary.setdefault(stage, {"samples": 0, "candidates": 0, "inputs": {}, "outputs": {}})
         summary[stage]["file"] = path.name
     manifest = {"key": cset.key, "stages": summary, "files": files, "versions": _versions()}
+    if cset.origin:
+        manifest["capture"] = cset.origin
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     (tmp / MANIFEST).chmod(0o644)
     tmp.chmod(0o755)
@@ -341,6 +355,7 @@ def load_calibration(directory: str | Path, config: ModelConfig | None = None, w
                 phases[stage] = {p: int(v["candidates"]) for p, v in info["phases"].items()}
     except (KeyError, TypeError) as exc:
         raise BitDanceError(f"{directory / MANIFEST}: malformed manifest (no {exc}); capture the set again") from None
-    cset = CalibrationSet(key, samples, candidates, directory, phases)
+    origin = manifest.get("capture")
+    cset = CalibrationSet(key, samples, candidates, directory, phases, dict(origin) if isinstance(origin, dict) else {})
     cset.check_contract(str(directory))
     return cset

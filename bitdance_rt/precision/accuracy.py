@@ -28,6 +28,16 @@ def _condition(labels) -> dict:
     return {"prompts": list(prompts)} if prompts is not None else {"labels": [int(x) for x in labels]}
 
 
+def _producer(calibration) -> dict:
+    """Which model produced the calibration data (calibration/producer.py): the set's producer, in words too."""
+    from ..calibration.producer import describe_producer, set_producer
+
+    producer = set_producer(calibration.key)
+    export_dir = getattr(calibration, "origin", {}).get("export_dir")
+    return {"calibration_producer": {**producer, **({"export_dir": export_dir} if export_dir else {})},
+            "calibration_captured_with": describe_producer(producer, export_dir)}
+
+
 def accuracy_report(cfg, weights: str, fp32_dir, calibration, method: str, labels, seeds, steps: int, scale: float,
                     schedule: str, make_backend, precisions=("fp16", "int8"), sensitivity: bool = False,
                     progress: bool = True) -> dict:
@@ -41,6 +51,7 @@ def accuracy_report(cfg, weights: str, fp32_dir, calibration, method: str, label
                      "calibration_samples": {k: len(v) for k, v in calibration.samples.items()},
                      "calibration_phases": {k: calibration.phase_counts(k) for k in calibration.samples
                                             if calibration.phase_counts(k)},
+                     **_producer(calibration),
                      "backend": ref.name, "fp32_export": str(fp32_dir)},
            "precisions": {}, "exports": {}}
     for precision in precisions:

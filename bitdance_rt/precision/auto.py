@@ -4,7 +4,8 @@ Layout under the cache root (bitdance_rt.paths, which computes these paths):
     exports/<fp32 export>                       the FP32 export (export/cache.py)
     exports/<fp32 export>-fp16                  its FP16 graphs
     exports/<fp32 export>-int8-<method>-<set>   its INT8 graphs for one calibration set and method
-    calibration/<model>-<weights>-s<S>          the default calibration set when none is given
+    calibration/<model>-<weights>-s<S>          the default calibration set when none is given (captured
+                                                with the torch reference; -<backend>-<precision> when not)
 Reuse and rebuilds follow the manifest keys, so a stale variant is re-derived, never trusted.
 """
 
@@ -64,8 +65,11 @@ def keep_float_by_stage(fp32_dir, names) -> dict[str, list[str]]:
     return {s: sorted(set(names) & v) for s, v in layers.items() if set(names) & v}
 
 
-def default_calibration_dir(cfg, source: str, steps: int) -> Path:
-    return paths.calibration_dir(cfg, source, steps)
+def default_calibration_dir(cfg, source: str, steps: int, backend: str = "torch", precision: str = "fp32") -> Path:
+    """The default set of (model, weights, S) captured on `backend` at `precision`: the torch reference's
+    keeps its directory of older versions; the others get theirs (suffix -<backend>-<precision>)."""
+    path = paths.calibration_dir(cfg, source, steps)
+    return path if (backend, precision) == ("torch", "fp32") else path.with_name(f"{path.name}-{backend}-{precision}")
 
 
 def default_labels(cfg, images: int = DEFAULT_CALIBRATION_IMAGES) -> list[int]:
@@ -128,19 +132,47 @@ def fitting_prompts(prompts: list[str], encoder) -> list[str]:
     return out
 
 
+def capture_export(fp32_export, precision: str, progress: bool = True) -> Path:
+    """The export an ONNX Runtime capture runs: the FP32 export itself, or its FP16 variant (derived,
+    or reused when up to date)."""
+    if fp32_export is None:
+        raise BitDanceError("an onnxruntime capture needs the model's FP32 export (to run it, or derive its FP16 "
+                            "graphs): pass it, or capture with the torch backend")
+    if precision == "fp32":
+        return Path(fp32_export)
+    return precision_export(fp32_export, precision, progress=progress).directory
+
+
 def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, load_model, directory=None,
-                    progress: bool = True, prompt_encoder=None):
+                    progress: bool = True, prompt_encoder=None, fp32_export=None, capture_backend: str | None = None,
+                    capture_precision: str | None = None, threads: int | None = None, providers=None):
     """The calibration set in `directory` (validated against the model and weights), or the cached
     default set, captured first when missing: DEFAULT_CALIBRATION_IMAGES images (text-to-image:
-    DEFAULT_T2I_PROMPTS, encoded by `prompt_encoder`), seed 0."""
+    DEFAULT_T2I_PROMPTS, encoded by `prompt_encoder`), seed 0.
+
+    The default set is captured as `bitdance-rt calibrate` captures by default (calibration.capture_choice:
+    the torch reference for ImageNet models, ONNX Runtime on the FP16 graphs of `fp32_export` for
+    text-to-image models; `capture_backend` / `capture_precision` choose otherwise). A cached set is
+    reused only when it was captured from that same model (its key's producer: backend, precision
+    and export digest); else it is captured again."""
     from ..calibration import capture, load_calibration, save_calibration
+    from ..calibration.producer import (TORCH_PRODUCER, capture_choice, describe_producer, export_producer,
+                                        ort_capture_backend, set_producer)
+    from ..export.manifest import read_manifest
 
     if directory is not None:
         return load_calibration(directory, config=cfg, weights=source)
-    path = default_calibration_dir(cfg, source, steps)
+    backend_name, precision = capture_choice(prompt_encoder is not None, capture_backend, capture_precision)
+    export = capture_export(fp32_export, precision, progress) if backend_name == "onnxruntime" else None
+    want = export_producer(backend_name, read_manifest(export)) if export is not None else dict(TORCH_PRODUCER)
+    path = default_calibration_dir(cfg, source, steps, backend_name, precision)
     if (path / "calibration.json").is_file():
         try:
-            return load_calibration(path, config=cfg, weights=source, steps=steps)
+            found = load_calibration(path, config=cfg, weights=source, steps=steps)
+            if set_producer(found.key) == want:
+                return found
+            print(f"calibration cache {path}: captured with {describe_producer(set_producer(found.key))}, not "
+                  f"{describe_producer(want, export)}; capturing it again")
         except BitDanceError as exc:
             print(f"calibration cache {path}: {exc}; capturing it again")
     if prompt_encoder is not None:
@@ -149,11 +181,21 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
     else:
         labels, prompts = default_labels(cfg), None
         images = len(labels)
-    print(f"INT8 calibration: no --calibration given, capturing {images} images of {cfg.name} with the torch "
-          f"reference into {path} (once; pass --calibration DIR from `bitdance-rt calibrate` to choose the data)")
+    print(f"INT8 calibration: no --calibration given, capturing {images} images of {cfg.name} with "
+          f"{describe_producer(want, export)} into {path} (once; pass --calibration DIR from `bitdance-rt calibrate` "
+          "to choose the data)")
     policy = default_policy(cfg, images)
-    result = capture(load_model(), source, labels, [0], steps, scale, schedule, policy, DEFAULT_CAPTURE_BATCH,
-                     progress=progress, prompts=prompts)
+    if export is not None:
+        backend = ort_capture_backend(export, threads=threads, providers=providers, expect_config=cfg,
+                                      expect_source=source)
+        try:
+            result = capture(None, source, labels, [0], steps, scale, schedule, policy, DEFAULT_CAPTURE_BATCH,
+                             progress=progress, prompts=prompts, backend=backend, origin={"export_dir": str(export)})
+        finally:
+            backend.close()
+    else:
+        result = capture(load_model(), source, labels, [0], steps, scale, schedule, policy, DEFAULT_CAPTURE_BATCH,
+                         progress=progress, prompts=prompts)
     save_calibration(result.dataset, path, overwrite=True)
     return load_calibration(path, config=cfg, weights=source, steps=steps)
 

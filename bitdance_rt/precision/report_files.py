@@ -31,6 +31,7 @@ def markdown(report: dict) -> str:
         f"{head['images']} images x seeds {head['seeds']} (noise seeds not used for calibration); INT8 calibration "
         f"set {head['calibration']} ({head['method']}"
         + (", backbone: " + ", ".join(f"{n} {p} samples" for p, n in phases.items()) if phases else "")
+        + (f"; captured with {head['calibration_captured_with']}" if head.get("calibration_captured_with") else "")
         + f"). Reference: FP32 graphs on {head['backend']}. "
         "Teacher forced: every stage gets the reference history and noise, and the reference's other stages, "
         "so each column isolates one stage (the backbone is one graph: its prefill and AR steps apart).",

@@ -2,7 +2,7 @@
 
 It runs each stage as the very module the ONNX export traces (export/wrappers.py), on the shared
 core (runtime/core.py), so torch, ONNX Runtime and TensorRT compute the same graph per stage.
-The head sampler calls `self.head_net`, which calibration may wrap to observe every evaluation.
+The step-by-step head sampler calls `self.head_net` (calibration observes it as head_step calls).
 """
 
 from __future__ import annotations
