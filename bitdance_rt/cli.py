@@ -46,6 +46,8 @@ def _checked(name: str, kind=int):
 SEED, STEPS, CFG = _checked("seed"), _checked("steps"), _checked("cfg", float)
 
 
+MEMORY_CHECK_HELP = ("go on even if a step (loading the model, the export, a capture or an INT8 derivation) needs "
+                     "more host memory than this machine has available (bitdance-rt plan shows each step's)")
 SCHEDULE_HELP = ("guidance over AR steps (default: the model's, as the official code: linear for ImageNet models, "
                  "constant for text-to-image)")
 
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-from", default=None, help="replay recorded noise (noise_000, noise_001, ... in a .safetensors)")
     g.add_argument("--save-tokens", default=None, help="write tokens, latent and image to this .safetensors")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--ignore-memory-check", action="store_true", help=MEMORY_CHECK_HELP)
 
     e = sub.add_parser("export", help="export every stage to ONNX (+ manifest); reused when up to date")
     _add_model_args(e)
@@ -201,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batch", type=int, default=16, help="largest batch (images) the graphs accept (default 16)")
     e.add_argument("--stages", nargs="+", default=None, help="stages to export (default: all)")
     e.add_argument("--force", action="store_true", help="re-export even if the directory is up to date")
+    e.add_argument("--ignore-memory-check", action="store_true", help=MEMORY_CHECK_HELP)
     _add_precision_args(e)
     _add_t2i_args(e)
 
@@ -240,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="cpu",
                      help="device of the recording run: torch device, or cuda for ONNX Runtime's CUDA provider")
     cal.add_argument("--force", action="store_true", help="replace an existing set in --out")
+    cal.add_argument("--ignore-memory-check", action="store_true", help=MEMORY_CHECK_HELP)
     cal.add_argument("--samples", type=int, default=None,
                      help="images to record per seed, labels cycling over --labels (default: each label once)")
     cal.add_argument("--method", choices=("max", "entropy", "percentile"), default="max",
@@ -360,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--target", nargs="+", default=None, metavar="T",
                     help="targets to check (default all): gpu-16gb gpu-24gb gpu-40gb gpu-48gb gpu-80gb orin-nano-8gb "
                          "orin-nx-16gb agx-orin-32gb agx-orin-64gb")
-    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--host-memory", default=None, metavar="SIZE",
+                    help="the road's machine: its host memory, e.g. 64GB (GB read as GiB; default: this machine's)")
+    pl.add_argument("--gpu", default=None, metavar="SIZE", help="the road's machine: its GPU's memory, e.g. 24GB")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (with the road)")
 
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (safe to load, fast to map)")
     _add_model_args(c)
@@ -413,6 +421,9 @@ def cmd_generate(args) -> int:
     if not t2i:
         labels = args.labels if args.labels is not None else default_labels(cfg)
         check_request(cfg.num_classes, labels, steps)  # before loading possibly large weights
+    from .plan.preflight import for_generate
+
+    for_generate(args, source, steps)  # one line if loading or exporting needs more memory than there is
     noise = ReplayNoise(args.noise_from) if args.noise_from else None
     with _pipeline(args, source, steps) as pipe:
         submitted = process_seconds()
@@ -458,6 +469,9 @@ def cmd_export(args) -> int:
     if args.max_batch < 1:
         raise BitDanceError(f"--max-batch must be >= 1, got {args.max_batch}")
     opts = _options(args, max_batch=args.max_batch, progress=True)
+    from .plan.preflight import for_export
+
+    for_export(args, source, steps)  # one line, before any work, if a step needs more memory than there is
     if args.precision not in (None, "fp32"):
         if args.stages or args.opset != 17 or args.force:
             raise BitDanceError(f"--precision {args.precision} derives from the cached FP32 export of the same "
@@ -533,6 +547,9 @@ def cmd_calibrate(args) -> int:
     if Path(args.out).exists() and not args.force:
         raise BitDanceError(f"--out {args.out} exists: pass --force to replace it")
     policy = CapturePolicy(args.backbone_every, args.head_fraction, args.max_samples, args.sample_seed)
+    from .plan.preflight import for_calibrate
+
+    for_calibrate(args, source, steps, len(labels))  # one line if a step needs more memory than there is
     weights = source.weights_source()
     backend, origin = _capture_backend(args, source, steps)  # (checks the choice before exporting)
     try:
@@ -709,12 +726,17 @@ def cmd_plan(args) -> int:
         raise BitDanceError(f"unknown target {bad[0]!r}: one of {', '.join(TARGETS)}")
     p = plan(cfg, args.precision, args.backend, args.batch_size, guided=not args.no_cfg,
              workspace_mb=args.workspace_mb)
+    from .plan.machines import format_road, road_on
+
+    r = road_on(cfg, args.precision, args.backend, args.batch_size, not args.no_cfg, args.workspace_mb,
+                args.host_memory, args.gpu, args.target)  # each step of getting there, on the machines asked
     if args.json:
         targets = {t: dict(zip(("fits", "bytes_left"), p.fits(t))) for t in args.target or TARGETS}
         print(json.dumps({**asdict(p), "weight_bytes": p.weight_bytes, "total_bytes": p.total_bytes,
-                          "total_if_once": p.total_if_once, "targets": targets}))
+                          "total_if_once": p.total_if_once, "targets": targets, "road": r.to_json()}))
     else:
         print(format_plan(p, args.target))
+        print(format_road(r))
     return 0
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from . import stages as st
-from .errors import BitDanceError
+from .. import stages as st
+from ..errors import BitDanceError
 
 GIB = 1024**3
 
@@ -128,10 +128,10 @@ def _meta_model(cfg):
 
     with torch.device("meta"):
         if st.is_t2i(cfg):
-            from .models.t2i import BitDanceT2I
+            from ..models.t2i import BitDanceT2I
 
             return BitDanceT2I(cfg).eval()
-        from .models import BitDance
+        from ..models import BitDance
 
         return BitDance(cfg).eval()
 
@@ -147,7 +147,11 @@ def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str,
     named "<name>#N" (N: one per reading op, as the exporter folds them into each consumer), with
     owner type "constant" when no weight made them. A constant broadcast to a run-time shape (the
     query tokens expanded to the rows) counts as itself: the exporter keeps it and the Expand."""
-    return {stage: dict(held) for stage, held in _trace(cfg, tuple(stages), int(steps)).items()}
+    stages = tuple(stages)
+    if set(stages) <= set(st.GENERATION_STAGES):  # one trace serves every precision (and the road's plans)
+        traced = _trace(cfg, st.GENERATION_STAGES, int(steps))
+        return {stage: dict(traced[stage]) for stage in stages}
+    return {stage: dict(held) for stage, held in _trace(cfg, stages, int(steps)).items()}
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,7 +160,7 @@ def _trace(cfg, stages: tuple, steps: int) -> dict[str, dict[str, tuple]]:
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from .export.wrappers import example_inputs, stage_module
+    from ..export.wrappers import example_inputs, stage_module
 
     model = _meta_model(cfg)
     owners = {}
@@ -235,7 +239,7 @@ def _trace(cfg, stages: tuple, steps: int) -> dict[str, dict[str, tuple]]:
 
 
 def _int8_float(stage: str, owner: str) -> bool:
-    from .precision.policy import INT8_FLOAT_LAYERS
+    from ..precision.policy import INT8_FLOAT_LAYERS
 
     dotted = "." + owner + "."
     return any(p.replace("/", ".") in dotted for p in INT8_FLOAT_LAYERS.get(stage, ()))
@@ -244,7 +248,7 @@ def _int8_float(stage: str, owner: str) -> bool:
 def tensor_bytes(precision: str, stage: str, name: str, numel: int, size: int, kind: str, owner: str,
                  shape_out: int | None = None) -> int:
     """Bytes of one weight in a graph of `precision` (the module docstring's rules)."""
-    from .precision.policy import INT8_FP16_STAGES
+    from ..precision.policy import INT8_FP16_STAGES
 
     if precision == "int8" and stage in INT8_FP16_STAGES:
         precision = "fp16"
