@@ -109,3 +109,24 @@ def copy_cache(template: Path, dest: Path) -> Path:
 def warm_cache(embedded_cache_template, tmp_path_factory):
     """This module's own cache root, already holding the embedded model's export."""
     return copy_cache(embedded_cache_template, tmp_path_factory.mktemp("warm-cache"))
+
+
+@contextlib.contextmanager
+def cached_pipeline(cache: Path, **options):
+    """A Pipeline (one thread, quiet) on cache root `cache`, which Pipeline(cache_dir=) sets for the
+    process while it lives; closed afterwards and the process's environment put back."""
+    from bitdance_rt import Pipeline
+
+    before = os.environ.get("BITDANCE_RT_CACHE")
+    try:
+        with torch_threads(1):
+            pipe = Pipeline.from_pretrained(threads=1, cache_dir=cache, log=None, progress=False, **options)
+            try:
+                yield pipe
+            finally:
+                pipe.close()
+    finally:
+        if before is None:
+            os.environ.pop("BITDANCE_RT_CACHE", None)
+        else:
+            os.environ["BITDANCE_RT_CACHE"] = before

@@ -17,7 +17,7 @@ from bitdance_rt import stages as st
 from bitdance_rt.errors import BitDanceError
 from bitdance_rt.runtime.params import MAX_SEED, MAX_STEPS, ParamError
 from bitdance_rt.sampling import NoiseSource
-from conftest import REPO, torch_threads
+from conftest import REPO, cached_pipeline, torch_threads
 
 pytest.importorskip("onnxruntime")
 
@@ -29,15 +29,8 @@ def cache(warm_cache):
 
 @pytest.fixture(scope="module")
 def pipe(cache):
-    before = os.environ.get("BITDANCE_RT_CACHE")
-    with torch_threads(1):
-        p = Pipeline.from_pretrained(threads=1, cache_dir=cache, log=None, progress=False)
+    with cached_pipeline(cache) as p:
         yield p
-        p.close()
-    if before is None:
-        os.environ.pop("BITDANCE_RT_CACHE", None)
-    else:
-        os.environ["BITDANCE_RT_CACHE"] = before
 
 
 class NanNoise(NoiseSource):

@@ -21,12 +21,11 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from bitdance_rt import Pipeline  # noqa: E402
 from bitdance_rt.runtime.params import MAX_CFG, MAX_SEED, MAX_STEPS, ParamError  # noqa: E402
 from bitdance_rt.serve import ServerSettings, make_app  # noqa: E402
 from bitdance_rt.serve.app import ApiError, ServerState  # noqa: E402
 
-from conftest import torch_threads  # noqa: E402
+from conftest import cached_pipeline  # noqa: E402
 from serve_util import ThreadServer, free_port, png_array, server_process  # noqa: E402
 
 GEN = "/v1/images/generations"
@@ -42,15 +41,8 @@ def cache(warm_cache):
 
 @pytest.fixture(scope="module")
 def pipe(cache):
-    before = os.environ.get("BITDANCE_RT_CACHE")
-    with torch_threads(1):
-        p = Pipeline.from_pretrained(backend="torch", threads=1, cache_dir=cache, log=None, progress=False)
+    with cached_pipeline(cache, backend="torch") as p:
         yield p
-        p.close()
-    if before is None:
-        os.environ.pop("BITDANCE_RT_CACHE", None)
-    else:
-        os.environ["BITDANCE_RT_CACHE"] = before
 
 
 def _settings(**kw) -> ServerSettings:

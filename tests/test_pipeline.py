@@ -15,24 +15,16 @@ from bitdance_rt.errors import BitDanceError
 from bitdance_rt.runtime import generate_batched
 from bitdance_rt.sampling import SeededNoise
 
-from conftest import torch_threads
+from conftest import cached_pipeline, torch_threads
 
 pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def pipe(warm_cache):
-    before = os.environ.get("BITDANCE_RT_CACHE")
-    cache = warm_cache
-    with torch_threads(1):
-        p = Pipeline.from_pretrained(threads=1, cache_dir=cache, log=None, progress=False)
-        assert os.environ["BITDANCE_RT_CACHE"] == str(cache) and any((cache / "exports").iterdir())
+    with cached_pipeline(warm_cache) as p:  # (it puts the process's environment back afterwards)
+        assert os.environ["BITDANCE_RT_CACHE"] == str(warm_cache) and any((warm_cache / "exports").iterdir())
         yield p
-        p.close()
-    if before is None:  # cache_dir set it for the process: leave the other tests' environment as it was
-        os.environ.pop("BITDANCE_RT_CACHE", None)
-    else:
-        os.environ["BITDANCE_RT_CACHE"] = before
 
 
 def _alone(pipe, labels, seed, **kw):

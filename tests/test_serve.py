@@ -6,7 +6,6 @@ that leave, a soak at concurrency 16, and SIGTERM with requests in flight."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import threading
@@ -26,7 +25,7 @@ from bitdance_rt.models.layout import tokens_to_latent  # noqa: E402
 from bitdance_rt.serve import ServerSettings, make_app  # noqa: E402
 from bitdance_rt.runtime.request import preview_steps  # noqa: E402
 
-from conftest import torch_threads  # noqa: E402
+from conftest import cached_pipeline, torch_threads  # noqa: E402
 from serve_util import ThreadServer, free_port, png_array, server_process, sse_events  # noqa: E402
 
 GEN = "/v1/images/generations"
@@ -39,15 +38,8 @@ def cache(warm_cache):
 
 @pytest.fixture(scope="module")
 def pipe(cache):
-    before = os.environ.get("BITDANCE_RT_CACHE")
-    with torch_threads(1):
-        p = Pipeline.from_pretrained(threads=1, cache_dir=cache, log=None, progress=False)
+    with cached_pipeline(cache) as p:
         yield p
-        p.close()
-    if before is None:
-        os.environ.pop("BITDANCE_RT_CACHE", None)
-    else:
-        os.environ["BITDANCE_RT_CACHE"] = before
 
 
 @pytest.fixture(scope="module")

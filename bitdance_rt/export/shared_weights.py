@@ -200,10 +200,16 @@ def skeleton(model, replace):
     rewrites of graphs over protobuf's 2 GB."""
     import onnx
 
-    out = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            out.graph.CopyFrom(_skeleton_graph(value, replace))
+    return _copy_fields(model, onnx.ModelProto(), {"graph": lambda out, g: out.graph.CopyFrom(
+        _skeleton_graph(g, replace))})
+
+
+def _copy_fields(src, out, special: dict):
+    """Copy the set fields of message `src` into `out`; a field named in `special` is handled by
+    `special[name](out, value)` instead (where the tensors are)."""
+    for field, value in src.ListFields():
+        if field.name in special:
+            special[field.name](out, value)
         elif _repeated(field):
             getattr(out, field.name).extend(value)
         elif field.message_type is not None:
@@ -216,19 +222,9 @@ def skeleton(model, replace):
 def _skeleton_graph(graph, replace):
     import onnx
 
-    out = onnx.GraphProto()
-    for field, value in graph.ListFields():
-        if field.name == "initializer":
-            out.initializer.extend(replace(t) for t in value)
-        elif field.name == "node":
-            out.node.extend(_skeleton_node(n, replace) for n in value)
-        elif _repeated(field):
-            getattr(out, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(out, field.name).CopyFrom(value)
-        else:
-            setattr(out, field.name, value)
-    return out
+    return _copy_fields(graph, onnx.GraphProto(), {
+        "initializer": lambda out, ts: out.initializer.extend(replace(t) for t in ts),
+        "node": lambda out, nodes: out.node.extend(_skeleton_node(n, replace) for n in nodes)})
 
 
 def _skeleton_node(node, replace):
@@ -236,34 +232,13 @@ def _skeleton_node(node, replace):
         return node
     import onnx
 
-    out = onnx.NodeProto()
-    for field, value in node.ListFields():
-        if field.name == "attribute":
-            continue
-        if _repeated(field):
-            getattr(out, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(out, field.name).CopyFrom(value)
-        else:
-            setattr(out, field.name, value)
-    for attr in node.attribute:
-        a = out.attribute.add()
-        for field, value in attr.ListFields():
-            if field.name == "t":
-                a.t.CopyFrom(replace(value))
-            elif field.name == "tensors":
-                a.tensors.extend(replace(t) for t in value)
-            elif field.name == "g":
-                a.g.CopyFrom(_skeleton_graph(value, replace))
-            elif field.name == "graphs":
-                a.graphs.extend(_skeleton_graph(g, replace) for g in value)
-            elif _repeated(field):
-                getattr(a, field.name).extend(value)
-            elif field.message_type is not None:
-                getattr(a, field.name).CopyFrom(value)
-            else:
-                setattr(a, field.name, value)
-    return out
+    attribute = {
+        "t": lambda a, t: a.t.CopyFrom(replace(t)),
+        "tensors": lambda a, ts: a.tensors.extend(replace(t) for t in ts),
+        "g": lambda a, g: a.g.CopyFrom(_skeleton_graph(g, replace)),
+        "graphs": lambda a, gs: a.graphs.extend(_skeleton_graph(g, replace) for g in gs)}
+    return _copy_fields(node, onnx.NodeProto(), {
+        "attribute": lambda out, attrs: [_copy_fields(a, out.attribute.add(), attribute) for a in attrs]})
 
 
 def placeholder(tensor, marks: dict | None = None):
