@@ -130,3 +130,10 @@ def cached_pipeline(cache: Path, **options):
             os.environ.pop("BITDANCE_RT_CACHE", None)
         else:
             os.environ["BITDANCE_RT_CACHE"] = before
+
+
+@pytest.fixture(scope="module")
+def pipe(warm_cache):
+    """The embedded model on ONNX Runtime over this module's warm cache (a module may define its own)."""
+    with cached_pipeline(warm_cache) as p:
+        yield p

@@ -17,20 +17,9 @@ from bitdance_rt import stages as st
 from bitdance_rt.errors import BitDanceError
 from bitdance_rt.runtime.params import MAX_SEED, MAX_STEPS, ParamError
 from bitdance_rt.sampling import NoiseSource
-from conftest import REPO, cached_pipeline, torch_threads
+from conftest import REPO, torch_threads
 
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def cache(warm_cache):
-    return warm_cache
-
-
-@pytest.fixture(scope="module")
-def pipe(cache):
-    with cached_pipeline(cache) as p:
-        yield p
 
 
 class NanNoise(NoiseSource):
@@ -174,7 +163,7 @@ def test_cli_on_a_read_only_cache_is_one_line(tmp_path):
     one_line(res, "Read-only file system", warnings=True)
 
 
-def test_a_script_that_never_closes_its_pipeline_exits_cleanly(pipe, cache, tmp_path):
+def test_a_script_that_never_closes_its_pipeline_exits_cleanly(pipe, warm_cache, tmp_path):
     """The interpreter's exit stops the scheduler and releases the sessions: it aborted in ONNX
     Runtime's destructors ("terminate called without an active exception", status 134) in most runs."""
     script = tmp_path / "script.py"
@@ -185,13 +174,13 @@ def test_a_script_that_never_closes_its_pipeline_exits_cleanly(pipe, cache, tmp_
     """))
     for _ in range(3):
         res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=120,
-                             env={**os.environ, "BITDANCE_RT_CACHE": str(cache)})
+                             env={**os.environ, "BITDANCE_RT_CACHE": str(warm_cache)})
         assert res.returncode == 0 and "terminate called" not in res.stderr, (res.returncode, res.stderr[-500:])
 
 
-def test_close_releases_the_backend_and_is_idempotent(cache):
+def test_close_releases_the_backend_and_is_idempotent(warm_cache):
     with torch_threads(1):
-        p = Pipeline.from_pretrained(threads=1, cache_dir=cache, log=None, progress=False)
+        p = Pipeline.from_pretrained(threads=1, cache_dir=warm_cache, log=None, progress=False)
     p.generate(labels=[1])
     p.close()
     p.close()

@@ -35,13 +35,8 @@ BODY_S = 1.5  # body_timeout of the test servers
 
 
 @pytest.fixture(scope="module")
-def cache(warm_cache):
-    return warm_cache
-
-
-@pytest.fixture(scope="module")
-def pipe(cache):
-    with cached_pipeline(cache, backend="torch") as p:
+def pipe(warm_cache):
+    with cached_pipeline(warm_cache, backend="torch") as p:
         yield p
 
 
@@ -193,12 +188,12 @@ def test_unfinished_headers_and_bodies_are_timed_out(server):
     assert _metric(server.url, 'bitdance_errors_total{kind="body_timeout"}') == before + 2
 
 
-def test_sigterm_drains_real_work_but_not_a_stalled_upload(cache):
+def test_sigterm_drains_real_work_but_not_a_stalled_upload(warm_cache):
     """Before: one client sending headers and no body kept the server alive for request timeout + 5 s.
     Now the stalled upload gets 503 at once (not even its body timeout is waited for) while the
     request in flight is finished and answered."""
     port = free_port()
-    env = {"BITDANCE_RT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {"BITDANCE_RT_CACHE": str(warm_cache), "OMP_NUM_THREADS": "1"}
     shutdown_s = 20
     args = ["--backend", "torch", "--threads", "1", "--log-level", "warning", "--shutdown-timeout", str(shutdown_s),
             "--body-timeout", "60"]

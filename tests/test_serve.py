@@ -25,21 +25,10 @@ from bitdance_rt.models.layout import tokens_to_latent  # noqa: E402
 from bitdance_rt.serve import ServerSettings, make_app  # noqa: E402
 from bitdance_rt.runtime.request import preview_steps  # noqa: E402
 
-from conftest import cached_pipeline, torch_threads  # noqa: E402
+from conftest import torch_threads  # noqa: E402
 from serve_util import ThreadServer, free_port, png_array, server_process, sse_events  # noqa: E402
 
 GEN = "/v1/images/generations"
-
-
-@pytest.fixture(scope="module")
-def cache(warm_cache):
-    return warm_cache
-
-
-@pytest.fixture(scope="module")
-def pipe(cache):
-    with cached_pipeline(cache) as p:
-        yield p
 
 
 @pytest.fixture(scope="module")
@@ -387,9 +376,9 @@ def test_soak_concurrency_16(server, pipe):
 
 
 # ---- the command: SIGTERM drains ------------------------------------------------------------------
-def test_sigterm_answers_every_request_in_flight(cache):
+def test_sigterm_answers_every_request_in_flight(warm_cache):
     port = free_port()
-    env = {"BITDANCE_RT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {"BITDANCE_RT_CACHE": str(warm_cache), "OMP_NUM_THREADS": "1"}
     # (--shutdown-timeout: 12 requests of 4 images at 400 steps may take longer than the default 30 s here)
     with server_process(["--log-level", "warning", "--threads", "1", "--shutdown-timeout", "300"], env, port) as proc:
         url = f"http://127.0.0.1:{port}"
