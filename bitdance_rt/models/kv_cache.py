@@ -18,8 +18,8 @@ def write_rows(kv: torch.Tensor, new: torch.Tensor, slots, starts) -> None:
     and sit in consecutive slots are written with one copy. Non-finite values are stored as 0: a
     masked cache position still adds 0 x value, so one NaN or inf kept here would poison every later
     call that reads the row, whoever owns it then (the request that made it fails on its own tokens)."""
-    if not bool(torch.isfinite(new).all()):
-        new = torch.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0)
+    new = torch.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0)  # (no "any non-finite?" test: on a GPU
+    # that would be a host sync on every AR step; the copy is a chunk's keys/values, small beside the call)
     t = new.shape[4]
     slots = [int(s) for s in slots]
     starts = [int(starts)] * len(slots) if isinstance(starts, int) else [int(s) for s in starts]
