@@ -492,7 +492,7 @@ def test_bad_arguments(tmp_path):
 def test_cached_graph_holds_the_optimisation_work(tmp_path):
     """A graph whose optimisation is real work (constant folding of a long chain): the cached graph
     is the folded one (what a later start loads without optimising), and it computes the same bits.
-    (Timings belong in benchmarks, not tests: the session-creation figures are in the README.)"""
+    (Timings belong in benchmarks, not tests: the session-creation figures are in docs/serving.md, Start-up.)"""
     import onnx
 
     rng = np.random.default_rng(0)

@@ -25,7 +25,7 @@ pytest.importorskip("onnx")
 # these tiny models a graph's own folded constants (a fused sampler's unrolled time embeddings, the
 # position slices the exporter folds into each layer) are a visible share, which the plan follows
 # only roughly: measured here within 7.4% per stage (the FP16 fused sampler; the rest within 5.4%)
-# and 2.1% for the loaded graphs together. On BitDance-B-4x (README "bitdance-rt plan") every
+# and 2.1% for the loaded graphs together. On BitDance-B-4x (docs/memory.md) every
 # stage agrees within 0.3%.
 REL = {"fp32": 0.08, "fp16": 0.08, "int8": 0.08}
 
@@ -131,7 +131,7 @@ def test_every_weight_but_the_encoders_is_found():
 def test_14b_parameters_on_the_meta_device():
     """Qwen3-14B's model card: 14.8B parameters, 13.2B without the embeddings; the LM head (as large
     as the embedding) is not needed for images. The head and autoencoder: the official 14B-64x
-    configuration (README, Memory)."""
+    configuration (docs/memory.md)."""
     from bitdance_rt.plan import stage_tensors
 
     cfg = t2i_preset("BitDance-14B-64x")
@@ -215,7 +215,7 @@ def test_cache_is_the_runtimes(tmp_path, monkeypatch):
         assert p.rows == pipe.scheduler.max_rows
         held = pipe.backend.ensure_cache(p.rows)
         assert p.kv_cache_bytes == held.numel() * held.element_size()
-    cfg = t2i_preset("BitDance-14B-64x")  # README: 1.43 GB per row at 1024 px in float32
+    cfg = t2i_preset("BitDance-14B-64x")  # docs/memory.md: 1.43 GB per row at 1024 px in float32
     assert round(kv_cache_bytes(cfg, 1) / 1e9, 2) == 1.43
 
 
@@ -239,7 +239,7 @@ def test_plan_command(capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["height"] == out["width"] == 1024 and out["rows"] == 2
-    # README: 22.41 GiB against 23.00 usable (the text embedding at FP16, each weight once)
+    # docs/memory.md: 22.41 GiB against 23.00 usable (the text embedding at FP16, each weight once)
     assert out["targets"]["gpu-24gb"]["fits"] is True and 0 < out["targets"]["gpu-24gb"]["bytes_left"] < 2 * 2**30
     assert [s["stage"] for s in out["stages"] if s["loaded"]] == ["prefix_embed", "token_embed", "backbone",
                                                                   "head_step", "decoder"]
@@ -386,7 +386,7 @@ def test_road_of_the_14b_on_three_machines(capsys):
     assert list(steps) == ["load", "export", "derive fp16", "calibrate", "derive int8", "build", "run"]
     cfg = t2i_preset("BitDance-14B-64x")
     w = rd.model_bytes(cfg)
-    assert w > 4 * 16.1e9  # 16.2B parameters (README), every one in float32
+    assert w > 4 * 16.1e9  # 16.2B parameters (docs/memory.md), every one in float32
     assert steps["load"]["host_bytes"] == rd.PROCESS_BYTES + w  # loading converts every weight to float32 at once
     backbone = _s32(cfg, cfg.default_steps)["backbone"]
     assert backbone > 4 * 13.2e9  # Qwen3-14B's 13.2B non-embedding parameters, in float32

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,41 @@ def test_readme_server_example_works_as_printed(tmp_path, embedded_cache_templat
     for i in range(2):
         with Image.open(tmp_path / f"seven_{i}.png") as image:
             assert image.format == "PNG" and image.size == (32, 32)
+
+
+DOCS = README.parent / "docs"
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def github_anchors(text: str) -> Iterator[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped, spaces to
+    hyphens, a repeated heading numbered -1, -2, ..."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", re.sub(r"```.*?```", "", text, flags=re.S), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        yield slug if n == 0 else f"{slug}-{n}"
+
+
+def test_readme_is_a_front_page():
+    assert len(README.read_text().splitlines()) <= 250
+
+
+@pytest.mark.parametrize("page", [README, *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name)
+def test_relative_links_point_to_existing_files(page):
+    """Every relative link (and image) in the README and the docs pages names a file that exists, and a
+    link to a heading (#anchor) names a heading that the target page has."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    text = re.sub(r"`[^`\n]*`", "", text)
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in set(github_anchors(file.read_text())):
+            broken.append(target)
+    assert not broken, f"{page.name}: links to nothing: {broken}"
