@@ -313,7 +313,7 @@ def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> Ch
         source = model.weights_source() if model.checkpoint else None
         backend = OrtBackend(req.export_dir, threads=opts.threads, providers=ort_providers(opts), expect_config=cfg,
                              expect_source=source)
-        make_runner, precision = ort_runner, backend.manifest.get("precision", "fp32")
+        make_runner, precision = ort_runner, backend.export.precision
     elif name == "tensorrt":
         from .runtime.trt_backend import TrtBackend
 

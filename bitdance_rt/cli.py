@@ -12,6 +12,9 @@ from .config import EMBEDDED_MODEL, PRESETS
 from .errors import BitDanceError
 
 from .backends import BACKENDS, default_backend  # noqa: F401  (default_backend: used by tests)
+from .export.manifest import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from .precision.policy import CALIBRATION_METHODS, DEFAULT_PRECISION, PRECISIONS
+from .stages import DEFAULT_MAX_BATCH
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -22,6 +25,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, help="autoencoder weights (ae_d16c32.pt); overrides vae.* keys of the checkpoint")
     p.add_argument("--unsafe-allow-pickle", action="store_true",
                    help="load .pt files with full unpickling (can execute code: only for files you trust)")
+
+
+def _add_renamed(p, name: str, old: str, *, dest: str, required: bool = False, **kwargs) -> None:
+    """Option `name`, also read under its former spelling `old`: that still works (giving both is an
+    error) but --help shows only `name`."""
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument(name, dest=dest, **kwargs)
+    group.add_argument(old, dest=dest, type=kwargs.get("type"), choices=kwargs.get("choices"),
+                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _cuda_index(text: str) -> int:
+    """A CUDA device for argparse: N, cuda or cuda:N (the spelling --device takes elsewhere) -> the index N."""
+    value = text.strip().lower()
+    value = "0" if value == "cuda" else value.removeprefix("cuda:")
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected cuda, cuda:N or a GPU index N, got {text!r}")
+    return int(value)
 
 
 def _checked(name: str, kind=int):
@@ -118,23 +139,25 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                         "under $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch device / ONNX Runtime CUDA EP)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="most images per batch (default 16: the graphs' and the scheduler's maximum); labels are "
-                        "generated in parts of this size, the same on every backend, so results agree")
+    _add_renamed(p, "--max-batch", "--batch-size", dest="batch_size", type=int, metavar="N", default=DEFAULT_MAX_BATCH,
+                 help=f"most images per batch (default {DEFAULT_MAX_BATCH}: the graphs' and the scheduler's "
+                      "maximum); labels are generated in parts of this size, the same on every backend, so results "
+                      "agree")
     _add_precision_args(p)
     _add_accelerator_args(p)
 
 
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
     """Graph precision and INT8 calibration (generate, eval, export)."""
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
-                   help="graph precision: fp32 (default), fp16, or int8 (Q/DQ, calibrated); onnxruntime derives and "
-                        "caches the graphs; tensorrt: the engine precision (default: the export's)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=f"graph precision: {', '.join(PRECISIONS)} (default {DEFAULT_PRECISION}; int8: Q/DQ, "
+                        "calibrated); onnxruntime derives and caches the graphs; tensorrt: the engine precision "
+                        "(default: the export's)")
     p.add_argument("--calibration", default=None,
                    help="INT8 calibration set (bitdance-rt calibrate --out DIR); default: a set captured once from "
                         "the model and cached")
-    p.add_argument("--calib-method", choices=("max", "entropy", "percentile"), default="max",
-                   help="INT8 activation range method (default max)")
+    p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default=CALIBRATION_METHODS[0],
+                   help=f"INT8 activation range method (default {CALIBRATION_METHODS[0]})")
     p.add_argument("--keep-float", nargs="+", default=(), metavar="LAYER",
                    help="INT8: also keep these layers float (names as `calibrate --report --sensitivity` ranks "
                         "them, e.g. /layers.0/attention/wo/MatMul)")
@@ -200,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     e.add_argument("--out", required=True, help="export directory")
     e.add_argument("--steps", type=STEPS, default=None, help="sampler steps S baked into the fused head samplers")
-    e.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (TensorRT 10.3 parses <= 20; default 17)")
-    e.add_argument("--max-batch", type=int, default=16, help="largest batch (images) the graphs accept (default 16)")
+    e.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.3 parses <= 20; default {DEFAULT_OPSET})")
+    e.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"largest batch (images) the graphs accept (default {DEFAULT_MAX_BATCH})")
     e.add_argument("--stages", nargs="+", default=None, help="stages to export (default: all)")
     e.add_argument("--force", action="store_true", help="re-export even if the directory is up to date")
     e.add_argument("--ignore-memory-check", action="store_true", help=MEMORY_CHECK_HELP)
@@ -247,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ignore-memory-check", action="store_true", help=MEMORY_CHECK_HELP)
     cal.add_argument("--samples", type=int, default=None,
                      help="images to record per seed, labels cycling over --labels (default: each label once)")
-    cal.add_argument("--method", choices=("max", "entropy", "percentile"), default="max",
-                     help="INT8 activation range method of the --report's INT8 graphs (default max)")
+    _add_renamed(cal, "--calib-method", "--method", dest="method", choices=CALIBRATION_METHODS,
+                 default=CALIBRATION_METHODS[0],
+                 help=f"INT8 activation range method of the --report's INT8 graphs (default {CALIBRATION_METHODS[0]})")
     cal.add_argument("--report", action="store_true",
                      help="then derive FP16 and INT8 graphs and measure them against FP32 (teacher-forced bit "
                           "agreement per stage, end to end, decoder PSNR): report.json + report.md in --out")
@@ -260,15 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU threads of the ONNX Runtime runs (an onnxruntime capture, the report)")
 
     b = sub.add_parser("build", help="build TensorRT engines of an export (one per stage, cached; needs a GPU)")
-    b.add_argument("--export", required=True, help="export directory (bitdance-rt export)")
-    b.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+    _add_renamed(b, "--export-dir", "--export", dest="export", required=True, metavar="DIR",
+                 help="export directory (bitdance-rt export --out DIR)")
+    b.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="engine precision (default: the export's graph precision; fp16 from fp32 graphs uses the "
                         "TensorRT 10.x FP16 flag)")
     b.add_argument("--workspace-mb", type=int, default=None, help="workspace memory-pool cap in MiB (Jetson: e.g. 1024)")
     b.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
     b.add_argument("--stages", nargs="+", default=None, help="stages to build (default: every stage of the export)")
     b.add_argument("--engine-dir", default=None, help="engine cache (default: $BITDANCE_RT_CACHE/engines)")
-    b.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    b.add_argument("--device", type=_cuda_index, default=0, help="CUDA device: cuda, cuda:N or N (default 0)")
     b.add_argument("--lock-timeout", type=float, default=None, help="give up waiting for another builder after S s")
     b.add_argument("--no-lint", action="store_true", help="skip the ONNX-TensorRT operator lint before building")
 
@@ -288,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help=SCHEDULE_HELP)
     ck.add_argument("--min-agreement", type=float, default=None,
                     help="token agreement needed to pass (default: 1.0 for fp32, 0.98 fp16, 0.95 int8)")
-    ck.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+    ck.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="TensorRT engine precision (default: the export's graph precision)")
     ck.add_argument("--device", default="cpu", help="device of the torch reference and ONNX Runtime (cpu or cuda)")
     ck.add_argument("--threads", type=int, default=None, help="CPU threads")
@@ -326,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--name", default="bitdance", help="Triton model name, its directory (default bitdance)")
     tr.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
                     help="the engine inside the model (default onnxruntime)")
-    tr.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+    tr.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="onnxruntime: must be the export's (default); tensorrt: the engine precision")
     tr.add_argument("--steps", type=STEPS, default=None, help="sampler steps S of the fused sampler (default: the export's)")
     tr.add_argument("--max-batch", type=int, default=None,
@@ -355,11 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "model (BitDance-14B-16x, BitDance-14B-64x) or a config .json")
     pl.add_argument("--checkpoint", default=None, help="a text-to-image checkpoint directory (its config files)")
     _add_t2i_args(pl)
-    pl.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="graph precision (default fp32)")
+    pl.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                    help=f"graph precision (default {DEFAULT_PRECISION})")
     pl.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), default="tensorrt",
                     help="tensorrt (default) and onnxruntime hold each stage's weights; torch one model")
-    pl.add_argument("--batch-size", type=int, default=1,
-                    help="images the cache holds at once (the Pipeline's max batch; default 1)")
+    _add_renamed(pl, "--max-batch", "--batch-size", dest="batch_size", type=int, metavar="N", default=1,
+                 help="images the cache holds at once (the Pipeline's max batch; default 1)")
     pl.add_argument("--no-cfg", action="store_true", help="unguided: one cache row per image instead of two")
     pl.add_argument("--workspace-mb", type=int, default=None, help="TensorRT workspace (default 1024 MiB)")
     pl.add_argument("--target", nargs="+", default=None, metavar="T",
@@ -473,7 +501,7 @@ def cmd_export(args) -> int:
 
     for_export(args, source, steps)  # one line, before any work, if a step needs more memory than there is
     if args.precision not in (None, "fp32"):
-        if args.stages or args.opset != 17 or args.force:
+        if args.stages or args.opset != DEFAULT_OPSET or args.force:
             raise BitDanceError(f"--precision {args.precision} derives from the cached FP32 export of the same "
                                 "--max-batch: --stages/--opset/--force apply to FP32 exports only")
         out = auto_export(source, steps, opts, args.precision, out=args.out)

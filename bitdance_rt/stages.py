@@ -57,6 +57,9 @@ from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .errors import BitDanceError
+# The largest batch (images) the graphs, engines and scheduler take by default: defined in paths (which
+# imports nothing of the package, and names a non-default export directory by it); import it from here.
+from .paths import DEFAULT_MAX_BATCH
 
 PREFIX_EMBED = "prefix_embed"
 TOKEN_EMBED = "token_embed"
@@ -122,6 +125,8 @@ INT8_STAGES = _names("int8")
 # for both phases over the embedding stages).
 CONTRACT_VERSION = 3
 
+DEFAULT_OPT_BATCH = 4  # the batch TensorRT tunes for (Limits.opt_batch), capped at the max batch
+
 DTYPES = ("float32", "int64")
 _DIM_RE = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*)$")
 
@@ -130,8 +135,8 @@ _DIM_RE = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*)$")
 class Limits:
     """Batch range the graphs (and TensorRT profiles) are built for; opt = the tuned size."""
 
-    max_batch: int = 16
-    opt_batch: int = 4
+    max_batch: int = DEFAULT_MAX_BATCH
+    opt_batch: int = DEFAULT_OPT_BATCH
 
     def __post_init__(self):
         if not (isinstance(self.max_batch, int) and self.max_batch >= 1):

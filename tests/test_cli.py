@@ -172,3 +172,36 @@ def test_export_at_a_precision_takes_the_max_batch(tmp_path):
     assert res.returncode == 0, res.stderr
     manifest = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
     assert manifest["precision"] == "fp16" and manifest["key"]["limits"]["max_batch"] == 1
+
+
+def test_renamed_flags_keep_their_old_spellings(capsys):
+    """One name per meaning on every command: the images a batch holds (the Pipeline's and the graphs' max
+    batch) is --max-batch, an export directory --export-dir, the INT8 range method --calib-method; the old
+    spellings still parse, --help shows only the new ones, and giving both is an error."""
+    from bitdance_rt.cli import build_parser
+
+    parser = build_parser()
+    for command in ("generate", "eval", "serve", "plan"):
+        assert parser.parse_args([command, "--max-batch", "3"]).batch_size == 3
+        assert parser.parse_args([command, "--batch-size", "3"]).batch_size == 3
+    assert parser.parse_args(["calibrate", "--out", "o", "--batch-size", "2"]).batch_size == 2  # its own meaning
+    assert parser.parse_args(["build", "--export-dir", "e"]).export == "e"
+    assert parser.parse_args(["build", "--export", "e"]).export == "e"
+    assert parser.parse_args(["build", "--export-dir", "e", "--device", "cuda:1"]).device == 1
+    assert parser.parse_args(["build", "--export-dir", "e", "--device", "2"]).device == 2
+    assert parser.parse_args(["calibrate", "--out", "o", "--calib-method", "entropy"]).method == "entropy"
+    assert parser.parse_args(["calibrate", "--out", "o", "--method", "entropy"]).method == "entropy"
+    assert parser.parse_args(["calibrate", "--out", "o"]).method == "max"
+    helps = {c: parser._subparsers._group_actions[0].choices[c].format_help()
+             for c in ("generate", "build", "calibrate", "plan")}
+    assert "--export-dir DIR" in helps["build"] and "--export " not in helps["build"]
+    assert "--max-batch N" in helps["generate"] and "--batch-size" not in helps["generate"]
+    assert "--max-batch N" in helps["plan"] and "--batch-size" not in helps["plan"]
+    assert "--calib-method" in helps["calibrate"] and "--method" not in helps["calibrate"]
+    for argv, needle in ((["build"], "--export-dir is required"),
+                         (["build", "--export", "a", "--export-dir", "b"], "not allowed with"),
+                         (["generate", "--max-batch", "2", "--batch-size", "3"], "not allowed with"),
+                         (["build", "--export-dir", "a", "--device", "gpu"], "expected cuda, cuda:N")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert needle in capsys.readouterr().err

@@ -297,13 +297,13 @@ def test_build_without_gpu_is_one_line(export, capsys, monkeypatch):
 def test_build_cli_reports_counts(export, tmp_path, capsys, monkeypatch):
     fake = FakeTensorRT()
     monkeypatch.setattr(eb, "TensorRT", lambda device=0: fake)
-    argv = ["build", "--export", str(export), "--engine-dir", str(tmp_path), "--workspace-mb", "64",
+    argv = ["build", "--export-dir", str(export), "--engine-dir", str(tmp_path), "--workspace-mb", "64",
             "--stages", "prefix_embed", "decoder"]
     assert main(argv) == 0
     assert "2 built, 0 rebuilt, 0 cached (TensorRT 10.3.0, Orin)" in capsys.readouterr().out
     assert main(argv) == 0
     assert "0 built, 0 rebuilt, 2 cached" in capsys.readouterr().out
-    bad = ["build", "--export", str(export), "--engine-dir", str(tmp_path), "--workspace-mb", "0"]
+    bad = ["build", "--export", str(export), "--engine-dir", str(tmp_path), "--workspace-mb", "0"]  # the old spelling
     assert "--workspace-mb must lie" in _one_line_error(capsys, bad)
 
 

@@ -1,4 +1,4 @@
-"""`python -m bitdance_rt.engines --export DIR ...`: `bitdance-rt build` in a process without torch."""
+"""`python -m bitdance_rt.engines --export-dir DIR ...`: `bitdance-rt build` in a process without torch."""
 
 import sys
 

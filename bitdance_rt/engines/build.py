@@ -48,10 +48,10 @@ from pathlib import Path
 
 from .. import stages as st
 from ..errors import BitDanceError
-from ..export.manifest import MANIFEST, manifest_specs, read_manifest, stage_files, verify_files
+from ..export.reader import open_export
 from ..fileio import atomic_write
 from . import cache as ec
-from .options import PrecisionPlan, graph_precision, opt_level, plan_precision, trt_major, workspace_bytes
+from .options import PrecisionPlan, opt_level, plan_precision, trt_major, workspace_bytes
 from .profiles import Profile, stage_profiles
 
 INSTALL_HINT = ("pip install 'bitdance-rt[tensorrt]' (or NVIDIA's tensorrt wheel for your CUDA; on Jetson, "
@@ -269,11 +269,9 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
     `toolkit`: a TensorRT() (default) or any object with .version, .gpu (GpuInfo) and
     .build(onnx_path, plan, profiles, workspace_bytes, level, timing_cache_path) -> bytes.
     """
-    directory = Path(export_dir)
-    manifest = read_manifest(directory)
-    specs = manifest_specs(manifest, directory)  # contract written by this version, or a one-line refusal
-    verify_files(directory, manifest, hashes=verify_hashes)
-    graphs = graph_precision(manifest, str(directory / MANIFEST))
+    export = open_export(export_dir)  # contract written by this version, or a one-line refusal
+    export.verify_files(hashes=verify_hashes)
+    directory, manifest, specs, graphs = export.directory, export.manifest, export.specs, export.precision
     workspace = workspace_bytes(workspace_mb)
     level = opt_level(level)
     names = export_stages_to_build(manifest, directory, stages)
@@ -294,7 +292,7 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
             log(f"{stage}: engine up to date ({found.path})")
             out[stage] = BuiltEngine(stage, found.path, "cached", key)
             continue
-        onnx_path = directory / stage_files(manifest, directory, stage)[0]
+        onnx_path = directory / export.stage_files(stage)[0]
         if found.status == "stale":
             log(f"{stage}: rebuilding: {found.reason}")
         else:

@@ -31,7 +31,9 @@ from ..paths import engines_root
 from .profiles import Profile, profile_json
 
 FORMAT = "bitdance-rt-engine/2"  # 2: `profiles` (one per phase) replaced `profile`
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
+# Engine precisions a cache key may name (TensorRT builder precisions), not the graph precisions of an
+# export (precision/policy.py PRECISIONS): an FP32 export may give an FP16 engine (engines/options.py).
+ENGINE_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
 OPT_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level
 
 
@@ -57,8 +59,8 @@ class EngineKey:
     flags: tuple = field(default_factory=tuple)  # other builder switches, e.g. ("strongly_typed",)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise BitDanceError(f"engine precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise BitDanceError(f"engine precision {self.precision!r}: use one of {', '.join(ENGINE_PRECISIONS)}")
         if self.opt_level not in OPT_LEVELS:
             raise BitDanceError(f"builder optimisation level {self.opt_level!r}: use 0..5 (TensorRT's default is 3)")
         cap = self.workspace_bytes

@@ -27,8 +27,9 @@ import re
 from dataclasses import dataclass
 
 from ..errors import BitDanceError
+from ..export.reader import graph_precision  # noqa: F401  (the builder reads it from here)
+from ..precision.policy import PRECISIONS
 
-GRAPH_PRECISIONS = ("fp32", "fp16", "int8")
 MAX_WORKSPACE_MB = 1 << 20  # 1 TiB: anything larger is a typo
 
 
@@ -59,22 +60,13 @@ def trt_major(version: str) -> int:
     return int(m.group(1))
 
 
-def graph_precision(manifest: dict, where: str = "manifest.json") -> str:
-    """The precision of an export's graphs: its manifest's "precision" field (absent = fp32)."""
-    value = manifest.get("precision", "fp32")
-    if value not in GRAPH_PRECISIONS:
-        raise BitDanceError(f"{where}: unknown graph precision {value!r} (expected one of "
-                            f"{', '.join(GRAPH_PRECISIONS)}); re-export it with this bitdance-rt")
-    return value
-
-
 def plan_precision(graph: str, requested: str | None, trt_version: str) -> PrecisionPlan:
     """The decision table in this module's docstring; a refusal is one BitDanceError line."""
-    if graph not in GRAPH_PRECISIONS:
+    if graph not in PRECISIONS:
         raise BitDanceError(f"unknown graph precision {graph!r}")
     asked = graph if requested is None else requested
-    if asked not in GRAPH_PRECISIONS:
-        raise BitDanceError(f"--precision {asked!r}: use one of {', '.join(GRAPH_PRECISIONS)}")
+    if asked not in PRECISIONS:
+        raise BitDanceError(f"--precision {asked!r}: use one of {', '.join(PRECISIONS)}")
     major = trt_major(trt_version)
     if major < 10:
         raise BitDanceError(f"TensorRT {trt_version} is too old: bitdance-rt builds with TensorRT 10.x "

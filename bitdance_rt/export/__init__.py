@@ -10,7 +10,7 @@ import importlib
 
 _NAMES = {
     "MANIFEST": "manifest", "read_manifest": "manifest", "verify_files": "manifest",
-    "DEFAULT_OPSET": "onnx_export", "MAX_OPSET": "onnx_export", "MIN_OPSET": "onnx_export",
+    "DEFAULT_OPSET": "manifest", "MAX_OPSET": "manifest", "MIN_OPSET": "manifest",
     "ExportResult": "onnx_export", "checkpoint_source": "onnx_export", "export_files": "onnx_export",
     "export_stage": "onnx_export", "export_stages": "onnx_export", "random_source": "onnx_export",
 }

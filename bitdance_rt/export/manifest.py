@@ -3,7 +3,8 @@
 The manifest is written last (atomically), so a directory with a valid manifest whose files
 hash as recorded is a complete export. Its `key` decides reuse: the same checkpoint, config,
 stage list, opset, sampler steps and limits give the same key, and the export is not redone.
-Everything that reads an export directory (the ORT backend, engine builds) validates it here.
+Everything that reads an export directory (the backends, engine builds, Triton) opens it with
+export/reader.py open_export, which validates it with the functions here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from ..stages import CONTRACT_VERSION, Limits, StageSpec, stage_specs
 
 MANIFEST = "manifest.json"
 FORMAT = f"bitdance-rt-onnx/{CONTRACT_VERSION}"  # an export of an older stage contract is re-exported
+# ONNX opsets of an export (its key records the one used); here, not in onnx_export.py, so that torch-free
+# readers (the CLI's --help, the plan) name them without importing torch.
+MIN_OPSET, MAX_OPSET = 17, 20  # TensorRT 10.3 parses opsets up to 20
+DEFAULT_OPSET = 17
 
 
 def manifest_key(cfg: ModelConfig, source: str, stages, opset: int, steps: int | None, limits: Limits) -> dict:

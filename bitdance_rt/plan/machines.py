@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .. import stages as st
 from ..errors import BitDanceError
+from ..precision.policy import PRECISIONS
 from .memory import TARGETS, plan
 from .road import Road, Step, _gb, build_step, calibrate_step, capture_choice, default_capture, road, run_step
 
@@ -103,7 +104,7 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
                     "export made elsewhere (--export-dir DIR)")
         export = next((x for x in r.steps if x.step == "export"), s)
         return (_elsewhere(export, "export") + " and copy the export here (bitdance-rt export --out DIR "
-                "there; --export-dir DIR here, or bitdance-rt build --export DIR)")
+                "there; --export-dir DIR here, or bitdance-rt build --export-dir DIR)")
     if s.step == "derive fp16":
         return _elsewhere(s, "derive it") + " (bitdance-rt export --precision fp16 --out DIR) and copy it here"
     if s.step == "calibrate":
@@ -125,7 +126,7 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
         return _elsewhere(s, "capture") + " (bitdance-rt calibrate --out DIR) and pass the set with --calibration DIR"
     if s.step == "derive int8":
         return (_elsewhere(s, "derive the INT8 graphs") + " (bitdance-rt export --precision int8 --out DIR there) and "
-                "copy them here (--export-dir DIR, or bitdance-rt build --export DIR)")
+                "copy them here (--export-dir DIR, or bitdance-rt build --export-dir DIR)")
     # build and run: a smaller workspace, batch or precision
     if s.gpu_bytes and m.gpu_bytes is None and not m.shared:
         return ("needs a GPU: plan one with --gpu SIZE" + ("; --backend onnxruntime runs on the CPU"
@@ -134,10 +135,9 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
     if r.backend == "tensorrt":
         options.append(("--workspace-mb 256", dict(workspace_mb=256)))
     if max_batch > 1:
-        options.append(("--batch-size 1", dict(max_batch=1)))
-    for p in ("fp16", "int8"):
-        if ("fp32", "fp16", "int8").index(p) > ("fp32", "fp16", "int8").index(r.precision):
-            options.append((f"--precision {p}", dict(precision=p)))
+        options.append(("--max-batch 1", dict(max_batch=1)))
+    for p in PRECISIONS[PRECISIONS.index(r.precision) + 1:]:  # each lower precision than the road's
+        options.append((f"--precision {p}", dict(precision=p)))
     for flag, change in options:
         args = {"precision": r.precision, "max_batch": max_batch, "workspace_mb": workspace_mb, **change}
         if s.step == "build":
@@ -151,7 +151,7 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
     smaller = "; or a smaller image (plan --height 512 --width 512)" if big else ""
     if s.step == "build":
         return "none in today's code: TensorRT builds the engines on the GPU that runs them (an estimate)" + smaller
-    return "none of --workspace-mb / --batch-size / --precision: a larger GPU" + smaller
+    return "none of --workspace-mb / --max-batch / --precision: a larger GPU" + smaller
 
 
 def format_road(r: Road) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from .. import stages as st
 from ..errors import BitDanceError
+from ..export.manifest import DEFAULT_OPSET
+from ..precision.policy import DEFAULT_PRECISION
 from . import road as rd
 from .machines import Machine, fix
 
@@ -40,7 +42,8 @@ def available_memory() -> tuple[int, str]:
 
 
 # ---- which steps a command runs ------------------------------------------------------------------------------
-def export_current(directory, source, steps: int, stages=None, opset: int = 17, max_batch: int = 16) -> bool:
+def export_current(directory, source, steps: int, stages=None, opset: int = DEFAULT_OPSET,
+                   max_batch: int = st.DEFAULT_MAX_BATCH) -> bool:
     """Whether `directory` holds an export with the key this one would have (manifest only: the
     command itself verifies the files)."""
     from ..export.manifest import manifest_key, read_manifest
@@ -103,8 +106,9 @@ def bound(cfg, samples: int = 0, rows: int = 8) -> int:
                + trace + rd.CAPTURE_SAMPLES * samples)
 
 
-def check_memory(command: str, cfg, names: list[str], *, precision: str = "fp32", backend: str = "onnxruntime",
-                 steps: int | None = None, max_batch: int = 16, export_stages=None, capture=None,
+def check_memory(command: str, cfg, names: list[str], *, precision: str = DEFAULT_PRECISION,
+                 backend: str = "onnxruntime", steps: int | None = None, max_batch: int = st.DEFAULT_MAX_BATCH,
+                 export_stages=None, capture=None,
                  capture_args: dict | None = None, ignore: bool = False) -> None:
     """Raise one BitDanceError line if a step of `names` needs more host memory than is available."""
     if ignore or not names:
@@ -167,10 +171,10 @@ def for_calibrate(args, source, steps: int, images: int) -> None:
     else:
         capture = rd.capture_choice(cfg, args.capture_backend, args.capture_precision)
         if capture[0] == "onnxruntime":
-            names += auto_export_steps(source, steps, capture[1], max(16, args.batch_size))
+            names += auto_export_steps(source, steps, capture[1], max(st.DEFAULT_MAX_BATCH, args.batch_size))
     names.append("calibrate")
     if args.report:
-        names += [n for n in auto_export_steps(source, steps, "fp32", 16) if n not in names]
+        names += [n for n in auto_export_steps(source, steps, "fp32", st.DEFAULT_MAX_BATCH) if n not in names]
         names += [n for n in ("derive fp16", "derive int8") if n not in names]
     policy = CapturePolicy(args.backbone_every, args.head_fraction, args.max_samples, args.sample_seed)
     check_memory("calibrate", cfg, names, precision="int8", steps=steps, capture=capture,

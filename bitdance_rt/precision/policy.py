@@ -27,7 +27,10 @@ from __future__ import annotations
 
 from .. import stages as st
 
-PRECISIONS = ("fp32", "fp16", "int8")
+# The graph precisions, and the default: the one definition (backends, the CLI, engine builds and the
+# plan import them). TensorRT engine precisions are another list: engines/cache.py ENGINE_PRECISIONS.
+PRECISIONS = ("fp32", "fp16", "int8")  # in order of falling precision
+DEFAULT_PRECISION = "fp32"
 
 INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
 INT8_OUTPUT_OP_TYPES = ("Conv",)

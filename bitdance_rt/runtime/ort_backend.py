@@ -22,9 +22,9 @@ import torch
 from .. import stages as st
 from ..config import ModelConfig
 from ..errors import BitDanceError
-from ..export.manifest import (MANIFEST, manifest_config, manifest_specs, read_manifest, stage_files,
-                               verify_files)
-from .core import SAMPLER_MODES, StageBackend, check_generation_stages
+from ..export.manifest import MANIFEST
+from ..export.reader import open_export
+from .core import SAMPLER_MODES, StageBackend
 from .int8_kernels import configure as int8_configure
 from .ort_session import graph_signature, make_session, trt_profile_options
 from .int8_kernels import resolve as int8_kernels_resolve
@@ -67,11 +67,6 @@ def normalize_providers(providers) -> list:
     return out
 
 
-def _architecture(cfg: ModelConfig) -> dict:
-    """What decides the graphs: the official class, its arguments and the VAE (not name or defaults)."""
-    return {k: v for k, v in cfg.to_json_dict().items() if k in ("model_class", "constructor_args", "vae")}
-
-
 class OrtBackend(StageBackend):
     name = "onnxruntime"
 
@@ -100,18 +95,14 @@ class OrtBackend(StageBackend):
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise BitDanceError(f"threads must be a positive integer, got {threads!r}")
         self.sampler = sampler
-        self.manifest = read_manifest(self.dir)
-        key = self.manifest["key"]
-        self.config = manifest_config(self.manifest, self.dir)
-        self._check_expected(expect_config, expect_source)
-        self.specs = manifest_specs(self.manifest, self.dir)
-        self.sampler_steps = key["sampler_steps"]
-        check_generation_stages(self.specs, self.dir)
-        verify_files(self.dir, self.manifest, hashes=verify_hashes)
+        self.export = open_export(self.dir, expect_config, expect_source, generation=True)
+        self.manifest, self.config, self.specs = self.export.manifest, self.export.config, self.export.specs
+        self.sampler_steps = self.export.sampler_steps
+        self.export.verify_files(hashes=verify_hashes)
         self.providers = normalize_providers(providers)
         # INT8 graphs: ONNX Runtime's exact U8U8 kernels where its U8S8 ones saturate (decided here,
         # from the CPU this runs on, not from where the graphs were derived)
-        self.int8_exact = self.manifest.get("precision") == "int8" and int8_kernels_resolve(int8_kernels)
+        self.int8_exact = self.export.precision == "int8" and int8_kernels_resolve(int8_kernels)
         first = self.providers[0]
         self.device = ("cuda", int(first[1].get("device_id", 0))) if first[0] in GPU_PROVIDERS else ("cpu", 0)
         if optimized_model_dir is not None and session_cache is not None:
@@ -138,16 +129,6 @@ class OrtBackend(StageBackend):
         return self.device[0] == "cuda"
 
     # ---- setup -------------------------------------------------------------------------
-    def _check_expected(self, cfg: ModelConfig | None, source: str | None) -> None:
-        key = self.manifest["key"]
-        where = self.dir / MANIFEST
-        if cfg is not None and _architecture(cfg) != _architecture(self.config):
-            raise BitDanceError(f"{where} was exported for model {self.config.name!r}, not {cfg.name!r} "
-                                f"(another config); re-export {self.dir} for this model")
-        if source is not None and source != key["checkpoint"]:
-            raise BitDanceError(f"{where} was exported from {key['checkpoint']}, not {source} "
-                                f"(another checkpoint); re-export {self.dir} from this checkpoint")
-
     def _signature_check(self, name: str, path: Path) -> None:
         """The graph's inputs/outputs (read without its weights, runtime/ort_session.graph_signature)
         are the stage's, before ONNX Runtime parses the file."""
@@ -162,7 +143,7 @@ class OrtBackend(StageBackend):
 
     def _session(self, name: str, threads, opt_level: str, optimized_model_dir, session_cache=None):
         ort = self.ort
-        files = stage_files(self.manifest, self.dir, name)
+        files = self.export.stage_files(name)
         path = self.dir / files[0]
         self._signature_check(name, path)
         opts = ort.SessionOptions()

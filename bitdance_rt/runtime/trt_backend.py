@@ -70,9 +70,8 @@ from .. import stages as st
 from ..config import ModelConfig
 from ..engines.profiles import HOT_PHASE, dynamic_inputs, profile_index
 from ..errors import BitDanceError
-from ..export.manifest import MANIFEST, manifest_config, manifest_specs, read_manifest
-from .core import SAMPLER_MODES, StageBackend, check_generation_stages
-from .ort_backend import _architecture
+from ..export.reader import open_export
+from .core import SAMPLER_MODES, StageBackend
 
 
 
@@ -287,14 +286,9 @@ class TrtBackend(StageBackend):
             raise BitDanceError(f"sampler mode {sampler!r}: use one of {', '.join(SAMPLER_MODES)}")
         self.dir = Path(export_dir)
         self.sampler = sampler
-        self.manifest = read_manifest(self.dir)
-        self.config = manifest_config(self.manifest, self.dir)
-        if expect_config is not None and _architecture(expect_config) != _architecture(self.config):
-            raise BitDanceError(f"{self.dir / MANIFEST} was exported for model {self.config.name!r}, not "
-                                f"{expect_config.name!r}; re-export {self.dir} for this model")
-        self.specs = manifest_specs(self.manifest, self.dir)
-        self.sampler_steps = self.manifest["key"]["sampler_steps"]
-        check_generation_stages(self.specs, self.dir)
+        self.export = open_export(self.dir, expect_config, generation=True)  # (build_engines verifies the files)
+        self.manifest, self.config, self.specs = self.export.manifest, self.export.config, self.export.specs
+        self.sampler_steps = self.export.sampler_steps
         given = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
         index = given.index if given.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)

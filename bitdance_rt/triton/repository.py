@@ -39,8 +39,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def check_export(export_dir) -> dict:
     """The manifest of a complete, generating export directory (sizes checked, not hashes: the model
     verifies the hashes when it loads), or a BitDanceError naming the directory or file."""
-    from .. import stages as st
-    from ..export.manifest import MANIFEST, manifest_config, manifest_specs, read_manifest, verify_files
+    return _checked_export(export_dir).manifest
+
+
+def _checked_export(export_dir):
+    """check_export's reading: the export (export/reader.py ExportInfo)."""
+    from ..export.manifest import MANIFEST
+    from ..export.reader import open_export
 
     directory = Path(export_dir)
     if not directory.is_dir():
@@ -49,15 +54,9 @@ def check_export(export_dir) -> dict:
     if not (directory / MANIFEST).is_file():
         raise BitDanceError(f"{directory / MANIFEST} not found: {directory} is not a bitdance-rt export directory "
                             f"(make one with `bitdance-rt export --out {directory}`)")
-    manifest = read_manifest(directory)
-    manifest_config(manifest, directory)
-    specs = manifest_specs(manifest, directory)
-    missing = [s for s in st.REQUIRED_STAGES if s not in specs]
-    if missing or not (st.HEAD_STEP in specs or st.HEAD_SAMPLER in specs):
-        raise BitDanceError(f"{directory} lacks stage(s) {', '.join(missing) or 'head_sampler (or head_step)'} needed "
-                            "for generation; re-export it with all stages")
-    verify_files(directory, manifest, hashes=False)
-    return manifest
+    export = open_export(directory, generation=True)
+    export.verify_files(hashes=False)
+    return export
 
 
 def _quote(text: str) -> str:
@@ -132,7 +131,6 @@ def write_repository(export_dir, out, *, name: str = DEFAULT_NAME, backend: str 
     recorded for the model to resolve instead of the manifest's config; a text-to-image export
     needs `checkpoint` (its directory: the tokenizer). `export_path`: the export's path as the server
     will see it (a container mount; default: `export_dir`, absolute). `force`: replace `out`."""
-    from ..export.manifest import manifest_config
     from ..t2i_config import T2IConfig
 
     if not _NAME.match(name or ""):
@@ -161,14 +159,14 @@ def write_repository(export_dir, out, *, name: str = DEFAULT_NAME, backend: str 
         raise BitDanceError(f"ONNX Runtime provider {ort_provider} needs device cuda")
 
     export_dir = Path(export_dir).resolve()
-    manifest = check_export(export_dir)
-    cfg = manifest_config(manifest, export_dir)
+    export = _checked_export(export_dir)
+    cfg = export.config
     t2i = isinstance(cfg, T2IConfig)
-    held = manifest.get("precision", "fp32")
+    held = export.precision
     if backend == "onnxruntime" and precision not in (None, held):
         raise BitDanceError(f"export {export_dir} holds {held} graphs, not {precision}: drop the precision, or "
                             f"make a {precision} export (bitdance-rt export --precision {precision})")
-    limit = int(manifest["key"]["limits"]["max_batch"])
+    limit = export.max_batch
     if max_batch is not None and not 1 <= max_batch <= limit:
         raise BitDanceError(f"max batch {max_batch}: {export_dir} was exported for 1..{limit} images per batch")
     if t2i and checkpoint is None:

@@ -150,16 +150,15 @@ def load_pipeline(params: ServeParams, device: str | None = None, log=print):
     import os
 
     from ..backends import BackendOptions, ModelSource, resolve_model
-    from ..export.manifest import manifest_config, read_manifest
+    from ..export.reader import open_export
     from ..pipeline import Pipeline
     from ..t2i_config import T2IConfig
 
     if params.cache_dir:
         os.environ["BITDANCE_RT_CACHE"] = params.cache_dir
     export_dir = Path(params.export_dir)
-    manifest = read_manifest(export_dir)
-    key = manifest["key"]
-    cfg = manifest_config(manifest, export_dir)
+    export = open_export(export_dir)
+    cfg = export.config
     t2i = isinstance(cfg, T2IConfig)
     if params.model or (params.checkpoint and not t2i):
         source = resolve_model(params.model, params.checkpoint, params.vae, None, None, None)
@@ -170,8 +169,8 @@ def load_pipeline(params: ServeParams, device: str | None = None, log=print):
         source = ModelSource(cfg, str(params.checkpoint), None, t2i=True)
     else:
         source = ModelSource(cfg)
-    steps = params.steps or key.get("sampler_steps") or cfg.default_steps
-    max_batch = params.max_batch or int(key["limits"]["max_batch"])
+    steps = params.steps or export.sampler_steps or cfg.default_steps
+    max_batch = params.max_batch or export.max_batch
     device = device or params.device
     opts = BackendOptions(backend=params.backend, precision=params.precision, device=device, threads=params.threads,
                           max_batch=max_batch, export_dir=str(export_dir), ort_provider=params.ort_provider,
