@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     pipe = Pipeline.from_pretrained(args.model, args.checkpoint, backend="onnxruntime", precision=args.precision,
                                     steps=args.steps, max_batch=args.images, height=args.height, width=args.width,
                                     max_text_tokens=args.max_text_tokens, threads=args.threads,
-                                    export_dir=args.export_dir, progress=False, log=None)
+                                    export_dir=args.export_dir, progress=False)
     gc.collect()
     loaded = rss_bytes()
     condition = {"prompt": "a red cat"} if pipe.model.t2i else {"labels": 0}

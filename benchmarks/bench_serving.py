@@ -121,7 +121,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, precision=args.precision, steps=args.steps,
-                                    max_batch=args.max_batch, threads=args.threads, progress=False, log=None,
+                                    max_batch=args.max_batch, threads=args.threads, progress=False,
                                     decode_thread=not args.decode_inline)
     load_s = time.perf_counter() - t0
     cfg = pipe.config

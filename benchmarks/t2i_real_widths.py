@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     results = {}
     for precision in args.precisions:
         t = time.perf_counter()
-        directory = auto_export(source, args.steps, BackendOptions(progress=True, log=print), precision)
+        directory = auto_export(source, args.steps, BackendOptions(progress=True), precision)
         exported = time.perf_counter() - t
         manifest = read_manifest(directory)
         checker = []
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
             with torch.no_grad(), Pipeline.from_pretrained(checkpoint=str(ckpt), backend="onnxruntime",
                                                            precision=precision, height=args.height,
                                                            width=args.width, max_text_tokens=args.max_text_tokens,
-                                                           steps=args.steps, progress=False, log=None) as pipe:
+                                                           steps=args.steps, progress=False) as pipe:
                 out = pipe.generate(prompt="a red cat", seed=0)
             row["generate_s"] = round(time.perf_counter() - t, 1)
             row["tokens_pm1"] = bool(out.tokens.abs().eq(1).all())

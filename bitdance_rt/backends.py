@@ -10,13 +10,16 @@ the same paths; what a backend cannot do is one clear error, never a silent fall
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BitDanceError
+from .precision.policy import PRECISIONS
+from .stages import DEFAULT_MAX_BATCH
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+logger = logging.getLogger(__name__)
 
 
 def default_backend() -> str:
@@ -32,7 +35,7 @@ class BackendOptions:
     precision: str | None = None  # fp32 | fp16 | int8 (None: fp32, or a given export's)
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int | None = None
-    max_batch: int = 16  # images one call holds (the exported graphs' and engines' range)
+    max_batch: int = DEFAULT_MAX_BATCH  # images one call holds (the exported graphs' and engines' range)
     export_dir: str | None = None  # an ONNX export to run (default: the cached automatic export)
     ort_provider: str | None = None  # cpu | cuda | tensorrt (default: cuda with a cuda device)
     ort_cache: bool = True  # keep ONNX Runtime's optimised graphs between processes
@@ -46,7 +49,6 @@ class BackendOptions:
     cfg_scale: float | None = None  # guidance of the INT8 calibration run (default: the model's)
     cfg_schedule: str | None = None
     progress: bool = True
-    log: object = field(default=print, repr=False)
 
     def __post_init__(self):
         if self.backend is not None and self.backend not in BACKENDS:
@@ -160,7 +162,7 @@ def _limits(opts: BackendOptions):
 def export_for(model: ModelSource, out, steps: int, opts: BackendOptions, stages=None, **options):
     """Export (or reuse, without reading the weights) `out` for the model's weights."""
     from .export import export_stages
-    from .export.manifest import manifest_key
+    from .export.manifest import DEFAULT_OPSET, manifest_key
     from .export.onnx_export import ExportResult, find_reusable
     from .stages import GENERATION_STAGES, SAMPLER_STAGES
 
@@ -169,7 +171,7 @@ def export_for(model: ModelSource, out, steps: int, opts: BackendOptions, stages
     source = model.weights_source()
     if model.vae and not model.checkpoint:
         raise BitDanceError("--vae needs --checkpoint: the random-weight default has no checkpoint to pair it with")
-    key = manifest_key(model.config, source, stages, options.get("opset", 17),
+    key = manifest_key(model.config, source, stages, options.get("opset", DEFAULT_OPSET),
                        steps if any(s in SAMPLER_STAGES for s in stages) else None, limits)
     if not options.get("force") and (manifest := find_reusable(out, key)) is not None:
         return ExportResult(Path(out), manifest, True)  # weights not read at all
@@ -187,7 +189,7 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
 
     fp32 = paths.export_dir(model.config, model.weights_source(), steps, opts.max_batch)
     result = export_for(model, fp32, steps, opts)
-    opts.log(f"ONNX export: {fp32} ({'reused' if result.reused else 'exported'})")
+    logger.info("ONNX export: %s (%s)", fp32, "reused" if result.reused else "exported")
     if precision == "fp32":
         if opts.keep_float:
             raise BitDanceError("keep-float is for precision int8")
@@ -209,7 +211,7 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
         raise BitDanceError("a calibration set is for precision int8 (FP16 graphs need no calibration)")
     variant = precision_export(fp32, precision, calibration, opts.calib_method, out_dir=out,
                                keep_float=opts.keep_float)
-    opts.log(f"{precision.upper()} graphs: {variant.directory} ({'reused' if variant.reused else 'derived'})")
+    logger.info("%s graphs: %s (%s)", precision.upper(), variant.directory, "reused" if variant.reused else "derived")
     return variant.directory
 
 
@@ -277,5 +279,5 @@ def _trt_backend(model: ModelSource, steps: int, opts: BackendOptions):
     device = opts.device if opts.device.startswith("cuda") else "cuda"
     backend = TrtBackend(export_dir, precision=opts.precision, workspace_mb=opts.workspace_mb,
                          engine_root=opts.engine_dir, device=device, cuda_graphs=opts.cuda_graphs,
-                         expect_config=model.config, log=opts.log)
+                         expect_config=model.config)
     return backend, f"{model.config.name} from TensorRT engines of {export_dir} ({backend.precision})"

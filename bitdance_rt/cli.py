@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -796,16 +798,39 @@ def cmd_convert(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _printed_logs():
+    """While a command runs, what the library logs (logger `bitdance_rt`) is printed as bare lines, as
+    the CLI prints its own: INFO (exports reused or made, variants, engines) to stdout, warnings and
+    errors to stderr. Only this handler prints them (no propagation to the root logger, which a
+    library such as ONNX Runtime's quantiser may have configured); put back as it was afterwards."""
+    package = logging.getLogger("bitdance_rt")
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    before = package.level, package.propagate
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    try:
+        yield
+    finally:
+        for handler in (out, err):
+            package.removeHandler(handler)
+        package.setLevel(before[0])
+        package.propagate = before[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a usage error (one line, already printed) or --help / --version
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
-                "convert": cmd_convert, "build": cmd_build, "check": cmd_check,
-                "serve": cmd_serve, "triton-repo": cmd_triton_repo,
-                "plan": cmd_plan}[args.command](args)
+        with _printed_logs():
+            return _run(args)
     except BitDanceError as exc:
         print(f"bitdance-rt: error: {exc}", file=sys.stderr)
         return 2
@@ -816,6 +841,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"bitdance-rt: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+
+
+def _run(args) -> int:
+    return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
+            "convert": cmd_convert, "build": cmd_build, "check": cmd_check,
+            "serve": cmd_serve, "triton-repo": cmd_triton_repo,
+            "plan": cmd_plan}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,16 @@ constructor arguments and the weights' source string. Explicit directories a use
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
 from pathlib import Path
 
 CACHE_ENV = "BITDANCE_RT_CACHE"
+# a cache root given in code (Pipeline.from_pretrained(cache_dir=...)), for the calls inside `using_cache_root`
+_GIVEN_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bitdance_rt_cache_root", default=None)
 
 EXPORTS = "exports"
 CALIBRATION = "calibration"
@@ -33,9 +37,27 @@ HASH_CACHE_FILE = "file-hashes.json"
 
 
 def cache_root() -> Path:
-    """$BITDANCE_RT_CACHE, else ~/.cache/bitdance-rt: the root of every bitdance-rt cache."""
+    """The root of every bitdance-rt cache: the one given to `using_cache_root` around this call,
+    else $BITDANCE_RT_CACHE, else ~/.cache/bitdance-rt."""
+    given = _GIVEN_ROOT.get()
+    if given is not None:
+        return given
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path.home() / ".cache" / "bitdance-rt"
+
+
+@contextlib.contextmanager
+def using_cache_root(root):
+    """Within the block (this thread's calls; a context variable, so the environment and other
+    threads are left alone), the cache root is `root`; None: unchanged."""
+    if root is None:
+        yield
+        return
+    token = _GIVEN_ROOT.set(Path(root))
+    try:
+        yield
+    finally:
+        _GIVEN_ROOT.reset(token)
 
 
 # ---- roots of each artifact kind -------------------------------------------------------------

@@ -104,7 +104,7 @@ class Pipeline:
                         precision: str | None = None, steps: int | None = None, max_batch: int = 16,
                         height: int | None = None, width: int | None = None, max_text_tokens: int | None = None,
                         cache_dir=None, device: str = "cpu", threads: int | None = None, export_dir=None,
-                        progress: bool = True, log=print, decode_thread: bool = True, **options) -> "Pipeline":
+                        progress: bool = True, decode_thread: bool = True, **options) -> "Pipeline":
         """Load a model and make its backend warm (export, precision variant, engines: cached).
 
         `model`: None (the embedded trained digits model), a preset name or a config .json;
@@ -112,20 +112,22 @@ class Pipeline:
         text-to-image directory (BitDance-14B-16x / -64x; then `height` / `width`). `backend`:
         onnxruntime (default when installed), torch or tensorrt. `steps`: the sampler steps S the
         fused sampler is built for (default: the model's); requests may ask for others.
-        `cache_dir`: the cache root (default $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt); giving it sets
-        $BITDANCE_RT_CACHE for this process, so every later cache lookup agrees with it.
-        Other keywords are BackendOptions fields (ort_provider, engine_dir, calibration, ...)."""
-        import os
+        `cache_dir`: the cache root (default $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt) of this load:
+        the export, precision variants, calibration set, engines and ONNX Runtime's optimised graphs
+        are found or made there (the process's environment is left as it is).
+        Other keywords are BackendOptions fields (ort_provider, engine_dir, calibration, ...).
+        What loading does (exports reused or made, variants derived) is logged to the `bitdance_rt`
+        logger at INFO (the CLI prints it)."""
+        from .paths import using_cache_root
 
-        if cache_dir is not None:
-            os.environ["BITDANCE_RT_CACHE"] = str(cache_dir)
         source = resolve_model(model, checkpoint, vae, height, width, max_text_tokens)
         cfg = source.config
         steps = check_steps(cfg.default_steps if steps is None else steps)
         opts = BackendOptions(backend=backend, precision=precision, device=device, threads=threads,
                               max_batch=max_batch, export_dir=None if export_dir is None else str(export_dir),
-                              progress=progress, log=log or (lambda *_: None), **options)
-        return cls.load(source, steps, opts, decode_thread=decode_thread)
+                              progress=progress, **options)
+        with using_cache_root(cache_dir):
+            return cls.load(source, steps, opts, decode_thread=decode_thread)
 
     @classmethod
     def load(cls, source: ModelSource, steps: int, opts: BackendOptions, decode_thread: bool = True) -> "Pipeline":

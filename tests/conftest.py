@@ -93,7 +93,7 @@ def embedded_cache_template(tmp_path_factory):
     Modules take a copy (`warm_cache`) instead of exporting the same graphs again (~20 s each on 2
     cores); tests of exporting into an empty cache keep their own empty roots."""
     root = tmp_path_factory.mktemp("embedded-cache-template")
-    code = "from bitdance_rt import Pipeline; Pipeline.from_pretrained(threads=1, progress=False, log=None).close()"
+    code = "from bitdance_rt import Pipeline; Pipeline.from_pretrained(threads=1, progress=False).close()"
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "BITDANCE_RT_CACHE": str(root)}, check=True,
                    timeout=600, cwd=REPO)
     return root
@@ -113,23 +113,16 @@ def warm_cache(embedded_cache_template, tmp_path_factory):
 
 @contextlib.contextmanager
 def cached_pipeline(cache: Path, **options):
-    """A Pipeline (one thread, quiet) on cache root `cache`, which Pipeline(cache_dir=) sets for the
-    process while it lives; closed afterwards and the process's environment put back."""
+    """A Pipeline (one thread, quiet) loaded from cache root `cache` (Pipeline(cache_dir=), which
+    leaves the process's environment alone); closed afterwards."""
     from bitdance_rt import Pipeline
 
-    before = os.environ.get("BITDANCE_RT_CACHE")
-    try:
-        with torch_threads(1):
-            pipe = Pipeline.from_pretrained(threads=1, cache_dir=cache, log=None, progress=False, **options)
-            try:
-                yield pipe
-            finally:
-                pipe.close()
-    finally:
-        if before is None:
-            os.environ.pop("BITDANCE_RT_CACHE", None)
-        else:
-            os.environ["BITDANCE_RT_CACHE"] = before
+    with torch_threads(1):
+        pipe = Pipeline.from_pretrained(threads=1, cache_dir=cache, progress=False, **options)
+        try:
+            yield pipe
+        finally:
+            pipe.close()
 
 
 @pytest.fixture(scope="module")

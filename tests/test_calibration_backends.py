@@ -6,6 +6,7 @@ produced them, and INT8 graphs derived from an ONNX Runtime capture generate."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from bitdance_rt.precision.auto import calibration_for, default_calibration_dir,
 from bitdance_rt.precision.report_files import markdown
 from bitdance_rt.runtime import generate_batched
 from bitdance_rt.runtime.ort_backend import OrtBackend
+from bitdance_rt.runtime.timing import TimedBackend
 from bitdance_rt.runtime.torch_backend import TorchBackend
 from bitdance_rt.sampling import SeededNoise
 
@@ -29,7 +31,7 @@ from conftest import torch_threads
 
 S = 4  # embedded model's sampler steps here
 POLICY = CapturePolicy(head_fraction=0.5, seed=3)
-QUIET = dict(progress=False, log=lambda *_: None)
+QUIET = dict(progress=False)
 # |a - b| / |b| (norm-wise) of every float input and output, per sample. Measured on an AVX2 EPYC
 # (2026-12-05): at most ~5e-6 (head_step x, which iterates the head net); 5e-5 leaves ~10x for other
 # CPUs' kernels (tests/conftest.py ORACLE_SAMPLER_REL), while a wrong capture is off by O(1).
@@ -57,7 +59,7 @@ class Model:
         backend = ort_capture_backend(self.fp32, threads=1, expect_config=source.config, expect_source=self.weights)
         try:
             self.ort = capture(None, self.weights, **run, steps=steps, policy=POLICY, backend=backend)
-            assert not backend.__dict__.get("_stage_observers")  # the recorder is detached
+            assert not backend.observers  # the recorder is detached
         finally:
             backend.close()
 
@@ -166,16 +168,18 @@ def test_fp16_capture_is_marked_fp16(t2i, tmp_path):
     assert torch.equal(result.results[0].tokens.abs(), torch.ones_like(result.results[0].tokens))
 
 
-def test_default_set_follows_the_capture_backend_and_int8_from_it_generates(embedded, capsys):
+def test_default_set_follows_the_capture_backend_and_int8_from_it_generates(embedded, caplog):
     """calibration_for: the default set of an onnxruntime fp16 capture has its own cached directory and
     key; it is reused while it fits that export, and INT8 graphs derived from it generate."""
     m = embedded
     cfg = m.source.config
+    caplog.set_level(logging.INFO, logger="bitdance_rt")
     args = (cfg, m.weights, S, 4.0, "linear", lambda: pytest.fail("an onnxruntime capture loads no torch model"))
     with torch_threads(1):
         cset = calibration_for(*args, progress=False, fp32_export=m.fp32, capture_backend="onnxruntime",
                                capture_precision="fp16", threads=1)
-        assert "capturing 10 images of tiny-digits with onnxruntime on the fp16 export" in capsys.readouterr().out
+        assert "capturing 10 images of tiny-digits with onnxruntime on the fp16 export" in caplog.text
+        caplog.clear()
         fp16 = precision_export(m.fp32, "fp16", progress=False).directory
         assert cset.directory == default_calibration_dir(cfg, m.weights, S, "onnxruntime", "fp16")
         assert cset.directory.name.endswith("-onnxruntime-fp16") and cset.origin == {"export_dir": str(fp16)}
@@ -183,7 +187,7 @@ def test_default_set_follows_the_capture_backend_and_int8_from_it_generates(embe
                                  "export_key": export_digest(read_manifest(fp16))}
         again = calibration_for(*args, progress=False, fp32_export=m.fp32, capture_backend="onnxruntime",
                                 capture_precision="fp16")
-        assert "capturing" not in capsys.readouterr().out and again.key == cset.key
+        assert "capturing" not in caplog.text and again.key == cset.key
         int8 = precision_export(m.fp32, "int8", cset, progress=False).directory
         # the INT8 variant's directory (and key) follow the set's producer
         assert int8 == variant_dir(m.fp32, "int8", cset) != variant_dir(m.fp32, "int8", m.torch.dataset)
@@ -223,7 +227,7 @@ def test_cli_calibrate_from_the_fp16_export(embedded, tmp_path, capsys):
         assert why in capsys.readouterr().err
 
 
-def test_capture_choice_and_unobserved_backends(embedded):
+def test_capture_choice_and_backends_without_stages(embedded):
     assert capture_choice(False) == ("torch", "fp32")
     assert capture_choice(True) == ("onnxruntime", "fp16")
     assert capture_choice(False, "onnxruntime") == ("onnxruntime", "fp32")
@@ -231,7 +235,12 @@ def test_capture_choice_and_unobserved_backends(embedded):
     with pytest.raises(BitDanceError, match="float32 reference"):
         capture_choice(True, "torch", "fp16")
     with pytest.raises(BitDanceError, match="stage observers"):
-        RecordingBackend(TorchBackend(embedded.model))
+        RecordingBackend(TimedBackend(TorchBackend(embedded.model)))  # a wrapper, not a stage backend
+    plain = TorchBackend(embedded.model)  # any stage backend records: its observers see every stage
+    recording = RecordingBackend(plain, POLICY)
+    assert plain.observers and plain.sampler == "step"
+    recording.detach()
+    assert not plain.observers and plain.sampler == "auto"
     plain = OrtBackend(embedded.fp32, threads=1)
     try:
         assert producer_of(plain)["export_key"] == export_digest(plain.manifest)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -135,11 +136,11 @@ def test_workspace_and_opt_level_parsing():
 
 
 # ---- build_engines with a fake TensorRT -----------------------------------------------------
-def test_build_then_hit_then_stale_rebuild(export, tmp_path):
+def test_build_then_hit_then_stale_rebuild(export, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bitdance_rt")
     root = tmp_path / "engines"
-    logs = []
     fake = FakeTensorRT()
-    built = eb.build_engines(export, workspace_mb=512, root=root, toolkit=fake, log=logs.append)
+    built = eb.build_engines(export, workspace_mb=512, root=root, toolkit=fake)
     assert list(built) == STAGES and all(b.status == "built" for b in built.values())
     specs = manifest_specs(read_manifest(export), export)
     for call, stage in zip(fake.calls, STAGES):
@@ -158,58 +159,56 @@ def test_build_then_hit_then_stale_rebuild(export, tmp_path):
     for b in built.values():
         assert b.path.read_bytes().startswith(b"engine:") and ec.sidecar_path(b.path).is_file()
         assert b.path.parent == root and b.path.name.startswith(f"{b.stage}-fp32-")
-    assert any("building fp32 engine with TensorRT 10.3.0 on Orin" in line for line in logs)
+    assert any("building fp32 engine with TensorRT 10.3.0 on Orin" in line for line in caplog.messages)
 
-    logs.clear()
-    again = eb.build_engines(export, workspace_mb=512, root=root, toolkit=fake, log=logs.append)
+    caplog.clear()
+    again = eb.build_engines(export, workspace_mb=512, root=root, toolkit=fake)
     assert len(fake.calls) == len(STAGES)  # nothing rebuilt
-    assert all(b.status == "cached" for b in again.values()) and all("up to date" in line for line in logs)
+    assert all(b.status == "cached" for b in again.values()) and all("up to date" in line for line in caplog.messages)
 
-    logs.clear()
+    caplog.clear()
     newer = FakeTensorRT(version="10.4.0")
-    rebuilt = eb.build_engines(export, workspace_mb=512, root=root, toolkit=newer, log=logs.append)
+    rebuilt = eb.build_engines(export, workspace_mb=512, root=root, toolkit=newer)
     assert all(b.status == "rebuilt" for b in rebuilt.values()) and len(newer.calls) == len(STAGES)
     assert all(line.startswith(f"{s}: rebuilding:") and "trt_version: '10.3.0' -> '10.4.0'" in line
-               for s, line in zip(STAGES, [l for l in logs if "rebuilding" in l]))
+               for s, line in zip(STAGES, [l for l in caplog.messages if "rebuilding" in l]))
     assert newer.calls[0]["timing"].name == "timing-trt10.4.0-orin-sm8.7.cache"
 
-    logs.clear()
-    eb.build_engines(export, workspace_mb=1024, root=root, toolkit=newer, stages=[st.DECODER], log=logs.append)
-    assert "workspace_bytes: 536870912 -> 1073741824" in logs[0]
+    caplog.clear()
+    eb.build_engines(export, workspace_mb=1024, root=root, toolkit=newer, stages=[st.DECODER])
+    assert "workspace_bytes: 536870912 -> 1073741824" in caplog.messages[0]
 
-    logs.clear()
+    caplog.clear()
     other_gpu = FakeTensorRT(version="10.4.0", gpu=("NVIDIA H100 80GB HBM3", "9.0"))
-    eb.build_engines(export, workspace_mb=1024, root=root, toolkit=other_gpu, stages=[st.DECODER], log=logs.append)
-    assert "gpu_name" in logs[0] and "compute_capability: '8.7' -> '9.0'" in logs[0]
+    eb.build_engines(export, workspace_mb=1024, root=root, toolkit=other_gpu, stages=[st.DECODER])
+    assert "gpu_name" in caplog.messages[0] and "compute_capability: '8.7' -> '9.0'" in caplog.messages[0]
 
 
 def test_fp16_engine_from_fp32_graphs_on_trt10(export, tmp_path):
     fake = FakeTensorRT()
-    built = eb.build_engines(export, precision="fp16", root=tmp_path, toolkit=fake, stages=[st.HEAD_STEP],
-                             log=lambda _: None)
+    built = eb.build_engines(export, precision="fp16", root=tmp_path, toolkit=fake, stages=[st.HEAD_STEP])
     (b,) = built.values()
     assert b.path.name.startswith("head_step-fp16-") and b.key.flags == ("weakly_typed", "flag:FP16")
     assert fake.calls[0]["plan"].builder_flags == ("FP16",)
     with pytest.raises(BitDanceError, match="export FP16 graphs"):
-        eb.build_engines(export, precision="fp16", root=tmp_path, toolkit=FakeTensorRT("11.1.0"), log=lambda _: None)
+        eb.build_engines(export, precision="fp16", root=tmp_path, toolkit=FakeTensorRT("11.1.0"))
 
 
 def test_precision_comes_from_the_manifest(export, tmp_path):
     fp16 = with_precision(export, tmp_path / "fp16", "fp16")
     fake = FakeTensorRT("11.0.0")
-    built = eb.build_engines(fp16, root=tmp_path / "e", toolkit=fake, stages=[st.PREFIX_EMBED], log=lambda _: None)
+    built = eb.build_engines(fp16, root=tmp_path / "e", toolkit=fake, stages=[st.PREFIX_EMBED])
     assert built[st.PREFIX_EMBED].key.precision == "fp16" and fake.calls[0]["plan"].strongly_typed
     with pytest.raises(BitDanceError, match="run the INT8 quantisation first"):
-        eb.build_engines(fp16, precision="int8", root=tmp_path / "e", toolkit=fake, log=lambda _: None)
+        eb.build_engines(fp16, precision="int8", root=tmp_path / "e", toolkit=fake)
     int8 = with_precision(export, tmp_path / "int8", "int8")
-    built = eb.build_engines(int8, root=tmp_path / "e", toolkit=fake, stages=[st.PREFIX_EMBED], log=lambda _: None)
+    built = eb.build_engines(int8, root=tmp_path / "e", toolkit=fake, stages=[st.PREFIX_EMBED])
     assert built[st.PREFIX_EMBED].path.name.startswith("prefix_embed-int8-")
 
 
 def test_failed_build_leaves_no_engine(export, tmp_path):
     with pytest.raises(BitDanceError, match="parser refused"):
-        eb.build_engines(export, root=tmp_path, toolkit=FakeTensorRT(fail="x.onnx: parser refused it"),
-                         log=lambda _: None)
+        eb.build_engines(export, root=tmp_path, toolkit=FakeTensorRT(fail="x.onnx: parser refused it"))
     assert not list(tmp_path.glob("*.engine"))
 
 
@@ -220,18 +219,18 @@ def test_lint_errors_stop_the_build(export, tmp_path, monkeypatch):
     monkeypatch.setattr(lint, "lint_export", lambda d, target: [bad, bad] if target == "11" else [])
     fake = FakeTensorRT("11.0.0")
     with pytest.raises(BitDanceError, match=r"TensorRT 11 lint: decoder.onnx: error: node 'n1' \(Det\).*\+1 more"):
-        eb.build_engines(export, root=tmp_path, toolkit=fake, log=lambda _: None)
+        eb.build_engines(export, root=tmp_path, toolkit=fake)
     assert fake.calls == []
-    eb.build_engines(export, root=tmp_path, toolkit=FakeTensorRT("10.3.0"), log=lambda _: None)  # 10.3 list: clean
+    eb.build_engines(export, root=tmp_path, toolkit=FakeTensorRT("10.3.0"))  # 10.3 list: clean
 
 
 def test_unknown_stage_and_bad_export(export, tmp_path):
     with pytest.raises(BitDanceError, match="has no stage.*encoder"):
-        eb.build_engines(export, root=tmp_path, toolkit=FakeTensorRT(), stages=["encoder"], log=lambda _: None)
+        eb.build_engines(export, root=tmp_path, toolkit=FakeTensorRT(), stages=["encoder"])
     broken = shutil.copytree(export, tmp_path / "broken")
     (broken / "decoder.onnx").write_bytes(b"garbage")
     with pytest.raises(BitDanceError, match="decoder.onnx"):
-        eb.build_engines(broken, root=tmp_path, toolkit=FakeTensorRT(), log=lambda _: None)
+        eb.build_engines(broken, root=tmp_path, toolkit=FakeTensorRT())
 
 
 # ---- this machine: TensorRT, GPU ------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_a_script_that_never_closes_its_pipeline_exits_cleanly(pipe, warm_cache,
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent("""
         from bitdance_rt import Pipeline
-        pipe = Pipeline.from_pretrained(progress=False, log=None)
+        pipe = Pipeline.from_pretrained(progress=False)
         pipe.generate(labels=[3])
     """))
     for _ in range(3):
@@ -180,7 +180,7 @@ def test_a_script_that_never_closes_its_pipeline_exits_cleanly(pipe, warm_cache,
 
 def test_close_releases_the_backend_and_is_idempotent(warm_cache):
     with torch_threads(1):
-        p = Pipeline.from_pretrained(threads=1, cache_dir=warm_cache, log=None, progress=False)
+        p = Pipeline.from_pretrained(threads=1, cache_dir=warm_cache, progress=False)
     p.generate(labels=[1])
     p.close()
     p.close()

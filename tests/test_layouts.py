@@ -80,7 +80,7 @@ def _tokens(checkpoint, cfgs=(4.0,), backend: str = "torch", seed: int = 3, step
     from bitdance_rt import Pipeline
 
     with torch_threads(1), Pipeline.from_pretrained(checkpoint=checkpoint, backend=backend, steps=steps, threads=1,
-                                                    progress=False, log=None, **SIZE) as pipe:
+                                                    progress=False, **SIZE) as pipe:
         return [pipe.generate(prompt="a red cat", cfg=cfg, seed=seed).tokens for cfg in cfgs]
 
 

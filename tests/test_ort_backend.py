@@ -72,12 +72,11 @@ def test_official_sample_replayed_bit_identical(ex, sampler):
     assert (result.image - ex.sample["image"]).abs().max().item() <= 2e-4
 
 
-def test_the_two_sampler_paths_are_really_taken(ex, monkeypatch):
+def test_the_two_sampler_paths_are_really_taken(ex):
     calls = []
     backend = OrtBackend(ex.dir, threads=1)
     assert st.HEAD_STEP not in backend.sessions  # built only when a step count without fused graph asks
-    run = backend._run
-    monkeypatch.setattr(backend, "_run", lambda stage, feeds: calls.append(stage) or run(stage, feeds))
+    backend.add_observer(lambda call: calls.append(call.stage))
     cond = torch.zeros(2, ex.model.cfg.parallel_num, ex.model.cfg.dim)
     backend.sample_tokens(cond, torch.zeros(S + 1, 2, ex.model.cfg.parallel_num, ex.model.cfg.token_dim), 1.0, False)
     assert calls == [st.HEAD_SAMPLER]

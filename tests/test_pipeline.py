@@ -22,9 +22,21 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def pipe(warm_cache):
-    with cached_pipeline(warm_cache) as p:  # (it puts the process's environment back afterwards)
-        assert os.environ["BITDANCE_RT_CACHE"] == str(warm_cache) and any((warm_cache / "exports").iterdir())
+    with cached_pipeline(warm_cache) as p:
+        assert any((warm_cache / "exports").iterdir())
         yield p
+
+
+def test_loading_leaves_the_environment_alone(warm_cache, monkeypatch):
+    """cache_dir is this load's cache root: the export is found there (nothing is exported into the
+    environment's root, an empty directory here), and os.environ is exactly as it was."""
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(warm_cache.parent / "another-root"))
+    before = dict(os.environ)
+    with torch_threads(1), Pipeline.from_pretrained(threads=1, cache_dir=warm_cache, progress=False) as p:
+        assert dict(os.environ) == before
+        assert str(p.backend.dir).startswith(str(warm_cache))
+        p.generate(labels=[1], seed=0)
+    assert dict(os.environ) == before and not (warm_cache.parent / "another-root").exists()
 
 
 def _alone(pipe, labels, seed, **kw):
@@ -123,7 +135,7 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path, 
 
     ckpt = write_checkpoint(tmp_path / "t2i", parallel_num=64)
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))  # restored after the test
-    kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=48, steps=2, threads=1, log=None,
+    kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=48, steps=2, threads=1,
               progress=False)
     tokens = {}
     with torch_threads(1):
@@ -179,17 +191,18 @@ def test_cancel_a_submitted_request(pipe):
 
 def test_torch_pipeline_mixes_requests_like_onnxruntime():
     """The embedded model on the torch backend: concurrent requests equal their runs alone too."""
-    with torch_threads(1), Pipeline.from_pretrained(backend="torch", log=None, progress=False) as p:
+    with torch_threads(1), Pipeline.from_pretrained(backend="torch", progress=False) as p:
         futures = [p.submit(labels=d, seed=d, num_images=1 + d % 2) for d in range(6)]
         got = [f.result(timeout=300) for f in futures]
         for d, out in enumerate(got):
             assert torch.equal(out.tokens, _alone(p, [d] * (1 + d % 2), d).tokens)
 
 
-def test_a_max_batch_of_one_generates_the_same_images(pipe, tmp_path):
+def test_a_max_batch_of_one_generates_the_same_images(pipe, warm_cache):
     """max_batch=1 gives graphs and a cache of 2 rows, fewer than the usual 4-row floor of a call:
     the cache then holds 2 rows, and the images are the default Pipeline's."""
-    with torch_threads(1), Pipeline.from_pretrained(max_batch=1, threads=1, log=None, progress=False) as small:
+    with torch_threads(1), Pipeline.from_pretrained(max_batch=1, threads=1, cache_dir=warm_cache,
+                                                    progress=False) as small:
         assert small.max_batch == 1
         out = small.generate(labels=3, seed=4)
         assert small.backend._kv.shape[2] == 2

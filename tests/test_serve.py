@@ -206,14 +206,14 @@ def test_bearer_token_guards_everything_but_health(pipe):
         assert len(got.data) == 1
 
 
-def test_health_is_503_until_the_model_is_loaded(pipe):
+def test_health_is_503_until_the_model_is_loaded(pipe, warm_cache):
     from fastapi.testclient import TestClient
 
     release, loaded = threading.Event(), []
 
     def loader():  # a Pipeline of its own: the app closes what its loader made
         release.wait(30)
-        loaded.append(Pipeline.from_pretrained(threads=1, log=None, progress=False))
+        loaded.append(Pipeline.from_pretrained(threads=1, cache_dir=warm_cache, progress=False))
         return loaded[0]
 
     with TestClient(make_app(loader=loader)) as c:
@@ -455,7 +455,7 @@ def test_text_to_image_server(tmp_path, monkeypatch):
     ckpt = write_checkpoint(tmp_path / "t2i", parallel_num=64)
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
     with torch_threads(1), Pipeline.from_pretrained(backend="torch", checkpoint=ckpt, height=512, width=512,
-                                                    max_text_tokens=48, steps=2, threads=1, log=None,
+                                                    max_text_tokens=48, steps=2, threads=1,
                                                     progress=False) as p:
         with TestClient(make_app(p)) as c:
             r = c.post(GEN, json={"prompt": "a red cat", "size": "512x512", "seed": 21})

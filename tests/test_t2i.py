@@ -348,7 +348,7 @@ def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(ckpt, tm
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
     source = resolve_model(None, str(ckpt[16]), None, 512, 512, TEXT)
     with torch_threads(1):
-        directory = auto_export(source, 2, BackendOptions(progress=False, log=lambda *_: None), precision)
+        directory = auto_export(source, 2, BackendOptions(progress=False), precision)
     for target in TARGETS:
         assert [str(f) for f in lint_export(directory, target)] == [], (precision, target)
     cfg = source.config

@@ -1,5 +1,6 @@
 """TimedBackend counts every stage call the loop makes, and every stage graph the backend runs
-inside them (the backbone per phase), and passes results through unchanged."""
+inside them (the backbone per phase, through the core's stage observers), and passes results
+through unchanged."""
 
 import torch
 
@@ -29,9 +30,24 @@ def test_timed_backend_counts_and_passes_through():
     assert timed.graph_seconds["prefix_embed"] + timed.graph_seconds["backbone.prefill"] <= timed.seconds["prefill"]
     assert timed.graph_seconds["token_embed"] + timed.graph_seconds["backbone.step"] <= timed.seconds["step"]
 
+    assert backend.observers == (timed._graph_ran,) and "_run" not in backend.__dict__  # nothing replaced
     again = TimedBackend(backend)  # a newer wrapper takes the graph timing over, without nesting
     generate(again, [1, 2], 3, 2.0, "linear", SeededNoise(5))
     assert again.graph_calls["backbone.step"] == n - 1 and timed.graph_calls["backbone.step"] == n - 1
     again.detach()
-    assert "_run" not in backend.__dict__  # the class's own method again
+    assert backend.observers == ()
     assert torch.equal(generate(backend, [1, 2], 3, 2.0, "linear", SeededNoise(5)).tokens, plain.tokens)
+
+
+def test_stage_observers_see_every_stage_run():
+    """The core hands each stage run to its observers: stage, phase, the feeds and outputs, seconds."""
+    backend = TorchBackend(load_model("tiny-4x").model)
+    calls = []
+    with backend.observe(calls.append):
+        result = generate(backend, [1], 2, 1.0, "linear", SeededNoise(0))
+    assert backend.observers == ()
+    n = backend.config.ar_steps
+    assert [c.graph for c in calls if c.stage == "backbone"] == ["backbone.prefill"] + ["backbone.step"] * (n - 1)
+    assert all(c.seconds >= 0 and c.outputs for c in calls)
+    decode = [c for c in calls if c.stage == "decoder"]
+    assert len(decode) == 1 and torch.equal(decode[0].outputs["image"][:1].float().cpu(), result.image)

@@ -56,7 +56,7 @@ def export(cache_root, tmp_path_factory):
 def reference(export):
     from bitdance_rt import Pipeline
 
-    pipe = Pipeline.from_pretrained(backend="onnxruntime", export_dir=export, progress=False, log=None)
+    pipe = Pipeline.from_pretrained(backend="onnxruntime", export_dir=export, progress=False)
     yield pipe
     pipe.close()
 
@@ -213,7 +213,7 @@ def test_serve_params():
 def test_stream_without_triton(export, reference):
     """The model's streaming path (load_pipeline + Stream) with a stand-in sender: previews at the
     planned steps, then the final image, equal to Pipeline.generate on the same export."""
-    pipe = load_pipeline(ServeParams(export_dir=str(export)), log=None)
+    pipe = load_pipeline(ServeParams(export_dir=str(export)))
     responder = Responder()
     got = queue.Queue()
     try:

@@ -6,6 +6,7 @@ with which arguments, and what happens when TensorRT says no."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -290,7 +291,7 @@ def _patch_cuda_graphs(monkeypatch, graph_ctx, graphs: list) -> None:
 
 def _call(monkeypatch, context, invalidate=False):
     """A _Call for the backbone's step phase with fake torch.cuda graph/stream objects (no GPU needed)."""
-    logs, graphs = [], []
+    graphs = []
 
     @contextlib.contextmanager
     def graph_ctx(graph, stream=None, capture_error_mode="global", **_):
@@ -305,7 +306,7 @@ def _call(monkeypatch, context, invalidate=False):
 
     _patch_cuda_graphs(monkeypatch, graph_ctx, graphs)
     backend = SimpleNamespace(stream=SimpleNamespace(cuda_stream=1234, synchronize=lambda: None), cuda_graphs=True,
-                              captures=[], log=logs.append)
+                              captures=[])
     call = object.__new__(tb._Call)
     call.stage, call.backend, call.context, call.host_shape_inputs = tb.st.BACKBONE, backend, context, False
     call.phase, call.graph_candidate = "step", True
@@ -313,26 +314,29 @@ def _call(monkeypatch, context, invalidate=False):
     call.key = (call.stage, call.phase, (("rows", 2), ("seq", 1)))
     writes = []
     call.after = lambda: writes.append(context.capturing)
-    return call, backend, logs, graphs, writes
+    return call, backend, graphs, writes
 
 
-def test_graph_capture_after_one_eager_enqueue(monkeypatch):
+def test_graph_capture_after_one_eager_enqueue(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="bitdance_rt")
     ctx = FakeContext()
-    call, backend, logs, graphs, writes = _call(monkeypatch, ctx)
+    call, backend, graphs, writes = _call(monkeypatch, ctx)
     call.run()
     assert ctx.enqueued == 2 and writes == [False, True]  # eager warm-up, then the captured enqueue + cache write
-    assert call.graph is graphs[0] and backend.captures == [call.key] and not logs
+    assert call.graph is graphs[0] and backend.captures == [call.key] and not caplog.messages
     call.run()
     call.run()
     assert graphs[0].replays == 2 and ctx.enqueued == 2
 
 
 @pytest.mark.parametrize("invalidate", [False, True])
-def test_uncapturable_engine_runs_eagerly(monkeypatch, invalidate):
+def test_uncapturable_engine_runs_eagerly(monkeypatch, invalidate, caplog):
+    caplog.set_level(logging.INFO, logger="bitdance_rt")
     ctx = FakeContext(capturable=invalidate)  # enqueue refuses under capture, or the capture is invalidated
-    call, backend, logs, graphs, writes = _call(monkeypatch, ctx, invalidate=invalidate)
+    call, backend, graphs, writes = _call(monkeypatch, ctx, invalidate=invalidate)
     call.run()
     assert call.graph is None and call.capture_failed and backend.captures == []
+    logs = caplog.messages
     assert len(logs) == 1 and "runs without one" in logs[0] and "\n" not in logs[0]
     call.run()
     assert ctx.enqueued == 3 and len(graphs) == 1  # no second capture attempt
@@ -598,7 +602,7 @@ def _fake_backend(monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=Tr
     backend = object.__new__(tb.TrtBackend)
     backend.dir, backend.config, backend.specs, backend.sampler, backend.sampler_steps = (
         tmp_path, cfg, specs, sampler, steps)
-    backend.device, backend.log, backend.trt = torch.device("cpu"), log.append, BACKEND_TRT
+    backend.device, backend.trt = torch.device("cpu"), BACKEND_TRT
     backend._runtime, backend.engine_paths, backend.stream = FakeRuntime(engines), paths, FakeStream()
     backend.cuda_graphs, backend.captures, backend._calls = cuda_graphs, [], {}
     backend._load_engines(tb.lazy_stages(sampler, specs))  # what TrtBackend.__init__ does after the build
@@ -672,8 +676,9 @@ def test_embeddings_stay_on_the_device_buffers(monkeypatch, tmp_path):
     assert step.buffers["x"].data_ptr() == address and float(step.buffers["x"].mean()) == 2.0
 
 
-def test_head_step_is_deserialised_only_when_needed(monkeypatch, tmp_path):
-    backend, log, _ = _fake_backend(monkeypatch, tmp_path, steps=2)
+def test_head_step_is_deserialised_only_when_needed(monkeypatch, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bitdance_rt")
+    backend, _, _ = _fake_backend(monkeypatch, tmp_path, steps=2)
     runtime = backend._runtime
     assert tb.st.HEAD_STEP not in runtime.loaded and tb.st.HEAD_STEP not in backend.engines
     assert backend.has_stage(tb.st.HEAD_STEP)  # built, so the sampler choice still sees it
@@ -684,7 +689,7 @@ def test_head_step_is_deserialised_only_when_needed(monkeypatch, tmp_path):
     backend.sample_tokens(torch.zeros(4, p, cfg.dim), torch.zeros(4, 2, p, c), 3.0, True)  # S = 3: head_step
     backend.sample_tokens(torch.zeros(4, p, cfg.dim), torch.zeros(4, 2, p, c), 3.0, True)
     assert runtime.loaded.count(tb.st.HEAD_STEP) == 1 and tb.st.HEAD_STEP in backend.engines
-    assert any("head_step: loading its engine" in str(line) for line in log)
+    assert any("head_step: loading its engine" in line for line in caplog.messages)
     assert sorted(runtime.loaded) == sorted(backend.specs)  # every other engine once, at load
 
 

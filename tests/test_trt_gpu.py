@@ -8,6 +8,7 @@ tensorrt` passes."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def _backend(tiny, **kw):
     from bitdance_rt.runtime.trt_backend import TrtBackend
 
     _, export, engines, _ = tiny
-    return TrtBackend(export, engine_root=engines, log=None, **kw)
+    return TrtBackend(export, engine_root=engines, **kw)
 
 
 def _run(backend, tiny):
@@ -129,17 +130,16 @@ def test_fp16_engines_report_agreement(tiny):
     assert result.tokens.abs().eq(1).all() and agreement > 0.5
 
 
-def test_stale_engine_is_rebuilt(tiny):
+def test_stale_engine_is_rebuilt(tiny, caplog):
     from bitdance_rt.engines.build import build_engines
 
+    caplog.set_level(logging.INFO, logger="bitdance_rt")
     _, export, engines, _ = tiny
-    logs = []
-    first = build_engines(export, workspace_mb=256, root=engines, stages=[st.DECODER], log=logs.append)
-    second = build_engines(export, workspace_mb=512, root=engines, stages=[st.DECODER], log=logs.append)
+    first = build_engines(export, workspace_mb=256, root=engines, stages=[st.DECODER])
+    second = build_engines(export, workspace_mb=512, root=engines, stages=[st.DECODER])
     assert first[st.DECODER].status in ("built", "rebuilt", "cached")
-    assert second[st.DECODER].status == "rebuilt" and any("workspace_bytes" in line for line in logs)
-    assert build_engines(export, workspace_mb=512, root=engines, stages=[st.DECODER],
-                         log=logs.append)[st.DECODER].status == "cached"
+    assert second[st.DECODER].status == "rebuilt" and any("workspace_bytes" in line for line in caplog.messages)
+    assert build_engines(export, workspace_mb=512, root=engines, stages=[st.DECODER])[st.DECODER].status == "cached"
 
 
 def test_check_tensorrt_cli(tiny, capsys):
@@ -198,7 +198,7 @@ def test_text_to_image_on_tensorrt(tmp_path, monkeypatch, precision):
 
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
     kw = dict(checkpoint=write_checkpoint(tmp_path / "t2i", parallel_num=16), height=512, width=512,
-              max_text_tokens=24, steps=2, log=None, progress=False)
+              max_text_tokens=24, steps=2, progress=False)
     with Pipeline.from_pretrained(backend="tensorrt", precision=precision, **kw) as pipe:
         assert pipe.backend.name == "tensorrt"
         out = pipe.generate(prompt="a red cat", seed=21)

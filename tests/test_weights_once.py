@@ -152,7 +152,7 @@ def test_derived_variants_hold_each_weight_once(tmp_path, precision, monkeypatch
 
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
     with torch_threads(1), Pipeline.from_pretrained(backend="onnxruntime", precision=precision, steps=4, threads=1,
-                                                    progress=False, log=None) as pipe:
+                                                    progress=False) as pipe:
         out = pipe.generate(labels=3, seed=0)
         directory = pipe.backend.dir
     assert out.tokens.abs().eq(1).all()

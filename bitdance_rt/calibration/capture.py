@@ -14,11 +14,11 @@ outputs (float32; those of the backend that ran, so an FP16 capture's outputs ar
   spans all sampler times of all AR steps;
 - head_sampler {cond, noise, cfg, cond_row, uncond_row}; decoder {latent}.
 
-Stage calls are observed where the runtime core makes them (`_run`, through the stage-observer hook
-of observe.py), so a backbone sample holds the very `x` it got, and only the rows of the call's
-requests (not the padding rows of its row bucket, nor rows a step does not advance): the row-level
-calls (prefill_rows, step_rows, sample_rows, decode), which RecordingBackend wraps, say which rows
-those are. The sampler runs step by step (head_step graph) on every backend, which is the fused
+Stage calls are observed where the runtime core makes them (`run_stage`, through its stage
+observers: runtime/core.StageBackend.add_observer), so a backbone sample holds the very `x` it
+got, and only the rows of the call's requests (not the padding rows of its row bucket, nor rows a
+step does not advance): the row-level calls (prefill_rows, step_rows, sample_rows, decode), which
+RecordingBackend wraps, say which rows those are. The sampler runs step by step (head_step graph) on every backend, which is the fused
 sampler's maths. What is kept follows a CapturePolicy (policy.py), with one reservoir per backbone
 phase so that the few prefill calls are never crowded out by the many steps. Recording only copies
 tensors: the maths and the noise draws are the backend's, and a recorded run gives its tokens.
@@ -36,10 +36,10 @@ import torch
 from .. import stages as st
 from ..errors import BitDanceError
 from ..runtime import GenerationResult, generate_batched
+from ..runtime.core import StageBackend, StageCall
 from ..runtime.loop import check_request
 from ..sampling import SeededNoise, schedule_for
 from .dataset import CAPTURED_STAGES, COMPACT_CACHE, FORMAT, CalibrationSet, Sample
-from .observe import is_observed
 from .policy import CapturePolicy, Reservoir
 from .producer import producer_of, torch_capture_backend
 
@@ -51,18 +51,18 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
 class RecordingBackend:
     """A stage backend plus recording of every stage call chosen by the policy. It wraps the row-level
     calls the scheduler makes (runtime/core.py), which say which rows of a call are the requests'
-    own, and observes the stage calls the core makes inside them (observe.py), so the recorded rows
-    are the request's own rows, never the padding rows the core adds.
+    own, and observes the stage calls the core makes inside them (a stage observer), so the
+    recorded rows are the request's own rows, never the padding rows the core adds.
 
-    `inner`: any runtime/core.StageBackend built as its observed class (observe.observed; see
-    producer.torch_capture_backend / ort_capture_backend) that has a head_step stage. Its sampler
+    `inner`: any runtime/core.StageBackend (see producer.torch_capture_backend /
+    ort_capture_backend) that has a head_step stage. Its sampler
     is set to "step", so every head-net evaluation is a head_step stage call (the maths of the fused
     sampler, and of torch's, is the same step-by-step sampler: the tokens do not change)."""
 
     def __init__(self, inner, policy: CapturePolicy = CapturePolicy()):
-        if not is_observed(inner):
-            raise BitDanceError(f"RecordingBackend: backend {getattr(inner, 'name', inner)!r} has no stage observers; "
-                                "build it with bitdance_rt.calibration.observe.observed(<backend class>)(...)")
+        if not isinstance(inner, StageBackend):
+            raise BitDanceError(f"RecordingBackend: backend {getattr(inner, 'name', inner)!r} is not a stage backend "
+                                "(runtime/core.StageBackend): it has no stage observers to record from")
         if not inner.has_stage(st.HEAD_STEP):
             raise BitDanceError(f"{inner._where()} has no head_step graph, which a capture samples with (every "
                                 "head-net evaluation is recorded); re-export with all stages")
@@ -81,11 +81,11 @@ class RecordingBackend:
         self._decoding = False
         self._sampler = inner.sampler
         inner.sampler = "step"  # head_step calls: every evaluation inside the sampler (runtime/core.py)
-        inner.add_stage_observer(self._observe)
+        inner.add_observer(self._observe)
 
     def detach(self) -> None:
         """Stop recording: the inner backend's observer and sampler mode as they were."""
-        self.inner.remove_stage_observer(self._observe)
+        self.inner.remove_observer(self._observe)
         self.inner.sampler = self._sampler
 
     @property
@@ -119,8 +119,9 @@ class RecordingBackend:
         finally:
             self._rows = None
 
-    def _observe(self, stage, feeds, phase, out) -> None:
+    def _observe(self, call: StageCall) -> None:
         """The stage observer: what the policy keeps of each stage call inside a recorded row-level call."""
+        stage, feeds, phase, out = call.stage, call.feeds, call.phase, call.outputs
         if stage in (st.TOKEN_EMBED, st.BACKBONE):
             if self._rows is not None and self._offer(stage, phase):
                 self._record_rows(stage, feeds, phase, out)
@@ -211,7 +212,7 @@ def capture(model, weights: str, labels, seeds, steps: int, cfg_scale: float,
     """Generate `labels` (text-to-image: `prompts`, a PromptCondition) once per seed and record the
     stage inputs.
 
-    The run is on `backend`, an observed stage backend (producer.ort_capture_backend for ONNX
+    The run is on `backend`, a stage backend (producer.ort_capture_backend for ONNX
     Runtime on an export; then `model` may be None: no torch model is needed), else on the torch
     reference of `model` on `device`. `weights` names the weights (bitdance_rt.export.checkpoint_source
     / random_source), so a set is never used with another checkpoint; an export must be of them.

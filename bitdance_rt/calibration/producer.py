@@ -4,7 +4,7 @@ A capture records the trajectories of whatever stage backend fits the machine: t
 reference (the ImageNet default, as before), or ONNX Runtime on the FP32 or FP16 export (the
 text-to-image default: BitDance-14B in float32 torch is ~27 PFLOP and ~65 GB of RAM for the 16
 default prompts, while its FP16 graphs run on a GPU). Later INT4 or TensorRT exports fit the same
-way: any runtime/core.StageBackend built as its observed class (observe.py) that has head_step.
+way: any runtime/core.StageBackend (its stage observers see every stage run) that has head_step.
 
 A set's key holds its producer, {"backend", "precision", "export_key"}: the backend's name, the
 precision of the graphs (fp32 for torch) and the sha256 of the export manifest's key (None for
@@ -19,7 +19,6 @@ import hashlib
 import json
 
 from ..errors import BitDanceError
-from .observe import observed
 
 CAPTURE_BACKENDS = ("torch", "onnxruntime")
 CAPTURE_PRECISIONS = ("fp32", "fp16")
@@ -79,17 +78,17 @@ def describe_producer(producer: dict, export_dir=None) -> str:
 
 
 def torch_capture_backend(model, device: str = "cpu"):
-    """The torch reference, observed (see capture.RecordingBackend)."""
+    """The torch reference (see capture.RecordingBackend)."""
     from ..runtime.torch_backend import TorchBackend
 
-    return observed(TorchBackend)(model, device)
+    return TorchBackend(model, device)
 
 
 def ort_capture_backend(export_dir, threads: int | None = None, providers=None, expect_config=None,
                         expect_source: str | None = None, session_cache=None):
-    """ONNX Runtime on an export directory (FP32 or FP16 graphs), observed, sampling step by step
-    (head_step: every head-net evaluation is a stage call; the fused head_sampler is one opaque graph)."""
+    """ONNX Runtime on an export directory (FP32 or FP16 graphs), sampling step by step (head_step:
+    every head-net evaluation is a stage call; the fused head_sampler is one opaque graph)."""
     from ..runtime.ort_backend import OrtBackend
 
-    return observed(OrtBackend)(export_dir, threads=threads, providers=providers, sampler="step",
-                                expect_config=expect_config, expect_source=expect_source, session_cache=session_cache)
+    return OrtBackend(export_dir, threads=threads, providers=providers, sampler="step", expect_config=expect_config,
+                      expect_source=expect_source, session_cache=session_cache)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ from ..fileio import atomic_write
 from . import cache as ec
 from .options import PrecisionPlan, opt_level, plan_precision, trt_major, workspace_bytes
 from .profiles import Profile, stage_profiles
+
+logger = logging.getLogger(__name__)
 
 INSTALL_HINT = ("pip install 'bitdance-rt[tensorrt]' (or NVIDIA's tensorrt wheel for your CUDA; on Jetson, "
                 "JetPack's python3-libnvinfer)")
@@ -263,7 +266,7 @@ def export_stages_to_build(manifest: dict, directory: Path, stages=None) -> list
 
 def build_engines(export_dir, precision: str | None = None, workspace_mb=None, level: int = 3, stages=None,
                   root=None, toolkit=None, lint: bool = True, verify_hashes: bool = True,
-                  lock_timeout: float | None = None, log=print) -> dict[str, BuiltEngine]:
+                  lock_timeout: float | None = None) -> dict[str, BuiltEngine]:
     """Engines for the stages of an export (all by default): cached ones reused, others built.
 
     `toolkit`: a TensorRT() (default) or any object with .version, .gpu (GpuInfo) and
@@ -289,15 +292,15 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
                             toolkit.gpu.compute_capability, toolkit.version, level, workspace, plan.key_flags)
         found = ec.lookup(key, root)
         if found.hit:
-            log(f"{stage}: engine up to date ({found.path})")
+            logger.info("%s: engine up to date (%s)", stage, found.path)
             out[stage] = BuiltEngine(stage, found.path, "cached", key)
             continue
         onnx_path = directory / export.stage_files(stage)[0]
         if found.status == "stale":
-            log(f"{stage}: rebuilding: {found.reason}")
+            logger.info("%s: rebuilding: %s", stage, found.reason)
         else:
-            log(f"{stage}: building {plan.precision} engine with TensorRT {toolkit.version} on "
-                f"{toolkit.gpu.name} (sm {toolkit.gpu.compute_capability})")
+            logger.info("%s: building %s engine with TensorRT %s on %s (sm %s)", stage, plan.precision,
+                        toolkit.version, toolkit.gpu.name, toolkit.gpu.compute_capability)
         built = []
 
         def build(onnx_path=onnx_path, profiles=profiles):
@@ -307,9 +310,9 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
         path = ec.get_or_build(key, build, root, timeout=lock_timeout)
         status = ("rebuilt" if found.status == "stale" else "built") if built else "cached"
         if not built:
-            log(f"{stage}: another process built it meanwhile ({path})")
+            logger.info("%s: another process built it meanwhile (%s)", stage, path)
         else:
-            log(f"{stage}: wrote {path}")
+            logger.info("%s: wrote %s", stage, path)
         out[stage] = BuiltEngine(stage, path, status, key)
     return out
 

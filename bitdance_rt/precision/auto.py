@@ -11,6 +11,7 @@ Reuse and rebuilds follow the manifest keys, so a stale variant is re-derived, n
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .. import paths
 from ..errors import BitDanceError
 from .derive import derive_export
 from .policy import check_method, check_precision
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_IMAGES = 16
 DEFAULT_CAPTURE_BATCH = 4
@@ -171,19 +174,19 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
             found = load_calibration(path, config=cfg, weights=source, steps=steps)
             if set_producer(found.key) == want:
                 return found
-            print(f"calibration cache {path}: captured with {describe_producer(set_producer(found.key))}, not "
-                  f"{describe_producer(want, export)}; capturing it again")
+            logger.info("calibration cache %s: captured with %s, not %s; capturing it again", path,
+                        describe_producer(set_producer(found.key)), describe_producer(want, export))
         except BitDanceError as exc:
-            print(f"calibration cache {path}: {exc}; capturing it again")
+            logger.info("calibration cache %s: %s; capturing it again", path, exc)
     if prompt_encoder is not None:
         labels, prompts = None, prompt_encoder.encode(fitting_prompts(default_prompts(), prompt_encoder))
         images = len(prompts)
     else:
         labels, prompts = default_labels(cfg), None
         images = len(labels)
-    print(f"INT8 calibration: no --calibration given, capturing {images} images of {cfg.name} with "
-          f"{describe_producer(want, export)} into {path} (once; pass --calibration DIR from `bitdance-rt calibrate` "
-          "to choose the data)")
+    logger.info("INT8 calibration: no --calibration given, capturing %d images of %s with %s into %s (once; pass "
+                "--calibration DIR from `bitdance-rt calibrate` to choose the data)", images, cfg.name,
+                describe_producer(want, export), path)
     policy = default_policy(cfg, images)
     if export is not None:
         backend = ort_capture_backend(export, threads=threads, providers=providers, expect_config=cfg,

@@ -55,13 +55,36 @@ def quantize_options(method: str) -> dict:
     )
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+QUANTISER_LOGGER = "onnxruntime.quantization"  # its modules' named loggers (shape inference, ...)
+
+
 @contextlib.contextmanager
-def _quiet_logging():
-    logging.disable(logging.WARNING)
+def quiet_quantiser():
+    """Within the block, ONNX Runtime's quantiser says nothing below ERROR, and every other logger
+    is left alone (no process-wide logging.disable). The quantiser logs its advice through the
+    module functions (logging.warning / logging.info: records of the ROOT logger itself), so a
+    filter on the root logger drops exactly those (a logger's filters see only its own records,
+    not those its children propagate: an application's named loggers still emit); its named
+    loggers under `onnxruntime.quantization` get level ERROR. Those module functions also call
+    logging.basicConfig() when the root has no handler, which would leave a stderr handler on the
+    root of this process for good: a handler that appears there during the block is removed."""
+    root, named = logging.getLogger(), logging.getLogger(QUANTISER_LOGGER)
+    quiet, level, had_handler = _ErrorsOnly(), named.level, bool(root.handlers)
+    root.addFilter(quiet)
+    named.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        root.removeFilter(quiet)
+        named.setLevel(level)
+        if not had_handler:  # (basicConfig does nothing when the root has a handler)
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
 
 
 def activation_ranges(fp32_path, reader, method: str, cache_file, external_data: bool = False) -> None:
@@ -147,7 +170,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: s
         with tempfile.TemporaryDirectory(prefix="bitdance-rt-int8-") as tmp:
             cache = Path(calibration_cache) if calibration_cache is not None else Path(tmp) / "ranges.json"
             # the calibrators print their progress, and the quantiser logs advice to the root logger
-            with contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
+            with contextlib.redirect_stdout(io.StringIO()), quiet_quantiser():
                 if not cache.is_file():
                     activation_ranges(fp32_path, reader, method, cache, external_data)
                 quantize_static(str(fp32_path), str(out_path), None, nodes_to_quantize=nodes,

@@ -127,12 +127,17 @@ def _embed(backend, stage: str, feeds: dict, rows: int) -> torch.Tensor:
     runs it) -> x of the `rows` real rows, a CPU copy."""
     names = st.stage_spec(stage, backend.config).input_names
     run = _padded({k: feeds[k] for k in names}, backend.bucket(rows))
-    return backend._run(stage, run)["x"][:rows].detach().float().cpu().clone()
+    return backend.run_stage(stage, run)["x"][:rows].detach().float().cpu().clone()
 
 
 @contextlib.contextmanager
 def _replaced(backend, stage: str, x: torch.Tensor):
-    """Within the block, `backend`'s stage `stage` returns `x` (padded to the rows asked)."""
+    """Within the block, `backend`'s stage `stage` returns `x` (padded to the rows asked).
+
+    This one replaces the backend's `_run` instead of using a stage observer (runtime/core.py's
+    `add_observer`), on purpose: observers only see a stage run, while the lockstep comparison
+    must change what the stage returns (the other backend's embedding goes into this backend's
+    backbone). The block is short and puts the class's method (or the instance's own) back."""
     run, own = backend._run, backend.__dict__.get("_run")
 
     def replaced(name, feeds, phase=None):
@@ -169,7 +174,7 @@ class Lockstep:
 
     def __init__(self, ref, test, out: "Comparison"):
         for b in (ref, test):
-            if not (hasattr(b, "_run") and hasattr(b, "bucket")):
+            if not (hasattr(b, "run_stage") and hasattr(b, "bucket")):
                 raise BitDanceError(f"compare: {getattr(b, 'name', b)!r} is not a stage backend (runtime/core.py): "
                                     "its stages cannot be compared one by one")
         self.ref, self.test, self.out = ref, test, out

@@ -9,12 +9,21 @@ Two levels of calls:
 - batch level, one generation in the official row layout (conditional rows, then unconditional):
   `prefill`, `step`, `sample_tokens`; calibration, teacher-forced accuracy and `check` drive these.
 
+Every stage run goes through `run_stage`, which hands it to the backend's stage observers
+(`add_observer` / `observe`: timing, calibration capture) after it ran: they see each call's
+stage, phase, inputs, outputs and duration without replacing any method.
+
 Every call runs at least MIN_ROWS rows, and the scheduler pads its calls to `row_bucket` sizes, so
 that a row's result never depends on how many rows share its call (see MIN_ROWS) and TensorRT
 runs a few fixed shapes (captured CUDA graphs stay valid).
 """
 
 from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -64,6 +73,30 @@ def _pad_rows(x: torch.Tensor, rows: int, fill=0) -> torch.Tensor:
     return torch.cat([x, pad])
 
 
+@dataclass(frozen=True)
+class StageCall:
+    """One stage run, as a stage observer gets it (after the run). `feeds`: the contract-named
+    inputs exactly as the core built them (the padding rows of the call's row bucket included; the
+    cache inputs are views of the live cache); `phase`: the backbone's ("prefill" / "step"), None
+    for other stages; `outputs`: by contract name (a backend may hand out a buffer it reuses, such
+    as ONNX Runtime's `kv_new`: copy what you keep); `seconds`: wall-clock time of the run.
+    Observers must change neither feeds nor outputs."""
+
+    stage: str
+    phase: str | None
+    feeds: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    seconds: float
+
+    @property
+    def graph(self) -> str:
+        """The report name of the run: the stage, and the phase of a stage that has phases."""
+        return self.stage if self.phase is None else f"{self.stage}.{self.phase}"
+
+
+StageObserver = Callable[[StageCall], None]
+
+
 class StageBackend:
     """Shared core; subclasses set name, config, specs (or None: any stage), sampler_steps and
     max_rows, and implement `_run` and `_alloc_cache`."""
@@ -71,6 +104,8 @@ class StageBackend:
     name = "backend"
     sampler = "auto"
     sampler_steps: int | None = None  # S of the fused head_sampler graph; None: any S (torch)
+    # replaced, never mutated: a thread running a stage iterates the tuple it read
+    _observers: tuple[StageObserver, ...] = ()
 
     def _init_core(self, max_rows: int | None) -> None:
         self.max_rows = None if max_rows is None else int(max_rows)
@@ -90,6 +125,43 @@ class StageBackend:
 
     def has_stage(self, stage: str) -> bool:
         return self.specs is None or stage in self.specs
+
+    # ---- stage observers ------------------------------------------------------------------
+    def run_stage(self, stage: str, feeds: dict[str, torch.Tensor], phase: str | None = None) -> dict[str, torch.Tensor]:
+        """Run one stage (`_run`), then hand a StageCall to every observer, in the calling thread.
+        Every stage run of the core goes through here."""
+        observers = self._observers
+        if not observers:
+            return self._run(stage, feeds, phase)
+        start = time.perf_counter()
+        outputs = self._run(stage, feeds, phase)
+        call = StageCall(stage, phase, feeds, outputs, time.perf_counter() - start)
+        for observer in observers:
+            observer(call)
+        return outputs
+
+    @property
+    def observers(self) -> tuple[StageObserver, ...]:
+        return self._observers
+
+    def add_observer(self, observer: StageObserver) -> None:
+        """Call `observer(call: StageCall)` after every stage run of this backend (until removed)."""
+        self._observers = (*self._observers, observer)
+
+    def remove_observer(self, observer: StageObserver) -> None:
+        """Stop calling `observer` (ValueError when it was not added)."""
+        observers = list(self._observers)
+        observers.remove(observer)
+        self._observers = tuple(observers)
+
+    @contextlib.contextmanager
+    def observe(self, observer: StageObserver):
+        """`observer` added for the duration of the block."""
+        self.add_observer(observer)
+        try:
+            yield self
+        finally:
+            self.remove_observer(observer)
 
     def close(self) -> None:
         """Release what the backend holds (cache; subclasses: sessions, engines) before the
@@ -157,11 +229,11 @@ class StageBackend:
         # dummy rows repeat row 0 (any valid input; their results are dropped)
         run = {k: torch.cat([v, v[:1].expand(padded - m, *v.shape[1:])]) for k, v in feeds.items()}
         embed = {k: run[k] for k in self._prefix_names}
-        x = self._run(st.PREFIX_EMBED, embed)["x"]
+        x = self.run_stage(st.PREFIX_EMBED, embed)["x"]
         context = {name: run[name] for name in st.step_context_names(self.config)}  # text-to-image: pad
         # the cache rows the call reads are any `padded` slots: with start 0 every cached key is hidden
-        out = self._run(st.BACKBONE, {"x": x, "start": torch.zeros(padded, dtype=torch.int64), **context,
-                                      **self._cache_feeds(padded)}, phase="prefill")
+        out = self.run_stage(st.BACKBONE, {"x": x, "start": torch.zeros(padded, dtype=torch.int64), **context,
+                                           **self._cache_feeds(padded)}, phase="prefill")
         self.clear_rows(slots)  # the rows start clean, whatever their last owner left there
         write_rows(self._kv, out["kv_new"][:, :, :m].to(self._kv.device), slots, 0)
         for name in context:  # inputs the backbone steps need again
@@ -198,12 +270,12 @@ class StageBackend:
         padded = self.bucket(n)
         self.ensure_cache(padded)
         start = _pad_rows(torch.tensor(starts, dtype=torch.int64), padded, lo)
-        feeds = {"x": self._run(st.TOKEN_EMBED, {"tokens": _pad_rows(tokens.float().cpu(), padded)})["x"],
+        feeds = {"x": self.run_stage(st.TOKEN_EMBED, {"tokens": _pad_rows(tokens.float().cpu(), padded)})["x"],
                  "start": start}
         for name, values in self._context.items():
             feeds[name] = values[:padded]
         feeds.update(self._cache_feeds(padded))
-        out = self._run(st.BACKBONE, feeds, phase="step")
+        out = self.run_stage(st.BACKBONE, feeds, phase="step")
         keep = [i for i, w in enumerate(write) if w]
         if keep:
             new = out["kv_new"].to(self._kv.device)
@@ -233,7 +305,7 @@ class StageBackend:
                  "cfg": _pad_rows(cfg, padded, 1.0), "cond_row": torch.cat([cond_row, own]),
                  "uncond_row": torch.cat([uncond_row, own])}
         if self._use_fused(steps):
-            return self._run(st.HEAD_SAMPLER, feeds)["tokens"][:m].float().cpu()
+            return self.run_stage(st.HEAD_SAMPLER, feeds)["tokens"][:m].float().cpu()
         net = self._head_net(padded)
         with torch.no_grad():
             tokens = sample_tokens_rows(net, feeds["cond"], feeds["noise"], feeds["cfg"], feeds["cond_row"],
@@ -255,7 +327,7 @@ class StageBackend:
     def _head_net(self, rows: int):
         """The head net as a callable (x, t, cond) for the step-by-step sampler."""
         def net(x, t, cond):
-            return self._run(st.HEAD_STEP, {"x": x, "t": t, "cond": cond})["x_pred"].float().cpu()
+            return self.run_stage(st.HEAD_STEP, {"x": x, "t": t, "cond": cond})["x_pred"].float().cpu()
 
         return net
 
@@ -273,7 +345,7 @@ class StageBackend:
     def _simple(self, stage: str, in_name: str, out_name: str, x: torch.Tensor) -> torch.Tensor:
         if not self.has_stage(stage):
             raise BitDanceError(f"{self._where()} has no {stage} stage; re-export with it")
-        return self._run(stage, {in_name: x.float().cpu()})[out_name].float().cpu()
+        return self.run_stage(stage, {in_name: x.float().cpu()})[out_name].float().cpu()
 
     # ---- batch level (one generation, official row layout) -----------------------------------
     def prefill(self, rows) -> torch.Tensor:

@@ -28,12 +28,13 @@ def graph_name(stage: str, phase: str | None = None) -> str:
 
 class TimedBackend:
     """Wraps a backend; forwards every call and adds its duration to `seconds[call]`, and each stage
-    graph it runs (its `_run`) to `graph_seconds[graph_name]`.
+    graph it runs to `graph_seconds[graph_name]` (through the backend's stage observers,
+    runtime/core.StageBackend.add_observer).
 
     Backends return host tensors or synchronise before returning (TensorRT copies every output but
     the cache's to the host), so wall-clock time per call is the stage's cost as the loop sees it.
-    The graph timing wraps the inner backend's `_run` in place (a backend has one loop); a newer
-    TimedBackend of the same backend takes it over, and `detach` gives it back.
+    One TimedBackend times a backend's graphs at a time (a backend has one loop): a newer one of the
+    same backend takes the graph timing over, and `detach` ends it.
     """
 
     def __init__(self, backend):
@@ -44,22 +45,16 @@ class TimedBackend:
         self.calls: dict[str, int] = defaultdict(int)
         self.graph_seconds: dict[str, float] = defaultdict(float)
         self.graph_calls: dict[str, int] = defaultdict(int)
-        self._wrapper = None
-        if callable(getattr(backend, "_run", None)):
-            own = backend.__dict__.get("_run")  # None: the class's method
-            self._own = getattr(own, "__wrapped__", own)  # not a wrapper of an earlier TimedBackend
-            run = self._own if self._own is not None else type(backend)._run.__get__(backend)
+        self._observing = hasattr(backend, "add_observer")  # a stage backend (else: its calls only)
+        if self._observing:
+            for older in backend.observers:
+                if isinstance(getattr(older, "__self__", None), TimedBackend):
+                    older.__self__.detach()
+            backend.add_observer(self._graph_ran)
 
-            def timed_run(stage, feeds, phase=None):
-                start = time.perf_counter()
-                out = run(stage, feeds, phase=phase)
-                name = graph_name(stage, phase)
-                self.graph_seconds[name] += time.perf_counter() - start
-                self.graph_calls[name] += 1
-                return out
-
-            timed_run.__wrapped__ = self._own
-            self._wrapper = backend._run = timed_run
+    def _graph_ran(self, call) -> None:
+        self.graph_seconds[call.graph] += call.seconds
+        self.graph_calls[call.graph] += 1
 
     def __getattr__(self, attr):
         fn = getattr(self.inner, attr)
@@ -83,13 +78,10 @@ class TimedBackend:
         self.graph_calls.clear()
 
     def detach(self) -> None:
-        """Stop timing the inner backend's graphs: its own `_run` again."""
-        if self._wrapper is not None and self.inner.__dict__.get("_run") is self._wrapper:
-            if self._own is None:
-                del self.inner._run
-            else:
-                self.inner._run = self._own
-        self._wrapper = None
+        """Stop timing the inner backend's graphs (its calls through this wrapper are still timed)."""
+        if self._observing:
+            self._observing = False
+            self.inner.remove_observer(self._graph_ran)
 
 
 def process_seconds() -> float | None:

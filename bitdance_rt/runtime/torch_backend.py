@@ -2,7 +2,9 @@
 
 It runs each stage as the very module the ONNX export traces (export/wrappers.py), on the shared
 core (runtime/core.py), so torch, ONNX Runtime and TensorRT compute the same graph per stage.
-The step-by-step head sampler calls `self.head_net` (calibration observes it as head_step calls).
+With sampler "step" (calibration capture) the core runs every head-net evaluation as a head_step
+stage, which its stage observers see; the fused path samples with `self.head_net` inside one
+head_sampler stage run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class TorchBackend(StageBackend):
         self.model = model.to(device).eval()
         self.config = model.cfg
         self.device = torch.device(device)
-        self.head_net = self.model.head_net  # the sampler's net; wrappers (calibration) may observe it
+        self.head_net = self.model.head_net  # the sampler's net (head_step and head_sampler stages)
         specs = {name: st.stage_spec(name, self.config, steps=1)
                  for name in (st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.DECODER, st.ENCODER)}
         self._names = {name: spec.input_names for name, spec in specs.items()}

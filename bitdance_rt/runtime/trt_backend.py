@@ -62,6 +62,7 @@ Checked against NVIDIA's sources (github.com/NVIDIA/TensorRT, tags v10.3.0 and v
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -72,6 +73,8 @@ from ..engines.profiles import HOT_PHASE, dynamic_inputs, profile_index
 from ..errors import BitDanceError
 from ..export.reader import open_export
 from .core import SAMPLER_MODES, StageBackend
+
+logger = logging.getLogger(__name__)
 
 
 
@@ -254,7 +257,8 @@ class _Call:
             ok, why = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if not ok:
             self.capture_failed = True
-            b.log(f"{self.stage}: TensorRT engine cannot be captured into a CUDA graph ({why}); it runs without one")
+            logger.info("%s: TensorRT engine cannot be captured into a CUDA graph (%s); it runs without one",
+                        self.stage, why)
             return
         self.graph = graph
         b.captures.append(self.key)
@@ -276,7 +280,7 @@ class TrtBackend(StageBackend):
 
     def __init__(self, export_dir, precision: str | None = None, workspace_mb=None, engine_root=None,
                  device: str | int = "cuda", cuda_graphs: bool = True, sampler: str = "auto", level: int = 3,
-                 expect_config: ModelConfig | None = None, log=print):
+                 expect_config: ModelConfig | None = None):
         """Engines missing from the cache (or stale) are built first; `sampler` as OrtBackend's."""
         if not torch.cuda.is_available():
             raise BitDanceError("--backend tensorrt needs a CUDA GPU, and torch sees none here")
@@ -292,15 +296,13 @@ class TrtBackend(StageBackend):
         given = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
         index = given.index if given.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
-        self.log = log or (lambda *_: None)
         # Build, deserialisation and context creation run on THIS device: TensorRT uses the thread's
         # current CUDA device, so without the context cuda:1 would get engines made for cuda:0.
         with torch.cuda.device(self.device):
             toolkit = TensorRT(device=index)
             self.trt = toolkit.trt
             # every stage is built now (a later load finds its engine cached); only loading may wait
-            built = build_engines(self.dir, precision, workspace_mb, level, list(self.specs), engine_root, toolkit,
-                                  log=self.log)
+            built = build_engines(self.dir, precision, workspace_mb, level, list(self.specs), engine_root, toolkit)
             self.precision = next(iter(built.values())).key.precision
             self.engine_paths = {s: b.path for s, b in built.items()}
             self._runtime = self.trt.Runtime(toolkit.logger)
@@ -350,7 +352,7 @@ class TrtBackend(StageBackend):
         if stage not in self.engines:  # head_step: deserialised on first use
             if stage not in self.engine_paths:
                 raise BitDanceError(f"{self.dir} has no {stage} stage; re-export with it")
-            self.log(f"{stage}: loading its engine (first call)")
+            logger.info("%s: loading its engine (first call)", stage)
             self._load(stage)
         return self.engines[stage]
 

@@ -9,6 +9,7 @@ tested without Triton). It needs bitdance_rt importable by the Python backend's 
 """
 
 import json
+import logging
 import threading
 
 import triton_python_backend_utils as pb_utils
@@ -18,8 +19,32 @@ from bitdance_rt.triton.requests import (ModelInfo, Responder, ServeParams, Stre
                                          load_pipeline, parse_inputs)
 
 
-def _log(message) -> None:
-    pb_utils.Logger.log_info(str(message))
+# this file runs as Triton's "model" module: name the logger so that the handler below sees it
+logger = logging.getLogger("bitdance_rt.triton.model")
+
+
+class _TritonLog(logging.Handler):
+    """The records of the `bitdance_rt` loggers into Triton's log (pb_utils.Logger), by level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                pb_utils.Logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                pb_utils.Logger.log_warn(message)
+            else:
+                pb_utils.Logger.log_info(message)
+        except Exception:
+            self.handleError(record)
+
+
+def _log_to_triton() -> None:
+    """bitdance_rt's INFO records (what loading does, failed sends) go to Triton's log (once per process)."""
+    package = logging.getLogger("bitdance_rt")
+    if not any(isinstance(h, _TritonLog) for h in package.handlers):
+        package.addHandler(_TritonLog())
+    package.setLevel(logging.INFO)
 
 
 def _error(message: str):
@@ -36,11 +61,12 @@ class TritonPythonModel:
                                                 "{ decoupled: true } in config.pbtxt")
         self.params = ServeParams.from_parameters(config.get("parameters", {}))
         device = instance_device(self.params, args.get("model_instance_kind"), args.get("model_instance_device_id"))
-        self.pipe = load_pipeline(self.params, device, log=_log)
-        _log(f"bitdance-rt: {args.get('model_instance_name')} runs {self.pipe!r}")
+        _log_to_triton()
+        self.pipe = load_pipeline(self.params, device)
+        logger.info("bitdance-rt: %s runs %r", args.get("model_instance_name"), self.pipe)
         self.info = ModelInfo.of(self.pipe, self.params.max_images)
         self.names = [spec.name for spec in input_specs(self.info.t2i)]
-        self.responder = Responder(log=_log)
+        self.responder = Responder()
         self.lock = threading.Lock()
         self.streams = set()
 

@@ -25,6 +25,7 @@ outputs (each response carries all three)
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent.futures import CancelledError
@@ -38,6 +39,8 @@ from ..errors import BitDanceError
 from ..runtime.params import MAX_PARTIAL_IMAGES, MAX_SEED, MAX_STEPS, ParamError, check_cfg
 from ..runtime.request import preview_steps
 from ..sampling import CFG_SCHEDULES
+
+logger = logging.getLogger(__name__)
 
 SERVE_BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -141,21 +144,18 @@ def instance_device(params: ServeParams, kind: str | None, device_id) -> str:
     return "cpu" if params.device == "cpu" else params.device
 
 
-def load_pipeline(params: ServeParams, device: str | None = None, log=print):
+def load_pipeline(params: ServeParams, device: str | None = None):
     """One Pipeline on the export directory of `params`, on `device` (default params.device).
 
     The model's config is the export manifest's (no weights are read: the ONNX graphs / TensorRT
     engines hold them), unless `model` / `checkpoint` were recorded; a text-to-image export also
     needs its checkpoint directory, for the tokenizer."""
-    import os
-
+    from .. import paths
     from ..backends import BackendOptions, ModelSource, resolve_model
     from ..export.reader import open_export
     from ..pipeline import Pipeline
     from ..t2i_config import T2IConfig
 
-    if params.cache_dir:
-        os.environ["BITDANCE_RT_CACHE"] = params.cache_dir
     export_dir = Path(params.export_dir)
     export = open_export(export_dir)
     cfg = export.config
@@ -174,8 +174,9 @@ def load_pipeline(params: ServeParams, device: str | None = None, log=print):
     device = device or params.device
     opts = BackendOptions(backend=params.backend, precision=params.precision, device=device, threads=params.threads,
                           max_batch=max_batch, export_dir=str(export_dir), ort_provider=params.ort_provider,
-                          engine_dir=params.engine_dir, progress=False, log=log or (lambda *_: None))
-    return Pipeline.load(source, int(steps), opts)
+                          engine_dir=params.engine_dir, progress=False)
+    with paths.using_cache_root(params.cache_dir or None):  # (the environment is left alone)
+        return Pipeline.load(source, int(steps), opts)
 
 
 # ---- requests ----------------------------------------------------------------------------------
@@ -323,9 +324,8 @@ class Responder:
     Pipeline's callbacks run) never waits on Triton's IPC. `send(outputs | None, error | None,
     final)` is the model's: it builds and sends one response; its own failures are logged."""
 
-    def __init__(self, log=print):
+    def __init__(self):
         self._queue: queue.Queue = queue.Queue()
-        self._log = log
         self._thread = threading.Thread(target=self._run, name="bitdance-triton-responses", daemon=True)
         self._thread.start()
 
@@ -340,7 +340,7 @@ class Responder:
             try:
                 job()
             except Exception as exc:  # a response that cannot be sent (client gone) must not stop the others
-                self._log(f"bitdance-rt: sending a response failed: {exc}")
+                logger.warning("bitdance-rt: sending a response failed: %s", exc)
 
     def close(self) -> None:
         """Send what is queued, then stop."""
