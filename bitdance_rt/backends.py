@@ -168,6 +168,8 @@ def export_for(model: ModelSource, out, steps: int, opts: BackendOptions, stages
 
     stages = list(stages or GENERATION_STAGES)
     limits = options.pop("limits", None) or _limits(opts)
+    if model.t2i:
+        return streamed_export(model, out, steps, opts, "fp32", stages, limits=limits, **options)
     source = model.weights_source()
     if model.vae and not model.checkpoint:
         raise BitDanceError("--vae needs --checkpoint: the random-weight default has no checkpoint to pair it with")
@@ -180,14 +182,37 @@ def export_for(model: ModelSource, out, steps: int, opts: BackendOptions, stages
                          limits=limits, **options)
 
 
+def streamed_export(model: ModelSource, out, steps: int, opts: BackendOptions, precision: str, stages=None,
+                    **options):
+    """A text-to-image export written straight from the weight files (precision/streamed.py): the
+    weights are streamed tensor by tensor, never loaded as a float32 model."""
+    from .precision.streamed import export_precision_streamed
+    from .stages import GENERATION_STAGES
+    from .t2i.loading import weightless_t2i
+
+    options.setdefault("limits", _limits(opts))
+    options.setdefault("progress", opts.progress)
+    skeleton, weights = weightless_t2i(model.checkpoint, model.config)
+    return export_precision_streamed(skeleton, weights, out, model.weights_source(), precision,
+                                     stages=list(stages or GENERATION_STAGES), sampler_steps=steps, **options)
+
+
 def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision: str, out=None) -> Path:
     """The cached FP32 export of the model and, for fp16 / int8, its derived variant (into `out`
-    when given); the INT8 calibration set is opts.calibration or the cached default set."""
+    when given); the INT8 calibration set is opts.calibration or the cached default set.
+    Text-to-image FP16 graphs are written straight from the weight files, with no FP32 export."""
     from . import paths
     from .precision.auto import calibration_for, precision_export
     from .sampling import schedule_for
 
     fp32 = paths.export_dir(model.config, model.weights_source(), steps, opts.max_batch)
+    if model.t2i and precision == "fp16":
+        if opts.keep_float:
+            raise BitDanceError("keep-float is for precision int8")
+        out = Path(out) if out is not None else paths.variant_dir(fp32, precision)
+        result = streamed_export(model, out, steps, opts, precision)
+        logger.info("FP16 graphs: %s (%s)", out, "reused" if result.reused else "exported from the weight files")
+        return out
     result = export_for(model, fp32, steps, opts)
     logger.info("ONNX export: %s (%s)", fp32, "reused" if result.reused else "exported")
     if precision == "fp32":

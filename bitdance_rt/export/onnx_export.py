@@ -34,11 +34,10 @@ from ..errors import BitDanceError
 from ..models import BitDance
 from ..stages import ALL_STAGES, SAMPLER_STAGES, Limits, StageSpec, stage_specs
 from .shared_weights import share_weights
-from .manifest import MANIFEST, manifest_key, manifest_specs, read_manifest, verify_files, write_manifest
+from .manifest import (DEFAULT_OPSET, MANIFEST, MAX_OPSET, MIN_OPSET, manifest_key, manifest_specs, read_manifest,
+                       verify_files, write_manifest)
 from .wrappers import example_inputs, stage_module
 
-MIN_OPSET, MAX_OPSET = 17, 20  # TensorRT 10.3 parses opsets up to 20
-DEFAULT_OPSET = 17
 EXTERNAL_DATA_BYTES = 1_500_000_000  # weights above this go to <stage>.onnx.data
 
 _ONNX_DTYPES = {"float32": 1, "int64": 7}  # onnx.TensorProto.FLOAT / INT64
@@ -245,11 +244,24 @@ def export_stages(
     head samplers) defaults to the config's default steps.
     """
     cfg: ModelConfig = model.cfg
+    model = model.eval()
+    return write_export(cfg, out_dir, source, lambda spec, work: export_stage(model, spec, work, opset, external_data_bytes),
+                        stages, opset, sampler_steps, limits, force, progress)
+
+
+def write_export(cfg, out_dir: str | Path, source: str, write_stage, stages=ALL_STAGES, opset: int = DEFAULT_OPSET,
+                 sampler_steps: int | None = None, limits: Limits = Limits(), force: bool = False,
+                 progress: bool = True, key_extra: dict | None = None, manifest_extra: dict | None = None,
+                 what: str = "ONNX export") -> ExportResult:
+    """The one export loop: reuse a matching export in out_dir, or call `write_stage(spec, work)` (the
+    file names it wrote into the work directory) for each stage, share weights between graphs and
+    install the files, manifest last. `key_extra` / `manifest_extra`: what a variant adds to the
+    cache key (and so to reuse) and to the manifest."""
     out_dir = Path(out_dir)
     steps = cfg.default_steps if sampler_steps is None else sampler_steps
     stages, steps = _check_args(stages, opset, steps)
     specs = stage_specs(cfg, stages, steps, limits)
-    key = manifest_key(cfg, source, stages, opset, steps, limits)
+    key = {**manifest_key(cfg, source, stages, opset, steps, limits), **(key_extra or {})}
     if not force and (manifest := find_reusable(out_dir, key)) is not None:
         return ExportResult(out_dir, manifest, True)
     import onnx
@@ -260,15 +272,15 @@ def export_stages(
         raise write_error(exc, "the ONNX export", out_dir.parent) from None
     work = workdir.path
     try:
-        model = model.eval()
         stage_files: dict[str, list[str]] = {}
-        bar = tqdm(stages, desc=f"ONNX export of {cfg.name}", unit="stage", leave=False, disable=not progress)
+        bar = tqdm(stages, desc=f"{what} of {cfg.name}", unit="stage", leave=False, disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
-            stage_files[name] = export_stage(model, specs[name], work, opset, external_data_bytes)
+            stage_files[name] = write_stage(specs[name], work)
         stage_files = share_weights(work, stage_files)  # the head's net: once, for head_step and the sampler
         manifest = {
             "key": key,
+            **(manifest_extra or {}),
             "stages": {name: specs[name].to_json() for name in stages},
             "versions": {"bitdance_rt": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         }

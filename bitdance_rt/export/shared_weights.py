@@ -173,6 +173,30 @@ class DataWriter:
         self.close()
 
 
+def save_streamed(model, dst: Path, fills, external_bytes: int = _PROTOBUF_BYTES) -> list[str]:
+    """Save `model` as `dst`, filling its placeholders from `fills` ([(placeholder, chunks)], the
+    chunks produced one at a time); returns the files written: dst's name, plus dst.name + ".data"
+    when the tensors are over `external_bytes` (then every tensor of MIN_BYTES or more goes there,
+    as onnx.save_model(save_as_external_data) would put it). No ModelProto over 2 GB is serialised."""
+    import onnx
+
+    dst = Path(dst)
+    if sum(tensor_nbytes(t) for t, _ in tensors(model.graph)) <= external_bytes:
+        for holder, chunks in fills:  # (bytes(c): a file reader may reuse its buffer)
+            make_inline(holder, b"".join(bytes(c) for c in chunks))
+        onnx.save_model(model, str(dst))
+        return [dst.name]
+    data = dst.name + ".data"
+    with DataWriter(dst.parent / data) as writer:
+        for holder, chunks in fills:
+            writer.put(holder, chunks)
+        for t, init in tensors(model.graph):
+            if init and not is_external(t) and t.data_type != STRING and tensor_nbytes(t) >= MIN_BYTES:
+                writer.put(t, [read_bytes(t, None)])
+    onnx.save_model(model, str(dst))
+    return [dst.name, data]
+
+
 def tensors(graph):
     """Every TensorProto of a graph that may hold data: initializers and node attributes (Constant
     values), subgraphs included, as (tensor, is_initializer)."""

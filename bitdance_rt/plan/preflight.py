@@ -49,13 +49,20 @@ def export_current(directory, source, steps: int, stages=None, opset: int = DEFA
     from ..export.manifest import manifest_key, read_manifest
 
     stages = list(stages or st.GENERATION_STAGES)
-    limits = st.Limits(max_batch=max_batch, opt_batch=min(4, max_batch))
+    limits = st.Limits(max_batch=max_batch, opt_batch=min(st.DEFAULT_OPT_BATCH, max_batch))
     try:
         key = manifest_key(source.config, source.weights_source(), stages, opset,
                            steps if any(s in st.SAMPLER_STAGES for s in stages) else None, limits)
+        if source.t2i:  # written from the weight files (backends.streamed_export)
+            key["weights"] = "streamed"
         return read_manifest(directory)["key"] == json.loads(json.dumps(key))
     except (BitDanceError, KeyError, TypeError, OSError):
         return False
+
+
+def _export_names(source) -> list[str]:
+    """The steps of an export: a text-to-image one streams the weights, no model is loaded."""
+    return ["export"] if source.t2i else ["load", "export"]
 
 
 def _has_manifest(directory) -> bool:
@@ -69,10 +76,12 @@ def auto_export_steps(source, steps: int, precision: str, max_batch: int, calibr
     from ..precision.auto import default_calibration_dir
 
     fp32 = paths.export_dir(source.config, source.weights_source(), steps, max_batch)
-    todo = [] if export_current(fp32, source, steps, max_batch=max_batch) else ["load", "export"]
+    final = Path(out) if out is not None else None
+    if source.t2i and precision == "fp16":  # FP16 graphs straight from the weight files
+        return [] if _has_manifest(final or paths.variant_dir(fp32, "fp16")) else ["export"]
+    todo = [] if export_current(fp32, source, steps, max_batch=max_batch) else _export_names(source)
     if precision == "fp32":
         return todo
-    final = Path(out) if out is not None else None
     if precision == "fp16":
         final = final or paths.variant_dir(fp32, "fp16")
         return todo + ([] if _has_manifest(final) and not todo else ["derive fp16"])
@@ -127,7 +136,8 @@ def check_memory(command: str, cfg, names: list[str], *, precision: str = DEFAUL
     if bound(cfg, samples, rows) <= available:
         return
     made = {"load": lambda: rd.load_step(cfg),
-            "export": lambda: rd.export_step(cfg, steps, export_stages),
+            # (a text-to-image FP16 export is streamed as FP16; every other export is the FP32 one)
+            "export": lambda: rd.export_step(cfg, steps, export_stages, "fp16" if precision == "fp16" else "fp32"),
             "derive fp16": lambda: rd.derive_fp16_step(cfg, steps),
             "calibrate": lambda: rd.calibrate_step(cfg, steps, *capture, **capture_args),
             "derive int8": lambda: rd.derive_int8_step(cfg, steps, samples, rows)}
@@ -149,7 +159,7 @@ def for_export(args, source, steps: int) -> None:
     --precision variant."""
     if args.precision in (None, "fp32"):
         current = not args.force and export_current(args.out, source, steps, args.stages, args.opset, args.max_batch)
-        names = [] if current else ["load", "export"]
+        names = [] if current else _export_names(source)
     else:
         names = auto_export_steps(source, steps, args.precision, args.max_batch, args.calibration, out=args.out)
     check_memory("export", source.config, names, precision=args.precision or "fp32", steps=steps,

@@ -3,8 +3,11 @@ disk), from the same traced weights as the runtime's plan (memory.py), and wheth
 
 Steps, as today's code takes them (backends.auto_export, `bitdance-rt export / calibrate / build`):
 
-  load         read the checkpoint into the torch model (backends.ModelSource.load)
-  export       the FP32 ONNX export, one stage after another, of the loaded model (export/onnx_export.py)
+  load         read the checkpoint into the torch model (backends.ModelSource.load); text-to-image
+               models skip it unless they run on torch
+  export       the FP32 ONNX export, one stage after another, of the loaded model (export/onnx_export.py);
+               text-to-image models' streamed from the weight files (export/streamed.py), as FP16
+               graphs directly when the run is FP16 on ONNX Runtime
   derive fp16  FP16 graphs (precision/derive.py): for ONNX Runtime, and the graphs a text-to-image
                INT8 capture runs on
   calibrate    the INT8 calibration capture: torch float32 (ImageNet models) or ONNX Runtime on the
@@ -58,6 +61,19 @@ EXPORT_DECODER_MAPS = 7  # the decoder's trace holds ~7 top-resolution feature m
 #                          (ch 32, 512 px, 0.9 MB of weights) 691 MB = 6.9 maps of [3, 32, 512, 512] float32
 EXPORT_PROCESS_BYTES = PROCESS_BYTES + (128 << 20)  # + torch.onnx's exporter: the embedded model's whole export
 #                                                     peaks at 402 MB (bitdance-rt export, 3 MB of weights)
+# export, text-to-image (export/streamed.py): no model is loaded. Each stage is traced on stride-0 stand-ins of its
+# weights (a Linear on one materialises its matrix in float32 for the op), its cache inputs stride-0 and the
+# autoencoder on a 2x2 latent; then each weight is read from the files, converted and written, a matrix whole
+# (float32 and its transpose), other tensors in 64 MiB slices (with the FP16 rounding's temporaries). Measured
+# 2026-12-05 (same machine) on a real-width checkpoint (Qwen3-14B widths and vocabulary, 1 layer, head 5120 x 1,
+# 1024 px, FP16), one process per stage, VmHWM: prefix_embed 0.96 GiB, token_embed 0.76, backbone 1.23, head_step
+# 1.79, head_sampler 0.46, decoder 0.46. So: a floor of 0.46 GiB (a process that imported the exporter and the
+# FP16 converter), 2.34x the largest matrix in float32 (head_step: 1.37 GiB over the floor on 0.59 GiB), 0.5 GiB for
+# the sliced tensors (prefix_embed), and the backbone trace's activations and inputs (its estimate, 1.99 GiB,
+# bounds the 1.23 measured). The whole-export slope per layer: benchmarks/t2i_export_memory.py.
+STREAM_PROCESS_BYTES = 500 << 20
+STREAM_MATRIX = 2.34
+STREAM_SLICES = 512 << 20
 SMALL_GRAPH = 1_500_000_000  # export/onnx_export.EXTERNAL_DATA_BYTES
 PROTOBUF = 2 * GIB
 # derive fp16 (precision/fp16.convert_fp16_file): an FP16 graph of <= 1.5e9 bytes is built in memory (w1024:
@@ -148,11 +164,13 @@ def export_retained(graph_bytes: int) -> float:
             else EXPORT_RETAINED_LARGE)
 
 
-def example_input_bytes(cfg, stage: str, steps: int) -> int:
-    """Bytes of the inputs the export traces `stage` on (export/wrappers.example_inputs: 3 images)."""
+def example_input_bytes(cfg, stage: str, steps: int, caches: bool = True) -> int:
+    """Bytes of the inputs the export traces `stage` on (export/wrappers.example_inputs: 3 images);
+    `caches`: with the KV cache inputs (a streamed export traces on stride-0 ones)."""
     spec = st.stage_spec(stage, cfg, steps)
     values = {"batch": EXAMPLE_BATCH, "rows": 2 * EXAMPLE_BATCH, **(spec.phases.get("step", {}))}
-    return sum(math.prod(spec.shape(t.name, **values)) * (8 if t.dtype == "int64" else 4) for t in spec.inputs)
+    return sum(math.prod(spec.shape(t.name, **values)) * (8 if t.dtype == "int64" else 4) for t in spec.inputs
+               if caches or not t.name.startswith("cache."))
 
 
 def export_transient(cfg, steps: int, stages=None) -> tuple[int, str]:
@@ -239,7 +257,35 @@ def load_step(cfg) -> Step:
                 + (": the model and the checkpoint's state dict beside it" if factor > 1 else ""))
 
 
-def export_step(cfg, steps: int, stages=None) -> Step:
+def streamed_stage_bytes(cfg, steps: int, stage: str, weights: dict) -> int:
+    """Peak host memory of the streamed export of one stage (the factors above); `weights`: its
+    {name: (elements, float32 bytes)}."""
+    matrices = [b for name, (_, b) in weights.items() if name != "model.embed_tokens.weight"]
+    need = STREAM_PROCESS_BYTES + max(int(STREAM_MATRIX * max(matrices, default=0)), STREAM_SLICES)
+    if stage == st.BACKBONE:  # the trace's forward on 6 rows, against stride-0 caches
+        need += activation_phases(cfg, 2 * EXAMPLE_BATCH, "fp32")["backbone step"]
+        need += example_input_bytes(cfg, stage, steps, caches=False)
+    return need
+
+
+def streamed_export_step(cfg, steps: int, stages=None, precision: str = "fp32") -> Step:
+    """The text-to-image export, streamed from the weight files (export/streamed.py) as `precision` graphs."""
+    s32 = stage_weights(cfg, "fp32", steps)
+    written = _sum(stage_weights(cfg, precision, steps))
+    chosen = [s for s in s32 if s in (stages or s32)]
+    need = {s: streamed_stage_bytes(cfg, steps, s, s32[s]) for s in chosen}
+    at = max(need, key=need.get)
+    largest = max((b for name, (_, b) in s32[at].items() if name != "model.embed_tokens.weight"), default=0)
+    return Step("export", need[at], 0, sum(written[s] for s in chosen),
+                f"{precision.upper()} ONNX export streamed from the weight files, peaking at {at}: "
+                f"{STREAM_MATRIX:.2f}x its largest matrix ({_gb(largest)}) + its trace; no model is loaded")
+
+
+def export_step(cfg, steps: int, stages=None, precision: str = "fp32") -> Step:
+    """The export: text-to-image models' streamed as `precision` (fp32 or fp16); the rest FP32 from the
+    loaded model."""
+    if st.is_t2i(cfg):
+        return streamed_export_step(cfg, steps, stages, precision)
     s32 = _sum(stage_weights(cfg, "fp32", steps))
     chosen = [s for s in s32 if s in (stages or s32)]
     transient, at = export_transient(cfg, steps, chosen)
@@ -336,11 +382,13 @@ def road(cfg, precision: str = "fp32", backend: str = "tensorrt", max_batch: int
     """The steps to running `cfg` at `precision` on `backend` (memory.plan's arguments), as today's code
     takes them."""
     steps = cfg.default_steps if steps is None else int(steps)
-    out = [load_step(cfg)]
+    streamed = st.is_t2i(cfg)  # text-to-image exports stream the weight files: no model is loaded
+    out = [] if streamed and backend != "torch" else [load_step(cfg)]
     if backend != "torch":
-        out.append(export_step(cfg, steps))
+        direct = streamed and precision == "fp16" and backend == "onnxruntime"  # FP16 graphs straight from the files
+        out.append(export_step(cfg, steps, precision="fp16" if direct else "fp32"))
         capture = capture_choice(cfg) if precision == "int8" else None
-        if precision == "fp16" and backend == "onnxruntime" or capture == ("onnxruntime", "fp16"):
+        if precision == "fp16" and backend == "onnxruntime" and not direct or capture == ("onnxruntime", "fp16"):
             out.append(derive_fp16_step(cfg, steps))
         if capture:
             out.append(calibrate_step(cfg, steps, *capture))

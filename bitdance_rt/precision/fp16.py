@@ -225,22 +225,10 @@ def convert_fp16_file(src, dst, sampler: bool = False, external_bytes: int = 1_5
     serialised)."""
     import onnx
 
-    from ..export.shared_weights import MIN_BYTES, STRING, DataWriter, is_external, read_bytes, tensor_nbytes, tensors
+    from ..export.shared_weights import save_streamed
 
     src, dst = Path(src), Path(dst)
     skeleton, stash = _strip(onnx.load(str(src), load_external_data=False), src.parent)
     out = _convert(skeleton, sampler)
-    stashed = _stashed(out, stash)
-    if sum(tensor_nbytes(t) for t, _ in tensors(out.graph)) <= external_bytes:
-        _inline(stashed, src.parent)
-        onnx.save_model(out, str(dst))
-        return [dst.name]
-    data = dst.name + ".data"
-    with DataWriter(dst.parent / data) as writer:
-        for placeholder, original in stashed:
-            writer.put(placeholder, _data(placeholder, original, src.parent))
-        for t, init in tensors(out.graph):  # the small ones too, as onnx.save_model(save_as_external_data) would
-            if init and not is_external(t) and t.data_type != STRING and tensor_nbytes(t) >= MIN_BYTES:
-                writer.put(t, [read_bytes(t, None)])
-    onnx.save_model(out, str(dst))
-    return [dst.name, data]
+    fills = ((holder, _data(holder, original, src.parent)) for holder, original in _stashed(out, stash))
+    return save_streamed(out, dst, fills, external_bytes)

@@ -26,7 +26,7 @@ from .layouts import LLM_INDEX, LLM_SINGLE, PART_FILES, PARTS, SKIPPED_PREFIXES,
 from .prompt import PromptEncoder
 
 __all__ = ["LLM_INDEX", "LLM_SINGLE", "PART_FILES", "SKIPPED_PREFIXES", "LoadedT2I", "checkpoint_dir_source",
-           "load_t2i", "read_weights"]
+           "load_t2i", "read_weights", "weightless_t2i"]
 
 
 @dataclass
@@ -79,6 +79,88 @@ def read_weights(files: list[WeightFile], dtype: torch.dtype = torch.float32) ->
     return state
 
 
+def _checked_plan(layout, cfg: T2IConfig):
+    """The weight files of `layout`, checked against the model `cfg` describes (built on meta)."""
+    plan = layout.weight_files()
+    with torch.device("meta"):
+        model = BitDanceT2I(cfg)
+    for prefix, what in PARTS.items():
+        shapes = {k: torch.empty(s, device="meta") for wf in plan if wf.part == prefix for k, s in wf.shapes.items()}
+        source = ", ".join(sorted({wf.name for wf in plan if wf.part == prefix}))
+        check_fit(getattr(model, prefix[:-1]), shapes, source, f"{cfg.name} {what}", suggest_preset=False)
+    return plan, model
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class _Reader:
+    """Tensors of the planned files by model key, read on demand with plain reads at the offsets of the
+    safetensors header (rows as a byte range): no memory map, so what a streamed export has read does
+    not stay in its resident memory (a mapped 28 GB checkpoint would count in full)."""
+
+    def __init__(self, plan: list[WeightFile]):
+        self.where = {wf.part + dst: (wf, key) for wf in plan for dst, key in wf.keys.items()}
+        self._headers: dict = {}
+
+    def _entry(self, wf: WeightFile, key: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+        """(dtype, shape, absolute offset) of `key` in wf's file."""
+        import json
+        import struct
+
+        if wf.path not in self._headers:
+            with open(wf.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[wf.path] = (8 + n, json.loads(f.read(n)))
+        base, header = self._headers[wf.path]
+        entry = header[key]
+        if entry["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{wf.path}: {key} is stored as {entry['dtype']}, which no BitDance weight is")
+        return _DTYPES[entry["dtype"]], tuple(entry["shape"]), base + entry["data_offsets"][0]
+
+    def _read(self, wf: WeightFile, key: str, rows=None) -> torch.Tensor:
+        dtype, shape, offset = self._entry(wf, key)
+        row = dtype.itemsize
+        for d in shape[1:]:
+            row *= d
+        start, stop = (0, shape[0] if shape else 1) if rows is None else rows
+        data = bytearray((stop - start) * row)
+        with open(wf.path, "rb") as f:
+            f.seek(offset + start * row)
+            got = f.readinto(memoryview(data))
+        if got != len(data):
+            raise CheckpointError(f"{wf.path}: ends inside {key} (a truncated download?)")
+        t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return t.reshape(shape if rows is None else (stop - start, *shape[1:]))
+
+    def __call__(self, name: str, rows=None) -> torch.Tensor:
+        wf, key = self.where[name]
+        t = self._read(wf, key, rows)
+        if key in wf.scales:
+            scale = self._read(wf, wf.scales[key])
+            if rows is not None and scale.numel() > 1:
+                scale = scale.reshape(-1)[rows[0]:rows[1]]
+                return t.float() * scale.float().reshape(-1, *([1] * (t.dim() - 1)))
+            return _dequantised(t, scale, key, wf)
+        return t.float()
+
+
+def weightless_t2i(directory: str | Path, config: T2IConfig):
+    """(weightless BitDanceT2I, WeightSource of its checkpoint) for a streamed export: the module's
+    parameters take no memory, its buffers are computed, and each weight is read when written."""
+    from ..export.weightless import WeightSource, weightless
+
+    layout = detect_layout(directory)
+    plan, model = _checked_plan(layout, config)
+    weightless(model)
+    model.reset_buffers()
+    warn_unscaled(plan)
+    reader = _Reader(plan)
+    shapes = {name: tuple(wf.shapes[dst]) for wf in plan for dst in wf.keys for name in [wf.part + dst]}
+    return model.eval(), WeightSource(shapes, reader, f"checkpoint {directory}", dict(model.named_buffers()))
+
+
 def load_t2i(directory: str | Path, height: int, width: int, max_text_tokens: int | None = None,
              dtype: torch.dtype = torch.float32, config: T2IConfig | None = None) -> LoadedT2I:
     """The model and prompt encoder of a checkpoint path (any layout t2i/layouts.py detects)."""
@@ -87,13 +169,7 @@ def load_t2i(directory: str | Path, height: int, width: int, max_text_tokens: in
                                                                         {"max_text_tokens": max_text_tokens}))
     prompts = PromptEncoder(layout.tokenizer, cfg)
     prompts.image_tokens()  # a tokenizer without the BitDance tokens fails here, before the weights
-    plan = layout.weight_files()
-    with torch.device("meta"):
-        model = BitDanceT2I(cfg)
-    for prefix, what in PARTS.items():
-        shapes = {k: torch.empty(s, device="meta") for wf in plan if wf.part == prefix for k, s in wf.shapes.items()}
-        source = ", ".join(sorted({wf.name for wf in plan if wf.part == prefix}))
-        check_fit(getattr(model, prefix[:-1]), shapes, source, f"{cfg.name} {what}", suggest_preset=False)
+    plan, model = _checked_plan(layout, cfg)
     model.load_state_dict(read_weights(plan, dtype), strict=True, assign=True)
     model.reset_buffers()
     return LoadedT2I(model.eval(), prompts, f"{cfg.name} ({cfg.height}x{cfg.width}) from {directory}")
