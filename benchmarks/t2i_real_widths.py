@@ -5,7 +5,7 @@
 
 The 14B model does not fit this machine, but its graphs' shapes do not depend on the layer count:
 this builds a checkpoint directory in the official layout with Qwen3-14B's widths (hidden 5120, 40
-query and 8 key/value heads of 128, FFN 17408; a byte-level vocabulary instead of 151936 tokens)
+query and 8 key/value heads of 128, FFN 17408; a byte-level vocabulary, or with --real-vocab 151936 tokens)
 and `--layers` layers, the vision head at its real width (ch_latent 5120) with `--head-depth`
 blocks, random weights, and a tiny autoencoder (the decoder is the ImageNet models'). Each
 precision is exported as `generate` would (INT8: calibrated on the model's own text-to-image
@@ -40,6 +40,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2, help="sampler steps S")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8"], choices=("fp32", "fp16", "int8"))
     ap.add_argument("--no-generate", action="store_true", help="export and check only")
+    ap.add_argument("--real-vocab", action="store_true",
+                    help="Qwen3's 151,936-token vocabulary (a 3.1 GB FP32 text embedding: graphs over 2 GB)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint and exports go (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -59,7 +61,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").is_file():
-        write_checkpoint(ckpt, parallel_num=args.parallel, llm=dict(QWEN3_14B_WIDTHS, num_hidden_layers=args.layers),
+        vocab = {"vocab_size": 151936} if args.real_vocab else {}
+        write_checkpoint(ckpt, parallel_num=args.parallel,
+                         llm=dict(QWEN3_14B_WIDTHS, num_hidden_layers=args.layers, **vocab),
                          head={"ch_latent": 5120, "depth": args.head_depth})
     print(f"checkpoint at Qwen3-14B widths, {args.layers} layer(s), head depth {args.head_depth}: {ckpt} "
           f"({time.perf_counter() - t0:.0f} s)")
@@ -101,6 +105,7 @@ def main(argv=None) -> None:
                   f"image finite: {row['image_finite']}")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(json.dumps({"bench": "t2i_real_widths", "layers": args.layers, "head_depth": args.head_depth,
+                      "real_vocab": args.real_vocab,
                       "parallel": args.parallel, "height": args.height, "width": args.width, "cpu": cpu,
                       "machine": platform.machine(), "results": results}))
 

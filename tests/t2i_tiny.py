@@ -83,7 +83,8 @@ def write_checkpoint(directory: Path, parallel_num: int = 16, seed: int = 0, sha
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab_size = len(byte_vocab()) + len(special_tokens()) + 4
-    llm_cfg = dict(LLM_CONFIG, vocab_size=vocab_size, **(llm or {}))
+    llm_cfg = {**LLM_CONFIG, "vocab_size": vocab_size, **(llm or {})}  # (llm may set the real vocabulary)
+    vocab_size = llm_cfg["vocab_size"]
     hidden = llm_cfg["hidden_size"]
     (directory / "config.json").write_text(json.dumps(llm_cfg))
     (directory / "ae_config.json").write_text(json.dumps(AE_CONFIG))

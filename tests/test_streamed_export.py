@@ -167,3 +167,25 @@ def test_export_cli_fp16_never_builds_the_float32_model(ckpt, tmp_path, monkeypa
     assert not (tmp_path / "cache" / "exports").exists() or not any(
         (p / "manifest.json").is_file() and "precision" not in json.loads((p / "manifest.json").read_text())
         for p in (tmp_path / "cache" / "exports").iterdir())  # no FP32 export was made on the way
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_streamed_source_reads_comfyui_fp8_as_the_loader_does(ckpt, tmp_path, scaled):
+    """The ComfyUI FP8 files through the streamed export's reader (plain reads at the header's offsets,
+    per-channel or per-tensor scales, row slices): every weight equals what the node's dequantisation
+    gives (the layout writer's expected state), whole and in row slices."""
+    from t2i_layouts import write_comfyui
+
+    from bitdance_rt.t2i.config import read_checkpoint_config
+    from bitdance_rt.t2i.loading import weightless_t2i
+
+    written = write_comfyui(ckpt, tmp_path / "comfy", scaled=scaled)
+    entry = tmp_path / "comfy"
+    model, weights = weightless_t2i(entry, read_checkpoint_config(entry, HEIGHT, WIDTH))
+    expected = written["expected"]
+    assert set(weights.shapes) == set(expected)
+    for name in weights.shapes:
+        whole = weights.tensor(name)
+        assert whole.dtype == expected[name].dtype and whole.equal(expected[name]), name
+        if whole.dim() >= 2 and whole.shape[0] > 3:
+            assert weights.tensor(name, (1, 3)).equal(expected[name][1:3]), name
