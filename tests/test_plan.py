@@ -17,7 +17,7 @@ from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
 from bitdance_rt.plan import GIB, TARGETS, MemoryPlan, StageMemory, kv_cache_bytes, plan, stage_memory
 from bitdance_rt.t2i_config import QWEN3_14B, t2i_preset
 
-from conftest import torch_threads
+from conftest import cached_pipeline, copy_cache, torch_threads
 
 pytest.importorskip("onnx")
 
@@ -90,8 +90,10 @@ def _check_against(cfg, directory, precision, steps):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_plan_agrees_with_the_embedded_models_exports(precision, tmp_path, monkeypatch):
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+def test_plan_agrees_with_the_embedded_models_exports(precision, warm_cache, monkeypatch):
+    """The automatic exports in this module's cache: the FP32 one is the session's (conftest
+    warm_cache); the variants are derived from it here, once for the module."""
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(warm_cache))
     source = resolve_model(None, None, None, None, None, None)
     with torch_threads(1):
         directory = auto_export(source, source.config.default_steps,
@@ -100,11 +102,12 @@ def test_plan_agrees_with_the_embedded_models_exports(precision, tmp_path, monke
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_plan_agrees_with_a_text_to_image_export(precision, tmp_path, monkeypatch):
-    from t2i_tiny import write_checkpoint
-
-    ckpt = write_checkpoint(tmp_path / "t2i", parallel_num=64)
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+def test_plan_agrees_with_a_text_to_image_export(precision, t2i_checkpoints, t2i_cache_template, tmp_path,
+                                                 monkeypatch):
+    """The session's automatic exports of the tiny 64x checkpoint (conftest t2i_cache_template: what
+    auto_export below would make), found by auto_export in a copy of their cache."""
+    ckpt = t2i_checkpoints[64]
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(copy_cache(t2i_cache_template(64, precision), tmp_path / "cache")))
     source = resolve_model(None, str(ckpt), None, 512, 512, 48)
     with torch_threads(1):
         directory = auto_export(source, 2, BackendOptions(progress=False), precision)
@@ -206,11 +209,8 @@ def test_activations_per_backbone_phase():
     assert calls["backbone prefill"] > 40 * 2 * 2 * 8 * 322 * 128 * 4
 
 
-def test_cache_is_the_runtimes(tmp_path, monkeypatch):
-    from bitdance_rt import Pipeline
-
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
-    with torch_threads(1), Pipeline.from_pretrained(threads=1, progress=False) as pipe:
+def test_cache_is_the_runtimes(warm_cache):
+    with cached_pipeline(warm_cache) as pipe:  # the embedded model's default Pipeline (its export: the session's)
         p = plan(pipe.config, "fp32", "onnxruntime", max_batch=pipe.max_batch)
         assert p.rows == pipe.scheduler.max_rows
         held = pipe.backend.ensure_cache(p.rows)
@@ -404,9 +404,9 @@ def test_road_of_the_14b_on_three_machines(capsys):
     assert w > 4 * 16.1e9  # 16.2B parameters (docs/memory.md), every one in float32
     backbone = _s32(cfg, cfg.default_steps)["backbone"]
     assert backbone > 4 * 13.2e9  # Qwen3-14B's 13.2B non-embedding parameters, in float32
-    # the export streams the files: about one matrix (the head's 5120 x 20480, 0.39 GiB in float32) at a time,
-    # not the 65 GB float32 model; on disk every FP32 graph
-    assert rd.STREAM_MATRIX * 5120 * 20480 * 4 < steps["export"]["host_bytes"] < 4 * GIB
+    # the export streams the files: about one matrix (the head's 5120 x 20480, 0.39 GiB in float32) at a time
+    # and the backbone's trace growing per layer (measured), not the 65 GB float32 model; on disk every FP32 graph
+    assert rd.STREAM_MATRIX * 5120 * 20480 * 4 + 40 * rd.STREAM_PER_LAYER < steps["export"]["host_bytes"] < 8 * GIB
     assert steps["export"]["disk_bytes"] >= backbone
     assert steps["derive int8"]["host_bytes"] >= 3.1 * backbone
     assert steps["run"]["gpu_bytes"] == plan(cfg, "int8", "tensorrt").total_bytes

@@ -1,0 +1,189 @@
+"""Peak host memory of the streamed text-to-image export at BitDance-14B's real widths, per layer.
+
+    python benchmarks/t2i_export_memory.py                          # FP16, 1/2/3 layers, 1024 px, 64x
+    python benchmarks/t2i_export_memory.py --layers 1 2 4 --precision fp32 --head-depths 1 2
+
+The 14B does not fit this machine, so this measures the slope: checkpoint directories in the
+official layout with Qwen3-14B's widths (hidden 5120, 40 query / 8 key-value heads of 128, FFN
+17408) and its real vocabulary (151,936 x 5,120: a 3.1 GB float32 text embedding, so graphs over
+2 GB are exercised), BF16 weights as the official files hold them, `--layers` Qwen3 layers, the
+vision head at its real width (ch_latent 5120) with `--head-depths` blocks, and a tiny autoencoder.
+Each is exported by the CLI (`bitdance-rt export --precision P --max-batch 1`), in a fresh process
+whose peak resident memory (VmHWM) is read at its exit. A least-squares line through the points
+gives the cost per Qwen3 layer and per head block, extrapolated to the 14B (40 layers, head depth
+6); the target is the largest stage's weights at the precision plus 4 GB. Asserts nothing; ends
+with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 2**30
+QWEN3_14B = {"hidden_size": 5120, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+             "intermediate_size": 17408, "vocab_size": 151936}
+CHILD = """
+import sys
+from bitdance_rt.cli import main
+code = main(sys.argv[1:])
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("VMHWM", int(line.split()[1]) * 1024, flush=True)
+sys.exit(code)
+"""
+
+
+def write_checkpoint(directory: Path, layers: int, head_depth: int, parallel: int) -> None:
+    """The official layout at real widths, one shard per layer (BF16), written tensor by tensor so that
+    making it never holds more than a layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import t2i_tiny
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    small = dict(t2i_tiny.LLM_CONFIG, num_hidden_layers=0, vocab_size=len(t2i_tiny.byte_vocab()) + 80,
+                 hidden_size=64)
+    t2i_tiny.write_checkpoint(tmp, parallel_num=parallel, llm={k: small[k] for k in ("num_hidden_layers",)},
+                              head={"ch_latent": 5120, "depth": head_depth}, shards=1)
+    # the head at the real conditioning width: rewrite its files against hidden 5120
+    from bitdance_rt.models.heads import DiffusionHead, TransformerHead
+    from bitdance_rt.models.t2i import Projector
+
+    hidden, gen = QWEN3_14B["hidden_size"], torch.Generator().manual_seed(0)
+
+    def rand(shape, dtype=torch.float32):
+        return (torch.randn(shape, generator=gen) / (shape[-1] ** 0.5 if len(shape) > 1 else 10)).to(dtype)
+
+    with torch.device("meta"):
+        net = DiffusionHead(TransformerHead(32, 5120, hidden, head_depth, 1, variant="t2i", swiglu=True))
+    save_file({k: rand(tuple(v.shape)) for k, v in net.state_dict().items()}, str(tmp / "vision_head.safetensors"))
+    save_file({k: rand(tuple(v.shape)) for k, v in Projector(32, hidden).state_dict().items()},
+              str(tmp / "projector.safetensors"))
+    head_cfg = json.loads((tmp / "vision_head_config.json").read_text())
+    (tmp / "vision_head_config.json").write_text(json.dumps({**head_cfg, "ch_cond": hidden}))
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg.update(QWEN3_14B, num_hidden_layers=layers)
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    for f in tmp.glob("model*.safetensors*"):
+        f.unlink()
+    d, kv, ffn = hidden, QWEN3_14B["num_key_value_heads"] * QWEN3_14B["head_dim"], QWEN3_14B["intermediate_size"]
+    q = QWEN3_14B["num_attention_heads"] * QWEN3_14B["head_dim"]
+    weight_map = {}
+    shard = "model-embed.safetensors"
+    save_file({"model.embed_tokens.weight": rand((QWEN3_14B["vocab_size"], d), torch.bfloat16),
+               "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)}, str(tmp / shard))
+    weight_map.update({"model.embed_tokens.weight": shard, "model.norm.weight": shard})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes = {"self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+                  "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+                  "self_attn.q_norm.weight": (128,), "self_attn.k_norm.weight": (128,),
+                  "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+                  "mlp.gate_proj.weight": (ffn, d), "mlp.up_proj.weight": (ffn, d), "mlp.down_proj.weight": (d, ffn)}
+        tensors = {p + k: (rand(s, torch.bfloat16) if len(s) == 2 else torch.ones(s, dtype=torch.bfloat16))
+                   for k, s in shapes.items()}
+        shard = f"model-layer{i:02d}.safetensors"
+        save_file(tensors, str(tmp / shard))
+        weight_map.update({k: shard for k in tensors})
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tmp.rename(directory)
+
+
+def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cache: Path) -> dict:
+    env = {**os.environ, "BITDANCE_RT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-c", CHILD, "export", "--checkpoint", str(ckpt), "--precision", precision,
+           "--max-batch", "1", "--height", str(height), "--width", str(height), "--steps", str(steps),
+           "--out", str(out)]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if res.returncode != 0:
+        raise SystemExit(f"export failed ({res.returncode}): {res.stderr[-3000:]}")
+    peak = next(int(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("VMHWM"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {f: info["bytes"] for f, info in manifest["files"].items()}
+    return {"peak_bytes": peak, "seconds": round(seconds, 1), "files": files}
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (x, y)."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    return my - slope * mx, slope
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3], help="Qwen3 layer counts (the 14B: 40)")
+    ap.add_argument("--head-depths", type=int, nargs="+", default=[1], help="vision head blocks (the 14B: 6)")
+    ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    ap.add_argument("--parallel", type=int, default=64, choices=(16, 64))
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=2, help="sampler steps S of the fused head sampler")
+    ap.add_argument("--workdir", default=None, help="checkpoints and exports (default: a temporary directory)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from bitdance_rt.plan.memory import stage_weights
+    from bitdance_rt.t2i_config import t2i_preset
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="t2i-export-memory-"))
+    runs = []
+    grid = [(n, args.head_depths[0]) for n in args.layers] + [(args.layers[0], h) for h in args.head_depths[1:]]
+    for layers, depth in grid:
+        ckpt = work / f"ckpt-l{layers}-h{depth}-p{args.parallel}"
+        if not ckpt.is_dir():
+            t = time.perf_counter()
+            write_checkpoint(ckpt, layers, depth, args.parallel)
+            print(f"wrote {ckpt.name} ({time.perf_counter() - t:.0f} s)", flush=True)
+        out = work / f"export-{ckpt.name}-{args.precision}"
+        result = measure(ckpt, out, args.precision, args.height, args.steps, work / "cache")
+        disk = sum(result["files"].values())
+        print(f"{layers} layer(s), head depth {depth}: peak {result['peak_bytes'] / GIB:.2f} GiB, "
+              f"{disk / GIB:.2f} GiB written, {result['seconds']:.0f} s", flush=True)
+        runs.append({"layers": layers, "head_depth": depth, **result, "written_bytes": disk})
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+    base, per_layer = fit([(r["layers"], r["peak_bytes"]) for r in runs if r["head_depth"] == args.head_depths[0]])
+    per_block = 0.0
+    if len(args.head_depths) > 1:
+        _, per_block = fit([(r["head_depth"], r["peak_bytes"]) for r in runs if r["layers"] == args.layers[0]])
+    full = base + per_layer * 40 + per_block * (6 - args.head_depths[0])
+    cfg = t2i_preset("BitDance-14B-64x" if args.parallel == 64 else "BitDance-14B-16x", args.height, args.height)
+    largest = max(sum(b for _, b in w.values()) for w in stage_weights(cfg, args.precision, args.steps).values())
+    target = largest + 4 * 10**9
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    summary = {"benchmark": "t2i_export_memory", "precision": args.precision, "parallel": args.parallel,
+               "height": args.height, "steps": args.steps, "runs": runs,
+               "per_layer_bytes": round(per_layer), "per_head_block_bytes": round(per_block),
+               "intercept_bytes": round(base), "extrapolated_14b_peak_bytes": round(full),
+               "largest_stage_bytes": largest, "target_bytes": target, "fits_target": full <= target,
+               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags,
+                           "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d")}
+    print(f"per Qwen3 layer {per_layer / GIB:+.3f} GiB, per head block {per_block / GIB:+.3f} GiB; "
+          f"BitDance-14B ({40} layers, head depth 6) extrapolated: {full / GIB:.2f} GiB peak against a target of "
+          f"{target / GIB:.2f} GiB (largest stage {largest / GIB:.2f} GiB at {args.precision} + 4 GB)")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
