@@ -8,10 +8,8 @@ streaming, the progress events the scheduler thread hands over. Errors have Open
 error (a route that does not exist, a body too large or too slow, a bug) has that shape and is
 counted in bitdance_errors_total.
 
-The outermost layer (_Guard) checks the key before a byte of the body is read, on every route but
-/health (/docs, /redoc and /openapi.json included: with a key they need it too), and reads the body
-whole, bounded in size and time, before FastAPI parses it: nobody without the key can make the
-server hold or parse a body, and no client can hold a request open by sending slowly.
+The routes are here; the error shape is errors.py, the settings and admission state.py, and the
+outermost layer (key, body size and time limits) guard.py. Their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -20,13 +18,9 @@ import asyncio
 import base64
 import io
 import json
-import logging
-import math
-import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -37,88 +31,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BitDanceError
 from ..runtime.params import ParamError
-from .metrics import Metrics
+from .errors import SHOWN_CHARS, ApiError, _cut, _describe, _quoted, error_body  # noqa: F401
+from .guard import POLL_S, _as_json, _Guard, _send_json, log  # noqa: F401
 from .schema import ImageRequest
+from .state import ServerSettings, ServerState
 from .translate import FieldError, Job, to_job
 
-POLL_S = 0.1  # how often a waiting request checks that its client is still there
-SHOWN_CHARS = 100  # most characters of a bad value quoted back in an error message
 # Pipeline argument (ParamError.param) -> the body field it comes from
 HTTP_FIELDS = {"cfg": "guidance_scale", "num_images": "n", "preview_every": "partial_images"}
-
-log = logging.getLogger("bitdance_rt.serve")
-
-
-@dataclass
-class ServerSettings:
-    """What `bitdance-rt serve` takes besides the model: admission, time and access limits."""
-
-    max_queue: int = 64  # requests waiting for cache rows before new ones get 429
-    request_timeout: float = 600.0  # seconds from arrival to the last image; then 504 and the rows are freed
-    max_images: int = 16  # images per request (n x labels)
-    api_key: str | None = None  # bearer token for every route but /health
-    shutdown_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight before cancelling them
-    body_timeout: float = 10.0  # seconds a client may take to send a request's headers, and then its body
-    max_body_bytes: int = 1 << 20  # larger bodies get 413 (a request body is a few hundred bytes)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code or kind, headers
-
-
-def error_body(message: str, status: int, param: str | None, code: str | None) -> dict:
-    """OpenAI's error shape."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == 429:
-        kind = "rate_limit_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-class ServerState:
-    """The Pipeline (None while it loads), readiness, draining, and the recent request time that
-    Retry-After is estimated from."""
-
-    def __init__(self, settings: ServerSettings):
-        self.settings = settings
-        self.pipeline = None
-        self.load_error: BaseException | None = None
-        self.draining = False
-        self.metrics = Metrics(lambda: self.pipeline)
-        self._seconds = 1.0  # moving mean of request seconds
-
-    def ready(self, pipe) -> None:
-        self.pipeline = pipe
-        pipe.scheduler.observers.append(self.metrics.observe_step)
-        self.metrics.ready.set(1)
-
-    def admit(self):
-        """The Pipeline, if a new request may join the queue now; else the 503 / 429 to answer."""
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", "draining", headers={"Retry-After": "5"})
-        pipe = self.pipeline
-        if pipe is None:
-            what = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
-            raise ApiError(503, what, "loading", headers={"Retry-After": "5"})
-        # Only requests that the free cache rows cannot take count: a burst that merely waits for the next
-        # AR step boundary is no backlog (with --max-queue 0, any backlog refuses).
-        backlog = pipe.backlog
-        if backlog > 0 and backlog >= self.settings.max_queue:
-            wait = max(1, min(60, math.ceil(self._seconds)))
-            raise ApiError(429, f"{backlog} requests are waiting for cache rows (the limit is "
-                                f"{self.settings.max_queue}); retry after {wait} s", "queue_full",
-                           headers={"Retry-After": str(wait)})
-        return pipe
-
-    def took(self, seconds: float) -> None:
-        self._seconds = 0.8 * self._seconds + 0.2 * seconds
-
-    def refuse(self, exc: ApiError) -> JSONResponse:
-        """The error's answer, counted."""
-        self.metrics.error(exc.kind)
-        return JSONResponse(error_body(str(exc), exc.status, exc.param, exc.code), exc.status, headers=exc.headers)
 
 
 def _png_b64(image) -> str:
@@ -344,157 +264,3 @@ async def _stream(state: ServerState, pipe, job: Job, began: float):
             pipe.cancel(future)
             if remaining > 0:
                 state.metrics.error("disconnected")
-
-
-def _describe(errors) -> tuple[str | None, str]:
-    """The first pydantic error as (field, message), quoting at most SHOWN_CHARS of the value."""
-    if not errors:
-        return None, "invalid request"
-    e = errors[0]
-    loc = [_cut(str(p)) for p in e.get("loc", ()) if p != "body"]
-    kind = e.get("type", "")
-    if kind == "json_invalid":
-        detail = (e.get("ctx") or {}).get("error", "")
-        return None, f"the body is not valid JSON ({detail})" if detail else "the body is not valid JSON"
-    if kind == "missing" and not loc:
-        return None, "the body must be a JSON object with the request's fields (it was empty)"
-    if kind in ("model_attributes_type", "dict_type", "model_type") and not loc:
-        return None, "the body must be a JSON object with the request's fields"
-    param = loc[0] if loc else None
-    if kind == "extra_forbidden":
-        return param, f"unknown field {param!r} (see the API's fields: prompt, n, size, response_format, model, " \
-                      "stream, partial_images, seed, steps, guidance_scale, cfg_schedule, labels)"
-    where = ".".join(loc[:1] + [p for p in loc[1:] if p not in ("str", "int")])  # (not the Union member tried)
-    got = e.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {_quoted(got)})"
-    return param, f"{where}: {e.get('msg', 'invalid value')}{shown}"
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
-
-
-def _quoted(value) -> str:
-    """`value` as JSON, at most SHOWN_CHARS characters (a long string or list is cut before it is
-    encoded, so a large value costs no more than a small one)."""
-    if isinstance(value, str) and len(value) > SHOWN_CHARS:
-        value = value[:SHOWN_CHARS]
-    elif isinstance(value, (list, tuple)) and len(value) > SHOWN_CHARS // 2:
-        value = list(value[:SHOWN_CHARS // 2])
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return _cut(text)
-
-
-async def _send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
-    raw = json.dumps(body).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": raw, "more_body": False})
-
-
-class _Guard:
-    """Pure ASGI, outermost of the app's own layers (inside it, FastAPI). In order: the API key
-    (every route but /health; nothing of the body is read without it); a Content-Length over
-    max_body_bytes (413, nothing read); the body, read whole within body_timeout (408) and
-    max_body_bytes (413, for bodies without a length); then the app, handed the body as JSON
-    whatever the Content-Type said (curl -d sends form-urlencoded; every body here is JSON).
-    Any exception the app did not answer becomes a JSON 500, counted as kind "internal", and the
-    connection stays usable. 408 and 413 close the connection: the rest of the body is not read.
-    A body that stalls once SIGTERM came is answered 503 at once: shutdown waits for work, not uploads."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            body = await self._body(scope, receive)
-            if body is None:  # the client left while sending
-                return
-            delivered = False
-
-            async def replay():
-                nonlocal delivered
-                if delivered:
-                    return await receive()  # (then http.disconnect, when the client leaves)
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await self.app(_as_json(scope), replay, tracked)
-        except ApiError as exc:
-            self.state.metrics.error(exc.kind)
-            if not started:
-                await _send_json(send, exc.status, error_body(str(exc), exc.status, exc.param, exc.code),
-                                 exc.headers)
-        except Exception as exc:  # a bug: answered like any error, logged with its traceback
-            log.error("bitdance-rt serve: %s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
-            self.state.metrics.error("internal")
-            if not started:
-                await _send_json(send, 500, error_body(
-                    f"internal server error ({type(exc).__name__}); the server's log has the details", 500, None,
-                    "internal_error"))
-
-    async def _body(self, scope, receive) -> bytes | None:
-        """The request's body, once the key is checked; None when the client left."""
-        settings = self.state.settings
-        headers = dict(scope.get("headers") or ())
-        if settings.api_key and scope.get("path") != "/health":
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
-                                                                         settings.api_key.encode()):
-                raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                               "unauthorized", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        limit = settings.max_body_bytes
-        too_large = ApiError(413, f"the request body is larger than {limit} bytes (--max-body-bytes)", "too_large",
-                             code="request_too_large", headers={"Connection": "close"})
-        length = headers.get(b"content-length", b"").strip()
-        if length.isdigit() and int(length) > limit:
-            raise too_large
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.body_timeout
-        chunks, size = [], 0
-        while True:
-            left = deadline - loop.time()
-            try:  # (waits of POLL_S at most: a stalled upload must not hold a shutdown for the body timeout)
-                message = await asyncio.wait_for(receive(), timeout=max(0.0, min(left, POLL_S)))
-            except asyncio.TimeoutError:
-                if left <= POLL_S:
-                    raise ApiError(408, f"the request body did not arrive within {settings.body_timeout:g} s "
-                                        "(--body-timeout)", "body_timeout", code="request_timeout",
-                                   headers={"Connection": "close"}) from None
-                if self.state.draining:
-                    raise ApiError(503, "the server is shutting down", "draining",
-                                   headers={"Connection": "close", "Retry-After": "5"}) from None
-                continue
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-
-def _as_json(scope) -> dict:
-    """`scope` with Content-Type: application/json (the only body this API takes)."""
-    headers = scope.get("headers") or []
-    kinds = [v for k, v in headers if k == b"content-type"]
-    if kinds and kinds[0].split(b";")[0].strip().lower() == b"application/json":
-        return scope
-    return {**scope, "headers": [(k, v) for k, v in headers if k != b"content-type"]
-                                + [(b"content-type", b"application/json")]}
