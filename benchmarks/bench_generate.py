@@ -68,17 +68,20 @@ def benchmark_args(description: str) -> argparse.ArgumentParser:
 def main() -> None:
     ap = benchmark_args(__doc__.splitlines()[0])
     ap.add_argument("--export-dir", default=None, help="keep/reuse the ONNX export here (default: a temp dir)")
-    ap.add_argument("--backends", nargs="+", default=["torch", "ort-fused", "ort-step"],
-                    choices=["torch", "ort-fused", "ort-step"])
+    ap.add_argument(
+        "--backends", nargs="+", default=["torch", "ort-fused", "ort-step"], choices=["torch", "ort-fused", "ort-step"]
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     cfg = load_config(args.model)
     t0 = time.perf_counter()
     model = random_init(BitDance(cfg).eval(), 0)
-    print(f"{cfg.name}: {cfg.image_size}px, {cfg.ar_steps} AR steps x {args.steps} sampler steps, cfg {args.cfg}, "
-          f"{args.threads} threads ({platform.processor() or platform.machine()}); model built in "
-          f"{time.perf_counter() - t0:.1f}s")
+    print(
+        f"{cfg.name}: {cfg.image_size}px, {cfg.ar_steps} AR steps x {args.steps} sampler steps, cfg {args.cfg}, "
+        f"{args.threads} threads ({platform.processor() or platform.machine()}); model built in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     backends = {}
     if "torch" in args.backends:
         backends["torch"] = TorchBackend(model)
@@ -103,17 +106,31 @@ def main() -> None:
             results.setdefault(batch, {})[name] = r
         ref = results[batch].get("torch")
         print(f"\nbatch {batch}:")
-        print(f"  {'backend':<10} {'img/s':>8} {'vs torch':>9}   s/image: " + "  ".join(f"{k:>13}" for k in STAGE_CALLS))
+        print(
+            f"  {'backend':<10} {'img/s':>8} {'vs torch':>9}   s/image: " + "  ".join(f"{k:>13}" for k in STAGE_CALLS)
+        )
         for name, r in results[batch].items():
             ratio = r["images_per_s"] / ref["images_per_s"] if ref else float("nan")
-            same = "" if ref is None else ("  tokens == torch" if torch.equal(r["tokens"], ref["tokens"]) else "  TOKENS DIFFER")
+            same = (
+                ""
+                if ref is None
+                else ("  tokens == torch" if torch.equal(r["tokens"], ref["tokens"]) else "  TOKENS DIFFER")
+            )
             stages = "  ".join(f"{r['stage_s_per_image'][k]:>13.3f}" for k in STAGE_CALLS)
             print(f"  {name:<10} {r['images_per_s']:>8.4f} {ratio:>8.2f}x   {' ' * 8} {stages}{same}")
     summary = {
-        "model": cfg.name, "steps": args.steps, "cfg": args.cfg, "threads": args.threads,
-        "results": {str(b): {n: {k: v for k, v in r.items() if k != "tokens"} | (
-            {"speedup_vs_torch": r["images_per_s"] / res_b["torch"]["images_per_s"]} if "torch" in res_b else {})
-            for n, r in res_b.items()} for b, res_b in results.items()},
+        "model": cfg.name,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "threads": args.threads,
+        "results": {
+            str(b): {
+                n: {k: v for k, v in r.items() if k != "tokens"}
+                | ({"speedup_vs_torch": r["images_per_s"] / res_b["torch"]["images_per_s"]} if "torch" in res_b else {})
+                for n, r in res_b.items()
+            }
+            for b, res_b in results.items()
+        },
     }
     print(json.dumps(summary))
 

@@ -55,10 +55,20 @@ def main(argv=None) -> None:
         import tokenizers  # noqa: F401
     gc.collect()
     before = rss_bytes()
-    pipe = Pipeline.from_pretrained(args.model, args.checkpoint, backend="onnxruntime", precision=args.precision,
-                                    steps=args.steps, max_batch=args.images, height=args.height, width=args.width,
-                                    max_text_tokens=args.max_text_tokens, threads=args.threads,
-                                    export_dir=args.export_dir, progress=False)
+    pipe = Pipeline.from_pretrained(
+        args.model,
+        args.checkpoint,
+        backend="onnxruntime",
+        precision=args.precision,
+        steps=args.steps,
+        max_batch=args.images,
+        height=args.height,
+        width=args.width,
+        max_text_tokens=args.max_text_tokens,
+        threads=args.threads,
+        export_dir=args.export_dir,
+        progress=False,
+    )
     gc.collect()
     loaded = rss_bytes()
     condition = {"prompt": "a red cat"} if pipe.model.t2i else {"labels": 0}
@@ -72,20 +82,39 @@ def main(argv=None) -> None:
     sessions = sorted(getattr(pipe.backend, "sessions", {}))  # the graphs loaded (head_step only on demand)
     pipe.close()
     mb = 1e6
-    print(f"{pipe.config.name}, {args.precision}, ONNX Runtime on {platform.machine()}: resident memory "
-          f"{before / mb:.0f} MB before loading")
+    print(
+        f"{pipe.config.name}, {args.precision}, ONNX Runtime on {platform.machine()}: resident memory "
+        f"{before / mb:.0f} MB before loading"
+    )
     print(f"  graphs loaded: {', '.join(sessions)}")
-    print(f"  after loading    +{(loaded - before) / mb:8.1f} MB   plan: weights held {p.weight_bytes / mb:8.1f} MB "
-          f"(ratio {(loaded - before) / p.weight_bytes:.2f})")
-    print(f"  after generating +{(generated - before) / mb:8.1f} MB   plan: + KV cache of the rows allocated "
-          f"{cache / mb:.1f} MB = {(p.weight_bytes + cache) / mb:.1f} MB "
-          f"(ratio {(generated - before) / (p.weight_bytes + cache):.2f})")
-    print(json.dumps({"bench": "memory", "model": pipe.config.name, "precision": args.precision,
-                      "rss_before": before, "rss_loaded": loaded, "rss_generated": generated,
-                      "plan_weight_bytes": p.weight_bytes, "plan_distinct_bytes": p.distinct_bytes,
-                      "cache_bytes": cache, "rows": rows, "graphs_loaded": sessions,
-                      "loaded_ratio": (loaded - before) / p.weight_bytes,
-                      "generated_ratio": (generated - before) / (p.weight_bytes + cache)}))
+    print(
+        f"  after loading    +{(loaded - before) / mb:8.1f} MB   plan: weights held {p.weight_bytes / mb:8.1f} MB "
+        f"(ratio {(loaded - before) / p.weight_bytes:.2f})"
+    )
+    print(
+        f"  after generating +{(generated - before) / mb:8.1f} MB   plan: + KV cache of the rows allocated "
+        f"{cache / mb:.1f} MB = {(p.weight_bytes + cache) / mb:.1f} MB "
+        f"(ratio {(generated - before) / (p.weight_bytes + cache):.2f})"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "memory",
+                "model": pipe.config.name,
+                "precision": args.precision,
+                "rss_before": before,
+                "rss_loaded": loaded,
+                "rss_generated": generated,
+                "plan_weight_bytes": p.weight_bytes,
+                "plan_distinct_bytes": p.distinct_bytes,
+                "cache_bytes": cache,
+                "rows": rows,
+                "graphs_loaded": sessions,
+                "loaded_ratio": (loaded - before) / p.weight_bytes,
+                "generated_ratio": (generated - before) / (p.weight_bytes + cache),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ from bitdance_rt.runtime.torch_backend import TorchBackend
 
 def ratios(r: dict, res: dict) -> dict:
     """images/s of one backend over each reference's measured in the same run."""
-    return {f"vs_{n.replace('-', '_')}": r["images_per_s"] / res[n]["images_per_s"]
-            for n in ("fp32-step", "fp32-fused", "torch") if n in res}
+    return {
+        f"vs_{n.replace('-', '_')}": r["images_per_s"] / res[n]["images_per_s"]
+        for n in ("fp32-step", "fp32-fused", "torch")
+        if n in res
+    }
 
 
 def main() -> None:
@@ -74,9 +77,13 @@ def main() -> None:
         policy = CapturePolicy(head_fraction=0.05, max_samples=128)
         cset = capture(model, source, labels, [0], args.steps, args.cfg, "linear", policy, batch_size=1).dataset
         save_calibration(cset, cal_dir)
-        print(f"calibration capture ({len(labels)} images, torch): {time.perf_counter() - t0:.0f}s; samples "
-              + ", ".join(f"{k} {len(v)}" for k, v in cset.samples.items())
-              + " (backbone " + ", ".join(f"{p} {n}" for p, n in cset.phase_counts("backbone").items()) + ")")
+        print(
+            f"calibration capture ({len(labels)} images, torch): {time.perf_counter() - t0:.0f}s; samples "
+            + ", ".join(f"{k} {len(v)}" for k, v in cset.samples.items())
+            + " (backbone "
+            + ", ".join(f"{p} {n}" for p, n in cset.phase_counts("backbone").items())
+            + ")"
+        )
     exports = {"fp32": fp32.directory}
     for precision in ["int8"] + (["fp16"] if args.fp16 else []):
         t0 = time.perf_counter()
@@ -95,12 +102,14 @@ def main() -> None:
     }
     exact = int8_kernels.resolve()
     if not exact:  # this CPU's U8S8 kernels are exact: time the U8U8 branch of other CPUs too
-        makers["int8-u8u8"] = lambda: OrtBackend(exports["int8"], threads=args.threads, verify_hashes=False,
-                                                 int8_kernels="exact")
+        makers["int8-u8u8"] = lambda: OrtBackend(
+            exports["int8"], threads=args.threads, verify_hashes=False, int8_kernels="exact"
+        )
     print(f"CPU: {int8_kernels.cpu_summary()}; int8-step: {int8_kernels.kernels_note(exact)}")
     if args.fp16:
-        makers["fp16-fused"] = lambda: OrtBackend(exports["fp16"], threads=args.threads, sampler="fused",
-                                                  verify_hashes=False)
+        makers["fp16-fused"] = lambda: OrtBackend(
+            exports["fp16"], threads=args.threads, sampler="fused", verify_hashes=False
+        )
     # Batch-major, so the runs a ratio compares are minutes apart, not the whole benchmark apart.
     results: dict = {batch: {} for batch in args.batches}
     for batch in args.batches:
@@ -116,8 +125,12 @@ def main() -> None:
         res = results[batch]
         refs = [n for n in ("fp32-step", "fp32-fused", "torch") if n in res]
         print(f"\nbatch {batch}:")
-        print(f"  {'backend':<11} {'img/s':>8} " + " ".join(f"{'vs ' + n:>13}" for n in refs) + "   s/image: "
-              + "  ".join(f"{k:>13}" for k in STAGE_CALLS))
+        print(
+            f"  {'backend':<11} {'img/s':>8} "
+            + " ".join(f"{'vs ' + n:>13}" for n in refs)
+            + "   s/image: "
+            + "  ".join(f"{k:>13}" for k in STAGE_CALLS)
+        )
         for name, r in res.items():
             vs = " ".join(f"{x:>12.2f}x" for x in ratios(r, res).values())
             stages = "  ".join(f"{r['stage_s_per_image'][k]:>13.3f}" for k in STAGE_CALLS)
@@ -126,23 +139,42 @@ def main() -> None:
     t0 = time.perf_counter()
     report_labels = [(11 * i + 5) % cfg.num_classes for i in range(args.report_images)]
     reference = makers["fp32-step"]()
-    fidelity = {p: compare(reference, OrtBackend(exports[p], threads=args.threads, verify_hashes=False),
-                           report_labels, [7], args.steps, args.cfg, batch_size=args.report_images,
-                           free_running=False).to_json()
-                for p in exports if p != "fp32"}
+    fidelity = {
+        p: compare(
+            reference,
+            OrtBackend(exports[p], threads=args.threads, verify_hashes=False),
+            report_labels,
+            [7],
+            args.steps,
+            args.cfg,
+            batch_size=args.report_images,
+            free_running=False,
+        ).to_json()
+        for p in exports
+        if p != "fp32"
+    }
     print(f"\nteacher-forced fidelity vs FP32 ({args.report_images} images, {time.perf_counter() - t0:.0f}s):")
     for p, j in fidelity.items():
         tf = j["teacher_forced"]
         phases = tf["backbone"]["phases"]
-        print(f"  {p}: bit agreement token_embed {tf['token_embed']['bit_agreement']:.4f}, backbone prefill "
-              f"{phases['prefill']['bit_agreement']:.4f} / step {phases['step']['bit_agreement']:.4f}, head "
-              f"{tf['head']['bit_agreement']:.4f}, end to end {tf['end_to_end']['bit_agreement']:.4f}; decoder PSNR "
-              f"{tf['decoder']['psnr_db_min']:.1f} dB")
+        print(
+            f"  {p}: bit agreement token_embed {tf['token_embed']['bit_agreement']:.4f}, backbone prefill "
+            f"{phases['prefill']['bit_agreement']:.4f} / step {phases['step']['bit_agreement']:.4f}, head "
+            f"{tf['head']['bit_agreement']:.4f}, end to end {tf['end_to_end']['bit_agreement']:.4f}; decoder PSNR "
+            f"{tf['decoder']['psnr_db_min']:.1f} dB"
+        )
     summary = {
-        "model": cfg.name, "cpu": int8_kernels.cpu_summary(), "int8_exact_kernels": exact,
-        "steps": args.steps, "cfg": args.cfg, "threads": args.threads, "method": args.method,
-        "results": {str(b): {n: {k: v for k, v in r.items() if k != "tokens"} | ratios(r, res_b)
-                             for n, r in res_b.items()} for b, res_b in results.items()},
+        "model": cfg.name,
+        "cpu": int8_kernels.cpu_summary(),
+        "int8_exact_kernels": exact,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "threads": args.threads,
+        "method": args.method,
+        "results": {
+            str(b): {n: {k: v for k, v in r.items() if k != "tokens"} | ratios(r, res_b) for n, r in res_b.items()}
+            for b, res_b in results.items()
+        },
         "fidelity": fidelity,
     }
     print(json.dumps(summary))

@@ -27,15 +27,20 @@ import statistics
 import time
 
 
-
 def _pct(values, q):
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
 
 
 def _stats(latencies, wall, n):
-    return {"images_per_s": n / wall, "wall_s": wall, "p50_s": _pct(latencies, 50), "p95_s": _pct(latencies, 95),
-            "p99_s": _pct(latencies, 99), "mean_s": statistics.fmean(latencies)}
+    return {
+        "images_per_s": n / wall,
+        "wall_s": wall,
+        "p50_s": _pct(latencies, 50),
+        "p95_s": _pct(latencies, 95),
+        "p99_s": _pct(latencies, 99),
+        "mean_s": statistics.fmean(latencies),
+    }
 
 
 def arrivals(n: int, rate: float, seed: int) -> list[float]:
@@ -109,8 +114,11 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=0.5, help="the Poisson run's rate as a share of saturation")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch1-runs", type=int, default=3, help="requests alone for the batch-1 latency (median)")
-    ap.add_argument("--decode-inline", action="store_true",
-                    help="decode finished requests on the scheduler thread (default: a decode thread beside it)")
+    ap.add_argument(
+        "--decode-inline",
+        action="store_true",
+        help="decode finished requests on the scheduler thread (default: a decode thread beside it)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -120,9 +128,16 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, precision=args.precision, steps=args.steps,
-                                    max_batch=args.max_batch, threads=args.threads, progress=False,
-                                    decode_thread=not args.decode_inline)
+    pipe = Pipeline.from_pretrained(
+        args.model,
+        backend=args.backend,
+        precision=args.precision,
+        steps=args.steps,
+        max_batch=args.max_batch,
+        threads=args.threads,
+        progress=False,
+        decode_thread=not args.decode_inline,
+    )
     load_s = time.perf_counter() - t0
     cfg = pipe.config
     scale = cfg.default_cfg if args.cfg is None else args.cfg
@@ -130,8 +145,10 @@ def main() -> None:
     cold_first_step = load_s + first.first_step_seconds
     cpu = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     flags = sorted({f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in cpu})
-    print(f"{pipe!r}: {cfg.ar_steps} AR steps x {pipe.steps} sampler steps, cfg {scale}; {args.threads} threads, "
-          f"CPU flags {' '.join(flags)}; loaded in {load_s:.1f} s, first AR step {cold_first_step:.1f} s after load start")
+    print(
+        f"{pipe!r}: {cfg.ar_steps} AR steps x {pipe.steps} sampler steps, cfg {scale}; {args.threads} threads, "
+        f"CPU flags {' '.join(flags)}; loaded in {load_s:.1f} s, first AR step {cold_first_step:.1f} s after load start"
+    )
 
     class Scaled:  # every request with the benchmark's guidance
         def __init__(self, p):
@@ -161,22 +178,45 @@ def main() -> None:
     results["serial"] = run_serial(sp, labels, times)
     results["static"] = run_static(sp, labels, times, args.static_batch)
     rows = pipe.scheduler.rows_per_iteration
-    print(f"\n{'policy':<12} {'img/s':>8} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8}   (Poisson at {rate:.3f} req/s "
-          f"= {args.load:.0%} of saturation, {len(labels)} requests)")
+    print(
+        f"\n{'policy':<12} {'img/s':>8} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8}   (Poisson at {rate:.3f} req/s "
+        f"= {args.load:.0%} of saturation, {len(labels)} requests)"
+    )
     for name, r in results.items():
         print(f"{name:<12} {r['images_per_s']:>8.3f} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f} {r['p99_s']:>8.3f}")
-    targets = {"saturation_vs_offline_batch8": sat["images_per_s"] / offline8,
-               "half_load_p50_vs_batch1": results["continuous"]["p50_s"] / l1}
-    print(f"\nsaturation / offline batch-8 = {targets['saturation_vs_offline_batch8']:.2f} (target >= 0.9); "
-          f"p50 at {args.load:.0%} load / batch-1 = {targets['half_load_p50_vs_batch1']:.2f} (target <= 1.5); "
-          f"mean rows per scheduler step {statistics.fmean(rows):.1f}")
+    targets = {
+        "saturation_vs_offline_batch8": sat["images_per_s"] / offline8,
+        "half_load_p50_vs_batch1": results["continuous"]["p50_s"] / l1,
+    }
+    print(
+        f"\nsaturation / offline batch-8 = {targets['saturation_vs_offline_batch8']:.2f} (target >= 0.9); "
+        f"p50 at {args.load:.0%} load / batch-1 = {targets['half_load_p50_vs_batch1']:.2f} (target <= 1.5); "
+        f"mean rows per scheduler step {statistics.fmean(rows):.1f}"
+    )
     pipe.close()
-    print(json.dumps({"bench": "serving", "model": cfg.name, "backend": pipe.backend.name, "precision":
-                      args.precision or "fp32", "steps": pipe.steps, "cfg": scale, "threads": args.threads,
-                      "cpu_flags": flags, "decode_thread": pipe.scheduler._decoder is not None,
-                      "requests": len(labels), "rate_req_s": rate, "batch1_latency_s": l1,
-                      "offline_batch8_images_s": offline8, "load_s": load_s,
-                      "first_ar_step_after_load_start_s": cold_first_step, "results": results, "targets": targets}))
+    print(
+        json.dumps(
+            {
+                "bench": "serving",
+                "model": cfg.name,
+                "backend": pipe.backend.name,
+                "precision": args.precision or "fp32",
+                "steps": pipe.steps,
+                "cfg": scale,
+                "threads": args.threads,
+                "cpu_flags": flags,
+                "decode_thread": pipe.scheduler._decoder is not None,
+                "requests": len(labels),
+                "rate_req_s": rate,
+                "batch1_latency_s": l1,
+                "offline_batch8_images_s": offline8,
+                "load_s": load_s,
+                "first_ar_step_after_load_start_s": cold_first_step,
+                "results": results,
+                "targets": targets,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

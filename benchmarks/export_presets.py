@@ -38,9 +38,13 @@ def export_one(name: str, root: Path, steps: int, opset: int) -> dict:
     res = export_stages(model, out, random_source(0), stages=list(ALL_STAGES), sampler_steps=steps, opset=opset)
     took = time.perf_counter() - t0
     files = res.manifest["files"]
-    sizes = {stage: sum(files[f]["bytes"] for f in names) / 2**20 for stage, names in res.manifest["stage_files"].items()}
-    print(f"{name}: built {built:.0f}s, exported + checked {len(sizes)} stages in {took:.0f}s "
-          f"({sum(sizes.values()) / 1024:.2f} GiB)")
+    sizes = {
+        stage: sum(files[f]["bytes"] for f in names) / 2**20 for stage, names in res.manifest["stage_files"].items()
+    }
+    print(
+        f"{name}: built {built:.0f}s, exported + checked {len(sizes)} stages in {took:.0f}s "
+        f"({sum(sizes.values()) / 1024:.2f} GiB)"
+    )
     for stage, mb in sizes.items():
         external = any(f.endswith(".data") for f in res.manifest["stage_files"][stage])
         print(f"  {stage:<22} {mb:>9.1f} MiB{'  (external data)' if external else ''}")

@@ -69,8 +69,11 @@ def ort_step(export_dir: Path, cfg, rows: int, threads: int, iters: int, step: i
     # Per-op kernel times of the backbone graph alone (step phase), on the same inputs.
     prof = session(export_dir / f"{st.BACKBONE}.onnx", threads, profile=True)
     x = backend._run(st.TOKEN_EMBED, {"tokens": tokens})["x"]
-    feed = {"x": x.numpy(), "start": np.full(rows, st.step_start(cfg, step), dtype=np.int64),
-            **{name: backend.kv_cache[i // 2, i % 2].numpy() for i, name in enumerate(st.cache_input_names(cfg))}}
+    feed = {
+        "x": x.numpy(),
+        "start": np.full(rows, st.step_start(cfg, step), dtype=np.int64),
+        **{name: backend.kv_cache[i // 2, i % 2].numpy() for i, name in enumerate(st.cache_input_names(cfg))},
+    }
     warmup = 2
     for _ in range(warmup + iters):
         prof.run(None, feed)
@@ -110,10 +113,16 @@ def main() -> None:
     out = Path(args.export_dir or tempfile.mkdtemp(prefix="bitdance-kv-"))
     try:
         t = time.perf_counter()
-        res = export_stages(model, out, random_source(0),
-                            stages=[st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.HEAD_STEP, st.DECODER])
-        print(f"{cfg.name}: L={cfg.max_seq_len} n_layer={cfg.n_layer} heads={cfg.n_head} hd={cfg.head_dim}; "
-              f"export {'reused' if res.reused else f'took {time.perf_counter() - t:.1f}s'} -> {out}")
+        res = export_stages(
+            model,
+            out,
+            random_source(0),
+            stages=[st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.HEAD_STEP, st.DECODER],
+        )
+        print(
+            f"{cfg.name}: L={cfg.max_seq_len} n_layer={cfg.n_layer} heads={cfg.n_head} hd={cfg.head_dim}; "
+            f"export {'reused' if res.reused else f'took {time.perf_counter() - t:.1f}s'} -> {out}"
+        )
         report(out, cfg, model, args)
     finally:
         if args.export_dir is None:
@@ -135,8 +144,10 @@ def report(out: Path, cfg, model: BitDance, args) -> None:
         t_trunc = torch_step(model, rows, args.iters, late, full=False)
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
         print(f"rows={rows}: cache {cache_mb:.0f} MiB, one numpy copy {copy_ms:.1f} ms")
-        print(f"  ORT step (token_embed + backbone, static cache, IO binding, kv_new written): step {early} "
-              f"{ms_early:.1f} ms, step {late} {ms_late:.1f} ms")
+        print(
+            f"  ORT step (token_embed + backbone, static cache, IO binding, kv_new written): step {early} "
+            f"{ms_early:.1f} ms, step {late} {ms_late:.1f} ms"
+        )
         share = 100 * cache_ms / max(total, 1e-9)
         print(f"  ORT backbone kernels {total:.1f} ms, of which cache ops {cache_ms:.1f} ms ({share:.0f}%): {top}")
         print(f"  torch eager step {late}: full cache {t_full:.1f} ms, written part only {t_trunc:.1f} ms")

@@ -28,8 +28,14 @@ import time
 from pathlib import Path
 
 GIB = 2**30
-QWEN3_14B = {"hidden_size": 5120, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
-             "intermediate_size": 17408, "vocab_size": 151936}
+QWEN3_14B = {
+    "hidden_size": 5120,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 17408,
+    "vocab_size": 151936,
+}
 CHILD = """
 import sys
 from bitdance_rt.cli import main
@@ -55,10 +61,14 @@ def write_checkpoint(directory: Path, layers: int, head_depth: int, parallel: in
         import shutil
 
         shutil.rmtree(tmp)
-    small = dict(t2i_tiny.LLM_CONFIG, num_hidden_layers=0, vocab_size=len(t2i_tiny.byte_vocab()) + 80,
-                 hidden_size=64)
-    t2i_tiny.write_checkpoint(tmp, parallel_num=parallel, llm={k: small[k] for k in ("num_hidden_layers",)},
-                              head={"ch_latent": 5120, "depth": head_depth}, shards=1)
+    small = dict(t2i_tiny.LLM_CONFIG, num_hidden_layers=0, vocab_size=len(t2i_tiny.byte_vocab()) + 80, hidden_size=64)
+    t2i_tiny.write_checkpoint(
+        tmp,
+        parallel_num=parallel,
+        llm={k: small[k] for k in ("num_hidden_layers",)},
+        head={"ch_latent": 5120, "depth": head_depth},
+        shards=1,
+    )
     # the head at the real conditioning width: rewrite its files against hidden 5120
     from bitdance_rt.models.heads import DiffusionHead, TransformerHead
     from bitdance_rt.models.t2i import Projector
@@ -71,8 +81,10 @@ def write_checkpoint(directory: Path, layers: int, head_depth: int, parallel: in
     with torch.device("meta"):
         net = DiffusionHead(TransformerHead(32, 5120, hidden, head_depth, 1, variant="t2i", swiglu=True))
     save_file({k: rand(tuple(v.shape)) for k, v in net.state_dict().items()}, str(tmp / "vision_head.safetensors"))
-    save_file({k: rand(tuple(v.shape)) for k, v in Projector(32, hidden).state_dict().items()},
-              str(tmp / "projector.safetensors"))
+    save_file(
+        {k: rand(tuple(v.shape)) for k, v in Projector(32, hidden).state_dict().items()},
+        str(tmp / "projector.safetensors"),
+    )
     head_cfg = json.loads((tmp / "vision_head_config.json").read_text())
     (tmp / "vision_head_config.json").write_text(json.dumps({**head_cfg, "ch_cond": hidden}))
     cfg = json.loads((tmp / "config.json").read_text())
@@ -84,18 +96,33 @@ def write_checkpoint(directory: Path, layers: int, head_depth: int, parallel: in
     q = QWEN3_14B["num_attention_heads"] * QWEN3_14B["head_dim"]
     weight_map = {}
     shard = "model-embed.safetensors"
-    save_file({"model.embed_tokens.weight": rand((QWEN3_14B["vocab_size"], d), torch.bfloat16),
-               "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)}, str(tmp / shard))
+    save_file(
+        {
+            "model.embed_tokens.weight": rand((QWEN3_14B["vocab_size"], d), torch.bfloat16),
+            "model.norm.weight": torch.ones(d, dtype=torch.bfloat16),
+        },
+        str(tmp / shard),
+    )
     weight_map.update({"model.embed_tokens.weight": shard, "model.norm.weight": shard})
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes = {"self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
-                  "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
-                  "self_attn.q_norm.weight": (128,), "self_attn.k_norm.weight": (128,),
-                  "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-                  "mlp.gate_proj.weight": (ffn, d), "mlp.up_proj.weight": (ffn, d), "mlp.down_proj.weight": (d, ffn)}
-        tensors = {p + k: (rand(s, torch.bfloat16) if len(s) == 2 else torch.ones(s, dtype=torch.bfloat16))
-                   for k, s in shapes.items()}
+        shapes = {
+            "self_attn.q_proj.weight": (q, d),
+            "self_attn.k_proj.weight": (kv, d),
+            "self_attn.v_proj.weight": (kv, d),
+            "self_attn.o_proj.weight": (d, q),
+            "self_attn.q_norm.weight": (128,),
+            "self_attn.k_norm.weight": (128,),
+            "input_layernorm.weight": (d,),
+            "post_attention_layernorm.weight": (d,),
+            "mlp.gate_proj.weight": (ffn, d),
+            "mlp.up_proj.weight": (ffn, d),
+            "mlp.down_proj.weight": (d, ffn),
+        }
+        tensors = {
+            p + k: (rand(s, torch.bfloat16) if len(s) == 2 else torch.ones(s, dtype=torch.bfloat16))
+            for k, s in shapes.items()
+        }
         shard = f"model-layer{i:02d}.safetensors"
         save_file(tensors, str(tmp / shard))
         weight_map.update({k: shard for k in tensors})
@@ -105,9 +132,26 @@ def write_checkpoint(directory: Path, layers: int, head_depth: int, parallel: in
 
 def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cache: Path) -> dict:
     env = {**os.environ, "BITDANCE_RT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", CHILD, "export", "--checkpoint", str(ckpt), "--precision", precision,
-           "--max-batch", "1", "--height", str(height), "--width", str(height), "--steps", str(steps),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        CHILD,
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--precision",
+        precision,
+        "--max-batch",
+        "1",
+        "--height",
+        str(height),
+        "--width",
+        str(height),
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+    ]
     t = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t
@@ -156,8 +200,11 @@ def main(argv=None) -> None:
         out = work / f"export-{ckpt.name}-{args.precision}"
         result = measure(ckpt, out, args.precision, args.height, args.steps, work / "cache")
         disk = sum(result["files"].values())
-        print(f"{layers} layer(s), head depth {depth}: peak {result['peak_bytes'] / GIB:.2f} GiB, "
-              f"{disk / GIB:.2f} GiB written, {result['seconds']:.0f} s", flush=True)
+        print(
+            f"{layers} layer(s), head depth {depth}: peak {result['peak_bytes'] / GIB:.2f} GiB, "
+            f"{disk / GIB:.2f} GiB written, {result['seconds']:.0f} s",
+            flush=True,
+        )
         runs.append({"layers": layers, "head_depth": depth, **result, "written_bytes": disk})
         import shutil
 
@@ -171,17 +218,34 @@ def main(argv=None) -> None:
     largest = max(sum(b for _, b in w.values()) for w in stage_weights(cfg, args.precision, args.steps).values())
     target = largest + 4 * 10**9
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    summary = {"benchmark": "t2i_export_memory", "precision": args.precision, "parallel": args.parallel,
-               "height": args.height, "steps": args.steps, "runs": runs,
-               "per_layer_bytes": round(per_layer), "per_head_block_bytes": round(per_block),
-               "intercept_bytes": round(base), "extrapolated_14b_peak_bytes": round(full),
-               "largest_stage_bytes": largest, "target_bytes": target, "fits_target": full <= target,
-               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags,
-                           "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d")}
-    print(f"per Qwen3 layer {per_layer / GIB:+.3f} GiB, per head block {per_block / GIB:+.3f} GiB; "
-          f"BitDance-14B ({40} layers, head depth 6) extrapolated: {full / GIB:.2f} GiB peak against a target of "
-          f"{target / GIB:.2f} GiB (largest stage {largest / GIB:.2f} GiB at {args.precision} + 4 GB)")
+    summary = {
+        "benchmark": "t2i_export_memory",
+        "precision": args.precision,
+        "parallel": args.parallel,
+        "height": args.height,
+        "steps": args.steps,
+        "runs": runs,
+        "per_layer_bytes": round(per_layer),
+        "per_head_block_bytes": round(per_block),
+        "intercept_bytes": round(base),
+        "extrapolated_14b_peak_bytes": round(full),
+        "largest_stage_bytes": largest,
+        "target_bytes": target,
+        "fits_target": full <= target,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "avx512f": "avx512f" in flags,
+            "avx512_vnni": "avx512_vnni" in flags,
+            "torch": torch.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(
+        f"per Qwen3 layer {per_layer / GIB:+.3f} GiB, per head block {per_block / GIB:+.3f} GiB; "
+        f"BitDance-14B ({40} layers, head depth 6) extrapolated: {full / GIB:.2f} GiB peak against a target of "
+        f"{target / GIB:.2f} GiB (largest stage {largest / GIB:.2f} GiB at {args.precision} + 4 GB)"
+    )
     print(json.dumps(summary))
 
 

@@ -25,8 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-QWEN3_14B_WIDTHS = {"hidden_size": 5120, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
-                    "intermediate_size": 17408}
+QWEN3_14B_WIDTHS = {
+    "hidden_size": 5120,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 17408,
+}
 
 
 def main(argv=None) -> None:
@@ -40,8 +45,11 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2, help="sampler steps S")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8"], choices=("fp32", "fp16", "int8"))
     ap.add_argument("--no-generate", action="store_true", help="export and check only")
-    ap.add_argument("--real-vocab", action="store_true",
-                    help="Qwen3's 151,936-token vocabulary (a 3.1 GB FP32 text embedding: graphs over 2 GB)")
+    ap.add_argument(
+        "--real-vocab",
+        action="store_true",
+        help="Qwen3's 151,936-token vocabulary (a 3.1 GB FP32 text embedding: graphs over 2 GB)",
+    )
     ap.add_argument("--workdir", default=None, help="where the checkpoint and exports go (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -62,11 +70,16 @@ def main(argv=None) -> None:
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").is_file():
         vocab = {"vocab_size": 151936} if args.real_vocab else {}
-        write_checkpoint(ckpt, parallel_num=args.parallel,
-                         llm=dict(QWEN3_14B_WIDTHS, num_hidden_layers=args.layers, **vocab),
-                         head={"ch_latent": 5120, "depth": args.head_depth})
-    print(f"checkpoint at Qwen3-14B widths, {args.layers} layer(s), head depth {args.head_depth}: {ckpt} "
-          f"({time.perf_counter() - t0:.0f} s)")
+        write_checkpoint(
+            ckpt,
+            parallel_num=args.parallel,
+            llm=dict(QWEN3_14B_WIDTHS, num_hidden_layers=args.layers, **vocab),
+            head={"ch_latent": 5120, "depth": args.head_depth},
+        )
+    print(
+        f"checkpoint at Qwen3-14B widths, {args.layers} layer(s), head depth {args.head_depth}: {ckpt} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     source = resolve_model(None, str(ckpt), None, args.height, args.width, args.max_text_tokens)
     results = {}
     for precision in args.precisions:
@@ -85,29 +98,54 @@ def main(argv=None) -> None:
         row = {"export_s": round(exported, 1), "checker": checker, "lint": lint, "files": sizes}
         if not args.no_generate:
             t = time.perf_counter()
-            with torch.no_grad(), Pipeline.from_pretrained(checkpoint=str(ckpt), backend="onnxruntime",
-                                                           precision=precision, height=args.height,
-                                                           width=args.width, max_text_tokens=args.max_text_tokens,
-                                                           steps=args.steps, progress=False) as pipe:
+            with (
+                torch.no_grad(),
+                Pipeline.from_pretrained(
+                    checkpoint=str(ckpt),
+                    backend="onnxruntime",
+                    precision=precision,
+                    height=args.height,
+                    width=args.width,
+                    max_text_tokens=args.max_text_tokens,
+                    steps=args.steps,
+                    progress=False,
+                ) as pipe,
+            ):
                 out = pipe.generate(prompt="a red cat", seed=0)
             row["generate_s"] = round(time.perf_counter() - t, 1)
             row["tokens_pm1"] = bool(out.tokens.abs().eq(1).all())
             row["image_finite"] = bool(out.image.isfinite().all())
         results[precision] = row
-        print(f"\n{precision}: exported in {exported:.0f} s; checker findings {len(checker)}; lint findings "
-              + ", ".join(f"{t}: {len(v)}" for t, v in lint.items()))
+        print(
+            f"\n{precision}: exported in {exported:.0f} s; checker findings {len(checker)}; lint findings "
+            + ", ".join(f"{t}: {len(v)}" for t, v in lint.items())
+        )
         for f, b in sorted(sizes.items()):
             print(f"  {f:28s} {b / 1e6:10.1f} MB")
         for finding in checker + [x for v in lint.values() for x in v]:
             print("  ", finding)
         if "generate_s" in row:
-            print(f"  one 512 px image on ONNX Runtime: {row['generate_s']} s, tokens +/-1: {row['tokens_pm1']}, "
-                  f"image finite: {row['image_finite']}")
+            print(
+                f"  one 512 px image on ONNX Runtime: {row['generate_s']} s, tokens +/-1: {row['tokens_pm1']}, "
+                f"image finite: {row['image_finite']}"
+            )
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(json.dumps({"bench": "t2i_real_widths", "layers": args.layers, "head_depth": args.head_depth,
-                      "real_vocab": args.real_vocab,
-                      "parallel": args.parallel, "height": args.height, "width": args.width, "cpu": cpu,
-                      "machine": platform.machine(), "results": results}))
+    print(
+        json.dumps(
+            {
+                "bench": "t2i_real_widths",
+                "layers": args.layers,
+                "head_depth": args.head_depth,
+                "real_vocab": args.real_vocab,
+                "parallel": args.parallel,
+                "height": args.height,
+                "width": args.width,
+                "cpu": cpu,
+                "machine": platform.machine(),
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

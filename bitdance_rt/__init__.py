@@ -1,8 +1,8 @@
 """bitdance-rt: deployment runtime for BitDance (binary-token autoregressive image generation).
 
-    from bitdance_rt import Pipeline
-    pipe = Pipeline.from_pretrained()          # load once (the embedded model), keep warm
-    out = pipe.generate(labels=[3, 7])          # generate many; submit() / stream() for concurrency
+from bitdance_rt import Pipeline
+pipe = Pipeline.from_pretrained()          # load once (the embedded model), keep warm
+out = pipe.generate(labels=[3, 7])          # generate many; submit() / stream() for concurrency
 """
 
 from ._version import __version__

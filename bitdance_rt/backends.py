@@ -109,8 +109,10 @@ def resolve_model(model, checkpoint, vae, height, width, max_text_tokens) -> Mod
         from .t2i.config import DEFAULT_MAX_TEXT_TOKENS, check_resolution, read_checkpoint_config
 
         if model is not None:
-            raise BitDanceError(f"checkpoint {checkpoint} is a text-to-image checkpoint, which names its own model: "
-                                f"drop model={model!r}")
+            raise BitDanceError(
+                f"checkpoint {checkpoint} is a text-to-image checkpoint, which names its own model: "
+                f"drop model={model!r}"
+            )
         if vae is not None:
             raise BitDanceError("a text-to-image checkpoint holds its own autoencoder: drop vae")
         height, width = height or 1024, width or 1024
@@ -118,8 +120,10 @@ def resolve_model(model, checkpoint, vae, height, width, max_text_tokens) -> Mod
         cfg = read_checkpoint_config(checkpoint, height, width, max_text_tokens or DEFAULT_MAX_TEXT_TOKENS)
         return ModelSource(cfg, str(checkpoint), None, t2i=True)
     if height is not None or width is not None or max_text_tokens is not None:
-        raise BitDanceError("height / width / max_text_tokens are for text-to-image checkpoints (a directory); "
-                            "ImageNet models have one image size")
+        raise BitDanceError(
+            "height / width / max_text_tokens are for text-to-image checkpoints (a directory); "
+            "ImageNet models have one image size"
+        )
     from .config import EMBEDDED_MODEL, ModelConfig, load_config
     from .loading import embedded_checkpoint
 
@@ -139,8 +143,10 @@ def make_backend(model: ModelSource, steps: int, opts: BackendOptions):
         torch.set_num_threads(opts.threads)
     if name == "torch":
         if opts.precision not in (None, "fp32"):
-            raise BitDanceError(f"precision {opts.precision}: the torch backend is the float32 reference; use "
-                                "backend onnxruntime (or tensorrt) for fp16 / int8")
+            raise BitDanceError(
+                f"precision {opts.precision}: the torch backend is the float32 reference; use "
+                "backend onnxruntime (or tensorrt) for fp16 / int8"
+            )
         from .runtime.torch_backend import TorchBackend
 
         backend = TorchBackend(model.load(opts.allow_pickle), opts.device, max_batch=opts.max_batch)
@@ -173,17 +179,23 @@ def export_for(model: ModelSource, out, steps: int, opts: BackendOptions, stages
     source = model.weights_source()
     if model.vae and not model.checkpoint:
         raise BitDanceError("--vae needs --checkpoint: the random-weight default has no checkpoint to pair it with")
-    key = manifest_key(model.config, source, stages, options.get("opset", DEFAULT_OPSET),
-                       steps if any(s in SAMPLER_STAGES for s in stages) else None, limits)
+    key = manifest_key(
+        model.config,
+        source,
+        stages,
+        options.get("opset", DEFAULT_OPSET),
+        steps if any(s in SAMPLER_STAGES for s in stages) else None,
+        limits,
+    )
     if not options.get("force") and (manifest := find_reusable(out, key)) is not None:
         return ExportResult(Path(out), manifest, True)  # weights not read at all
     options.setdefault("progress", opts.progress)
-    return export_stages(model.load(opts.allow_pickle), out, source, stages=stages, sampler_steps=steps,
-                         limits=limits, **options)
+    return export_stages(
+        model.load(opts.allow_pickle), out, source, stages=stages, sampler_steps=steps, limits=limits, **options
+    )
 
 
-def streamed_export(model: ModelSource, out, steps: int, opts: BackendOptions, precision: str, stages=None,
-                    **options):
+def streamed_export(model: ModelSource, out, steps: int, opts: BackendOptions, precision: str, stages=None, **options):
     """A text-to-image export written straight from the weight files (precision/streamed.py): the
     weights are streamed tensor by tensor, never loaded as a float32 model."""
     from .precision.streamed import export_precision_streamed
@@ -193,8 +205,16 @@ def streamed_export(model: ModelSource, out, steps: int, opts: BackendOptions, p
     options.setdefault("limits", _limits(opts))
     options.setdefault("progress", opts.progress)
     skeleton, weights = weightless_t2i(model.checkpoint, model.config)
-    return export_precision_streamed(skeleton, weights, out, model.weights_source(), precision,
-                                     stages=list(stages or GENERATION_STAGES), sampler_steps=steps, **options)
+    return export_precision_streamed(
+        skeleton,
+        weights,
+        out,
+        model.weights_source(),
+        precision,
+        stages=list(stages or GENERATION_STAGES),
+        sampler_steps=steps,
+        **options,
+    )
 
 
 def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision: str, out=None) -> Path:
@@ -229,13 +249,22 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
             from .t2i.prompt import PromptEncoder
 
             encoder = PromptEncoder(Path(model.checkpoint) / "tokenizer.json", cfg)
-        calibration = calibration_for(cfg, model.weights_source(), steps, scale, schedule,
-                                      lambda: model.load(opts.allow_pickle), opts.calibration, prompt_encoder=encoder,
-                                      fp32_export=fp32, threads=opts.threads, providers=ort_providers(opts))
+        calibration = calibration_for(
+            cfg,
+            model.weights_source(),
+            steps,
+            scale,
+            schedule,
+            lambda: model.load(opts.allow_pickle),
+            opts.calibration,
+            prompt_encoder=encoder,
+            fp32_export=fp32,
+            threads=opts.threads,
+            providers=ort_providers(opts),
+        )
     elif opts.calibration:
         raise BitDanceError("a calibration set is for precision int8 (FP16 graphs need no calibration)")
-    variant = precision_export(fp32, precision, calibration, opts.calib_method, out_dir=out,
-                               keep_float=opts.keep_float)
+    variant = precision_export(fp32, precision, calibration, opts.calib_method, out_dir=out, keep_float=opts.keep_float)
     logger.info("%s graphs: %s (%s)", precision.upper(), variant.directory, "reused" if variant.reused else "derived")
     return variant.directory
 
@@ -266,22 +295,26 @@ def _ort_backend(model: ModelSource, steps: int, opts: BackendOptions):
     optimized = _ort_cache_dir(opts)
     if opts.export_dir:
         if opts.keep_float:
-            raise BitDanceError("keep-float applies when INT8 graphs are derived, not to an export directory; "
-                                "derive them with bitdance-rt export --precision int8 --keep-float ...")
+            raise BitDanceError(
+                "keep-float applies when INT8 graphs are derived, not to an export directory; "
+                "derive them with bitdance-rt export --precision int8 --keep-float ..."
+            )
         held = graph_precision(read_manifest(opts.export_dir))
         if opts.precision not in (None, held):
-            raise BitDanceError(f"export {opts.export_dir} holds {held} graphs, not {opts.precision}: drop the "
-                                f"precision, or make a {opts.precision} export (bitdance-rt export --precision "
-                                f"{opts.precision})")
-        backend = OrtBackend(opts.export_dir, threads=opts.threads, providers=providers, expect_config=cfg,
-                             session_cache=optimized)
+            raise BitDanceError(
+                f"export {opts.export_dir} holds {held} graphs, not {opts.precision}: drop the "
+                f"precision, or make a {opts.precision} export (bitdance-rt export --precision "
+                f"{opts.precision})"
+            )
+        backend = OrtBackend(
+            opts.export_dir, threads=opts.threads, providers=providers, expect_config=cfg, session_cache=optimized
+        )
         what = f"{cfg.name} from {held} ONNX export {opts.export_dir}"
     else:
         precision = opts.precision or "fp32"
         out = auto_export(model, steps, opts, precision)
         # the export was verified when it was made (and is re-verified by cached file hashes)
-        backend = OrtBackend(out, threads=opts.threads, providers=providers, expect_config=cfg,
-                             session_cache=optimized)
+        backend = OrtBackend(out, threads=opts.threads, providers=providers, expect_config=cfg, session_cache=optimized)
         what = f"{model.describe()} on onnxruntime ({precision})"
     if backend.manifest.get("precision") == "int8":
         what += f"; {kernels_note(backend.int8_exact)}"
@@ -302,7 +335,13 @@ def _trt_backend(model: ModelSource, steps: int, opts: BackendOptions):
     if export_dir is None:  # engines from the cached FP32 export (the engine precision is opts.precision)
         export_dir = auto_export(model, steps, opts, "fp32")
     device = opts.device if opts.device.startswith("cuda") else "cuda"
-    backend = TrtBackend(export_dir, precision=opts.precision, workspace_mb=opts.workspace_mb,
-                         engine_root=opts.engine_dir, device=device, cuda_graphs=opts.cuda_graphs,
-                         expect_config=model.config)
+    backend = TrtBackend(
+        export_dir,
+        precision=opts.precision,
+        workspace_mb=opts.workspace_mb,
+        engine_root=opts.engine_dir,
+        device=device,
+        cuda_graphs=opts.cuda_graphs,
+        expect_config=model.config,
+    )
     return backend, f"{model.config.name} from TensorRT engines of {export_dir} ({backend.precision})"

@@ -120,8 +120,7 @@ def _torch_runner_class():
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
             for t in self.spec.inputs:
-                meta.add(t.name, dtype=np.dtype(t.dtype),
-                         shape=[d if isinstance(d, int) else None for d in t.shape])
+                meta.add(t.name, dtype=np.dtype(t.dtype), shape=[d if isinstance(d, int) else None for d in t.shape])
             return meta
 
         def infer_impl(self, feed_dict):
@@ -131,8 +130,10 @@ def _torch_runner_class():
                 outs = self.module(*args)
             self.inference_time = time.perf_counter() - start
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            return OrderedDict((t.name, o.detach().float().cpu().numpy() if o.is_floating_point()
-                                else o.detach().cpu().numpy()) for t, o in zip(self.spec.outputs, outs))
+            return OrderedDict(
+                (t.name, o.detach().float().cpu().numpy() if o.is_floating_point() else o.detach().cpu().numpy())
+                for t, o in zip(self.spec.outputs, outs)
+            )
 
         def deactivate_impl(self):
             pass
@@ -181,10 +182,12 @@ class CheckReport:
             lines += [f"    {o.name}: {'ok' if o.passed else 'FAILED'}, {o.detail}" for o in s.outputs]
         if self.end_to_end is not None:
             e = self.end_to_end
-            lines.append(f"  end to end ({e['images']} image(s), noise {e['noise']}): "
-                         f"{'PASS' if e['passed'] else 'FAIL'}, token agreement {e['agreement']:.6f} "
-                         f"(>= {e['threshold']}), {e['identical_images']} of {e['images']} images with identical "
-                         f"tokens, image max |diff| {e['image_max_diff']:.2e}")
+            lines.append(
+                f"  end to end ({e['images']} image(s), noise {e['noise']}): "
+                f"{'PASS' if e['passed'] else 'FAIL'}, token agreement {e['agreement']:.6f} "
+                f"(>= {e['threshold']}), {e['identical_images']} of {e['images']} images with identical "
+                f"tokens, image max |diff| {e['image_max_diff']:.2e}"
+            )
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
 
@@ -197,7 +200,9 @@ def example_feed(model, spec: st.StageSpec, batch: int = 2, seed: int = 0, phase
     from .export.wrappers import example_inputs, stage_module
 
     if phase is not None and phase not in spec.phases:
-        raise BitDanceError(f"stage {spec.name} has no phase {phase!r} (its phases: {', '.join(spec.phases) or 'none'})")
+        raise BitDanceError(
+            f"stage {spec.name} has no phase {phase!r} (its phases: {', '.join(spec.phases) or 'none'})"
+        )
     feed = OrderedDict((t.name, x) for t, x in zip(spec.inputs, example_inputs(spec, model, batch, seed)))
     if phase == "prefill" and spec.name == st.BACKBONE:
         prefix = st.stage_spec(st.PREFIX_EMBED, model.cfg)
@@ -209,8 +214,17 @@ def example_feed(model, spec: st.StageSpec, batch: int = 2, seed: int = 0, phase
     return OrderedDict((k, v.detach().cpu().numpy()) for k, v in feed.items())
 
 
-def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32", batch: int = 2, seed: int = 0,
-                  min_agreement: float | None = None, device: str = "cpu", phase: str | None = None) -> StageResult:
+def compare_stage(
+    model,
+    spec: st.StageSpec,
+    candidate,
+    precision: str = "fp32",
+    batch: int = 2,
+    seed: int = 0,
+    min_agreement: float | None = None,
+    device: str = "cpu",
+    phase: str | None = None,
+) -> StageResult:
     """Run torch and `candidate` (a Polygraphy runner) on the same inputs (of `phase`, for a stage with
     phases) and compare every output."""
     from .export.wrappers import stage_module
@@ -219,8 +233,9 @@ def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32",
     feed = example_feed(model, spec, batch, seed, phase)
     reference = _torch_runner_class()(stage_module(spec.name, model), spec, device)
     results = Comparator.run([reference, candidate], data_loader=[feed])
-    accuracy = Comparator.compare_accuracy(results, compare_func=make_compare_func(precision, spec.output_names,
-                                                                                        min_agreement))
+    accuracy = Comparator.compare_accuracy(
+        results, compare_func=make_compare_func(precision, spec.output_names, min_agreement)
+    )
     ((_, iterations),) = _first_accuracy(accuracy).items()
     (per_output,) = iterations
     tol = TOLERANCES[precision]
@@ -230,8 +245,11 @@ def compare_stage(model, spec: st.StageSpec, candidate, precision: str = "fp32",
             out.append(OutputResult(name, bool(res), f"agreement {res.value:.6f} (>= {res.threshold})"))
         else:
             atol, rtol = tol.get(name, tol[""])
-            out.append(OutputResult(name, bool(res), f"max |diff| {float(res.max_absdiff):.2e} "
-                                                     f"(atol {atol:.0e}, rtol {rtol:.0e})"))
+            out.append(
+                OutputResult(
+                    name, bool(res), f"max |diff| {float(res.max_absdiff):.2e} (atol {atol:.0e}, rtol {rtol:.0e})"
+                )
+            )
     missing = [t.name for t in spec.outputs if t.name not in per_output]
     out += [OutputResult(name, False, "not produced by the candidate") for name in missing]
     return StageResult(spec.name, out, phase)
@@ -260,12 +278,16 @@ def trt_runner(backend, stage: str, phase: str | None = None):
 
     spec = backend.specs[stage]
     profile = profile_index(spec, phase) if spec.phases else None
-    return TrtRunner(EngineFromBytes(backend.engine_paths[stage].read_bytes()), optimization_profile=profile,
-                     name=f"tensorrt-{stage}" + (f"-{phase}" if phase else ""))
+    return TrtRunner(
+        EngineFromBytes(backend.engine_paths[stage].read_bytes()),
+        optimization_profile=profile,
+        name=f"tensorrt-{stage}" + (f"-{phase}" if phase else ""),
+    )
 
 
-def end_to_end(reference, candidate, labels, steps: int, cfg: float, schedule: str, noise_path,
-               threshold: float) -> dict:
+def end_to_end(
+    reference, candidate, labels, steps: int, cfg: float, schedule: str, noise_path, threshold: float
+) -> dict:
     """Generate with both backends from the same recorded noise; compare tokens and images."""
     from .runtime import generate
     from .sampling import ReplayNoise
@@ -275,9 +297,15 @@ def end_to_end(reference, candidate, labels, steps: int, cfg: float, schedule: s
     same = ref.tokens == got.tokens.to(ref.tokens.device)
     agreement = float(same.float().mean())
     per_image = same.flatten(1).all(dim=1)
-    return {"images": len(labels), "noise": str(noise_path), "agreement": agreement, "threshold": threshold,
-            "identical_images": int(per_image.sum()), "passed": agreement >= threshold,
-            "image_max_diff": float((ref.image - got.image.to(ref.image.device)).abs().max())}
+    return {
+        "images": len(labels),
+        "noise": str(noise_path),
+        "agreement": agreement,
+        "threshold": threshold,
+        "identical_images": int(per_image.sum()),
+        "passed": agreement >= threshold,
+        "image_max_diff": float((ref.image - got.image.to(ref.image.device)).abs().max()),
+    }
 
 
 @dataclass
@@ -311,14 +339,21 @@ def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> Ch
         from .runtime.ort_backend import OrtBackend
 
         source = model.weights_source() if model.checkpoint else None
-        backend = OrtBackend(req.export_dir, threads=opts.threads, providers=ort_providers(opts), expect_config=cfg,
-                             expect_source=source)
+        backend = OrtBackend(
+            req.export_dir, threads=opts.threads, providers=ort_providers(opts), expect_config=cfg, expect_source=source
+        )
         make_runner, precision = ort_runner, backend.export.precision
     elif name == "tensorrt":
         from .runtime.trt_backend import TrtBackend
 
-        backend = TrtBackend(req.export_dir, precision=opts.precision, workspace_mb=opts.workspace_mb,
-                             engine_root=opts.engine_dir, cuda_graphs=opts.cuda_graphs, expect_config=cfg)
+        backend = TrtBackend(
+            req.export_dir,
+            precision=opts.precision,
+            workspace_mb=opts.workspace_mb,
+            engine_root=opts.engine_dir,
+            cuda_graphs=opts.cuda_graphs,
+            expect_config=cfg,
+        )
         make_runner, precision = trt_runner, backend.precision
     else:
         raise BitDanceError(f"check compares onnxruntime or tensorrt against torch, not {name}")
@@ -333,9 +368,18 @@ def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> Ch
     for stage in stages:
         spec = backend.specs[stage]
         for phase in spec.profile_phases:  # [None] for a stage without phases
-            report.stages.append(compare_stage(reference, spec, make_runner(backend, stage, phase), precision,
-                                               req.batch, min_agreement=req.min_agreement, device=opts.device,
-                                               phase=phase))
+            report.stages.append(
+                compare_stage(
+                    reference,
+                    spec,
+                    make_runner(backend, stage, phase),
+                    precision,
+                    req.batch,
+                    min_agreement=req.min_agreement,
+                    device=opts.device,
+                    phase=phase,
+                )
+            )
     if req.noise_from:
         labels = req.labels
         if labels is None:
@@ -348,6 +392,14 @@ def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> Ch
         steps = backend.sampler_steps if req.steps is None else req.steps
         scale = cfg.default_cfg if req.cfg is None else req.cfg
         threshold = MIN_AGREEMENT[precision] if req.min_agreement is None else req.min_agreement
-        report.end_to_end = end_to_end(TorchBackend(reference, opts.device), backend, labels, steps, scale,
-                                       req.cfg_schedule, req.noise_from, threshold)
+        report.end_to_end = end_to_end(
+            TorchBackend(reference, opts.device),
+            backend,
+            labels,
+            steps,
+            scale,
+            req.cfg_schedule,
+            req.noise_from,
+            threshold,
+        )
     return report

@@ -69,8 +69,10 @@ def read_tensor_file(path: str | Path, allow_pickle: bool = False) -> Mapping:
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read it ({exc.strerror or exc})") from None
     if kind is None:  # random bytes, a text file, a truncated header: no unpickling would help
-        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint: not a PyTorch file (neither a zip "
-                              "archive nor a pickle) nor .safetensors; check it or download it again")
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable checkpoint: not a PyTorch file (neither a zip "
+            "archive nor a pickle) nor .safetensors; check it or download it again"
+        )
     try:
         return torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
     except OSError as exc:
@@ -84,8 +86,9 @@ def read_tensor_file(path: str | Path, allow_pickle: bool = False) -> Mapping:
                 "if you trust its source, pass --unsafe-allow-pickle (or convert it once with "
                 "`bitdance-rt convert --unsafe-allow-pickle`)"
             ) from None
-        raise CheckpointError(f"checkpoint {path}: not a readable checkpoint (corrupt {kind}: "
-                              f"{_unpickling_reason(exc)})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable checkpoint (corrupt {kind}: {_unpickling_reason(exc)})"
+        ) from None
     except Exception as exc:  # torch.load raises many types on foreign or truncated files
         raise CheckpointError(
             f"checkpoint {path}: unreadable (truncated or not a .pt/.safetensors file: {_first_line(exc)})"
@@ -151,8 +154,14 @@ def _describe(items: list[str], limit: int = 3) -> str:
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def check_fit(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str, model_name: str,
-              optional_prefix: str | None = None, suggest_preset: bool = True) -> None:
+def check_fit(
+    model: torch.nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    source: str,
+    model_name: str,
+    optional_prefix: str | None = None,
+    suggest_preset: bool = True,
+) -> None:
     """Raise a CheckpointError naming keys and shapes unless `sd` fits `model` exactly.
 
     Keys under `optional_prefix` may be absent (e.g. `vae.` when a separate --vae file is given).
@@ -174,8 +183,10 @@ def check_fit(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: st
     hint = ""
     if suggest_preset:
         fits = fitting_presets(theirs)
-        hint = f"; it fits preset {' / '.join(fits)}: use --model {fits[0]}" if fits else (
-            "; no built-in preset fits it: pass --model CONFIG.json with its constructor arguments"
+        hint = (
+            f"; it fits preset {' / '.join(fits)}: use --model {fits[0]}"
+            if fits
+            else ("; no built-in preset fits it: pass --model CONFIG.json with its constructor arguments")
         )
     raise CheckpointError(f"checkpoint {source} does not fit model {model_name}: " + "; ".join(parts) + hint)
 

@@ -162,41 +162,76 @@ class ModelConfig(TokenLayout):
             if not cond:
                 raise ConfigError(f"config {self.name!r}: {msg}")
 
-        for key in ("dim", "n_layer", "n_head", "diff_layers", "diff_dim", "diff_adanln_layers",
-                    "latent_dim", "down_size", "patch_size", "resolution", "cls_token_num",
-                    "num_classes", "parallel_num"):
+        for key in (
+            "dim",
+            "n_layer",
+            "n_head",
+            "diff_layers",
+            "diff_dim",
+            "diff_adanln_layers",
+            "latent_dim",
+            "down_size",
+            "patch_size",
+            "resolution",
+            "cls_token_num",
+            "num_classes",
+            "parallel_num",
+        ):
             value = getattr(self, key)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{key} must be a positive integer, got {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{key} must be a positive integer, got {value!r}",
+            )
         need(self.dim % self.n_head == 0, f"dim={self.dim} is not divisible by n_head={self.n_head}")
         need(self.head_dim % 4 == 0, f"head dim dim/n_head={self.head_dim} must be a multiple of 4 (2D RoPE)")
         need(self.patch_size == 1, f"patch_size={self.patch_size}: only 1 is supported (all official models use 1)")
-        need(self.resolution % self.down_size == 0,
-             f"resolution={self.resolution} is not divisible by down_size={self.down_size}")
+        need(
+            self.resolution % self.down_size == 0,
+            f"resolution={self.resolution} is not divisible by down_size={self.down_size}",
+        )
         need(self.time_shift > 0, f"time_shift must be > 0, got {self.time_shift}")
-        need(self.parallel_mode in ("patch", "standard"),
-             f"parallel_mode must be 'patch' or 'standard', got {self.parallel_mode!r}")
+        need(
+            self.parallel_mode in ("patch", "standard"),
+            f"parallel_mode must be 'patch' or 'standard', got {self.parallel_mode!r}",
+        )
         if self.is_parallel:
             p = self.patch_side
             need(p * p == self.parallel_num, f"parallel_num={self.parallel_num} must be a perfect square")
             h, w = self.grid
-            need(h % p == 0 and w % p == 0,
-                 f"the {h}x{w} token grid cannot be cut into {p}x{p} patches (parallel_num={self.parallel_num})")
-            need(self.diff_dim % 64 == 0,
-                 f"diff_dim={self.diff_dim} must be a multiple of 64 (transformer head: diff_dim//64 heads)")
+            need(
+                h % p == 0 and w % p == 0,
+                f"the {h}x{w} token grid cannot be cut into {p}x{p} patches (parallel_num={self.parallel_num})",
+            )
+            need(
+                self.diff_dim % 64 == 0,
+                f"diff_dim={self.diff_dim} must be a multiple of 64 (transformer head: diff_dim//64 heads)",
+            )
         switch = max(1, self.diff_layers // self.diff_adanln_layers)
-        need(self.diff_layers % switch == 0,
-             f"diff_layers={self.diff_layers} must be divisible by diff_adanln_layers={self.diff_adanln_layers}")
-        need(self.diff_adanln_layers <= self.diff_layers,
-             f"diff_adanln_layers={self.diff_adanln_layers} exceeds diff_layers={self.diff_layers}")
+        need(
+            self.diff_layers % switch == 0,
+            f"diff_layers={self.diff_layers} must be divisible by diff_adanln_layers={self.diff_adanln_layers}",
+        )
+        need(
+            self.diff_adanln_layers <= self.diff_layers,
+            f"diff_adanln_layers={self.diff_adanln_layers} exceeds diff_layers={self.diff_layers}",
+        )
         vae = self.vae
-        need(vae.z_channels == self.latent_dim,
-             f"vae z_channels={vae.z_channels} must equal latent_dim={self.latent_dim}")
-        need(vae.downsample == self.down_size,
-             f"vae ch_mult {list(vae.ch_mult)} downsamples by {vae.downsample}, but down_size={self.down_size}")
-        need(all(isinstance(m, int) and m >= 1 for m in vae.ch_mult), f"vae ch_mult must be positive integers, got {vae.ch_mult}")
-        need(all((vae.ch * m) % 32 == 0 for m in vae.ch_mult),
-             f"vae channel counts ch*ch_mult={[vae.ch * m for m in vae.ch_mult]} must be multiples of 32 (GroupNorm 32)")
+        need(
+            vae.z_channels == self.latent_dim,
+            f"vae z_channels={vae.z_channels} must equal latent_dim={self.latent_dim}",
+        )
+        need(
+            vae.downsample == self.down_size,
+            f"vae ch_mult {list(vae.ch_mult)} downsamples by {vae.downsample}, but down_size={self.down_size}",
+        )
+        need(
+            all(isinstance(m, int) and m >= 1 for m in vae.ch_mult),
+            f"vae ch_mult must be positive integers, got {vae.ch_mult}",
+        )
+        need(
+            all((vae.ch * m) % 32 == 0 for m in vae.ch_mult),
+            f"vae channel counts ch*ch_mult={[vae.ch * m for m in vae.ch_mult]} must be multiples of 32 (GroupNorm 32)",
+        )
         need(vae.num_res_blocks >= 1, f"vae num_res_blocks must be >= 1, got {vae.num_res_blocks}")
         need(self.default_steps >= 1, f"default_steps must be >= 1, got {self.default_steps}")
         return self
@@ -206,10 +241,19 @@ class ModelConfig(TokenLayout):
         args = dict(TRAINING_ONLY_ARGS)
         args.update(dict(self.training_args))
         args.update(
-            dim=self.dim, n_layer=self.n_layer, n_head=self.n_head, diff_layers=self.diff_layers,
-            diff_dim=self.diff_dim, diff_adanln_layers=self.diff_adanln_layers, latent_dim=self.latent_dim,
-            down_size=self.down_size, patch_size=self.patch_size, resolution=self.resolution,
-            cls_token_num=self.cls_token_num, num_classes=self.num_classes, time_shift=self.time_shift,
+            dim=self.dim,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            diff_layers=self.diff_layers,
+            diff_dim=self.diff_dim,
+            diff_adanln_layers=self.diff_adanln_layers,
+            latent_dim=self.latent_dim,
+            down_size=self.down_size,
+            patch_size=self.patch_size,
+            resolution=self.resolution,
+            cls_token_num=self.cls_token_num,
+            num_classes=self.num_classes,
+            time_shift=self.time_shift,
         )
         if self.is_parallel:
             args.update(parallel_num=self.parallel_num, parallel_mode=self.parallel_mode)
@@ -237,8 +281,18 @@ class ModelConfig(TokenLayout):
         args = data.get("constructor_args")
         if not isinstance(args, dict):
             raise fail("'constructor_args' must be an object of BitDance constructor arguments")
-        arch_keys = ("dim", "n_layer", "n_head", "diff_layers", "diff_dim", "diff_adanln_layers",
-                     "latent_dim", "down_size", "patch_size", "resolution")
+        arch_keys = (
+            "dim",
+            "n_layer",
+            "n_head",
+            "diff_layers",
+            "diff_dim",
+            "diff_adanln_layers",
+            "latent_dim",
+            "down_size",
+            "patch_size",
+            "resolution",
+        )
         missing = [k for k in arch_keys if k not in args]
         if missing:
             raise fail(f"constructor_args lacks {', '.join(missing)}")
@@ -268,11 +322,18 @@ class ModelConfig(TokenLayout):
         parallel = model_class == PARALLEL_CLASS
         cfg = cls(
             name=str(data.get("name", Path(source).stem)),
-            dim=args["dim"], n_layer=args["n_layer"], n_head=args["n_head"],
-            diff_layers=args["diff_layers"], diff_dim=args["diff_dim"],
-            diff_adanln_layers=args["diff_adanln_layers"], latent_dim=args["latent_dim"],
-            down_size=args["down_size"], patch_size=args["patch_size"], resolution=args["resolution"],
-            cls_token_num=args.get("cls_token_num", 16), num_classes=args.get("num_classes", 1000),
+            dim=args["dim"],
+            n_layer=args["n_layer"],
+            n_head=args["n_head"],
+            diff_layers=args["diff_layers"],
+            diff_dim=args["diff_dim"],
+            diff_adanln_layers=args["diff_adanln_layers"],
+            latent_dim=args["latent_dim"],
+            down_size=args["down_size"],
+            patch_size=args["patch_size"],
+            resolution=args["resolution"],
+            cls_token_num=args.get("cls_token_num", 16),
+            num_classes=args.get("num_classes", 1000),
             time_shift=float(args.get("time_shift", 1.0)),
             parallel_num=args.get("parallel_num", 4) if parallel else 1,
             parallel_mode=args.get("parallel_mode", "standard") if parallel else "patch",
@@ -311,10 +372,20 @@ PRESETS: dict[str, ModelConfig] = {
         # A tiny next-patch model (64px, 4x4 tokens, 4 per step) with random weights: the
         # test/benchmark workhorse. Its shapes are those of the official tiny_4x fixture.
         ModelConfig(
-            name="tiny-4x", dim=64, n_layer=2, n_head=4, diff_layers=2, diff_dim=64,
-            diff_adanln_layers=1, resolution=64, cls_token_num=8, num_classes=10, parallel_num=4,
+            name="tiny-4x",
+            dim=64,
+            n_layer=2,
+            n_head=4,
+            diff_layers=2,
+            diff_dim=64,
+            diff_adanln_layers=1,
+            resolution=64,
+            cls_token_num=8,
+            num_classes=10,
+            parallel_num=4,
             vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1),
-            default_cfg=3.0, default_steps=25,
+            default_cfg=3.0,
+            default_steps=25,
         ),
     )
 }

@@ -167,8 +167,9 @@ def _hold_lock(directory: Path) -> int | None:
     return fd
 
 
-def make_work_dir(parent: str | Path, prefix: str, suffix: str = "",
-                  legacy: Callable[[Path], bool] | None = None) -> WorkDir:
+def make_work_dir(
+    parent: str | Path, prefix: str, suffix: str = "", legacy: Callable[[Path], bool] | None = None
+) -> WorkDir:
     """A new locked work directory in `parent` (created if needed), after sweeping `parent` of the
     work directories of dead processes (see sweep_work_dirs)."""
     parent = Path(parent)
@@ -259,8 +260,10 @@ def _read_hash_cache(path: Path, quiet: bool = False) -> dict:
         return {}
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         if not quiet:
-            warn_once(f"ignoring unreadable hash cache {path} ({type(exc).__name__}); hashes will be recomputed",
-                      key=("hash-cache-unreadable", str(path)))
+            warn_once(
+                f"ignoring unreadable hash cache {path} ({type(exc).__name__}); hashes will be recomputed",
+                key=("hash-cache-unreadable", str(path)),
+            )
         return {}
     if not isinstance(data, dict) or data.get("format") != HASH_CACHE_FORMAT or not isinstance(data.get("files"), dict):
         return {}
@@ -268,8 +271,12 @@ def _read_hash_cache(path: Path, quiet: bool = False) -> dict:
 
 
 def _valid_entry(entry, stat: dict) -> bool:
-    return (isinstance(entry, dict) and all(entry.get(k) == v for k, v in stat.items())
-            and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64)
+    return (
+        isinstance(entry, dict)
+        and all(entry.get(k) == v for k, v in stat.items())
+        and isinstance(entry.get("sha256"), str)
+        and len(entry["sha256"]) == 64
+    )
 
 
 def cached_sha256(path: str | Path) -> str:
@@ -303,8 +310,10 @@ def cached_sha256(path: str | Path) -> str:
         try:
             atomic_write(cache_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         except OSError as exc:  # read-only home, full disk: the digest is still right (said once)
-            warn_once(f"cannot write hash cache {cache_file} ({exc.strerror or exc}); continuing without it",
-                      key=("hash-cache-unwritable", str(cache_file)))
+            warn_once(
+                f"cannot write hash cache {cache_file} ({exc.strerror or exc}); continuing without it",
+                key=("hash-cache-unwritable", str(cache_file)),
+            )
     return digest
 
 

@@ -47,7 +47,9 @@ def load_model(
     net = BitDance(cfg).eval()
     if checkpoint is None:
         if vae is not None:
-            raise CheckpointError("--vae needs --checkpoint: the random-weight default has no checkpoint to pair it with")
+            raise CheckpointError(
+                "--vae needs --checkpoint: the random-weight default has no checkpoint to pair it with"
+            )
         random_init(net, EMBEDDED_SEED)
         return LoadedModel(net, f"{cfg.name} with seeded random weights (seed {EMBEDDED_SEED})", True)
     sd = load_state_dict_file(checkpoint, allow_pickle)
@@ -62,7 +64,7 @@ def load_model(
         # As the official load_vae_weight: the separate autoencoder file wins over vae.* keys.
         vae_sd = load_state_dict_file(vae, allow_pickle)
         if vae_sd and all(k.startswith("vae.") for k in vae_sd):
-            vae_sd = {k[len("vae."):]: v for k, v in vae_sd.items()}
+            vae_sd = {k[len("vae.") :]: v for k, v in vae_sd.items()}
         check_fit(net.vae, vae_sd, str(vae), f"{cfg.name} autoencoder", suggest_preset=False)
         net.vae.load_state_dict(vae_sd, strict=True)
     source = f"{cfg.name} from {Path(checkpoint).name}" + (f" + {Path(vae).name}" if vae else "")

@@ -114,8 +114,7 @@ def calibration_dir(cfg, source: str, steps: int) -> Path:
     return calibration_root() / model_dir_name(cfg, source, steps)
 
 
-def variant_dir(fp32_dir: str | Path, precision: str, calibration_key=None, method: str = "max",
-                keep_float=()) -> Path:
+def variant_dir(fp32_dir: str | Path, precision: str, calibration_key=None, method: str = "max", keep_float=()) -> Path:
     """The `precision` variant of an FP32 export: <fp32>-fp16, or <fp32>-int8-<method>-<8 hex> where the
     digest covers the calibration set's key and the layers kept in float."""
     fp32_dir = Path(fp32_dir)

@@ -79,8 +79,15 @@ class _Call:
 
 
 class Pipeline:
-    def __init__(self, backend, model: ModelSource, steps: int, description: str = "", max_batch: int | None = None,
-                 decode_thread: bool = True):
+    def __init__(
+        self,
+        backend,
+        model: ModelSource,
+        steps: int,
+        description: str = "",
+        max_batch: int | None = None,
+        decode_thread: bool = True,
+    ):
         """Usually made by `from_pretrained`. `backend`: a runtime backend (runtime/core.py).
         `decode_thread`: decode finished requests beside the AR steps (runtime/scheduler.py)."""
         self.backend = backend
@@ -100,11 +107,27 @@ class Pipeline:
 
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model=None, checkpoint=None, vae=None, *, backend: str | None = None,
-                        precision: str | None = None, steps: int | None = None, max_batch: int = 16,
-                        height: int | None = None, width: int | None = None, max_text_tokens: int | None = None,
-                        cache_dir=None, device: str = "cpu", threads: int | None = None, export_dir=None,
-                        progress: bool = True, decode_thread: bool = True, **options) -> "Pipeline":
+    def from_pretrained(
+        cls,
+        model=None,
+        checkpoint=None,
+        vae=None,
+        *,
+        backend: str | None = None,
+        precision: str | None = None,
+        steps: int | None = None,
+        max_batch: int = 16,
+        height: int | None = None,
+        width: int | None = None,
+        max_text_tokens: int | None = None,
+        cache_dir=None,
+        device: str = "cpu",
+        threads: int | None = None,
+        export_dir=None,
+        progress: bool = True,
+        decode_thread: bool = True,
+        **options,
+    ) -> "Pipeline":
         """Load a model and make its backend warm (export, precision variant, engines: cached).
 
         `model`: None (the embedded trained digits model), a preset name or a config .json;
@@ -123,9 +146,16 @@ class Pipeline:
         source = resolve_model(model, checkpoint, vae, height, width, max_text_tokens)
         cfg = source.config
         steps = check_steps(cfg.default_steps if steps is None else steps)
-        opts = BackendOptions(backend=backend, precision=precision, device=device, threads=threads,
-                              max_batch=max_batch, export_dir=None if export_dir is None else str(export_dir),
-                              progress=progress, **options)
+        opts = BackendOptions(
+            backend=backend,
+            precision=precision,
+            device=device,
+            threads=threads,
+            max_batch=max_batch,
+            export_dir=None if export_dir is None else str(export_dir),
+            progress=progress,
+            **options,
+        )
         with using_cache_root(cache_dir):
             return cls.load(source, steps, opts, decode_thread=decode_thread)
 
@@ -160,11 +190,21 @@ class Pipeline:
         return self._prompts
 
     # ---- requests -------------------------------------------------------------------------------
-    def _call(self, labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every=0,
-              on_event=None) -> _Call:
-        values = check_request_values(self.config, self.model.t2i, labels=labels, prompt=prompt,
-                                      num_images=num_images, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
-                                      seed=seed, default_steps=self.steps)
+    def _call(
+        self, labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every=0, on_event=None
+    ) -> _Call:
+        values = check_request_values(
+            self.config,
+            self.model.t2i,
+            labels=labels,
+            prompt=prompt,
+            num_images=num_images,
+            steps=steps,
+            cfg=cfg,
+            cfg_schedule=cfg_schedule,
+            seed=seed,
+            default_steps=self.steps,
+        )
         n = values.num_images
         if values.prompts is not None:
             per_image = [p for p in values.prompts for _ in range(n)]
@@ -176,8 +216,17 @@ class Pipeline:
             noise = SeededNoise(values.seed)
         elif not isinstance(noise, NoiseSource):
             raise ParamError("noise", "noise must be a bitdance_rt.sampling NoiseSource (SeededNoise, ReplayNoise)")
-        request = make_request(self.config, condition, values.steps, values.cfg, values.cfg_schedule, noise,
-                               self.max_batch, preview_steps=self._preview_steps(preview_every), on_event=on_event)
+        request = make_request(
+            self.config,
+            condition,
+            values.steps,
+            values.cfg,
+            values.cfg_schedule,
+            noise,
+            self.max_batch,
+            preview_steps=self._preview_steps(preview_every),
+            on_event=on_event,
+        )
         return _Call(request, labels_out, prompts_out)
 
     def _preview_steps(self, every) -> frozenset:
@@ -185,27 +234,47 @@ class Pipeline:
         last = self.config.ar_steps
         if isinstance(every, int) and not isinstance(every, bool):
             if every < 0:
-                raise ParamError("preview_every", f"preview_every must be an integer >= 0 or a list of AR steps, "
-                                                  f"got {every!r}")
+                raise ParamError(
+                    "preview_every", f"preview_every must be an integer >= 0 or a list of AR steps, got {every!r}"
+                )
             return frozenset(range(every, last, every)) if every else frozenset()
         try:
             steps = frozenset(int(s) for s in every)
         except (TypeError, ValueError):
-            raise ParamError("preview_every", f"preview_every must be an integer >= 0 or a list of AR steps, "
-                                              f"got {every!r}") from None
+            raise ParamError(
+                "preview_every", f"preview_every must be an integer >= 0 or a list of AR steps, got {every!r}"
+            ) from None
         bad = sorted(s for s in steps if not 1 <= s < last)
         if bad:
-            raise ParamError("preview_every", f"preview step {bad[0]} is out of range: previews come after AR "
-                                              f"steps 1..{last - 1}")
+            raise ParamError(
+                "preview_every", f"preview step {bad[0]} is out of range: previews come after AR steps 1..{last - 1}"
+            )
         return steps
 
     def _output(self, call: _Call, result: GenerationResult) -> Output:
-        return Output(result.image, result.tokens, result.latent, result.seconds, result.first_step_seconds,
-                      call.labels, call.prompts)
+        return Output(
+            result.image,
+            result.tokens,
+            result.latent,
+            result.seconds,
+            result.first_step_seconds,
+            call.labels,
+            call.prompts,
+        )
 
-    def submit(self, labels=None, prompt=None, num_images: int = 1, steps: int | None = None,
-               cfg: float | None = None, cfg_schedule: str | None = None, seed: int = 0,
-               noise: NoiseSource | None = None, preview_every: int = 0, on_progress=None) -> Future:
+    def submit(
+        self,
+        labels=None,
+        prompt=None,
+        num_images: int = 1,
+        steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        seed: int = 0,
+        noise: NoiseSource | None = None,
+        preview_every: int = 0,
+        on_progress=None,
+    ) -> Future:
         """Queue a request; a Future of its Output. Safe from any number of threads.
 
         `on_progress(Progress)` is called after each AR step but the last, on the scheduler's thread
@@ -213,9 +282,11 @@ class Pipeline:
         (or at the AR steps listed)."""
         on_event = None
         if on_progress is not None:
+
             def on_event(event: Event) -> None:
                 if event.kind == "step":
                     on_progress(Progress(event.step, event.total, None if event.image is None else _pil(event.image)))
+
         call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every, on_event)
         return self._submit(call)
 
@@ -238,9 +309,18 @@ class Pipeline:
         outer.request = call.request  # for cancel(): Pipeline.cancel(future)
         return outer
 
-    def generate(self, labels=None, prompt=None, num_images: int = 1, steps: int | None = None,
-                 cfg: float | None = None, cfg_schedule: str | None = None, seed: int = 0,
-                 noise: NoiseSource | None = None, progress: bool = False) -> Output:
+    def generate(
+        self,
+        labels=None,
+        prompt=None,
+        num_images: int = 1,
+        steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        seed: int = 0,
+        noise: NoiseSource | None = None,
+        progress: bool = False,
+    ) -> Output:
         """Generate and wait: `submit(...).result()` (with a progress bar when `progress`)."""
         if not progress:
             return self.submit(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise).result()
@@ -254,15 +334,25 @@ class Pipeline:
         finally:
             bar.close()
 
-    def stream(self, labels=None, prompt=None, num_images: int = 1, steps: int | None = None,
-               cfg: float | None = None, cfg_schedule: str | None = None, seed: int = 0,
-               noise: NoiseSource | None = None, preview_every: int = 0):
+    def stream(
+        self,
+        labels=None,
+        prompt=None,
+        num_images: int = 1,
+        steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        seed: int = 0,
+        noise: NoiseSource | None = None,
+        preview_every: int = 0,
+    ):
         """Iterate a request's progress: a Progress after each AR step (with a `preview` PIL image of
         the partial latent decoded every `preview_every` steps; each costs one decoder call), then
         its Output. Closing the iterator early cancels the request at the next AR step."""
         events: queue.Queue = queue.Queue()
-        call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every,
-                          on_event=events.put)
+        call = self._call(
+            labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every, on_event=events.put
+        )
         future = self._submit(call)
         try:
             while True:
@@ -329,4 +419,3 @@ def _pil(image: torch.Tensor):
 
     arrays = to_uint8(image)
     return Image.fromarray(arrays[0]) if len(arrays) == 1 else [Image.fromarray(a) for a in arrays]
-

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .errors import BitDanceError
+
 # The largest batch (images) the graphs, engines and scheduler take by default: defined in paths (which
 # imports nothing of the package, and names a non-default export directory by it); import it from here.
 from .paths import DEFAULT_MAX_BATCH
@@ -68,7 +69,6 @@ HEAD_STEP = "head_step"
 HEAD_SAMPLER = "head_sampler"
 DECODER = "decoder"
 ENCODER = "encoder"
-
 
 
 @dataclass(frozen=True)
@@ -87,24 +87,27 @@ class StageRole:
 # The one registry of stages, in pipeline order. Every stage list elsewhere is derived from it.
 REGISTRY = (
     # labels / ids -> embeddings: a table lookup (kept float: a Gather has nothing to quantise)
-    StageRole(PREFIX_EMBED, generation=True, required=True, sampler=False, calibrated=False, graph_capture=False,
-              int8=False),
+    StageRole(
+        PREFIX_EMBED, generation=True, required=True, sampler=False, calibrated=False, graph_capture=False, int8=False
+    ),
     # fed-back tokens -> embeddings (the input projection)
-    StageRole(TOKEN_EMBED, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True,
-              int8=True),
+    StageRole(
+        TOKEN_EMBED, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True, int8=True
+    ),
     # the transformer, for the prefill and every AR step (graph capture: the step phase)
-    StageRole(BACKBONE, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True,
-              int8=True),
+    StageRole(BACKBONE, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True, int8=True),
     # head_step serves a sampler step count other than the fused graph's S (and the step sampler mode)
-    StageRole(HEAD_STEP, generation=True, required=False, sampler=False, calibrated=True, graph_capture=True,
-              int8=True),
-    StageRole(HEAD_SAMPLER, generation=True, required=False, sampler=True, calibrated=True, graph_capture=True,
-              int8=False),
-    StageRole(DECODER, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False,
-              int8=True),
+    StageRole(
+        HEAD_STEP, generation=True, required=False, sampler=False, calibrated=True, graph_capture=True, int8=True
+    ),
+    StageRole(
+        HEAD_SAMPLER, generation=True, required=False, sampler=True, calibrated=True, graph_capture=True, int8=False
+    ),
+    StageRole(DECODER, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False, int8=True),
     # only for reconstruction and calibration data
-    StageRole(ENCODER, generation=False, required=False, sampler=False, calibrated=False, graph_capture=False,
-              int8=False),
+    StageRole(
+        ENCODER, generation=False, required=False, sampler=False, calibrated=False, graph_capture=False, int8=False
+    ),
 )
 ROLES = {r.name: r for r in REGISTRY}
 
@@ -295,8 +298,10 @@ class StageSpec:
                 continue
             rng = self.dims[sym]
             if not rng.min <= value <= rng.max:
-                raise fail(f"{sym}={value} is outside the exported range [{rng.min}, {rng.max}] "
-                           f"(re-export with a larger max batch)")
+                raise fail(
+                    f"{sym}={value} is outside the exported range [{rng.min}, {rng.max}] "
+                    f"(re-export with a larger max batch)"
+                )
         return values
 
     # ---- JSON (manifest) ---------------------------------------------------------------
@@ -347,8 +352,12 @@ def step_context_names(cfg) -> list[str]:
 
 
 def _pad_spec(cfg) -> TensorSpec:
-    return TensorSpec("pad", "int64", ("rows",), f"left padding of each row's prompt, in [0, {cfg.max_text_tokens}]: "
-                      "cache positions [0, pad) are hidden")
+    return TensorSpec(
+        "pad",
+        "int64",
+        ("rows",),
+        f"left padding of each row's prompt, in [0, {cfg.max_text_tokens}]: cache positions [0, pad) are hidden",
+    )
 
 
 def cache_input_names(cfg: ModelConfig) -> list[str]:
@@ -378,49 +387,93 @@ def backbone_phases(cfg) -> dict[str, dict[str, int]]:
 
 def prefix_embed_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     if is_t2i(cfg):
-        inputs = [TensorSpec("ids", "int64", ("rows", cfg.prefix_len),
-                             "left-padded chat prompt, <|vision_start|>, <|res_h|>, <|res_w|>, <|query_1..P-1|>")]
+        inputs = [
+            TensorSpec(
+                "ids",
+                "int64",
+                ("rows", cfg.prefix_len),
+                "left-padded chat prompt, <|vision_start|>, <|res_h|>, <|res_w|>, <|query_1..P-1|>",
+            )
+        ]
         doc = "token embeddings of the prompt, image-start and query tokens"
     else:
-        inputs = [TensorSpec("labels", "int64", ("rows",),
-                             f"class ids in [0, {cfg.num_classes}]; {cfg.num_classes} = null class")]
+        inputs = [
+            TensorSpec(
+                "labels", "int64", ("rows",), f"class ids in [0, {cfg.num_classes}]; {cfg.num_classes} = null class"
+            )
+        ]
         doc = "class (+ query) token embeddings"
-    return _spec(PREFIX_EMBED, inputs, [
-        TensorSpec("x", "float32", ("rows", cfg.prefix_len, cfg.dim), "backbone input of positions [0, prefix_len)"),
-    ], limits, doc)
+    return _spec(
+        PREFIX_EMBED,
+        inputs,
+        [
+            TensorSpec(
+                "x", "float32", ("rows", cfg.prefix_len, cfg.dim), "backbone input of positions [0, prefix_len)"
+            ),
+        ],
+        limits,
+        doc,
+    )
 
 
 def token_embed_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     p, c = cfg.parallel_num, cfg.token_dim
-    return _spec(TOKEN_EMBED, [TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1")], [
-        TensorSpec("x", "float32", ("rows", p, cfg.dim), "backbone input of positions [start, start+P)"),
-    ], limits, "fed-back tokens -> input projection")
+    return _spec(
+        TOKEN_EMBED,
+        [TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens of AR step i-1")],
+        [
+            TensorSpec("x", "float32", ("rows", p, cfg.dim), "backbone input of positions [start, start+P)"),
+        ],
+        limits,
+        "fed-back tokens -> input projection",
+    )
 
 
 def backbone_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     p, dim = cfg.parallel_num, cfg.dim
-    return _spec(BACKBONE, [
-        TensorSpec("x", "float32", ("rows", "seq", dim), "embeddings of the chunk (prefix_embed / token_embed)"),
-        TensorSpec("start", "int64", ("rows",), "each row's first position of the chunk: 0 at the prefill, "
-                   "step_start(cfg, i) at AR step i"),
-        *([_pad_spec(cfg)] if is_t2i(cfg) else []),
-        *(TensorSpec(name, "float32", kv_shape(cfg)[2:], "kv[layer, 0|1]: positions [0, start[row]) valid (read only)")
-          for name in cache_input_names(cfg)),
-    ], [
-        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of the AR step the chunk completes"),
-        TensorSpec("kv_new", "float32", kv_shape(cfg, length="seq"), "keys/values of positions [start[row], +seq)"),
-    ], limits, "the transformer over the cache, for the prefill and every AR step", backbone_phases(cfg))
+    return _spec(
+        BACKBONE,
+        [
+            TensorSpec("x", "float32", ("rows", "seq", dim), "embeddings of the chunk (prefix_embed / token_embed)"),
+            TensorSpec(
+                "start",
+                "int64",
+                ("rows",),
+                "each row's first position of the chunk: 0 at the prefill, step_start(cfg, i) at AR step i",
+            ),
+            *([_pad_spec(cfg)] if is_t2i(cfg) else []),
+            *(
+                TensorSpec(
+                    name, "float32", kv_shape(cfg)[2:], "kv[layer, 0|1]: positions [0, start[row]) valid (read only)"
+                )
+                for name in cache_input_names(cfg)
+            ),
+        ],
+        [
+            TensorSpec("cond", "float32", ("rows", p, dim), "head conditions of the AR step the chunk completes"),
+            TensorSpec("kv_new", "float32", kv_shape(cfg, length="seq"), "keys/values of positions [start[row], +seq)"),
+        ],
+        limits,
+        "the transformer over the cache, for the prefill and every AR step",
+        backbone_phases(cfg),
+    )
 
 
 def head_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
-    return _spec(HEAD_STEP, [
-        TensorSpec("x", "float32", ("rows", p, c), "x_t"),
-        TensorSpec("t", "float32", ("rows",), "time in [0, 1]"),
-        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions"),
-    ], [
-        TensorSpec("x_pred", "float32", ("rows", p, c), "predicted clean x"),
-    ], limits, "one evaluation of the diffusion head net")
+    return _spec(
+        HEAD_STEP,
+        [
+            TensorSpec("x", "float32", ("rows", p, c), "x_t"),
+            TensorSpec("t", "float32", ("rows",), "time in [0, 1]"),
+            TensorSpec("cond", "float32", ("rows", p, dim), "head conditions"),
+        ],
+        [
+            TensorSpec("x_pred", "float32", ("rows", p, c), "predicted clean x"),
+        ],
+        limits,
+        "one evaluation of the diffusion head net",
+    )
 
 
 def head_sampler_stage(cfg: ModelConfig, steps: int, limits: Limits = Limits()) -> StageSpec:
@@ -428,16 +481,30 @@ def head_sampler_stage(cfg: ModelConfig, steps: int, limits: Limits = Limits()) 
     if not (isinstance(steps, int) and steps >= 1):
         raise BitDanceError(f"sampler steps must be a positive integer, got {steps!r}")
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
-    return _spec(HEAD_SAMPLER, [
-        TensorSpec("cond", "float32", ("rows", p, dim), "head conditions"),
-        TensorSpec("noise", "float32", (steps + 1, "rows", p, c),
-                   "initial x, then one draw per EM step; a guided pair's two rows hold the same draws"),
-        TensorSpec("cfg", "float32", ("rows",), "guidance scale of each row at its AR step"),
-        TensorSpec("cond_row", "int64", ("rows",), "row whose velocity is the conditional one (itself if unguided)"),
-        TensorSpec("uncond_row", "int64", ("rows",), "row whose velocity is the unconditional one (itself if unguided)"),
-    ], [
-        TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens; a guided pair's rows identical"),
-    ], limits, f"head sampler, every row with its own guidance, S={steps}")
+    return _spec(
+        HEAD_SAMPLER,
+        [
+            TensorSpec("cond", "float32", ("rows", p, dim), "head conditions"),
+            TensorSpec(
+                "noise",
+                "float32",
+                (steps + 1, "rows", p, c),
+                "initial x, then one draw per EM step; a guided pair's two rows hold the same draws",
+            ),
+            TensorSpec("cfg", "float32", ("rows",), "guidance scale of each row at its AR step"),
+            TensorSpec(
+                "cond_row", "int64", ("rows",), "row whose velocity is the conditional one (itself if unguided)"
+            ),
+            TensorSpec(
+                "uncond_row", "int64", ("rows",), "row whose velocity is the unconditional one (itself if unguided)"
+            ),
+        ],
+        [
+            TensorSpec("tokens", "float32", ("rows", p, c), "+/-1 tokens; a guided pair's rows identical"),
+        ],
+        limits,
+        f"head sampler, every row with its own guidance, S={steps}",
+    )
 
 
 def _image_hw(cfg) -> tuple[int, int]:
@@ -447,21 +514,35 @@ def _image_hw(cfg) -> tuple[int, int]:
 def decoder_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     h, w = cfg.grid
     ih, iw = _image_hw(cfg)
-    return _spec(DECODER, [
-        TensorSpec("latent", "float32", ("batch", cfg.latent_dim, h, w), "+/-1 latent grid"),
-    ], [
-        TensorSpec("image", "float32", ("batch", cfg.vae.out_ch, ih, iw), "pixels in about [-1, 1]"),
-    ], limits, "tokenizer decoder")
+    return _spec(
+        DECODER,
+        [
+            TensorSpec("latent", "float32", ("batch", cfg.latent_dim, h, w), "+/-1 latent grid"),
+        ],
+        [
+            TensorSpec("image", "float32", ("batch", cfg.vae.out_ch, ih, iw), "pixels in about [-1, 1]"),
+        ],
+        limits,
+        "tokenizer decoder",
+    )
 
 
 def encoder_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
     h, w = cfg.grid
     ih, iw = _image_hw(cfg)
-    return _spec(ENCODER, [
-        TensorSpec("image", "float32", ("batch", cfg.vae.in_channels, ih, iw), "pixels in [-1, 1]"),
-    ], [
-        TensorSpec("latent", "float32", ("batch", cfg.latent_dim, h, w), "+1 where the encoder output > 0, else -1"),
-    ], limits, "tokenizer encoder with sign quantisation")
+    return _spec(
+        ENCODER,
+        [
+            TensorSpec("image", "float32", ("batch", cfg.vae.in_channels, ih, iw), "pixels in [-1, 1]"),
+        ],
+        [
+            TensorSpec(
+                "latent", "float32", ("batch", cfg.latent_dim, h, w), "+1 where the encoder output > 0, else -1"
+            ),
+        ],
+        limits,
+        "tokenizer encoder with sign quantisation",
+    )
 
 
 def stage_spec(name: str, cfg: ModelConfig, steps: int | None = None, limits: Limits = Limits()) -> StageSpec:
@@ -470,14 +551,20 @@ def stage_spec(name: str, cfg: ModelConfig, steps: int | None = None, limits: Li
         if steps is None:
             raise BitDanceError(f"stage {name} needs the sampler step count S")
         return head_sampler_stage(cfg, steps, limits)
-    builders = {PREFIX_EMBED: prefix_embed_stage, TOKEN_EMBED: token_embed_stage, BACKBONE: backbone_stage,
-                HEAD_STEP: head_step_stage,
-                DECODER: decoder_stage, ENCODER: encoder_stage}
+    builders = {
+        PREFIX_EMBED: prefix_embed_stage,
+        TOKEN_EMBED: token_embed_stage,
+        BACKBONE: backbone_stage,
+        HEAD_STEP: head_step_stage,
+        DECODER: decoder_stage,
+        ENCODER: encoder_stage,
+    }
     if name not in builders:
         raise BitDanceError(f"unknown stage {name!r}: use one of {', '.join(ALL_STAGES)}")
     return builders[name](cfg, limits)
 
 
-def stage_specs(cfg: ModelConfig, stages=ALL_STAGES, steps: int | None = None,
-                limits: Limits = Limits()) -> dict[str, StageSpec]:
+def stage_specs(
+    cfg: ModelConfig, stages=ALL_STAGES, steps: int | None = None, limits: Limits = Limits()
+) -> dict[str, StageSpec]:
     return {name: stage_spec(name, cfg, steps, limits) for name in stages}

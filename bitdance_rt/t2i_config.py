@@ -27,9 +27,24 @@ T2I_CLASS = "modeling/t2i_pipeline.py:BitDanceT2IPipeline"
 
 # The official IMAGE_SIZE_LIST of modeling/t2i_pipeline.py, as [height, width].
 SUPPORTED_SIZES: tuple[tuple[int, int], ...] = (
-    (2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024),
-    (896, 1152), (768, 1280), (640, 1536), (512, 1920), (512, 2048),
-    (1024, 256), (896, 256), (640, 384), (512, 512), (384, 640), (256, 896), (256, 1024),
+    (2048, 512),
+    (1920, 512),
+    (1536, 640),
+    (1280, 768),
+    (1152, 896),
+    (1024, 1024),
+    (896, 1152),
+    (768, 1280),
+    (640, 1536),
+    (512, 1920),
+    (512, 2048),
+    (1024, 256),
+    (896, 256),
+    (640, 384),
+    (512, 512),
+    (384, 640),
+    (256, 896),
+    (256, 1024),
 )
 
 # The official defaults: generate(num_sampling_steps=50, guidance_scale=7.5) in the README example.
@@ -46,8 +61,10 @@ def supported_sizes_text() -> str:
 
 def check_resolution(height: int, width: int) -> None:
     if (int(height), int(width)) not in SUPPORTED_SIZES:
-        raise ConfigError(f"resolution {height}x{width} (height x width) is not supported; "
-                          f"the official list is: {supported_sizes_text()}")
+        raise ConfigError(
+            f"resolution {height}x{width} (height x width) is not supported; "
+            f"the official list is: {supported_sizes_text()}"
+        )
 
 
 @dataclass(frozen=True)
@@ -93,8 +110,10 @@ class Qwen3Config:
             raise fail(f"rope_parameters {rope!r} are not supported (BitDance-14B uses default RoPE)")
         heads = int(data["num_attention_heads"])
         return cls(
-            vocab_size=int(data["vocab_size"]), hidden_size=int(data["hidden_size"]),
-            num_hidden_layers=int(data["num_hidden_layers"]), num_attention_heads=heads,
+            vocab_size=int(data["vocab_size"]),
+            hidden_size=int(data["hidden_size"]),
+            num_hidden_layers=int(data["num_hidden_layers"]),
+            num_attention_heads=heads,
             num_key_value_heads=int(data.get("num_key_value_heads", heads)),
             head_dim=int(data.get("head_dim") or int(data["hidden_size"]) // heads),
             intermediate_size=int(data["intermediate_size"]),
@@ -135,13 +154,28 @@ class HeadConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown DiffHead arguments {', '.join(unknown)}")
-        return cls(*(int(data[k]) for k in need), parallel_num=int(data.get("parallel_num", 4)),
-                   use_swiglu=bool(data.get("use_swiglu", False)), time_shift=float(data.get("time_shift", 1.0)),
-                   training_args=tuple(sorted((k, v) for k, v in data.items() if k in cls.TRAINING)))
+        return cls(
+            *(int(data[k]) for k in need),
+            parallel_num=int(data.get("parallel_num", 4)),
+            use_swiglu=bool(data.get("use_swiglu", False)),
+            time_shift=float(data.get("time_shift", 1.0)),
+            training_args=tuple(sorted((k, v) for k, v in data.items() if k in cls.TRAINING)),
+        )
 
     def to_json_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln",
-                                            "parallel_num", "use_swiglu", "time_shift")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "ch_target",
+                "ch_cond",
+                "ch_latent",
+                "depth_latent",
+                "depth_adanln",
+                "parallel_num",
+                "use_swiglu",
+                "time_shift",
+            )
+        }
         d.update(dict(self.training_args))
         return d
 
@@ -232,26 +266,37 @@ class T2IConfig(TokenLayout):
 
         check_resolution(self.height, self.width)
         llm, head = self.llm, self.head
-        need(llm.num_attention_heads % llm.num_key_value_heads == 0,
-             f"num_attention_heads={llm.num_attention_heads} is not a multiple of num_key_value_heads="
-             f"{llm.num_key_value_heads}")
+        need(
+            llm.num_attention_heads % llm.num_key_value_heads == 0,
+            f"num_attention_heads={llm.num_attention_heads} is not a multiple of num_key_value_heads="
+            f"{llm.num_key_value_heads}",
+        )
         need(llm.head_dim % 2 == 0, f"head_dim={llm.head_dim} must be even (RoPE)")
         need(llm.hidden_size % 4 == 0, f"hidden_size={llm.hidden_size} must be a multiple of 4 (2D sin-cos embedding)")
-        need(head.ch_cond == llm.hidden_size,
-             f"vision head ch_cond={head.ch_cond} must equal the LLM hidden_size={llm.hidden_size}")
-        need(head.ch_target == self.vae.z_channels,
-             f"vision head ch_target={head.ch_target} must equal the autoencoder z_channels={self.vae.z_channels}")
+        need(
+            head.ch_cond == llm.hidden_size,
+            f"vision head ch_cond={head.ch_cond} must equal the LLM hidden_size={llm.hidden_size}",
+        )
+        need(
+            head.ch_target == self.vae.z_channels,
+            f"vision head ch_target={head.ch_target} must equal the autoencoder z_channels={self.vae.z_channels}",
+        )
         p = self.patch_side
-        need(p * p == head.parallel_num and head.parallel_num > 1,
-             f"parallel_num={head.parallel_num} must be a square > 1 (16 or 64 officially)")
+        need(
+            p * p == head.parallel_num and head.parallel_num > 1,
+            f"parallel_num={head.parallel_num} must be a square > 1 (16 or 64 officially)",
+        )
         need(head.ch_latent % 128 == 0, f"vision head ch_latent={head.ch_latent} must be a multiple of 128 (its heads)")
         h, w = self.grid
-        need(self.height % self.down_size == 0 and self.width % self.down_size == 0 and h % p == 0 and w % p == 0,
-             f"{self.height}x{self.width} gives a {h}x{w} token grid that {p}x{p} patches do not tile")
-        need(max(h, w) <= self.pos_embed_len,
-             f"a {h}x{w} grid exceeds the {self.pos_embed_len}-row position table")
-        need(isinstance(self.max_text_tokens, int) and self.max_text_tokens >= 2,
-             f"max_text_tokens must be an integer >= 2, got {self.max_text_tokens!r}")
+        need(
+            self.height % self.down_size == 0 and self.width % self.down_size == 0 and h % p == 0 and w % p == 0,
+            f"{self.height}x{self.width} gives a {h}x{w} token grid that {p}x{p} patches do not tile",
+        )
+        need(max(h, w) <= self.pos_embed_len, f"a {h}x{w} grid exceeds the {self.pos_embed_len}-row position table")
+        need(
+            isinstance(self.max_text_tokens, int) and self.max_text_tokens >= 2,
+            f"max_text_tokens must be an integer >= 2, got {self.max_text_tokens!r}",
+        )
         need(self.default_steps >= 1, f"default_steps must be >= 1, got {self.default_steps}")
         return self
 
@@ -267,9 +312,13 @@ class T2IConfig(TokenLayout):
         return {
             "name": self.name,
             "model_class": T2I_CLASS,
-            "constructor_args": {"llm": self.llm.to_json_dict(), "vision_head": self.head.to_json_dict(),
-                                 "height": self.height, "width": self.width,
-                                 "max_text_tokens": self.max_text_tokens},
+            "constructor_args": {
+                "llm": self.llm.to_json_dict(),
+                "vision_head": self.head.to_json_dict(),
+                "height": self.height,
+                "width": self.width,
+                "max_text_tokens": self.max_text_tokens,
+            },
             "vae": {"ddconfig": self.vae.ddconfig(), "num_codebooks": self.vae.num_codebooks},
             "sampling": {"cfg_scale": self.default_cfg, "sample_steps": self.default_steps},
         }
@@ -284,7 +333,8 @@ class T2IConfig(TokenLayout):
                 llm=Qwen3Config.from_json_dict(args["llm"], source),
                 head=HeadConfig.from_json_dict(args["vision_head"], source),
                 vae=vae_from_ddconfig(data["vae"]["ddconfig"], source),
-                height=int(args["height"]), width=int(args["width"]),
+                height=int(args["height"]),
+                width=int(args["width"]),
                 max_text_tokens=int(args["max_text_tokens"]),
                 default_cfg=float(sampling.get("cfg_scale", DEFAULT_CFG)),
                 default_steps=int(sampling.get("sample_steps", DEFAULT_STEPS)),
@@ -301,9 +351,14 @@ def vae_from_ddconfig(dd: dict, source: str) -> VAEConfig:
     missing = [k for k in ("ch", "ch_mult", "num_res_blocks", "z_channels") if k not in dd]
     if missing:
         raise ConfigError(f"{source}: ddconfig lacks {', '.join(missing)}")
-    return VAEConfig(ch=int(dd["ch"]), ch_mult=tuple(int(m) for m in dd["ch_mult"]),
-                     num_res_blocks=int(dd["num_res_blocks"]), z_channels=int(dd["z_channels"]),
-                     in_channels=int(dd.get("in_channels", 3)), out_ch=int(dd.get("out_ch", 3)))
+    return VAEConfig(
+        ch=int(dd["ch"]),
+        ch_mult=tuple(int(m) for m in dd["ch_mult"]),
+        num_res_blocks=int(dd["num_res_blocks"]),
+        z_channels=int(dd["z_channels"]),
+        in_channels=int(dd.get("in_channels", 3)),
+        out_ch=int(dd.get("out_ch", 3)),
+    )
 
 
 # ---- the released text-to-image models, for planning and meta-device checks -----------------------
@@ -312,21 +367,45 @@ def vae_from_ddconfig(dd: dict, source: str) -> VAEConfig:
 # config.json (huggingface.co/Qwen/Qwen3-14B) and the official train/configs/bitdance_14b_16x.yaml /
 # bitdance_14b_64x.yaml (vision head: model_dim 5120, 6 blocks, 2 adaLN, SwiGLU; autoencoder ddconfig:
 # ch 256, ch_mult 1,1,2,2,4, 4 res blocks, z_channels 32).
-QWEN3_14B = {"vocab_size": 151936, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
-             "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 17408, "rope_theta": 1_000_000.0,
-             "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+QWEN3_14B = {
+    "vocab_size": 151936,
+    "hidden_size": 5120,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 17408,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
 T2I_PRESETS = {"BitDance-14B-16x": 16, "BitDance-14B-64x": 64}  # name -> tokens per AR step
 
 
-def t2i_preset(name: str, height: int = 1024, width: int = 1024,
-               max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS) -> T2IConfig:
+def t2i_preset(
+    name: str, height: int = 1024, width: int = 1024, max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS
+) -> T2IConfig:
     """The T2IConfig of a released text-to-image model at one resolution (no weights)."""
     if name not in T2I_PRESETS:
         raise ConfigError(f"unknown text-to-image model {name!r}: one of {', '.join(T2I_PRESETS)}")
     check_resolution(height, width)
     llm = Qwen3Config(**QWEN3_14B)
-    head = HeadConfig(ch_target=32, ch_cond=llm.hidden_size, ch_latent=5120, depth_latent=6, depth_adanln=2,
-                      parallel_num=T2I_PRESETS[name], use_swiglu=True)
+    head = HeadConfig(
+        ch_target=32,
+        ch_cond=llm.hidden_size,
+        ch_latent=5120,
+        depth_latent=6,
+        depth_adanln=2,
+        parallel_num=T2I_PRESETS[name],
+        use_swiglu=True,
+    )
     vae = VAEConfig(ch=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, z_channels=32)
-    return T2IConfig(name=name, llm=llm, head=head, vae=vae, height=int(height), width=int(width),
-                     max_text_tokens=int(max_text_tokens)).validate()
+    return T2IConfig(
+        name=name,
+        llm=llm,
+        head=head,
+        vae=vae,
+        height=int(height),
+        width=int(width),
+        max_text_tokens=int(max_text_tokens),
+    ).validate()

@@ -49,11 +49,22 @@ RES = 32
 
 CONFIG = ModelConfig(
     name="tiny-digits",
-    dim=96, n_layer=3, n_head=4, diff_layers=2, diff_dim=64, diff_adanln_layers=1,
-    latent_dim=16, down_size=8, resolution=RES, cls_token_num=2, num_classes=10,
-    parallel_num=4, parallel_mode="patch",
+    dim=96,
+    n_layer=3,
+    n_head=4,
+    diff_layers=2,
+    diff_dim=64,
+    diff_adanln_layers=1,
+    latent_dim=16,
+    down_size=8,
+    resolution=RES,
+    cls_token_num=2,
+    num_classes=10,
+    parallel_num=4,
+    parallel_mode="patch",
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16),
-    default_cfg=3.0, default_steps=25,
+    default_cfg=3.0,
+    default_steps=25,
     training_args=(("class_dropout_prob", 0.1), ("diff_batch_mul", 4)),
 )
 
@@ -141,8 +152,9 @@ def generator_params(model: BitDance):
     return [p for n, p in model.named_parameters() if not n.startswith("vae.")]
 
 
-def teacher_forced_loss(model: BitDance, tokens: torch.Tensor, labels: torch.Tensor,
-                        gen: torch.Generator, diff_batch_mul: int = 4) -> torch.Tensor:
+def teacher_forced_loss(
+    model: BitDance, tokens: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, diff_batch_mul: int = 4
+) -> torch.Tensor:
     """Official BitDance.forward + DiffHead.forward, through the package's modules.
 
     tokens [B, N, C] (+/-1, generation order); labels [B] (some already dropped to the null class).
@@ -222,14 +234,19 @@ def generate_images(model: BitDance, labels, steps: int, cfg: float, seed: int, 
     return generate(TorchBackend(model), labels, steps, cfg, schedule, SeededNoise(seed)).image.clamp(-1, 1)
 
 
-def evaluate(model: BitDance, clf: DigitsClassifier, held, n_per_class: int, steps: int, cfg: float,
-             seed: int = 0) -> dict:
+def evaluate(
+    model: BitDance, clf: DigitsClassifier, held, n_per_class: int, steps: int, cfg: float, seed: int = 0
+) -> dict:
     labels = [c for c in range(10) for _ in range(n_per_class)]
     images = generate_images(model, labels, steps, cfg, seed)
     real = features(clf, digits_to_images(held[0], RES))
-    return {"cfg": cfg, "steps": steps, "n": len(labels),
-            "accuracy": class_accuracy(clf, images, labels),
-            "frechet": frechet_from_features(features(clf, images), real)}
+    return {
+        "cfg": cfg,
+        "steps": steps,
+        "n": len(labels),
+        "accuracy": class_accuracy(clf, images, labels),
+        "frechet": frechet_from_features(features(clf, images), real),
+    }
 
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
@@ -265,12 +282,16 @@ def main() -> None:
     times = {}
     train, held = split_digits(args.seed)
     log(f"data: {len(train[1])} train / {len(held[1])} held-out digits, {RES}x{RES} RGB")
-    save_safetensors({"digits": held[0], "labels": held[1]}, ASSETS / "digits_heldout.safetensors",
-                     {"source": "scikit-learn load_digits (UCI optdigits), per-class 20% split, seed 0"})
+    save_safetensors(
+        {"digits": held[0], "labels": held[1]},
+        ASSETS / "digits_heldout.safetensors",
+        {"source": "scikit-learn load_digits (UCI optdigits), per-class 20% split, seed 0"},
+    )
     torch.manual_seed(args.seed)
     model = BitDance(CONFIG)  # the initial weights of every stage come from this seeded draw
-    clf_path, vae_path, gen_path = (args.work / f for f in ("classifier.safetensors", "tokenizer.safetensors",
-                                                            "model.safetensors"))
+    clf_path, vae_path, gen_path = (
+        args.work / f for f in ("classifier.safetensors", "tokenizer.safetensors", "model.safetensors")
+    )
     stages = ("classifier", "tokenizer", "generator", "eval")
     run = stages if args.stage == "all" else (args.stage,)
 
@@ -299,8 +320,10 @@ def main() -> None:
     mse, psnr = recon_metrics(model, held_images)
     with torch.no_grad():
         rec_acc = class_accuracy(clf, model.decode(model.encode(held_images)).clamp(-1, 1), held[1])
-    log(f"  tokenizer: held-out reconstruction MSE {mse:.5f} (PSNR {psnr:.2f} dB, images in [0,1]), "
-        f"classifier accuracy on reconstructions {100 * rec_acc:.2f}%")
+    log(
+        f"  tokenizer: held-out reconstruction MSE {mse:.5f} (PSNR {psnr:.2f} dB, images in [0,1]), "
+        f"classifier accuracy on reconstructions {100 * rec_acc:.2f}%"
+    )
 
     if "generator" in run:
         t0 = time.perf_counter()
@@ -322,34 +345,57 @@ def main() -> None:
             for cfg in (1.0, 2.0, 3.0, 4.0, 6.0):
                 r = evaluate(model, clf, held, args.eval_per_class, steps, cfg, seed=1)
                 results.append(r)
-                log(f"  steps {steps:3d} cfg {cfg:4.1f}: accuracy {100 * r['accuracy']:.1f}%  "
-                    f"Fréchet {r['frechet']:.2f}  (n={r['n']})")
+                log(
+                    f"  steps {steps:3d} cfg {cfg:4.1f}: accuracy {100 * r['accuracy']:.1f}%  "
+                    f"Fréchet {r['frechet']:.2f}  (n={r['n']})"
+                )
         best = max(results, key=lambda r: (round(r["accuracy"], 2), -r["frechet"]))
         final = evaluate(model, clf, held, 50, best["steps"], best["cfg"], seed=2)
         real_train = features(clf, digits_to_images(train[0][: final["n"]], RES))  # as many as generated
         baseline = frechet_from_features(real_train, features(clf, held_images))
-        log(f"  chosen: steps {best['steps']} cfg {best['cfg']}: accuracy {100 * final['accuracy']:.1f}% "
+        log(
+            f"  chosen: steps {best['steps']} cfg {best['cfg']}: accuracy {100 * final['accuracy']:.1f}% "
             f"Fréchet {final['frechet']:.2f} on {final['n']} fresh samples "
-            f"(real train vs held-out Fréchet {baseline:.2f})")
+            f"(real train vs held-out Fréchet {baseline:.2f})"
+        )
         cfg = CONFIG.replace(default_cfg=best["cfg"], default_steps=best["steps"])
         (ASSETS / "tiny_digits.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
-        meta = {"recipe": "recipes/train_tiny.py", "seed": str(args.seed),
-                "held_out_psnr_db": f"{psnr:.2f}", "generated_accuracy": f"{final['accuracy']:.4f}"}
+        meta = {
+            "recipe": "recipes/train_tiny.py",
+            "seed": str(args.seed),
+            "held_out_psnr_db": f"{psnr:.2f}",
+            "generated_accuracy": f"{final['accuracy']:.4f}",
+        }
         save_safetensors(model.state_dict(), ASSETS / "tiny_digits.safetensors", meta)
-        save_safetensors(clf.state_dict(), ASSETS / "digits_classifier.safetensors",
-                         {"held_out_accuracy": f"{class_accuracy(clf, held_images, held[1]):.4f}"})
+        save_safetensors(
+            clf.state_dict(),
+            ASSETS / "digits_classifier.safetensors",
+            {"held_out_accuracy": f"{class_accuracy(clf, held_images, held[1]):.4f}"},
+        )
         grid_labels = [c for _ in range(6) for c in range(10)]
         grid = generate_images(model, grid_labels, best["steps"], best["cfg"], seed=3)
         (REPO / "docs").mkdir(exist_ok=True)
         save_grid(grid, 6, REPO / "docs" / "tiny_digits_grid.png", scale=2)
-        (args.work / "eval.json").write_text(json.dumps(
-            {"sweep": results, "final": final, "real_frechet_baseline": baseline,
-             "recon_mse": mse, "recon_psnr": psnr, "recon_classifier_accuracy": rec_acc}, indent=2))
+        (args.work / "eval.json").write_text(
+            json.dumps(
+                {
+                    "sweep": results,
+                    "final": final,
+                    "real_frechet_baseline": baseline,
+                    "recon_mse": mse,
+                    "recon_psnr": psnr,
+                    "recon_classifier_accuracy": rec_acc,
+                },
+                indent=2,
+            )
+        )
         times["eval"] = time.perf_counter() - t0
 
     total = time.perf_counter() - started
-    log("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f"; total {total:.0f}s "
-        f"({torch.get_num_threads()} thread(s))")
+    log(
+        "time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f"; total {total:.0f}s "
+        f"({torch.get_num_threads()} thread(s))"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Stage calls are observed where the runtime core makes them (`run_stage`, through
 observers: runtime/core.StageBackend.add_observer), so a backbone sample holds the very `x` it
 got, and only the rows of the call's requests (not the padding rows of its row bucket, nor rows a
 step does not advance): the row-level calls (prefill_rows, step_rows, sample_rows, decode), which
-RecordingBackend wraps, say which rows those are. The sampler runs step by step (head_step graph) on every backend, which is the fused
+RecordingBackend wraps, say which rows those are. The sampler runs step by step (head_step graph) on every
+backend, which is the fused
 sampler's maths. What is kept follows a CapturePolicy (policy.py), with one reservoir per backbone
 phase so that the few prefill calls are never crowded out by the many steps. Recording only copies
 tensors: the maths and the noise draws are the backend's, and a recorded run gives its tokens.
@@ -61,11 +62,15 @@ class RecordingBackend:
 
     def __init__(self, inner, policy: CapturePolicy = CapturePolicy()):
         if not isinstance(inner, StageBackend):
-            raise BitDanceError(f"RecordingBackend: backend {getattr(inner, 'name', inner)!r} is not a stage backend "
-                                "(runtime/core.StageBackend): it has no stage observers to record from")
+            raise BitDanceError(
+                f"RecordingBackend: backend {getattr(inner, 'name', inner)!r} is not a stage backend "
+                "(runtime/core.StageBackend): it has no stage observers to record from"
+            )
         if not inner.has_stage(st.HEAD_STEP):
-            raise BitDanceError(f"{inner._where()} has no head_step graph, which a capture samples with (every "
-                                "head-net evaluation is recorded); re-export with all stages")
+            raise BitDanceError(
+                f"{inner._where()} has no head_step graph, which a capture samples with (every "
+                "head-net evaluation is recorded); re-export with all stages"
+            )
         self.inner = inner
         self.config = inner.config
         self.name = f"{inner.name} (recording)"
@@ -73,8 +78,11 @@ class RecordingBackend:
         self.policy = policy
         self._rng = random.Random(policy.seed)
         # one reservoir per (stage, phase); phase None for a stage without phases
-        self.reservoirs = {(stage, phase): Reservoir(policy.max_samples, self._rng) for stage in CAPTURED_STAGES
-                           for phase in (st.stage_spec(stage, self.config, steps=1).phases or [None])}
+        self.reservoirs = {
+            (stage, phase): Reservoir(policy.max_samples, self._rng)
+            for stage in CAPTURED_STAGES
+            for phase in (st.stage_spec(stage, self.config, steps=1).phases or [None])
+        }
         self.head_evaluations = 0
         self._real_rows = None  # rows of the sampler call in progress (the rest is padding)
         self._rows = None  # rows of the prefill / step call in progress to record (None: record nothing)
@@ -130,8 +138,10 @@ class RecordingBackend:
                 self._record_head(feeds, out["x_pred"])
         elif stage == st.DECODER:
             if self._decoding and self._offer(st.DECODER):
-                self._put(st.DECODER, Sample({"latent": _keep(feeds["latent"]).float()},
-                                             {"image": _keep(out["image"]).float()}))
+                self._put(
+                    st.DECODER,
+                    Sample({"latent": _keep(feeds["latent"]).float()}, {"image": _keep(out["image"]).float()}),
+                )
 
     def _record_rows(self, stage, feeds, phase, out) -> None:
         index = torch.tensor(self._rows, dtype=torch.int64)
@@ -141,9 +151,12 @@ class RecordingBackend:
         if stage == st.BACKBONE:
             end = int(inputs["start"].max())  # positions a row of the call reads unmasked: [0, start)
             names = st.cache_input_names(self.config)
-            inputs[COMPACT_CACHE] = torch.stack([torch.stack([take(feeds[names[2 * i + part]][:, :, :end])
-                                                              for part in (0, 1)])
-                                                 for i in range(self.config.n_layer)])  # kv[..., rows, :, :end]
+            inputs[COMPACT_CACHE] = torch.stack(
+                [
+                    torch.stack([take(feeds[names[2 * i + part]][:, :, :end]) for part in (0, 1)])
+                    for i in range(self.config.n_layer)
+                ]
+            )  # kv[..., rows, :, :end]
             outputs["kv_new"] = _keep(out["kv_new"].index_select(2, index.to(out["kv_new"].device)))
         self._put(stage, Sample(inputs, {k: v.float() for k, v in outputs.items()}), phase)
 
@@ -155,8 +168,13 @@ class RecordingBackend:
         chosen = self._rng.random() < self.policy.head_fraction or self.head_evaluations == 1
         if chosen and self._offer(st.HEAD_STEP):
             x, t, cond = feeds["x"], feeds["t"], feeds["cond"]
-            self._put(st.HEAD_STEP, Sample({"x": _keep(x[:m]), "t": _keep(t[:m]), "cond": _keep(cond[:m])},
-                                           {"x_pred": _keep(x_pred[:m]).float()}))
+            self._put(
+                st.HEAD_STEP,
+                Sample(
+                    {"x": _keep(x[:m]), "t": _keep(t[:m]), "cond": _keep(cond[:m])},
+                    {"x_pred": _keep(x_pred[:m]).float()},
+                ),
+            )
 
     @torch.inference_mode()
     def sample_rows(self, cond, noise, cfg, cond_row, uncond_row):
@@ -166,8 +184,13 @@ class RecordingBackend:
         finally:
             self._real_rows = None
         if self._offer(st.HEAD_SAMPLER):
-            inputs = {"cond": _keep(cond), "noise": _keep(noise), "cfg": _keep(torch.as_tensor(cfg, dtype=torch.float32)),
-                      "cond_row": _keep(torch.as_tensor(cond_row)), "uncond_row": _keep(torch.as_tensor(uncond_row))}
+            inputs = {
+                "cond": _keep(cond),
+                "noise": _keep(noise),
+                "cfg": _keep(torch.as_tensor(cfg, dtype=torch.float32)),
+                "cond_row": _keep(torch.as_tensor(cond_row)),
+                "uncond_row": _keep(torch.as_tensor(uncond_row)),
+            }
             self._put(st.HEAD_SAMPLER, Sample(inputs, {"tokens": _keep(tokens)}))
         return tokens
 
@@ -205,10 +228,22 @@ class Capture:
     results: list[GenerationResult]  # one per seed, as an unrecorded run would return them
 
 
-def capture(model, weights: str, labels, seeds, steps: int, cfg_scale: float,
-            cfg_schedule: str | None = None, policy: CapturePolicy = CapturePolicy(),
-            batch_size: int | None = 4, device: str = "cpu", progress: bool = False, prompts=None,
-            backend=None, origin: dict | None = None) -> Capture:
+def capture(
+    model,
+    weights: str,
+    labels,
+    seeds,
+    steps: int,
+    cfg_scale: float,
+    cfg_schedule: str | None = None,
+    policy: CapturePolicy = CapturePolicy(),
+    batch_size: int | None = 4,
+    device: str = "cpu",
+    progress: bool = False,
+    prompts=None,
+    backend=None,
+    origin: dict | None = None,
+) -> Capture:
     """Generate `labels` (text-to-image: `prompts`, a PromptCondition) once per seed and record the
     stage inputs.
 
@@ -236,21 +271,42 @@ def capture(model, weights: str, labels, seeds, steps: int, cfg_scale: float,
         raise BitDanceError("no seeds given: pass at least one seed")
     manifest = getattr(backend, "manifest", None)
     if manifest is not None and manifest["key"].get("checkpoint") != weights:
-        raise BitDanceError(f"capture: {backend._where()} was exported from {manifest['key'].get('checkpoint')}, "
-                            f"not {weights}; capture from an export of these weights")
+        raise BitDanceError(
+            f"capture: {backend._where()} was exported from {manifest['key'].get('checkpoint')}, "
+            f"not {weights}; capture from an export of these weights"
+        )
     inner = backend if backend is not None else torch_capture_backend(model, device)
     recording = RecordingBackend(inner, policy)
     try:
-        results = [generate_batched(recording, condition, steps, cfg_scale, cfg_schedule, SeededNoise(seed),
-                                    progress, batch_size) for seed in seeds]
+        results = [
+            generate_batched(
+                recording, condition, steps, cfg_scale, cfg_schedule, SeededNoise(seed), progress, batch_size
+            )
+            for seed in seeds
+        ]
     finally:
         recording.detach()
         if backend is None:
             inner.close()
-    key = {"format": FORMAT, "config": cfg.to_json_dict(), "weights": weights, **what, "seeds": seeds,
-           "steps": int(steps), "cfg_scale": float(cfg_scale), "cfg_schedule": cfg_schedule,
-           "batch_size": batch_size, "policy": policy.to_json(), "head_evaluations": recording.head_evaluations,
-           "producer": recording.producer}
-    cset = CalibrationSet(key, recording.samples(), recording.candidates(),
-                          phase_candidates=recording.phase_candidates(), origin=dict(origin or {}))
+    key = {
+        "format": FORMAT,
+        "config": cfg.to_json_dict(),
+        "weights": weights,
+        **what,
+        "seeds": seeds,
+        "steps": int(steps),
+        "cfg_scale": float(cfg_scale),
+        "cfg_schedule": cfg_schedule,
+        "batch_size": batch_size,
+        "policy": policy.to_json(),
+        "head_evaluations": recording.head_evaluations,
+        "producer": recording.producer,
+    }
+    cset = CalibrationSet(
+        key,
+        recording.samples(),
+        recording.candidates(),
+        phase_candidates=recording.phase_candidates(),
+        origin=dict(origin or {}),
+    )
     return Capture(cset, results)

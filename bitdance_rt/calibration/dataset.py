@@ -176,16 +176,24 @@ class CalibrationSet:
                             raise BitDanceError("rows of the prefill (start 0) and of AR steps in one sample")
                         want = spec.phases[phase]
                         if any(known.get(sym) != v for sym, v in want.items()):
-                            raise BitDanceError(f"a {phase} sample needs {want}, got "
-                                                f"{ {sym: known.get(sym) for sym in want} }")
+                            raise BitDanceError(
+                                f"a {phase} sample needs {want}, got { {sym: known.get(sym) for sym in want} }"
+                            )
                 except (BitDanceError, KeyError, RuntimeError, ValueError) as exc:
-                    raise BitDanceError(f"{where}: {stage} sample {n} does not fit the stage contract ({exc}); "
-                                        "capture it again") from None
+                    raise BitDanceError(
+                        f"{where}: {stage} sample {n} does not fit the stage contract ({exc}); capture it again"
+                    ) from None
 
     def summary(self) -> dict:
-        out = {stage: {"samples": len(s), "candidates": self.candidates.get(stage, len(s)),
-                       "inputs": _shapes(s, "inputs"), "outputs": _shapes(s, "outputs")}
-               for stage, s in self.samples.items()}
+        out = {
+            stage: {
+                "samples": len(s),
+                "candidates": self.candidates.get(stage, len(s)),
+                "inputs": _shapes(s, "inputs"),
+                "outputs": _shapes(s, "outputs"),
+            }
+            for stage, s in self.samples.items()
+        }
         for stage in out:
             counts = self.phase_counts(stage)
             if counts:
@@ -225,8 +233,10 @@ def save_calibration(cset: CalibrationSet, directory: str | Path, overwrite: boo
         with _work_dir(directory, ".tmp") as work:
             _write_set(cset, directory, work)
     except OSError as exc:  # a full disk: one line naming the file, not a traceback
-        raise BitDanceError(f"cannot write the calibration set {directory} ({os_error_text(exc)}); "
-                            "free disk space or choose another --out / $BITDANCE_RT_CACHE") from None
+        raise BitDanceError(
+            f"cannot write the calibration set {directory} ({os_error_text(exc)}); "
+            "free disk space or choose another --out / $BITDANCE_RT_CACHE"
+        ) from None
     return directory
 
 
@@ -240,8 +250,9 @@ def _write_set(cset: CalibrationSet, directory: Path, work) -> None:
         tensors = {}
         for n, s in enumerate(cset.samples.get(stage, [])):
             for part, named in (("in", s.inputs), ("out", s.outputs)):
-                tensors.update({f"{n:05d}.{part}.{name}": t.detach().cpu().contiguous().clone()
-                                for name, t in named.items()})
+                tensors.update(
+                    {f"{n:05d}.{part}.{name}": t.detach().cpu().contiguous().clone() for name, t in named.items()}
+                )
         path = tmp / f"{stage}.safetensors"
         save_file(tensors, str(path), metadata={"format": FORMAT, "stage": stage})
         path.chmod(0o644)  # shared like an export directory
@@ -282,26 +293,32 @@ def _config_diff(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_identity(key: dict, where: Path, config: ModelConfig | None = None, weights: str | None = None,
-                   steps: int | None = None) -> None:
+def check_identity(
+    key: dict, where: Path, config: ModelConfig | None = None, weights: str | None = None, steps: int | None = None
+) -> None:
     """Refuse a set captured from another model, other weights, or another sampler step count."""
     fix = f"capture a new set for this model and weights (bitdance-rt calibrate) instead of {where}"
     if config is not None:
         diff = _config_diff(_architecture(key["config"]), _architecture(config.to_json_dict()))
         if diff:
             shown = ", ".join(diff[:4]) + (f", ... (+{len(diff) - 4} more)" if len(diff) > 4 else "")
-            raise BitDanceError(f"{where / MANIFEST} was captured for model {key['config'].get('name')!r}, "
-                                f"another model config than {config.name!r} (set vs expected: {shown}); {fix}")
+            raise BitDanceError(
+                f"{where / MANIFEST} was captured for model {key['config'].get('name')!r}, "
+                f"another model config than {config.name!r} (set vs expected: {shown}); {fix}"
+            )
     if weights is not None and weights != key["weights"]:
         raise BitDanceError(f"{where / MANIFEST} was captured with weights {key['weights']}, not {weights}; {fix}")
     if steps is not None and int(steps) != int(key["steps"]):
-        raise BitDanceError(f"{where / MANIFEST} was captured with {key['steps']} sampler steps, not {steps} "
-                            f"(the fused head sampler bakes S in); {fix}")
+        raise BitDanceError(
+            f"{where / MANIFEST} was captured with {key['steps']} sampler steps, not {steps} "
+            f"(the fused head sampler bakes S in); {fix}"
+        )
 
 
 def _read_manifest(directory: Path) -> dict:
-    return read_manifest_file(directory, MANIFEST, FORMAT, "calibration set",
-                              f"capture it with `bitdance-rt calibrate --out {directory}`")
+    return read_manifest_file(
+        directory, MANIFEST, FORMAT, "calibration set", f"capture it with `bitdance-rt calibrate --out {directory}`"
+    )
 
 
 def _verify_file(directory: Path, name: str, info: dict, hashes: bool) -> Path:
@@ -309,8 +326,10 @@ def _verify_file(directory: Path, name: str, info: dict, hashes: bool) -> Path:
     if not path.is_file():
         raise BitDanceError(f"{path} is missing from the calibration set; capture it again")
     if path.stat().st_size != info["bytes"]:
-        raise BitDanceError(f"{path} has {path.stat().st_size} bytes, {MANIFEST} records {info['bytes']} "
-                            "(truncated or replaced); capture the set again")
+        raise BitDanceError(
+            f"{path} has {path.stat().st_size} bytes, {MANIFEST} records {info['bytes']} "
+            "(truncated or replaced); capture the set again"
+        )
     if hashes and cached_sha256(path) != info["sha256"]:  # memoised by (path, size, mtime)
         raise BitDanceError(f"{path} does not match the sha256 in {MANIFEST} (corrupt); capture the set again")
     return path
@@ -330,14 +349,21 @@ def _read_samples(path: Path, count: int) -> list[Sample]:
             n, part, name = key.split(".", 2)
             target = samples[int(n)].inputs if part == "in" else samples[int(n)].outputs
         except (ValueError, IndexError):
-            raise BitDanceError(f"{path}: unexpected tensor {key!r} (expected {count} samples "
-                                "named 00000.in.NAME ...); capture the set again") from None
+            raise BitDanceError(
+                f"{path}: unexpected tensor {key!r} (expected {count} samples "
+                "named 00000.in.NAME ...); capture the set again"
+            ) from None
         target[name] = t
     return samples
 
 
-def load_calibration(directory: str | Path, config: ModelConfig | None = None, weights: str | None = None,
-                     steps: int | None = None, hashes: bool = True) -> CalibrationSet:
+def load_calibration(
+    directory: str | Path,
+    config: ModelConfig | None = None,
+    weights: str | None = None,
+    steps: int | None = None,
+    hashes: bool = True,
+) -> CalibrationSet:
     """Read and validate a set; `config` / `weights` / `steps` refuse a set of another model."""
     directory = Path(directory)
     sweep_work_dirs(directory.parent, legacy=_unlocked_leftover)  # killed captures' leftovers

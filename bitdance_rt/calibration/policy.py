@@ -45,8 +45,9 @@ class CapturePolicy:
 
     @classmethod
     def from_json(cls, data: dict) -> "CapturePolicy":
-        return cls(int(data["backbone_every"]), float(data["head_fraction"]), int(data["max_samples"]),
-                   int(data["seed"]))
+        return cls(
+            int(data["backbone_every"]), float(data["head_fraction"]), int(data["max_samples"]), int(data["seed"])
+        )
 
 
 class Reservoir:

@@ -35,8 +35,10 @@ def capture_choice(t2i: bool, backend: str | None = None, precision: str | None 
     backend = backend or ("onnxruntime" if t2i else "torch")
     if backend == "torch":
         if precision not in (None, "fp32"):
-            raise BitDanceError(f"capture precision {precision}: the torch backend is the float32 reference; "
-                                "capture with backend onnxruntime for fp16 graphs")
+            raise BitDanceError(
+                f"capture precision {precision}: the torch backend is the float32 reference; "
+                "capture with backend onnxruntime for fp16 graphs"
+            )
         return backend, "fp32"
     return backend, precision or ("fp16" if t2i else "fp32")
 
@@ -84,11 +86,24 @@ def torch_capture_backend(model, device: str = "cpu"):
     return TorchBackend(model, device)
 
 
-def ort_capture_backend(export_dir, threads: int | None = None, providers=None, expect_config=None,
-                        expect_source: str | None = None, session_cache=None):
+def ort_capture_backend(
+    export_dir,
+    threads: int | None = None,
+    providers=None,
+    expect_config=None,
+    expect_source: str | None = None,
+    session_cache=None,
+):
     """ONNX Runtime on an export directory (FP32 or FP16 graphs), sampling step by step (head_step:
     every head-net evaluation is a stage call; the fused head_sampler is one opaque graph)."""
     from ..runtime.ort_backend import OrtBackend
 
-    return OrtBackend(export_dir, threads=threads, providers=providers, sampler="step", expect_config=expect_config,
-                      expect_source=expect_source, session_cache=session_cache)
+    return OrtBackend(
+        export_dir,
+        threads=threads,
+        providers=providers,
+        sampler="step",
+        expect_config=expect_config,
+        expect_source=expect_source,
+        session_cache=session_cache,
+    )

@@ -70,8 +70,11 @@ class StageDataReader(_Base):
         `collect_data` call each (see the module doc); [self] for a stage without phases."""
         if self.phase is not None or not self.spec.phases:
             return [self]
-        return [StageDataReader(self.cset, self.stage, self.per_row, phase) for phase in self.spec.phases
-                if self.cset.phase_samples(self.stage, phase)]
+        return [
+            StageDataReader(self.cset, self.stage, self.per_row, phase)
+            for phase in self.spec.phases
+            if self.cset.phase_samples(self.stage, phase)
+        ]
 
     def __len__(self) -> int:
         """Recorded samples (calls) of the stage (and phase), before the split into rows."""

@@ -14,12 +14,25 @@ import sys
 
 from ..backends import BACKENDS, default_backend  # noqa: F401  (default_backend: used by tests)
 from ..errors import BitDanceError
-from .arguments import CFG, MEMORY_CHECK_HELP, SCHEDULE_HELP, SEED, STEPS, _add_accelerator_args, \
-    _add_backend_args, _add_model_args, _add_precision_args, _add_renamed, _add_run_args, _add_t2i_args, \
-    _checked, _cuda_index, _port  # noqa: F401
+from .arguments import (
+    CFG,
+    MEMORY_CHECK_HELP,
+    SCHEDULE_HELP,
+    SEED,
+    STEPS,
+    _add_accelerator_args,
+    _add_backend_args,
+    _add_model_args,
+    _add_precision_args,
+    _add_renamed,
+    _add_run_args,
+    _add_t2i_args,
+    _checked,
+    _cuda_index,
+    _port,
+)  # noqa: F401
 from .calibrate import _calibration_report, _capture_backend, cmd_calibrate  # noqa: F401
-from .common import _check_output, _is_t2i, _model, _options, _pipeline, _t2i_checkpoint, \
-    default_labels  # noqa: F401
+from .common import _check_output, _is_t2i, _model, _options, _pipeline, _t2i_checkpoint, default_labels  # noqa: F401
 from .diagnose import cmd_check, cmd_plan
 from .export import cmd_build, cmd_convert, cmd_export
 from .generate import cmd_eval, cmd_generate
@@ -73,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    return {"generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "calibrate": cmd_calibrate,
-            "convert": cmd_convert, "build": cmd_build, "check": cmd_check,
-            "serve": cmd_serve, "triton-repo": cmd_triton_repo,
-            "plan": cmd_plan}[args.command](args)
+    return {
+        "generate": cmd_generate,
+        "export": cmd_export,
+        "eval": cmd_eval,
+        "calibrate": cmd_calibrate,
+        "convert": cmd_convert,
+        "build": cmd_build,
+        "check": cmd_check,
+        "serve": cmd_serve,
+        "triton-repo": cmd_triton_repo,
+        "plan": cmd_plan,
+    }[args.command](args)

@@ -16,15 +16,23 @@ from ..stages import DEFAULT_MAX_BATCH
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help=f"{EMBEDDED_MODEL} (the embedded trained digits model), a preset ({', '.join(PRESETS)}) or "
-                        f"a config .json in the official constructor-argument form; default: {EMBEDDED_MODEL}")
-    p.add_argument("--checkpoint", default=None,
-                   help="model weights: official .pt ({'ema'|'model': ...}) or .safetensors")
-    p.add_argument("--vae", default=None,
-                   help="autoencoder weights (ae_d16c32.pt); overrides vae.* keys of the checkpoint")
-    p.add_argument("--unsafe-allow-pickle", action="store_true",
-                   help="load .pt files with full unpickling (can execute code: only for files you trust)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"{EMBEDDED_MODEL} (the embedded trained digits model), a preset ({', '.join(PRESETS)}) or "
+        f"a config .json in the official constructor-argument form; default: {EMBEDDED_MODEL}",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="model weights: official .pt ({'ema'|'model': ...}) or .safetensors"
+    )
+    p.add_argument(
+        "--vae", default=None, help="autoencoder weights (ae_d16c32.pt); overrides vae.* keys of the checkpoint"
+    )
+    p.add_argument(
+        "--unsafe-allow-pickle",
+        action="store_true",
+        help="load .pt files with full unpickling (can execute code: only for files you trust)",
+    )
 
 
 def _add_renamed(p, name: str, old: str, *, dest: str, required: bool = False, **kwargs) -> None:
@@ -32,8 +40,14 @@ def _add_renamed(p, name: str, old: str, *, dest: str, required: bool = False, *
     error) but --help shows only `name`."""
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument(name, dest=dest, **kwargs)
-    group.add_argument(old, dest=dest, type=kwargs.get("type"), choices=kwargs.get("choices"),
-                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    group.add_argument(
+        old,
+        dest=dest,
+        type=kwargs.get("type"),
+        choices=kwargs.get("choices"),
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
 
 
 def _cuda_index(text: str) -> int:
@@ -48,6 +62,7 @@ def _cuda_index(text: str) -> int:
 def _checked(name: str, kind=int):
     """An argparse type running runtime/params.py's check_<name> (one cap per value everywhere);
     imported when parsing, so that `--help` stays light."""
+
     def parse(text: str):
         from ..runtime import params
 
@@ -67,19 +82,26 @@ def _checked(name: str, kind=int):
 SEED, STEPS, CFG = _checked("seed"), _checked("steps"), _checked("cfg", float)
 
 
-MEMORY_CHECK_HELP = ("go on even if a step (loading the model, the export, a capture or an INT8 derivation) needs "
-                     "more host memory than this machine has available (bitdance-rt plan shows each step's)")
-SCHEDULE_HELP = ("guidance over AR steps (default: the model's, as the official code: linear for ImageNet models, "
-                 "constant for text-to-image)")
+MEMORY_CHECK_HELP = (
+    "go on even if a step (loading the model, the export, a capture or an INT8 derivation) needs "
+    "more host memory than this machine has available (bitdance-rt plan shows each step's)"
+)
+SCHEDULE_HELP = (
+    "guidance over AR steps (default: the model's, as the official code: linear for ImageNet models, "
+    "constant for text-to-image)"
+)
 
 
 def _add_t2i_args(p: argparse.ArgumentParser) -> None:
     """Text-to-image (--checkpoint DIR of BitDance-14B-16x/-64x): image size from the official list."""
     p.add_argument("--height", type=int, default=None, help="text-to-image: image height (default 1024)")
     p.add_argument("--width", type=int, default=None, help="text-to-image: image width (default 1024)")
-    p.add_argument("--max-text-tokens", type=int, default=None,
-                   help="text-to-image: longest chat prompt in tokens, the padded prompt length of the graphs "
-                        "(default 256)")
+    p.add_argument(
+        "--max-text-tokens",
+        type=int,
+        default=None,
+        help="text-to-image: longest chat prompt in tokens, the padded prompt length of the graphs (default 256)",
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -93,47 +115,87 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     """How the model runs (generate, eval, serve): sampler steps, backend, precision, batch."""
     p.add_argument("--steps", type=STEPS, default=None, help="sampler steps S per AR step (default: the model's)")
-    p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="onnxruntime (default when installed) or torch (the float32 reference)")
-    p.add_argument("--export-dir", default=None,
-                   help="ONNX export to run with --backend onnxruntime (default: an automatic, cached export "
-                        "under $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="onnxruntime (default when installed) or torch (the float32 reference)",
+    )
+    p.add_argument(
+        "--export-dir",
+        default=None,
+        help="ONNX export to run with --backend onnxruntime (default: an automatic, cached export "
+        "under $BITDANCE_RT_CACHE or ~/.cache/bitdance-rt)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch device / ONNX Runtime CUDA EP)")
-    _add_renamed(p, "--max-batch", "--batch-size", dest="batch_size", type=int, metavar="N", default=DEFAULT_MAX_BATCH,
-                 help=f"most images per batch (default {DEFAULT_MAX_BATCH}: the graphs' and the scheduler's "
-                      "maximum); labels are generated in parts of this size, the same on every backend, so results "
-                      "agree")
+    _add_renamed(
+        p,
+        "--max-batch",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        metavar="N",
+        default=DEFAULT_MAX_BATCH,
+        help=f"most images per batch (default {DEFAULT_MAX_BATCH}: the graphs' and the scheduler's "
+        "maximum); labels are generated in parts of this size, the same on every backend, so results "
+        "agree",
+    )
     _add_precision_args(p)
     _add_accelerator_args(p)
 
 
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
     """Graph precision and INT8 calibration (generate, eval, export)."""
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help=f"graph precision: {', '.join(PRECISIONS)} (default {DEFAULT_PRECISION}; int8: Q/DQ, "
-                        "calibrated); onnxruntime derives and caches the graphs; tensorrt: the engine precision "
-                        "(default: the export's)")
-    p.add_argument("--calibration", default=None,
-                   help="INT8 calibration set (bitdance-rt calibrate --out DIR); default: a set captured once from "
-                        "the model and cached")
-    p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default=CALIBRATION_METHODS[0],
-                   help=f"INT8 activation range method (default {CALIBRATION_METHODS[0]})")
-    p.add_argument("--keep-float", nargs="+", default=(), metavar="LAYER",
-                   help="INT8: also keep these layers float (names as `calibrate --report --sensitivity` ranks "
-                        "them, e.g. /layers.0/attention/wo/MatMul)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help=f"graph precision: {', '.join(PRECISIONS)} (default {DEFAULT_PRECISION}; int8: Q/DQ, "
+        "calibrated); onnxruntime derives and caches the graphs; tensorrt: the engine precision "
+        "(default: the export's)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="INT8 calibration set (bitdance-rt calibrate --out DIR); default: a set captured once from "
+        "the model and cached",
+    )
+    p.add_argument(
+        "--calib-method",
+        choices=CALIBRATION_METHODS,
+        default=CALIBRATION_METHODS[0],
+        help=f"INT8 activation range method (default {CALIBRATION_METHODS[0]})",
+    )
+    p.add_argument(
+        "--keep-float",
+        nargs="+",
+        default=(),
+        metavar="LAYER",
+        help="INT8: also keep these layers float (names as `calibrate --report --sensitivity` ranks "
+        "them, e.g. /layers.0/attention/wo/MatMul)",
+    )
 
 
 def _add_accelerator_args(p: argparse.ArgumentParser) -> None:
     """ONNX Runtime execution provider and TensorRT engine options (generate, eval, check)."""
-    p.add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), default=None,
-                   help="ONNX Runtime execution provider for --backend onnxruntime (default: cuda with "
-                        "--device cuda, else cpu)")
-    p.add_argument("--engine-dir", default=None,
-                   help="TensorRT engine cache (default: $BITDANCE_RT_CACHE/engines or ~/.cache/bitdance-rt/engines)")
+    p.add_argument(
+        "--ort-provider",
+        choices=("cpu", "cuda", "tensorrt"),
+        default=None,
+        help="ONNX Runtime execution provider for --backend onnxruntime (default: cuda with --device cuda, else cpu)",
+    )
+    p.add_argument(
+        "--engine-dir",
+        default=None,
+        help="TensorRT engine cache (default: $BITDANCE_RT_CACHE/engines or ~/.cache/bitdance-rt/engines)",
+    )
     p.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace cap in MiB")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="--backend tensorrt: run every call with execute_async_v3 (no CUDA graph replay)")
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="--backend tensorrt: run every call with execute_async_v3 (no CUDA graph replay)",
+    )
 
 
 def _port(text: str) -> int:

@@ -55,9 +55,22 @@ def cmd_calibrate(args) -> int:
     weights = source.weights_source()
     backend, origin = _capture_backend(args, source, steps)  # (checks the choice before exporting)
     try:
-        result = capture(None if backend else source.load(args.unsafe_allow_pickle), weights,
-                         None if prompts is not None else labels, args.seeds, steps, scale, schedule, policy,
-                         args.batch_size, args.device, progress=True, prompts=prompts, backend=backend, origin=origin)
+        result = capture(
+            None if backend else source.load(args.unsafe_allow_pickle),
+            weights,
+            None if prompts is not None else labels,
+            args.seeds,
+            steps,
+            scale,
+            schedule,
+            policy,
+            args.batch_size,
+            args.device,
+            progress=True,
+            prompts=prompts,
+            backend=backend,
+            origin=origin,
+        )
     finally:
         if backend is not None:
             backend.close()
@@ -65,9 +78,11 @@ def cmd_calibrate(args) -> int:
     counts = ", ".join(f"{stage} {len(s)}" for stage, s in result.dataset.samples.items())
     producer = describe_producer(result.dataset.producer, origin.get("export_dir"))
     print(f"model: {source.describe()}; captured with {producer}")
-    print(f"wrote calibration set {out}: {len(labels)} {'prompt' if prompts is not None else 'label'}(s) x "
-          f"{len(args.seeds)} seed(s), S={steps}, "
-          f"cfg {scale} ({schedule}); samples: {counts}")
+    print(
+        f"wrote calibration set {out}: {len(labels)} {'prompt' if prompts is not None else 'label'}(s) x "
+        f"{len(args.seeds)} seed(s), S={steps}, "
+        f"cfg {scale} ({schedule}); samples: {counts}"
+    )
     if args.report:
         _calibration_report(args, source, out, steps, scale, schedule)
     return 0
@@ -87,8 +102,9 @@ def _capture_backend(args, source, steps: int):
         export = Path(args.capture_export)
         held = graph_precision(read_manifest(export))
         if args.capture_precision not in (None, held):
-            raise BitDanceError(f"--capture-export {export} holds {held} graphs, not --capture-precision "
-                                f"{args.capture_precision}")
+            raise BitDanceError(
+                f"--capture-export {export} holds {held} graphs, not --capture-precision {args.capture_precision}"
+            )
     else:
         name, precision = capture_choice(source.t2i, args.capture_backend, args.capture_precision)
         if name == "torch":
@@ -96,8 +112,13 @@ def _capture_backend(args, source, steps: int):
         opts = BackendOptions(allow_pickle=args.unsafe_allow_pickle, max_batch=max(16, args.batch_size))
         export = auto_export(source, steps, opts, precision)
     providers = ort_providers(BackendOptions(device=args.device))
-    backend = ort_capture_backend(export, threads=args.threads, providers=providers, expect_config=source.config,
-                                  expect_source=source.weights_source())
+    backend = ort_capture_backend(
+        export,
+        threads=args.threads,
+        providers=providers,
+        expect_config=source.config,
+        expect_source=source.weights_source(),
+    )
     return backend, {"export_dir": str(export)}
 
 
@@ -120,10 +141,20 @@ def _calibration_report(args, source, set_dir: Path, steps: int, scale: float, s
         condition = encoder.encode(fitting_prompts(report_prompts(args.report_images), encoder))
     else:
         condition = report_labels(cfg, args.report_images)
-    report = accuracy_report(cfg, weights, fp32, cset, args.method, condition,
-                             [args.report_seed], steps, scale, schedule,
-                             lambda d: OrtBackend(d, threads=args.threads, verify_hashes=False),
-                             sensitivity=args.sensitivity)
+    report = accuracy_report(
+        cfg,
+        weights,
+        fp32,
+        cset,
+        args.method,
+        condition,
+        [args.report_seed],
+        steps,
+        scale,
+        schedule,
+        lambda d: OrtBackend(d, threads=args.threads, verify_hashes=False),
+        sensitivity=args.sensitivity,
+    )
     js, md = write_report(report, set_dir)
     print(markdown(report))
     print(f"report: {js} and {md}")

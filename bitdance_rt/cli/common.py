@@ -18,19 +18,31 @@ def _model(args):
 
     t2i = _t2i_checkpoint(args.checkpoint)
     size = (getattr(args, "height", None), getattr(args, "width", None), getattr(args, "max_text_tokens", None))
-    return resolve_model(args.model, args.checkpoint, getattr(args, "vae", None),
-                         *(size if t2i else (None, None, None)))
+    return resolve_model(
+        args.model, args.checkpoint, getattr(args, "vae", None), *(size if t2i else (None, None, None))
+    )
 
 
 def _options(args, **extra):
     """The run options of the command line, typed (backends.BackendOptions)."""
     from ..backends import BackendOptions
 
-    fields = {"backend": "backend", "precision": "precision", "device": "device", "threads": "threads",
-              "max_batch": "batch_size", "export_dir": "export_dir", "ort_provider": "ort_provider",
-              "engine_dir": "engine_dir", "workspace_mb": "workspace_mb", "calibration": "calibration",
-              "calib_method": "calib_method", "keep_float": "keep_float", "cfg_scale": "cfg",
-              "cfg_schedule": "cfg_schedule"}
+    fields = {
+        "backend": "backend",
+        "precision": "precision",
+        "device": "device",
+        "threads": "threads",
+        "max_batch": "batch_size",
+        "export_dir": "export_dir",
+        "ort_provider": "ort_provider",
+        "engine_dir": "engine_dir",
+        "workspace_mb": "workspace_mb",
+        "calibration": "calibration",
+        "calib_method": "calib_method",
+        "keep_float": "keep_float",
+        "cfg_scale": "cfg",
+        "cfg_schedule": "cfg_schedule",
+    }
     values = {k: getattr(args, a) for k, a in fields.items() if getattr(args, a, None) is not None}
     if "keep_float" in values:
         values["keep_float"] = tuple(values["keep_float"])
@@ -59,8 +71,10 @@ def _pipeline(args, source, steps: int, **extra):
     pipe = Pipeline.load(source, steps, _options(args, **extra))
     print(f"model: {pipe.description}")
     if source.checkpoint is None:
-        print(f"note: no --checkpoint given for {source.config.name}, so it runs with RANDOM weights: the images are "
-              "noise patterns, not pictures (omit --model for the embedded trained model)")
+        print(
+            f"note: no --checkpoint given for {source.config.name}, so it runs with RANDOM weights: the images are "
+            "noise patterns, not pictures (omit --model for the embedded trained model)"
+        )
     return pipe
 
 

@@ -12,8 +12,17 @@ from .common import _model, _options
 def cmd_check(args) -> int:
     from ..check import CheckRequest, run_check
 
-    request = CheckRequest(args.export_dir, args.stages, args.batch, args.noise_from, args.labels, args.steps,
-                           args.cfg, args.cfg_schedule, args.min_agreement)
+    request = CheckRequest(
+        args.export_dir,
+        args.stages,
+        args.batch,
+        args.noise_from,
+        args.labels,
+        args.steps,
+        args.cfg,
+        args.cfg_schedule,
+        args.min_agreement,
+    )
     report = run_check(_model(args), _options(args, max_batch=16), request)
     print(report.text())
     return 0 if report.passed else 1
@@ -25,8 +34,11 @@ def cmd_plan(args) -> int:
     from ..plan import TARGETS, format_plan, plan
     from ..t2i_config import T2I_PRESETS, t2i_preset
 
-    size = {k: v for k, v in (("height", args.height), ("width", args.width), ("max_text_tokens",
-                                                                              args.max_text_tokens)) if v is not None}
+    size = {
+        k: v
+        for k, v in (("height", args.height), ("width", args.width), ("max_text_tokens", args.max_text_tokens))
+        if v is not None
+    }
     if args.model in T2I_PRESETS:
         cfg = t2i_preset(args.model, **size)
     else:
@@ -34,16 +46,34 @@ def cmd_plan(args) -> int:
     bad = [t for t in args.target or () if t not in TARGETS]
     if bad:
         raise BitDanceError(f"unknown target {bad[0]!r}: one of {', '.join(TARGETS)}")
-    p = plan(cfg, args.precision, args.backend, args.batch_size, guided=not args.no_cfg,
-             workspace_mb=args.workspace_mb)
+    p = plan(cfg, args.precision, args.backend, args.batch_size, guided=not args.no_cfg, workspace_mb=args.workspace_mb)
     from ..plan.machines import format_road, road_on
 
-    r = road_on(cfg, args.precision, args.backend, args.batch_size, not args.no_cfg, args.workspace_mb,
-                args.host_memory, args.gpu, args.target)  # each step of getting there, on the machines asked
+    r = road_on(
+        cfg,
+        args.precision,
+        args.backend,
+        args.batch_size,
+        not args.no_cfg,
+        args.workspace_mb,
+        args.host_memory,
+        args.gpu,
+        args.target,
+    )  # each step of getting there, on the machines asked
     if args.json:
         targets = {t: dict(zip(("fits", "bytes_left"), p.fits(t))) for t in args.target or TARGETS}
-        print(json.dumps({**asdict(p), "weight_bytes": p.weight_bytes, "total_bytes": p.total_bytes,
-                          "total_if_once": p.total_if_once, "targets": targets, "road": r.to_json()}))
+        print(
+            json.dumps(
+                {
+                    **asdict(p),
+                    "weight_bytes": p.weight_bytes,
+                    "total_bytes": p.total_bytes,
+                    "total_if_once": p.total_if_once,
+                    "targets": targets,
+                    "road": r.to_json(),
+                }
+            )
+        )
     else:
         print(format_plan(p, args.target))
         print(format_road(r))

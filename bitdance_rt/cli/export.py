@@ -30,13 +30,23 @@ def cmd_export(args) -> int:
     for_export(args, source, steps)  # one line, before any work, if a step needs more memory than there is
     if args.precision not in (None, "fp32"):
         if args.stages or args.opset != DEFAULT_OPSET or args.force:
-            raise BitDanceError(f"--precision {args.precision} derives from the cached FP32 export of the same "
-                                "--max-batch: --stages/--opset/--force apply to FP32 exports only")
+            raise BitDanceError(
+                f"--precision {args.precision} derives from the cached FP32 export of the same "
+                "--max-batch: --stages/--opset/--force apply to FP32 exports only"
+            )
         out = auto_export(source, steps, opts, args.precision, out=args.out)
         print(f"{out}: {args.precision} export ready")
         return 0
-    result = export_for(source, args.out, steps, opts, stages=args.stages, opset=args.opset, force=args.force,
-                        limits=Limits(max_batch=args.max_batch, opt_batch=min(4, args.max_batch)))
+    result = export_for(
+        source,
+        args.out,
+        steps,
+        opts,
+        stages=args.stages,
+        opset=args.opset,
+        force=args.force,
+        limits=Limits(max_batch=args.max_batch, opt_batch=min(4, args.max_batch)),
+    )
     state = "up to date, reused" if result.reused else "exported"
     print(f"{result.directory}: {state} ({', '.join(result.manifest['stage_files'])})")
     return 0
@@ -47,12 +57,22 @@ def cmd_build(args) -> int:
     from ..engines.build import TensorRT, build_engines
 
     toolkit = TensorRT(device=args.device)
-    built = build_engines(args.export, precision=args.precision, workspace_mb=args.workspace_mb,
-                          level=args.opt_level, stages=args.stages, root=args.engine_dir, toolkit=toolkit,
-                          lint=not args.no_lint, lock_timeout=args.lock_timeout)
+    built = build_engines(
+        args.export,
+        precision=args.precision,
+        workspace_mb=args.workspace_mb,
+        level=args.opt_level,
+        stages=args.stages,
+        root=args.engine_dir,
+        toolkit=toolkit,
+        lint=not args.no_lint,
+        lock_timeout=args.lock_timeout,
+    )
     counts = {s: sum(b.status == s for b in built.values()) for s in ("built", "rebuilt", "cached")}
-    print(f"engines of {args.export}: {counts['built']} built, {counts['rebuilt']} rebuilt, {counts['cached']} cached "
-          f"(TensorRT {toolkit.version}, {toolkit.gpu.name})")
+    print(
+        f"engines of {args.export}: {counts['built']} built, {counts['rebuilt']} rebuilt, {counts['cached']} cached "
+        f"(TensorRT {toolkit.version}, {toolkit.gpu.name})"
+    )
     return 0
 
 

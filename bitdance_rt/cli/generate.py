@@ -17,13 +17,16 @@ def cmd_generate(args) -> int:
 
     t2i = _is_t2i(args)
     if t2i and (args.labels is not None or args.model is not None):
-        raise BitDanceError("--prompt (text-to-image) takes neither --labels nor --model: the model is "
-                            "--checkpoint DIR")
+        raise BitDanceError(
+            "--prompt (text-to-image) takes neither --labels nor --model: the model is --checkpoint DIR"
+        )
     if t2i and not _t2i_checkpoint(args.checkpoint):
-        raise BitDanceError("text-to-image needs --checkpoint DIR: the BitDance-14B-16x / -64x directory "
-                            "(config.json, model*.safetensors, tokenizer.json, ae*, vision_head*, "
-                            "projector.safetensors), its diffusers conversion, or the ComfyUI BitDance files "
-                            "(or their main-model file)")
+        raise BitDanceError(
+            "text-to-image needs --checkpoint DIR: the BitDance-14B-16x / -64x directory "
+            "(config.json, model*.safetensors, tokenizer.json, ae*, vision_head*, "
+            "projector.safetensors), its diffusers conversion, or the ComfyUI BitDance files "
+            "(or their main-model file)"
+        )
     if t2i and args.prompt is None:
         raise BitDanceError(f"--checkpoint {args.checkpoint} is a text-to-image directory: give --prompt")
     _check_output(args.out, "--out", directory=True)
@@ -43,8 +46,16 @@ def cmd_generate(args) -> int:
     noise = ReplayNoise(args.noise_from) if args.noise_from else None
     with _pipeline(args, source, steps) as pipe:
         submitted = process_seconds()
-        out = pipe.generate(labels=labels, prompt=args.prompt, steps=steps, cfg=scale, cfg_schedule=args.cfg_schedule,
-                            seed=args.seed, noise=noise, progress=not args.quiet)
+        out = pipe.generate(
+            labels=labels,
+            prompt=args.prompt,
+            steps=steps,
+            cfg=scale,
+            cfg_schedule=args.cfg_schedule,
+            seed=args.seed,
+            noise=noise,
+            progress=not args.quiet,
+        )
     first_step = None if submitted is None or out.first_step_seconds is None else submitted + out.first_step_seconds
     schedule = pipe.scheduler_schedule(args.cfg_schedule)
     if t2i:
@@ -56,12 +67,16 @@ def cmd_generate(args) -> int:
     if args.save_tokens:
         from ..checkpoint import save_safetensors
 
-        save_safetensors({"tokens": out.tokens.float(), "latent": out.latent.float(), "image": out.image},
-                         args.save_tokens, metadata={**what, "steps": str(steps), "cfg": str(scale),
-                                                     "cfg_schedule": schedule})
+        save_safetensors(
+            {"tokens": out.tokens.float(), "latent": out.latent.float(), "image": out.image},
+            args.save_tokens,
+            metadata={**what, "steps": str(steps), "cfg": str(scale), "cfg_schedule": schedule},
+        )
     n = out.image.shape[0]
-    print(f"generated {n} image(s) of {size} with {pipe.backend.name}: {cfg.ar_steps} AR steps x {steps} sampler "
-          f"steps, cfg {scale} ({schedule}), {out.seconds:.2f} s, {n / max(out.seconds, 1e-9):.2f} images/s")
+    print(
+        f"generated {n} image(s) of {size} with {pipe.backend.name}: {cfg.ar_steps} AR steps x {steps} sampler "
+        f"steps, cfg {scale} ({schedule}), {out.seconds:.2f} s, {n / max(out.seconds, 1e-9):.2f} images/s"
+    )
     if first_step is not None:
         print(f"start-up: the first AR step ended {first_step:.1f} s after the process started")
     tokens = f"; tokens -> {args.save_tokens}" if args.save_tokens else ""
@@ -84,10 +99,18 @@ def cmd_eval(args) -> int:
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
     with _pipeline(args, source, steps) as pipe:
-        out = pipe.generate(labels=list(range(10)), num_images=args.per_class, steps=steps, cfg=scale,
-                            cfg_schedule=args.cfg_schedule, seed=args.seed)
+        out = pipe.generate(
+            labels=list(range(10)),
+            num_images=args.per_class,
+            steps=steps,
+            cfg=scale,
+            cfg_schedule=args.cfg_schedule,
+            seed=args.seed,
+        )
     report = score_images(out.image.clamp(-1, 1), out.labels)
-    print(f"{pipe.backend.name} {args.precision or 'fp32'}, {steps} sampler steps, cfg {scale} "
-          f"({pipe.scheduler_schedule(args.cfg_schedule)}), seed {args.seed}")
+    print(
+        f"{pipe.backend.name} {args.precision or 'fp32'}, {steps} sampler steps, cfg {scale} "
+        f"({pipe.scheduler_schedule(args.cfg_schedule)}), seed {args.seed}"
+    )
     print(report)
     return 0

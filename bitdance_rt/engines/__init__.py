@@ -10,5 +10,18 @@ from .cache import EngineKey, Lookup, build_lock, engine_key, lookup
 from .lint import TARGETS, Finding, lint_export, lint_graph
 from .profiles import Profile, stage_profile, stage_profiles, trtexec_shapes
 
-__all__ = ["EngineKey", "Lookup", "build_lock", "engine_key", "lookup", "TARGETS", "Finding", "lint_export",
-           "lint_graph", "Profile", "stage_profile", "stage_profiles", "trtexec_shapes"]
+__all__ = [
+    "EngineKey",
+    "Lookup",
+    "build_lock",
+    "engine_key",
+    "lookup",
+    "TARGETS",
+    "Finding",
+    "lint_export",
+    "lint_graph",
+    "Profile",
+    "stage_profile",
+    "stage_profiles",
+    "trtexec_shapes",
+]

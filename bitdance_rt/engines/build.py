@@ -57,8 +57,10 @@ from .profiles import Profile, stage_profiles
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = ("pip install 'bitdance-rt[tensorrt]' (or NVIDIA's tensorrt wheel for your CUDA; on Jetson, "
-                "JetPack's python3-libnvinfer)")
+INSTALL_HINT = (
+    "pip install 'bitdance-rt[tensorrt]' (or NVIDIA's tensorrt wheel for your CUDA; on Jetson, "
+    "JetPack's python3-libnvinfer)"
+)
 
 # cuDeviceGetAttribute attribute ids (CUDA driver API, CUdevice_attribute enum):
 # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, ..._MINOR = 76.
@@ -71,8 +73,9 @@ def require_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise BitDanceError(f"building engines needs TensorRT's Python package, which is not installed: "
-                            f"{INSTALL_HINT}") from None
+        raise BitDanceError(
+            f"building engines needs TensorRT's Python package, which is not installed: {INSTALL_HINT}"
+        ) from None
     return tensorrt
 
 
@@ -98,15 +101,20 @@ def gpu_info(device: int = 0) -> GpuInfo:
     cuda-python needed), or a one-line error when there is no usable CUDA GPU."""
     lib = _load_libcuda()
     if lib is None:
-        raise BitDanceError("no CUDA GPU here: the NVIDIA driver (libcuda) is not installed; TensorRT engines are "
-                            "built on the GPU that will run them")
+        raise BitDanceError(
+            "no CUDA GPU here: the NVIDIA driver (libcuda) is not installed; TensorRT engines are "
+            "built on the GPU that will run them"
+        )
     if lib.cuInit(0) != 0:
-        raise BitDanceError("no usable CUDA GPU here: the CUDA driver failed to initialise (cuInit); TensorRT "
-                            "engines are built on the GPU that will run them")
+        raise BitDanceError(
+            "no usable CUDA GPU here: the CUDA driver failed to initialise (cuInit); TensorRT "
+            "engines are built on the GPU that will run them"
+        )
     count = ctypes.c_int(0)
     if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
-        raise BitDanceError("no CUDA GPU visible (check CUDA_VISIBLE_DEVICES); TensorRT engines are built on the GPU "
-                            "that will run them")
+        raise BitDanceError(
+            "no CUDA GPU visible (check CUDA_VISIBLE_DEVICES); TensorRT engines are built on the GPU that will run them"
+        )
     if not 0 <= device < count.value:
         raise BitDanceError(f"CUDA device {device} does not exist (this machine has {count.value})")
     dev = ctypes.c_int(0)
@@ -173,16 +181,24 @@ class TensorRT:
                 return None  # build without a timing cache rather than fail
         return cache
 
-    def build(self, onnx_path: Path, plan: PrecisionPlan, profiles: list[Profile], workspace: int | None,
-              level: int, timing_cache: Path | None) -> bytes:
+    def build(
+        self,
+        onnx_path: Path,
+        plan: PrecisionPlan,
+        profiles: list[Profile],
+        workspace: int | None,
+        level: int,
+        timing_cache: Path | None,
+    ) -> bytes:
         """A serialized engine; `profiles[k]` becomes optimisation profile k (the runtime selects it by index)."""
         trt = self.trt
         builder = trt.Builder(self.logger)
         network = builder.create_network(self._network_flags(plan))
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):
-            raise BitDanceError(f"{onnx_path}: TensorRT {self.version}'s ONNX parser refused it: "
-                                f"{self._parse_errors(parser)}")
+            raise BitDanceError(
+                f"{onnx_path}: TensorRT {self.version}'s ONNX parser refused it: {self._parse_errors(parser)}"
+            )
         config = builder.create_builder_config()
         if workspace is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
@@ -203,13 +219,17 @@ class TensorRT:
                 opt.set_shape(name, lo, mid, hi)
             index = config.add_optimization_profile(opt)  # -1: "the input profile is invalid" (NvInfer.h)
             if index != k:
-                raise BitDanceError(f"{onnx_path}: TensorRT {self.version} refused optimisation profile {k} "
-                                    f"{[(n, lo, mid, hi) for n, lo, mid, hi in profile]} (min <= opt <= max per input?)")
+                raise BitDanceError(
+                    f"{onnx_path}: TensorRT {self.version} refused optimisation profile {k} "
+                    f"{[(n, lo, mid, hi) for n, lo, mid, hi in profile]} (min <= opt <= max per input?)"
+                )
         cache = self._attach_timing_cache(config, timing_cache) if timing_cache is not None else None
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise BitDanceError(f"{onnx_path}: TensorRT {self.version} could not build an engine (see the TensorRT "
-                                "log above; a small --workspace-mb can cause this)")
+            raise BitDanceError(
+                f"{onnx_path}: TensorRT {self.version} could not build an engine (see the TensorRT "
+                "log above; a small --workspace-mb can cause this)"
+            )
         if cache is not None:
             self._save_timing_cache(timing_cache, config, cache)
         return bytes(serialized)  # IHostMemory has the buffer protocol
@@ -264,9 +284,18 @@ def export_stages_to_build(manifest: dict, directory: Path, stages=None) -> list
     return list(stages)
 
 
-def build_engines(export_dir, precision: str | None = None, workspace_mb=None, level: int = 3, stages=None,
-                  root=None, toolkit=None, lint: bool = True, verify_hashes: bool = True,
-                  lock_timeout: float | None = None) -> dict[str, BuiltEngine]:
+def build_engines(
+    export_dir,
+    precision: str | None = None,
+    workspace_mb=None,
+    level: int = 3,
+    stages=None,
+    root=None,
+    toolkit=None,
+    lint: bool = True,
+    verify_hashes: bool = True,
+    lock_timeout: float | None = None,
+) -> dict[str, BuiltEngine]:
     """Engines for the stages of an export (all by default): cached ones reused, others built.
 
     `toolkit`: a TensorRT() (default) or any object with .version, .gpu (GpuInfo) and
@@ -288,8 +317,18 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
     out = {}
     for stage in names:
         profiles = stage_profiles(specs[stage])
-        key = ec.engine_key(manifest, stage, plan.precision, profiles, toolkit.gpu.name,
-                            toolkit.gpu.compute_capability, toolkit.version, level, workspace, plan.key_flags)
+        key = ec.engine_key(
+            manifest,
+            stage,
+            plan.precision,
+            profiles,
+            toolkit.gpu.name,
+            toolkit.gpu.compute_capability,
+            toolkit.version,
+            level,
+            workspace,
+            plan.key_flags,
+        )
         found = ec.lookup(key, root)
         if found.hit:
             logger.info("%s: engine up to date (%s)", stage, found.path)
@@ -299,8 +338,14 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
         if found.status == "stale":
             logger.info("%s: rebuilding: %s", stage, found.reason)
         else:
-            logger.info("%s: building %s engine with TensorRT %s on %s (sm %s)", stage, plan.precision,
-                        toolkit.version, toolkit.gpu.name, toolkit.gpu.compute_capability)
+            logger.info(
+                "%s: building %s engine with TensorRT %s on %s (sm %s)",
+                stage,
+                plan.precision,
+                toolkit.version,
+                toolkit.gpu.name,
+                toolkit.gpu.compute_capability,
+            )
         built = []
 
         def build(onnx_path=onnx_path, profiles=profiles):
@@ -315,4 +360,3 @@ def build_engines(export_dir, precision: str | None = None, workspace_mb=None, l
             logger.info("%s: wrote %s", stage, path)
         out[stage] = BuiltEngine(stage, path, status, key)
     return out
-

@@ -102,22 +102,42 @@ def _freeze(x):
     return tuple(_freeze(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def engine_key(manifest: dict, stage: str, precision: str, profiles: list[Profile], gpu_name: str,
-               compute_capability: str, trt_version: str, opt_level: int = 3,
-               workspace_bytes: int | None = None, flags=()) -> EngineKey:
+def engine_key(
+    manifest: dict,
+    stage: str,
+    precision: str,
+    profiles: list[Profile],
+    gpu_name: str,
+    compute_capability: str,
+    trt_version: str,
+    opt_level: int = 3,
+    workspace_bytes: int | None = None,
+    flags=(),
+) -> EngineKey:
     """The key of `stage` of an export (its manifest: bitdance_rt.export.manifest.read_manifest);
     `profiles`: the engine's optimisation profiles in index order (profiles.stage_profiles)."""
     if not isinstance(profiles, (list, tuple)) or any(_is_entry(p) for p in profiles):
-        raise BitDanceError(f"engine key of {stage}: give the list of its profiles (profiles.stage_profiles), "
-                            "not one profile")
+        raise BitDanceError(
+            f"engine key of {stage}: give the list of its profiles (profiles.stage_profiles), not one profile"
+        )
     try:
         files = [str(f) for f in manifest["stage_files"][stage]]
         hashes = [manifest["files"][f]["sha256"] for f in files]
     except (KeyError, TypeError):
         raise BitDanceError(f"the export manifest records no files for stage {stage}; re-export it") from None
-    return EngineKey(stage, hashes[0], hashes[1] if len(hashes) > 1 else None, precision,
-                     _freeze([profile_json(p) for p in profiles]), gpu_name, str(compute_capability), trt_version,
-                     opt_level, workspace_bytes, tuple(flags))
+    return EngineKey(
+        stage,
+        hashes[0],
+        hashes[1] if len(hashes) > 1 else None,
+        precision,
+        _freeze([profile_json(p) for p in profiles]),
+        gpu_name,
+        str(compute_capability),
+        trt_version,
+        opt_level,
+        workspace_bytes,
+        tuple(flags),
+    )
 
 
 # ---- paths and lookup -----------------------------------------------------------------------
@@ -157,25 +177,45 @@ def check_engine(engine: str | Path, key: EngineKey, hashes: bool = False) -> Lo
         return Lookup("miss", engine, f"{engine} does not exist")
     side = _read_sidecar(engine)
     if side is None:
-        return Lookup("stale", engine, f"{sidecar_path(engine)} is missing or unreadable (interrupted build?)",
-                      ("sidecar",), engine)
+        return Lookup(
+            "stale",
+            engine,
+            f"{sidecar_path(engine)} is missing or unreadable (interrupted build?)",
+            ("sidecar",),
+            engine,
+        )
     if side.get("format") != FORMAT:  # e.g. /1: one profile per engine, before the backbone had two phases
-        return Lookup("stale", engine, f"{sidecar_path(engine)} is of engine format {side.get('format')!r}, this "
-                                       f"version writes {FORMAT!r}", ("format",), engine)
+        return Lookup(
+            "stale",
+            engine,
+            f"{sidecar_path(engine)} is of engine format {side.get('format')!r}, this version writes {FORMAT!r}",
+            ("format",),
+            engine,
+        )
     try:
         stored = EngineKey.from_json(side["key"])
     except (KeyError, TypeError, BitDanceError) as exc:
         return Lookup("stale", engine, f"{sidecar_path(engine)} holds a malformed key ({exc})", ("sidecar",), engine)
     differs = tuple(key.differences(stored))
     if differs:
-        detail = "; ".join(f"{k}: {stored.to_json()[k]!r} -> {key.to_json()[k]!r}" for k in differs
-                           if k not in ("profiles",)) or "optimisation profiles changed"
-        return Lookup("stale", engine, f"{engine} was built for another {', '.join(differs)} ({detail})",
-                      differs, engine)
+        detail = (
+            "; ".join(
+                f"{k}: {stored.to_json()[k]!r} -> {key.to_json()[k]!r}" for k in differs if k not in ("profiles",)
+            )
+            or "optimisation profiles changed"
+        )
+        return Lookup(
+            "stale", engine, f"{engine} was built for another {', '.join(differs)} ({detail})", differs, engine
+        )
     size = engine.stat().st_size
     if size != side.get("bytes") or (hashes and file_sha256(engine) != side.get("sha256")):
-        return Lookup("stale", engine, f"{engine} does not match the size/sha256 in its sidecar (truncated or "
-                                       "replaced)", ("engine file",), engine)
+        return Lookup(
+            "stale",
+            engine,
+            f"{engine} does not match the size/sha256 in its sidecar (truncated or replaced)",
+            ("engine file",),
+            engine,
+        )
     return Lookup("hit", engine)
 
 
@@ -198,8 +238,13 @@ def store(key: EngineKey, engine: bytes, root: str | Path | None = None) -> Path
     """Write the engine, then its sidecar (both atomically); returns the engine path."""
     path = engine_path(key, root)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(engine))
-    side = {"format": FORMAT, "key": key.to_json(), "bytes": len(engine),
-            "sha256": hashlib.sha256(engine).hexdigest(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    side = {
+        "format": FORMAT,
+        "key": key.to_json(),
+        "bytes": len(engine),
+        "sha256": hashlib.sha256(engine).hexdigest(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(side, indent=1, sort_keys=True)))
     return path
 
@@ -222,9 +267,10 @@ def build_lock(engine: str | Path, timeout: float | None = None, poll: float = 0
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise BitDanceError(f"another process has been building {engine} for over {timeout:g} s "
-                                        f"(lock {lock}; flock ends with its holder, so that builder still runs)"
-                                        ) from None
+                    raise BitDanceError(
+                        f"another process has been building {engine} for over {timeout:g} s "
+                        f"(lock {lock}; flock ends with its holder, so that builder still runs)"
+                    ) from None
                 time.sleep(poll)
         try:
             yield lock

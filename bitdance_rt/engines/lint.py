@@ -29,21 +29,68 @@ _DATA = Path(__file__).with_name("trt_ops")
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # ONNX TensorProto element types (onnx.TensorProto.*), by number so the tables read without onnx.
-_NAMES = {1: "FLOAT", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",
-          9: "BOOL", 10: "FLOAT16", 11: "DOUBLE", 12: "UINT32", 13: "UINT64", 14: "COMPLEX64", 15: "COMPLEX128",
-          16: "BFLOAT16", 17: "FLOAT8E4M3FN", 18: "FLOAT8E4M3FNUZ", 19: "FLOAT8E5M2", 20: "FLOAT8E5M2FNUZ",
-          21: "UINT4", 22: "INT4", 23: "FLOAT4E2M1"}
+_NAMES = {
+    1: "FLOAT",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "STRING",
+    9: "BOOL",
+    10: "FLOAT16",
+    11: "DOUBLE",
+    12: "UINT32",
+    13: "UINT64",
+    14: "COMPLEX64",
+    15: "COMPLEX128",
+    16: "BFLOAT16",
+    17: "FLOAT8E4M3FN",
+    18: "FLOAT8E4M3FNUZ",
+    19: "FLOAT8E5M2",
+    20: "FLOAT8E5M2FNUZ",
+    21: "UINT4",
+    22: "INT4",
+    23: "FLOAT4E2M1",
+}
 _NATIVE = {"FLOAT", "FLOAT16", "BFLOAT16", "INT32", "INT64", "BOOL"}
 _QUANTIZED = {"10.3": {"INT8", "INT4", "FLOAT8E4M3FN"}, "11": {"INT8", "INT4", "FLOAT8E4M3FN", "FLOAT4E2M1"}}
 
 # Inputs that TensorRT needs as build-time constants (per the operators.md restrictions).
-_CONST_INPUTS = {op: 1 for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
-                                  "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare",
-                                  "Squeeze", "Unsqueeze")}
+_CONST_INPUTS = {
+    op: 1
+    for op in (
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceMax",
+        "ReduceMean",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "Squeeze",
+        "Unsqueeze",
+    )
+}
 # Inputs that TensorRT computes on as shape tensors (their values shape other tensors).
-_SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Range": (0, 1, 2),
-                   "Slice": (1, 2, 3, 4), "Pad": (1,), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
-                   "TopK": (1,), "OneHot": (1,), "Resize": (2, 3)}
+_SHAPE_OPERANDS = {
+    "Reshape": (1,),
+    "Expand": (1,),
+    "ConstantOfShape": (0,),
+    "Tile": (1,),
+    "Range": (0, 1, 2),
+    "Slice": (1, 2, 3, 4),
+    "Pad": (1,),
+    "Split": (1,),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "TopK": (1,),
+    "OneHot": (1,),
+    "Resize": (2, 3),
+}
 
 
 @dataclass(frozen=True)
@@ -136,7 +183,7 @@ def _nodes(graph, prefix: str = ""):
         name = prefix + (node.name or f"#{i} {node.op_type}")
         yield node, name, graph
         for a in node.attribute:
-            for sub in ([a.g] if a.HasField("g") else list(a.graphs)):
+            for sub in [a.g] if a.HasField("g") else list(a.graphs):
                 yield from _nodes(sub, name + "/")
 
 
@@ -148,9 +195,15 @@ def lint_graph(path_or_model, target: str = "10.3", spec=None) -> list[Finding]:
     out: list[Finding] = []
     for imp in model.opset_import:
         if imp.domain in _DEFAULT_DOMAINS and not table.min_opset <= imp.version <= table.max_opset:
-            out.append(Finding(file, "(model)", "opset_import",
-                               f"default-domain opset {imp.version}; TensorRT {target} parses opsets "
-                               f"{table.min_opset}..{table.max_opset}: re-export with an opset in that range"))
+            out.append(
+                Finding(
+                    file,
+                    "(model)",
+                    "opset_import",
+                    f"default-domain opset {imp.version}; TensorRT {target} parses opsets "
+                    f"{table.min_opset}..{table.max_opset}: re-export with an opset in that range",
+                )
+            )
     functions = {(f.domain, f.name) for f in model.functions}
     types = _types(model)
     produced_by = {}
@@ -182,17 +235,37 @@ def _node_findings(file, node, name, target, table, functions, constants) -> lis
     if (node.domain, op) in functions:
         return out  # a model-local function: its body is linted instead
     if node.domain not in _DEFAULT_DOMAINS:
-        return [Finding(file, name, f"{node.domain}::{op}",
-                        f"operator of domain {node.domain!r}: TensorRT imports it only through a plugin of that name")]
+        return [
+            Finding(
+                file,
+                name,
+                f"{node.domain}::{op}",
+                f"operator of domain {node.domain!r}: TensorRT imports it only through a plugin of that name",
+            )
+        ]
     if op not in table.ops:
-        return [Finding(file, name, op, f"TensorRT {target}'s ONNX parser has no importer for {op} "
-                                        f"(see bitdance_rt/engines/trt_ops/tensorrt-{target}.txt)")]
+        return [
+            Finding(
+                file,
+                name,
+                op,
+                f"TensorRT {target}'s ONNX parser has no importer for {op} "
+                f"(see bitdance_rt/engines/trt_ops/tensorrt-{target}.txt)",
+            )
+        ]
     k = _CONST_INPUTS.get(op)
     if k is not None and len(node.input) > k and node.input[k] and node.input[k] not in constants:
         strict = op.startswith("Reduce") or target == "10.3"
-        out.append(Finding(file, name, op, f"`axes` ({node.input[k]}) is computed, not an initializer/Constant: "
-                                           f"TensorRT {target} needs constant axes",
-                           "error" if strict else "warning"))
+        out.append(
+            Finding(
+                file,
+                name,
+                op,
+                f"`axes` ({node.input[k]}) is computed, not an initializer/Constant: "
+                f"TensorRT {target} needs constant axes",
+                "error" if strict else "warning",
+            )
+        )
     attrs = {a.name: a for a in node.attribute}
     if op == "ScatterND" and "reduction" in attrs and attrs["reduction"].s not in (b"", b"none"):
         out.append(Finding(file, name, op, f"reduction={attrs['reduction'].s.decode()!r} is not supported by TensorRT"))
@@ -212,23 +285,50 @@ def _type_findings(file, types, produced_by, consumers, graph_io, constants, tar
         if dtype in _NATIVE:
             continue
         if dtype == "DOUBLE":
-            out.append(Finding(file, where, op, f"tensor {tensor!r} is float64: TensorRT has no DOUBLE math and "
-                                                "the parser casts it to FLOAT (clamped to +-FLT_MAX); export float32"))
+            out.append(
+                Finding(
+                    file,
+                    where,
+                    op,
+                    f"tensor {tensor!r} is float64: TensorRT has no DOUBLE math and "
+                    "the parser casts it to FLOAT (clamped to +-FLT_MAX); export float32",
+                )
+            )
         elif dtype == "UINT8":
             if tensor not in graph_io:
-                out.append(Finding(file, where, op, f"tensor {tensor!r} is uint8 inside the graph; TensorRT takes "
-                                                    "UINT8 only as a network input or output"))
+                out.append(
+                    Finding(
+                        file,
+                        where,
+                        op,
+                        f"tensor {tensor!r} is uint8 inside the graph; TensorRT takes "
+                        "UINT8 only as a network input or output",
+                    )
+                )
         elif dtype in _QUANTIZED[target]:
             # an int8 constant read only by Q/DQ nodes: a quantized weight or a zero point
-            quantized = (op == "QuantizeLinear" or (tensor in constants and all(
-                c.op_type in ("QuantizeLinear", "DequantizeLinear") for c in consumers.get(tensor, []))))
+            quantized = op == "QuantizeLinear" or (
+                tensor in constants
+                and all(c.op_type in ("QuantizeLinear", "DequantizeLinear") for c in consumers.get(tensor, []))
+            )
             if not quantized:
-                out.append(Finding(file, where, op, f"tensor {tensor!r} is {dtype} outside a QuantizeLinear/"
-                                                    f"DequantizeLinear pair; TensorRT {target} supports {dtype} "
-                                                    "only as a quantized type", "warning"))
+                out.append(
+                    Finding(
+                        file,
+                        where,
+                        op,
+                        f"tensor {tensor!r} is {dtype} outside a QuantizeLinear/"
+                        f"DequantizeLinear pair; TensorRT {target} supports {dtype} "
+                        "only as a quantized type",
+                        "warning",
+                    )
+                )
         else:
-            out.append(Finding(file, where, op, f"tensor {tensor!r} has type {dtype}, which TensorRT {target} "
-                                                "does not support"))
+            out.append(
+                Finding(
+                    file, where, op, f"tensor {tensor!r} has type {dtype}, which TensorRT {target} does not support"
+                )
+            )
     return out
 
 
@@ -253,11 +353,17 @@ def _shape_tensor_findings(file, model, types, consumers) -> list[Finding]:
                         seen.add(o)
                         todo.append(o)
         for node in hits:
-            out.append(Finding(file, node.name or node.op_type, node.op_type,
-                               f"the value of graph input {inp.name!r} reaches a shape operand, so an output shape "
-                               "depends on it: TensorRT must take it as a shape tensor (min/opt/max values in the "
-                               "optimisation profile, bound in host memory, shapes re-resolved per call)",
-                               "warning"))
+            out.append(
+                Finding(
+                    file,
+                    node.name or node.op_type,
+                    node.op_type,
+                    f"the value of graph input {inp.name!r} reaches a shape operand, so an output shape "
+                    "depends on it: TensorRT must take it as a shape tensor (min/opt/max values in the "
+                    "optimisation profile, bound in host memory, shapes re-resolved per call)",
+                    "warning",
+                )
+            )
     return out
 
 
@@ -286,8 +392,14 @@ def _contract_findings(file, model, spec) -> list[Finding]:
             continue
         dims = v.type.tensor_type.shape.dim
         if len(dims) != len(want):
-            out.append(Finding(file, v.name, "graph I/O", f"rank {len(dims)}, the stage contract's "
-                                                          f"{list(want)} has rank {len(want)}: re-export it"))
+            out.append(
+                Finding(
+                    file,
+                    v.name,
+                    "graph I/O",
+                    f"rank {len(dims)}, the stage contract's {list(want)} has rank {len(want)}: re-export it",
+                )
+            )
             continue
         for axis, (d, w) in enumerate(zip(dims, want)):
             if not d.HasField("dim_value"):
@@ -295,16 +407,28 @@ def _contract_findings(file, model, spec) -> list[Finding]:
             got = int(d.dim_value)
             if isinstance(w, int):
                 if got != w:
-                    out.append(Finding(file, v.name, "graph I/O", f"axis {axis} is {got}, the stage contract's "
-                                                                  f"{list(want)} fixes it to {w}: re-export it"))
+                    out.append(
+                        Finding(
+                            file,
+                            v.name,
+                            "graph I/O",
+                            f"axis {axis} is {got}, the stage contract's {list(want)} fixes it to {w}: re-export it",
+                        )
+                    )
                 continue
             k, sym = parse_dim(w)
             sizes = [k * n for n in _sizes(spec, sym)]
             if sizes != [got]:
                 phases = ", ".join(f"{p}: {f[sym]}" for p, f in spec.phases.items() if sym in f)
-                out.append(Finding(file, v.name, "graph I/O",
-                                   f"axis {axis} is fixed to {got}, but the stage contract's dim {w!r} takes "
-                                   f"{sizes}{f' ({phases})' if phases else ''}: export it as a dynamic axis"))
+                out.append(
+                    Finding(
+                        file,
+                        v.name,
+                        "graph I/O",
+                        f"axis {axis} is fixed to {got}, but the stage contract's dim {w!r} takes "
+                        f"{sizes}{f' ({phases})' if phases else ''}: export it as a dynamic axis",
+                    )
+                )
     return out
 
 

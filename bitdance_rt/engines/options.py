@@ -69,20 +69,27 @@ def plan_precision(graph: str, requested: str | None, trt_version: str) -> Preci
         raise BitDanceError(f"--precision {asked!r}: use one of {', '.join(PRECISIONS)}")
     major = trt_major(trt_version)
     if major < 10:
-        raise BitDanceError(f"TensorRT {trt_version} is too old: bitdance-rt builds with TensorRT 10.x "
-                            "(JetPack 6: 10.3) or 11.x")
+        raise BitDanceError(
+            f"TensorRT {trt_version} is too old: bitdance-rt builds with TensorRT 10.x (JetPack 6: 10.3) or 11.x"
+        )
     if asked == graph:
         return PrecisionPlan(asked, graph, strongly_typed=True, clear_tf32=(asked == "fp32"))
     if asked == "int8":
-        raise BitDanceError(f"--precision int8 needs INT8 (Q/DQ) graphs, but this export holds {graph} graphs: "
-                            "run the INT8 quantisation first and build from its export directory")
+        raise BitDanceError(
+            f"--precision int8 needs INT8 (Q/DQ) graphs, but this export holds {graph} graphs: "
+            "run the INT8 quantisation first and build from its export directory"
+        )
     if graph == "fp32" and asked == "fp16":
         if major >= 11:
-            raise BitDanceError(f"TensorRT {trt_version} builds strongly typed networks only (no FP16 builder "
-                                "flag): export FP16 graphs and build from that export directory")
+            raise BitDanceError(
+                f"TensorRT {trt_version} builds strongly typed networks only (no FP16 builder "
+                "flag): export FP16 graphs and build from that export directory"
+            )
         return PrecisionPlan("fp16", graph, strongly_typed=False, builder_flags=("FP16",))
-    raise BitDanceError(f"this export holds {graph} graphs, which cannot give a {asked} engine: build from an "
-                        f"export of {asked} graphs (or pass --precision {graph})")
+    raise BitDanceError(
+        f"this export holds {graph} graphs, which cannot give a {asked} engine: build from an "
+        f"export of {asked} graphs (or pass --precision {graph})"
+    )
 
 
 def workspace_bytes(mb) -> int | None:

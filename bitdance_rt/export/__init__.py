@@ -9,10 +9,18 @@ from __future__ import annotations
 import importlib
 
 _NAMES = {
-    "MANIFEST": "manifest", "read_manifest": "manifest", "verify_files": "manifest",
-    "DEFAULT_OPSET": "manifest", "MAX_OPSET": "manifest", "MIN_OPSET": "manifest",
-    "ExportResult": "onnx_export", "checkpoint_source": "onnx_export", "export_files": "onnx_export",
-    "export_stage": "onnx_export", "export_stages": "onnx_export", "random_source": "onnx_export",
+    "MANIFEST": "manifest",
+    "read_manifest": "manifest",
+    "verify_files": "manifest",
+    "DEFAULT_OPSET": "manifest",
+    "MAX_OPSET": "manifest",
+    "MIN_OPSET": "manifest",
+    "ExportResult": "onnx_export",
+    "checkpoint_source": "onnx_export",
+    "export_files": "onnx_export",
+    "export_stage": "onnx_export",
+    "export_stages": "onnx_export",
+    "random_source": "onnx_export",
 }
 
 __all__ = list(_NAMES)

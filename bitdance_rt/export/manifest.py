@@ -46,8 +46,9 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    return read_manifest_file(directory, MANIFEST, FORMAT, "export directory",
-                              f"re-export it with `bitdance-rt export --out {directory}`")
+    return read_manifest_file(
+        directory, MANIFEST, FORMAT, "export directory", f"re-export it with `bitdance-rt export --out {directory}`"
+    )
 
 
 def manifest_config(manifest: dict, directory: Path) -> ModelConfig:

@@ -34,8 +34,17 @@ from ..errors import BitDanceError
 from ..models import BitDance
 from ..stages import ALL_STAGES, SAMPLER_STAGES, Limits, StageSpec, stage_specs
 from .shared_weights import share_weights
-from .manifest import (DEFAULT_OPSET, MANIFEST, MAX_OPSET, MIN_OPSET, manifest_key, manifest_specs, read_manifest,
-                       verify_files, write_manifest)
+from .manifest import (
+    DEFAULT_OPSET,
+    MANIFEST,
+    MAX_OPSET,
+    MIN_OPSET,
+    manifest_key,
+    manifest_specs,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from .wrappers import example_inputs, stage_module
 
 EXTERNAL_DATA_BYTES = 1_500_000_000  # weights above this go to <stage>.onnx.data
@@ -101,8 +110,10 @@ def _stamp_io(model, spec: StageSpec) -> None:
         want = spec.tensor(value.name)
         ttype = value.type.tensor_type
         if ttype.elem_type != _ONNX_DTYPES[want.dtype]:
-            raise BitDanceError(f"stage {spec.name}: {value.name} exported with ONNX type {ttype.elem_type}, "
-                                f"the contract wants {want.dtype}")
+            raise BitDanceError(
+                f"stage {spec.name}: {value.name} exported with ONNX type {ttype.elem_type}, "
+                f"the contract wants {want.dtype}"
+            )
         ttype.shape.ClearField("dim")
         for d in want.shape:
             dim = ttype.shape.dim.add()
@@ -119,8 +130,13 @@ def _initializer_bytes(model) -> int:
     return total
 
 
-def export_stage(model: BitDance, spec: StageSpec, directory: Path, opset: int = DEFAULT_OPSET,
-                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[str]:
+def export_stage(
+    model: BitDance,
+    spec: StageSpec,
+    directory: Path,
+    opset: int = DEFAULT_OPSET,
+    external_data_bytes: int = EXTERNAL_DATA_BYTES,
+) -> list[str]:
     """Export one stage to directory/<stage>.onnx (+ .onnx.data); returns the file names written."""
     import onnx
 
@@ -137,9 +153,15 @@ def export_stage(model: BitDance, spec: StageSpec, directory: Path, opset: int =
             warnings.filterwarnings("ignore", message=".*feature will be removed.*")
             try:
                 torch.onnx.export(
-                    module, args, str(raw), dynamo=False, opset_version=opset,
-                    input_names=spec.input_names, output_names=spec.output_names,
-                    dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+                    module,
+                    args,
+                    str(raw),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=spec.input_names,
+                    output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes(),
+                    do_constant_folding=True,
                 )
             except OSError:  # a full disk is not the exporter's fault (export_stages says which file)
                 raise
@@ -157,15 +179,19 @@ def export_stage(model: BitDance, spec: StageSpec, directory: Path, opset: int =
         data = f"{spec.name}.onnx.data"
         onnx.save_model(graph, str(final), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
         del graph
-        onnx.shape_inference.infer_shapes_path(str(final), str(final), check_type=True, strict_mode=True, data_prop=True)
+        onnx.shape_inference.infer_shapes_path(
+            str(final), str(final), check_type=True, strict_mode=True, data_prop=True
+        )
         onnx.checker.check_model(str(final), full_check=True)
         return [final.name, data]
     except (BitDanceError, OSError):
         raise
     except Exception as exc:
         if type(exc).__module__.startswith("onnx"):
-            raise BitDanceError(f"stage {spec.name}: the exported graph fails the ONNX checks: "
-                                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
+            raise BitDanceError(
+                f"stage {spec.name}: the exported graph fails the ONNX checks: "
+                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+            ) from exc
         raise
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
@@ -193,8 +219,10 @@ def sweep_exports(parent: str | Path) -> list[Path]:
 
 def write_error(exc: OSError, what: str, where: Path) -> BitDanceError:
     """A full disk (ENOSPC), quota or read-only file system while writing: one line naming the file."""
-    return BitDanceError(f"cannot write {what} in {where} ({os_error_text(exc)}); free disk space or "
-                         "choose another directory (--out / --export-dir, or $BITDANCE_RT_CACHE)")
+    return BitDanceError(
+        f"cannot write {what} in {where} ({os_error_text(exc)}); free disk space or "
+        "choose another directory (--out / --export-dir, or $BITDANCE_RT_CACHE)"
+    )
 
 
 # ---- whole exports ----------------------------------------------------------------------
@@ -245,14 +273,35 @@ def export_stages(
     """
     cfg: ModelConfig = model.cfg
     model = model.eval()
-    return write_export(cfg, out_dir, source, lambda spec, work: export_stage(model, spec, work, opset, external_data_bytes),
-                        stages, opset, sampler_steps, limits, force, progress)
+    return write_export(
+        cfg,
+        out_dir,
+        source,
+        lambda spec, work: export_stage(model, spec, work, opset, external_data_bytes),
+        stages,
+        opset,
+        sampler_steps,
+        limits,
+        force,
+        progress,
+    )
 
 
-def write_export(cfg, out_dir: str | Path, source: str, write_stage, stages=ALL_STAGES, opset: int = DEFAULT_OPSET,
-                 sampler_steps: int | None = None, limits: Limits = Limits(), force: bool = False,
-                 progress: bool = True, key_extra: dict | None = None, manifest_extra: dict | None = None,
-                 what: str = "ONNX export") -> ExportResult:
+def write_export(
+    cfg,
+    out_dir: str | Path,
+    source: str,
+    write_stage,
+    stages=ALL_STAGES,
+    opset: int = DEFAULT_OPSET,
+    sampler_steps: int | None = None,
+    limits: Limits = Limits(),
+    force: bool = False,
+    progress: bool = True,
+    key_extra: dict | None = None,
+    manifest_extra: dict | None = None,
+    what: str = "ONNX export",
+) -> ExportResult:
     """The one export loop: reuse a matching export in out_dir, or call `write_stage(spec, work)` (the
     file names it wrote into the work directory) for each stage, share weights between graphs and
     install the files, manifest last. `key_extra` / `manifest_extra`: what a variant adds to the
@@ -297,10 +346,12 @@ def install_export(work: Path, out_dir: Path, manifest: dict, stage_files: dict[
     The old manifest goes first, so a crash in between leaves a directory no reader trusts;
     files of a previous export that the new one does not list are removed. Returns the manifest
     (completed with the file list, hashes and creation time)."""
-    files = {f: {"sha256": file_sha256(work / f), "bytes": (work / f).stat().st_size}
-             for names in stage_files.values() for f in names}
-    manifest = {**manifest, "stage_files": stage_files, "files": files,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    files = {
+        f: {"sha256": file_sha256(work / f), "bytes": (work / f).stat().st_size}
+        for names in stage_files.values()
+        for f in names
+    }
+    manifest = {**manifest, "stage_files": stage_files, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out_dir.mkdir(parents=True, exist_ok=True)
     old = _old_files(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is incomplete
@@ -338,8 +389,9 @@ def export_files(
         steps = options.get("sampler_steps")
         steps = cfg.default_steps if steps is None else steps
         stages, steps = _check_args(options.get("stages", ALL_STAGES), options.get("opset", DEFAULT_OPSET), steps)
-        key = manifest_key(cfg, source, stages, options.get("opset", DEFAULT_OPSET), steps,
-                           options.get("limits", Limits()))
+        key = manifest_key(
+            cfg, source, stages, options.get("opset", DEFAULT_OPSET), steps, options.get("limits", Limits())
+        )
         if (manifest := find_reusable(out_dir, key)) is not None:
             return ExportResult(Path(out_dir), manifest, True)
     loaded = load_model(cfg, checkpoint, vae, allow_pickle)

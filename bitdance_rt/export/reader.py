@@ -45,8 +45,10 @@ def graph_precision(manifest: dict, where: str = MANIFEST) -> str:
     """The precision of an export's graphs: its manifest's "precision" field (absent: fp32)."""
     value = manifest.get("precision", DEFAULT_PRECISION)
     if value not in PRECISIONS:
-        raise BitDanceError(f"{where}: unknown graph precision {value!r} (expected one of "
-                            f"{', '.join(PRECISIONS)}); re-export it with this bitdance-rt")
+        raise BitDanceError(
+            f"{where}: unknown graph precision {value!r} (expected one of "
+            f"{', '.join(PRECISIONS)}); re-export it with this bitdance-rt"
+        )
     return value
 
 
@@ -55,8 +57,10 @@ def require_generation_stages(specs, where) -> None:
     (the fused graph, or head_step for the step-by-step sampler)."""
     missing = [s for s in st.REQUIRED_STAGES if s not in specs]
     if missing or not (st.HEAD_STEP in specs or st.HEAD_SAMPLER in specs):
-        raise BitDanceError(f"{where} lacks stage(s) {', '.join(missing) or 'head_sampler (or head_step)'} needed "
-                            "for generation; re-export with all stages")
+        raise BitDanceError(
+            f"{where} lacks stage(s) {', '.join(missing) or 'head_sampler (or head_step)'} needed "
+            "for generation; re-export with all stages"
+        )
 
 
 @dataclass(frozen=True)
@@ -113,16 +117,21 @@ class ExportInfo:
                 shown = ", ".join(diff[:_SHOWN_DIFFERENCES])
                 if len(diff) > _SHOWN_DIFFERENCES:
                     shown += f", ... (+{len(diff) - _SHOWN_DIFFERENCES} more)"
-                raise BitDanceError(f"{self.manifest_path} was exported for model {self.config.name!r}, not "
-                                    f"{expect_config.name!r} (another config; export vs expected: {shown}); "
-                                    f"re-export {self.directory} for this model")
+                raise BitDanceError(
+                    f"{self.manifest_path} was exported for model {self.config.name!r}, not "
+                    f"{expect_config.name!r} (another config; export vs expected: {shown}); "
+                    f"re-export {self.directory} for this model"
+                )
         if expect_source is not None and expect_source != self.source:
-            raise BitDanceError(f"{self.manifest_path} was exported from {self.source}, not {expect_source} "
-                                f"(another checkpoint); re-export {self.directory} from this checkpoint")
+            raise BitDanceError(
+                f"{self.manifest_path} was exported from {self.source}, not {expect_source} "
+                f"(another checkpoint); re-export {self.directory} from this checkpoint"
+            )
 
 
-def open_export(directory, expect_config: ModelConfig | None = None, expect_source: str | None = None, *,
-                generation: bool = False) -> ExportInfo:
+def open_export(
+    directory, expect_config: ModelConfig | None = None, expect_source: str | None = None, *, generation: bool = False
+) -> ExportInfo:
     """Read and check the export in `directory` (manifest, config, stage contracts, graph precision);
     refuse one of another model or weights (ExportInfo.check_model) and, with `generation`, one that lacks
     a stage generation needs. The files are not read: call ExportInfo.verify_files before loading them."""

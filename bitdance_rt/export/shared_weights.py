@@ -98,12 +98,14 @@ def read_chunks(tensor, base: Path | None, chunk: int = CHUNK_BYTES):
             f.seek(offset)
             left = length
             while left:
-                view = memoryview(buffer)[:min(left, len(buffer))]
+                view = memoryview(buffer)[: min(left, len(buffer))]
                 got = 0
                 while got < len(view):  # (whole chunks: a short read would split an element)
                     n = f.readinto(view[got:])
                     if not n:
-                        raise ValueError(f"tensor {tensor.name!r}: {path.name} ends {left - got} bytes short of its data")
+                        raise ValueError(
+                            f"tensor {tensor.name!r}: {path.name} ends {left - got} bytes short of its data"
+                        )
                     got += n
                 yield view
                 left -= got
@@ -115,7 +117,7 @@ def read_chunks(tensor, base: Path | None, chunk: int = CHUNK_BYTES):
 
         data = numpy_helper.to_array(tensor).tobytes()
     for start in range(0, len(data), chunk):
-        yield memoryview(data)[start:start + chunk]
+        yield memoryview(data)[start : start + chunk]
 
 
 def read_bytes(tensor, base: Path | None) -> bytes:
@@ -224,8 +226,9 @@ def skeleton(model, replace):
     rewrites of graphs over protobuf's 2 GB."""
     import onnx
 
-    return _copy_fields(model, onnx.ModelProto(), {"graph": lambda out, g: out.graph.CopyFrom(
-        _skeleton_graph(g, replace))})
+    return _copy_fields(
+        model, onnx.ModelProto(), {"graph": lambda out, g: out.graph.CopyFrom(_skeleton_graph(g, replace))}
+    )
 
 
 def _copy_fields(src, out, special: dict):
@@ -246,9 +249,14 @@ def _copy_fields(src, out, special: dict):
 def _skeleton_graph(graph, replace):
     import onnx
 
-    return _copy_fields(graph, onnx.GraphProto(), {
-        "initializer": lambda out, ts: out.initializer.extend(replace(t) for t in ts),
-        "node": lambda out, nodes: out.node.extend(_skeleton_node(n, replace) for n in nodes)})
+    return _copy_fields(
+        graph,
+        onnx.GraphProto(),
+        {
+            "initializer": lambda out, ts: out.initializer.extend(replace(t) for t in ts),
+            "node": lambda out, nodes: out.node.extend(_skeleton_node(n, replace) for n in nodes),
+        },
+    )
 
 
 def _skeleton_node(node, replace):
@@ -260,9 +268,13 @@ def _skeleton_node(node, replace):
         "t": lambda a, t: a.t.CopyFrom(replace(t)),
         "tensors": lambda a, ts: a.tensors.extend(replace(t) for t in ts),
         "g": lambda a, g: a.g.CopyFrom(_skeleton_graph(g, replace)),
-        "graphs": lambda a, gs: a.graphs.extend(_skeleton_graph(g, replace) for g in gs)}
-    return _copy_fields(node, onnx.NodeProto(), {
-        "attribute": lambda out, attrs: [_copy_fields(a, out.attribute.add(), attribute) for a in attrs]})
+        "graphs": lambda a, gs: a.graphs.extend(_skeleton_graph(g, replace) for g in gs),
+    }
+    return _copy_fields(
+        node,
+        onnx.NodeProto(),
+        {"attribute": lambda out, attrs: [_copy_fields(a, out.attribute.add(), attribute) for a in attrs]},
+    )
 
 
 def placeholder(tensor, marks: dict | None = None):
@@ -299,7 +311,9 @@ def _load(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
-def share_weights(directory: Path, stage_files: dict[str, list[str]], min_bytes: int = MIN_BYTES) -> dict[str, list[str]]:
+def share_weights(
+    directory: Path, stage_files: dict[str, list[str]], min_bytes: int = MIN_BYTES
+) -> dict[str, list[str]]:
     """Rewrite the graphs in `directory` so that weights held by several of them are stored once, in
     directory/SHARED_WEIGHTS. Returns the stage file lists (SHARED_WEIGHTS added where a graph reads
     it). Graphs already reading a SHARED_WEIGHTS file (copied from the FP32 export into a derived
@@ -313,8 +327,11 @@ def share_weights(directory: Path, stage_files: dict[str, list[str]], min_bytes:
     sizes: dict[str, dict[str, tuple]] = {}  # stage -> {initializer: (dtype, dims)}
     for stage, files in stage_files.items():  # one graph's skeleton in memory at a time
         graph = _load(directory / files[0]).graph
-        sizes[stage] = {t.name: (t.data_type, tuple(t.dims)) for t in graph.initializer
-                        if t.data_type != STRING and tensor_nbytes(t) >= min_bytes}
+        sizes[stage] = {
+            t.name: (t.data_type, tuple(t.dims))
+            for t in graph.initializer
+            if t.data_type != STRING and tensor_nbytes(t) >= min_bytes
+        }
     holders: dict[tuple, set[str]] = {}
     for stage, named in sizes.items():
         for shape in named.values():
@@ -339,9 +356,14 @@ def share_weights(directory: Path, stage_files: dict[str, list[str]], min_bytes:
     with DataWriter(directory / (SHARED_WEIGHTS + ".new"), SHARED_WEIGHTS) as blob:
         for stage in stage_files:
             if stage in touched:
-                own, reads = _rewrite(directory, stage, stage_files[stage], {n: k for (s, n), k in keys.items()
-                                                                             if s == stage and k in shared},
-                                      offsets, blob)
+                own, reads = _rewrite(
+                    directory,
+                    stage,
+                    stage_files[stage],
+                    {n: k for (s, n), k in keys.items() if s == stage and k in shared},
+                    offsets,
+                    blob,
+                )
                 out[stage] = own + [SHARED_WEIGHTS] if reads else own
     if offsets:
         os.replace(blob.path, directory / SHARED_WEIGHTS)
@@ -353,8 +375,9 @@ def share_weights(directory: Path, stage_files: dict[str, list[str]], min_bytes:
     return out
 
 
-def _rewrite(directory: Path, stage: str, files: list[str], shared: dict[str, tuple], offsets: dict,
-             blob: DataWriter) -> tuple[list[str], bool]:
+def _rewrite(
+    directory: Path, stage: str, files: list[str], shared: dict[str, tuple], offsets: dict, blob: DataWriter
+) -> tuple[list[str], bool]:
     """Point one graph's shared initializers (`shared`: name -> key) into `blob`, writing those not yet
     there. Its other external tensors (initialisers, and Constant attributes, which a quantiser may
     store externally too) are copied anew, chunk by chunk, to its own data file when it had one or

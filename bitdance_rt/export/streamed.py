@@ -43,22 +43,31 @@ def trace_inputs(spec: StageSpec, args: tuple) -> tuple[tuple, dict]:
     (the contract's sizes are stamped on it afterwards; tests compare it with the full-size trace)."""
     axes = spec.dynamic_axes()
     if spec.name not in (st.DECODER, st.ENCODER):
-        return tuple(torch.zeros((), dtype=a.dtype).expand(a.shape) if t.name.startswith("cache.") else a
-                     for t, a in zip(spec.inputs, args)), axes
+        return tuple(
+            torch.zeros((), dtype=a.dtype).expand(a.shape) if t.name.startswith("cache.") else a
+            for t, a in zip(spec.inputs, args)
+        ), axes
     latent = spec.tensor("latent").shape
     scale = spec.tensor("image").shape[2] // latent[2]
     small = {"latent": SMALL_GRID, "image": SMALL_GRID * scale}
     out = []
     for t, a in zip(spec.inputs, args):
-        out.append(a[..., :small[t.name], :small[t.name]].contiguous())
+        out.append(a[..., : small[t.name], : small[t.name]].contiguous())
     for t in spec.inputs + spec.outputs:
         axes[t.name] = {**axes.get(t.name, {}), 2: f"{t.name}_height", 3: f"{t.name}_width"}
     return tuple(out), axes
 
 
-def export_stage_streamed(model, spec: StageSpec, directory: Path, source: WeightSource, opset: int = DEFAULT_OPSET,
-                          graph_pass: Callable | None = None, to_half: Callable | None = None,
-                          external_data_bytes: int = STREAMED_INLINE_BYTES) -> list[str]:
+def export_stage_streamed(
+    model,
+    spec: StageSpec,
+    directory: Path,
+    source: WeightSource,
+    opset: int = DEFAULT_OPSET,
+    graph_pass: Callable | None = None,
+    to_half: Callable | None = None,
+    external_data_bytes: int = STREAMED_INLINE_BYTES,
+) -> list[str]:
     """Export one stage of the weightless `model` into directory/<stage>.onnx (+ .onnx.data) with
     its weights from `source`; returns the file names written."""
     import onnx
@@ -80,26 +89,40 @@ def export_stage_streamed(model, spec: StageSpec, directory: Path, source: Weigh
         fills = [(t, weight_chunks(t, source, to_half)) for t in placeholders(graph)]
         files = save_streamed(graph, final, fills, external_data_bytes)
         del graph, fills
-        onnx.shape_inference.infer_shapes_path(str(final), str(final), check_type=True, strict_mode=True,
-                                               data_prop=True)
+        onnx.shape_inference.infer_shapes_path(
+            str(final), str(final), check_type=True, strict_mode=True, data_prop=True
+        )
         onnx.checker.check_model(str(final), full_check=True)
         return files
     except (BitDanceError, OSError):
         raise
     except Exception as exc:
         if type(exc).__module__.startswith("onnx"):
-            raise BitDanceError(f"stage {spec.name}: the exported graph fails the ONNX checks: "
-                                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
+            raise BitDanceError(
+                f"stage {spec.name}: the exported graph fails the ONNX checks: "
+                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+            ) from exc
         raise
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
 
 
-def export_streamed(model, source: WeightSource, out_dir: str | Path, source_id: str, stages=ALL_STAGES,
-                    opset: int = DEFAULT_OPSET, sampler_steps: int | None = None, limits: Limits = Limits(),
-                    force: bool = False, progress: bool = True, precision: str = "fp32",
-                    graph_pass: Callable | None = None, to_half: Callable | None = None,
-                    key_extra: dict | None = None) -> ExportResult:
+def export_streamed(
+    model,
+    source: WeightSource,
+    out_dir: str | Path,
+    source_id: str,
+    stages=ALL_STAGES,
+    opset: int = DEFAULT_OPSET,
+    sampler_steps: int | None = None,
+    limits: Limits = Limits(),
+    force: bool = False,
+    progress: bool = True,
+    precision: str = "fp32",
+    graph_pass: Callable | None = None,
+    to_half: Callable | None = None,
+    key_extra: dict | None = None,
+) -> ExportResult:
     """Export `stages` of the weightless `model` (export/weightless.weightless) with weights from
     `source` into out_dir, or reuse a matching export there. `precision` is what the graphs hold
     after `graph_pass` (fp32 without one); `source_id` names the weights in the cache key."""
@@ -109,8 +132,17 @@ def export_streamed(model, source: WeightSource, out_dir: str | Path, source_id:
     key = {"weights": "streamed", **({"precision": precision} if precision != "fp32" else {}), **(key_extra or {})}
     with torch.no_grad():
         return write_export(
-            model.cfg, out_dir, source_id,
+            model.cfg,
+            out_dir,
+            source_id,
             lambda spec, work: export_stage_streamed(model, spec, work, source, opset, graph_pass, to_half),
-            stages, opset, sampler_steps, limits, force, progress, key_extra=key,
+            stages,
+            opset,
+            sampler_steps,
+            limits,
+            force,
+            progress,
+            key_extra=key,
             manifest_extra={"precision": precision} if precision != "fp32" else None,
-            what=f"streamed {precision.upper()} export")
+            what=f"streamed {precision.upper()} export",
+        )

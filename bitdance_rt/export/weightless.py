@@ -43,7 +43,7 @@ class WeightSource:
     def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if name in self.extra:
             t = self.extra[name]
-            return t if rows is None else t[rows[0]:rows[1]]
+            return t if rows is None else t[rows[0] : rows[1]]
         return self.read(name, rows)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -55,8 +55,9 @@ def weightless(module: torch.nn.Module) -> torch.nn.Module:
     shape, in place: traceable, and no memory for its size."""
     for sub in module.modules():
         for name, p in list(sub.named_parameters(recurse=False)):
-            sub._parameters[name] = torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(p.shape),
-                                                       requires_grad=False)
+            sub._parameters[name] = torch.nn.Parameter(
+                torch.zeros((), dtype=torch.float32).expand(p.shape), requires_grad=False
+            )
     return module
 
 
@@ -75,20 +76,21 @@ class _Functional(torch.nn.Module):
     def forward(self, *args):
         saved = []
         try:
-            for name, value in zip(self.names, args[self.inputs:]):
+            for name, value in zip(self.names, args[self.inputs :]):
                 owner, _, leaf = name.rpartition(".")
                 sub = self.stage.get_submodule(owner)
                 table = sub._parameters if leaf in sub._parameters else sub._buffers
                 saved.append((table, leaf, table[leaf]))
                 table[leaf] = value
-            return self.stage(*args[:self.inputs])
+            return self.stage(*args[: self.inputs])
         finally:
             for table, leaf, value in reversed(saved):
                 table[leaf] = value
 
 
-def trace(module: torch.nn.Module, args: tuple, spec: StageSpec, path: Path, opset: int,
-          dynamic_axes: dict | None = None) -> None:
+def trace(
+    module: torch.nn.Module, args: tuple, spec: StageSpec, path: Path, opset: int, dynamic_axes: dict | None = None
+) -> None:
     """torch.onnx.export of a weightless stage module to `path`, its weights (parameters and buffers,
     named as in the module's state dict) as graph inputs after the contract's inputs; `dynamic_axes`:
     default the contract's."""
@@ -101,9 +103,17 @@ def trace(module: torch.nn.Module, args: tuple, spec: StageSpec, path: Path, ops
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*feature will be removed.*")
         try:
-            torch.onnx.export(wrapped, (*args, *tensors.values()), str(path), dynamo=False, opset_version=opset,
-                              input_names=spec.input_names + names, output_names=spec.output_names,
-                              dynamic_axes=dynamic_axes or spec.dynamic_axes(), do_constant_folding=False)
+            torch.onnx.export(
+                wrapped,
+                (*args, *tensors.values()),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=spec.input_names + names,
+                output_names=spec.output_names,
+                dynamic_axes=dynamic_axes or spec.dynamic_axes(),
+                do_constant_folding=False,
+            )
         except OSError:
             raise
         except Exception as exc:  # the exporter raises many types; name the stage
@@ -112,7 +122,7 @@ def trace(module: torch.nn.Module, args: tuple, spec: StageSpec, path: Path, ops
 
 
 def _source_name(name: str, prefix: str) -> str:
-    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
 def attach_weights(model, source: WeightSource, inputs: list[str], prefix: str = "") -> None:
@@ -139,13 +149,16 @@ def attach_weights(model, source: WeightSource, inputs: list[str], prefix: str =
             continue
         dims = tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
         if dims != source.shape(name):
-            raise BitDanceError(f"{source.describe}: {name} has shape {list(source.shape(name))}, the graph "
-                                f"reads {list(dims)}")
+            raise BitDanceError(
+                f"{source.describe}: {name} has shape {list(source.shape(name))}, the graph reads {list(dims)}"
+            )
         weights[v.name] = (name, dims)
     unknown = [v.name for v in graph.input if v.name not in weights and v.name not in inputs]
     if unknown:
-        raise BitDanceError(f"{source.describe}: no tensor {_source_name(unknown[0], prefix)!r}, which the graph "
-                            f"reads ({len(unknown)} missing)")
+        raise BitDanceError(
+            f"{source.describe}: no tensor {_source_name(unknown[0], prefix)!r}, which the graph "
+            f"reads ({len(unknown)} missing)"
+        )
     kept = [v for v in graph.input if v.name not in weights]
     del graph.input[:]
     graph.input.extend(kept)
@@ -164,8 +177,13 @@ def attach_weights(model, source: WeightSource, inputs: list[str], prefix: str =
     transposes = []
     for graph_name, (name, dims) in weights.items():
         users = consumers.get(graph_name, [])
-        folded = [n for n in users if n.op_type == "Transpose" and len(dims) == 2
-                  and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])]
+        folded = [
+            n
+            for n in users
+            if n.op_type == "Transpose"
+            and len(dims) == 2
+            and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])
+        ]
         if folded:
             new = f"{graph_name}.T"
             graph.initializer.append(tensor(new, name, (dims[1], dims[0]), True))
@@ -201,8 +219,9 @@ def _rows_per_chunk(shape: tuple[int, ...], chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(row, 1))
 
 
-def weight_chunks(t, source: WeightSource, to_half: Callable | None = None,
-                  chunk_bytes: int = 1 << 26) -> Iterator[memoryview]:
+def weight_chunks(
+    t, source: WeightSource, to_half: Callable | None = None, chunk_bytes: int = 1 << 26
+) -> Iterator[memoryview]:
     """The data of placeholder `t`, from its source, in the type the graph declares: FLOAT, or FLOAT16
     through `to_half` (float32 numpy -> float16 numpy: the precision layer's rounding), in chunks of
     whole rows of at most ~`chunk_bytes` float32 bytes."""
@@ -214,7 +233,7 @@ def weight_chunks(t, source: WeightSource, to_half: Callable | None = None,
     if transposed:  # (a Linear's matrix: read whole, at most the largest matrix in float32)
         whole = source.tensor(name).float().t().contiguous()
         step = _rows_per_chunk(tuple(whole.shape), chunk_bytes)
-        parts = (whole[i:i + step] for i in range(0, whole.shape[0], step))
+        parts = (whole[i : i + step] for i in range(0, whole.shape[0], step))
     elif not shape:
         parts = iter([source.tensor(name).float()])
     else:

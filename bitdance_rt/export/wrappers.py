@@ -49,7 +49,7 @@ class BackboneStage(nn.Module):
     def forward(self, x, start, *rest):
         cfg = self.model.cfg
         names = st.step_context_names(cfg)  # text-to-image: pad
-        context, cache = dict(zip(names, rest[: len(names)])), rest[len(names):]
+        context, cache = dict(zip(names, rest[: len(names)])), rest[len(names) :]
         layers = [(cache[2 * i], cache[2 * i + 1]) for i in range(cfg.n_layer)]  # kv[i][0|1] as the model reads it
         return self.model.transformer(x, start, kv=layers, **context)
 
@@ -72,8 +72,9 @@ class HeadSamplerStage(nn.Module):
         self.model = model
 
     def forward(self, cond, noise, cfg, cond_row, uncond_row):
-        return sample_tokens_rows(self.model.head_net, cond, noise, cfg, cond_row, uncond_row,
-                                  self.model.cfg.time_shift)
+        return sample_tokens_rows(
+            self.model.head_net, cond, noise, cfg, cond_row, uncond_row, self.model.cfg.time_shift
+        )
 
 
 class DecoderStage(nn.Module):
@@ -96,10 +97,15 @@ class EncoderStage(nn.Module):
 
 def stage_module(name: str, model: BitDance) -> nn.Module:
     """The wrapper of stage `name`, in eval mode."""
-    classes = {st.PREFIX_EMBED: PrefixEmbedStage, st.TOKEN_EMBED: TokenEmbedStage, st.BACKBONE: BackboneStage,
-               st.HEAD_STEP: HeadStepStage,
-               st.HEAD_SAMPLER: HeadSamplerStage,
-               st.DECODER: DecoderStage, st.ENCODER: EncoderStage}
+    classes = {
+        st.PREFIX_EMBED: PrefixEmbedStage,
+        st.TOKEN_EMBED: TokenEmbedStage,
+        st.BACKBONE: BackboneStage,
+        st.HEAD_STEP: HeadStepStage,
+        st.HEAD_SAMPLER: HeadSamplerStage,
+        st.DECODER: DecoderStage,
+        st.ENCODER: EncoderStage,
+    }
     return classes[name](model).eval()
 
 
@@ -117,9 +123,11 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
     # the sampler's per-row guidance: the first half of the rows guided pairs, the rest unguided
     rows = values["rows"]
     scale, c, u = guidance_rows(2 * (rows // 4), 2.5, True)
-    guidance = {"cfg": torch.cat([scale, torch.ones(rows - scale.shape[0])]),
-                "cond_row": torch.cat([c, torch.arange(c.shape[0], rows)]),
-                "uncond_row": torch.cat([u, torch.arange(u.shape[0], rows)])}
+    guidance = {
+        "cfg": torch.cat([scale, torch.ones(rows - scale.shape[0])]),
+        "cond_row": torch.cat([c, torch.arange(c.shape[0], rows)]),
+        "uncond_row": torch.cat([u, torch.arange(u.shape[0], rows)]),
+    }
     out = []
     for t in spec.inputs:
         shape = spec.shape(t.name, **values)

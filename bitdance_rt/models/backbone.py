@@ -15,16 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x [B, T, H, D] by the cos/sin table [T, D/2, 2] (shared by every
     row) or [B, T, D/2, 2] (per row: rows at different positions)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
     cos = table[..., None, :, 0]
     sin = table[..., None, :, 1]
-    out = torch.stack(
-        [xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1
-    )
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
     return out.flatten(3).type_as(x)
 
 

@@ -34,9 +34,7 @@ class BitDance(nn.Module):
             self.query_token = nn.Parameter(torch.zeros(1, cfg.parallel_num - 1, cfg.dim))
         self.proj_in = MLPConnector(cfg.token_dim, cfg.dim)
         self.emb_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
-        self.layers = nn.ModuleList(
-            TransformerBlock(cfg.dim, cfg.n_head, cfg.ffn_hidden) for _ in range(cfg.n_layer)
-        )
+        self.layers = nn.ModuleList(TransformerBlock(cfg.dim, cfg.n_head, cfg.ffn_hidden) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.dim, eps=1e-6)
         self.pos_for_diff = nn.Embedding(cfg.num_tokens, cfg.dim)
         head_cls = TransformerHead if cfg.is_parallel else MlpHead
@@ -49,11 +47,25 @@ class BitDance(nn.Module):
     def new_cache(self, rows: int) -> torch.Tensor:
         """Static KV cache [n_layer, 2, rows, n_head, max_seq_len, head_dim], zero-filled."""
         c = self.cfg
-        return torch.zeros(c.n_layer, 2, rows, c.n_head, c.max_seq_len, c.head_dim,
-                           device=self.norm.weight.device, dtype=self.norm.weight.dtype)
+        return torch.zeros(
+            c.n_layer,
+            2,
+            rows,
+            c.n_head,
+            c.max_seq_len,
+            c.head_dim,
+            device=self.norm.weight.device,
+            dtype=self.norm.weight.dtype,
+        )
 
-    def backbone(self, x: torch.Tensor, start, kv: torch.Tensor | None = None, kv_len=None,
-                 chunk_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def backbone(
+        self,
+        x: torch.Tensor,
+        start,
+        kv: torch.Tensor | None = None,
+        kv_len=None,
+        chunk_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings x [R, T, dim] at positions [start, start+T) -> (normed hidden [R, T, dim],
         new keys/values [n_layer, 2, R, n_head, T, head_dim]) to be written at [start, start+T).
 

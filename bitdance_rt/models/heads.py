@@ -126,8 +126,9 @@ class _AdaLNNet(nn.Module):
 
     n_mod: int  # adaLN terms per block
 
-    def __init__(self, in_channels: int, channels: int, cond_channels: int, depth: int, n_ada: int,
-                 blocks: list[nn.Module]):
+    def __init__(
+        self, in_channels: int, channels: int, cond_channels: int, depth: int, n_ada: int, blocks: list[nn.Module]
+    ):
         super().__init__()
         self.time_embed = TimestepEmbedder(channels)
         self.cond_embed = nn.Linear(cond_channels, channels)
@@ -151,8 +152,9 @@ class MlpHead(_AdaLNNet):
     n_mod = 3
 
     def __init__(self, in_channels, channels, cond_channels, depth, n_ada):
-        super().__init__(in_channels, channels, cond_channels, depth, n_ada,
-                         [MlpResBlock(channels) for _ in range(depth)])
+        super().__init__(
+            in_channels, channels, cond_channels, depth, n_ada, [MlpResBlock(channels) for _ in range(depth)]
+        )
 
     def forward(self, x, t, c):
         return self.trunk(x, t, c)
@@ -161,13 +163,20 @@ class MlpHead(_AdaLNNet):
 class TransformerHead(_AdaLNNet):
     n_mod = 6
 
-    def __init__(self, in_channels, channels, cond_channels, depth, n_ada, variant: str = "imagenet",
-                 swiglu: bool = True):
+    def __init__(
+        self, in_channels, channels, cond_channels, depth, n_ada, variant: str = "imagenet", swiglu: bool = True
+    ):
         if variant not in ("imagenet", "t2i"):
             raise ValueError(f"unknown head variant {variant!r}")
         n_head = max(1, channels // (64 if variant == "imagenet" else 128))
-        super().__init__(in_channels, channels, cond_channels, depth, n_ada,
-                         [TransBlock(channels, n_head, swiglu or variant == "imagenet") for _ in range(depth)])
+        super().__init__(
+            in_channels,
+            channels,
+            cond_channels,
+            depth,
+            n_ada,
+            [TransBlock(channels, n_head, swiglu or variant == "imagenet") for _ in range(depth)],
+        )
         self.variant = variant
 
     def forward(self, x, t, c):

@@ -65,8 +65,11 @@ class BitDanceT2I(nn.Module):
         self.cfg = cfg
         h = cfg.head
         self.model = Qwen3Model(cfg.llm)
-        self.head = DiffusionHead(TransformerHead(h.ch_target, h.ch_latent, h.ch_cond, h.depth_latent,
-                                                  h.depth_adanln, variant="t2i", swiglu=h.use_swiglu))
+        self.head = DiffusionHead(
+            TransformerHead(
+                h.ch_target, h.ch_latent, h.ch_cond, h.depth_latent, h.depth_adanln, variant="t2i", swiglu=h.use_swiglu
+            )
+        )
         self.projector = Projector(cfg.token_dim, cfg.dim)
         self.vae = BinaryAutoencoder(cfg.vae)
         self.reset_buffers()
@@ -75,8 +78,10 @@ class BitDanceT2I(nn.Module):
         """(Re)compute the derived tables: RoPE, 2D position embedding.
         The loader calls it after assigning weights into a model built on the meta device."""
         cfg = self.cfg
-        tables = {"rope": rope_table(cfg.llm, cfg.max_seq_len), "pos2d": pos_embed_2d(cfg),
-}
+        tables = {
+            "rope": rope_table(cfg.llm, cfg.max_seq_len),
+            "pos2d": pos_embed_2d(cfg),
+        }
         for name, value in tables.items():
             self.register_buffer(name, value.to(device) if device is not None else value, persistent=False)
 
@@ -84,7 +89,9 @@ class BitDanceT2I(nn.Module):
     def new_cache(self, rows: int) -> torch.Tensor:
         c = self.cfg
         ref = self.model.norm.weight
-        return torch.zeros(c.n_layer, 2, rows, c.n_kv_head, c.max_seq_len, c.head_dim, device=ref.device, dtype=ref.dtype)
+        return torch.zeros(
+            c.n_layer, 2, rows, c.n_kv_head, c.max_seq_len, c.head_dim, device=ref.device, dtype=ref.dtype
+        )
 
     def write_cache(self, kv: torch.Tensor, new: torch.Tensor, start: int) -> None:
         write_cache(kv, new, start)
@@ -139,15 +146,17 @@ class BitDanceT2I(nn.Module):
         cache, cache_mask = None, None
         if kv is not None:
             length = self.cfg.max_seq_len if kv_len is None else kv_len
-            cache = [(layer[0][:, :, :length], layer[1][:, :, :length]) if kv_len is not None else (layer[0], layer[1])
-                     for layer in kv]
+            cache = [
+                (layer[0][:, :, :length], layer[1][:, :, :length]) if kv_len is not None else (layer[0], layer[1])
+                for layer in kv
+            ]
             keys = torch.arange(length, device=x.device)
             first = start.view(-1, 1) if torch.is_tensor(start) and start.dim() == 1 else start
             hidden_key = (keys.unsqueeze(0) >= first) | (keys.unsqueeze(0) < pad.unsqueeze(1))  # [R, L]
             cache_mask = torch.zeros(hidden_key.shape, device=x.device).masked_fill(hidden_key, float("-inf"))
             cache_mask = cache_mask[:, None, None, :]
         hidden, new = self.model(x, rope, chunk_mask, cache, cache_mask)
-        return hidden[:, -self.cfg.parallel_num:] + self._pos(layout.chunk_step(self.cfg, start, t)), new
+        return hidden[:, -self.cfg.parallel_num :] + self._pos(layout.chunk_step(self.cfg, start, t)), new
 
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [R, prefix_len], pad [R] -> (head conditions of step 0, kv of [0, prefix_len)), nothing cached."""

@@ -38,8 +38,22 @@ class Fit:
 
 
 # ---- sizes ------------------------------------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -66,8 +80,10 @@ def fits(step: Step, m: Machine) -> tuple[bool, str]:
         return need <= m.host_bytes, f"{_gb(need)} of {_gb(m.host_bytes)} shared"
     parts, ok = [], True
     if step.gpu_bytes and m.gpu_bytes is None and step.cpu_bytes is not None:  # on the CPU
-        return (m.host_bytes is None or step.cpu_bytes <= m.host_bytes,
-                f"on the CPU: host {_gb(step.cpu_bytes)} of {_gb(m.host_bytes)}")
+        return (
+            m.host_bytes is None or step.cpu_bytes <= m.host_bytes,
+            f"on the CPU: host {_gb(step.cpu_bytes)} of {_gb(m.host_bytes)}",
+        )
     if step.gpu_bytes:
         if m.gpu_bytes is None:
             return False, f"GPU {_gb(step.gpu_bytes)}, no GPU"
@@ -100,11 +116,15 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
     ok = lambda step: fits(step, m)[0]  # noqa: E731
     if s.step in ("load", "export"):
         if r.backend == "torch":
-            return ("the torch backend holds the float32 model: --backend onnxruntime or tensorrt, with an "
-                    "export made elsewhere (--export-dir DIR)")
+            return (
+                "the torch backend holds the float32 model: --backend onnxruntime or tensorrt, with an "
+                "export made elsewhere (--export-dir DIR)"
+            )
         export = next((x for x in r.steps if x.step == "export"), s)
-        return (_elsewhere(export, "export") + " and copy the export here (bitdance-rt export --out DIR "
-                "there; --export-dir DIR here, or bitdance-rt build --export-dir DIR)")
+        return (
+            _elsewhere(export, "export") + " and copy the export here (bitdance-rt export --out DIR "
+            "there; --export-dir DIR here, or bitdance-rt build --export-dir DIR)"
+        )
     if s.step == "derive fp16":
         return _elsewhere(s, "derive it") + " (bitdance-rt export --precision fp16 --out DIR) and copy it here"
     if s.step == "calibrate":
@@ -112,8 +132,10 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
         if capture != ("onnxruntime", "fp16"):
             alt = calibrate_step(cfg, steps, "onnxruntime", "fp16")
             if ok(alt):
-                return (f"capture on ONNX Runtime's FP16 graphs: calibrate --capture-backend onnxruntime "
-                        f"--capture-precision fp16 ({_gb(alt.host_bytes)})")
+                return (
+                    f"capture on ONNX Runtime's FP16 graphs: calibrate --capture-backend onnxruntime "
+                    f"--capture-precision fp16 ({_gb(alt.host_bytes)})"
+                )
         from ..calibration import CapturePolicy
 
         images, batch, policy = default_capture(cfg, steps)
@@ -121,30 +143,36 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
             fewer = CapturePolicy(policy.backbone_every, policy.head_fraction, min(n, policy.max_samples))
             alt = calibrate_step(cfg, steps, *capture, images=images, batch=1, policy=fewer)
             if ok(alt):
-                return (f"fewer samples: calibrate --batch-size 1 --max-samples {fewer.max_samples} "
-                        f"({_gb(alt.host_bytes)}), then --calibration DIR")
+                return (
+                    f"fewer samples: calibrate --batch-size 1 --max-samples {fewer.max_samples} "
+                    f"({_gb(alt.host_bytes)}), then --calibration DIR"
+                )
         return _elsewhere(s, "capture") + " (bitdance-rt calibrate --out DIR) and pass the set with --calibration DIR"
     if s.step == "derive int8":
-        return (_elsewhere(s, "derive the INT8 graphs") + " (bitdance-rt export --precision int8 --out DIR there) and "
-                "copy them here (--export-dir DIR, or bitdance-rt build --export-dir DIR)")
+        return (
+            _elsewhere(s, "derive the INT8 graphs") + " (bitdance-rt export --precision int8 --out DIR there) and "
+            "copy them here (--export-dir DIR, or bitdance-rt build --export-dir DIR)"
+        )
     # build and run: a smaller workspace, batch or precision
     if s.gpu_bytes and m.gpu_bytes is None and not m.shared:
-        return ("needs a GPU: plan one with --gpu SIZE" + ("; --backend onnxruntime runs on the CPU"
-                                                            if r.backend == "tensorrt" and s.step == "run" else ""))
+        return "needs a GPU: plan one with --gpu SIZE" + (
+            "; --backend onnxruntime runs on the CPU" if r.backend == "tensorrt" and s.step == "run" else ""
+        )
     options = []
     if r.backend == "tensorrt":
         options.append(("--workspace-mb 256", dict(workspace_mb=256)))
     if max_batch > 1:
         options.append(("--max-batch 1", dict(max_batch=1)))
-    for p in PRECISIONS[PRECISIONS.index(r.precision) + 1:]:  # each lower precision than the road's
+    for p in PRECISIONS[PRECISIONS.index(r.precision) + 1 :]:  # each lower precision than the road's
         options.append((f"--precision {p}", dict(precision=p)))
     for flag, change in options:
         args = {"precision": r.precision, "max_batch": max_batch, "workspace_mb": workspace_mb, **change}
         if s.step == "build":
             alt = build_step(cfg, args["precision"], steps, args["workspace_mb"])
         else:
-            alt = run_step(plan(cfg, args["precision"], r.backend, args["max_batch"], guided, args["workspace_mb"],
-                                steps))
+            alt = run_step(
+                plan(cfg, args["precision"], r.backend, args["max_batch"], guided, args["workspace_mb"], steps)
+            )
         if ok(alt):
             return f"{flag} ({fits(alt, m)[1]})"
     big = st.is_t2i(cfg) and cfg.height * cfg.width > 512 * 512
@@ -155,21 +183,33 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
 
 
 def format_road(r: Road) -> str:
-    lines = [f"road to running it ({r.precision} on {r.backend}; today's code, factors measured: "
-             "bitdance_rt/plan/road.py):",
-             f"  {'step':<12} {'host memory':>12} {'GPU memory':>12} {'disk':>12}  what"]
+    lines = [
+        f"road to running it ({r.precision} on {r.backend}; today's code, factors measured: bitdance_rt/plan/road.py):",
+        f"  {'step':<12} {'host memory':>12} {'GPU memory':>12} {'disk':>12}  what",
+    ]
     for s in r.steps:
         lines.append(f"  {s.step:<12} {_gb(s.host_bytes):>12} {_gb(s.gpu_bytes):>12} {_gb(s.disk_bytes):>12}  {s.what}")
     for name, found in r.machines.items():
         lines.append(f"  on {name}:")
         for f in found:
-            lines.append(f"    {f.step:<12} {'fits' if f.fits else 'does not fit':<13} {f.need}"
-                         + (f": {f.fix}" if f.fix else ""))
+            lines.append(
+                f"    {f.step:<12} {'fits' if f.fits else 'does not fit':<13} {f.need}"
+                + (f": {f.fix}" if f.fix else "")
+            )
     return "\n".join(lines)
 
 
-def road_on(cfg, precision: str = "fp32", backend: str = "tensorrt", max_batch: int = 1, guided: bool = True,
-            workspace_mb: int | None = None, host_memory=None, gpu=None, targets=None) -> Road:
+def road_on(
+    cfg,
+    precision: str = "fp32",
+    backend: str = "tensorrt",
+    max_batch: int = 1,
+    guided: bool = True,
+    workspace_mb: int | None = None,
+    host_memory=None,
+    gpu=None,
+    targets=None,
+) -> Road:
     """`bitdance-rt plan`'s road, checked on: the machine of `host_memory` / `gpu` (sizes such as "64GB"),
     each of `targets` (a GPU target on that host memory; a Jetson's memory is its own), or else this
     machine's host memory."""
@@ -180,13 +220,20 @@ def road_on(cfg, precision: str = "fp32", backend: str = "tensorrt", max_batch: 
     if host is not None or card is not None:
         h = host if host is not None else physical_memory()
         usable = None if card is None else card - TARGETS["gpu-24gb"][2]  # the CUDA context and allocator slack
-        machines.append(Machine(f"a host of {_gb(h)}" + (f" with a {_gb(card)} GPU ({_gb(usable)} usable)"
-                                                          if card is not None else ", no GPU"), h, usable))
+        machines.append(
+            Machine(
+                f"a host of {_gb(h)}"
+                + (f" with a {_gb(card)} GPU ({_gb(usable)} usable)" if card is not None else ", no GPU"),
+                h,
+                usable,
+            )
+        )
     for t in targets or ():
         machines.append(Machine.target(t, host if host is not None else physical_memory()))
     if not machines:
-        machines.append(Machine(f"this machine ({_gb(physical_memory())}, no GPU given: --gpu SIZE)",
-                                physical_memory(), None))
+        machines.append(
+            Machine(f"this machine ({_gb(physical_memory())}, no GPU given: --gpu SIZE)", physical_memory(), None)
+        )
     for m in machines:
         check(r, cfg, m)
     return r

@@ -15,7 +15,8 @@ backend runs every stage on one model (distinct).
 Bytes per weight: fp32 4; fp16 2 (GroupNorm / LayerNorm affine weights stay fp32, as the FP16
 policy keeps those ops in fp32); int8: the Linear / Conv weights the INT8 policy quantises take 1
 byte plus a float32 scale and an int8 zero point per output channel, the rest stays fp32, and the
-stages INT8 does not quantise (prefix_embed's table) take their fp16 bytes (precision/policy.py). The KV cache is float32 at every precision (runtime/core.py) and sized for
+stages INT8 does not quantise (prefix_embed's table) take their fp16 bytes (precision/policy.py). The KV
+cache is float32 at every precision (runtime/core.py) and sized for
 every slot: 2 rows per image with guidance, `max_batch` images.
 """
 
@@ -45,8 +46,20 @@ TARGETS = {
 # Ops the exporter's constant folding leaves in the graph even on constant inputs (measured: a
 # fused sampler keeps its time MLP's weights, and folds the sinusoidal time embeddings before it).
 SHAPED = ("zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like")
-UNFOLDED = ("linear", "matmul", "mm", "bmm", "addmm", "conv2d", "conv1d", "embedding", "layer_norm", "group_norm",
-            "rms_norm", "scaled_dot_product_attention")
+UNFOLDED = (
+    "linear",
+    "matmul",
+    "mm",
+    "bmm",
+    "addmm",
+    "conv2d",
+    "conv1d",
+    "embedding",
+    "layer_norm",
+    "group_norm",
+    "rms_norm",
+    "scaled_dot_product_attention",
+)
 # Ops that broadcast a constant to a shape known at run time (a batch dim): the graph stores the constant.
 BROADCASTS = ("expand", "expand_as", "broadcast_to")
 PLAN_BACKENDS = ("onnxruntime", "tensorrt", "torch")
@@ -245,8 +258,9 @@ def _int8_float(stage: str, owner: str) -> bool:
     return any(p.replace("/", ".") in dotted for p in INT8_FLOAT_LAYERS.get(stage, ()))
 
 
-def tensor_bytes(precision: str, stage: str, name: str, numel: int, size: int, kind: str, owner: str,
-                 shape_out: int | None = None) -> int:
+def tensor_bytes(
+    precision: str, stage: str, name: str, numel: int, size: int, kind: str, owner: str, shape_out: int | None = None
+) -> int:
     """Bytes of one weight in a graph of `precision` (the module docstring's rules)."""
     from ..precision.policy import INT8_FP16_STAGES
 
@@ -274,8 +288,10 @@ def stage_weights(cfg, precision: str, steps: int | None = None, stages=None) ->
     out = {}
     for stage, reads in stage_tensors(cfg, export_stages(precision) if stages is None else stages, steps).items():
         # (a weight's leading dim: its output channels)
-        out[stage] = {name: (numel, tensor_bytes(precision, stage, name, numel, size, kind, owner, channels))
-                      for name, (numel, size, channels, kind, owner) in reads.items()}
+        out[stage] = {
+            name: (numel, tensor_bytes(precision, stage, name, numel, size, kind, owner, channels))
+            for name, (numel, size, channels, kind, owner) in reads.items()
+        }
     return out
 
 
@@ -307,8 +323,10 @@ def shared_weights(weights: dict, stages) -> dict[str, tuple[int, list[str]]]:
 
 def _memory(weights: dict, precision: str) -> list[StageMemory]:
     loaded = loaded_stages(precision)
-    return [StageMemory(stage, sum(n for n, _ in reads.values()), sum(b for _, b in reads.values()), stage in loaded)
-            for stage, reads in weights.items()]
+    return [
+        StageMemory(stage, sum(n for n, _ in reads.values()), sum(b for _, b in reads.values()), stage in loaded)
+        for stage, reads in weights.items()
+    ]
 
 
 def stage_memory(cfg, precision: str, steps: int | None = None) -> tuple[list[StageMemory], int]:
@@ -360,8 +378,15 @@ def activation_bytes(cfg, rows: int, precision: str, backend: str = "onnxruntime
     return max(v for k, v in calls.items() if k != "decoder") + calls["decoder"]
 
 
-def plan(cfg, precision: str = "fp32", backend: str = "onnxruntime", max_batch: int = 1, guided: bool = True,
-         workspace_mb: int | None = None, steps: int | None = None) -> MemoryPlan:
+def plan(
+    cfg,
+    precision: str = "fp32",
+    backend: str = "onnxruntime",
+    max_batch: int = 1,
+    guided: bool = True,
+    workspace_mb: int | None = None,
+    steps: int | None = None,
+) -> MemoryPlan:
     """The memory of `cfg` on `backend` at `precision`, with cache slots for `max_batch` images."""
     if backend not in PLAN_BACKENDS:
         raise BitDanceError(f"backend {backend!r}: plan one of {', '.join(PLAN_BACKENDS)}")
@@ -373,8 +398,22 @@ def plan(cfg, precision: str = "fp32", backend: str = "onnxruntime", max_batch: 
     workspace = (1024 if workspace_mb is None else int(workspace_mb)) * 2**20 if backend == "tensorrt" else 0
     h, w = cfg.image_hw if st.is_t2i(cfg) else (cfg.image_size, cfg.image_size)
     calls = activation_phases(cfg, rows, precision)
-    p = MemoryPlan(cfg.name, backend, precision, h, w, max_batch, rows, stages, distinct_bytes(weights),
-                   kv_cache_bytes(cfg, rows), activation_bytes(cfg, rows, precision, backend), workspace, [], calls)
+    p = MemoryPlan(
+        cfg.name,
+        backend,
+        precision,
+        h,
+        w,
+        max_batch,
+        rows,
+        stages,
+        distinct_bytes(weights),
+        kv_cache_bytes(cfg, rows),
+        activation_bytes(cfg, rows, precision, backend),
+        workspace,
+        [],
+        calls,
+    )
     p.notes = _notes(p, weights)
     return p
 
@@ -385,16 +424,23 @@ def _notes(p: MemoryPlan, weights: dict) -> list[str]:
     loaded = [s.stage for s in p.stages if s.loaded]
     twice = shared_weights(weights, loaded)
     if twice:
-        notes = ["held twice, in two loaded graphs: " + "; ".join(
-            f"{name} ({' and '.join(by)}) {_gb(b)}" for name, (b, by) in sorted(twice.items(), key=lambda kv: -kv[1][0]))]
+        notes = [
+            "held twice, in two loaded graphs: "
+            + "; ".join(
+                f"{name} ({' and '.join(by)}) {_gb(b)}"
+                for name, (b, by) in sorted(twice.items(), key=lambda kv: -kv[1][0])
+            )
+        ]
     else:
         notes = ["each weight held once: the stages read disjoint weights"]
     for s in p.stages:
         if not s.loaded:
             again = sum(b for name, (b, by) in shared_weights(weights, loaded + [s.stage]).items() if s.stage in by)
-            notes.append(f"{s.stage} is loaded only on demand (a sampler step count other than head_sampler's, or "
-                         f"the step sampler): it holds the head's {_gb(again)} again (total "
-                         f"{_gb(p.total_bytes + s.bytes)}); not counted above")
+            notes.append(
+                f"{s.stage} is loaded only on demand (a sampler step count other than head_sampler's, or "
+                f"the step sampler): it holds the head's {_gb(again)} again (total "
+                f"{_gb(p.total_bytes + s.bytes)}); not counted above"
+            )
     return notes
 
 
@@ -404,23 +450,29 @@ def _gb(n: int) -> str:
 
 
 def format_plan(p: MemoryPlan, targets=None) -> str:
-    lines = [f"{p.model} at {p.width}x{p.height}, {p.precision} on {p.backend}, cache for {p.max_batch} image(s) "
-             f"({p.rows} rows)"]
+    lines = [
+        f"{p.model} at {p.width}x{p.height}, {p.precision} on {p.backend}, cache for {p.max_batch} image(s) "
+        f"({p.rows} rows)"
+    ]
     lines.append(f"  {'stage':<14} {'parameters':>14} {'weights':>10}  held")
     for s in p.stages:
         lines.append(f"  {s.stage:<14} {s.parameters:>14,} {_gb(s.bytes):>10}  {'yes' if s.loaded else 'on demand'}")
     lines.append(f"  weights held {_gb(p.weight_bytes)} (each weight once: {_gb(p.distinct_bytes)})")
     calls = ", ".join(f"{k} {_gb(v)}" for k, v in p.activations.items())
-    lines.append(f"  KV cache {_gb(p.kv_cache_bytes)}, activations ~{_gb(p.activation_bytes)}"
-                 + (f", TensorRT workspace {_gb(p.workspace_bytes)}" if p.workspace_bytes else ""))
+    lines.append(
+        f"  KV cache {_gb(p.kv_cache_bytes)}, activations ~{_gb(p.activation_bytes)}"
+        + (f", TensorRT workspace {_gb(p.workspace_bytes)}" if p.workspace_bytes else "")
+    )
     if calls:
         lines.append(f"  activations per call: {calls}")
     lines.append(f"  total {_gb(p.total_bytes)}")
     for note in p.notes:
         lines.append(f"  note: {note}")
-    for t in (TARGETS if targets is None else targets):
+    for t in TARGETS if targets is None else targets:
         ok, left = p.fits(t)
         what, size, reserved = TARGETS[t]
-        lines.append(f"  {'fits' if ok else 'does not fit':<13} {what}: {_gb(size - reserved)} usable, "
-                     f"{_gb(abs(left))} {'left' if ok else 'short'}")
+        lines.append(
+            f"  {'fits' if ok else 'does not fit':<13} {what}: {_gb(size - reserved)} usable, "
+            f"{_gb(abs(left))} {'left' if ok else 'short'}"
+        )
     return "\n".join(lines)

@@ -42,8 +42,9 @@ def available_memory() -> tuple[int, str]:
 
 
 # ---- which steps a command runs ------------------------------------------------------------------------------
-def export_current(directory, source, steps: int, stages=None, opset: int = DEFAULT_OPSET,
-                   max_batch: int = st.DEFAULT_MAX_BATCH) -> bool:
+def export_current(
+    directory, source, steps: int, stages=None, opset: int = DEFAULT_OPSET, max_batch: int = st.DEFAULT_MAX_BATCH
+) -> bool:
     """Whether `directory` holds an export with the key this one would have (manifest only: the
     command itself verifies the files)."""
     from ..export.manifest import manifest_key, read_manifest
@@ -51,8 +52,14 @@ def export_current(directory, source, steps: int, stages=None, opset: int = DEFA
     stages = list(stages or st.GENERATION_STAGES)
     limits = st.Limits(max_batch=max_batch, opt_batch=min(st.DEFAULT_OPT_BATCH, max_batch))
     try:
-        key = manifest_key(source.config, source.weights_source(), stages, opset,
-                           steps if any(s in st.SAMPLER_STAGES for s in stages) else None, limits)
+        key = manifest_key(
+            source.config,
+            source.weights_source(),
+            stages,
+            opset,
+            steps if any(s in st.SAMPLER_STAGES for s in stages) else None,
+            limits,
+        )
         if source.t2i:  # written from the weight files (backends.streamed_export)
             key["weights"] = "streamed"
         return read_manifest(directory)["key"] == json.loads(json.dumps(key))
@@ -69,8 +76,9 @@ def _has_manifest(directory) -> bool:
     return directory is not None and (Path(directory) / "manifest.json").is_file()
 
 
-def auto_export_steps(source, steps: int, precision: str, max_batch: int, calibration=None, out=None,
-                      capture=None) -> list[str]:
+def auto_export_steps(
+    source, steps: int, precision: str, max_batch: int, calibration=None, out=None, capture=None
+) -> list[str]:
     """The steps backends.auto_export will run for `precision` (into `out` when given)."""
     from .. import paths
     from ..precision.auto import default_calibration_dir
@@ -90,12 +98,16 @@ def auto_export_steps(source, steps: int, precision: str, max_batch: int, calibr
         fp16 = paths.variant_dir(fp32, "fp16")
         if backend == "onnxruntime" and cprec == "fp16" and (todo or not _has_manifest(fp16)):
             todo.append("derive fp16")
-        if not (default_calibration_dir(source.config, source.weights_source(), steps, backend, cprec)
-                / "calibration.json").is_file():
+        if not (
+            default_calibration_dir(source.config, source.weights_source(), steps, backend, cprec) / "calibration.json"
+        ).is_file():
             todo.append("calibrate")
     variants = paths.variant_dir(fp32, "int8", None).parent
-    have_int8 = _has_manifest(final) if final is not None else any(
-        _has_manifest(d) for d in variants.glob(f"{fp32.name}-int8-*"))
+    have_int8 = (
+        _has_manifest(final)
+        if final is not None
+        else any(_has_manifest(d) for d in variants.glob(f"{fp32.name}-int8-*"))
+    )
     if todo or not have_int8:
         todo.append("derive int8")
     return todo
@@ -111,14 +123,30 @@ def bound(cfg, samples: int = 0, rows: int = 8) -> int:
     rows = max(2 * rd.EXAMPLE_BATCH, rows)
     factor = max(rd.LOAD_IMAGENET + rd.EXPORT_SMALL + rd.EXPORT_RETAINED_SMALL, rd.DERIVE_INT8_SMALL)
     trace = rd.EXPORT_DECODER_MAPS * rd.EXAMPLE_BATCH * activation_phases(cfg, 2, "fp32")["decoder"] // 3
-    return int(rd.EXPORT_PROCESS_BYTES + factor * w + kv_cache_bytes(cfg, rows) + activation_bytes(cfg, rows, "fp32")
-               + trace + rd.CAPTURE_SAMPLES * samples)
+    return int(
+        rd.EXPORT_PROCESS_BYTES
+        + factor * w
+        + kv_cache_bytes(cfg, rows)
+        + activation_bytes(cfg, rows, "fp32")
+        + trace
+        + rd.CAPTURE_SAMPLES * samples
+    )
 
 
-def check_memory(command: str, cfg, names: list[str], *, precision: str = DEFAULT_PRECISION,
-                 backend: str = "onnxruntime", steps: int | None = None, max_batch: int = st.DEFAULT_MAX_BATCH,
-                 export_stages=None, capture=None,
-                 capture_args: dict | None = None, ignore: bool = False) -> None:
+def check_memory(
+    command: str,
+    cfg,
+    names: list[str],
+    *,
+    precision: str = DEFAULT_PRECISION,
+    backend: str = "onnxruntime",
+    steps: int | None = None,
+    max_batch: int = st.DEFAULT_MAX_BATCH,
+    export_stages=None,
+    capture=None,
+    capture_args: dict | None = None,
+    ignore: bool = False,
+) -> None:
     """Raise one BitDanceError line if a step of `names` needs more host memory than is available."""
     if ignore or not names:
         return
@@ -130,17 +158,27 @@ def check_memory(command: str, cfg, names: list[str], *, precision: str = DEFAUL
     capture_args = capture_args or {}
     images, batch, policy = rd.default_capture(cfg, steps)
     batch = capture_args.get("batch", batch)
-    samples = sum(rd.capture_bytes(cfg, capture_args.get("images", images), capture_args.get("seeds", 1), steps,
-                                   batch, capture_args.get("policy", policy)).values())
+    samples = sum(
+        rd.capture_bytes(
+            cfg,
+            capture_args.get("images", images),
+            capture_args.get("seeds", 1),
+            steps,
+            batch,
+            capture_args.get("policy", policy),
+        ).values()
+    )
     rows = 2 * min(batch, capture_args.get("images", images))
     if bound(cfg, samples, rows) <= available:
         return
-    made = {"load": lambda: rd.load_step(cfg),
-            # (a text-to-image FP16 export is streamed as FP16; every other export is the FP32 one)
-            "export": lambda: rd.export_step(cfg, steps, export_stages, "fp16" if precision == "fp16" else "fp32"),
-            "derive fp16": lambda: rd.derive_fp16_step(cfg, steps),
-            "calibrate": lambda: rd.calibrate_step(cfg, steps, *capture, **capture_args),
-            "derive int8": lambda: rd.derive_int8_step(cfg, steps, samples, rows)}
+    made = {
+        "load": lambda: rd.load_step(cfg),
+        # (a text-to-image FP16 export is streamed as FP16; every other export is the FP32 one)
+        "export": lambda: rd.export_step(cfg, steps, export_stages, "fp16" if precision == "fp16" else "fp32"),
+        "derive fp16": lambda: rd.derive_fp16_step(cfg, steps),
+        "calibrate": lambda: rd.calibrate_step(cfg, steps, *capture, **capture_args),
+        "derive int8": lambda: rd.derive_int8_step(cfg, steps, samples, rows),
+    }
     found = [made[n]() for n in names if n in made]
     road = rd.Road(cfg.name, precision, backend, found, max_batch, True, None, steps)
     here = Machine("this machine", available, None)
@@ -150,7 +188,8 @@ def check_memory(command: str, cfg, names: list[str], *, precision: str = DEFAUL
             raise BitDanceError(
                 f"{command}: the {step.step} step of {cfg.name} needs ~{rd._gb(step.host_bytes)} of host memory, "
                 f"this machine has {rd._gb(available)} ({where}): {option}; or pass "
-                "--ignore-memory-check to try anyway".replace("\n", " "))
+                "--ignore-memory-check to try anyway".replace("\n", " ")
+            )
 
 
 # ---- the commands -----------------------------------------------------------------------------------------------
@@ -162,8 +201,16 @@ def for_export(args, source, steps: int) -> None:
         names = [] if current else _export_names(source)
     else:
         names = auto_export_steps(source, steps, args.precision, args.max_batch, args.calibration, out=args.out)
-    check_memory("export", source.config, names, precision=args.precision or "fp32", steps=steps,
-                 max_batch=args.max_batch, export_stages=args.stages, ignore=args.ignore_memory_check)
+    check_memory(
+        "export",
+        source.config,
+        names,
+        precision=args.precision or "fp32",
+        steps=steps,
+        max_batch=args.max_batch,
+        export_stages=args.stages,
+        ignore=args.ignore_memory_check,
+    )
 
 
 def for_calibrate(args, source, steps: int, images: int) -> None:
@@ -187,9 +234,16 @@ def for_calibrate(args, source, steps: int, images: int) -> None:
         names += [n for n in auto_export_steps(source, steps, "fp32", st.DEFAULT_MAX_BATCH) if n not in names]
         names += [n for n in ("derive fp16", "derive int8") if n not in names]
     policy = CapturePolicy(args.backbone_every, args.head_fraction, args.max_samples, args.sample_seed)
-    check_memory("calibrate", cfg, names, precision="int8", steps=steps, capture=capture,
-                 capture_args={"images": images, "seeds": len(args.seeds), "batch": args.batch_size, "policy": policy},
-                 ignore=args.ignore_memory_check)
+    check_memory(
+        "calibrate",
+        cfg,
+        names,
+        precision="int8",
+        steps=steps,
+        capture=capture,
+        capture_args={"images": images, "seeds": len(args.seeds), "batch": args.batch_size, "policy": policy},
+        ignore=args.ignore_memory_check,
+    )
 
 
 def for_generate(args, source, steps: int) -> None:
@@ -204,5 +258,13 @@ def for_generate(args, source, steps: int) -> None:
     else:  # TensorRT builds its engines from the FP32 export (engines/build.py)
         precision = (args.precision or "fp32") if backend == "onnxruntime" else "fp32"
         names = auto_export_steps(source, steps, precision, args.batch_size, args.calibration)
-    check_memory("generate", source.config, names, precision=args.precision or "fp32", backend=backend, steps=steps,
-                 max_batch=args.batch_size, ignore=args.ignore_memory_check)
+    check_memory(
+        "generate",
+        source.config,
+        names,
+        precision=args.precision or "fp32",
+        backend=backend,
+        steps=steps,
+        max_batch=args.batch_size,
+        ignore=args.ignore_memory_check,
+    )

@@ -103,6 +103,7 @@ CAPTURE_SAMPLES = 2.3
 # plus the serialised engine there (IHostMemory); on the GPU the engine's weights and the workspace.
 BUILD_HOST_GRAPH, BUILD_HOST_ENGINE, BUILD_GPU_ENGINE = 1.0, 1.0, 1.0
 
+
 @dataclass
 class Step:
     step: str
@@ -134,9 +135,13 @@ class Road:
         return next(s for s in self.steps if s.step == name)
 
     def to_json(self) -> dict:
-        return {"precision": self.precision, "backend": self.backend, "max_batch": self.max_batch,
-                "steps": [asdict(s) for s in self.steps],
-                "machines": {m: [asdict(f) for f in fits] for m, fits in self.machines.items()}}
+        return {
+            "precision": self.precision,
+            "backend": self.backend,
+            "max_batch": self.max_batch,
+            "steps": [asdict(s) for s in self.steps],
+            "machines": {m: [asdict(f) for f in fits] for m, fits in self.machines.items()},
+        }
 
 
 def _gb(n) -> str:
@@ -151,8 +156,10 @@ def model_bytes(cfg) -> int:
     """Float32 bytes of every parameter and buffer of the torch model (what loading it holds: the
     autoencoder's encoder too, which no stage reads), from the meta device."""
     model = _meta_model(cfg)
-    return sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
-               for t in list(model.parameters()) + list(model.buffers()))
+    return sum(
+        t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
+        for t in list(model.parameters()) + list(model.buffers())
+    )
 
 
 def load_bytes(cfg) -> int:
@@ -164,8 +171,13 @@ def export_factor(graph_bytes: int) -> float:
 
 
 def export_retained(graph_bytes: int) -> float:
-    return (EXPORT_RETAINED_SMALL if graph_bytes <= SMALL_GRAPH else EXPORT_RETAINED_MID if graph_bytes <= PROTOBUF
-            else EXPORT_RETAINED_LARGE)
+    return (
+        EXPORT_RETAINED_SMALL
+        if graph_bytes <= SMALL_GRAPH
+        else EXPORT_RETAINED_MID
+        if graph_bytes <= PROTOBUF
+        else EXPORT_RETAINED_LARGE
+    )
 
 
 def example_input_bytes(cfg, stage: str, steps: int, caches: bool = True) -> int:
@@ -173,8 +185,11 @@ def example_input_bytes(cfg, stage: str, steps: int, caches: bool = True) -> int
     `caches`: with the KV cache inputs (a streamed export traces on stride-0 ones)."""
     spec = st.stage_spec(stage, cfg, steps)
     values = {"batch": EXAMPLE_BATCH, "rows": 2 * EXAMPLE_BATCH, **(spec.phases.get("step", {}))}
-    return sum(math.prod(spec.shape(t.name, **values)) * (8 if t.dtype == "int64" else 4) for t in spec.inputs
-               if caches or not t.name.startswith("cache."))
+    return sum(
+        math.prod(spec.shape(t.name, **values)) * (8 if t.dtype == "int64" else 4)
+        for t in spec.inputs
+        if caches or not t.name.startswith("cache.")
+    )
 
 
 def export_transient(cfg, steps: int, stages=None) -> tuple[int, str]:
@@ -194,8 +209,9 @@ def export_transient(cfg, steps: int, stages=None) -> tuple[int, str]:
     return peak, at
 
 
-def capture_bytes(cfg, images: int, seeds: int = 1, steps: int | None = None, batch: int = 4, policy=None,
-                  guided: bool = True) -> dict[str, int]:
+def capture_bytes(
+    cfg, images: int, seeds: int = 1, steps: int | None = None, batch: int = 4, policy=None, guided: bool = True
+) -> dict[str, int]:
     """Expected bytes of the samples a capture keeps per stage (calibration/capture.py): its candidates
     per batch of images (the backbone's prefill and kept steps, token_embed per kept step, head_step a
     `head_fraction` of the head-net evaluations, head_sampler per AR step, decoder per batch), each
@@ -212,8 +228,11 @@ def capture_bytes(cfg, images: int, seeds: int = 1, steps: int | None = None, ba
     def call(stage, rows, images_in, **values) -> int:
         spec = specs[stage]
         v = {"rows": rows, "batch": images_in, **values}
-        return sum(math.prod(spec.shape(t.name, **v)) * (8 if t.dtype == "int64" else 4)
-                   for t in spec.inputs + spec.outputs if not t.name.startswith("cache."))
+        return sum(
+            math.prod(spec.shape(t.name, **v)) * (8 if t.dtype == "int64" else 4)
+            for t in spec.inputs + spec.outputs
+            if not t.name.startswith("cache.")
+        )
 
     candidates: dict[str, list[tuple[int, int]]] = {}  # reservoir -> [(count, bytes each)]
     sizes = [batch] * (images // batch) + ([images % batch] if images % batch else [])
@@ -257,8 +276,14 @@ def _sum(weights: dict) -> dict[str, int]:
 
 def load_step(cfg) -> Step:
     factor = LOAD_T2I if st.is_t2i(cfg) else LOAD_IMAGENET
-    return Step("load", load_bytes(cfg), 0, 0, f"the torch model, every weight in float32 ({_gb(model_bytes(cfg))})"
-                + (": the model and the checkpoint's state dict beside it" if factor > 1 else ""))
+    return Step(
+        "load",
+        load_bytes(cfg),
+        0,
+        0,
+        f"the torch model, every weight in float32 ({_gb(model_bytes(cfg))})"
+        + (": the model and the checkpoint's state dict beside it" if factor > 1 else ""),
+    )
 
 
 def streamed_stage_bytes(cfg, steps: int, stage: str, weights: dict) -> int:
@@ -280,9 +305,14 @@ def streamed_export_step(cfg, steps: int, stages=None, precision: str = "fp32") 
     need = {s: streamed_stage_bytes(cfg, steps, s, s32[s]) for s in chosen}
     at = max(need, key=need.get)
     largest = max((b for name, (_, b) in s32[at].items() if name != "model.embed_tokens.weight"), default=0)
-    return Step("export", need[at], 0, sum(written[s] for s in chosen),
-                f"{precision.upper()} ONNX export streamed from the weight files, peaking at {at}: "
-                f"{STREAM_MATRIX:.2f}x its largest matrix ({_gb(largest)}) + its trace; no model is loaded")
+    return Step(
+        "export",
+        need[at],
+        0,
+        sum(written[s] for s in chosen),
+        f"{precision.upper()} ONNX export streamed from the weight files, peaking at {at}: "
+        f"{STREAM_MATRIX:.2f}x its largest matrix ({_gb(largest)}) + its trace; no model is loaded",
+    )
 
 
 def export_step(cfg, steps: int, stages=None, precision: str = "fp32") -> Step:
@@ -294,21 +324,39 @@ def export_step(cfg, steps: int, stages=None, precision: str = "fp32") -> Step:
     chosen = [s for s in s32 if s in (stages or s32)]
     transient, at = export_transient(cfg, steps, chosen)
     disk = sum(s32[s] for s in chosen) + max(s32[s] for s in chosen)
-    return Step("export", load_bytes(cfg) - PROCESS_BYTES + EXPORT_PROCESS_BYTES + transient, 0, disk,
-                f"FP32 ONNX export, peaking at {at}: the loaded model + {export_factor(s32[at]):.1f}x its graph "
-                f"({_gb(s32[at])}) + what earlier graphs left + its trace's inputs and activations; on disk every "
-                "graph + a raw export")
+    return Step(
+        "export",
+        load_bytes(cfg) - PROCESS_BYTES + EXPORT_PROCESS_BYTES + transient,
+        0,
+        disk,
+        f"FP32 ONNX export, peaking at {at}: the loaded model + {export_factor(s32[at]):.1f}x its graph "
+        f"({_gb(s32[at])}) + what earlier graphs left + its trace's inputs and activations; on disk every "
+        "graph + a raw export",
+    )
 
 
 def derive_fp16_step(cfg, steps: int) -> Step:
     s32, s16 = _sum(stage_weights(cfg, "fp32", steps)), _sum(stage_weights(cfg, "fp16", steps))
     held = max(DERIVE_FP16_INLINE * s32[s] if s16[s] <= SMALL_GRAPH else DERIVE_FP16_STREAMED for s in s16)
-    return Step("derive fp16", PROCESS_BYTES + int(held), 0, sum(s16.values()) + max(s16.values()),
-                "FP16 graphs from the FP32 export: graphs of <= 1.5 GB converted in memory, larger ones in chunks")
+    return Step(
+        "derive fp16",
+        PROCESS_BYTES + int(held),
+        0,
+        sum(s16.values()) + max(s16.values()),
+        "FP16 graphs from the FP32 export: graphs of <= 1.5 GB converted in memory, larger ones in chunks",
+    )
 
 
-def calibrate_step(cfg, steps: int, backend: str = "torch", precision: str = "fp32", images=None, seeds: int = 1,
-                   batch=None, policy=None) -> Step:
+def calibrate_step(
+    cfg,
+    steps: int,
+    backend: str = "torch",
+    precision: str = "fp32",
+    images=None,
+    seeds: int = 1,
+    batch=None,
+    policy=None,
+) -> Step:
     d_images, d_batch, d_policy = default_capture(cfg, steps)
     images, batch = images or d_images, batch or d_batch
     policy = policy or (d_policy if images == d_images and batch == d_batch else None)
@@ -322,9 +370,14 @@ def calibrate_step(cfg, steps: int, backend: str = "torch", precision: str = "fp
         model, what = sum(held.values()), f"ONNX Runtime on the {precision.upper()} graphs, sampling with head_step"
         run = activation_bytes(cfg, rows, precision, "onnxruntime")
     host = PROCESS_BYTES + model + kv_cache_bytes(cfg, rows) + run + int(CAPTURE_SAMPLES * samples)
-    return Step("calibrate", host, 0, samples,
-                f"capture on {backend} {precision} ({what}, {_gb(model)}) + the cache of {rows} rows + "
-                f"{CAPTURE_SAMPLES:.1f}x the samples kept ({_gb(samples)}, {images} images), held, written and read")
+    return Step(
+        "calibrate",
+        host,
+        0,
+        samples,
+        f"capture on {backend} {precision} ({what}, {_gb(model)}) + the cache of {rows} rows + "
+        f"{CAPTURE_SAMPLES:.1f}x the samples kept ({_gb(samples)}, {images} images), held, written and read",
+    )
 
 
 def derive_int8_factor(graph_bytes: int) -> float:
@@ -342,12 +395,19 @@ def derive_int8_step(cfg, steps: int, samples: int | None = None, rows: int | No
         rows = 2 * min(batch, images)
     quantised = [s for s in s8 if s not in INT8_FP16_STAGES]
     at = max(quantised, key=lambda s: derive_int8_factor(s32[s]) * s32[s])
-    held = max(derive_int8_factor(s32[at]) * s32[at] + kv_cache_bytes(cfg, rows or 8),
-               max((DERIVE_FP16_INLINE * s32[s] for s in s8 if s in INT8_FP16_STAGES), default=0))
-    return Step("derive int8", PROCESS_BYTES + samples + int(held), 0, sum(s8.values()) + s32[at],
-                f"INT8 graphs: the calibration set ({_gb(samples)}) + ONNX Runtime's quantiser holding "
-                f"{derive_int8_factor(s32[at]):.1f}x {at}'s FP32 graph ({_gb(s32[at])}); on disk the INT8 graphs + "
-                "its calibration graph")
+    held = max(
+        derive_int8_factor(s32[at]) * s32[at] + kv_cache_bytes(cfg, rows or 8),
+        max((DERIVE_FP16_INLINE * s32[s] for s in s8 if s in INT8_FP16_STAGES), default=0),
+    )
+    return Step(
+        "derive int8",
+        PROCESS_BYTES + samples + int(held),
+        0,
+        sum(s8.values()) + s32[at],
+        f"INT8 graphs: the calibration set ({_gb(samples)}) + ONNX Runtime's quantiser holding "
+        f"{derive_int8_factor(s32[at]):.1f}x {at}'s FP32 graph ({_gb(s32[at])}); on disk the INT8 graphs + "
+        "its calibration graph",
+    )
 
 
 def build_step(cfg, precision: str, steps: int, workspace_mb: int | None) -> Step:
@@ -358,10 +418,15 @@ def build_step(cfg, precision: str, steps: int, workspace_mb: int | None) -> Ste
     at = max(engines, key=lambda s: BUILD_HOST_GRAPH * graphs[s] + BUILD_HOST_ENGINE * engines[s])
     host = PROCESS_BYTES + int(BUILD_HOST_GRAPH * graphs[at] + BUILD_HOST_ENGINE * engines[at])
     gpu = int(BUILD_GPU_ENGINE * max(engines.values())) + workspace
-    return Step("build", host, gpu, sum(engines.values()),
-                f"TensorRT engines one stage at a time: {at}'s {graph_precision.upper()} graph and engine in host "
-                f"memory, the engine + workspace on the GPU (estimate, not measured)",
-                shared_bytes=host + gpu)
+    return Step(
+        "build",
+        host,
+        gpu,
+        sum(engines.values()),
+        f"TensorRT engines one stage at a time: {at}'s {graph_precision.upper()} graph and engine in host "
+        f"memory, the engine + workspace on the GPU (estimate, not measured)",
+        shared_bytes=host + gpu,
+    )
 
 
 def run_step(p) -> Step:
@@ -377,12 +442,26 @@ def run_step(p) -> Step:
         peak_loading = max(peak_loading, upto + s.bytes)
     shared = PROCESS_BYTES + max(p.total_bytes, peak_loading)
     cpu = None if p.backend == "tensorrt" else PROCESS_BYTES + p.total_bytes
-    return Step("run", host, p.total_bytes, 0, f"the runtime on {p.backend} (the plan above)", shared_bytes=shared,
-                cpu_bytes=cpu)
+    return Step(
+        "run",
+        host,
+        p.total_bytes,
+        0,
+        f"the runtime on {p.backend} (the plan above)",
+        shared_bytes=shared,
+        cpu_bytes=cpu,
+    )
 
 
-def road(cfg, precision: str = "fp32", backend: str = "tensorrt", max_batch: int = 1, guided: bool = True,
-         workspace_mb: int | None = None, steps: int | None = None) -> Road:
+def road(
+    cfg,
+    precision: str = "fp32",
+    backend: str = "tensorrt",
+    max_batch: int = 1,
+    guided: bool = True,
+    workspace_mb: int | None = None,
+    steps: int | None = None,
+) -> Road:
     """The steps to running `cfg` at `precision` on `backend` (memory.plan's arguments), as today's code
     takes them."""
     steps = cfg.default_steps if steps is None else int(steps)

@@ -12,8 +12,12 @@ from .report import compare
 TARGET_BIT_AGREEMENT = 0.99  # teacher-forced INT8, per stage (the precision issue's bar)
 # the quantised stages' bit agreements, as report.Comparison.to_json has them (the backbone per phase:
 # its prefill is few bits next to its steps, and pooled numbers would hide it)
-TARGETS = {"token_embed": ("token_embed",), "backbone prefill": ("backbone", "phases", "prefill"),
-           "backbone step": ("backbone", "phases", "step"), "head": ("head",)}
+TARGETS = {
+    "token_embed": ("token_embed",),
+    "backbone prefill": ("backbone", "phases", "prefill"),
+    "backbone step": ("backbone", "phases", "step"),
+    "head": ("head",),
+}
 
 
 def _at(tree: dict, path) -> dict:
@@ -34,40 +38,84 @@ def _producer(calibration) -> dict:
 
     producer = set_producer(calibration.key)
     export_dir = getattr(calibration, "origin", {}).get("export_dir")
-    return {"calibration_producer": {**producer, **({"export_dir": export_dir} if export_dir else {})},
-            "calibration_captured_with": describe_producer(producer, export_dir)}
+    return {
+        "calibration_producer": {**producer, **({"export_dir": export_dir} if export_dir else {})},
+        "calibration_captured_with": describe_producer(producer, export_dir),
+    }
 
 
-def accuracy_report(cfg, weights: str, fp32_dir, calibration, method: str, labels, seeds, steps: int, scale: float,
-                    schedule: str, make_backend, precisions=("fp16", "int8"), sensitivity: bool = False,
-                    progress: bool = True) -> dict:
+def accuracy_report(
+    cfg,
+    weights: str,
+    fp32_dir,
+    calibration,
+    method: str,
+    labels,
+    seeds,
+    steps: int,
+    scale: float,
+    schedule: str,
+    make_backend,
+    precisions=("fp16", "int8"),
+    sensitivity: bool = False,
+    progress: bool = True,
+) -> dict:
     """Derive (or reuse) each precision's graphs from `fp32_dir`, compare them with the FP32 graphs
     on `labels` x `seeds`, and return the report dict (see report_files.markdown)."""
     fp32_dir = Path(fp32_dir)
     ref = make_backend(fp32_dir)
-    out = {"setup": {"model": cfg.name, "weights": weights, "steps": steps, "cfg": scale, "cfg_schedule": schedule,
-                     "images": len(labels), **_condition(labels), "seeds": list(seeds), "method": method,
-                     "calibration": str(getattr(calibration, "directory", None) or "(in memory)"),
-                     "calibration_samples": {k: len(v) for k, v in calibration.samples.items()},
-                     "calibration_phases": {k: calibration.phase_counts(k) for k in calibration.samples
-                                            if calibration.phase_counts(k)},
-                     **_producer(calibration),
-                     "backend": ref.name, "fp32_export": str(fp32_dir)},
-           "precisions": {}, "exports": {}}
+    out = {
+        "setup": {
+            "model": cfg.name,
+            "weights": weights,
+            "steps": steps,
+            "cfg": scale,
+            "cfg_schedule": schedule,
+            "images": len(labels),
+            **_condition(labels),
+            "seeds": list(seeds),
+            "method": method,
+            "calibration": str(getattr(calibration, "directory", None) or "(in memory)"),
+            "calibration_samples": {k: len(v) for k, v in calibration.samples.items()},
+            "calibration_phases": {
+                k: calibration.phase_counts(k) for k in calibration.samples if calibration.phase_counts(k)
+            },
+            **_producer(calibration),
+            "backend": ref.name,
+            "fp32_export": str(fp32_dir),
+        },
+        "precisions": {},
+        "exports": {},
+    }
     for precision in precisions:
         variant = precision_export(fp32_dir, precision, calibration, method, progress=progress)
         out["exports"][precision] = str(variant.directory)
-        out["precisions"][precision] = compare(ref, make_backend(variant.directory), labels, seeds, steps, scale,
-                                               schedule).to_json()
+        out["precisions"][precision] = compare(
+            ref, make_backend(variant.directory), labels, seeds, steps, scale, schedule
+        ).to_json()
     if "int8" in out["precisions"]:
         tf = out["precisions"]["int8"]["teacher_forced"]
-        out["targets"] = {f"INT8 {name} bit agreement >= {TARGET_BIT_AGREEMENT:.0%}":
-                          _at(tf, path)["bit_agreement"] >= TARGET_BIT_AGREEMENT
-                          for name, path in TARGETS.items()}
+        out["targets"] = {
+            f"INT8 {name} bit agreement >= {TARGET_BIT_AGREEMENT:.0%}": _at(tf, path)["bit_agreement"]
+            >= TARGET_BIT_AGREEMENT
+            for name, path in TARGETS.items()
+        }
         if sensitivity:
             from .sensitivity import sweep
 
-            gains = sweep(fp32_dir, calibration, method, list(st.INT8_STAGES), labels, seeds, steps, scale,
-                          schedule, out["precisions"]["int8"], make_backend, progress=progress)
+            gains = sweep(
+                fp32_dir,
+                calibration,
+                method,
+                list(st.INT8_STAGES),
+                labels,
+                seeds,
+                steps,
+                scale,
+                schedule,
+                out["precisions"]["int8"],
+                make_backend,
+                progress=progress,
+            )
             out["sensitivity"] = [asdict(g) for g in gains]
     return out

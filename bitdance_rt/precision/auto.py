@@ -63,8 +63,10 @@ def keep_float_by_stage(fp32_dir, names) -> dict[str, list[str]]:
     unknown = [n for n in names if not any(n in v for v in layers.values())]
     if unknown:
         example = next((sorted(v)[0] for v in layers.values() if v), "/layers.0/attention/wo/MatMul")
-        raise BitDanceError(f"--keep-float {' '.join(unknown)}: no quantisable layer of that name in {fp32_dir} "
-                            f"(names look like {example}; `bitdance-rt calibrate --report --sensitivity` ranks them)")
+        raise BitDanceError(
+            f"--keep-float {' '.join(unknown)}: no quantisable layer of that name in {fp32_dir} "
+            f"(names look like {example}; `bitdance-rt calibrate --report --sensitivity` ranks them)"
+        )
     return {s: sorted(set(names) & v) for s, v in layers.items() if set(names) & v}
 
 
@@ -128,8 +130,10 @@ def fitting_prompts(prompts: list[str], encoder) -> list[str]:
                 break
             except BitDanceError:
                 if len(words) == 1:
-                    raise BitDanceError(f"max_text_tokens={encoder.cfg.max_text_tokens} holds no calibration "
-                                        "prompt (even one word is too long with the chat template)") from None
+                    raise BitDanceError(
+                        f"max_text_tokens={encoder.cfg.max_text_tokens} holds no calibration "
+                        "prompt (even one word is too long with the chat template)"
+                    ) from None
                 words = words[:-1]
         out.append(" ".join(words))
     return out
@@ -139,16 +143,31 @@ def capture_export(fp32_export, precision: str, progress: bool = True) -> Path:
     """The export an ONNX Runtime capture runs: the FP32 export itself, or its FP16 variant (derived,
     or reused when up to date)."""
     if fp32_export is None:
-        raise BitDanceError("an onnxruntime capture needs the model's FP32 export (to run it, or derive its FP16 "
-                            "graphs): pass it, or capture with the torch backend")
+        raise BitDanceError(
+            "an onnxruntime capture needs the model's FP32 export (to run it, or derive its FP16 "
+            "graphs): pass it, or capture with the torch backend"
+        )
     if precision == "fp32":
         return Path(fp32_export)
     return precision_export(fp32_export, precision, progress=progress).directory
 
 
-def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, load_model, directory=None,
-                    progress: bool = True, prompt_encoder=None, fp32_export=None, capture_backend: str | None = None,
-                    capture_precision: str | None = None, threads: int | None = None, providers=None):
+def calibration_for(
+    cfg,
+    source: str,
+    steps: int,
+    scale: float,
+    schedule: str,
+    load_model,
+    directory=None,
+    progress: bool = True,
+    prompt_encoder=None,
+    fp32_export=None,
+    capture_backend: str | None = None,
+    capture_precision: str | None = None,
+    threads: int | None = None,
+    providers=None,
+):
     """The calibration set in `directory` (validated against the model and weights), or the cached
     default set, captured first when missing: DEFAULT_CALIBRATION_IMAGES images (text-to-image:
     DEFAULT_T2I_PROMPTS, encoded by `prompt_encoder`), seed 0.
@@ -159,8 +178,14 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
     reused only when it was captured from that same model (its key's producer: backend, precision
     and export digest); else it is captured again."""
     from ..calibration import capture, load_calibration, save_calibration
-    from ..calibration.producer import (TORCH_PRODUCER, capture_choice, describe_producer, export_producer,
-                                        ort_capture_backend, set_producer)
+    from ..calibration.producer import (
+        TORCH_PRODUCER,
+        capture_choice,
+        describe_producer,
+        export_producer,
+        ort_capture_backend,
+        set_producer,
+    )
     from ..export.manifest import read_manifest
 
     if directory is not None:
@@ -174,8 +199,12 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
             found = load_calibration(path, config=cfg, weights=source, steps=steps)
             if set_producer(found.key) == want:
                 return found
-            logger.info("calibration cache %s: captured with %s, not %s; capturing it again", path,
-                        describe_producer(set_producer(found.key)), describe_producer(want, export))
+            logger.info(
+                "calibration cache %s: captured with %s, not %s; capturing it again",
+                path,
+                describe_producer(set_producer(found.key)),
+                describe_producer(want, export),
+            )
         except BitDanceError as exc:
             logger.info("calibration cache %s: %s; capturing it again", path, exc)
     if prompt_encoder is not None:
@@ -184,27 +213,58 @@ def calibration_for(cfg, source: str, steps: int, scale: float, schedule: str, l
     else:
         labels, prompts = default_labels(cfg), None
         images = len(labels)
-    logger.info("INT8 calibration: no --calibration given, capturing %d images of %s with %s into %s (once; pass "
-                "--calibration DIR from `bitdance-rt calibrate` to choose the data)", images, cfg.name,
-                describe_producer(want, export), path)
+    logger.info(
+        "INT8 calibration: no --calibration given, capturing %d images of %s with %s into %s (once; pass "
+        "--calibration DIR from `bitdance-rt calibrate` to choose the data)",
+        images,
+        cfg.name,
+        describe_producer(want, export),
+        path,
+    )
     policy = default_policy(cfg, images)
     if export is not None:
-        backend = ort_capture_backend(export, threads=threads, providers=providers, expect_config=cfg,
-                                      expect_source=source)
+        backend = ort_capture_backend(
+            export, threads=threads, providers=providers, expect_config=cfg, expect_source=source
+        )
         try:
-            result = capture(None, source, labels, [0], steps, scale, schedule, policy, DEFAULT_CAPTURE_BATCH,
-                             progress=progress, prompts=prompts, backend=backend, origin={"export_dir": str(export)})
+            result = capture(
+                None,
+                source,
+                labels,
+                [0],
+                steps,
+                scale,
+                schedule,
+                policy,
+                DEFAULT_CAPTURE_BATCH,
+                progress=progress,
+                prompts=prompts,
+                backend=backend,
+                origin={"export_dir": str(export)},
+            )
         finally:
             backend.close()
     else:
-        result = capture(load_model(), source, labels, [0], steps, scale, schedule, policy, DEFAULT_CAPTURE_BATCH,
-                         progress=progress, prompts=prompts)
+        result = capture(
+            load_model(),
+            source,
+            labels,
+            [0],
+            steps,
+            scale,
+            schedule,
+            policy,
+            DEFAULT_CAPTURE_BATCH,
+            progress=progress,
+            prompts=prompts,
+        )
     save_calibration(result.dataset, path, overwrite=True)
     return load_calibration(path, config=cfg, weights=source, steps=steps)
 
 
-def precision_export(fp32_dir, precision: str, calibration=None, method: str = "max", out_dir=None,
-                     progress: bool = True, keep_float=()):
+def precision_export(
+    fp32_dir, precision: str, calibration=None, method: str = "max", out_dir=None, progress: bool = True, keep_float=()
+):
     """The `precision` variant of an FP32 export (derived, or reused when up to date); `keep_float`:
     INT8 layer names kept in float on top of the policy's (see keep_float_by_stage)."""
     check_precision(precision)

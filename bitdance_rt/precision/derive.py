@@ -27,8 +27,7 @@ from .. import stages as st
 from ..errors import BitDanceError
 from ..export.shared_weights import share_weights
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
-from .policy import (INT8_FP16_STAGES, check_method, check_precision, fingerprint, int8_float_layers,
-                     quantised_layers)
+from .policy import INT8_FP16_STAGES, check_method, check_precision, fingerprint, int8_float_layers, quantised_layers
 
 INT8_STAGES = st.INT8_STAGES  # (stages.REGISTRY)
 FP16_STAGES = st.ALL_STAGES
@@ -43,28 +42,45 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def derived_key(fp32_manifest: dict, precision: str, stages, calibration=None, method: str | None = None,
-                keep_float: dict | None = None) -> dict:
-    key = {**fp32_manifest["key"], "stages": sorted(stages), "precision": precision,
-           "derived_from": _digest(fp32_manifest["key"]), "policy": fingerprint(precision)}
+def derived_key(
+    fp32_manifest: dict,
+    precision: str,
+    stages,
+    calibration=None,
+    method: str | None = None,
+    keep_float: dict | None = None,
+) -> dict:
+    key = {
+        **fp32_manifest["key"],
+        "stages": sorted(stages),
+        "precision": precision,
+        "derived_from": _digest(fp32_manifest["key"]),
+        "policy": fingerprint(precision),
+    }
     if precision == "int8":
-        key["calibration"] = {"set": _digest(calibration.key), "method": method,
-                              "samples": {s: len(v) for s, v in sorted(calibration.samples.items())}}
+        key["calibration"] = {
+            "set": _digest(calibration.key),
+            "method": method,
+            "samples": {s: len(v) for s, v in sorted(calibration.samples.items())},
+        }
         key["keep_float"] = {s: sorted(v) for s, v in sorted((keep_float or {}).items()) if v}
     return key
 
 
 def int8_layers(fp32_dir: Path, manifest: dict, stages) -> dict[str, list[str]]:
     """{stage: names of its quantisable layers} for the INT8 stages among `stages` of an FP32 export."""
-    return {s: quantised_layers(Path(fp32_dir) / stage_files(manifest, fp32_dir, s)[0])
-            for s in stages if s in INT8_STAGES}
+    return {
+        s: quantised_layers(Path(fp32_dir) / stage_files(manifest, fp32_dir, s)[0]) for s in stages if s in INT8_STAGES
+    }
 
 
 def _load_fp32(fp32_dir: Path) -> dict:
     manifest = read_manifest(fp32_dir)
     if graph_precision(manifest) != "fp32":
-        raise BitDanceError(f"{fp32_dir / MANIFEST}: holds {graph_precision(manifest)} graphs; derive precision "
-                            "variants from an FP32 export (bitdance-rt export)")
+        raise BitDanceError(
+            f"{fp32_dir / MANIFEST}: holds {graph_precision(manifest)} graphs; derive precision "
+            "variants from an FP32 export (bitdance-rt export)"
+        )
     verify_files(fp32_dir, manifest, hashes=True)
     return manifest
 
@@ -80,8 +96,10 @@ def _check_calibration(calibration, fp32_dir: Path, manifest: dict) -> None:
     for stage in (s for s in manifest["key"]["stages"] if s in INT8_STAGES):
         empty = [p for p, n in calibration.phase_counts(stage).items() if n == 0]
         if empty:
-            raise BitDanceError(f"{where}: no {stage} samples of its {' / '.join(empty)} phase; capture the set "
-                                "again (bitdance-rt calibrate)")
+            raise BitDanceError(
+                f"{where}: no {stage} samples of its {' / '.join(empty)} phase; capture the set "
+                "again (bitdance-rt calibrate)"
+            )
 
 
 def _work_order(stages, precision: str) -> list[str]:
@@ -104,8 +122,16 @@ def _check(path: Path, stage: str) -> None:
         raise BitDanceError(f"stage {stage}: the converted graph fails the ONNX checks: {first}") from exc
 
 
-def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: str = "max",
-                  keep_float: dict | None = None, force: bool = False, progress: bool = True):
+def derive_export(
+    fp32_dir,
+    out_dir,
+    precision: str,
+    calibration=None,
+    method: str = "max",
+    keep_float: dict | None = None,
+    force: bool = False,
+    progress: bool = True,
+):
     """Write the `precision` variant of the FP32 export `fp32_dir` into `out_dir` (or reuse it).
 
     `calibration`: a CalibrationSet (INT8). `keep_float`: {stage: [node names]} kept out of
@@ -129,15 +155,19 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
         _check_calibration(calibration, fp32_dir, manifest)
         stages = [s for s in available if s in INT8_STAGES or s in INT8_FP16_STAGES]
         if st.HEAD_STEP not in stages:
-            raise BitDanceError(f"{fp32_dir} has no head_step graph, which INT8 generation samples with; "
-                                "re-export with it (bitdance-rt export, all stages)")
+            raise BitDanceError(
+                f"{fp32_dir} has no head_step graph, which INT8 generation samples with; "
+                "re-export with it (bitdance-rt export, all stages)"
+            )
     else:
         stages = [s for s in available if s in FP16_STAGES]
     quantised = [s for s in stages if precision == "int8" and s in INT8_STAGES]
     unknown = sorted(set(keep_float or {}) - set(quantised))
     if unknown:  # (a keep-float list for another stage would be dropped without a word)
-        raise BitDanceError(f"keep_float names {', '.join(unknown)}, which this {precision} variant does not quantise "
-                            f"(its INT8 stages: {', '.join(quantised) or 'none'})")
+        raise BitDanceError(
+            f"keep_float names {', '.join(unknown)}, which this {precision} variant does not quantise "
+            f"(its INT8 stages: {', '.join(quantised) or 'none'})"
+        )
     keep_float = {s: list(v) for s, v in (keep_float or {}).items()}
     if precision == "int8":  # the policy's float layers join the caller's
         for stage, layers in int8_layers(fp32_dir, manifest, stages).items():
@@ -154,27 +184,39 @@ def derive_export(fp32_dir, out_dir, precision: str, calibration=None, method: s
     work = workdir.path
     try:
         files: dict[str, list[str]] = {}
-        bar = tqdm(_work_order(stages, precision), desc=f"{precision.upper()} graphs", unit="stage", leave=False,
-                   disable=not progress)
+        bar = tqdm(
+            _work_order(stages, precision),
+            desc=f"{precision.upper()} graphs",
+            unit="stage",
+            leave=False,
+            disable=not progress,
+        )
         for stage in bar:
             bar.set_postfix_str(stage)
             src = fp32_dir / stage_files(manifest, fp32_dir, stage)[0]
             dst = work / f"{stage}.onnx"
             if precision == "fp16" or stage not in INT8_STAGES:  # (INT8_FP16_STAGES: the FP16 variant's graph)
-                files[stage] = convert_fp16_file(src, dst, sampler=precision == "fp16" and stage in st.SAMPLER_STAGES,
-                                                 external_bytes=EXTERNAL_DATA_BYTES)
+                files[stage] = convert_fp16_file(
+                    src,
+                    dst,
+                    sampler=precision == "fp16" and stage in st.SAMPLER_STAGES,
+                    external_bytes=EXTERNAL_DATA_BYTES,
+                )
             else:
                 big = len(stage_files(manifest, fp32_dir, stage)) > 1
-                quantize_int8(src, dst, calibration.reader(stage), method, keep_float.get(stage, ()),
-                              external_data=big)
-                files[stage] = [dst.name] + sorted(p.name for p in work.iterdir()
-                                                   if p.name.startswith(dst.name + ".") or p.name == f"{stage}.data")
+                quantize_int8(src, dst, calibration.reader(stage), method, keep_float.get(stage, ()), external_data=big)
+                files[stage] = [dst.name] + sorted(
+                    p.name for p in work.iterdir() if p.name.startswith(dst.name + ".") or p.name == f"{stage}.data"
+                )
             _check(dst, stage)
         files = {s: files[s] for s in stages}  # (the manifest lists them in the export's order)
         files = share_weights(work, files)  # FP16: the head of head_step and the sampler once again
-        new = {"key": key, "precision": precision,
-               "stages": {s: manifest["stages"][s] for s in stages},
-               "versions": {**manifest.get("versions", {}), **_versions()}}
+        new = {
+            "key": key,
+            "precision": precision,
+            "stages": {s: manifest["stages"][s] for s in stages},
+            "versions": {**manifest.get("versions", {}), **_versions()},
+        }
         if precision == "int8":
             new["calibration_method"] = method
             new["fp16_stages"] = [s for s in stages if s not in INT8_STAGES]

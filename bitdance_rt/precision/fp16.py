@@ -43,8 +43,11 @@ def norm_squares(nodes) -> list[str]:
     """Names of the x * x nodes whose output a ReduceMean reads (the RMSNorm statistics)."""
     nodes = list(nodes)
     reduced = {name for n in nodes if n.op_type == "ReduceMean" for name in n.input[:1]}
-    return [n.name for n in nodes if n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]
-            and n.output[0] in reduced]
+    return [
+        n.name
+        for n in nodes
+        if n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1] and n.output[0] in reduced
+    ]
 
 
 def _drop_noop_casts(model) -> int:
@@ -63,7 +66,12 @@ def _drop_noop_casts(model) -> int:
             if name in rename:
                 node.input[i] = rename[name]
         to = next((a.i for a in node.attribute if a.name == "to"), None)
-        if node.op_type == "Cast" and to is not None and types.get(node.input[0]) == to and node.output[0] not in outputs:
+        if (
+            node.op_type == "Cast"
+            and to is not None
+            and types.get(node.input[0]) == to
+            and node.output[0] not in outputs
+        ):
             rename[node.output[0]] = node.input[0]
             continue
         kept.append(node)
@@ -125,8 +133,16 @@ def _strip(model, base):
     (skeleton, stash: [original tensor])."""
     import onnx
 
-    from ..export.shared_weights import (SKELETON_BYTES, STRING, is_external, make_inline, placeholder, read_bytes,
-                                         skeleton, tensor_nbytes)
+    from ..export.shared_weights import (
+        SKELETON_BYTES,
+        STRING,
+        is_external,
+        make_inline,
+        placeholder,
+        read_bytes,
+        skeleton,
+        tensor_nbytes,
+    )
 
     stash = []
 
@@ -160,8 +176,13 @@ def _convert(model, sampler: bool):
     inferred = infer_shapes(model)  # what the converter's own infer_shapes would give, without serialising weights
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about every value clamped into FP16 range
-        out = float16.convert_float_to_float16(inferred, keep_io_types=True, disable_shape_infer=True,
-                                               op_block_list=list(FP16_KEEP_FLOAT_OPS), node_block_list=blocked_nodes)
+        out = float16.convert_float_to_float16(
+            inferred,
+            keep_io_types=True,
+            disable_shape_infer=True,
+            op_block_list=list(FP16_KEEP_FLOAT_OPS),
+            node_block_list=blocked_nodes,
+        )
     _fix_float_casts(out)
     return out
 
@@ -188,8 +209,9 @@ def _data(placeholder, original, base):
     if placeholder.data_type == original.data_type:
         return chunks
     if (original.data_type, placeholder.data_type) != (FLOAT, FLOAT16):
-        raise ValueError(f"tensor {original.name!r}: converted from type {original.data_type} "
-                         f"to {placeholder.data_type}")
+        raise ValueError(
+            f"tensor {original.name!r}: converted from type {original.data_type} to {placeholder.data_type}"
+        )
     return (memoryview(to_fp16(np.frombuffer(c, np.float32))).cast("B") for c in chunks)
 
 

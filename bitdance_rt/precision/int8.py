@@ -104,19 +104,25 @@ def activation_ranges(fp32_path, reader, method: str, cache_file, external_data:
     try:
         from onnxruntime.quantization.calibrate import save_tensors_data
     except ImportError:
-        raise BitDanceError("INT8 calibration needs an onnxruntime with calibration caches (save_tensors_data): "
-                            "pip install -U onnxruntime") from None
+        raise BitDanceError(
+            "INT8 calibration needs an onnxruntime with calibration caches (save_tensors_data): "
+            "pip install -U onnxruntime"
+        ) from None
     extra = {"symmetric": True}
     if method == "entropy":
         extra.update(num_bins=512, num_quantized_bins=128)
     elif method == "percentile":
         extra.update(num_bins=2048, percentile=99.999)
     with tempfile.TemporaryDirectory(prefix="bitdance-rt-calib-") as tmp:
-        calibrator = create_calibrator(Path(fp32_path), list(INT8_OP_TYPES),
-                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
-                                       use_external_data_format=external_data, extra_options=extra)
-        for group in (reader.groups() if hasattr(reader, "groups") else [reader]):
+        calibrator = create_calibrator(
+            Path(fp32_path),
+            list(INT8_OP_TYPES),
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
+            use_external_data_format=external_data,
+            extra_options=extra,
+        )
+        for group in reader.groups() if hasattr(reader, "groups") else [reader]:
             if hasattr(group, "rewind"):  # (a reader read before starts over)
                 group.rewind()
             calibrator.collect_data(group)
@@ -134,12 +140,18 @@ def needs_external_data(fp32_path) -> bool:
     from ..export.shared_weights import is_external, tensors
 
     model = onnx.load(str(fp32_path), load_external_data=False)
-    return (any(is_external(t) for t, _ in tensors(model.graph))
-            or Path(fp32_path).stat().st_size > _EXTERNAL_DATA_BYTES)
+    return any(is_external(t) for t, _ in tensors(model.graph)) or Path(fp32_path).stat().st_size > _EXTERNAL_DATA_BYTES
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: str = "max",
-                  nodes_to_exclude=(), external_data: bool = False, calibration_cache: str | Path | None = None) -> None:
+def quantize_int8(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    reader,
+    method: str = "max",
+    nodes_to_exclude=(),
+    external_data: bool = False,
+    calibration_cache: str | Path | None = None,
+) -> None:
     """Write the INT8 Q/DQ graph of `fp32_path` to `out_path`; `reader` yields calibration feeds.
 
     `calibration_cache`: a file that keeps the activation ranges; a later call with the same
@@ -160,8 +172,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: s
     from onnxruntime.quantization import quantize_static
 
     if len(reader) == 0:
-        raise BitDanceError(f"no calibration samples for {Path(fp32_path).stem}: the calibration set has none "
-                            "of this stage (capture one with more samples)")
+        raise BitDanceError(
+            f"no calibration samples for {Path(fp32_path).stem}: the calibration set has none "
+            "of this stage (capture one with more samples)"
+        )
     options = quantize_options(method)
     # Name the nodes: in QDQ mode MatMulConstBOnly alone still lets activation x activation MatMuls through.
     nodes = [n for n in quantised_layers(fp32_path) if n not in set(nodes_to_exclude)]
@@ -173,9 +187,16 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, reader, method: s
             with contextlib.redirect_stdout(io.StringIO()), quiet_quantiser():
                 if not cache.is_file():
                     activation_ranges(fp32_path, reader, method, cache, external_data)
-                quantize_static(str(fp32_path), str(out_path), None, nodes_to_quantize=nodes,
-                                nodes_to_exclude=list(nodes_to_exclude), use_external_data_format=external_data,
-                                calibration_cache_path=str(cache), **options)
+                quantize_static(
+                    str(fp32_path),
+                    str(out_path),
+                    None,
+                    nodes_to_quantize=nodes,
+                    nodes_to_exclude=list(nodes_to_exclude),
+                    use_external_data_format=external_data,
+                    calibration_cache_path=str(cache),
+                    **options,
+                )
     except Exception as exc:  # onnxruntime raises many types; name the graph
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BitDanceError(f"{fp32_path}: INT8 quantisation failed ({first})") from exc

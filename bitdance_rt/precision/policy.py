@@ -4,7 +4,8 @@ Both conversions keep the graph's inputs and outputs float32 (the stage contract
 with precision, so every backend and the calibration data serve every precision).
 
 INT8 (explicit Q/DQ, the placement TensorRT's explicit quantization expects): the inputs of
-weight GEMMs and convolutions are quantised (but for the few layers of INT8_FLOAT_LAYERS) -- MatMul with a constant weight, Gemm, Conv -- with
+weight GEMMs and convolutions are quantised (but for the few layers of INT8_FLOAT_LAYERS) -- MatMul with a
+constant weight, Gemm, Conv -- with
 symmetric int8 activations (zero point 0) and per-output-channel symmetric int8 weights.
 Convolution outputs are quantised too (INT8_OUTPUT_OP_TYPES): ONNX Runtime's CPU integer
 convolution (QLinearConv) exists only with an int8 output, and without it the INT8 decoder ran
@@ -44,8 +45,10 @@ INT8_OUTPUT_OP_TYPES = ("Conv",)
 # prefill and the steps, so the one rule covers both.
 INT8_FLOAT_LAYERS = {st.BACKBONE: ("/feed_forward/w2/",)}
 if not set(INT8_FLOAT_LAYERS) <= set(st.INT8_STAGES):  # a rule for no INT8 stage would be dropped without a word
-    raise RuntimeError(f"INT8_FLOAT_LAYERS names stages {sorted(set(INT8_FLOAT_LAYERS) - set(st.INT8_STAGES))} "
-                       f"that INT8 does not quantise ({', '.join(st.INT8_STAGES)})")
+    raise RuntimeError(
+        f"INT8_FLOAT_LAYERS names stages {sorted(set(INT8_FLOAT_LAYERS) - set(st.INT8_STAGES))} "
+        f"that INT8 does not quantise ({', '.join(st.INT8_STAGES)})"
+    )
 
 # Stages generation needs that INT8 does not quantise: an INT8 export carries their FP16 graphs.
 # (prefix_embed is a table lookup: a Gather has no weight GEMM to quantise. FP16 halves the table,
@@ -68,14 +71,26 @@ def quantised_layers(path) -> list[str]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
-    return [n.name for n in graph.node if n.op_type in INT8_OP_TYPES and (n.op_type != "MatMul" or n.input[1] in weights)]
+    return [
+        n.name for n in graph.node if n.op_type in INT8_OP_TYPES and (n.op_type != "MatMul" or n.input[1] in weights)
+    ]
 
 
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
 
 FP16_KEEP_FLOAT_OPS = (
-    "LayerNormalization", "InstanceNormalization", "ReduceMean", "Sqrt", "Reciprocal", "Pow",
-    "Softmax", "ReduceMax", "Exp", "ReduceSum", "Sin", "Cos",
+    "LayerNormalization",
+    "InstanceNormalization",
+    "ReduceMean",
+    "Sqrt",
+    "Reciprocal",
+    "Pow",
+    "Softmax",
+    "ReduceMax",
+    "Exp",
+    "ReduceSum",
+    "Sin",
+    "Cos",
 )
 
 HEAD_NET_SCOPE = "/head/"  # TorchScript export names nodes by module path; the head net lives here
@@ -94,12 +109,19 @@ POLICY_VERSION = 8  # bump when a conversion setting changes: derived exports ar
 def fingerprint(precision: str) -> dict:
     """What of the policy a derived export depends on (part of its manifest key)."""
     if precision == "int8":
-        return {"version": POLICY_VERSION, "quantised_ops": list(INT8_OP_TYPES),
-                "quantised_outputs": list(INT8_OUTPUT_OP_TYPES),
-                "float_layers": {k: list(v) for k, v in sorted(INT8_FLOAT_LAYERS.items())},
-                "fp16_stages": list(INT8_FP16_STAGES)}
-    return {"version": POLICY_VERSION, "fp32_ops": list(FP16_KEEP_FLOAT_OPS), "sampler_arithmetic": "fp32",
-            "fp32_nodes": "rms_norm squares"}
+        return {
+            "version": POLICY_VERSION,
+            "quantised_ops": list(INT8_OP_TYPES),
+            "quantised_outputs": list(INT8_OUTPUT_OP_TYPES),
+            "float_layers": {k: list(v) for k, v in sorted(INT8_FLOAT_LAYERS.items())},
+            "fp16_stages": list(INT8_FP16_STAGES),
+        }
+    return {
+        "version": POLICY_VERSION,
+        "fp32_ops": list(FP16_KEEP_FLOAT_OPS),
+        "sampler_arithmetic": "fp32",
+        "fp32_nodes": "rms_norm squares",
+    }
 
 
 def check_precision(precision: str) -> str:

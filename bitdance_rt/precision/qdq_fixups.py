@@ -85,8 +85,9 @@ def shapes_from_graph_inputs(model) -> int:
                 graph.initializer.append(numpy_helper.from_array(np.array([d.dim_value], np.int64), name))
             else:
                 source, source_axis = named[d.dim_param]
-                out.append(helper.make_node("Shape", [source], [name], name=name, start=source_axis,
-                                            end=source_axis + 1))
+                out.append(
+                    helper.make_node("Shape", [source], [name], name=name, start=source_axis, end=source_axis + 1)
+                )
             pieces.append(name)
         out.append(helper.make_node("Concat", pieces, list(node.output), name=node.name, axis=0))
         fixed += 1

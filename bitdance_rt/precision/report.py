@@ -89,10 +89,17 @@ class Comparison:
     def _stage(self, *keys: str) -> dict:
         """Bit agreement and condition error of the measurements `keys`, pooled."""
         bits = Agreement(sum(self.bits[k].same for k in keys), sum(self.bits[k].total for k in keys))
-        err = Error(max(self.cond[k].max for k in keys), sum(self.cond[k].abs_sum for k in keys),
-                    sum(self.cond[k].count for k in keys))
-        return {"bit_agreement": bits.value, "bits": bits.total, "cond_max_abs_err": err.max,
-                "cond_mean_abs_err": err.mean}
+        err = Error(
+            max(self.cond[k].max for k in keys),
+            sum(self.cond[k].abs_sum for k in keys),
+            sum(self.cond[k].count for k in keys),
+        )
+        return {
+            "bit_agreement": bits.value,
+            "bits": bits.total,
+            "cond_max_abs_err": err.max,
+            "cond_mean_abs_err": err.mean,
+        }
 
     def to_json(self) -> dict:
         def db(values):
@@ -107,11 +114,16 @@ class Comparison:
                 "backbone": {**self._stage(*backbone), "phases": {p: self._stage(f"backbone.{p}") for p in PHASES}},
                 "head": {"bit_agreement": self.bits["head"].value, "bits": self.bits["head"].total},
                 "end_to_end": self._stage("end_to_end"),
-                "decoder": {"psnr_db_min": db(self.decoder_psnr),
-                            "psnr_db_mean": (sum(self.decoder_psnr) / len(self.decoder_psnr)
-                                             if self.decoder_psnr and all(map(math.isfinite, self.decoder_psnr))
-                                             else db(self.decoder_psnr)),
-                            "max_abs_err": self.decoder.max, "mean_abs_err": self.decoder.mean},
+                "decoder": {
+                    "psnr_db_min": db(self.decoder_psnr),
+                    "psnr_db_mean": (
+                        sum(self.decoder_psnr) / len(self.decoder_psnr)
+                        if self.decoder_psnr and all(map(math.isfinite, self.decoder_psnr))
+                        else db(self.decoder_psnr)
+                    ),
+                    "max_abs_err": self.decoder.max,
+                    "mean_abs_err": self.decoder.mean,
+                },
             },
             "free_running": {"bit_agreement": self.free_bits.value, "image_psnr_db_min": db(self.free_psnr)},
         }
@@ -175,8 +187,10 @@ class Lockstep:
     def __init__(self, ref, test, out: "Comparison"):
         for b in (ref, test):
             if not (hasattr(b, "run_stage") and hasattr(b, "bucket")):
-                raise BitDanceError(f"compare: {getattr(b, 'name', b)!r} is not a stage backend (runtime/core.py): "
-                                    "its stages cannot be compared one by one")
+                raise BitDanceError(
+                    f"compare: {getattr(b, 'name', b)!r} is not a stage backend (runtime/core.py): "
+                    "its stages cannot be compared one by one"
+                )
         self.ref, self.test, self.out = ref, test, out
         self.config = ref.config
         self.name = f"{ref.name} vs {test.name}"
@@ -222,8 +236,9 @@ class Lockstep:
         x = torch.cat([x_test, x_test[:1].expand(gap, *x_test.shape[1:]), x_ref])
         with _replaced(test, st.TOKEN_EMBED, x):
             both = _copy(test.step_rows(twins, starts + [lo] * gap + starts, write + [False] * gap + write))
-        return self._record(cond_ref, {"token_embed": embed, "backbone.step": both[self._twin:],
-                                       "end_to_end": both[:n]})
+        return self._record(
+            cond_ref, {"token_embed": embed, "backbone.step": both[self._twin :], "end_to_end": both[:n]}
+        )
 
     def sample_rows(self, cond, noise, cfg, cond_row, uncond_row):
         ref, test, bits = self.ref, self.test, self.out.bits
@@ -242,8 +257,17 @@ class Lockstep:
         return image_ref
 
 
-def compare(ref, test, labels, seeds, steps: int, scale: float, schedule: str = "linear",
-            batch_size: int = 8, free_running: bool = True) -> Comparison:
+def compare(
+    ref,
+    test,
+    labels,
+    seeds,
+    steps: int,
+    scale: float,
+    schedule: str = "linear",
+    batch_size: int = 8,
+    free_running: bool = True,
+) -> Comparison:
     """Lockstep comparison of backend `test` against `ref` over labels (or a text-to-image model's
     encoded prompts, runtime/conditions.py) x seeds (see the module doc)."""
     out = Comparison()

@@ -43,16 +43,26 @@ def markdown(report: dict) -> str:
     for p, r in report["precisions"].items():
         tf, free = r["teacher_forced"], r["free_running"]
         backbone = tf["backbone"]["phases"]
-        lines.append(f"| {p} | {_pct(tf['prefix_embed']['bit_agreement'])} | {_pct(tf['token_embed']['bit_agreement'])} | "
-                     f"{_pct(backbone['prefill']['bit_agreement'])} | {_pct(backbone['step']['bit_agreement'])} | "
-                     f"{_pct(tf['head']['bit_agreement'])} | {_pct(tf['end_to_end']['bit_agreement'])} | "
-                     f"{_db(tf['decoder']['psnr_db_min'])} | {_pct(free['bit_agreement'])} | "
-                     f"{_num(tf['backbone']['cond_max_abs_err'])} |")
+        lines.append(
+            f"| {p} | {_pct(tf['prefix_embed']['bit_agreement'])} | {_pct(tf['token_embed']['bit_agreement'])} | "
+            f"{_pct(backbone['prefill']['bit_agreement'])} | {_pct(backbone['step']['bit_agreement'])} | "
+            f"{_pct(tf['head']['bit_agreement'])} | {_pct(tf['end_to_end']['bit_agreement'])} | "
+            f"{_db(tf['decoder']['psnr_db_min'])} | {_pct(free['bit_agreement'])} | "
+            f"{_num(tf['backbone']['cond_max_abs_err'])} |"
+        )
     if report.get("targets"):
-        lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["targets"].items())]
+        lines += [
+            "",
+            "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["targets"].items()),
+        ]
     if report.get("sensitivity"):
-        lines += ["", "## INT8 sensitivity: layers kept in float, best gain first per stage", "",
-                  "| stage | layer | metric with it float | gain over all-INT8 |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## INT8 sensitivity: layers kept in float, best gain first per stage",
+            "",
+            "| stage | layer | metric with it float | gain over all-INT8 |",
+            "|---|---|---|---|",
+        ]
         for g in report["sensitivity"]:
             value = _db(g["metric"]) if g["stage"] == "decoder" else _pct(g["metric"])
             gain = f"{g['gain']:+.2f} dB" if g["stage"] == "decoder" else f"{100 * g['gain']:+.2f} pts"

@@ -37,8 +37,21 @@ class LayerGain:
     gain: float  # over all-INT8 (bit agreement in [0, 1], or dB for the decoder)
 
 
-def sweep(fp32_dir, calibration, method: str, stages, labels, seeds, steps: int, scale: float, schedule: str,
-          baseline: dict, make_backend, progress: bool = True, max_layers: int | None = None) -> list[LayerGain]:
+def sweep(
+    fp32_dir,
+    calibration,
+    method: str,
+    stages,
+    labels,
+    seeds,
+    steps: int,
+    scale: float,
+    schedule: str,
+    baseline: dict,
+    make_backend,
+    progress: bool = True,
+    max_layers: int | None = None,
+) -> list[LayerGain]:
     """LayerGains for every quantised layer of `stages` (at most `max_layers` per stage), best first
     within each stage (gains are bit agreement for the AR stages, dB for the decoder).
 
@@ -60,10 +73,12 @@ def sweep(fp32_dir, calibration, method: str, stages, labels, seeds, steps: int,
     out = []
     with tempfile.TemporaryDirectory(prefix="bitdance-rt-sensitivity-") as tmp:
         for n, (stage, layer) in enumerate(tqdm(jobs, desc="INT8 sensitivity", unit="layer", disable=not progress)):
-            variant = derive_export(fp32_dir, Path(tmp) / f"v{n}", "int8", calibration, method,
-                                    keep_float={stage: [layer]}, progress=False)
-            result = compare(ref, make_backend(variant.directory), labels, seeds, steps, scale, schedule,
-                             free_running=False).to_json()
+            variant = derive_export(
+                fp32_dir, Path(tmp) / f"v{n}", "int8", calibration, method, keep_float={stage: [layer]}, progress=False
+            )
+            result = compare(
+                ref, make_backend(variant.directory), labels, seeds, steps, scale, schedule, free_running=False
+            ).to_json()
             value = stage_metric(result, stage)
             out.append(LayerGain(stage, layer, value, value - stage_metric(baseline, stage)))
     order = list(METRIC)

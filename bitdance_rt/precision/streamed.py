@@ -24,16 +24,27 @@ def export_precision_streamed(model, source, out_dir, source_id: str, precision:
 
     check_precision(precision)
     if precision not in STREAMED_PRECISIONS:
-        raise BitDanceError(f"precision {precision}: streamed exports write {' or '.join(STREAMED_PRECISIONS)} "
-                            "graphs; INT8 is derived from an export (bitdance-rt export --precision int8)")
+        raise BitDanceError(
+            f"precision {precision}: streamed exports write {' or '.join(STREAMED_PRECISIONS)} "
+            "graphs; INT8 is derived from an export (bitdance-rt export --precision int8)"
+        )
     if precision == "fp32":
         return export_streamed(model, source, out_dir, source_id, **options)
 
     def convert(graph, spec):
         return convert_fp16_streamed(graph, sampler=spec.name in st.SAMPLER_STAGES)
 
-    return export_streamed(model, source, out_dir, source_id, precision="fp16", graph_pass=convert,
-                           to_half=to_fp16, key_extra={"policy": fingerprint("fp16")}, **options)
+    return export_streamed(
+        model,
+        source,
+        out_dir,
+        source_id,
+        precision="fp16",
+        graph_pass=convert,
+        to_half=to_fp16,
+        key_extra={"policy": fingerprint("fp16")},
+        **options,
+    )
 
 
 def convert_fp16_streamed(graph, sampler: bool):

@@ -58,8 +58,10 @@ class QualityReport:
     num_real: int
 
     def __str__(self) -> str:
-        return (f"class accuracy {100 * self.accuracy:.1f}% on {self.num_generated} samples, "
-                f"Fréchet distance {self.frechet:.2f} (vs {self.num_real} real held-out images)")
+        return (
+            f"class accuracy {100 * self.accuracy:.1f}% on {self.num_generated} samples, "
+            f"Fréchet distance {self.frechet:.2f} (vs {self.num_real} real held-out images)"
+        )
 
 
 def score_images(images: torch.Tensor, labels, classifier: DigitsClassifier | None = None) -> QualityReport:
@@ -68,6 +70,9 @@ def score_images(images: torch.Tensor, labels, classifier: DigitsClassifier | No
     classifier = classifier or load_classifier()
     digits, _ = load_heldout()
     real = digits_to_images(digits, images.shape[-1])
-    return QualityReport(class_accuracy(classifier, images, labels),
-                         frechet_distance(classifier, images.float().clamp(-1, 1), real),
-                         len(images), len(real))
+    return QualityReport(
+        class_accuracy(classifier, images, labels),
+        frechet_distance(classifier, images.float().clamp(-1, 1), real),
+        len(images),
+        len(real),
+    )

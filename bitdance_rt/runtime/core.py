@@ -47,8 +47,10 @@ def check_generation_stages(specs: dict, where) -> None:
     (the fused graph, or head_step for the step-by-step sampler)."""
     missing = [s for s in st.REQUIRED_STAGES if s not in specs]
     if missing or not (st.HEAD_STEP in specs or st.HEAD_SAMPLER in specs):
-        raise BitDanceError(f"{where} lacks stage(s) {', '.join(missing) or 'head_sampler (or head_step)'} needed "
-                            "for generation; re-export with all stages")
+        raise BitDanceError(
+            f"{where} lacks stage(s) {', '.join(missing) or 'head_sampler (or head_step)'} needed "
+            "for generation; re-export with all stages"
+        )
 
 
 BUCKETS = (4, 8, 12, 16, 24, 32)  # then multiples of 16
@@ -59,8 +61,10 @@ def row_bucket(rows: int, max_rows: int | None) -> int:
     max_rows. Few sizes (TensorRT captures one CUDA graph per size) that waste at most a third of a
     call on padding rows; without a cap (torch) calls past the table keep multiples of 16."""
     if max_rows is not None and rows > max_rows:
-        raise BitDanceError(f"{rows} rows are outside the exported range [1, {max_rows}] (2 rows per image, max "
-                            f"batch {max_rows // 2}); re-export with a larger max batch")
+        raise BitDanceError(
+            f"{rows} rows are outside the exported range [1, {max_rows}] (2 rows per image, max "
+            f"batch {max_rows // 2}); re-export with a larger max batch"
+        )
     size = next((b for b in BUCKETS if b >= rows), -(-rows // 16) * 16)
     return size if max_rows is None else min(size, max_rows)
 
@@ -127,7 +131,9 @@ class StageBackend:
         return self.specs is None or stage in self.specs
 
     # ---- stage observers ------------------------------------------------------------------
-    def run_stage(self, stage: str, feeds: dict[str, torch.Tensor], phase: str | None = None) -> dict[str, torch.Tensor]:
+    def run_stage(
+        self, stage: str, feeds: dict[str, torch.Tensor], phase: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """Run one stage (`_run`), then hand a StageCall to every observer, in the calling thread.
         Every stage run of the core goes through here."""
         observers = self._observers
@@ -232,8 +238,11 @@ class StageBackend:
         x = self.run_stage(st.PREFIX_EMBED, embed)["x"]
         context = {name: run[name] for name in st.step_context_names(self.config)}  # text-to-image: pad
         # the cache rows the call reads are any `padded` slots: with start 0 every cached key is hidden
-        out = self.run_stage(st.BACKBONE, {"x": x, "start": torch.zeros(padded, dtype=torch.int64), **context,
-                                           **self._cache_feeds(padded)}, phase="prefill")
+        out = self.run_stage(
+            st.BACKBONE,
+            {"x": x, "start": torch.zeros(padded, dtype=torch.int64), **context, **self._cache_feeds(padded)},
+            phase="prefill",
+        )
         self.clear_rows(slots)  # the rows start clean, whatever their last owner left there
         write_rows(self._kv, out["kv_new"][:, :, :m].to(self._kv.device), slots, 0)
         for name in context:  # inputs the backbone steps need again
@@ -243,11 +252,18 @@ class StageBackend:
 
     def _check_prefill(self, feeds: dict[str, torch.Tensor]) -> None:
         labels = feeds.get("labels")
-        if labels is not None and labels.numel() and not (0 <= int(labels.min()) and
-                                                          int(labels.max()) <= self.config.num_classes):
+        if (
+            labels is not None
+            and labels.numel()
+            and not (0 <= int(labels.min()) and int(labels.max()) <= self.config.num_classes)
+        ):
             raise BitDanceError(f"labels must lie in [0, {self.config.num_classes}] (the last is the null class)")
         pad = feeds.get("pad")
-        if pad is not None and pad.numel() and not (0 <= int(pad.min()) and int(pad.max()) <= self.config.max_text_tokens):
+        if (
+            pad is not None
+            and pad.numel()
+            and not (0 <= int(pad.min()) and int(pad.max()) <= self.config.max_text_tokens)
+        ):
             raise BitDanceError(f"pad must lie in [0, {self.config.max_text_tokens}] (max_text_tokens)")
 
     def step_context(self, name: str, rows: int) -> torch.Tensor:
@@ -270,8 +286,10 @@ class StageBackend:
         padded = self.bucket(n)
         self.ensure_cache(padded)
         start = _pad_rows(torch.tensor(starts, dtype=torch.int64), padded, lo)
-        feeds = {"x": self.run_stage(st.TOKEN_EMBED, {"tokens": _pad_rows(tokens.float().cpu(), padded)})["x"],
-                 "start": start}
+        feeds = {
+            "x": self.run_stage(st.TOKEN_EMBED, {"tokens": _pad_rows(tokens.float().cpu(), padded)})["x"],
+            "start": start,
+        }
         for name, values in self._context.items():
             feeds[name] = values[:padded]
         feeds.update(self._cache_feeds(padded))
@@ -289,43 +307,62 @@ class StageBackend:
         steps = int(noise.shape[0]) - 1
         p, c = self.config.parallel_num, self.config.token_dim
         if steps < 1 or tuple(noise.shape[1:]) != (m, p, c):
-            raise BitDanceError(f"sample_rows: noise {list(noise.shape)} does not fit cond {list(cond.shape)}: "
-                                f"want [S+1, {m}, {p}, {c}]")
+            raise BitDanceError(
+                f"sample_rows: noise {list(noise.shape)} does not fit cond {list(cond.shape)}: "
+                f"want [S+1, {m}, {p}, {c}]"
+            )
         cfg = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1)
         cond_row = torch.as_tensor(cond_row, dtype=torch.int64).reshape(-1)
         uncond_row = torch.as_tensor(uncond_row, dtype=torch.int64).reshape(-1)
         if not (cfg.shape[0] == cond_row.shape[0] == uncond_row.shape[0] == m):
             raise BitDanceError(f"sample_rows: cfg / cond_row / uncond_row need {m} values each")
-        if m and (int(torch.cat([cond_row, uncond_row]).min()) < 0 or int(torch.cat([cond_row, uncond_row]).max()) >= m):
+        if m and (
+            int(torch.cat([cond_row, uncond_row]).min()) < 0 or int(torch.cat([cond_row, uncond_row]).max()) >= m
+        ):
             raise BitDanceError(f"sample_rows: cond_row / uncond_row must index rows 0..{m - 1}")
         padded = self.bucket(m)
         own = torch.arange(m, padded)
-        feeds = {"cond": _pad_rows(cond.float().cpu(), padded),
-                 "noise": torch.cat([noise.float().cpu(), noise.new_zeros(steps + 1, padded - m, p, c)], dim=1),
-                 "cfg": _pad_rows(cfg, padded, 1.0), "cond_row": torch.cat([cond_row, own]),
-                 "uncond_row": torch.cat([uncond_row, own])}
+        feeds = {
+            "cond": _pad_rows(cond.float().cpu(), padded),
+            "noise": torch.cat([noise.float().cpu(), noise.new_zeros(steps + 1, padded - m, p, c)], dim=1),
+            "cfg": _pad_rows(cfg, padded, 1.0),
+            "cond_row": torch.cat([cond_row, own]),
+            "uncond_row": torch.cat([uncond_row, own]),
+        }
         if self._use_fused(steps):
             return self.run_stage(st.HEAD_SAMPLER, feeds)["tokens"][:m].float().cpu()
         net = self._head_net(padded)
         with torch.no_grad():
-            tokens = sample_tokens_rows(net, feeds["cond"], feeds["noise"], feeds["cfg"], feeds["cond_row"],
-                                        feeds["uncond_row"], self.config.time_shift)
+            tokens = sample_tokens_rows(
+                net,
+                feeds["cond"],
+                feeds["noise"],
+                feeds["cfg"],
+                feeds["cond_row"],
+                feeds["uncond_row"],
+                self.config.time_shift,
+            )
         return tokens[:m].float().cpu()
 
     def _use_fused(self, steps: int) -> bool:
         have = self.has_stage(st.HEAD_SAMPLER) and self.sampler_steps in (None, steps)
         if self.sampler == "fused" or (self.sampler == "auto" and have):
             if not have:
-                raise BitDanceError(f"{self._where()}: no fused head sampler for S={steps} (exported "
-                                    f"S={self.sampler_steps}); re-export with sampler steps {steps}")
+                raise BitDanceError(
+                    f"{self._where()}: no fused head sampler for S={steps} (exported "
+                    f"S={self.sampler_steps}); re-export with sampler steps {steps}"
+                )
             return True
         if not self.has_stage(st.HEAD_STEP):
-            raise BitDanceError(f"{self._where()}: the fused head sampler has S={self.sampler_steps}, this generation "
-                                f"asks S={steps}, and there is no head_step graph; re-export with sampler steps {steps}")
+            raise BitDanceError(
+                f"{self._where()}: the fused head sampler has S={self.sampler_steps}, this generation "
+                f"asks S={steps}, and there is no head_step graph; re-export with sampler steps {steps}"
+            )
         return False
 
     def _head_net(self, rows: int):
         """The head net as a callable (x, t, cond) for the step-by-step sampler."""
+
         def net(x, t, cond):
             return self.run_stage(st.HEAD_STEP, {"x": x, "t": t, "cond": cond})["x_pred"].float().cpu()
 
@@ -360,8 +397,9 @@ class StageBackend:
         if not self._batch_rows:
             raise BitDanceError("step() before prefill(): start every generation with prefill")
         if int(tokens.shape[0]) != self._batch_rows:
-            raise BitDanceError(f"step(): {tokens.shape[0]} token rows, but the cache was prefilled with "
-                                f"{self._batch_rows}")
+            raise BitDanceError(
+                f"step(): {tokens.shape[0]} token rows, but the cache was prefilled with {self._batch_rows}"
+            )
         start = st.step_start(self.config, int(step))
         return self.step_rows(tokens, [start] * self._batch_rows, [True] * self._batch_rows)
 
@@ -370,6 +408,8 @@ class StageBackend:
         rows = int(cond.shape[0])
         want = (rows // 2 if guided else rows, self.config.parallel_num, self.config.token_dim)
         if int(noise.shape[0]) < 2 or tuple(noise.shape[1:]) != want or (guided and rows % 2):
-            raise BitDanceError(f"sample_tokens: noise {list(noise.shape)} does not fit cond {list(cond.shape)} "
-                                f"({'guided' if guided else 'unguided'}): want [S+1, {', '.join(map(str, want))}]")
+            raise BitDanceError(
+                f"sample_tokens: noise {list(noise.shape)} does not fit cond {list(cond.shape)} "
+                f"({'guided' if guided else 'unguided'}): want [S+1, {', '.join(map(str, want))}]"
+            )
         return self.sample_rows(cond, *batch_layout(rows, noise, cfg, guided))

@@ -58,8 +58,12 @@ def _detected() -> tuple[tuple[str, bool], ...]:
     except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__ as found
     flags = _proc_flags()
-    return (("avx2", bool(found.get("AVX2"))), ("avx512_vnni", bool(found.get("AVX512VNNI"))),
-            ("avx_vnni", "avx_vnni" in flags), ("amx_int8", "amx_int8" in flags))
+    return (
+        ("avx2", bool(found.get("AVX2"))),
+        ("avx512_vnni", bool(found.get("AVX512VNNI"))),
+        ("avx_vnni", "avx_vnni" in flags),
+        ("amx_int8", "amx_int8" in flags),
+    )
 
 
 def cpu_features() -> dict[str, bool]:

@@ -31,8 +31,16 @@ def check_request(num_classes: int, labels, steps: int) -> None:
     check_steps(steps)
 
 
-def make_request(cfg, condition, steps: int, cfg_scale: float, cfg_schedule: str | None, noise: NoiseSource,
-                 batch_size: int | None, **options) -> Request:
+def make_request(
+    cfg,
+    condition,
+    steps: int,
+    cfg_scale: float,
+    cfg_schedule: str | None,
+    noise: NoiseSource,
+    batch_size: int | None,
+    **options,
+) -> Request:
     """A validated request: `condition` labels or a condition, split into parts of `batch_size`."""
     if not hasattr(condition, "rows") and hasattr(cfg, "num_classes"):
         check_labels(condition, cfg.num_classes)
@@ -56,8 +64,9 @@ def _rows_for(backend, request: Request) -> int:
 
 def _run_alone(backend, request: Request, progress: bool) -> GenerationResult:
     scheduler = Scheduler(backend, max_rows=_rows_for(backend, request))
-    bar = tqdm(total=request.ar_steps * len(request.parts), desc=f"{backend.name} AR steps", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=request.ar_steps * len(request.parts), desc=f"{backend.name} AR steps", disable=not progress, leave=False
+    )
     request.on_event = lambda e: bar.update(1) if e.kind in ("step", "done") else None
     scheduler.submit(request)
     try:
@@ -67,8 +76,16 @@ def _run_alone(backend, request: Request, progress: bool) -> GenerationResult:
     return request.future.result()
 
 
-def generate_batched(backend, labels, steps: int, cfg_scale: float, cfg_schedule: str | None,
-                     noise: NoiseSource, progress: bool = False, batch_size: int | None = None) -> GenerationResult:
+def generate_batched(
+    backend,
+    labels,
+    steps: int,
+    cfg_scale: float,
+    cfg_schedule: str | None,
+    noise: NoiseSource,
+    progress: bool = False,
+    batch_size: int | None = None,
+) -> GenerationResult:
     """Generate in parts of at most `batch_size` images (default: the backend's `max_batch`, if it
     has one), drawing noise from the one source in order; results are concatenated.
     `labels`: class labels, or a condition (runtime/conditions.py) such as encoded prompts."""
@@ -79,8 +96,16 @@ def generate_batched(backend, labels, steps: int, cfg_scale: float, cfg_schedule
     return _run_alone(backend, request, progress)
 
 
-def generate(backend, labels, steps: int, cfg_scale: float, cfg_schedule: str | None, noise: NoiseSource,
-             progress: bool = False, finish: bool = True) -> GenerationResult:
+def generate(
+    backend,
+    labels,
+    steps: int,
+    cfg_scale: float,
+    cfg_schedule: str | None,
+    noise: NoiseSource,
+    progress: bool = False,
+    finish: bool = True,
+) -> GenerationResult:
     """One batch, alone. `cfg_schedule` None: the model family's (sampling.schedule_for).
     `finish=False` leaves the check that a replayed noise file was used up to the caller."""
     request = make_request(backend.config, labels, steps, cfg_scale, cfg_schedule, noise, None)

@@ -3,7 +3,8 @@
 Implements the Backend calls (prefill, step, sample_tokens, decode) over per-stage sessions.
 The KV cache is one preallocated torch tensor on the session's device, bound by address as the
 `kv` input (IO binding, no copy); each backbone graph returns only its chunk's keys/values
-(`kv_new`, also bound to a preallocated buffer), which the backend writes into the cache. Head sampling uses the fused head_sampler graph when it was exported with the
+(`kv_new`, also bound to a preallocated buffer), which the backend writes into the cache. Head sampling uses
+the fused head_sampler graph when it was exported with the
 requested S; otherwise the head_step graph is the `net` of bitdance_rt.sampling.sample_tokens,
 so the sampler maths is the torch reference's in both cases.
 
@@ -29,10 +30,18 @@ from .int8_kernels import configure as int8_configure
 from .ort_session import graph_signature, make_session, trt_profile_options
 from .int8_kernels import resolve as int8_kernels_resolve
 
-OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                    "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
+OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
@@ -56,7 +65,7 @@ def normalize_providers(providers) -> list:
     available = ort.get_available_providers()
     out = []
     for p in providers:
-        name, options = (p if isinstance(p, tuple) else (p, {}))
+        name, options = p if isinstance(p, tuple) else (p, {})
         name = PROVIDER_ALIASES.get(str(name).lower(), name)
         if name not in available:
             raise BitDanceError(
@@ -70,10 +79,21 @@ def normalize_providers(providers) -> list:
 class OrtBackend(StageBackend):
     name = "onnxruntime"
 
-    def __init__(self, export_dir, threads: int | None = None, opt_level: str = "all",
-                 optimized_model_dir=None, providers=None, *, sampler: str = "auto",
-                 verify_hashes: bool = True, expect_config: ModelConfig | None = None,
-                 expect_source: str | None = None, int8_kernels: str | None = None, session_cache=None):
+    def __init__(
+        self,
+        export_dir,
+        threads: int | None = None,
+        opt_level: str = "all",
+        optimized_model_dir=None,
+        providers=None,
+        *,
+        sampler: str = "auto",
+        verify_hashes: bool = True,
+        expect_config: ModelConfig | None = None,
+        expect_source: str | None = None,
+        int8_kernels: str | None = None,
+        session_cache=None,
+    ):
         """`sampler`: 'auto' (fused graph when its S matches, else head_step), 'fused' or 'step'.
         `expect_config` / `expect_source` refuse an export of another model or checkpoint.
         `int8_kernels`: 'auto' (exact U8U8 kernels where this CPU's U8S8 ones saturate), 'exact' or
@@ -106,8 +126,9 @@ class OrtBackend(StageBackend):
         first = self.providers[0]
         self.device = ("cuda", int(first[1].get("device_id", 0))) if first[0] in GPU_PROVIDERS else ("cpu", 0)
         if optimized_model_dir is not None and session_cache is not None:
-            raise BitDanceError("give optimized_model_dir (write the optimised graphs out) or session_cache "
-                                "(reuse them), not both")
+            raise BitDanceError(
+                "give optimized_model_dir (write the optimised graphs out) or session_cache (reuse them), not both"
+            )
         self._session_args = (threads, opt_level, optimized_model_dir, session_cache)
         # head_step waits until a sampler step count without a fused graph needs it (most runs never do)
         lazy = {st.HEAD_STEP} if sampler != "step" and st.HEAD_SAMPLER in self.specs else set()
@@ -135,11 +156,15 @@ class OrtBackend(StageBackend):
         try:
             got_in, got_out = graph_signature(path)
         except (ValueError, OSError) as exc:
-            raise BitDanceError(f"{path}: not a readable ONNX file ({_first_line(exc)}); re-export {self.dir}") from None
+            raise BitDanceError(
+                f"{path}: not a readable ONNX file ({_first_line(exc)}); re-export {self.dir}"
+            ) from None
         spec = self.specs[name]
         if got_in != spec.input_names or got_out != spec.output_names:
-            raise BitDanceError(f"{path}: graph inputs {got_in} / outputs {got_out} are not those of stage {name} "
-                                f"in {MANIFEST}; re-export {self.dir}")
+            raise BitDanceError(
+                f"{path}: graph inputs {got_in} / outputs {got_out} are not those of stage {name} "
+                f"in {MANIFEST}; re-export {self.dir}"
+            )
 
     def _session(self, name: str, threads, opt_level: str, optimized_model_dir, session_cache=None):
         ort = self.ort
@@ -167,8 +192,9 @@ class OrtBackend(StageBackend):
             out.mkdir(parents=True, exist_ok=True)
             opts.optimized_model_filepath = str(out / f"{name}.{opt_level}.onnx")
             if len(files) > 1:  # weights stay external in the optimised copy too
-                opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                              f"{name}.{opt_level}.onnx.data")
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", f"{name}.{opt_level}.onnx.data"
+                )
         providers = []
         for provider, options in self.providers:
             if provider == "TensorrtExecutionProvider" and "trt_profile_min_shapes" not in options:
@@ -180,7 +206,9 @@ class OrtBackend(StageBackend):
         try:
             return make_session(path, opts, providers, cache_dir=session_cache, key=key)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
-            raise BitDanceError(f"{path}: ONNX Runtime cannot load it ({_first_line(exc)}); re-export {self.dir}") from None
+            raise BitDanceError(
+                f"{path}: ONNX Runtime cannot load it ({_first_line(exc)}); re-export {self.dir}"
+            ) from None
 
     # ---- running (the rest is the shared core, runtime/core.py) ------------------------------
     def _alloc_cache(self, rows: int) -> torch.Tensor:
@@ -218,8 +246,9 @@ class OrtBackend(StageBackend):
             if t.name == "kv_new":
                 key = (name, *sorted(dims.items()))
                 if key not in self._out_buffers:  # one preallocated buffer per (stage, rows, seq)
-                    self._out_buffers[key] = torch.empty(spec.shape("kv_new", **dims), dtype=torch.float32,
-                                                         device=self._kv.device)
+                    self._out_buffers[key] = torch.empty(
+                        spec.shape("kv_new", **dims), dtype=torch.float32, device=self._kv.device
+                    )
                 out_kv = self._out_buffers[key]
                 self._bind_tensor(binding, "kv_new", out_kv, output=True)
             else:
@@ -229,5 +258,7 @@ class OrtBackend(StageBackend):
         except Exception as exc:
             raise BitDanceError(f"stage {name}: ONNX Runtime failed ({_first_line(exc)})") from None
         values = binding.get_outputs()  # in the order bound: the contract's
-        return {t.name: out_kv if t.name == "kv_new" else torch.from_numpy(values[i].numpy())
-                for i, t in enumerate(spec.outputs)}
+        return {
+            t.name: out_kv if t.name == "kv_new" else torch.from_numpy(values[i].numpy())
+            for i, t in enumerate(spec.outputs)
+        }

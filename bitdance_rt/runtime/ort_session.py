@@ -64,12 +64,19 @@ MAX_ENTRIES = 24  # least recently used entries beyond this are deleted when a n
 
 # Session config entries that change what the graph optimisers produce: part of the cache name.
 GRAPH_CONFIG_ENTRIES = (
-    "session.x64quantprecision", "session.qdqisint8allowed", "session.disable_quant_qdq",
-    "session.enable_quant_qdq_cleanup", "session.disable_double_qdq_remover",
-    "session.disable_aot_function_inlining", "session.qdq_matmulnbits_accuracy_level",
-    "optimization.enable_gelu_approximation", "optimization.disable_specified_optimizers",
-    "optimization.minimal_build_optimizations", "optimization.enable_cast_chain_elimination",
-    "mlas.enable_gemm_fastmath_arm64_bfloat16", "session.optimized_model_external_initializers_min_size_in_bytes",
+    "session.x64quantprecision",
+    "session.qdqisint8allowed",
+    "session.disable_quant_qdq",
+    "session.enable_quant_qdq_cleanup",
+    "session.disable_double_qdq_remover",
+    "session.disable_aot_function_inlining",
+    "session.qdq_matmulnbits_accuracy_level",
+    "optimization.enable_gelu_approximation",
+    "optimization.disable_specified_optimizers",
+    "optimization.minimal_build_optimizations",
+    "optimization.enable_cast_chain_elimination",
+    "mlas.enable_gemm_fastmath_arm64_bfloat16",
+    "session.optimized_model_external_initializers_min_size_in_bytes",
 )
 
 
@@ -301,7 +308,7 @@ def _dead_writer(p: Path) -> bool:
     if not p.name.startswith(TMP_PREFIX):
         return False
     try:
-        os.kill(int(p.name[len(TMP_PREFIX):].split("-")[1]), 0)
+        os.kill(int(p.name[len(TMP_PREFIX) :].split("-")[1]), 0)
     except ProcessLookupError:
         return True
     except (ValueError, IndexError, OSError):
@@ -311,8 +318,10 @@ def _dead_writer(p: Path) -> bool:
 
 def _cache_unwritable(cache_dir: Path, why: str) -> None:
     """One line per process: a read-only or full cache would otherwise warn for every session."""
-    warn_once(f"warning: cannot write the optimised-graph cache in {cache_dir} ({why}); "
-              "making sessions without it", key=("ort-cache-unwritable", str(cache_dir)))
+    warn_once(
+        f"warning: cannot write the optimised-graph cache in {cache_dir} ({why}); making sessions without it",
+        key=("ort-cache-unwritable", str(cache_dir)),
+    )
 
 
 class _Restore:
@@ -332,8 +341,15 @@ class _Restore:
         return False
 
 
-def make_session(path: str | Path, options, providers, *, cache_dir: str | Path | None = None,
-                 key: str | None = None, max_entries: int | None = MAX_ENTRIES):
+def make_session(
+    path: str | Path,
+    options,
+    providers,
+    *,
+    cache_dir: str | Path | None = None,
+    key: str | None = None,
+    max_entries: int | None = MAX_ENTRIES,
+):
     """An onnxruntime.InferenceSession for the graph at `path` with the caller's `options` (threads,
     config entries, int8 kernel switch: all kept) and `providers` (names or (name, options) pairs).
 
@@ -354,8 +370,9 @@ def make_session(path: str | Path, options, providers, *, cache_dir: str | Path 
         raise ValueError("make_session: a cache_dir needs a key naming the source graph")
     if options.optimized_model_filepath:
         raise ValueError("make_session: options.optimized_model_filepath is set; pass either it or cache_dir")
-    if (options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            or any(p not in CACHEABLE_PROVIDERS for p, _ in _provider_pairs(providers))):
+    if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL or any(
+        p not in CACHEABLE_PROVIDERS for p, _ in _provider_pairs(providers)
+    ):
         return ort.InferenceSession(str(path), options, providers=providers)
 
     cache_dir = Path(cache_dir)
@@ -392,6 +409,7 @@ def _touch(entry: Path) -> None:
 def prune(cache_dir: str | Path, max_entries: int, keep: Path | None = None) -> list[Path]:
     """Delete the least recently used entries (by their meta.json's mtime) beyond `max_entries`;
     returns the deleted ones. `keep` is never deleted."""
+
     def used(p: Path) -> float:
         try:
             return (p / META).stat().st_mtime
@@ -460,9 +478,13 @@ def _install(path: Path, tmp: Path, entry: Path, full: dict, work) -> None:
     if MODEL not in files:
         _warn(f"ONNX Runtime saved no optimised graph for {path.name}; not cached")
         return
-    meta = {"format": META_FORMAT, "full_key": full, "source": str(path),
-            "bytes": {f: (tmp / f).stat().st_size for f in files},
-            "sha256": {f: file_sha256(tmp / f) for f in files}}
+    meta = {
+        "format": META_FORMAT,
+        "full_key": full,
+        "source": str(path),
+        "bytes": {f: (tmp / f).stat().st_size for f in files},
+        "sha256": {f: file_sha256(tmp / f) for f in files},
+    }
     (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like an export directory
     for f in files:

@@ -86,8 +86,9 @@ def check_cfg_schedule(value) -> str | None:
 def check_labels(value, num_classes: int) -> list[int]:
     """An int or a sequence of ints (numpy / torch integers too), each a class index."""
     if isinstance(value, (str, bytes)):
-        raise ParamError("labels", f"labels must be class indices (an integer or a list of integers), got the "
-                                   f"string {_shown(value)}")
+        raise ParamError(
+            "labels", f"labels must be class indices (an integer or a list of integers), got the string {_shown(value)}"
+        )
     if isinstance(value, bool):
         raise ParamError("labels", f"labels must be class indices, got {value!r}")
     try:
@@ -96,8 +97,9 @@ def check_labels(value, num_classes: int) -> list[int]:
         try:
             items = list(value)
         except TypeError:
-            raise ParamError("labels", f"labels must be an integer or a list of integers, got "
-                                       f"{type(value).__name__} {_shown(value)}") from None
+            raise ParamError(
+                "labels", f"labels must be an integer or a list of integers, got {type(value).__name__} {_shown(value)}"
+            ) from None
     if not items:
         raise ParamError("labels", "labels is empty: give at least one class index")
     labels = []
@@ -143,8 +145,19 @@ class RequestValues:
     seed: int
 
 
-def check_request_values(config, t2i: bool, *, labels=None, prompt=None, num_images=1, steps=None, cfg=None,
-                         cfg_schedule=None, seed=0, default_steps: int | None = None) -> RequestValues:
+def check_request_values(
+    config,
+    t2i: bool,
+    *,
+    labels=None,
+    prompt=None,
+    num_images=1,
+    steps=None,
+    cfg=None,
+    cfg_schedule=None,
+    seed=0,
+    default_steps: int | None = None,
+) -> RequestValues:
     """Every value of one request checked against the model `config` (defaults filled in)."""
     name = config.name
     if t2i:
@@ -162,5 +175,6 @@ def check_request_values(config, t2i: bool, *, labels=None, prompt=None, num_ima
     num_images = check_int("num_images", num_images, 1)
     steps = check_steps(default_steps if steps is None else steps)
     scale = check_cfg(config.default_cfg if cfg is None else cfg)
-    return RequestValues(labels_out, prompts, num_images, steps, scale, check_cfg_schedule(cfg_schedule),
-                         check_seed(seed))
+    return RequestValues(
+        labels_out, prompts, num_images, steps, scale, check_cfg_schedule(cfg_schedule), check_seed(seed)
+    )

@@ -64,8 +64,11 @@ class Scheduler:
         # beside the AR steps (ONNX Runtime and torch on a GPU); on the CPU the decoder would take the
         # AR steps' cores, and TensorRT keeps one stream: both decode inline. The worker is FIFO.
         self.observers: list = []  # callables(seconds, rows) after each AR-step iteration (metrics)
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="bitdance-decode") if (
-            decode_thread and getattr(backend, "concurrent_decode", False)) else None
+        self._decoder = (
+            ThreadPoolExecutor(1, thread_name_prefix="bitdance-decode")
+            if (decode_thread and getattr(backend, "concurrent_decode", False))
+            else None
+        )
 
     # ---- submitting ---------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -256,14 +259,20 @@ class Scheduler:
             offset += r.rows
         if not drawn:
             return
-        tokens = self.backend.sample_rows(torch.cat(conds), torch.cat(noises, dim=1), torch.cat(scales),
-                                          torch.cat(cond_rows), torch.cat(uncond_rows))
+        tokens = self.backend.sample_rows(
+            torch.cat(conds), torch.cat(noises, dim=1), torch.cat(scales), torch.cat(cond_rows), torch.cat(uncond_rows)
+        )
         offset = 0
         for r, _ in drawn:
             r.last, offset = tokens[offset : offset + r.rows], offset + r.rows
             if not bool(torch.isfinite(r.last).all()):  # never a silent black image
-                self._fail(r, BitDanceError(f"the model computed non-finite values at AR step {r.step} of this "
-                                            "request (its guidance, noise or the graphs' precision); it was stopped"))
+                self._fail(
+                    r,
+                    BitDanceError(
+                        f"the model computed non-finite values at AR step {r.step} of this "
+                        "request (its guidance, noise or the graphs' precision); it was stopped"
+                    ),
+                )
 
     def _partial_latent(self, r: Request) -> torch.Tensor:
         """The latent so far: generated tokens in place, 0 where nothing was generated yet."""
@@ -305,9 +314,11 @@ class Scheduler:
         if not last or r.future.done():
             return
         parts = r.done_parts
-        result = GenerationResult(*(torch.cat([part[i] for part in parts]) for i in range(3)),
-                                  seconds=self.clock() - r.submitted,
-                                  first_step_seconds=(r.first_step - r.submitted) if r.first_step else None)
+        result = GenerationResult(
+            *(torch.cat([part[i] for part in parts]) for i in range(3)),
+            seconds=self.clock() - r.submitted,
+            first_step_seconds=(r.first_step - r.submitted) if r.first_step else None,
+        )
         r.emit(Event("done", self.config.ar_steps, self.config.ar_steps, result=result))
         if not r.future.done():  # (a failing callback has already answered it)
             r.future.set_result(result)

@@ -14,11 +14,19 @@ from .. import stages as st
 
 STAGE_CALLS = ("prefill", "step", "sample_tokens", "decode")  # the names reports use
 # the calls that count under each name: the scheduler's row-level ones and the batch-level ones
-TIMED = {"prefill_rows": "prefill", "step_rows": "step", "sample_rows": "sample_tokens", "decode": "decode",
-         **{name: name for name in STAGE_CALLS}}
+TIMED = {
+    "prefill_rows": "prefill",
+    "step_rows": "step",
+    "sample_rows": "sample_tokens",
+    "decode": "decode",
+    **{name: name for name in STAGE_CALLS},
+}
 BACKBONE_PHASES = ("prefill", "step")  # stages.backbone_phases
-STAGE_GRAPHS = tuple(name for stage in st.ALL_STAGES
-                     for name in ([f"{stage}.{p}" for p in BACKBONE_PHASES] if stage == st.BACKBONE else [stage]))
+STAGE_GRAPHS = tuple(
+    name
+    for stage in st.ALL_STAGES
+    for name in ([f"{stage}.{p}" for p in BACKBONE_PHASES] if stage == st.BACKBONE else [stage])
+)
 
 
 def graph_name(stage: str, phase: str | None = None) -> str:

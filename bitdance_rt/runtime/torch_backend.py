@@ -27,8 +27,10 @@ class TorchBackend(StageBackend):
         self.config = model.cfg
         self.device = torch.device(device)
         self.head_net = self.model.head_net  # the sampler's net (head_step and head_sampler stages)
-        specs = {name: st.stage_spec(name, self.config, steps=1)
-                 for name in (st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.DECODER, st.ENCODER)}
+        specs = {
+            name: st.stage_spec(name, self.config, steps=1)
+            for name in (st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.DECODER, st.ENCODER)
+        }
         self._names = {name: spec.input_names for name, spec in specs.items()}
         self._outputs = {name: spec.output_names for name, spec in specs.items()}
         self._modules = {name: stage_module(name, self.model) for name in self._names}  # made once: no races
@@ -47,8 +49,17 @@ class TorchBackend(StageBackend):
     def _run(self, stage, feeds, phase=None):
         feeds = {k: v.to(self.device) for k, v in feeds.items()}
         if stage == st.HEAD_SAMPLER:
-            return {"tokens": sample_tokens_rows(self.head_net, feeds["cond"], feeds["noise"], feeds["cfg"],
-                                                 feeds["cond_row"], feeds["uncond_row"], self.config.time_shift)}
+            return {
+                "tokens": sample_tokens_rows(
+                    self.head_net,
+                    feeds["cond"],
+                    feeds["noise"],
+                    feeds["cfg"],
+                    feeds["cond_row"],
+                    feeds["uncond_row"],
+                    self.config.time_shift,
+                )
+            }
         if stage == st.HEAD_STEP:
             return {"x_pred": self.head_net(feeds["x"], feeds["t"], feeds["cond"])}
         out = self._modules[stage](*(feeds[n] for n in self._names[stage]))

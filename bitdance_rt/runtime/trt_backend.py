@@ -77,10 +77,15 @@ from .core import SAMPLER_MODES, StageBackend
 logger = logging.getLogger(__name__)
 
 
-
 def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-             trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int32: torch.int32,
+        trt.int64: torch.int64,
+        trt.bool: torch.bool,
+        trt.int8: torch.int8,
+    }
     bf16 = getattr(trt, "bfloat16", None)
     if bf16 is not None:
         table[bf16] = torch.bfloat16
@@ -132,8 +137,9 @@ def _select_profile(context, index: int, stream_handle: int, stage: str) -> None
     else:
         why = "it returned False"
     if not ok:
-        raise BitDanceError(f"stage {stage}: TensorRT refused optimisation profile {index} ({why}); rebuild the "
-                            "engines for this export")
+        raise BitDanceError(
+            f"stage {stage}: TensorRT refused optimisation profile {index} ({why}); rebuild the engines for this export"
+        )
 
 
 def _graph_candidate(stage: str, phase: str | None) -> bool:
@@ -145,8 +151,15 @@ def _graph_candidate(stage: str, phase: str | None) -> bool:
 class _Call:
     """One stage at one shape (and phase): its context, static buffers, and (after capture) its CUDA graph."""
 
-    def __init__(self, backend: "TrtBackend", stage: str, dims: dict[str, int], bound: dict[str, torch.Tensor],
-                 phase: str | None = None, shared: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        backend: "TrtBackend",
+        stage: str,
+        dims: dict[str, int],
+        bound: dict[str, torch.Tensor],
+        phase: str | None = None,
+        shared: dict[str, torch.Tensor] | None = None,
+    ):
         """`bound`: inputs given by address that must fit (the cache views); `shared`: inputs given by
         address when dtype and shape fit (another call's output buffer, e.g. the embeddings `x`)."""
         trt, engine = backend.trt, backend._engine(stage)
@@ -167,8 +180,10 @@ class _Call:
             shape = spec.shape(t.name, **dims)
             if any(d < 0 for d in engine.get_tensor_shape(t.name)):
                 if not self.context.set_input_shape(t.name, shape):
-                    raise BitDanceError(f"stage {stage}: TensorRT refused shape {list(shape)} for {t.name} (outside "
-                                        f"the engine's profile {self.profile}; rebuild the engines for this export)")
+                    raise BitDanceError(
+                        f"stage {stage}: TensorRT refused shape {list(shape)} for {t.name} (outside "
+                        f"the engine's profile {self.profile}; rebuild the engines for this export)"
+                    )
             dtype = _torch_dtype(trt, engine.get_tensor_dtype(t.name))
             given = shared.get(t.name)
             if t.name in bound:
@@ -178,8 +193,13 @@ class _Call:
             elif _on_host(trt, engine, t.name):
                 buf = torch.zeros(shape, dtype=dtype).pin_memory()  # shape tensors are read on the host
                 self.host_shape_inputs = True
-            elif (given is not None and given.dtype == dtype and tuple(given.shape) == shape
-                  and given.is_contiguous() and given.device == backend.device):
+            elif (
+                given is not None
+                and given.dtype == dtype
+                and tuple(given.shape) == shape
+                and given.is_contiguous()
+                and given.device == backend.device
+            ):
                 buf = given  # the producer's fixed output buffer: read in place, never copied
             else:
                 buf = torch.zeros(shape, dtype=dtype, device=backend.device)
@@ -191,8 +211,10 @@ class _Call:
             shape = tuple(self.context.get_tensor_shape(t.name))
             want = spec.shape(t.name, **dims)
             if shape != want:
-                raise BitDanceError(f"stage {stage}: engine output {t.name} has shape {list(shape)}, the contract "
-                                    f"{list(want)}; rebuild the engines for this export")
+                raise BitDanceError(
+                    f"stage {stage}: engine output {t.name} has shape {list(shape)}, the contract "
+                    f"{list(want)}; rebuild the engines for this export"
+                )
             dtype = _torch_dtype(trt, engine.get_tensor_dtype(t.name))
             self.buffers[t.name] = torch.empty(shape, dtype=dtype, device=backend.device)
         for name, buf in self.buffers.items():
@@ -257,8 +279,9 @@ class _Call:
             ok, why = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if not ok:
             self.capture_failed = True
-            logger.info("%s: TensorRT engine cannot be captured into a CUDA graph (%s); it runs without one",
-                        self.stage, why)
+            logger.info(
+                "%s: TensorRT engine cannot be captured into a CUDA graph (%s); it runs without one", self.stage, why
+            )
             return
         self.graph = graph
         b.captures.append(self.key)
@@ -278,9 +301,18 @@ DEVICE_OUTPUTS = ("kv_new", "x")
 class TrtBackend(StageBackend):
     name = "tensorrt"
 
-    def __init__(self, export_dir, precision: str | None = None, workspace_mb=None, engine_root=None,
-                 device: str | int = "cuda", cuda_graphs: bool = True, sampler: str = "auto", level: int = 3,
-                 expect_config: ModelConfig | None = None):
+    def __init__(
+        self,
+        export_dir,
+        precision: str | None = None,
+        workspace_mb=None,
+        engine_root=None,
+        device: str | int = "cuda",
+        cuda_graphs: bool = True,
+        sampler: str = "auto",
+        level: int = 3,
+        expect_config: ModelConfig | None = None,
+    ):
         """Engines missing from the cache (or stale) are built first; `sampler` as OrtBackend's."""
         if not torch.cuda.is_available():
             raise BitDanceError("--backend tensorrt needs a CUDA GPU, and torch sees none here")
@@ -380,8 +412,7 @@ class TrtBackend(StageBackend):
         """Whether `value` is an output buffer of one of our calls (fixed address: safe to bind)."""
         if not isinstance(value, torch.Tensor):
             return False
-        return any(value is c.buffers.get(t.name) for c in self._calls.values()
-                   for t in self.specs[c.stage].outputs)
+        return any(value is c.buffers.get(t.name) for c in self._calls.values() for t in self.specs[c.stage].outputs)
 
     def _call(self, stage: str, dims: dict[str, int], phase: str | None = None, feeds: dict | None = None) -> _Call:
         key = (stage, phase, tuple(sorted(dims.items())))
@@ -404,8 +435,7 @@ class TrtBackend(StageBackend):
             raise BitDanceError(f"stage {spec.name} has phases {', '.join(spec.phases)}, not {phase!r}")
         wrong = {s: dims.get(s) for s, v in spec.phases[phase].items() if dims.get(s) != v}
         if wrong:
-            raise BitDanceError(f"stage {spec.name}, phase {phase}: {wrong} where the phase has "
-                                f"{spec.phases[phase]}")
+            raise BitDanceError(f"stage {spec.name}, phase {phase}: {wrong} where the phase has {spec.phases[phase]}")
         return phase
 
     def _run(self, stage: str, feeds: dict, phase: str | None = None) -> dict:
@@ -425,8 +455,10 @@ class TrtBackend(StageBackend):
                     call.put(t.name, feeds[t.name])
         call.run()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return {t.name: call.buffers[t.name] if t.name in DEVICE_OUTPUTS else call.buffers[t.name].float().cpu()
-                for t in spec.outputs}
+        return {
+            t.name: call.buffers[t.name] if t.name in DEVICE_OUTPUTS else call.buffers[t.name].float().cpu()
+            for t in spec.outputs
+        }
 
 
 def check_engine_io(trt, engine, spec: st.StageSpec, path) -> None:
@@ -435,13 +467,17 @@ def check_engine_io(trt, engine, spec: st.StageSpec, path) -> None:
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     want = spec.input_names + spec.output_names
     if sorted(names) != sorted(want):
-        raise BitDanceError(f"{path}: engine tensors {sorted(names)} are not those of stage {spec.name} "
-                            f"({sorted(want)}); rebuild the engines for this export")
+        raise BitDanceError(
+            f"{path}: engine tensors {sorted(names)} are not those of stage {spec.name} "
+            f"({sorted(want)}); rebuild the engines for this export"
+        )
     for t in spec.inputs + spec.outputs:
         got = tuple(engine.get_tensor_shape(t.name))
         if len(got) != len(t.shape) or any(isinstance(w, int) and g not in (w, -1) for g, w in zip(got, t.shape)):
-            raise BitDanceError(f"{path}: engine tensor {t.name} has shape {list(got)}, the contract "
-                                f"{list(t.shape)}; rebuild the engines for this export")
+            raise BitDanceError(
+                f"{path}: engine tensor {t.name} has shape {list(got)}, the contract "
+                f"{list(t.shape)}; rebuild the engines for this export"
+            )
 
 
 def check_engine_profiles(engine, spec: st.StageSpec, path) -> None:
@@ -452,8 +488,10 @@ def check_engine_profiles(engine, spec: st.StageSpec, path) -> None:
     phases = spec.profile_phases
     count = int(getattr(engine, "num_optimization_profiles", len(phases)))
     if count != len(phases):
-        raise BitDanceError(f"{path}: engine has {count} optimisation profile(s), stage {spec.name} one per phase "
-                            f"({', '.join(phases)}); rebuild the engines for this export")
+        raise BitDanceError(
+            f"{path}: engine has {count} optimisation profile(s), stage {spec.name} one per phase "
+            f"({', '.join(phases)}); rebuild the engines for this export"
+        )
     shapes = getattr(engine, "get_tensor_profile_shape", None)
     if shapes is None:
         return
@@ -461,9 +499,11 @@ def check_engine_profiles(engine, spec: st.StageSpec, path) -> None:
         for name in dynamic_inputs(spec):
             got = tuple(tuple(int(d) for d in dims) for dims in shapes(name, k))
             if got != spec.profile(name, phase):
-                raise BitDanceError(f"{path}: profile {k} gives {name} min/opt/max {[list(d) for d in got]}, phase "
-                                    f"{phase} of stage {spec.name} {[list(d) for d in spec.profile(name, phase)]}; "
-                                    "rebuild the engines for this export")
+                raise BitDanceError(
+                    f"{path}: profile {k} gives {name} min/opt/max {[list(d) for d in got]}, phase "
+                    f"{phase} of stage {spec.name} {[list(d) for d in spec.profile(name, phase)]}; "
+                    "rebuild the engines for this export"
+                )
 
 
 def check_alignment(kv: torch.Tensor, cfg) -> None:
@@ -472,5 +512,7 @@ def check_alignment(kv: torch.Tensor, cfg) -> None:
     for i in range(cfg.n_layer):
         for part in (0, 1):
             if kv[i, part].data_ptr() % 256:
-                raise BitDanceError(f"KV-cache view of layer {i} is not 256-byte aligned "
-                                    f"({kv[i, part].data_ptr() % 256} bytes off): TensorRT cannot bind it")
+                raise BitDanceError(
+                    f"KV-cache view of layer {i} is not 256-byte aligned "
+                    f"({kv[i, part].data_ptr() % 256} bytes off): TensorRT cannot bind it"
+                )

@@ -8,8 +8,9 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     from ..errors import BitDanceError
 
-    raise BitDanceError(f"bitdance-rt serve needs the [serve] extra: pip install 'bitdance-rt[serve]' "
-                        f"({exc.name} is missing)") from None
+    raise BitDanceError(
+        f"bitdance-rt serve needs the [serve] extra: pip install 'bitdance-rt[serve]' ({exc.name} is missing)"
+    ) from None
 
 from .app import ServerSettings, make_app  # noqa: E402
 from .server import serve  # noqa: E402

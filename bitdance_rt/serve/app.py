@@ -51,8 +51,12 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-def make_app(pipeline=None, settings: ServerSettings | None = None, loader: Callable[[], object] | None = None,
-             on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+def make_app(
+    pipeline=None,
+    settings: ServerSettings | None = None,
+    loader: Callable[[], object] | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
     """The app over `pipeline` (a loaded Pipeline, left open at shutdown), or over what `loader()`
     returns, loaded on a thread at start-up (closed at shutdown; /health answers 503 until then)."""
     settings = settings or ServerSettings()
@@ -64,6 +68,7 @@ def make_app(pipeline=None, settings: ServerSettings | None = None, loader: Call
     async def lifespan(app: FastAPI):
         thread = None
         if loader is not None:
+
             def load() -> None:
                 try:
                     state.ready(loader())
@@ -110,8 +115,13 @@ def make_app(pipeline=None, settings: ServerSettings | None = None, loader: Call
     async def health():
         if state.pipeline is not None and not state.draining:
             pipe = state.pipeline
-            return {"status": "ok", "model": pipe.config.name, "backend": pipe.backend.name,
-                    "queued": pipe.queued, "rows_in_flight": pipe.rows_in_flight}
+            return {
+                "status": "ok",
+                "model": pipe.config.name,
+                "backend": pipe.backend.name,
+                "queued": pipe.queued,
+                "rows_in_flight": pipe.rows_in_flight,
+            }
         status = "draining" if state.draining else ("failed" if state.load_error else "loading")
         body = {"status": status}
         if state.load_error is not None:
@@ -127,8 +137,10 @@ def make_app(pipeline=None, settings: ServerSettings | None = None, loader: Call
         pipe = state.pipeline
         if pipe is None:
             state.admit()  # the 503 that says why
-        return {"object": "list", "data": [{"id": pipe.config.name, "object": "model", "created": 0,
-                                            "owned_by": "bitdance-rt"}]}
+        return {
+            "object": "list",
+            "data": [{"id": pipe.config.name, "object": "model", "created": 0, "owned_by": "bitdance-rt"}],
+        }
 
     @app.post("/v1/images/generations")
     async def generations(body: ImageRequest, request: Request):
@@ -140,8 +152,9 @@ def make_app(pipeline=None, settings: ServerSettings | None = None, loader: Call
             kind = "not_found" if exc.status == 404 else "bad_request"
             raise ApiError(exc.status, str(exc), kind, exc.param, exc.code) from None
         if body.stream:
-            return StreamingResponse(_stream(state, pipe, job, began), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _stream(state, pipe, job, began), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         future = _submit(pipe, job)
         output = await _wait(state, pipe, future, request, began)
         data = await asyncio.to_thread(lambda: [{"b64_json": _png_b64(im)} for im in output.images])
@@ -149,8 +162,7 @@ def make_app(pipeline=None, settings: ServerSettings | None = None, loader: Call
         state.took(seconds)
         state.metrics.answered(job.images, seconds, stream=False)
         state.metrics.first_image_seconds.observe(seconds)
-        return {"created": int(time.time()), "data": data, "output_format": "png", "size": job.size,
-                "seed": job.seed}
+        return {"created": int(time.time()), "data": data, "output_format": "png", "size": job.size, "seed": job.seed}
 
     return app
 
@@ -181,8 +193,12 @@ async def _wait(state: ServerState, pipe, future, request: Request, began: float
             raise _Gone()
         if time.monotonic() >= deadline:
             pipe.cancel(future)
-            raise ApiError(504, f"the request took longer than {state.settings.request_timeout:g} s "
-                                "(--request-timeout); it was cancelled", "timeout")
+            raise ApiError(
+                504,
+                f"the request took longer than {state.settings.request_timeout:g} s "
+                "(--request-timeout); it was cancelled",
+                "timeout",
+            )
     exc = waiting.exception()
     if exc is not None:
         raise ApiError(500, f"generation failed: {exc}", "internal", code="generation_failed") from exc
@@ -232,29 +248,51 @@ async def _stream(state: ServerState, pipe, job: Job, began: float):
                 state.metrics.first_image_seconds.observe(time.monotonic() - began)
                 first = False
             for image_index, b64 in enumerate(encoded):
-                yield _sse("image_generation.partial_image", {
-                    "type": "image_generation.partial_image", "b64_json": b64, "created_at": int(time.time()),
-                    "partial_image_index": partial, "image_index": image_index, "step": item.step,
-                    "total_steps": item.total, **common})
+                yield _sse(
+                    "image_generation.partial_image",
+                    {
+                        "type": "image_generation.partial_image",
+                        "b64_json": b64,
+                        "created_at": int(time.time()),
+                        "partial_image_index": partial,
+                        "image_index": image_index,
+                        "step": item.step,
+                        "total_steps": item.total,
+                        **common,
+                    },
+                )
             partial += 1
         finished = True
         exc = future.exception()
         if exc is not None:
             state.metrics.error("internal")
-            yield _sse("error", {"type": "error", **error_body(f"generation failed: {exc}", 500, None,
-                                                               "generation_failed")})
+            yield _sse(
+                "error", {"type": "error", **error_body(f"generation failed: {exc}", 500, None, "generation_failed")}
+            )
             return
         output = future.result()
         encoded = await asyncio.to_thread(lambda: [_png_b64(im) for im in output.images])
         if first:
             state.metrics.first_image_seconds.observe(time.monotonic() - began)
-        usage = {"input_tokens": 0, "output_tokens": int(output.tokens.shape[1]) * len(encoded),
-                 "total_tokens": int(output.tokens.shape[1]) * len(encoded),
-                 "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
+        usage = {
+            "input_tokens": 0,
+            "output_tokens": int(output.tokens.shape[1]) * len(encoded),
+            "total_tokens": int(output.tokens.shape[1]) * len(encoded),
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+        }
         for image_index, b64 in enumerate(encoded):
-            yield _sse("image_generation.completed", {
-                "type": "image_generation.completed", "b64_json": b64, "created_at": int(time.time()),
-                "image_index": image_index, "seed": job.seed, "usage": usage, **common})
+            yield _sse(
+                "image_generation.completed",
+                {
+                    "type": "image_generation.completed",
+                    "b64_json": b64,
+                    "created_at": int(time.time()),
+                    "image_index": image_index,
+                    "seed": job.seed,
+                    "usage": usage,
+                    **common,
+                },
+            )
         yield "data: [DONE]\n\n"
         seconds = time.monotonic() - began
         state.took(seconds)

@@ -10,8 +10,15 @@ SHOWN_CHARS = 100  # most characters of a bad value quoted back in an error mess
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code or kind, headers
 
@@ -40,8 +47,11 @@ def _describe(errors) -> tuple[str | None, str]:
         return None, "the body must be a JSON object with the request's fields"
     param = loc[0] if loc else None
     if kind == "extra_forbidden":
-        return param, f"unknown field {param!r} (see the API's fields: prompt, n, size, response_format, model, " \
-                      "stream, partial_images, seed, steps, guidance_scale, cfg_schedule, labels)"
+        return (
+            param,
+            f"unknown field {param!r} (see the API's fields: prompt, n, size, response_format, model, "
+            "stream, partial_images, seed, steps, guidance_scale, cfg_schedule, labels)",
+        )
     where = ".".join(loc[:1] + [p for p in loc[1:] if p not in ("str", "int")])  # (not the Union member tried)
     got = e.get("input")
     shown = "" if isinstance(got, dict) else f" (got {_quoted(got)})"
@@ -49,7 +59,7 @@ def _describe(errors) -> tuple[str | None, str]:
 
 
 def _cut(text: str) -> str:
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def _quoted(value) -> str:
@@ -58,7 +68,7 @@ def _quoted(value) -> str:
     if isinstance(value, str) and len(value) > SHOWN_CHARS:
         value = value[:SHOWN_CHARS]
     elif isinstance(value, (list, tuple)) and len(value) > SHOWN_CHARS // 2:
-        value = list(value[:SHOWN_CHARS // 2])
+        value = list(value[: SHOWN_CHARS // 2])
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):

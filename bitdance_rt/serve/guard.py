@@ -70,15 +70,21 @@ class _Guard:
         except ApiError as exc:
             self.state.metrics.error(exc.kind)
             if not started:
-                await _send_json(send, exc.status, error_body(str(exc), exc.status, exc.param, exc.code),
-                                 exc.headers)
+                await _send_json(send, exc.status, error_body(str(exc), exc.status, exc.param, exc.code), exc.headers)
         except Exception as exc:  # a bug: answered like any error, logged with its traceback
             log.error("bitdance-rt serve: %s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
             self.state.metrics.error("internal")
             if not started:
-                await _send_json(send, 500, error_body(
-                    f"internal server error ({type(exc).__name__}); the server's log has the details", 500, None,
-                    "internal_error"))
+                await _send_json(
+                    send,
+                    500,
+                    error_body(
+                        f"internal server error ({type(exc).__name__}); the server's log has the details",
+                        500,
+                        None,
+                        "internal_error",
+                    ),
+                )
 
     async def _body(self, scope, receive) -> bytes | None:
         """The request's body, once the key is checked; None when the client left."""
@@ -86,13 +92,24 @@ class _Guard:
         headers = dict(scope.get("headers") or ())
         if settings.api_key and scope.get("path") != "/health":
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
-                                                                         settings.api_key.encode()):
-                raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                               "unauthorized", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            if scheme.lower() != "bearer" or not secrets.compare_digest(
+                token.strip().encode(), settings.api_key.encode()
+            ):
+                raise ApiError(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    "unauthorized",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         limit = settings.max_body_bytes
-        too_large = ApiError(413, f"the request body is larger than {limit} bytes (--max-body-bytes)", "too_large",
-                             code="request_too_large", headers={"Connection": "close"})
+        too_large = ApiError(
+            413,
+            f"the request body is larger than {limit} bytes (--max-body-bytes)",
+            "too_large",
+            code="request_too_large",
+            headers={"Connection": "close"},
+        )
         length = headers.get(b"content-length", b"").strip()
         if length.isdigit() and int(length) > limit:
             raise too_large
@@ -105,12 +122,20 @@ class _Guard:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, min(left, POLL_S)))
             except asyncio.TimeoutError:
                 if left <= POLL_S:
-                    raise ApiError(408, f"the request body did not arrive within {settings.body_timeout:g} s "
-                                        "(--body-timeout)", "body_timeout", code="request_timeout",
-                                   headers={"Connection": "close"}) from None
+                    raise ApiError(
+                        408,
+                        f"the request body did not arrive within {settings.body_timeout:g} s (--body-timeout)",
+                        "body_timeout",
+                        code="request_timeout",
+                        headers={"Connection": "close"},
+                    ) from None
                 if self.state.draining:
-                    raise ApiError(503, "the server is shutting down", "draining",
-                                   headers={"Connection": "close", "Retry-After": "5"}) from None
+                    raise ApiError(
+                        503,
+                        "the server is shutting down",
+                        "draining",
+                        headers={"Connection": "close", "Retry-After": "5"},
+                    ) from None
                 continue
             if message["type"] == "http.disconnect":
                 return None
@@ -129,5 +154,7 @@ def _as_json(scope) -> dict:
     kinds = [v for k, v in headers if k == b"content-type"]
     if kinds and kinds[0].split(b";")[0].strip().lower() == b"application/json":
         return scope
-    return {**scope, "headers": [(k, v) for k, v in headers if k != b"content-type"]
-                                + [(b"content-type", b"application/json")]}
+    return {
+        **scope,
+        "headers": [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")],
+    }

@@ -9,8 +9,19 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-ERROR_KINDS = ("bad_request", "unauthorized", "not_found", "queue_full", "loading", "draining", "timeout",
-               "disconnected", "internal", "too_large", "body_timeout")
+ERROR_KINDS = (
+    "bad_request",
+    "unauthorized",
+    "not_found",
+    "queue_full",
+    "loading",
+    "draining",
+    "timeout",
+    "disconnected",
+    "internal",
+    "too_large",
+    "body_timeout",
+)
 RATE_WINDOW_S = 60.0
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -24,28 +35,47 @@ class Metrics:
         r = self.registry
         self._pipe = pipeline_ref
         Gauge("bitdance_queue_length", "requests waiting for cache rows", registry=r).set_function(
-            lambda: self._read("queued"))
+            lambda: self._read("queued")
+        )
         Gauge("bitdance_rows_in_flight", "KV-cache rows of running requests", registry=r).set_function(
-            lambda: self._read("rows_in_flight"))
-        Gauge("bitdance_images_per_second", f"images answered per second over the last {RATE_WINDOW_S:.0f} s",
-              registry=r).set_function(self.images_per_second)
+            lambda: self._read("rows_in_flight")
+        )
+        Gauge(
+            "bitdance_images_per_second", f"images answered per second over the last {RATE_WINDOW_S:.0f} s", registry=r
+        ).set_function(self.images_per_second)
         self.ready = Gauge("bitdance_ready", "1 once the model is loaded and requests are admitted", registry=r)
         self.images = Counter("bitdance_images", "images answered", registry=r)
-        self.requests = Counter("bitdance_requests", "generation requests answered, by outcome", ["outcome"],
-                                registry=r)
+        self.requests = Counter(
+            "bitdance_requests", "generation requests answered, by outcome", ["outcome"], registry=r
+        )
         self.errors = Counter("bitdance_errors", "refused or failed requests, by kind", ["kind"], registry=r)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
-        self.request_seconds = Histogram("bitdance_request_seconds", "time from request to its last image",
-                                         ["stream"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.first_image_seconds = Histogram("bitdance_first_image_seconds",
-                                             "time from request to its first (partial or final) image",
-                                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.step_seconds = Histogram("bitdance_ar_step_seconds",
-                                      "one scheduler iteration: admissions, one backbone and one head call",
-                                      buckets=_STEP_BUCKETS, registry=r)
-        self.step_rows = Histogram("bitdance_ar_step_rows", "active rows per scheduler iteration",
-                                   buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64), registry=r)
+        self.request_seconds = Histogram(
+            "bitdance_request_seconds",
+            "time from request to its last image",
+            ["stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_image_seconds = Histogram(
+            "bitdance_first_image_seconds",
+            "time from request to its first (partial or final) image",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "bitdance_ar_step_seconds",
+            "one scheduler iteration: admissions, one backbone and one head call",
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        self.step_rows = Histogram(
+            "bitdance_ar_step_rows",
+            "active rows per scheduler iteration",
+            buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+            registry=r,
+        )
         self._answered: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
 

@@ -22,14 +22,16 @@ class ImageRequest(BaseModel):
 
     # ---- OpenAI Images API ----
     prompt: Optional[Union[str, int]] = Field(
-        None, description="text-to-image: the description; class-conditional: a class index (\"3\") or a class name")
+        None, description='text-to-image: the description; class-conditional: a class index ("3") or a class name'
+    )
     n: int = Field(1, ge=1, description="images per prompt or label")
     size: Optional[str] = Field(None, description='"WxH" (text-to-image) or "auto"; the model\'s size otherwise')
     response_format: Optional[Literal["b64_json"]] = Field(None, description="b64_json (PNG); no URLs are hosted")
     model: Optional[str] = Field(None, description="omitted, or the loaded model's name")
     stream: bool = False
-    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES,
-                                description="streaming: partial images before the final one")
+    partial_images: int = Field(
+        0, ge=0, le=MAX_PARTIAL_IMAGES, description="streaming: partial images before the final one"
+    )
     output_format: Literal["png"] = "png"
     background: Literal["auto", "opaque"] = "auto"
     quality: Optional[Literal["auto", "low", "medium", "high", "standard", "hd"]] = None  # accepted, no effect
@@ -40,7 +42,8 @@ class ImageRequest(BaseModel):
     # ---- BitDance extensions ----
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="noise seed (default: a random one)")
     steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description="sampler steps S per AR step")
-    guidance_scale: Optional[float] = Field(None, ge=0.0, le=MAX_CFG, allow_inf_nan=False,
-                                            description="classifier-free guidance G")
+    guidance_scale: Optional[float] = Field(
+        None, ge=0.0, le=MAX_CFG, allow_inf_nan=False, description="classifier-free guidance G"
+    )
     cfg_schedule: Optional[Literal["linear", "constant"]] = None
     labels: Optional[list[int]] = Field(None, min_length=1, description="class labels (class-conditional models)")

@@ -73,10 +73,18 @@ def _late_headers_protocol(timeout: float, on_timeout: Callable[[], None]) -> ty
             if self.conn.trailing_data[0]:  # part of a request came: say why it ends (h11 cannot send it
                 # before a request's headers, so it is written as is)
                 on_timeout()
-                raw = json.dumps(error_body(f"the request's headers did not arrive within {timeout:g} s "
-                                            "(--body-timeout)", 408, None, "request_timeout")).encode()
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(raw), raw))
+                raw = json.dumps(
+                    error_body(
+                        f"the request's headers did not arrive within {timeout:g} s (--body-timeout)",
+                        408,
+                        None,
+                        "request_timeout",
+                    )
+                ).encode()
+                self.transport.write(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(raw), raw)
+                )
             self.transport.close()
 
     return LateHeadersProtocol
@@ -87,8 +95,14 @@ def uvicorn_server(app, settings: ServerSettings, host: str, port: int, log_leve
     shutdown bounded by settings.shutdown_timeout."""
     state = app.state.server
     protocol = _late_headers_protocol(settings.body_timeout, lambda: state.metrics.error("body_timeout"))
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
-                            timeout_graceful_shutdown=settings.shutdown_timeout)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+    )
     return _DrainingServer(config, state)
 
 
@@ -103,8 +117,7 @@ def listen(host: str, port: int) -> socket.socket:
         raise BitDanceError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
-def serve(loader, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> int:
+def serve(loader, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
     """Serve what `loader()` returns (a Pipeline) until a shutdown signal; the exit status: 0, or 1
     when the model failed to load."""
     failed = []

@@ -55,9 +55,13 @@ class ServerState:
         backlog = pipe.backlog
         if backlog > 0 and backlog >= self.settings.max_queue:
             wait = max(1, min(60, math.ceil(self._seconds)))
-            raise ApiError(429, f"{backlog} requests are waiting for cache rows (the limit is "
-                                f"{self.settings.max_queue}); retry after {wait} s", "queue_full",
-                           headers={"Retry-After": str(wait)})
+            raise ApiError(
+                429,
+                f"{backlog} requests are waiting for cache rows (the limit is "
+                f"{self.settings.max_queue}); retry after {wait} s",
+                "queue_full",
+                headers={"Retry-After": str(wait)},
+            )
         return pipe
 
     def took(self, seconds: float) -> None:

@@ -48,13 +48,20 @@ def model_size(pipe) -> tuple[int, int]:
 def to_job(body: ImageRequest, pipe, max_images: int) -> Job:
     cfg = pipe.config
     if body.model is not None and body.model != cfg.name:
-        raise FieldError("model", f"model {body.model!r} is not served here; this server runs {cfg.name!r} "
-                                  "(or omit the field)", status=404, code="model_not_found")
+        raise FieldError(
+            "model",
+            f"model {body.model!r} is not served here; this server runs {cfg.name!r} (or omit the field)",
+            status=404,
+            code="model_not_found",
+        )
     width, height = model_size(pipe)
     size = f"{width}x{height}"
     if body.size not in (None, "auto", size):
-        raise FieldError("size", f"size {body.size!r} is not available: this server's {cfg.name} makes {size} "
-                                 "images (give \"auto\" or omit it)")
+        raise FieldError(
+            "size",
+            f"size {body.size!r} is not available: this server's {cfg.name} makes {size} "
+            'images (give "auto" or omit it)',
+        )
     if pipe.model.t2i:
         condition = {"prompt": _text_prompt(body, pipe)}
         count = 1
@@ -66,8 +73,14 @@ def to_job(body: ImageRequest, pipe, max_images: int) -> Job:
         raise FieldError("n", f"{images} images asked for (n={body.n} x {count}); at most {max_images} per request")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
     previews = preview_steps(cfg.ar_steps, body.partial_images) if body.stream else []
-    submit = dict(condition, num_images=body.n, steps=body.steps, cfg=body.guidance_scale,
-                  cfg_schedule=body.cfg_schedule, seed=seed)
+    submit = dict(
+        condition,
+        num_images=body.n,
+        steps=body.steps,
+        cfg=body.guidance_scale,
+        cfg_schedule=body.cfg_schedule,
+        seed=seed,
+    )
     return Job(submit, images, size, seed, previews)
 
 
@@ -94,7 +107,7 @@ def _labels(body: ImageRequest, cfg) -> list[int]:
     has_prompt = isinstance(body.prompt, int) or isinstance(body.prompt, str) and body.prompt.strip() != ""
     if body.labels is not None:
         if has_prompt:
-            raise FieldError("prompt", "give the class as prompt or as labels, not both (prompt may be \"\")")
+            raise FieldError("prompt", 'give the class as prompt or as labels, not both (prompt may be "")')
         bad = [l for l in body.labels if not 0 <= l < classes]
         if bad:
             raise FieldError("labels", f"label {bad[0]} is out of range: {cfg.name} has classes 0..{classes - 1}")

@@ -65,8 +65,9 @@ def indexed_files(directory: Path, single: str, index_name: str, what: str) -> l
             weight_map = json.loads(index.read_text())["weight_map"]
             assert isinstance(weight_map, dict)
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise CheckpointError(f"{index}: not a safetensors index (expected a JSON object with "
-                                  "'weight_map')") from None
+            raise CheckpointError(
+                f"{index}: not a safetensors index (expected a JSON object with 'weight_map')"
+            ) from None
         shards: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
             shards.setdefault(str(shard), []).append(key)
@@ -91,7 +92,7 @@ def _llm_key(key: str) -> str | None:
     as they are, so the fit check names them as unexpected."""
     if key.startswith(SKIPPED_PREFIXES):
         return None
-    return key[len("model."):] if key.startswith("model.") else key
+    return key[len("model.") :] if key.startswith("model.") else key
 
 
 def _same(key: str) -> str:
@@ -137,5 +138,12 @@ class Layout:
         return f"{self.identity_prefix} sha256:{digest.hexdigest()}"
 
     def _t2i(self, llm, head, vae, height, width, max_text_tokens) -> T2IConfig:
-        return T2IConfig(name=self.name, llm=llm, head=head, vae=vae, height=int(height), width=int(width),
-                         max_text_tokens=int(max_text_tokens)).validate()
+        return T2IConfig(
+            name=self.name,
+            llm=llm,
+            head=head,
+            vae=vae,
+            height=int(height),
+            width=int(width),
+            max_text_tokens=int(max_text_tokens),
+        ).validate()

@@ -32,11 +32,16 @@ COMFY_TEXT_PREFIXES = ("text_encoder.", "model.text_encoder.")
 COMFY_VAE_PREFIXES = ("autoencoder.", "vae.", "model.autoencoder.")
 COMFY_SCALE_SUFFIXES = (".weight.scale", ".weight_scale", ".scale_weight", ".weight_scales", ".input_scale")
 COMFY_AUX = (".comfy_quant",)
-COMFY_ROLES = {"main": "main model (vision head + projector)", "text_encoder": "text encoder (Qwen3)",
-               "vae": "VAE (autoencoder)"}
+COMFY_ROLES = {
+    "main": "main model (vision head + projector)",
+    "text_encoder": "text encoder (Qwen3)",
+    "vae": "VAE (autoencoder)",
+}
 # where ComfyUI keeps each file (its models/ folder names the node reads), beside the main-model folder
-COMFY_FOLDERS = {"text_encoder": ("text_encoders", "clip", "checkpoints", "text_encoder"),
-                 "vae": ("vae", "checkpoints")}
+COMFY_FOLDERS = {
+    "text_encoder": ("text_encoders", "clip", "checkpoints", "text_encoder"),
+    "vae": ("vae", "checkpoints"),
+}
 # what tensor shapes cannot tell: the node's BitDance-14B-64x defaults (local_model.py DEFAULT_* configs)
 COMFY_DEFAULTS = {"parallel_num": 64, "time_shift": 1.0, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6}
 
@@ -44,7 +49,7 @@ COMFY_DEFAULTS = {"parallel_num": 64, "time_shift": 1.0, "rope_theta": 1_000_000
 def _strip(key: str, prefixes: tuple[str, ...]) -> str | None:
     for p in prefixes:
         if key.startswith(p):
-            return key[len(p):]
+            return key[len(p) :]
     return None
 
 
@@ -65,11 +70,14 @@ def _comfy_renames(role: str, header: dict) -> dict:
             if prefixed:
                 return _strip(key, prefixes)
             return key if bare(key) else None
+
         return rename
 
     if role == "main":
-        return {"head.": under(COMFY_HEAD_PREFIXES, lambda k: k.startswith("net.")),
-                "projector.": under(COMFY_PROJECTOR_PREFIXES, lambda k: k.startswith(("fc1.", "fc2.")))}
+        return {
+            "head.": under(COMFY_HEAD_PREFIXES, lambda k: k.startswith("net.")),
+            "projector.": under(COMFY_PROJECTOR_PREFIXES, lambda k: k.startswith(("fc1.", "fc2."))),
+        }
     if role == "vae":
         return {"vae.": under(COMFY_VAE_PREFIXES, lambda k: True)}
     text = under(COMFY_TEXT_PREFIXES, lambda k: True)
@@ -79,8 +87,9 @@ def _comfy_renames(role: str, header: dict) -> dict:
         if key is None or key.startswith(SKIPPED_PREFIXES):
             return None
         if key.startswith("model."):
-            return key[len("model."):]
+            return key[len("model.") :]
         return key if key.startswith(("embed_tokens.", "layers.", "norm.")) else None  # the node ignores others
+
     return {"model.": llm}
 
 
@@ -115,7 +124,7 @@ def _role_of(path: Path) -> str | None:
 
 def _count(keys, prefix: str) -> int:
     """How many numbered children `prefix<i>.` the keys have (max index + 1)."""
-    heads = (k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix))
+    heads = (k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix))
     idx = {int(h) for h in heads if h.isdigit()}
     return max(idx) + 1 if idx else 0
 
@@ -153,12 +162,17 @@ class ComfyUILayout(Layout):
     @property
     def tokenizer(self) -> Path:
         te = self.files["text_encoder"]
-        options = [te.parent / "tokenizer" / "tokenizer.json", te.parent.parent / "tokenizer" / "tokenizer.json",
-                   te.parent / "tokenizer.json"]
+        options = [
+            te.parent / "tokenizer" / "tokenizer.json",
+            te.parent.parent / "tokenizer" / "tokenizer.json",
+            te.parent / "tokenizer.json",
+        ]
         found = next((p for p in options if p.is_file()), None)
         if found is None:
-            raise CheckpointError(f"tokenizer not found for ComfyUI text encoder {te}: put the BitDance tokenizer "
-                                  f"(the node's tokenizer/ folder) at {options[0]}")
+            raise CheckpointError(
+                f"tokenizer not found for ComfyUI text encoder {te}: put the BitDance tokenizer "
+                f"(the node's tokenizer/ folder) at {options[0]}"
+            )
         return found
 
     def _need(self, role: str, part: str, key: str) -> tuple[int, ...]:
@@ -169,6 +183,7 @@ class ComfyUILayout(Layout):
 
     def config(self, height, width, max_text_tokens=DEFAULT_MAX_TEXT_TOKENS):
         check_resolution(height, width)
+
         # Qwen3 backbone: widths from the shapes, RoPE / norm constants the 14B model's
         def llm_shape(key):
             return self._need("text_encoder", "model.", key)
@@ -176,24 +191,32 @@ class ComfyUILayout(Layout):
         vocab, hidden = llm_shape("embed_tokens.weight")
         head_dim = llm_shape("layers.0.self_attn.q_norm.weight")[0]
         llm = Qwen3Config(
-            vocab_size=vocab, hidden_size=hidden,
+            vocab_size=vocab,
+            hidden_size=hidden,
             num_hidden_layers=_count(self.keys["text_encoder"]["model."], "layers."),
             num_attention_heads=llm_shape("layers.0.self_attn.q_proj.weight")[0] // head_dim,
-            num_key_value_heads=llm_shape("layers.0.self_attn.k_proj.weight")[0] // head_dim, head_dim=head_dim,
+            num_key_value_heads=llm_shape("layers.0.self_attn.k_proj.weight")[0] // head_dim,
+            head_dim=head_dim,
             intermediate_size=llm_shape("layers.0.mlp.gate_proj.weight")[0],
-            rope_theta=COMFY_DEFAULTS["rope_theta"], rms_norm_eps=COMFY_DEFAULTS["rms_norm_eps"])
+            rope_theta=COMFY_DEFAULTS["rope_theta"],
+            rms_norm_eps=COMFY_DEFAULTS["rms_norm_eps"],
+        )
         if self._head_config.is_file():
             args = _without_diffusers_keys(read_json(self._head_config, "vision head config"))
             head = HeadConfig.from_json_dict(args, str(self._head_config))
         else:
             head_keys = self.keys["main"]["head."]
             latent, target = self._need("main", "head.", "net.input_proj.weight")
-            head = HeadConfig(ch_target=target, ch_cond=self._need("main", "head.", "net.cond_embed.weight")[1],
-                              ch_latent=latent, depth_latent=_count(head_keys, "net.res_blocks."),
-                              depth_adanln=_count(head_keys, "net.ada_ln_blocks."),
-                              parallel_num=COMFY_DEFAULTS["parallel_num"],
-                              use_swiglu="net.res_blocks.0.w1.weight" in head_keys,
-                              time_shift=COMFY_DEFAULTS["time_shift"])
+            head = HeadConfig(
+                ch_target=target,
+                ch_cond=self._need("main", "head.", "net.cond_embed.weight")[1],
+                ch_latent=latent,
+                depth_latent=_count(head_keys, "net.res_blocks."),
+                depth_adanln=_count(head_keys, "net.ada_ln_blocks."),
+                parallel_num=COMFY_DEFAULTS["parallel_num"],
+                use_swiglu="net.res_blocks.0.w1.weight" in head_keys,
+                time_shift=COMFY_DEFAULTS["time_shift"],
+            )
         cfg_file = self._vae_config
         if cfg_file is not None:
             vae = _autoencoder(cfg_file)
@@ -201,12 +224,20 @@ class ComfyUILayout(Layout):
             vae_keys = self.keys["vae"]["vae."]
             ch, in_channels = self._need("vae", "vae.", "encoder.conv_in.weight")[:2]
             levels = _count(vae_keys, "encoder.down.")
-            ch_mult = [self._need("vae", "vae.", f"encoder.down.{i}.block.0.conv1.weight")[0] // ch
-                       for i in range(levels)]
-            vae = vae_from_ddconfig({
-                "ch": ch, "ch_mult": ch_mult, "num_res_blocks": _count(vae_keys, "encoder.down.0.block."),
-                "z_channels": self._need("vae", "vae.", "encoder.conv_out.weight")[0], "in_channels": in_channels,
-                "out_ch": self._need("vae", "vae.", "decoder.conv_out.weight")[0]}, str(self.files["vae"]))
+            ch_mult = [
+                self._need("vae", "vae.", f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)
+            ]
+            vae = vae_from_ddconfig(
+                {
+                    "ch": ch,
+                    "ch_mult": ch_mult,
+                    "num_res_blocks": _count(vae_keys, "encoder.down.0.block."),
+                    "z_channels": self._need("vae", "vae.", "encoder.conv_out.weight")[0],
+                    "in_channels": in_channels,
+                    "out_ch": self._need("vae", "vae.", "decoder.conv_out.weight")[0],
+                },
+                str(self.files["vae"]),
+            )
         return self._t2i(llm, head, vae, height, width, max_text_tokens)
 
     def weight_files(self):
@@ -220,8 +251,11 @@ class ComfyUILayout(Layout):
     def identity_files(self):
         files = [(f"{role}/{p.name}", p) for role, p in self.files.items()]
         files.append(("tokenizer.json", self.tokenizer))
-        files += [(f"{role}/{p.name}", p) for role, p in (("main", self._head_config), ("vae", self._vae_config))
-                  if p is not None and p.is_file()]
+        files += [
+            (f"{role}/{p.name}", p)
+            for role, p in (("main", self._head_config), ("vae", self._vae_config))
+            if p is not None and p.is_file()
+        ]
         return files
 
 
@@ -237,9 +271,11 @@ def _pick(candidates: list[Path], role: str, where: str) -> Path:
         named = [p for p in candidates if "bitdance" in p.name.lower()]
         candidates = named if len(named) == 1 else candidates
     if len(candidates) > 1:
-        raise CheckpointError(f"{where}: {len(candidates)} BitDance {COMFY_ROLES[role]} files "
-                              f"({', '.join(p.name for p in candidates)}): keep one, or point at a directory holding "
-                              "just the three files")
+        raise CheckpointError(
+            f"{where}: {len(candidates)} BitDance {COMFY_ROLES[role]} files "
+            f"({', '.join(p.name for p in candidates)}): keep one, or point at a directory holding "
+            "just the three files"
+        )
     return candidates[0]
 
 
@@ -254,8 +290,10 @@ def comfy_in_dir(directory: Path) -> ComfyUILayout | None:
         return None
     missing = [r for r in COMFY_ROLES if r not in roles]
     if missing:
-        raise CheckpointError(f"ComfyUI BitDance files in {directory}: no {COMFY_ROLES[missing[0]]} file found "
-                              "(a .safetensors with its keys beside the main model)")
+        raise CheckpointError(
+            f"ComfyUI BitDance files in {directory}: no {COMFY_ROLES[missing[0]]} file found "
+            "(a .safetensors with its keys beside the main model)"
+        )
     return ComfyUILayout(directory, {r: _pick(roles[r], r, str(directory)) for r in COMFY_ROLES})
 
 
@@ -274,6 +312,7 @@ def comfy_from_file(path: Path) -> ComfyUILayout | None:
                 break
         else:
             looked = [str(path.parent)] + [str(path.parent.parent / f) for f in COMFY_FOLDERS[role]]
-            raise CheckpointError(f"ComfyUI BitDance main model {path}: no {COMFY_ROLES[role]} file found "
-                                  f"(looked in {', '.join(looked)})")
+            raise CheckpointError(
+                f"ComfyUI BitDance main model {path}: no {COMFY_ROLES[role]} file found (looked in {', '.join(looked)})"
+            )
     return ComfyUILayout(path, files)

@@ -18,8 +18,20 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from ..t2i_config import DEFAULT_MAX_TEXT_TOKENS, HeadConfig, Qwen3Config, check_resolution
-from .layout_base import DIFFUSERS, LLM_INDEX, LLM_SINGLE, PARTS, Layout, _autoencoder, _checked_header, _llm_key, \
-    _same, _without_diffusers_keys, indexed_files, read_json
+from .layout_base import (
+    DIFFUSERS,
+    LLM_INDEX,
+    LLM_SINGLE,
+    PARTS,
+    Layout,
+    _autoencoder,
+    _checked_header,
+    _llm_key,
+    _same,
+    _without_diffusers_keys,
+    indexed_files,
+    read_json,
+)
 from .safetensors_header import WeightFile
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -36,8 +48,10 @@ class DiffusersLayout(Layout):
         index = read_json(self.path / "model_index.json", "diffusers pipeline index")
         missing = [c for c in DIFFUSERS_COMPONENTS if c not in index]
         if missing:
-            raise CheckpointError(f"{self.path / 'model_index.json'}: not a BitDance pipeline: no {', '.join(missing)} "
-                                  f"(BitDance's has {', '.join(DIFFUSERS_COMPONENTS)})")
+            raise CheckpointError(
+                f"{self.path / 'model_index.json'}: not a BitDance pipeline: no {', '.join(missing)} "
+                f"(BitDance's has {', '.join(DIFFUSERS_COMPONENTS)})"
+            )
 
     @property
     def tokenizer(self) -> Path:
@@ -49,16 +63,20 @@ class DiffusersLayout(Layout):
     def config(self, height, width, max_text_tokens=DEFAULT_MAX_TEXT_TOKENS):
         check_resolution(height, width)
         d = self.path
-        llm = Qwen3Config.from_json_dict(self._config("text_encoder", "Qwen3 LLM config"),
-                                         str(d / "text_encoder" / "config.json"))
-        head = HeadConfig.from_json_dict(_without_diffusers_keys(self._config("diffusion_head", "vision head config")),
-                                         str(d / "diffusion_head" / "config.json"))
+        llm = Qwen3Config.from_json_dict(
+            self._config("text_encoder", "Qwen3 LLM config"), str(d / "text_encoder" / "config.json")
+        )
+        head = HeadConfig.from_json_dict(
+            _without_diffusers_keys(self._config("diffusion_head", "vision head config")),
+            str(d / "diffusion_head" / "config.json"),
+        )
         vae = _autoencoder(d / "autoencoder" / "config.json")
         proj = self._config("projector", "projector config")
         act = proj.get("hidden_act", "gelu_pytorch_tanh")
         if act != "gelu_pytorch_tanh":
-            raise ConfigError(f"{d / 'projector' / 'config.json'}: hidden_act {act!r}: BitDance's projector uses "
-                              "gelu_pytorch_tanh")
+            raise ConfigError(
+                f"{d / 'projector' / 'config.json'}: hidden_act {act!r}: BitDance's projector uses gelu_pytorch_tanh"
+            )
         return self._t2i(llm, head, vae, height, width, max_text_tokens)
 
     def _parts(self):
@@ -71,8 +89,9 @@ class DiffusersLayout(Layout):
         for component, part, single, index, what in self._parts():
             rename = _llm_key if part == "model." else _same
             for path, keys in indexed_files(self.path / component, single, index, what):
-                plan.append(WeightFile.mapped(path, f"{component}/{path.name}", part, _checked_header(path, keys),
-                                              rename))
+                plan.append(
+                    WeightFile.mapped(path, f"{component}/{path.name}", part, _checked_header(path, keys), rename)
+                )
         return plan
 
     def identity_files(self):

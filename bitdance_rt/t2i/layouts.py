@@ -20,18 +20,43 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from ..t2i_config import DEFAULT_MAX_TEXT_TOKENS, T2IConfig
-from .layout_base import COMFYUI, DIFFUSERS, LLM_INDEX, LLM_SINGLE, OFFICIAL, PARTS, SKIPPED_PREFIXES, Layout, \
-    indexed_files, read_json, require_file  # noqa: F401
-from .layout_comfyui import COMFY_AUX, COMFY_DEFAULTS, COMFY_FOLDERS, COMFY_HEAD_PREFIXES, COMFY_PROJECTOR_PREFIXES, \
-    COMFY_ROLES, COMFY_SCALE_SUFFIXES, COMFY_TEXT_PREFIXES, COMFY_VAE_PREFIXES, ComfyUILayout, _role_of, \
-    comfy_from_file, comfy_in_dir, comfy_role  # noqa: F401
+from .layout_base import (
+    COMFYUI,
+    DIFFUSERS,
+    LLM_INDEX,
+    LLM_SINGLE,
+    OFFICIAL,
+    PARTS,
+    SKIPPED_PREFIXES,
+    Layout,
+    indexed_files,
+    read_json,
+    require_file,
+)  # noqa: F401
+from .layout_comfyui import (
+    COMFY_AUX,
+    COMFY_DEFAULTS,
+    COMFY_FOLDERS,
+    COMFY_HEAD_PREFIXES,
+    COMFY_PROJECTOR_PREFIXES,
+    COMFY_ROLES,
+    COMFY_SCALE_SUFFIXES,
+    COMFY_TEXT_PREFIXES,
+    COMFY_VAE_PREFIXES,
+    ComfyUILayout,
+    _role_of,
+    comfy_from_file,
+    comfy_in_dir,
+    comfy_role,
+)  # noqa: F401
 from .layout_diffusers import DIFFUSERS_COMPONENTS, DIFFUSERS_PARTS, DIFFUSERS_WEIGHTS, DiffusersLayout  # noqa: F401
 from .layout_official import PART_FILES, OfficialLayout  # noqa: F401
 from .safetensors_header import FP8_DTYPES, WeightFile, read_header, scale_candidates  # noqa: F401
 
 
-def read_official_config(directory: str | Path, height: int, width: int,
-                         max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS) -> T2IConfig:
+def read_official_config(
+    directory: str | Path, height: int, width: int, max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS
+) -> T2IConfig:
     """The T2IConfig of an official checkpoint directory (config.json, vision_head_config.json, ae_config.json)."""
     return OfficialLayout(Path(directory)).config(height, width, max_text_tokens)
 
@@ -48,10 +73,14 @@ def detect_layout(path: str | Path) -> Layout:
         found = comfy_from_file(p)
         if found is not None:
             return found
-        raise CheckpointError(f"{p}: not a text-to-image checkpoint: give an official or diffusers checkpoint "
-                              "directory, or a ComfyUI BitDance main-model .safetensors file")
-    raise ConfigError(f"text-to-image checkpoint not found: {p} (the BitDance-14B-16x / -64x directory, its "
-                      "diffusers conversion (model_index.json), or the ComfyUI BitDance files)")
+        raise CheckpointError(
+            f"{p}: not a text-to-image checkpoint: give an official or diffusers checkpoint "
+            "directory, or a ComfyUI BitDance main-model .safetensors file"
+        )
+    raise ConfigError(
+        f"text-to-image checkpoint not found: {p} (the BitDance-14B-16x / -64x directory, its "
+        "diffusers conversion (model_index.json), or the ComfyUI BitDance files)"
+    )
 
 
 def is_t2i_checkpoint(path) -> bool:
@@ -73,5 +102,8 @@ def warn_unscaled(files: list[WeightFile]) -> None:
     bad = [wf for wf in files if wf.unscaled]
     if bad:
         n = sum(len(wf.unscaled) for wf in bad)
-        print(f"bitdance-rt: warning: {n} FP8 tensor(s) in {', '.join(sorted({wf.name for wf in bad}))} have no "
-              "scale tensors: cast to float without scales (quality may suffer)", file=sys.stderr)
+        print(
+            f"bitdance-rt: warning: {n} FP8 tensor(s) in {', '.join(sorted({wf.name for wf in bad}))} have no "
+            "scale tensors: cast to float without scales (quality may suffer)",
+            file=sys.stderr,
+        )

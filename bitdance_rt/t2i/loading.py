@@ -21,12 +21,29 @@ from ..errors import CheckpointError
 from ..models.t2i import BitDanceT2I
 from ..t2i_config import T2IConfig
 from .config import read_checkpoint_config
-from .layouts import LLM_INDEX, LLM_SINGLE, PART_FILES, PARTS, SKIPPED_PREFIXES, WeightFile, detect_layout, \
-    warn_unscaled
+from .layouts import (
+    LLM_INDEX,
+    LLM_SINGLE,
+    PART_FILES,
+    PARTS,
+    SKIPPED_PREFIXES,
+    WeightFile,
+    detect_layout,
+    warn_unscaled,
+)
 from .prompt import PromptEncoder
 
-__all__ = ["LLM_INDEX", "LLM_SINGLE", "PART_FILES", "SKIPPED_PREFIXES", "LoadedT2I", "checkpoint_dir_source",
-           "load_t2i", "read_weights", "weightless_t2i"]
+__all__ = [
+    "LLM_INDEX",
+    "LLM_SINGLE",
+    "PART_FILES",
+    "SKIPPED_PREFIXES",
+    "LoadedT2I",
+    "checkpoint_dir_source",
+    "load_t2i",
+    "read_weights",
+    "weightless_t2i",
+]
 
 
 @dataclass
@@ -58,8 +75,10 @@ def _dequantised(q: torch.Tensor, scale: torch.Tensor, key: str, wf: WeightFile)
     elif q.dim() >= 1 and scale.numel() == q.shape[0]:
         s = scale.float().reshape(q.shape[0], *([1] * (q.dim() - 1)))
     else:
-        raise CheckpointError(f"{wf.path}: scale {wf.scales[key]} {list(scale.shape)} fits neither the whole tensor "
-                              f"nor the output channels of {key} {list(q.shape)}")
+        raise CheckpointError(
+            f"{wf.path}: scale {wf.scales[key]} {list(scale.shape)} fits neither the whole tensor "
+            f"nor the output channels of {key} {list(q.shape)}"
+        )
     return q.float() * s
 
 
@@ -91,8 +110,14 @@ def _checked_plan(layout, cfg: T2IConfig):
     return plan, model
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 class _Reader:
@@ -140,7 +165,7 @@ class _Reader:
         if key in wf.scales:
             scale = self._read(wf, wf.scales[key])
             if rows is not None and scale.numel() > 1:
-                scale = scale.reshape(-1)[rows[0]:rows[1]]
+                scale = scale.reshape(-1)[rows[0] : rows[1]]
                 return t.float() * scale.float().reshape(-1, *([1] * (t.dim() - 1)))
             return _dequantised(t, scale, key, wf)
         return t.float()
@@ -161,12 +186,19 @@ def weightless_t2i(directory: str | Path, config: T2IConfig):
     return model.eval(), WeightSource(shapes, reader, f"checkpoint {directory}", dict(model.named_buffers()))
 
 
-def load_t2i(directory: str | Path, height: int, width: int, max_text_tokens: int | None = None,
-             dtype: torch.dtype = torch.float32, config: T2IConfig | None = None) -> LoadedT2I:
+def load_t2i(
+    directory: str | Path,
+    height: int,
+    width: int,
+    max_text_tokens: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    config: T2IConfig | None = None,
+) -> LoadedT2I:
     """The model and prompt encoder of a checkpoint path (any layout t2i/layouts.py detects)."""
     layout = detect_layout(directory)
-    cfg = config or read_checkpoint_config(directory, height, width, **({} if max_text_tokens is None else
-                                                                        {"max_text_tokens": max_text_tokens}))
+    cfg = config or read_checkpoint_config(
+        directory, height, width, **({} if max_text_tokens is None else {"max_text_tokens": max_text_tokens})
+    )
     prompts = PromptEncoder(layout.tokenizer, cfg)
     prompts.image_tokens()  # a tokenizer without the BitDance tokens fails here, before the weights
     plan, model = _checked_plan(layout, cfg)

@@ -43,8 +43,10 @@ class PromptCondition:
         if not guided:
             return {"ids": self.ids, "pad": self.pad}
         b = len(self)
-        return {"ids": torch.cat([self.ids, self.uncond_ids.expand(b, -1)]),
-                "pad": torch.cat([self.pad, torch.full((b,), self.uncond_pad, dtype=torch.int64)])}
+        return {
+            "ids": torch.cat([self.ids, self.uncond_ids.expand(b, -1)]),
+            "pad": torch.cat([self.pad, torch.full((b,), self.uncond_pad, dtype=torch.int64)]),
+        }
 
 
 class PromptEncoder:
@@ -61,8 +63,9 @@ class PromptEncoder:
 
             path = tokenizer_file(path.parent)
         if not path.is_file():
-            raise BitDanceError(f"tokenizer file not found: {path} (the checkpoint directory must hold the Qwen3 "
-                                "tokenizer.json)")
+            raise BitDanceError(
+                f"tokenizer file not found: {path} (the checkpoint directory must hold the Qwen3 tokenizer.json)"
+            )
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust tokenizer raises plain Exceptions
@@ -73,11 +76,15 @@ class PromptEncoder:
     def token_id(self, token: str) -> int:
         tid = self.tokenizer.token_to_id(token)
         if tid is None:
-            raise BitDanceError(f"tokenizer {self.path} has no token {token} (a BitDance text-to-image tokenizer has "
-                                "<|vision_start|>, <|res_N|> and <|query_N|> tokens)")
+            raise BitDanceError(
+                f"tokenizer {self.path} has no token {token} (a BitDance text-to-image tokenizer has "
+                "<|vision_start|>, <|res_N|> and <|query_N|> tokens)"
+            )
         if tid >= self.cfg.llm.vocab_size:
-            raise BitDanceError(f"tokenizer {self.path}: {token} has id {tid}, outside the LLM vocabulary "
-                                f"(vocab_size {self.cfg.llm.vocab_size})")
+            raise BitDanceError(
+                f"tokenizer {self.path}: {token} has id {tid}, outside the LLM vocabulary "
+                f"(vocab_size {self.cfg.llm.vocab_size})"
+            )
         return tid
 
     def image_tokens(self) -> list[int]:
@@ -91,16 +98,20 @@ class PromptEncoder:
         ids = self.tokenizer.encode(text).ids
         bad = [i for i in ids if i >= self.cfg.llm.vocab_size]
         if bad:
-            raise BitDanceError(f"tokenizer {self.path} produced id(s) {bad[:5]} outside the LLM vocabulary "
-                                f"(vocab_size {self.cfg.llm.vocab_size}): tokenizer and config.json do not match")
+            raise BitDanceError(
+                f"tokenizer {self.path} produced id(s) {bad[:5]} outside the LLM vocabulary "
+                f"(vocab_size {self.cfg.llm.vocab_size}): tokenizer and config.json do not match"
+            )
         return ids
 
     def _row(self, text: str, tail: list[int], what: str) -> tuple[list[int], int]:
         ids = self.text_ids(text)
         limit = self.cfg.max_text_tokens
         if len(ids) > limit:
-            raise BitDanceError(f"{what} is {len(ids)} tokens with the chat template; the limit is {limit} "
-                                "(max_text_tokens): shorten it or export with a larger --max-text-tokens")
+            raise BitDanceError(
+                f"{what} is {len(ids)} tokens with the chat template; the limit is {limit} "
+                "(max_text_tokens): shorten it or export with a larger --max-text-tokens"
+            )
         pad = limit - len(ids)
         return [PAD_ID] * pad + ids + tail, pad
 
@@ -119,5 +130,7 @@ class PromptEncoder:
         return PromptCondition(
             ids=torch.tensor([r[0] for r in rows], dtype=torch.int64),
             pad=torch.tensor([r[1] for r in rows], dtype=torch.int64),
-            uncond_ids=torch.tensor(uncond, dtype=torch.int64), uncond_pad=uncond_pad, prompts=tuple(prompts),
+            uncond_ids=torch.tensor(uncond, dtype=torch.int64),
+            uncond_pad=uncond_pad,
+            prompts=tuple(prompts),
         )

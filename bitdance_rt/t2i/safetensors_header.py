@@ -29,8 +29,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             meta = json.loads(fh.read(n))
         if not isinstance(meta, dict):
             raise ValueError("header is not a JSON object")
-        return {k: (str(v["dtype"]), tuple(int(s) for s in v["shape"])) for k, v in meta.items()
-                if k != "__metadata__"}
+        return {k: (str(v["dtype"]), tuple(int(s) for s in v["shape"])) for k, v in meta.items() if k != "__metadata__"}
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read it ({exc.strerror or exc})") from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:

@@ -15,8 +15,16 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from bitdance_rt.errors import BitDanceError
-from bitdance_rt.triton.requests import (ModelInfo, Responder, ServeParams, Stream, input_specs, instance_device,
-                                         load_pipeline, parse_inputs)
+from bitdance_rt.triton.requests import (
+    ModelInfo,
+    Responder,
+    ServeParams,
+    Stream,
+    input_specs,
+    instance_device,
+    load_pipeline,
+    parse_inputs,
+)
 
 
 # this file runs as Triton's "model" module: name the logger so that the handler below sees it
@@ -57,8 +65,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
-            raise pb_utils.TritonModelException("bitdance-rt streams its images: set model_transaction_policy "
-                                                "{ decoupled: true } in config.pbtxt")
+            raise pb_utils.TritonModelException(
+                "bitdance-rt streams its images: set model_transaction_policy { decoupled: true } in config.pbtxt"
+            )
         self.params = ServeParams.from_parameters(config.get("parameters", {}))
         device = instance_device(self.params, args.get("model_instance_kind"), args.get("model_instance_device_id"))
         _log_to_triton()
@@ -78,8 +87,14 @@ class TritonPythonModel:
                 for name in self.names:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     inputs[name] = None if tensor is None else tensor.as_numpy()
-                stream = Stream(self.pipe, parse_inputs(inputs, self.info), self._sender(sender), self.responder,
-                                cancelled=getattr(request, "is_cancelled", lambda: False), on_finish=self._finished)
+                stream = Stream(
+                    self.pipe,
+                    parse_inputs(inputs, self.info),
+                    self._sender(sender),
+                    self.responder,
+                    cancelled=getattr(request, "is_cancelled", lambda: False),
+                    on_finish=self._finished,
+                )
                 with self.lock:
                     self.streams.add(stream)
                 try:
@@ -90,8 +105,10 @@ class TritonPythonModel:
             except BitDanceError as exc:  # a bad request: the message names the input
                 sender.send(_error(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             except Exception as exc:  # anything else still ends this request, not the others
-                sender.send(_error(f"bitdance-rt: {type(exc).__name__}: {exc}"),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(
+                    _error(f"bitdance-rt: {type(exc).__name__}: {exc}"),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
         return None  # decoupled: the responses come from the scheduler's callbacks
 
     def _sender(self, sender):
@@ -100,7 +117,8 @@ class TritonPythonModel:
                 response = _error(error)
             else:
                 response = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])
+                    output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]
+                )
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
         return send

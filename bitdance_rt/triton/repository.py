@@ -49,11 +49,14 @@ def _checked_export(export_dir):
 
     directory = Path(export_dir)
     if not directory.is_dir():
-        raise BitDanceError(f"export directory {directory} does not exist (make one with "
-                            f"`bitdance-rt export --out {directory}`)")
+        raise BitDanceError(
+            f"export directory {directory} does not exist (make one with `bitdance-rt export --out {directory}`)"
+        )
     if not (directory / MANIFEST).is_file():
-        raise BitDanceError(f"{directory / MANIFEST} not found: {directory} is not a bitdance-rt export directory "
-                            f"(make one with `bitdance-rt export --out {directory}`)")
+        raise BitDanceError(
+            f"{directory / MANIFEST} not found: {directory} is not a bitdance-rt export directory "
+            f"(make one with `bitdance-rt export --out {directory}`)"
+        )
     export = open_export(directory, generation=True)
     export.verify_files(hashes=False)
     return export
@@ -64,7 +67,7 @@ def _quote(text: str) -> str:
     out = []
     for byte in str(text).encode("utf-8"):
         ch = chr(byte)
-        if ch in "\"\\":
+        if ch in '"\\':
             out.append("\\" + ch)
         elif 32 <= byte < 127:
             out.append(ch)
@@ -90,12 +93,17 @@ def instance_groups(device: str, gpus, count: int) -> list[dict]:
     return [{"kind": "KIND_CPU", "count": count}]
 
 
-def config_text(name: str, t2i: bool, height: int, width: int, groups: list[dict], parameters: dict,
-                comment: str = "") -> str:
+def config_text(
+    name: str, t2i: bool, height: int, width: int, groups: list[dict], parameters: dict, comment: str = ""
+) -> str:
     """config.pbtxt of the model."""
     lines = [f"# {line}" for line in comment.splitlines()]
-    lines += [f"name: {_quote(name)}", 'backend: "python"', "max_batch_size: 0",
-              "model_transaction_policy {\n  decoupled: true\n}"]
+    lines += [
+        f"name: {_quote(name)}",
+        'backend: "python"',
+        "max_batch_size: 0",
+        "model_transaction_policy {\n  decoupled: true\n}",
+    ]
     lines.append("input [\n" + ",\n".join(_tensor(s, True) for s in input_specs(t2i)) + "\n]")
     lines.append("output [\n" + ",\n".join(_tensor(s, False) for s in output_specs(height, width)) + "\n]")
     entries = []
@@ -105,18 +113,37 @@ def config_text(name: str, t2i: bool, height: int, width: int, groups: list[dict
             body += f"    gpus: [ {', '.join(str(i) for i in g['gpus'])} ]\n"
         entries.append("  {\n" + body + "  }")
     lines.append("instance_group [\n" + ",\n".join(entries) + "\n]")
-    params = [f"  {{\n    key: {_quote(k)}\n    value: {{ string_value: {_quote(v)} }}\n  }}"
-              for k, v in sorted(parameters.items())]
+    params = [
+        f"  {{\n    key: {_quote(k)}\n    value: {{ string_value: {_quote(v)} }}\n  }}"
+        for k, v in sorted(parameters.items())
+    ]
     lines.append("parameters [\n" + ",\n".join(params) + "\n]")
     return "\n".join(lines) + "\n"
 
 
-def write_repository(export_dir, out, *, name: str = DEFAULT_NAME, backend: str = "onnxruntime",
-                     precision: str | None = None, steps: int | None = None, max_batch: int | None = None,
-                     max_images: int | None = None, device: str | None = None, gpus=None, count: int = 1,
-                     threads: int | None = None, ort_provider: str | None = None, engine_dir=None, cache_dir=None,
-                     model: str | None = None, checkpoint=None, vae=None, export_path: str | None = None,
-                     force: bool = False) -> Path:
+def write_repository(
+    export_dir,
+    out,
+    *,
+    name: str = DEFAULT_NAME,
+    backend: str = "onnxruntime",
+    precision: str | None = None,
+    steps: int | None = None,
+    max_batch: int | None = None,
+    max_images: int | None = None,
+    device: str | None = None,
+    gpus=None,
+    count: int = 1,
+    threads: int | None = None,
+    ort_provider: str | None = None,
+    engine_dir=None,
+    cache_dir=None,
+    model: str | None = None,
+    checkpoint=None,
+    vae=None,
+    export_path: str | None = None,
+    force: bool = False,
+) -> Path:
     """Write the Triton model repository `out` (returns its path) serving `export_dir`.
 
     `name`: the model's name (its directory). `backend`: onnxruntime or tensorrt (engines built, or
@@ -145,8 +172,10 @@ def write_repository(export_dir, out, *, name: str = DEFAULT_NAME, backend: str 
     if device is None:
         device = "cuda" if gpus or backend == "tensorrt" else "cpu"
     if device.startswith("cuda:"):
-        raise BitDanceError(f"device {device}: give cuda and the GPU list (--gpus {device.split(':')[1]}); "
-                            "Triton assigns each instance its GPU")
+        raise BitDanceError(
+            f"device {device}: give cuda and the GPU list (--gpus {device.split(':')[1]}); "
+            "Triton assigns each instance its GPU"
+        )
     if device not in ("cpu", "cuda"):
         raise BitDanceError(f"device {device!r}: use cpu or cuda")
     if gpus and device == "cpu":
@@ -164,27 +193,45 @@ def write_repository(export_dir, out, *, name: str = DEFAULT_NAME, backend: str 
     t2i = isinstance(cfg, T2IConfig)
     held = export.precision
     if backend == "onnxruntime" and precision not in (None, held):
-        raise BitDanceError(f"export {export_dir} holds {held} graphs, not {precision}: drop the precision, or "
-                            f"make a {precision} export (bitdance-rt export --precision {precision})")
+        raise BitDanceError(
+            f"export {export_dir} holds {held} graphs, not {precision}: drop the precision, or "
+            f"make a {precision} export (bitdance-rt export --precision {precision})"
+        )
     limit = export.max_batch
     if max_batch is not None and not 1 <= max_batch <= limit:
         raise BitDanceError(f"max batch {max_batch}: {export_dir} was exported for 1..{limit} images per batch")
     if t2i and checkpoint is None:
-        raise BitDanceError(f"{export_dir} is a text-to-image export: give its checkpoint directory too "
-                            "(the model encodes prompts with its tokenizer.json)")
+        raise BitDanceError(
+            f"{export_dir} is a text-to-image export: give its checkpoint directory too "
+            "(the model encodes prompts with its tokenizer.json)"
+        )
     resolve = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
-    params = ServeParams(export_dir=export_path or str(export_dir), backend=backend, precision=precision, steps=steps,
-                         max_batch=max_batch, max_images=max_images, device=device, threads=threads,
-                         ort_provider=ort_provider, engine_dir=resolve(engine_dir), cache_dir=resolve(cache_dir),
-                         model=model, checkpoint=resolve(checkpoint), vae=resolve(vae))
+    params = ServeParams(
+        export_dir=export_path or str(export_dir),
+        backend=backend,
+        precision=precision,
+        steps=steps,
+        max_batch=max_batch,
+        max_images=max_images,
+        device=device,
+        threads=threads,
+        ort_provider=ort_provider,
+        engine_dir=resolve(engine_dir),
+        cache_dir=resolve(cache_dir),
+        model=model,
+        checkpoint=resolve(checkpoint),
+        vae=resolve(vae),
+    )
     params.check()
     if model is not None and Path(model).suffix == ".json":
         params.model = str(Path(model).resolve())
     height, width = getattr(cfg, "image_hw", None) or (cfg.image_size, cfg.image_size)
     from .. import __version__
 
-    comment = (f"Written by bitdance-rt {__version__} (bitdance-rt triton-repo) for {cfg.name} from {export_dir}.\n"
-               f"Inputs/outputs: bitdance_rt/triton/requests.py; partial_images 0..{MAX_PARTIAL_IMAGES}.")
+    comment = (
+        f"Written by bitdance-rt {__version__} (bitdance-rt triton-repo) for {cfg.name} from {export_dir}.\n"
+        f"Inputs/outputs: bitdance_rt/triton/requests.py; partial_images 0..{MAX_PARTIAL_IMAGES}."
+    )
     text = config_text(name, t2i, height, width, instance_groups(device, gpus, count), params.to_parameters(), comment)
     return _write_atomically(Path(out), name, text, force)
 

@@ -56,21 +56,26 @@ class TensorSpec:
 def input_specs(t2i: bool) -> tuple[TensorSpec, ...]:
     """The model's inputs: `labels` (class-conditional) or `prompt` (text-to-image), required, then
     the optional ones."""
-    condition = (TensorSpec("prompt", "TYPE_STRING", (1,), False) if t2i
-                 else TensorSpec("labels", "TYPE_INT32", (-1,), False))
-    return (condition,
-            TensorSpec("num_images", "TYPE_INT32", (1,)),
-            TensorSpec("seed", "TYPE_INT64", (1,)),
-            TensorSpec("steps", "TYPE_INT32", (1,)),
-            TensorSpec("guidance_scale", "TYPE_FP32", (1,)),
-            TensorSpec("cfg_schedule", "TYPE_STRING", (1,)),
-            TensorSpec("partial_images", "TYPE_INT32", (1,)))
+    condition = (
+        TensorSpec("prompt", "TYPE_STRING", (1,), False) if t2i else TensorSpec("labels", "TYPE_INT32", (-1,), False)
+    )
+    return (
+        condition,
+        TensorSpec("num_images", "TYPE_INT32", (1,)),
+        TensorSpec("seed", "TYPE_INT64", (1,)),
+        TensorSpec("steps", "TYPE_INT32", (1,)),
+        TensorSpec("guidance_scale", "TYPE_FP32", (1,)),
+        TensorSpec("cfg_schedule", "TYPE_STRING", (1,)),
+        TensorSpec("partial_images", "TYPE_INT32", (1,)),
+    )
 
 
 def output_specs(height: int, width: int) -> tuple[TensorSpec, ...]:
-    return (TensorSpec("image", "TYPE_UINT8", (-1, int(height), int(width), 3), False),
-            TensorSpec("step", "TYPE_INT32", (1,), False),
-            TensorSpec("final", "TYPE_BOOL", (1,), False))
+    return (
+        TensorSpec("image", "TYPE_UINT8", (-1, int(height), int(width), 3), False),
+        TensorSpec("step", "TYPE_INT32", (1,), False),
+        TensorSpec("final", "TYPE_BOOL", (1,), False),
+    )
 
 
 class RequestError(BitDanceError):
@@ -119,8 +124,10 @@ class ServeParams:
                     raise BitDanceError(f"model parameter {key}: expected an integer, got {value!r}") from None
             values[key] = value
         if "export_dir" not in values:
-            raise BitDanceError("model parameter export_dir is missing: write the repository with "
-                                "`bitdance-rt triton-repo --export-dir DIR --out REPO`")
+            raise BitDanceError(
+                "model parameter export_dir is missing: write the repository with "
+                "`bitdance-rt triton-repo --export-dir DIR --out REPO`"
+            )
         params = cls(**values)
         params.check()
         return params
@@ -164,17 +171,27 @@ def load_pipeline(params: ServeParams, device: str | None = None):
         source = resolve_model(params.model, params.checkpoint, params.vae, None, None, None)
     elif t2i:
         if not params.checkpoint:
-            raise BitDanceError(f"{export_dir} is a text-to-image export: give the checkpoint directory (its "
-                                "tokenizer.json encodes the prompts): triton-repo --checkpoint DIR")
+            raise BitDanceError(
+                f"{export_dir} is a text-to-image export: give the checkpoint directory (its "
+                "tokenizer.json encodes the prompts): triton-repo --checkpoint DIR"
+            )
         source = ModelSource(cfg, str(params.checkpoint), None, t2i=True)
     else:
         source = ModelSource(cfg)
     steps = params.steps or export.sampler_steps or cfg.default_steps
     max_batch = params.max_batch or export.max_batch
     device = device or params.device
-    opts = BackendOptions(backend=params.backend, precision=params.precision, device=device, threads=params.threads,
-                          max_batch=max_batch, export_dir=str(export_dir), ort_provider=params.ort_provider,
-                          engine_dir=params.engine_dir, progress=False)
+    opts = BackendOptions(
+        backend=params.backend,
+        precision=params.precision,
+        device=device,
+        threads=params.threads,
+        max_batch=max_batch,
+        export_dir=str(export_dir),
+        ort_provider=params.ort_provider,
+        engine_dir=params.engine_dir,
+        progress=False,
+    )
     with paths.using_cache_root(params.cache_dir or None):  # (the environment is left alone)
         return Pipeline.load(source, int(steps), opts)
 
@@ -192,8 +209,12 @@ class ModelInfo:
     @classmethod
     def of(cls, pipe, max_images: int | None = None) -> "ModelInfo":
         cfg = pipe.config
-        return cls(bool(pipe.model.t2i), int(getattr(cfg, "num_classes", 0) or 0), int(cfg.ar_steps),
-                   int(max_images or pipe.max_batch))
+        return cls(
+            bool(pipe.model.t2i),
+            int(getattr(cfg, "num_classes", 0) or 0),
+            int(cfg.ar_steps),
+            int(max_images or pipe.max_batch),
+        )
 
 
 @dataclass
@@ -210,8 +231,15 @@ class GenerateArgs:
     partial_images: int = 0
 
     def pipeline_kwargs(self) -> dict:
-        return {"labels": self.labels, "prompt": self.prompt, "num_images": self.num_images, "steps": self.steps,
-                "cfg": self.cfg, "cfg_schedule": self.cfg_schedule, "seed": self.seed}
+        return {
+            "labels": self.labels,
+            "prompt": self.prompt,
+            "num_images": self.num_images,
+            "steps": self.steps,
+            "cfg": self.cfg,
+            "cfg_schedule": self.cfg_schedule,
+            "seed": self.seed,
+        }
 
     @property
     def images(self) -> int:
@@ -284,8 +312,10 @@ def parse_inputs(inputs: Mapping[str, object], info: ModelInfo) -> GenerateArgs:
         args.labels = [int(v) for v in labels]
     args.num_images = _integer(inputs, "num_images", 1, None, 1)
     if args.images > info.max_images:
-        raise RequestError(f"input 'num_images': {args.images} images in one request (labels x num_images); "
-                           f"this model allows at most {info.max_images}")
+        raise RequestError(
+            f"input 'num_images': {args.images} images in one request (labels x num_images); "
+            f"this model allows at most {info.max_images}"
+        )
     args.seed = _integer(inputs, "seed", 0, MAX_SEED, 0)
     args.steps = _integer(inputs, "steps", 1, MAX_STEPS, None)
     scale = _scalar(inputs, "guidance_scale", "number")
@@ -300,8 +330,9 @@ def parse_inputs(inputs: Mapping[str, object], info: ModelInfo) -> GenerateArgs:
             raise RequestError(f"input 'guidance_scale': {exc}") from None
     args.cfg_schedule = _text(inputs, "cfg_schedule")
     if args.cfg_schedule is not None and args.cfg_schedule not in CFG_SCHEDULES:
-        raise RequestError(f"input 'cfg_schedule': expected one of {', '.join(CFG_SCHEDULES)}, "
-                           f"got {args.cfg_schedule!r}")
+        raise RequestError(
+            f"input 'cfg_schedule': expected one of {', '.join(CFG_SCHEDULES)}, got {args.cfg_schedule!r}"
+        )
     args.partial_images = _integer(inputs, "partial_images", 0, MAX_PARTIAL_IMAGES, 0)
     return args
 
