@@ -1,5 +1,6 @@
 """Fast start-up: the persistent file-hash cache (fileio.cached_sha256), graph signatures read
-without the weights, and the cache of ONNX Runtime's optimised graphs (runtime/ort_session.py)."""
+without the weights (runtime/graph_signature.py), and the cache of ONNX Runtime's optimised graphs
+(runtime/ort_session.py)."""
 
 from __future__ import annotations
 
@@ -313,7 +314,9 @@ def test_graph_signature_reads_no_weights(tmp_path, monkeypatch):
         def __exit__(self, *a):
             self.fh.close()
 
-    monkeypatch.setattr(ort_session, "open", lambda p, mode="r": Counting(real_open(p, mode)), raising=False)
+    from bitdance_rt.runtime import graph_signature as signature_module
+
+    monkeypatch.setattr(signature_module, "open", lambda p, mode="r": Counting(real_open(p, mode)), raising=False)
     assert graph_signature(path) == (["x"], ["y", "z"])
     assert path.stat().st_size > 8_000_000
     assert 0 < sum(read) < 4096, sum(read)

@@ -1,5 +1,6 @@
 """The road to running a model: what each step of getting there needs (peak host memory, GPU memory,
 disk), from the same traced weights as the runtime's plan (memory.py), and whether a machine has it.
+(Over 400 lines: every measured factor of every step is kept here, in one place, with its basis.)
 
 Steps, as today's code takes them (backends.auto_export, `bitdance-rt export / calibrate / build`):
 

@@ -1,5 +1,8 @@
 """The TensorRT backend: per-stage engines, fixed device buffers, CUDA-graph replay.
 
+(Over 400 lines: engines, buffers and graph replay share one device context and its lifetime;
+split apart they would pass that state back and forth.)
+
 It runs stages for the shared core (runtime/core.py: cache slots, cache writes, sampler choice,
 row padding), over engines from bitdance_rt.engines.build (built into the engine cache when
 missing or stale), on the device it was given: build, deserialisation and contexts run inside
