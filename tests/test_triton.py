@@ -236,28 +236,60 @@ def test_stream_without_triton(export, reference):
 
 
 # ---- a real Triton server -------------------------------------------------------------------------------
+def _server_requirements() -> list[str]:
+    """The `triton-server` extra of pyproject.toml: the tritonserver binary (nvidia-pytriton) and the
+    numpy < 2 its Python-backend stub needs. Kept out of the test extra, so numpy 2 is what the rest of
+    the suite runs on."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["triton-server"]
+
+
+def _stub_venv() -> Path:
+    """A side virtual environment for Triton's Python-backend stub: the `triton-server` extra installed
+    (no dependencies: only the binary and numpy < 2 are used), in front of this environment's packages
+    (a .pth runs site.addsitedir on them), so the stub imports numpy < 2 first and bitdance_rt, torch and
+    onnxruntime from here. Made once and kept inside this environment (sys.prefix)."""
+    venv = Path(sys.prefix) / "triton-stub"
+    python = venv / "bin" / "python"
+    ready = venv / ".ready"
+    if ready.is_file() and ready.read_text() == json.dumps(_server_requirements()):
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    here = sysconfig.get_paths()["purelib"]
+    (Path(purelib) / "zz_bitdance_rt_env.pth").write_text(f"import site; site.addsitedir({here!r})\n")
+    res = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", *_server_requirements()],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, f"installing the triton-server extra into {venv} failed:\n{res.stderr[-2000:]}"
+    ready.write_text(json.dumps(_server_requirements()))
+    return venv
+
+
 def _triton_install():
-    """(tritonserver binary, python backend dir, 3.11 stub, bundled libs) or pytest.skip with why."""
+    """(tritonserver binary, python backend dir, 3.11 stub, bundled libs, the stub's venv) or pytest.skip
+    with why."""
     if platform.machine() != "x86_64" or not sys.platform.startswith("linux"):
         pytest.skip(f"the tritonserver bundled with nvidia-pytriton is linux x86_64 only (this is "
                     f"{sys.platform} {platform.machine()})")
-    try:
-        import pytriton
-    except ImportError:
-        pytest.skip("nvidia-pytriton (which bundles a tritonserver binary) is not installed")
     for client in ("tritonclient.grpc", "tritonclient.http"):
         pytest.importorskip(client, reason=f"{client} is not installed (pip install 'tritonclient[http,grpc]')")
-    root = Path(pytriton.__file__).parent / "tritonserver"
+    venv = _stub_venv()
+    found = subprocess.run([str(venv / "bin" / "python"), "-c", "import numpy, pytriton; "
+                            "print(pytriton.__file__); print(numpy.__version__)"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    assert int(found[1].split(".")[0]) < 2, f"the stub's venv imports numpy {found[1]}"
+    root = Path(found[0]).parent / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     found = (root / "bin" / "tritonserver", root / "backends" / "python",
              root / "python_backend_stubs" / version / "triton_python_backend_stub",
              root.parents[1] / "nvidia_pytriton.libs")
     missing = [str(p) for p in found[:3] if not p.exists()]
-    if missing:
-        pytest.skip(f"the nvidia-pytriton install lacks {', '.join(missing)}")
-    if int(np.__version__.split(".")[0]) >= 2:
-        pytest.skip("the Python backend stub of Triton 2.51 returns empty tensors with numpy >= 2")
-    return found
+    assert not missing, f"the nvidia-pytriton install lacks {', '.join(missing)}"
+    return (*found, venv)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -285,7 +317,7 @@ def triton_install():
 
 @pytest.fixture(scope="module")
 def server(triton_install, export, cache_root, tmp_path_factory):  # (skips before the export is made)
-    binary, backend, stub, libs = triton_install
+    binary, backend, stub, libs, venv = triton_install
     work = tmp_path_factory.mktemp("triton")
     backends = work / "backends" / "python"
     shutil.copytree(backend, backends, ignore=shutil.ignore_patterns("__pycache__"))
@@ -297,10 +329,10 @@ def server(triton_install, export, cache_root, tmp_path_factory):  # (skips befo
     http, grpc, metrics = _free_ports(3)
     env = dict(os.environ, BITDANCE_RT_CACHE=str(cache_root),
                # the stub links the system libpython and the libs pytriton bundles; and imports the first
-               # python / numpy on PATH: this venv's
+               # python / numpy on PATH: the stub's venv (numpy < 2, then this environment's packages)
                LD_LIBRARY_PATH=os.pathsep.join(filter(None, [sysconfig.get_config_var("LIBDIR"), str(libs),
                                                              os.environ.get("LD_LIBRARY_PATH")])),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+               PATH=os.pathsep.join([str(venv / "bin"), os.environ.get("PATH", "")]))
     log = work / "tritonserver.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen([str(binary), "--model-repository", str(repo), "--backend-directory",
