@@ -329,19 +329,28 @@ def _ort_cache_dir(opts: BackendOptions):
 
 
 def _trt_backend(model: ModelSource, steps: int, opts: BackendOptions):
-    from .runtime.trt_backend import TrtBackend
+    """Build before run: the engines are built (or found in the engine cache) by engines.build on the
+    device, then handed to the backend, which only deserialises and binds them."""
+    import torch
+
+    from .engines.build import build_engines
+    from .export.reader import open_export
+    from .runtime.trt_backend import TrtBackend, cuda_device
 
     export_dir = opts.export_dir
     if export_dir is None:  # engines from the cached FP32 export (the engine precision is opts.precision)
         export_dir = auto_export(model, steps, opts, "fp32")
-    device = opts.device if opts.device.startswith("cuda") else "cuda"
-    backend = TrtBackend(
-        export_dir,
-        precision=opts.precision,
-        workspace_mb=opts.workspace_mb,
-        engine_root=opts.engine_dir,
-        device=device,
-        cuda_graphs=opts.cuda_graphs,
-        expect_config=model.config,
-    )
+    device = cuda_device(opts.device if opts.device.startswith("cuda") else "cuda")
+    # another model's export, or one that cannot generate, is refused before anything is built
+    export = open_export(export_dir, model.config, generation=True)
+    with torch.cuda.device(device):  # TensorRT builds on the current CUDA device
+        engines = build_engines(
+            export,
+            opts.precision,
+            opts.workspace_mb,
+            stages=list(export.specs),
+            root=opts.engine_dir,
+            device=device.index,
+        )
+    backend = TrtBackend(engines, device=device, cuda_graphs=opts.cuda_graphs, expect_config=model.config)
     return backend, f"{model.config.name} from TensorRT engines of {export_dir} ({backend.precision})"

@@ -346,7 +346,7 @@ def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> Ch
     elif name == "tensorrt":
         from .runtime.trt_backend import TrtBackend
 
-        backend = TrtBackend(
+        backend = TrtBackend.from_export(
             req.export_dir,
             precision=opts.precision,
             workspace_mb=opts.workspace_mb,

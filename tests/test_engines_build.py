@@ -23,8 +23,13 @@ from bitdance_rt import stages as st  # noqa: E402
 from bitdance_rt.cli import main  # noqa: E402
 from bitdance_rt.engines import build as eb  # noqa: E402
 from bitdance_rt.engines import cache as ec  # noqa: E402
-from bitdance_rt.engines.options import (PrecisionPlan, graph_precision, opt_level, plan_precision,  # noqa: E402
-                                         workspace_bytes)
+from bitdance_rt.engines.options import (
+    PrecisionPlan,
+    graph_precision,
+    opt_level,
+    plan_precision,  # noqa: E402
+    workspace_bytes,
+)
 from bitdance_rt.engines.profiles import stage_profile, stage_profiles  # noqa: E402
 from bitdance_rt.errors import BitDanceError  # noqa: E402
 from bitdance_rt.export import checkpoint_source, export_stages, read_manifest  # noqa: E402
@@ -42,8 +47,14 @@ def export(tmp_path_factory):
     model = load_model(d / "config.json", d / "checkpoint.pt").model
     out = tmp_path_factory.mktemp("trt-build") / "tiny_4x"
     with torch_threads(1):
-        export_stages(model, out, checkpoint_source(d / "checkpoint.pt"), stages=STAGES, sampler_steps=6,
-                      limits=st.Limits(max_batch=4, opt_batch=2))
+        export_stages(
+            model,
+            out,
+            checkpoint_source(d / "checkpoint.pt"),
+            stages=STAGES,
+            sampler_steps=6,
+            limits=st.Limits(max_batch=4, opt_batch=2),
+        )
     return out
 
 
@@ -67,8 +78,16 @@ class FakeTensorRT:
         self.fail = fail
 
     def build(self, onnx_path, plan, profiles, workspace, level, timing_cache):
-        self.calls.append(dict(onnx=Path(onnx_path), plan=plan, profiles=profiles, workspace=workspace, level=level,
-                               timing=timing_cache))
+        self.calls.append(
+            dict(
+                onnx=Path(onnx_path),
+                plan=plan,
+                profiles=profiles,
+                workspace=workspace,
+                level=level,
+                timing=timing_cache,
+            )
+        )
         if self.fail:
             raise BitDanceError(self.fail)
         return f"engine:{Path(onnx_path).name}:{plan.precision}:{workspace}".encode()
@@ -87,7 +106,12 @@ def test_graph_precision_builds_strongly_typed(trt, graph):
 
 def test_fp16_from_fp32_graphs_is_the_trt10_flag_and_refused_on_trt11():
     plan = plan_precision("fp32", "fp16", "10.3.0")
-    assert (plan.precision, plan.strongly_typed, plan.builder_flags, plan.clear_tf32) == ("fp16", False, ("FP16",), False)
+    assert (plan.precision, plan.strongly_typed, plan.builder_flags, plan.clear_tf32) == (
+        "fp16",
+        False,
+        ("FP16",),
+        False,
+    )
     assert plan.key_flags == ("weakly_typed", "flag:FP16")
     with pytest.raises(BitDanceError, match="strongly typed networks only.*export FP16 graphs"):
         plan_precision("fp32", "fp16", "11.2.0")
@@ -170,8 +194,10 @@ def test_build_then_hit_then_stale_rebuild(export, tmp_path, caplog):
     newer = FakeTensorRT(version="10.4.0")
     rebuilt = eb.build_engines(export, workspace_mb=512, root=root, toolkit=newer)
     assert all(b.status == "rebuilt" for b in rebuilt.values()) and len(newer.calls) == len(STAGES)
-    assert all(line.startswith(f"{s}: rebuilding:") and "trt_version: '10.3.0' -> '10.4.0'" in line
-               for s, line in zip(STAGES, [l for l in caplog.messages if "rebuilding" in l]))
+    assert all(
+        line.startswith(f"{s}: rebuilding:") and "trt_version: '10.3.0' -> '10.4.0'" in line
+        for s, line in zip(STAGES, [l for l in caplog.messages if "rebuilding" in l])
+    )
     assert newer.calls[0]["timing"].name == "timing-trt10.4.0-orin-sm8.7.cache"
 
     caplog.clear()
@@ -182,6 +208,29 @@ def test_build_then_hit_then_stale_rebuild(export, tmp_path, caplog):
     other_gpu = FakeTensorRT(version="10.4.0", gpu=("NVIDIA H100 80GB HBM3", "9.0"))
     eb.build_engines(export, workspace_mb=1024, root=root, toolkit=other_gpu, stages=[st.DECODER])
     assert "gpu_name" in caplog.messages[0] and "compute_capability: '8.7' -> '9.0'" in caplog.messages[0]
+
+
+def test_build_hands_over_an_engine_set(export, tmp_path):
+    """Build before run: build_engines returns the EngineSet a TrtBackend takes (the export, one engine file
+    per stage, the engine precision, the toolkit and its device), still a Mapping stage -> BuiltEngine; an
+    export opened (and checked) by the caller is taken as it is."""
+    from bitdance_rt.export.reader import ExportInfo, open_export
+
+    fake = FakeTensorRT()
+    fake.device = 1
+    engines = eb.build_engines(open_export(export), root=tmp_path, toolkit=fake, stages=[st.DECODER, st.HEAD_STEP])
+    assert isinstance(engines, eb.EngineSet) and isinstance(engines.export, ExportInfo)
+    assert engines.directory == export and engines.precision == "fp32" and engines.toolkit is fake
+    assert engines.device == 1  # the toolkit's device: the engines' GPU
+    assert list(engines) == [st.DECODER, st.HEAD_STEP] and len(engines) == 2
+    assert engines.paths == {s: b.path for s, b in engines.items()}
+    assert engines.serialized(st.DECODER) == engines[st.DECODER].path.read_bytes()
+    with pytest.raises(BitDanceError, match="no backbone engine was built"):
+        engines.serialized(st.BACKBONE)
+    engines[st.HEAD_STEP].path.unlink()  # e.g. the cache cleaned before a lazy head_step load
+    with pytest.raises(BitDanceError, match="head_step engine cannot be read"):
+        engines.serialized(st.HEAD_STEP)
+    assert eb.build_engines(export, root=tmp_path, toolkit=FakeTensorRT(), stages=[st.DECODER]).device is None
 
 
 def test_fp16_engine_from_fp32_graphs_on_trt10(export, tmp_path):
@@ -263,8 +312,11 @@ def test_gpu_info_via_driver_api(monkeypatch):
     assert eb.gpu_info(0) == eb.GpuInfo("Orin (nvgpu)", "8.7")
     with pytest.raises(BitDanceError, match="device 1 does not exist"):
         eb.gpu_info(1)
-    for lib, why in [(None, "driver \\(libcuda\\) is not installed"), (FakeLibCuda(init=100), "cuInit"),
-                     (FakeLibCuda(count=0), "no CUDA GPU visible")]:
+    for lib, why in [
+        (None, "driver \\(libcuda\\) is not installed"),
+        (FakeLibCuda(init=100), "cuInit"),
+        (FakeLibCuda(count=0), "no CUDA GPU visible"),
+    ]:
         monkeypatch.setattr(eb, "_load_libcuda", lambda lib=lib: lib)
         with pytest.raises(BitDanceError, match=why):
             eb.gpu_info(0)
@@ -296,8 +348,18 @@ def test_build_without_gpu_is_one_line(export, capsys, monkeypatch):
 def test_build_cli_reports_counts(export, tmp_path, capsys, monkeypatch):
     fake = FakeTensorRT()
     monkeypatch.setattr(eb, "TensorRT", lambda device=0: fake)
-    argv = ["build", "--export-dir", str(export), "--engine-dir", str(tmp_path), "--workspace-mb", "64",
-            "--stages", "prefix_embed", "decoder"]
+    argv = [
+        "build",
+        "--export-dir",
+        str(export),
+        "--engine-dir",
+        str(tmp_path),
+        "--workspace-mb",
+        "64",
+        "--stages",
+        "prefix_embed",
+        "decoder",
+    ]
     assert main(argv) == 0
     assert "2 built, 0 rebuilt, 0 cached (TensorRT 10.3.0, Orin)" in capsys.readouterr().out
     assert main(argv) == 0
@@ -309,20 +371,22 @@ def test_build_cli_reports_counts(export, tmp_path, capsys, monkeypatch):
 def test_build_path_does_not_import_torch(export):
     """Jetson recipe: `bitdance-rt build` runs in a process without torch (here it stops at the
     missing-TensorRT error, after reading the whole CLI and build module)."""
-    code = ("import sys; sys.modules['tensorrt'] = None\n"
-            "import bitdance_rt.engines.build, bitdance_rt.engines.lint\n"
-            "from bitdance_rt.cli import main\n"
-            f"rc = main(['build', '--export', {str(export)!r}])\n"
-            "assert rc == 2, rc\n"
-            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
-            "assert not bad, bad\n"
-            "print('torch-free')")
+    code = (
+        "import sys; sys.modules['tensorrt'] = None\n"
+        "import bitdance_rt.engines.build, bitdance_rt.engines.lint\n"
+        "from bitdance_rt.cli import main\n"
+        f"rc = main(['build', '--export', {str(export)!r}])\n"
+        "assert rc == 2, rc\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+        "print('torch-free')"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "torch-free" in done.stdout, done.stderr
 
 
-def test_tensorrt_backend_needs_cuda(export, capsys):
+def test_tensorrt_backend_needs_cuda(export, capsys, tmp_path):
     import torch
 
     if torch.cuda.is_available():
@@ -330,10 +394,14 @@ def test_tensorrt_backend_needs_cuda(export, capsys):
     from bitdance_rt.runtime.trt_backend import TrtBackend
 
     with pytest.raises(BitDanceError, match="needs a CUDA GPU"):
-        TrtBackend(export)
+        TrtBackend.from_export(export)
+    engines = eb.build_engines(export, root=tmp_path, toolkit=FakeTensorRT())  # the build needs no GPU here
+    with pytest.raises(BitDanceError, match="needs a CUDA GPU"):
+        TrtBackend(engines)
     d = fixture_dir("tiny_4x")
-    err = _one_line_error(capsys, ["generate", "--backend", "tensorrt", "--model", str(d / "config.json"),
-                                   "--labels", "3", "--quiet"])
+    err = _one_line_error(
+        capsys, ["generate", "--backend", "tensorrt", "--model", str(d / "config.json"), "--labels", "3", "--quiet"]
+    )
     assert "backend tensorrt needs a CUDA GPU" in err  # said before anything is exported for it
 
 
@@ -350,10 +418,23 @@ def test_ort_provider_option(export, capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ort_backend, "OrtBackend", fake_backend)
     d = fixture_dir("tiny_4x")
-    base = ["generate", "--export-dir", str(export), "--model", str(d / "config.json"), "--labels", "3", "--quiet",
-            "--out", str(tmp_path)]
-    for extra, want in [([], ["cpu"]), (["--ort-provider", "tensorrt"], ["tensorrt", "cuda"]),
-                        (["--ort-provider", "cuda"], ["cuda"])]:
+    base = [
+        "generate",
+        "--export-dir",
+        str(export),
+        "--model",
+        str(d / "config.json"),
+        "--labels",
+        "3",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
+    for extra, want in [
+        ([], ["cpu"]),
+        (["--ort-provider", "tensorrt"], ["tensorrt", "cuda"]),
+        (["--ort-provider", "cuda"], ["cuda"]),
+    ]:
         assert "stop here" in _one_line_error(capsys, base + extra)
         assert seen[-1] == want
     if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():

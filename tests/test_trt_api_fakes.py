@@ -92,8 +92,9 @@ def fake_trt(version="10.3.0", parser_errors=(), build_ok=True):
     major = int(version.split(".")[0])
     trt = SimpleNamespace(__version__=version, built=[])
     if major >= 11:  # kSTRONGLY_TYPED = 0 (deprecated, ignored); no kEXPLICIT_BATCH, no FP16/INT8 flags
-        trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=0, PREFER_AOT_PYTHON_PLUGINS=2,
-                                                            PREFER_JIT_PYTHON_PLUGINS=1)
+        trt.NetworkDefinitionCreationFlag = SimpleNamespace(
+            STRONGLY_TYPED=0, PREFER_AOT_PYTHON_PLUGINS=2, PREFER_JIT_PYTHON_PLUGINS=1
+        )
         trt.BuilderFlag = SimpleNamespace(TF32="TF32", REFIT="REFIT")
     else:
         trt.NetworkDefinitionCreationFlag = SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
@@ -114,8 +115,9 @@ def fake_trt(version="10.3.0", parser_errors=(), build_ok=True):
 
         def create_optimization_profile(self):
             shapes = []
-            return SimpleNamespace(shapes=shapes,
-                                   set_shape=lambda name, lo, mid, hi: shapes.append((name, lo, mid, hi)))
+            return SimpleNamespace(
+                shapes=shapes, set_shape=lambda name, lo, mid, hi: shapes.append((name, lo, mid, hi))
+            )
 
         def build_serialized_network(self, network, config):
             if not build_ok:
@@ -186,12 +188,15 @@ def test_failed_build_is_one_error(tmp_path):
     assert not (tmp_path / "timing.cache").exists()
 
 
-@pytest.mark.parametrize("on_disk, expect", [
-    (None, "here:new"),                       # first build: a fresh cache, saved
-    (b"here:a,b", "here:a,b,new"),            # same device: reused and extended
-    (b"other-gpu:z", "here:new"),             # another device: set_timing_cache is False -> fresh, replaces it
-    (b"\x00garbage", "here:new"),             # unreadable: create_timing_cache gives None -> fresh
-])
+@pytest.mark.parametrize(
+    "on_disk, expect",
+    [
+        (None, "here:new"),  # first build: a fresh cache, saved
+        (b"here:a,b", "here:a,b,new"),  # same device: reused and extended
+        (b"other-gpu:z", "here:new"),  # another device: set_timing_cache is False -> fresh, replaces it
+        (b"\x00garbage", "here:new"),  # unreadable: create_timing_cache gives None -> fresh
+    ],
+)
 def test_timing_cache_reuse_and_recovery(tmp_path, on_disk, expect):
     path = tmp_path / "timing.cache"
     if on_disk is not None:
@@ -216,6 +221,7 @@ def test_timing_cache_merge_keeps_a_concurrent_builders_entries(tmp_path, monkey
 
 # ---- backend helpers -----------------------------------------------------------------------
 torch = pytest.importorskip("torch")
+from bitdance_rt.export.reader import ExportInfo  # noqa: E402
 from bitdance_rt.runtime import trt_backend as tb  # noqa: E402
 
 
@@ -231,8 +237,9 @@ def test_user_managed_context_on_10_3_and_11_1():
 
     class RuntimeConfigOnly:  # a binding that takes only an IRuntimeConfig
         def create_runtime_config(self):
-            return SimpleNamespace(strategy=None, set_execution_context_allocation_strategy=lambda s: setattr(
-                self, "strategy", s))
+            return SimpleNamespace(
+                strategy=None, set_execution_context_allocation_strategy=lambda s: setattr(self, "strategy", s)
+            )
 
         def create_execution_context(self, runtime_config=None):
             if isinstance(runtime_config, str):
@@ -280,6 +287,7 @@ class FakeGraph:
 
 def _patch_cuda_graphs(monkeypatch, graph_ctx, graphs: list) -> None:
     """torch.cuda's graph capture as stand-ins: `graph_ctx` for torch.cuda.graph, FakeGraphs into `graphs`."""
+
     def new_graph():
         graphs.append(FakeGraph())
         return graphs[-1]
@@ -305,8 +313,9 @@ def _call(monkeypatch, context, invalidate=False):
             context.capturing = False
 
     _patch_cuda_graphs(monkeypatch, graph_ctx, graphs)
-    backend = SimpleNamespace(stream=SimpleNamespace(cuda_stream=1234, synchronize=lambda: None), cuda_graphs=True,
-                              captures=[])
+    backend = SimpleNamespace(
+        stream=SimpleNamespace(cuda_stream=1234, synchronize=lambda: None), cuda_graphs=True, captures=[]
+    )
     call = object.__new__(tb._Call)
     call.stage, call.backend, call.context, call.host_shape_inputs = tb.st.BACKBONE, backend, context, False
     call.phase, call.graph_candidate = "step", True
@@ -362,8 +371,9 @@ def test_refused_optimisation_profile_is_an_error(tmp_path, monkeypatch):
 
 def test_second_profile_refused_names_it(tmp_path, monkeypatch):
     real = FakeConfig.add_optimization_profile
-    monkeypatch.setattr(FakeConfig, "add_optimization_profile",
-                        lambda self, profile: -1 if self.profiles else real(self, profile))
+    monkeypatch.setattr(
+        FakeConfig, "add_optimization_profile", lambda self, profile: -1 if self.profiles else real(self, profile)
+    )
     two = [[("x", (1, 8, 4), (2, 8, 4), (4, 8, 4))], [("x", (1, 2, 4), (2, 2, 4), (4, 2, 4))]]
     with pytest.raises(BitDanceError, match=r"refused optimisation profile 1 \[\('x', \(1, 2, 4\)"):
         _build(toolkit(fake_trt("10.3.0")), tmp_path, profiles=two)
@@ -560,9 +570,16 @@ class FakeRuntime:
         return self.engines[stage]
 
 
-BACKEND_TRT = SimpleNamespace(float32="float32", float16="float16", int32="int32", int64="int64", bool="bool",
-                              int8="int8", TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
-                              ExecutionContextAllocationStrategy=Strategy)
+BACKEND_TRT = SimpleNamespace(
+    float32="float32",
+    float16="float16",
+    int32="int32",
+    int64="int64",
+    bool="bool",
+    int8="int8",
+    TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
+    ExecutionContextAllocationStrategy=Strategy,
+)
 
 
 def _fake_backend(monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=True, make_engine=None, cfg=None):
@@ -590,6 +607,8 @@ def _fake_backend(monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=Tr
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
     monkeypatch.setattr(tb, "check_alignment", lambda kv, cfg: None)  # CPU allocations are not 256-aligned
+    monkeypatch.setattr(tb, "cuda_device", lambda device: torch.device("cpu"))  # the buffers live on the CPU
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     builder = fake_trt("10.3.0")
     tmp_path.mkdir(parents=True, exist_ok=True)
     engines, paths = {}, {}
@@ -599,14 +618,14 @@ def _fake_backend(monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=Tr
         engines[stage] = (make_engine or FakeTrtEngine)(spec, profiles, log)
         paths[stage] = tmp_path / f"{stage}.engine"
         paths[stage].write_bytes(stage.encode())
-    backend = object.__new__(tb.TrtBackend)
-    backend.dir, backend.config, backend.specs, backend.sampler, backend.sampler_steps = (
-        tmp_path, cfg, specs, sampler, steps)
-    backend.device, backend.trt = torch.device("cpu"), BACKEND_TRT
-    backend._runtime, backend.engine_paths, backend.stream = FakeRuntime(engines), paths, FakeStream()
-    backend.cuda_graphs, backend.captures, backend._calls = cuda_graphs, [], {}
-    backend._load_engines(tb.lazy_stages(sampler, specs))  # what TrtBackend.__init__ does after the build
-    backend._init_core(specs[tb.st.BACKBONE].dims["rows"].max)
+    # the engine set a build hands over: the export's contract, one engine file per stage, and the toolkit
+    # whose `trt` (here the fake runtime bindings) and logger deserialise them
+    export = ExportInfo(tmp_path, {"key": {"sampler_steps": steps}}, cfg, specs, "fp32")
+    runtime = FakeRuntime(engines)
+    trt = SimpleNamespace(**vars(BACKEND_TRT), Runtime=lambda logger: runtime)
+    built = {s: eb.BuiltEngine(s, path, "built", None) for s, path in paths.items()}
+    engine_set = eb.EngineSet(export, built, "fp32", SimpleNamespace(trt=trt, logger=object()), device=0)
+    backend = tb.TrtBackend(engine_set, sampler=sampler, cuda_graphs=cuda_graphs)
     return backend, log, graphs
 
 
@@ -638,9 +657,15 @@ def test_prefill_on_profile_0_step_on_profile_1(monkeypatch, tmp_path):
     runs = [(stage, profile) for stage, profile, _ in log if isinstance(stage, str) and stage == tb.st.BACKBONE]
     assert runs[0] == (tb.st.BACKBONE, 0) and set(runs[1:]) == {(tb.st.BACKBONE, 1)}
     with pytest.raises(BitDanceError, match="phase step"):  # a prefill-sized call is no step
-        backend._run(tb.st.BACKBONE, {"x": torch.zeros(4, cfg.prefix_len, cfg.dim),
-                                      "start": torch.zeros(4, dtype=torch.int64), **backend._cache_feeds(4)},
-                     phase="step")
+        backend._run(
+            tb.st.BACKBONE,
+            {
+                "x": torch.zeros(4, cfg.prefix_len, cfg.dim),
+                "start": torch.zeros(4, dtype=torch.int64),
+                **backend._cache_feeds(4),
+            },
+            phase="step",
+        )
 
 
 def test_only_step_phase_calls_are_graph_captured(monkeypatch, tmp_path):
@@ -667,8 +692,9 @@ def test_embeddings_stay_on_the_device_buffers(monkeypatch, tmp_path):
     assert step.buffers["x"] is calls[tb.st.TOKEN_EMBED].buffers["x"]
     assert "x" not in step.staging and "x" not in prefill.staging
     assert step.context.addresses["x"] == calls[tb.st.TOKEN_EMBED].context.addresses["x"]
-    out = backend._run(tb.st.TOKEN_EMBED, {"tokens": torch.ones(4, backend.config.parallel_num,
-                                                                backend.config.token_dim)})
+    out = backend._run(
+        tb.st.TOKEN_EMBED, {"tokens": torch.ones(4, backend.config.parallel_num, backend.config.token_dim)}
+    )
     assert out["x"] is calls[tb.st.TOKEN_EMBED].buffers["x"]  # handed back as the device buffer
     # another x (not our buffer) is copied into the bound buffer, which keeps its address
     address = step.buffers["x"].data_ptr()
@@ -711,9 +737,14 @@ def test_lazily_loaded_engine_larger_than_the_scratch_gets_its_own(monkeypatch, 
 
     backend, _, _ = _fake_backend(monkeypatch, tmp_path, make_engine=engine)
     assert backend.scratch.numel() == 4096
-    backend._run(tb.st.HEAD_STEP, {"x": torch.zeros(4, backend.config.parallel_num, backend.config.token_dim),
-                                   "t": torch.zeros(4), "cond": torch.zeros(4, backend.config.parallel_num,
-                                                                            backend.config.dim)})
+    backend._run(
+        tb.st.HEAD_STEP,
+        {
+            "x": torch.zeros(4, backend.config.parallel_num, backend.config.token_dim),
+            "t": torch.zeros(4),
+            "cond": torch.zeros(4, backend.config.parallel_num, backend.config.dim),
+        },
+    )
     (call,) = [c for c in backend._calls.values() if c.stage == tb.st.HEAD_STEP]
     assert call.context.memory == (backend._own_scratch[tb.st.HEAD_STEP].data_ptr(), 1 << 16)
     assert backend.scratch.numel() == 4096  # the shared scratch (and its address) did not move
@@ -731,8 +762,9 @@ def test_backbone_engine_without_the_phase_profiles_is_refused(monkeypatch, tmp_
     swapped = FakeTrtEngine(spec, [stage_profile(spec, "step"), stage_profile(spec, "prefill")], [])
     with pytest.raises(BitDanceError, match="profile 0 gives x .* phase prefill"):
         tb.check_engine_profiles(swapped, spec, "backbone.engine")
-    tb.check_engine_profiles(FakeTrtEngine(spec, [stage_profile(spec, "prefill"), stage_profile(spec, "step")], []),
-                             spec, "backbone.engine")
+    tb.check_engine_profiles(
+        FakeTrtEngine(spec, [stage_profile(spec, "prefill"), stage_profile(spec, "step")], []), spec, "backbone.engine"
+    )
     tb.check_engine_profiles(one, specs[tb.st.DECODER], "decoder.engine")  # no phases: nothing to check
 
 

@@ -38,8 +38,13 @@ def tiny(request, tmp_path_factory):
     d = fixture_dir(request.param)
     model = load_model(d / "config.json", d / "checkpoint.pt").model
     root = tmp_path_factory.mktemp("trt-gpu")
-    export_stages(model, root / "export", checkpoint_source(d / "checkpoint.pt"), sampler_steps=S,
-                  limits=st.Limits(max_batch=4, opt_batch=2))
+    export_stages(
+        model,
+        root / "export",
+        checkpoint_source(d / "checkpoint.pt"),
+        sampler_steps=S,
+        limits=st.Limits(max_batch=4, opt_batch=2),
+    )
     return d, root / "export", root / "engines", load_file(str(d / "sample.safetensors"))
 
 
@@ -47,7 +52,7 @@ def _backend(tiny, **kw):
     from bitdance_rt.runtime.trt_backend import TrtBackend
 
     _, export, engines, _ = tiny
-    return TrtBackend(export, engine_root=engines, **kw)
+    return TrtBackend.from_export(export, engine_root=engines, **kw)
 
 
 def _run(backend, tiny):
@@ -145,9 +150,25 @@ def test_stale_engine_is_rebuilt(tiny, caplog):
 def test_check_tensorrt_cli(tiny, capsys):
     pytest.importorskip("polygraphy", reason="check compares stages with Polygraphy (pip install polygraphy)")
     d, export, engines, _ = tiny
-    rc = main(["check", "--backend", "tensorrt", "--export-dir", str(export), "--engine-dir", str(engines),
-               "--model", str(d / "config.json"), "--checkpoint", str(d / "checkpoint.pt"),
-               "--noise-from", str(d / "sample.safetensors"), "--cfg", "3.0"])
+    rc = main(
+        [
+            "check",
+            "--backend",
+            "tensorrt",
+            "--export-dir",
+            str(export),
+            "--engine-dir",
+            str(engines),
+            "--model",
+            str(d / "config.json"),
+            "--checkpoint",
+            str(d / "checkpoint.pt"),
+            "--noise-from",
+            str(d / "sample.safetensors"),
+            "--cfg",
+            "3.0",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "identical tokens" in out
@@ -197,8 +218,14 @@ def test_text_to_image_on_tensorrt(tmp_path, monkeypatch, precision):
     from bitdance_rt import Pipeline
 
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
-    kw = dict(checkpoint=write_checkpoint(tmp_path / "t2i", parallel_num=16), height=512, width=512,
-              max_text_tokens=24, steps=2, progress=False)
+    kw = dict(
+        checkpoint=write_checkpoint(tmp_path / "t2i", parallel_num=16),
+        height=512,
+        width=512,
+        max_text_tokens=24,
+        steps=2,
+        progress=False,
+    )
     with Pipeline.from_pretrained(backend="tensorrt", precision=precision, **kw) as pipe:
         assert pipe.backend.name == "tensorrt"
         out = pipe.generate(prompt="a red cat", seed=21)

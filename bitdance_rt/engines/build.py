@@ -4,6 +4,10 @@ This module must not import torch (Jetson recipe: build on the device in a lean 
 imports tensorrt only when a build really happens, so everything up to the build (manifest and
 file checks, precision plan, profiles, cache keys, stale detection) runs and is tested on CPU.
 
+`build_engines` is the one place engines are built: it returns an `EngineSet` (the export, one engine file
+per stage, the engine precision, the toolkit that built them, the CUDA device), which the callers hand to
+runtime.trt_backend.TrtBackend; the backend deserialises and binds, it never builds.
+
 What a build does, per stage (`build_engines`):
   1. the export is validated (manifest, contract, file sizes and sha256) and linted against the
      ONNX-TensorRT operator list of the TensorRT major version in use (engines.lint);
@@ -44,12 +48,13 @@ import ctypes
 import ctypes.util
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import stages as st
 from ..errors import BitDanceError
-from ..export.reader import open_export
+from ..export.reader import ExportInfo, open_export
 from ..fileio import atomic_write
 from . import cache as ec
 from .options import PrecisionPlan, opt_level, plan_precision, trt_major, workspace_bytes
@@ -141,7 +146,11 @@ class TensorRT:
     same attributes (version, gpu) and build(...) method, which is how it is tested on CPU."""
 
     def __init__(self, device: int = 0, verbose: bool = False):
+        """`device`: the CUDA device whose model and compute capability key the engines. TensorRT builds
+        on the thread's CURRENT CUDA device, so the caller makes `device` current (TrtBackend.from_export
+        and backends._trt_backend do, with torch.cuda.device; this module has no torch)."""
         self.trt = require_tensorrt()  # first: without TensorRT there is nothing to do on any machine
+        self.device = device
         self.gpu = gpu_info(device)
         self.version = str(self.trt.__version__)
         self.logger = self.trt.Logger(self.trt.Logger.VERBOSE if verbose else self.trt.Logger.WARNING)
@@ -190,7 +199,26 @@ class TensorRT:
         level: int,
         timing_cache: Path | None,
     ) -> bytes:
-        """A serialized engine; `profiles[k]` becomes optimisation profile k (the runtime selects it by index)."""
+        """A serialized engine; `profiles[k]` becomes optimisation profile k (the runtime selects it by index).
+
+        Why the TensorRT API directly and not Polygraphy's network_from_onnx_path / CreateConfig /
+        engine_from_network (checked against Polygraphy 0.53, polygraphy/backend/trt/config.py, loader.py),
+        which would otherwise do this job:
+        - profiles: CreateConfig ignores the index add_optimization_profile returns (-1 for a refused
+          profile); the runtime selects profile k for phase k by index, so a refused one must fail here;
+        - timing cache: CreateConfig ignores set_timing_cache(cache, False) refusing another TensorRT's or
+          GPU's cache (the build then keeps none of the file's timings), and engine_from_network merges the
+          file with combine(..., ignore_mismatch=True) and rewrites it in place (util.save_file); we replace
+          a foreign or unreadable cache by a fresh one, never mix devices' timings, and write atomically
+          (fileio.atomic_write), as the engine cache writes engines;
+        - errors: Polygraphy reports through G_LOGGER.critical (a multi-line PolygraphyException); the CLI
+          wants one BitDanceError line naming the parser's first error;
+        - tests: this method runs on CPU against fakes of the 10.3 / 11.1 bindings (tests/test_trt_api_fakes.py)
+          handed in as `self.trt`; Polygraphy imports the real `tensorrt` module itself, so with it none of
+          this could be exercised without a GPU.
+        The engine cache around it (keyed on hashes, one engine per stage with one profile per phase) is ours
+        either way: Polygraphy has none. Polygraphy stays what `check` compares backends with (bitdance_rt.check).
+        """
         trt = self.trt
         builder = trt.Builder(self.logger)
         network = builder.create_network(self._network_flags(plan))
@@ -273,6 +301,55 @@ def lint_for(export_dir: Path, trt_version: str) -> None:
         raise BitDanceError(f"TensorRT {target} lint: {errors[0]}{more}")
 
 
+@dataclass(frozen=True, eq=False)
+class EngineSet(Mapping):
+    """What a build hands to the TensorRT backend: every built engine of one export, ready to deserialise.
+
+    A Mapping stage -> BuiltEngine (what build_engines returned before it was a class: `built[stage].status`);
+    besides: the export the engines were built from (ExportInfo: manifest, config, stage contracts), the
+    engine precision, the toolkit that built them (its `trt` module and `logger` deserialise them) and the
+    CUDA device index they were built on (None: the current one). Every stage is built eagerly; a
+    backend may still deserialise one only on first use (head_step behind the fused sampler) through
+    `serialized(stage)`, which reads the file built here."""
+
+    export: ExportInfo
+    engines: dict[str, BuiltEngine]
+    precision: str
+    toolkit: object
+    device: int | None = None
+
+    def __getitem__(self, stage: str) -> BuiltEngine:
+        return self.engines[stage]
+
+    def __iter__(self):
+        return iter(self.engines)
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    @property
+    def directory(self) -> Path:
+        return self.export.directory
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        """stage -> engine file."""
+        return {stage: built.path for stage, built in self.engines.items()}
+
+    def serialized(self, stage: str) -> bytes:
+        """The engine file of `stage`, or a one-line error (not built, or removed since the build)."""
+        if stage not in self.engines:
+            raise BitDanceError(f"no {stage} engine was built for {self.directory}; re-export and build with it")
+        path = self.engines[stage].path
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise BitDanceError(
+                f"{path}: the {stage} engine cannot be read ({exc.strerror or exc}); it was removed after the "
+                "build? Restart to rebuild it"
+            ) from None
+
+
 def export_stages_to_build(manifest: dict, directory: Path, stages=None) -> list[str]:
     have = list(manifest.get("stage_files", {}))
     order = {s: i for i, s in enumerate(st.ALL_STAGES)}
@@ -295,20 +372,26 @@ def build_engines(
     lint: bool = True,
     verify_hashes: bool = True,
     lock_timeout: float | None = None,
-) -> dict[str, BuiltEngine]:
+    device: int | None = None,
+) -> EngineSet:
     """Engines for the stages of an export (all by default): cached ones reused, others built.
 
-    `toolkit`: a TensorRT() (default) or any object with .version, .gpu (GpuInfo) and
-    .build(onnx_path, plan, profiles, workspace_bytes, level, timing_cache_path) -> bytes.
+    `export_dir`: an export directory, or its ExportInfo already opened (and checked) by the caller.
+    `toolkit`: a TensorRT(device) (default: TensorRT(device or 0)) or any object with .version, .gpu
+    (GpuInfo) and .build(onnx_path, plan, profiles, workspace_bytes, level, timing_cache_path) -> bytes;
+    with a toolkit, its own .device (if any) is the EngineSet's. TensorRT builds on the current CUDA device:
+    the caller makes `device` current (TensorRT.__init__).
     """
-    export = open_export(export_dir)  # contract written by this version, or a one-line refusal
+    # contract written by this version, or a one-line refusal
+    export = export_dir if isinstance(export_dir, ExportInfo) else open_export(export_dir)
     export.verify_files(hashes=verify_hashes)
     directory, manifest, specs, graphs = export.directory, export.manifest, export.specs, export.precision
     workspace = workspace_bytes(workspace_mb)
     level = opt_level(level)
     names = export_stages_to_build(manifest, directory, stages)
     if toolkit is None:
-        toolkit = TensorRT()
+        toolkit = TensorRT(device=device or 0)
+    device = getattr(toolkit, "device", device)
     plan = plan_precision(graphs, precision, toolkit.version)
     if lint:
         lint_for(directory, toolkit.version)
@@ -359,4 +442,4 @@ def build_engines(
         else:
             logger.info("%s: wrote %s", stage, path)
         out[stage] = BuiltEngine(stage, path, status, key)
-    return out
+    return EngineSet(export, out, plan.precision, toolkit, device)

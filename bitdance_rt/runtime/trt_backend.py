@@ -4,16 +4,19 @@
 split apart they would pass that state back and forth.)
 
 It runs stages for the shared core (runtime/core.py: cache slots, cache writes, sampler choice,
-row padding), over engines from bitdance_rt.engines.build (built into the engine cache when
-missing or stale), on the device it was given: build, deserialisation and contexts run inside
-that device's context, so one backend per GPU works.
+row padding), over the engines it is handed: an EngineSet of bitdance_rt.engines.build.build_engines
+(built into the engine cache when missing or stale, BEFORE the backend exists: the backend takes
+artifacts, not build options; TrtBackend.from_export does both for the call sites that want one
+line). It runs on the device it was given: deserialisation and contexts run inside that device's
+context, so one backend per GPU works (the build runs on it too: from_export and
+backends._trt_backend make it current first).
 
 Engines: one per stage, deserialised at load, except head_step when the fused head sampler serves
-the generation (sampler "auto"/"fused" with a head_sampler stage): it is built with the others but
-deserialised only when a step count without a fused graph (or sampler "step") asks for it, as
-OrtBackend does; otherwise the head net's weights would be held twice. The backbone is ONE engine
-with one optimisation profile per phase (stages.backbone_phases: 0 = prefill, 1 = step), so its
-weights are held once; every context of it selects its phase's profile
+the generation (sampler "auto"/"fused" with a head_sampler stage): it is built with the others (its
+file is in the EngineSet) but deserialised only when a step count without a fused graph (or sampler
+"step") asks for it, as OrtBackend does; otherwise the head net's weights would be held twice. The
+backbone is ONE engine with one optimisation profile per phase (stages.backbone_phases: 0 = prefill,
+1 = step), so its weights are held once; every context of it selects its phase's profile
 (IExecutionContext.set_optimization_profile_async(index, stream)) before its input shapes are set,
 since they are checked against the selected profile, and `_run`'s `phase` picks the context.
 
@@ -66,7 +69,7 @@ Checked against NVIDIA's sources (github.com/NVIDIA/TensorRT, tags v10.3.0 and v
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -74,10 +77,24 @@ from .. import stages as st
 from ..config import ModelConfig
 from ..engines.profiles import HOT_PHASE, dynamic_inputs, profile_index
 from ..errors import BitDanceError
-from ..export.reader import open_export
+from ..export.reader import require_generation_stages
 from .core import SAMPLER_MODES, StageBackend
 
+if TYPE_CHECKING:
+    from ..engines.build import EngineSet
+
 logger = logging.getLogger(__name__)
+
+
+def cuda_device(device: str | int | torch.device | None = None) -> torch.device:
+    """The CUDA device a backend runs on ("cuda" or None: the current one; "cuda:N" or N), with its
+    index, or a one-line error when torch sees no CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise BitDanceError("--backend tensorrt needs a CUDA GPU, and torch sees none here")
+    given = torch.device(f"cuda:{device}" if isinstance(device, int) else device or "cuda")
+    if given.type != "cuda":
+        raise BitDanceError(f"device {str(given)!r}: TensorRT engines run on a CUDA device (cuda or cuda:N)")
+    return torch.device("cuda", given.index if given.index is not None else torch.cuda.current_device())
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
@@ -306,6 +323,43 @@ class TrtBackend(StageBackend):
 
     def __init__(
         self,
+        engines: EngineSet,
+        device: str | int | torch.device | None = None,
+        cuda_graphs: bool = True,
+        sampler: str = "auto",
+        expect_config: ModelConfig | None = None,
+    ):
+        """Over built engines (engines.build.build_engines): deserialise them and bind their buffers; no
+        build happens here. `device`: default the one the engines were built on; `sampler` as OrtBackend's;
+        `expect_config`: refuse engines of another model's export."""
+        if sampler not in SAMPLER_MODES:
+            raise BitDanceError(f"sampler mode {sampler!r}: use one of {', '.join(SAMPLER_MODES)}")
+        self.device = cuda_device(engines.device if device is None else device)
+        self.engine_set = engines
+        self.export = engines.export
+        self.export.check_model(expect_config)
+        self.dir = self.export.directory
+        require_generation_stages(engines.paths, f"the engines of {self.dir}")
+        self.sampler = sampler
+        self.manifest, self.config, self.specs = self.export.manifest, self.export.config, self.export.specs
+        self.sampler_steps = self.export.sampler_steps
+        self.precision = engines.precision
+        self.engine_paths = engines.paths
+        self.trt = engines.toolkit.trt
+        # Deserialisation and context creation run on THIS device: TensorRT uses the thread's current
+        # CUDA device, so without the context cuda:1 would get engines loaded on cuda:0.
+        with torch.cuda.device(self.device):
+            self._runtime = self.trt.Runtime(engines.toolkit.logger)
+            self.stream = torch.cuda.Stream(self.device)
+        self._load_engines(lazy_stages(sampler, self.specs))
+        self.cuda_graphs = bool(cuda_graphs)
+        self.captures: list = []
+        self._calls: dict = {}
+        self._init_core(self.specs[st.BACKBONE].dims["rows"].max)
+
+    @classmethod
+    def from_export(
+        cls,
         export_dir,
         precision: str | None = None,
         workspace_mb=None,
@@ -315,38 +369,20 @@ class TrtBackend(StageBackend):
         sampler: str = "auto",
         level: int = 3,
         expect_config: ModelConfig | None = None,
-    ):
-        """Engines missing from the cache (or stale) are built first; `sampler` as OrtBackend's."""
-        if not torch.cuda.is_available():
-            raise BitDanceError("--backend tensorrt needs a CUDA GPU, and torch sees none here")
-        from ..engines.build import TensorRT, build_engines
+    ) -> "TrtBackend":
+        """Build (engines missing from the cache, or stale) on `device`, then a backend over them: the
+        one-call form for `check` and the tests; backends._trt_backend spells the two steps out."""
+        from ..engines.build import build_engines
+        from ..export.reader import open_export
 
-        if sampler not in SAMPLER_MODES:
-            raise BitDanceError(f"sampler mode {sampler!r}: use one of {', '.join(SAMPLER_MODES)}")
-        self.dir = Path(export_dir)
-        self.sampler = sampler
-        self.export = open_export(self.dir, expect_config, generation=True)  # (build_engines verifies the files)
-        self.manifest, self.config, self.specs = self.export.manifest, self.export.config, self.export.specs
-        self.sampler_steps = self.export.sampler_steps
-        given = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-        index = given.index if given.index is not None else torch.cuda.current_device()
-        self.device = torch.device("cuda", index)
-        # Build, deserialisation and context creation run on THIS device: TensorRT uses the thread's
-        # current CUDA device, so without the context cuda:1 would get engines made for cuda:0.
-        with torch.cuda.device(self.device):
-            toolkit = TensorRT(device=index)
-            self.trt = toolkit.trt
-            # every stage is built now (a later load finds its engine cached); only loading may wait
-            built = build_engines(self.dir, precision, workspace_mb, level, list(self.specs), engine_root, toolkit)
-            self.precision = next(iter(built.values())).key.precision
-            self.engine_paths = {s: b.path for s, b in built.items()}
-            self._runtime = self.trt.Runtime(toolkit.logger)
-            self.stream = torch.cuda.Stream(self.device)
-        self._load_engines(lazy_stages(sampler, self.specs))
-        self.cuda_graphs = bool(cuda_graphs)
-        self.captures: list = []
-        self._calls: dict = {}
-        self._init_core(self.specs[st.BACKBONE].dims["rows"].max)
+        device = cuda_device(device)
+        # another model's export, or one that cannot generate, is refused before anything is built
+        export = open_export(export_dir, expect_config, generation=True)
+        with torch.cuda.device(device):  # TensorRT builds on the current CUDA device
+            engines = build_engines(
+                export, precision, workspace_mb, level, list(export.specs), engine_root, device=device.index
+            )
+        return cls(engines, device=device, cuda_graphs=cuda_graphs, sampler=sampler, expect_config=expect_config)
 
     def has_stage(self, stage: str) -> bool:
         return stage in self.engine_paths
@@ -374,8 +410,9 @@ class TrtBackend(StageBackend):
     def _load(self, stage: str):
         """Deserialise the engine of `stage` (on this backend's device) and check it against the contract."""
         path = self.engine_paths[stage]
+        blob = self.engine_set.serialized(stage)
         with torch.cuda.device(self.device):
-            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            engine = self._runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise BitDanceError(f"{path}: TensorRT could not deserialize it (delete it to rebuild)")
         check_engine_io(self.trt, engine, self.specs[stage], path)
