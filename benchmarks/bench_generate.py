@@ -24,7 +24,7 @@ import torch
 
 from bitdance_rt.config import load_config
 from bitdance_rt.export import export_stages, random_source
-from bitdance_rt.export.cache import GENERATION_STAGES
+from bitdance_rt.stages import GENERATION_STAGES
 from bitdance_rt.models import BitDance
 from bitdance_rt.models.init import random_init
 from bitdance_rt.runtime import generate

@@ -27,7 +27,7 @@ from bench_generate import benchmark_args, run_once, warm_up
 from bitdance_rt.calibration import CapturePolicy, capture, load_calibration, save_calibration
 from bitdance_rt.config import load_config
 from bitdance_rt.export import export_stages, random_source
-from bitdance_rt.export.cache import GENERATION_STAGES
+from bitdance_rt.stages import GENERATION_STAGES
 from bitdance_rt.models import BitDance
 from bitdance_rt.models.init import random_init
 from bitdance_rt.precision.derive import derive_export

@@ -8,7 +8,7 @@ from bitdance_rt import paths
 from bitdance_rt.config import load_config
 
 
-def _old_model_dir(cfg, source, steps):  # the formula export/cache.py used before paths.py
+def _old_model_dir(cfg, source, steps):  # the formula of the automatic export's directory, written out
     ident = json.dumps([cfg.to_json_dict()["constructor_args"], source], sort_keys=True)
     return f"{cfg.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}-s{steps}"
 
@@ -28,7 +28,8 @@ def test_cache_root_and_roots(monkeypatch, tmp_path):
 def test_callers_use_it(monkeypatch, tmp_path):
     from bitdance_rt import fileio
     from bitdance_rt.engines import cache as ec
-    from bitdance_rt.export.cache import cache_root, export_dir_for
+    from bitdance_rt.paths import cache_root
+    from bitdance_rt.paths import export_dir as export_dir_for
     from bitdance_rt.precision.auto import default_calibration_dir, variant_dir
 
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path))

@@ -159,7 +159,7 @@ class _Margin:
 
 def _export(model, out, steps):
     from bitdance_rt.export import export_stages, random_source
-    from bitdance_rt.export.cache import GENERATION_STAGES
+    from bitdance_rt.stages import GENERATION_STAGES
     from bitdance_rt.runtime.ort_backend import OrtBackend
     from bitdance_rt.stages import Limits
 

@@ -1,7 +1,7 @@
 """Automatic precision variants for `generate` / `eval` / `export`: cached like the FP32 exports.
 
 Layout under the cache root (bitdance_rt.paths, which computes these paths):
-    exports/<fp32 export>                       the FP32 export (export/cache.py)
+    exports/<fp32 export>                       the FP32 export (paths.export_dir)
     exports/<fp32 export>-fp16                  its FP16 graphs
     exports/<fp32 export>-int8-<method>-<set>   its INT8 graphs for one calibration set and method
     calibration/<model>-<weights>-s<S>          the default calibration set when none is given (captured
