@@ -1,25 +1,13 @@
 """`bitdance-rt check`: an accelerated backend against the torch reference, stage by stage and end to end.
 
 Per stage, one harness for every backend: Polygraphy's Comparator runs the torch stage module
-(TorchStageRunner, below) and the candidate (Polygraphy's OnnxrtRunner over the ONNX Runtime
-backend's session, or TrtRunner over the cached TensorRT engine) on the same valid inputs
-(export.wrappers.example_inputs) and compares every output with its own tolerance
-(SimpleCompareFunc / CompareFunc.simple, per-output atol/rtol). Outputs that are +/-1 codes (sampler `tokens`, encoder
-`latent`) are compared by agreement (share of equal signs) instead, which must reach
-`min_agreement` (1.0, i.e. identical, for fp32). A stage with phases (the backbone: one graph for
-the prefill and the steps) is compared in each phase, on its shapes and, on TensorRT, its
-optimisation profile; the prefill on real prefix embeddings at start 0, as the runtime calls it.
-
-End to end (`--noise-from`): both backends generate with the same recorded noise; the tokens must
-agree (fp32: identical; fp16 / int8: the agreement is reported and checked against
-`min_agreement`).
-
-Polygraphy API used (polygraphy 0.49+: polygraphy.comparator.Comparator.run / compare_accuracy,
-whose return type changed after 0.49 (see _first_accuracy); SimpleCompareFunc (newer) or
-CompareFunc.simple (0.49) with per-output dicts keyed by output name, "" = default; BaseRunner's
-activate_impl / get_input_metadata_impl / infer_impl; backend.onnxrt.OnnxrtRunner;
-backend.trt.TrtRunner(engine, name, optimization_profile) + EngineFromBytes), as documented in
-Polygraphy's API reference (docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/).
+(TorchStageRunner, below) and the candidate (`ort_runner`: the ONNX Runtime backend's session;
+`trt_runner`: the cached TensorRT engine) on the same valid inputs (`example_feed`) and compares
+every output with its own tolerance (TOLERANCES), +/-1 codes by agreement (CODE_OUTPUTS). A stage
+with phases (the backbone: one graph for the prefill and the steps) is compared in each phase, on
+its shapes and, on TensorRT, its optimisation profile. End to end (`--noise-from`, `end_to_end`):
+both backends generate with the same recorded noise and their tokens must agree. The Polygraphy
+API used, and the versions it was checked on: `_polygraphy`.
 """
 
 from __future__ import annotations
@@ -41,11 +29,21 @@ TOLERANCES = {
     "fp16": {"": (5e-2, 5e-2), "kv_new": (5e-2, 5e-2)},
     "int8": {"": (2e-1, 2e-1)},
 }
-CODE_OUTPUTS = {"tokens", "latent"}  # +/-1 codes: compared by agreement
+# Outputs that are +/-1 codes (sampler `tokens`, encoder `latent`) are compared by agreement (share of
+# equal signs) instead, which must reach `min_agreement` (default by precision: 1.0, i.e. identical, for fp32).
+CODE_OUTPUTS = {"tokens", "latent"}
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.98, "int8": 0.95}
 
 
 def _polygraphy(verbose: bool = False):
+    """Polygraphy's Comparator and CompareFunc, or a one-line error saying how to install it.
+
+    Polygraphy API used (polygraphy 0.49+: polygraphy.comparator.Comparator.run / compare_accuracy,
+    whose return type changed after 0.49 (see _first_accuracy); SimpleCompareFunc (newer) or
+    CompareFunc.simple (0.49) with per-output dicts keyed by output name, "" = default; BaseRunner's
+    activate_impl / get_input_metadata_impl / infer_impl; backend.onnxrt.OnnxrtRunner;
+    backend.trt.TrtRunner(engine, name, optimization_profile) + EngineFromBytes), as documented in
+    Polygraphy's API reference (docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/)."""
     try:
         from polygraphy.comparator import CompareFunc, Comparator
         from polygraphy.logger import G_LOGGER
@@ -288,7 +286,9 @@ def trt_runner(backend, stage: str, phase: str | None = None):
 def end_to_end(
     reference, candidate, labels, steps: int, cfg: float, schedule: str, noise_path, threshold: float
 ) -> dict:
-    """Generate with both backends from the same recorded noise; compare tokens and images."""
+    """Generate with both backends from the same recorded noise; compare tokens and images. The tokens
+    must agree (fp32: identical; fp16 / int8: the agreement is reported and checked against `threshold`,
+    the run's min_agreement)."""
     from .runtime import generate
     from .sampling import ReplayNoise
 

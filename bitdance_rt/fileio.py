@@ -2,22 +2,11 @@
 
 The TensorRT build path (bitdance_rt.engines.build) runs on devices such as Jetson in a process
 that must not import torch, so what it shares with the rest of the package lives here.
-`bitdance_rt.checkpoint` re-exports file_sha256 and atomic_write.
-
-`file_sha256` reads the whole file; use it where content must be verified right after writing.
-`cached_sha256` is for identity checks of large files that were written earlier (checkpoints,
-exports, the optimised-graph cache): it memoises the digest on disk, keyed by the file's resolved
-path, size, mtime_ns and inode, so a second process does not re-read a 2.9 GB checkpoint. A file
-rewritten in place gets a new mtime (and usually size) and is re-hashed; what it cannot see is a
-change that keeps size and mtime (bit rot, or a tool that restores mtime), which is the usual
-trade-off of build caches.
-
-`warn_once` prints a warning once per process (a read-only cache would repeat it per file).
-`make_work_dir` / `sweep_work_dirs`: temporary work directories (exports, precision variants,
-calibration sets, optimised graphs) hold an flock for the life of the work, so what a killed
-process left behind is recognised (its lock is free) and removed by the next run, while a live
-concurrent writer's directory (lock held) is left alone; the kernel drops the lock when the
-process dies, so a reused PID cannot keep litter alive.
+`bitdance_rt.checkpoint` re-exports file_sha256 and atomic_write. Two digests: `file_sha256`
+reads the file (to verify content right after writing), `cached_sha256` memoises it on disk by
+path, size, mtime and inode (identity checks of large files written earlier). `warn_once` prints a
+warning once per process. Temporary work directories (`make_work_dir`) hold an flock while in
+use, so what a killed process left behind is recognised and swept (`sweep_work_dirs`).
 """
 
 from __future__ import annotations
@@ -43,6 +32,8 @@ from .paths import cache_root  # noqa: F401  (re-exported)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of the whole file, read now: use it where content must be verified right
+    after writing (cached_sha256 is for identity checks of files written earlier)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -171,7 +162,8 @@ def make_work_dir(
     parent: str | Path, prefix: str, suffix: str = "", legacy: Callable[[Path], bool] | None = None
 ) -> WorkDir:
     """A new locked work directory in `parent` (created if needed), after sweeping `parent` of the
-    work directories of dead processes (see sweep_work_dirs)."""
+    work directories of dead processes (see sweep_work_dirs). Exports, precision variants,
+    calibration sets and optimised graphs are written in one and renamed into place."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     sweep_work_dirs(parent, legacy)
@@ -188,7 +180,8 @@ def sweep_work_dirs(parent: str | Path, legacy: Callable[[Path], bool] | None = 
     """Remove the hidden directories in `parent` holding a WORK_LOCK that nobody holds (their
     creator died: kill -9, SIGTERM, OOM); returns them. A locked one (a live writer, in this process
     or another) is left alone. A hidden directory without a lock file is removed only if
-    `legacy(path)` says it is an unlocked work directory of a dead writer. Never raises."""
+    `legacy(path)` says it is an unlocked work directory of a dead writer. Never raises. The kernel
+    drops an flock when its process dies, so a reused PID cannot keep litter alive."""
     removed: list[Path] = []
     if fcntl is None:  # pragma: no cover
         return removed
@@ -280,10 +273,14 @@ def _valid_entry(entry, stat: dict) -> bool:
 
 
 def cached_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file, memoised in <cache root>/file-hashes.json.
+    """sha256 hex digest of a file, memoised in <cache root>/file-hashes.json: for identity checks of
+    large files written earlier (checkpoints, exports, the optimised-graph cache), so a second
+    process does not re-read a 2.9 GB checkpoint.
 
     Keyed by (resolved path, size, mtime_ns, inode, device): a file whose size or mtime changed
-    (or that was replaced by another file) is re-hashed. A missing, corrupt or unwritable cache
+    (or that was replaced by another file) is re-hashed, as is a file rewritten in place (new mtime,
+    usually new size); what it cannot see is a change that keeps size and mtime (bit rot, or a tool
+    that restores mtime), the usual trade-off of build caches. A missing, corrupt or unwritable cache
     never fails the call: the digest is computed and returned. The cache keeps the
     HASH_CACHE_MAX_ENTRIES most recently used entries and is rewritten atomically."""
     path = Path(path)

@@ -11,9 +11,7 @@ Layout under the cache root ($BITDANCE_RT_CACHE, else ~/.cache/bitdance-rt):
     ort-optimized/                              ONNX Runtime optimised graphs (runtime/ort_session.py)
     file-hashes.json                            the persistent sha256 cache
 
-<model>-<12 hex> names a (model architecture, weights) pair: the digest of the config's
-constructor arguments and the weights' source string. Explicit directories a user passes
-(--export-dir, --engine-dir, --calibration, ...) bypass all of this.
+<model>-<12 hex>: `model_dir_name`. Directories a user names (--export-dir, --engine-dir, ...) bypass it.
 """
 
 from __future__ import annotations
@@ -88,7 +86,9 @@ def variants_root(fp32_dir: str | Path) -> Path:
 
 # ---- per-model directories -------------------------------------------------------------------
 def model_dir_name(cfg, source: str, steps: int) -> str:
-    """<model>-<digest of architecture + weights>-s<S>; `cfg`: a ModelConfig or T2IConfig."""
+    """<model>-<digest of architecture + weights>-s<S>; `cfg`: a ModelConfig or T2IConfig. The 12 hex
+    digits name a (model architecture, weights) pair: the digest of the config's constructor
+    arguments and the weights' source string."""
     ident = json.dumps([cfg.to_json_dict()["constructor_args"], source], sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return f"{cfg.name}-{digest}-s{steps}"

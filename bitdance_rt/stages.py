@@ -5,52 +5,12 @@ most of it is the per-stage TensorSpec tables.)
 
 Export (torch -> ONNX), the ONNX Runtime backend, TensorRT optimisation profiles and
 calibration all read this module, so a stage's tensor names, dtypes, shapes and dynamic ranges
-cannot drift apart between them.
-
-Shapes mix static sizes (ints, fixed by the ModelConfig) and symbolic dims (strings):
-- "rows": backbone / head rows; with CFG that is 2B (conditional rows first, then the null
-  class), without CFG it is B. Range [1, 2 * max_batch].
-- "batch": images; range [1, max_batch].
-- "seq": the chunk length of the backbone; one value per phase (see `StageSpec.phases`):
-  prefix_len at the prefill, P at every AR step.
-A dim expression is a name or "k*name"; `StageSpec.shape`/`profile` evaluate it, so a
-TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim.
-
-The backbone is ONE graph for both phases, so its weights are held once per process: the small
-embedding stages turn a phase's inputs into backbone input vectors, and the backbone maps
-`x` [rows, seq, dim] at each row's positions [start, start+seq) to the head conditions and the
-chunk's keys/values:
-    prefill:  prefix_embed(labels | ids)  -> x [rows, prefix_len, dim], start = 0
-    AR step:  token_embed(tokens)         -> x [rows, P, dim],          start = step_start(i)
-Which keys a query sees follows from positions alone (`models/layout.chunk_visible`), so one graph
-serves both phases without a phase flag; on TensorRT one engine has one optimisation profile per
-phase (static shapes per phase: CUDA graphs stay possible).
-
-KV cache (one static tensor, preallocated at full length by the runtime; the position is an input):
-    kv [n_layer, 2, rows, n_head, L, head_dim] float32, L = cfg.max_seq_len,
-    kv[i, 0] = keys and kv[i, 1] = values of layer i, after RoPE (keys), position-major in L.
-The backbone takes it as 2*n_layer inputs `cache.{i}.key` / `cache.{i}.value`
-[rows, n_head, L, head_dim], the contiguous parts kv[i, 0] / kv[i, 1] bound by address: one
-stacked input would make every graph split it into layers, which ONNX Runtime does by copying.
-Graphs only READ the cache and return the keys/values of their own chunk as `kv_new`
-[n_layer, 2, rows, n_head, seq, head_dim]; the runtime writes them at [start, start+seq).
-`start` (int64 [rows], each row's first position: 0 at the prefill, `step_start` at a step)
-lets rows at different AR steps share one call, which is what continuous batching needs. The
-backbone attends over all L cache positions, those at or past its row's `start` masked, plus its
-own chunk; so no graph copies the cache (an earlier kv_in -> kv_out design spent 30-40% of the
-ORT step on cache copies), and no input/output aliasing is needed (TensorRT forbids it; CUDA
-graphs want fixed buffers).
-
-Text-to-image models (bitdance_rt.t2i, Qwen3 backbone) use the same stages and cache layout with
-n_kv_head (GQA) heads in the cache; their prefix_embed takes `ids` [rows, prefix_len]
-(left-padded chat prompt + vision-start, resolution and query tokens), and the backbone takes
-`pad` [rows] (padding length per row; see `step_context_names`), since padding keys stay hidden,
-and adds the 2D position embedding of the fed cells (it holds that table for the head conditions).
-
-The head sampler graph bakes in the number of sampler steps S (noise is [S+1, ...]); the export
-manifest records S. Every row carries its own guidance (`cfg`, `cond_row`, `uncond_row`, see
-sampling.sample_rows), so guided and unguided rows of requests at different AR steps share one call.
-Noise is always an input, never drawn inside a graph.
+cannot drift apart between them. REGISTRY says what each stage is for (StageRole), the *_stage
+functions give its tensors, with static sizes from the ModelConfig and symbolic dims ("rows",
+"batch", "seq": TensorSpec says what they mean). Why the contract is shaped as it is (one backbone
+graph for both phases, the KV cache as read-only per-layer inputs, per-row `start` and guidance so
+that continuous batching works): docs/export.md "The stage contract"; the text-to-image inputs:
+docs/text-to-image.md "Stages and precision".
 """
 
 from __future__ import annotations
@@ -173,6 +133,16 @@ class DimRange:
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One input or output of a stage. `shape` mixes static sizes (ints, fixed by the ModelConfig) and
+    symbolic dims (strings):
+    - "rows": backbone / head rows; with CFG that is 2B (conditional rows first, then the null
+      class), without CFG it is B. Range [1, 2 * max_batch].
+    - "batch": images; range [1, max_batch].
+    - "seq": the chunk length of the backbone; one value per phase (see `StageSpec.phases`):
+      prefix_len at the prefill, P at every AR step.
+    A dim expression is a name or "k*name"; `StageSpec.shape`/`profile` evaluate it, so a
+    TensorRT profile gets consistent min/opt/max shapes for tensors that share a dim."""
+
     name: str
     dtype: str
     shape: tuple  # of int (static) and str (symbolic dim expression)
@@ -222,7 +192,7 @@ class StageSpec:
 
     # ---- shapes ------------------------------------------------------------------------
     def shape(self, name: str, **values: int) -> tuple[int, ...]:
-        """Concrete shape of tensor `name` for dim values, e.g. shape('kv', rows=4)."""
+        """Concrete shape of tensor `name` for dim values, e.g. shape('kv_new', rows=4, seq=16)."""
         out = []
         for d in self.tensor(name).shape:
             if isinstance(d, int):
@@ -343,7 +313,11 @@ def is_t2i(cfg) -> bool:
 
 
 def kv_shape(cfg: ModelConfig, rows: int | str = "rows", length: int | None = None) -> tuple:
-    """Cache layout [n_layer, 2, rows, kv heads, length, head_dim]; length defaults to the full L."""
+    """Cache layout [n_layer, 2, rows, kv heads, length, head_dim]; length defaults to the full L.
+
+    The runtime's cache is one static float32 tensor of this shape, preallocated at full length
+    (L = cfg.max_seq_len; the position is an input): kv[i, 0] = keys and kv[i, 1] = values of layer
+    i, after RoPE (keys), position-major in L. Text-to-image models (GQA) have n_kv_head heads."""
     heads = getattr(cfg, "n_kv_head", cfg.n_head)
     return (cfg.n_layer, 2, rows, heads, cfg.max_seq_len if length is None else length, cfg.head_dim)
 
@@ -364,7 +338,11 @@ def _pad_spec(cfg) -> TensorSpec:
 
 
 def cache_input_names(cfg: ModelConfig) -> list[str]:
-    """The backbone's cache inputs, in order: cache.0.key, cache.0.value, cache.1.key, ..."""
+    """The backbone's cache inputs, in order: cache.0.key, cache.0.value, cache.1.key, ...
+
+    Each is [rows, heads, L, head_dim], the contiguous part kv[i, 0] / kv[i, 1] of the runtime's
+    cache (`kv_shape`) bound by address: one stacked input would make every graph split it into
+    layers, which ONNX Runtime does by copying."""
     return [f"cache.{i}.{part}" for i in range(cfg.n_layer) for part in ("key", "value")]
 
 
@@ -384,7 +362,14 @@ def _spec(name, inputs, outputs, limits: Limits, doc: str, phases: dict | None =
 
 def backbone_phases(cfg) -> dict[str, dict[str, int]]:
     """The backbone's calls: the prefill (seq = prefix_len), then every AR step (seq = P); the step's
-    size is the one TensorRT tunes for (opt), it runs every step."""
+    size is the one TensorRT tunes for (opt), it runs every step.
+
+        prefill:  prefix_embed(labels | ids)  -> x [rows, prefix_len, dim], start = 0
+        AR step:  token_embed(tokens)         -> x [rows, P, dim],          start = step_start(i)
+
+    Which keys a query sees follows from positions alone (`models/layout.chunk_visible`), so one
+    graph serves both phases without a phase flag; on TensorRT one engine has one optimisation
+    profile per phase (static shapes per phase: CUDA graphs stay possible)."""
     return {"prefill": {"seq": cfg.prefix_len}, "step": {"seq": cfg.parallel_num}}
 
 
@@ -433,6 +418,15 @@ def token_embed_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
 
 
 def backbone_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
+    """The transformer: `x` [rows, seq, dim] at each row's positions [start, start+seq) -> the head
+    conditions and the chunk's keys/values (`kv_new`), which the runtime writes at [start, start+seq).
+    It attends over all L cache positions, those at or past its row's `start` masked, plus its own
+    chunk; graphs only READ the cache, so no graph copies it (an earlier kv_in -> kv_out design spent
+    30-40% of the ONNX Runtime step on cache copies) and no input aliases an output (TensorRT forbids
+    it; CUDA graphs want fixed buffers). A per-row `start` lets rows at different AR steps share one
+    call. Text-to-image models add `pad` [rows] (each row's prompt padding, hidden from every query)
+    and the 2D position embedding of the fed cells (the backbone holds that table for the head
+    conditions too)."""
     p, dim = cfg.parallel_num, cfg.dim
     return _spec(
         BACKBONE,
@@ -480,7 +474,10 @@ def head_step_stage(cfg: ModelConfig, limits: Limits = Limits()) -> StageSpec:
 
 
 def head_sampler_stage(cfg: ModelConfig, steps: int, limits: Limits = Limits()) -> StageSpec:
-    """The whole Euler-Maruyama sampler of one AR step, with S = `steps` baked in."""
+    """The whole Euler-Maruyama sampler of one AR step, with S = `steps` baked in (noise is [S+1, ...];
+    the export manifest records S). Every row carries its own guidance (`cfg`, `cond_row`,
+    `uncond_row`, see sampling.sample_rows), so guided and unguided rows of requests at different AR
+    steps share one call. Noise is always an input, never drawn inside a graph."""
     if not (isinstance(steps, int) and steps >= 1):
         raise BitDanceError(f"sampler steps must be a positive integer, got {steps!r}")
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim

@@ -1,18 +1,12 @@
 """Text-to-image (BitDance-14B-16x / -64x) configuration: the architecture dataclasses.
 
-The official layout (README "Download Model Weights", modeling/t2i_pipeline.py) is one directory:
-a Qwen3 causal LM (config.json, model*.safetensors, tokenizer.json), `vision_head_config.json`
-(DiffHead constructor arguments), `ae_config.json` (VQModel arguments) and the weight files;
-bitdance_rt.t2i.config.read_checkpoint_config reads such a directory into a T2IConfig.
-A `T2IConfig` is that architecture plus ONE output resolution: the graphs have static shapes
-(AR steps, KV-cache length, position embeddings follow from the resolution), so each resolution
-is its own instance and its own export. `max_text_tokens` is the left-padded length of the chat
-prompt in the static prefix (longer prompts are refused, naming the limit).
-
-It exposes the same derived names as the ImageNet ModelConfig (grid, parallel_num, ar_steps,
-prefix_len, max_seq_len, token_dim, ...) so the stage contract, the loop and the layout helpers
-serve both families. This module sits in the config layer beside bitdance_rt.config (stdlib and
-config/errors only), so bitdance_rt.models can use it without importing the t2i package.
+The official layout (the official README's "Download Model Weights", modeling/t2i_pipeline.py) is
+one directory: a Qwen3 causal LM (config.json, model*.safetensors, tokenizer.json),
+`vision_head_config.json` (DiffHead constructor arguments), `ae_config.json` (VQModel arguments)
+and the weight files; bitdance_rt.t2i.config.read_checkpoint_config reads such a directory into a
+T2IConfig (one output resolution per instance: see its docstring). This module sits in the config
+layer beside bitdance_rt.config (stdlib and config/errors only), so bitdance_rt.models can use it
+without importing the t2i package.
 """
 
 from __future__ import annotations
@@ -182,6 +176,13 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class T2IConfig(TokenLayout):
+    """A text-to-image architecture plus ONE output resolution: the graphs have static shapes (AR
+    steps, KV-cache length, position embeddings follow from the resolution), so each resolution is its
+    own instance and its own export. `max_text_tokens` is the left-padded length of the chat prompt in
+    the static prefix (longer prompts are refused, naming the limit). It exposes the same derived names
+    as the ImageNet ModelConfig (grid, parallel_num, ar_steps, prefix_len, max_seq_len, token_dim, ...)
+    so the stage contract, the loop and the layout helpers serve both families."""
+
     name: str
     llm: Qwen3Config
     head: HeadConfig

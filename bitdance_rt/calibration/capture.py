@@ -4,24 +4,9 @@
 ONNX Runtime on the FP32 or FP16 export, ...; producer.py says which is the default) and is driven by
 the ordinary loop (bitdance_rt.runtime.generate_batched, through the scheduler), so the trajectories
 are the real ones: the same labels, CFG rows and schedule, noise and fed-back tokens as a normal run.
-It records, per calibrated stage of the contract, the call's inputs (contract names) and its
-outputs (float32; those of the backend that ran, so an FP16 capture's outputs are the FP16 graphs'):
-
-- token_embed {tokens} of every AR step;
-- backbone {x, start (, pad), cache (see dataset.COMPACT_CACHE)} of BOTH phases: the prefill (x from
-  prefix_embed, start 0) and every AR step (x from token_embed), since one graph serves both;
-- head_step {x, t, cond}: every evaluation of the head net inside the step-by-step sampler, so x_t
-  spans all sampler times of all AR steps;
-- head_sampler {cond, noise, cfg, cond_row, uncond_row}; decoder {latent}.
-
-Stage calls are observed where the runtime core makes them (`run_stage`, through its stage
-observers: runtime/core.StageBackend.add_observer), so a backbone sample holds the very `x` it
-got, and only the rows of the call's requests (not the padding rows of its row bucket, nor rows a
-step does not advance): the row-level calls (prefill_rows, step_rows, sample_rows, decode), which
-RecordingBackend wraps, say which rows those are. The sampler runs step by step (head_step graph) on every
-backend, which is the fused
-sampler's maths. What is kept follows a CapturePolicy (policy.py), with one reservoir per backbone
-phase so that the few prefill calls are never crowded out by the many steps. Recording only copies
+It records, per calibrated stage of the contract, the call's inputs and outputs where the runtime
+core makes the call (its stage observers), so a sample holds exactly what the graph got, for the
+requests' own rows (RecordingBackend lists what each stage records). Recording only copies
 tensors: the maths and the noise draws are the backend's, and a recorded run gives its tokens.
 The same seeds give the same samples from torch and from ONNX Runtime on the FP32 export, to
 float32 rounding (tests/test_calibration_backends.py).
@@ -51,9 +36,21 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
 
 class RecordingBackend:
     """A stage backend plus recording of every stage call chosen by the policy. It wraps the row-level
-    calls the scheduler makes (runtime/core.py), which say which rows of a call are the requests'
-    own, and observes the stage calls the core makes inside them (a stage observer), so the
-    recorded rows are the request's own rows, never the padding rows the core adds.
+    calls the scheduler makes (runtime/core.py: prefill_rows, step_rows, sample_rows, decode), which
+    say which rows of a call are the requests' own, and observes the stage calls the core makes
+    inside them (a stage observer, `run_stage`), so a backbone sample holds the very `x` it got, and
+    the recorded rows are the request's own rows, never the padding rows of the call's row bucket,
+    nor rows a step does not advance.
+
+    Recorded per calibrated stage: the inputs (contract names) and the outputs (float32; those of the
+    backend that ran, so an FP16 capture's outputs are the FP16 graphs'):
+    - token_embed {tokens} of every AR step;
+    - backbone {x, start (, pad), cache (see dataset.COMPACT_CACHE)} of BOTH phases: the prefill (x from
+      prefix_embed, start 0) and every AR step (x from token_embed), since one graph serves both;
+    - head_step {x, t, cond}: every evaluation of the head net inside the step-by-step sampler, so x_t
+      spans all sampler times of all AR steps;
+    - head_sampler {cond, noise, cfg, cond_row, uncond_row}; decoder {latent}.
+    What is kept follows a CapturePolicy (policy.py).
 
     `inner`: any runtime/core.StageBackend (see producer.torch_capture_backend /
     ort_capture_backend) that has a head_step stage. Its sampler
@@ -77,7 +74,8 @@ class RecordingBackend:
         self.producer = producer_of(inner)
         self.policy = policy
         self._rng = random.Random(policy.seed)
-        # one reservoir per (stage, phase); phase None for a stage without phases
+        # one reservoir per (stage, phase), so that the backbone's few prefill calls are never crowded out
+        # by its many steps; phase None for a stage without phases
         self.reservoirs = {
             (stage, phase): Reservoir(policy.max_samples, self._rng)
             for stage in CAPTURED_STAGES

@@ -5,22 +5,11 @@ Layout of a set directory:
                               export (the key's "producer", calibration/producer.py), and file hashes
     <stage>.safetensors       samples numbered 00000, 00001, ...: `{n}.in.{name}` / `{n}.out.{name}`
 
-Inputs are stored under the contract's names (bitdance_rt.stages), with one exception that keeps
-sets small: a backbone sample stores `cache` = kv[:, :, :, :, :max(start)] (the only cache positions
-a graph reads unmasked: none at the prefill), and `feed()` rebuilds the contract's `cache.{i}.key` /
-`cache.{i}.value` [rows, n_head, L, head_dim] from it, zero past `start`.
-Outputs (float32) are those of the backend the capture ran on: the torch reference's, or the
-FP32 / FP16 graphs' (the key's producer says which).
-
-The backbone is one graph for two phases (stages.backbone_phases), so its samples come in two
-shapes: prefill calls (start 0, seq = prefix_len) first, then AR steps (seq = P); `sample_phase`
-tells them apart by `start` (the sizes alone coincide when prefix_len == P).
-
-The directory is written under a temporary name and renamed into place, so a set that exists is
-complete; the temporary directory is locked while in use (fileio.make_work_dir), so one left by a
-killed capture is removed by the next save or load in the same parent directory. Loading checks
-the format, the files' sizes and hashes, every sample against the stage contract, and (when asked)
-that the set belongs to the model, weights and sampler steps at hand.
+Inputs are stored under the contract's names (bitdance_rt.stages), but for a backbone sample's
+cache, stored compact to keep sets small (`feed` rebuilds the contract's inputs). Outputs (float32)
+are those of the backend the capture ran on: the torch reference's, or the FP32 / FP16 graphs' (the
+key's producer says which). A set is written whole or not at all (`save_calibration`), and loading
+checks it as strongly as an export (`load_calibration`).
 """
 
 from __future__ import annotations
@@ -69,14 +58,22 @@ def _np(x: torch.Tensor) -> np.ndarray:
 
 
 def sample_phase(stage: str, sample: Sample) -> str | None:
-    """The phase of a sample of a stage with phases (the backbone: "prefill" at start 0, else "step")."""
+    """The phase of a sample of a stage with phases (the backbone: "prefill" at start 0, else "step").
+
+    The backbone is one graph for two phases (stages.backbone_phases), so its samples come in two
+    shapes: prefill calls (start 0, seq = prefix_len) first, then AR steps (seq = P); `start` tells
+    them apart (the sizes alone coincide when prefix_len == P)."""
     if stage != st.BACKBONE:
         return None
     return "prefill" if int(sample.inputs["start"].max()) == 0 else "step"
 
 
 def feed(cfg: ModelConfig, stage: str, sample: Sample) -> dict[str, np.ndarray]:
-    """The sample as a graph of `stage` takes it: {contract input name: numpy array}."""
+    """The sample as a graph of `stage` takes it: {contract input name: numpy array}.
+
+    A backbone sample stores `cache` = kv[:, :, :, :, :max(start)] (the only cache positions a graph
+    reads unmasked: none at the prefill); this rebuilds the contract's `cache.{i}.key` /
+    `cache.{i}.value` [rows, n_head, L, head_dim] from it, zero past `start`."""
     if stage != st.BACKBONE:
         return {name: _np(t) for name, t in sample.inputs.items()}
     valid = sample.inputs[COMPACT_CACHE]
@@ -224,7 +221,11 @@ def _work_dir(directory: Path, suffix: str):
 
 
 def save_calibration(cset: CalibrationSet, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write the set into `directory` (created whole, or not at all)."""
+    """Write the set into `directory` (created whole, or not at all).
+
+    The directory is written under a temporary name and renamed into place, so a set that exists is
+    complete; the temporary directory is locked while in use (fileio.make_work_dir), so one left by a
+    killed capture is removed by the next save or load in the same parent directory."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise BitDanceError(f"{directory} exists: choose another directory or pass overwrite=True")
@@ -364,7 +365,10 @@ def load_calibration(
     steps: int | None = None,
     hashes: bool = True,
 ) -> CalibrationSet:
-    """Read and validate a set; `config` / `weights` / `steps` refuse a set of another model."""
+    """Read and validate a set; `config` / `weights` / `steps` refuse a set of another model.
+
+    Checks the format, the files' sizes and hashes, every sample against the stage contract, and
+    (when asked) that the set belongs to the model, weights and sampler steps at hand."""
     directory = Path(directory)
     sweep_work_dirs(directory.parent, legacy=_unlocked_leftover)  # killed captures' leftovers
     manifest = _read_manifest(directory)

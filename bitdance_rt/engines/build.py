@@ -4,42 +4,11 @@ This module must not import torch (Jetson recipe: build on the device in a lean 
 imports tensorrt only when a build really happens, so everything up to the build (manifest and
 file checks, precision plan, profiles, cache keys, stale detection) runs and is tested on CPU.
 
-`build_engines` is the one place engines are built: it returns an `EngineSet` (the export, one engine file
-per stage, the engine precision, the toolkit that built them, the CUDA device), which the callers hand to
-runtime.trt_backend.TrtBackend; the backend deserialises and binds, it never builds.
-
-What a build does, per stage (`build_engines`):
-  1. the export is validated (manifest, contract, file sizes and sha256) and linted against the
-     ONNX-TensorRT operator list of the TensorRT major version in use (engines.lint);
-  2. the precision plan comes from the graphs' precision and the request (engines.options);
-  3. the optimisation profiles come from the stage contract (engines.profiles): one (batch min/opt/max)
-     per stage, and one per phase for a stage with phases (the backbone: prefill, step), all in ONE
-     engine so its weights are held once;
-  4. the engine-cache key (ONNX sha256, precision, profiles, GPU name + compute capability,
-     TensorRT version, optimisation level, workspace cap, plan flags) is looked up: a hit is used,
-     a stale engine is rebuilt with a message naming what changed, a miss is built;
-  5. builds run under a per-engine file lock (a second process waits, then finds a hit); the
-     engine and its sidecar are written atomically; a persistent timing cache per (TensorRT
-     version, GPU) speeds up rebuilds and is merged under its own lock.
-
-TensorRT Python API used (TensorRT 10.x; 11.x where noted), from NVIDIA's Python API reference
-(docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/*.html,
-Builder / BuilderConfig / Network / OnnxParser) and the "Optimizing Builder Performance" page
-(docs.nvidia.com/deeplearning/tensorrt/latest/performance/builder-performance.html, timing cache):
-  trt.Builder(logger).create_network(flags)   flags: 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED on 10.x
-                                              (EXPLICIT_BATCH is the default since 10.0 and not passed;
-                                              11.x: 0, every network is strongly typed, the flag is ignored)
-  trt.OnnxParser(network, logger).parse_from_file(path)   (resolves <stage>.onnx.data beside it)
-  builder.create_builder_config(); config.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)
-  config.builder_optimization_level = 0..5; config.set_flag / clear_flag(BuilderFlag.FP16 / TF32)
-  builder.create_optimization_profile(); profile.set_shape(name, min, opt, max);
-  config.add_optimization_profile(profile) -> its index (0, 1, ... in call order; -1: invalid)
-  config.create_timing_cache(bytes); config.set_timing_cache(cache, ignore_mismatch=False);
-  cache.combine(other, ignore_mismatch=False); cache.serialize()
-  builder.build_serialized_network(network, config) -> IHostMemory or None
-Each name and signature above was checked against the Python bindings (python/src/infer/pyCore.cpp,
-python/src/parsers/pyOnnx.cpp) and headers at the v10.3.0 (JetPack 6) and v11.1 tags of
-github.com/NVIDIA/TensorRT: all exist in both; 11.x dropped BuilderFlag.FP16/INT8 and EXPLICIT_BATCH.
+`build_engines` is the one place engines are built (its docstring lists what a build does): it
+returns an `EngineSet`, which the callers hand to runtime.trt_backend.TrtBackend; the backend
+deserialises and binds, it never builds. `TensorRT.build` calls the TensorRT Python API directly
+(its docstring says why not through Polygraphy); the API it uses, and where each name was checked,
+is listed above the TensorRT class.
 """
 
 from __future__ import annotations
@@ -141,6 +110,24 @@ def timing_cache_path(root: Path, trt_version: str, gpu: GpuInfo) -> Path:
 
 
 # ---- the TensorRT side --------------------------------------------------------------------
+# TensorRT Python API used (TensorRT 10.x; 11.x where noted), from NVIDIA's Python API reference
+# (docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/*.html,
+# Builder / BuilderConfig / Network / OnnxParser) and the "Optimizing Builder Performance" page
+# (docs.nvidia.com/deeplearning/tensorrt/latest/performance/builder-performance.html, timing cache):
+#   trt.Builder(logger).create_network(flags)   flags: 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED on 10.x
+#                                               (EXPLICIT_BATCH is the default since 10.0 and not passed;
+#                                               11.x: 0, every network is strongly typed, the flag is ignored)
+#   trt.OnnxParser(network, logger).parse_from_file(path)   (resolves <stage>.onnx.data beside it)
+#   builder.create_builder_config(); config.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)
+#   config.builder_optimization_level = 0..5; config.set_flag / clear_flag(BuilderFlag.FP16 / TF32)
+#   builder.create_optimization_profile(); profile.set_shape(name, min, opt, max);
+#   config.add_optimization_profile(profile) -> its index (0, 1, ... in call order; -1: invalid)
+#   config.create_timing_cache(bytes); config.set_timing_cache(cache, ignore_mismatch=False);
+#   cache.combine(other, ignore_mismatch=False); cache.serialize()
+#   builder.build_serialized_network(network, config) -> IHostMemory or None
+# Each name and signature above was checked against the Python bindings (python/src/infer/pyCore.cpp,
+# python/src/parsers/pyOnnx.cpp) and headers at the v10.3.0 (JetPack 6) and v11.1 tags of
+# github.com/NVIDIA/TensorRT: all exist in both; 11.x dropped BuilderFlag.FP16/INT8 and EXPLICIT_BATCH.
 class TensorRT:
     """The real builder: tensorrt + this machine's GPU. `build_engines` takes any object with the
     same attributes (version, gpu) and build(...) method, which is how it is tested on CPU."""
@@ -375,6 +362,20 @@ def build_engines(
     device: int | None = None,
 ) -> EngineSet:
     """Engines for the stages of an export (all by default): cached ones reused, others built.
+
+    What a build does, per stage:
+      1. the export is validated (manifest, contract, file sizes and sha256) and linted against the
+         ONNX-TensorRT operator list of the TensorRT major version in use (engines.lint);
+      2. the precision plan comes from the graphs' precision and the request (engines.options);
+      3. the optimisation profiles come from the stage contract (engines.profiles): one (batch
+         min/opt/max) per stage, and one per phase for a stage with phases (the backbone: prefill,
+         step), all in ONE engine so its weights are held once;
+      4. the engine-cache key (ONNX sha256, precision, profiles, GPU name + compute capability,
+         TensorRT version, optimisation level, workspace cap, plan flags) is looked up: a hit is used,
+         a stale engine is rebuilt with a message naming what changed, a miss is built;
+      5. builds run under a per-engine file lock (a second process waits, then finds a hit); the
+         engine and its sidecar are written atomically; a persistent timing cache per (TensorRT
+         version, GPU) speeds up rebuilds and is merged under its own lock.
 
     `export_dir`: an export directory, or its ExportInfo already opened (and checked) by the caller.
     `toolkit`: a TensorRT(device) (default: TensorRT(device or 0)) or any object with .version, .gpu

@@ -2,15 +2,8 @@
 
 A graph that TensorRT cannot import fails only at engine-build time, on the GPU machine, often
 deep into a long export-and-build job. This lint finds the causes we can see in the ONNX file
-itself: operators the parser of a TensorRT version does not import (the lists in trt_ops/, taken
-from onnx-tensorrt's docs/operators.md, sources in their headers), opsets outside its range,
-tensor types TensorRT lacks (DOUBLE, which it silently casts to FLOAT; UINT8 inside the graph;
-unsigned and 16-bit integers, strings), per-operator restrictions from the same tables (constant
-`axes`, ScatterND reductions, LayerNormalization's extra outputs), integer graph inputs that
-TensorRT would have to treat as shape tensors (profile values, host memory), and, for an export,
-graph I/O dims against the stage contract: a dim the contract leaves symbolic must be dynamic in
-the graph, above all the backbone's `seq` (prefix_len at the prefill, P at a step: one engine
-with a profile per phase, which a graph with `seq` baked in cannot have).
+itself (`lint_graph` lists them), against the parser's tables for each TensorRT version (the
+lists in trt_ops/, taken from onnx-tensorrt's docs/operators.md, sources in their headers).
 
 Passing the lint does not prove that an engine builds (the parser also checks shapes and
 attribute values); failing it means the build will fail or compute something else.
@@ -189,7 +182,16 @@ def _nodes(graph, prefix: str = ""):
 
 def lint_graph(path_or_model, target: str = "10.3", spec=None) -> list[Finding]:
     """Findings for one ONNX file (or ModelProto) against TensorRT `target` ('10.3' or '11'); with
-    `spec` (its stages.StageSpec) also its I/O dims against the contract."""
+    `spec` (its stages.StageSpec) also its I/O dims against the contract.
+
+    What it finds: operators the parser of that TensorRT version does not import (trt_ops/), opsets
+    outside its range, tensor types TensorRT lacks (DOUBLE, which it silently casts to FLOAT; UINT8
+    inside the graph; unsigned and 16-bit integers, strings), per-operator restrictions from the same
+    tables (constant `axes`, ScatterND reductions, LayerNormalization's extra outputs), integer graph
+    inputs that TensorRT would have to treat as shape tensors (profile values, host memory), and, for
+    an export, graph I/O dims against the stage contract: a dim the contract leaves symbolic must be
+    dynamic in the graph, above all the backbone's `seq` (prefix_len at the prefill, P at a step: one
+    engine with a profile per phase, which a graph with `seq` baked in cannot have)."""
     table = op_table(target)
     model, file = _load(path_or_model)
     out: list[Finding] = []

@@ -1,19 +1,10 @@
 """Builder options decided without TensorRT: precision plan, workspace cap, optimisation level.
 
-Precision comes from the graphs. An export directory's manifest.json may carry a top-level
-"precision" ("fp32" | "fp16" | "int8"; absent = "fp32"): FP16 graphs hold FP16 tensors, INT8
-graphs hold QuantizeLinear/DequantizeLinear pairs (explicit quantization). The engine precision a
-user asks for (`--precision`) defaults to the graphs' and is checked against them here:
-
-| TensorRT | graphs | asked | network                       | builder flags | engine |
-|----------|--------|-------|-------------------------------|---------------|--------|
-| 10.x, 11 | p      | p     | strongly typed                | -             | p      |
-| 10.x     | fp32   | fp16  | weakly typed (deprecated 10.12) | FP16        | fp16   |
-| 11       | fp32   | fp16  | refused: export FP16 graphs (11 builds strongly typed networks only)   |
-| any      | not int8 | int8 | refused: run the INT8 (Q/DQ) quantisation first                     |
-| any      | fp16/int8 | other | refused: build from an export of that precision                    |
-
-Why strongly typed for Q/DQ and FP16 graphs on 10.x too: NVIDIA's "Explicit Quantization" page
+Precision comes from the graphs: an export directory's manifest.json may carry a top-level
+"precision" ("fp32" | "fp16" | "int8"; absent = "fp32"); FP16 graphs hold FP16 tensors, INT8 graphs
+QuantizeLinear/DequantizeLinear pairs (explicit quantization). The engine precision a user asks for
+(`--precision`) defaults to the graphs' and is checked against them (`plan_precision`). Why strongly
+typed for Q/DQ and FP16 graphs on 10.x too: NVIDIA's "Explicit Quantization" page
 (docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html)
 says to use explicit quantization with strong typing, with no precision-control build flags;
 TensorRT 11 removed BuilderFlag.FP16/INT8 and calibrators altogether. FP32 engines also clear
@@ -61,7 +52,10 @@ def trt_major(version: str) -> int:
 
 
 def plan_precision(graph: str, requested: str | None, trt_version: str) -> PrecisionPlan:
-    """The decision table in this module's docstring; a refusal is one BitDanceError line."""
+    """How to build from `graph`-precision graphs when `requested` (None: the graphs') is asked for:
+    the decision table of docs/tensorrt.md "Building" (same precision: strongly typed; FP32 graphs to
+    FP16 on 10.x: the FP16 flag on a weakly typed network; anything else refused). A refusal is one
+    BitDanceError line."""
     if graph not in PRECISIONS:
         raise BitDanceError(f"unknown graph precision {graph!r}")
     asked = graph if requested is None else requested

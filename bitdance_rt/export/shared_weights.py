@@ -1,22 +1,14 @@
 """Store a weight once on disk when several stage graphs hold it (the head: head_step and the fused
 head sampler run the same net), and the streamed external-data helpers every graph pass uses.
 
-Each graph is exported on its own, so a weight two graphs read is in both files. This pass finds
-initializers with equal contents (dtype, shape and bytes) in two or more graphs and moves them into
-one external-data file, `SHARED_WEIGHTS`, that every such graph points into (the ONNX external
-data fields: location, offset, length). ONNX Runtime and TensorRT's parser read it like any
-external data. Offsets are page-aligned so that a runtime may map the file.
-
-Small tensors (below `MIN_BYTES`: norms' scalars, shape constants) stay in their graphs: sharing
-them saves nothing and keeps the graphs' constants where optimisers look for them.
-
-Graphs over 2 GB (the 14B model's text embedding, 3.1 GB, and its backbone): protobuf cannot
-serialise a message over 2 GB, and `ModelProto.ByteSize()`, `onnx.shape_inference.infer_shapes`
-and `onnx.save_model` without external data all serialise the whole message. So no pass here loads
-a graph's external weights: graphs are read with `load_external_data=False`, tensors are sized from
-their dims, hashed and copied in chunks between the data files (`read_chunks`, `DataWriter`), and
-shape inference runs on a skeleton (`skeleton`: large tensors' data dropped, dims and types kept).
-Sharing two 2.2 GB graphs: 0.16 GB peak and 11 s, where loading them took 6.5 GB and 52 s.
+Each graph is exported on its own, so a weight two graphs read is in both files. `share_weights`
+finds initializers with equal contents in two or more graphs and moves them into one external-data
+file, `SHARED_WEIGHTS`, that every such graph points into; ONNX Runtime and TensorRT's parser read
+it like any external data. Graphs over 2 GB (the 14B model's text embedding, 3.1 GB, and its
+backbone) cannot be serialised by protobuf, so no pass here loads a graph's external weights:
+graphs are read with `load_external_data=False`, tensors are sized from their dims, hashed and
+copied in chunks between the data files (`read_chunks`, `DataWriter`), and shape inference runs on
+a skeleton (`skeleton`: large tensors' data dropped, dims and types kept).
 """
 
 from __future__ import annotations
@@ -26,8 +18,10 @@ import os
 from pathlib import Path
 
 SHARED_WEIGHTS = "shared.weights"
+# Small tensors (norms' scalars, shape constants) stay in their graphs: sharing them saves nothing and
+# keeps the graphs' constants where optimisers look for them.
 MIN_BYTES = 1024
-_ALIGN = 4096
+_ALIGN = 4096  # offsets in the shared file are page-aligned, so that a runtime may map it
 _PROTOBUF_BYTES = 1_500_000_000  # above this a graph's own tensors go to external data (protobuf's 2 GB limit)
 CHUNK_BYTES = 1 << 26  # 64 MiB: what a streamed copy, hash or conversion holds at once
 SKELETON_BYTES = 1 << 20  # tensors at least this large leave a skeleton (shape constants are far smaller)
@@ -319,8 +313,13 @@ def share_weights(
     it). Graphs already reading a SHARED_WEIGHTS file (copied from the FP32 export into a derived
     one) are rewritten against the new one, which replaces it at the end.
 
-    Works on graphs of any size: weights are never loaded whole (see the module docstring); only
-    tensors whose dtype and shape another graph also has are hashed."""
+    Initializers are equal when dtype, shape and bytes are; each graph points into the shared file
+    through the ONNX external data fields (location, offset, length). Works on graphs of any size:
+    weights are never loaded whole (see the module docstring); only tensors whose dtype and shape
+    another graph also has are hashed. Protobuf cannot serialise a message over 2 GB, and
+    `ModelProto.ByteSize()`, `onnx.shape_inference.infer_shapes` and `onnx.save_model` without
+    external data all serialise the whole message: sharing two 2.2 GB graphs this way peaked at
+    0.16 GB and took 11 s, where loading them took 6.5 GB and 52 s."""
     import onnx
 
     directory = Path(directory)

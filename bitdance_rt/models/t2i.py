@@ -6,13 +6,10 @@ shards), `head.net.*` (vision_head.safetensors), `projector.*` (projector.safete
 
 Sequence (one row; prompts are LEFT-padded to a fixed length so every row shares positions):
     [pad .. pad | chat prompt | <|vision_start|> <|res_h|> <|res_w|> | <|query_1|> .. <|query_P-1|>]
-is the prefill: causal, except that its last P positions (<|res_w|> and the queries) attend to each
-other, as the official pipeline's second prefill call with an all-ones mask does. Padding keys are
-hidden from every query (`pad[r]` = padding length of row r). Because RoPE only sees position
-differences, shifting a row by its padding leaves its attention what the official unpadded call
-computes. Step i >= 1 feeds projector(tokens of step i-1) + the 2D sin-cos embedding of those
-tokens' grid cells, as one bidirectional block over the whole cache. Head conditions of step i are
-the block's last P hidden states + the 2D embedding of the cells step i generates.
+is the prefill; each AR step i >= 1 then feeds the tokens of step i-1 as one block of P positions.
+Left padding gives what the official unpadded call computes, because RoPE only sees position
+differences and padding keys are hidden (docs/text-to-image.md "The prefill"). The masks, the 2D
+position embedding and the head conditions: `BitDanceT2I.transformer`.
 """
 
 from __future__ import annotations
@@ -126,9 +123,14 @@ class BitDanceT2I(nn.Module):
         """Embeddings x [R, T, dim] at [start, start+T) -> (head conditions [R, P, dim] of the AR step the
         chunk completes, kv_new [n_layer, 2, R, n_kv, T, hd]).
 
-        Inside the chunk: causal, then blocks of P (layout.key_limit): the prefill's mask, and all
-        visible in a step. Padding keys (positions < pad[r]) are hidden from every query except
-        themselves, so that no softmax row is empty (their outputs are never read). kv: None (nothing
+        Inside the chunk: causal, then blocks of P (layout.key_limit): the prefill's mask (causal,
+        except that its last P positions, <|res_w|> and the queries, attend to each other, as the
+        official pipeline's second prefill call with an all-ones mask does), and all visible in a step
+        (one bidirectional block over the whole cache). Padding keys (positions < pad[r], pad[r] = the
+        padding length of row r) are hidden from every query except themselves, so that no softmax row
+        is empty (their outputs are never read). Step i >= 1 feeds projector(tokens of step i-1) + the
+        2D sin-cos embedding of those tokens' grid cells; the head conditions of step i are the
+        block's last P hidden states + the 2D embedding of the cells step i generates. kv: None (nothing
         cached) or a list of (keys, values) [R, n_kv, L, hd] per layer, read at [0, kv_len), positions
         at or past `start` hidden."""
         t = x.shape[1]

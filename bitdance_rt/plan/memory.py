@@ -3,21 +3,12 @@ cache, an activation estimate per call and the TensorRT workspace, and whether t
 Jetson. (Over 400 lines: the runtime's figures are one model, each measured factor beside its use.)
 
 The weights of a stage are found, not listed: the model is built on the meta device (no memory)
-and each stage's forward is run there once, recording every parameter and buffer it reads. So the
-figures follow the code (a stage that stops reading a weight stops counting it) and agree with the
-export (tests/test_plan.py compares them with the initialisers of real exports). Each ONNX Runtime
-session and each TensorRT engine holds its own copy of what it reads ("held"), even where files
-share weights on disk; the stages read disjoint weights (one backbone graph serves the prefill and
-every step), so held is each weight once ("distinct") but for what two loaded graphs really both
-read, which the notes name, and head_step, loaded on demand beside the fused sampler. The torch
-backend runs every stage on one model (distinct).
-
-Bytes per weight: fp32 4; fp16 2 (GroupNorm / LayerNorm affine weights stay fp32, as the FP16
-policy keeps those ops in fp32); int8: the Linear / Conv weights the INT8 policy quantises take 1
-byte plus a float32 scale and an int8 zero point per output channel, the rest stays fp32, and the
-stages INT8 does not quantise (prefix_embed's table) take their fp16 bytes (precision/policy.py). The KV
-cache is float32 at every precision (runtime/core.py) and sized for
-every slot: 2 rows per image with guidance, `max_batch` images.
+and each stage's forward is run there once, recording every parameter and buffer it reads
+(`stage_tensors`). So the figures follow the code (a stage that stops reading a weight stops
+counting it) and agree with the export (tests/test_plan.py compares them with the initialisers of
+real exports). What a backend holds ("held" against "distinct"): MemoryPlan.weight_bytes; bytes
+per weight at each precision: `tensor_bytes`; the cache: `kv_cache_bytes`; what the plan says for
+the 14B, and how it compares with measurements: docs/memory.md.
 """
 
 from __future__ import annotations
@@ -108,7 +99,14 @@ class MemoryPlan:
     @property
     def weight_bytes(self) -> int:
         """What the backend holds: every loaded stage its own copy of what it reads (ONNX Runtime,
-        TensorRT), or each weight once (torch)."""
+        TensorRT), or each weight once (torch).
+
+        Each ONNX Runtime session and each TensorRT engine holds its own copy of what it reads
+        ("held"), even where files share weights on disk; the stages read disjoint weights (one
+        backbone graph serves the prefill and every step), so held is each weight once ("distinct")
+        but for what two loaded graphs really both read, which the notes name, and head_step, loaded
+        on demand beside the fused sampler (`on_demand_bytes`). The torch backend runs every stage on
+        one model (distinct)."""
         if self.backend == "torch":
             return self.distinct_bytes
         return sum(s.bytes for s in self.stages if s.loaded)
@@ -261,7 +259,11 @@ def _int8_float(stage: str, owner: str) -> bool:
 def tensor_bytes(
     precision: str, stage: str, name: str, numel: int, size: int, kind: str, owner: str, shape_out: int | None = None
 ) -> int:
-    """Bytes of one weight in a graph of `precision` (the module docstring's rules)."""
+    """Bytes of one weight in a graph of `precision`: fp32 4; fp16 2 (GroupNorm / LayerNorm affine
+    weights stay fp32, as the FP16 policy keeps those ops in fp32); int8: the Linear / Conv weights the
+    INT8 policy quantises take 1 byte plus a float32 scale and an int8 zero point per output channel,
+    the rest stays fp32, and the stages INT8 does not quantise (prefix_embed's table) take their fp16
+    bytes (precision/policy.py). Integer buffers keep their type."""
     from ..precision.policy import INT8_FP16_STAGES
 
     if precision == "int8" and stage in INT8_FP16_STAGES:
@@ -337,7 +339,9 @@ def stage_memory(cfg, precision: str, steps: int | None = None) -> tuple[list[St
 
 # ---- cache and activations ---------------------------------------------------------------------------
 def kv_cache_bytes(cfg, rows: int) -> int:
-    """The runtime's cache (float32, stages.kv_shape) for `rows` slots."""
+    """The runtime's cache (float32, stages.kv_shape) for `rows` slots. It is float32 at every
+    precision (runtime/core.py); `plan` sizes it for every slot: 2 rows per image with guidance,
+    `max_batch` images."""
     n = 1
     for d in st.kv_shape(cfg, rows):
         n *= d

@@ -2,23 +2,12 @@
 disk), from the same traced weights as the runtime's plan (memory.py), and whether a machine has it.
 (Over 400 lines: every measured factor of every step is kept here, in one place, with its basis.)
 
-Steps, as today's code takes them (backends.auto_export, `bitdance-rt export / calibrate / build`):
-
-  load         read the checkpoint into the torch model (backends.ModelSource.load); text-to-image
-               models skip it unless they run on torch
-  export       the FP32 ONNX export, one stage after another, of the loaded model (export/onnx_export.py);
-               text-to-image models' streamed from the weight files (export/streamed.py), as FP16
-               graphs directly when the run is FP16 on ONNX Runtime
-  derive fp16  FP16 graphs (precision/derive.py): for ONNX Runtime, and the graphs a text-to-image
-               INT8 capture runs on
-  calibrate    the INT8 calibration capture: torch float32 (ImageNet models) or ONNX Runtime on the
-               FP16 graphs (text-to-image models; calibration.capture_choice)
-  derive int8  the INT8 Q/DQ graphs (ONNX Runtime's quantize_static per quantised stage)
-  build        TensorRT engines, one stage after another (engines/build.py)
-  run          the runtime: memory.plan's figures
-
+The steps (load, export, derive fp16, calibrate, derive int8, build, run) are those today's code
+takes (backends.auto_export, `bitdance-rt export / calibrate / build`); `road` says what each does.
 Every factor below is a measurement of today's code (or says it is not one), in this one place; a
-change to a step's code that changes its memory should change its factor here.
+change to a step's code that changes its memory should change its factor here. What the figures
+come to for the 14B, and how `plan` reports them: docs/memory.md "The road: each step of getting
+there".
 """
 
 from __future__ import annotations
@@ -464,7 +453,20 @@ def road(
     steps: int | None = None,
 ) -> Road:
     """The steps to running `cfg` at `precision` on `backend` (memory.plan's arguments), as today's code
-    takes them."""
+    takes them:
+
+      load         read the checkpoint into the torch model (backends.ModelSource.load); text-to-image
+                   models skip it unless they run on torch
+      export       the FP32 ONNX export, one stage after another, of the loaded model (export/onnx_export.py);
+                   text-to-image models' streamed from the weight files (export/streamed.py), as FP16
+                   graphs directly when the run is FP16 on ONNX Runtime
+      derive fp16  FP16 graphs (precision/derive.py): for ONNX Runtime, and the graphs a text-to-image
+                   INT8 capture runs on
+      calibrate    the INT8 calibration capture: torch float32 (ImageNet models) or ONNX Runtime on the
+                   FP16 graphs (text-to-image models; calibration.capture_choice)
+      derive int8  the INT8 Q/DQ graphs (ONNX Runtime's quantize_static per quantised stage)
+      build        TensorRT engines, one stage after another (engines/build.py)
+      run          the runtime: memory.plan's figures"""
     steps = cfg.default_steps if steps is None else int(steps)
     streamed = st.is_t2i(cfg)  # text-to-image exports stream the weight files: no model is loaded
     out = [] if streamed and backend != "torch" else [load_step(cfg)]

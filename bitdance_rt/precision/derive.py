@@ -3,16 +3,8 @@
 A precision variant is an ordinary export directory (same stage files, same manifest format, same
 float32 inputs/outputs), so every backend loads it unchanged; its manifest adds a top-level
 "precision" and, in its key, what it was derived from: the FP32 export's key and, for INT8, the
-calibration set's identity and the method. Reuse follows the key, as for FP32 exports.
-
-INT8 covers the stages a calibration set has data for and that carry weight GEMMs: token_embed,
-the backbone (calibrated on both its phases, see calibration/reader.py), head_step, decoder.
-prefix_embed, a table lookup, is carried as its FP16 graph (policy.INT8_FP16_STAGES), so that an
-INT8 export generates on its own. The fused head samplers are not quantised: calibrating one
-means recording every intermediate of S+1 unrolled head nets (minutes for the tiny model, far
-more for real ones), so INT8 generation samples with head_step (the ONNX Runtime backend falls
-back to it by itself; measured ~10% slower than the fused graph in FP32) and the encoder, which
-generation does not use and calibration does not record, is left out.
+calibration set's identity and the method. Reuse follows the key, as for FP32 exports. Which
+stages INT8 quantises, and why not the fused head samplers: the comment at INT8_STAGES.
 """
 
 from __future__ import annotations
@@ -29,6 +21,14 @@ from ..export.shared_weights import share_weights
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
 from .policy import INT8_FP16_STAGES, check_method, check_precision, fingerprint, int8_float_layers, quantised_layers
 
+# INT8 covers the stages a calibration set has data for and that carry weight GEMMs: token_embed, the
+# backbone (calibrated on both its phases, see calibration/reader.py), head_step, decoder. prefix_embed,
+# a table lookup, is carried as its FP16 graph (policy.INT8_FP16_STAGES), so that an INT8 export
+# generates on its own. The fused head samplers are not quantised: calibrating one means recording every
+# intermediate of S+1 unrolled head nets (minutes for the tiny model, far more for real ones), so INT8
+# generation samples with head_step (the ONNX Runtime backend falls back to it by itself; measured ~10%
+# slower than the fused graph in FP32). The encoder, which generation does not use and calibration does
+# not record, is left out.
 INT8_STAGES = st.INT8_STAGES  # (stages.REGISTRY)
 FP16_STAGES = st.ALL_STAGES
 EXTERNAL_DATA_BYTES = 1_500_000_000

@@ -1,33 +1,14 @@
 """FP32 stage graph -> FP16 stage graph (float32 inputs/outputs kept), with onnxconverter-common.
 
 onnxconverter-common's `convert_float_to_float16` does the conversion (initialisers to FP16, Cast
-nodes around the ops kept in FP32, `keep_io_types`). Two defects of its 1.16 release on our
-graphs are worked around here, around the call rather than inside the graph logic:
-1. a float->float Cast (torch's `.float()` on a float tensor, e.g. the sampler time) makes it
-   rewire the Cast's consumer straight to the FP32 graph input without a Cast to FP16, giving
-   "Type parameter (T) of Mul bound to different types": we drop such no-op Casts first;
-2. a Cast from an integer type to FLOAT (e.g. a shape product turned into a divisor) gets an FP16
-   value_info but keeps to=FLOAT: we point those Casts at FLOAT16 afterwards.
-(Putting Cast in its block list instead loops forever in 1.16.)
-
-Graphs over 2 GB (the 14B model's 3.1 GB text embedding, its backbone): protobuf cannot serialise
-them, and both our no-op-Cast pass and the converter ran onnx.shape_inference.infer_shapes on the
-in-memory model (ValueError past 2 GB). Both now see a skeleton -- every tensor of 1 MiB or more
-replaced by a data-less placeholder of the same name, dims and type (export/shared_weights.py),
-shape constants kept -- and the converter is told not to infer shapes itself
-(`disable_shape_infer`, given the skeleton's inferred value_info): it only decides which tensors
-become FLOAT16. Those are then converted here, chunk by chunk, with the converter's own clamp
-(`to_fp16`), and written to external data (`convert_fp16_file`, the entry derivation uses).
-
-RMSNorm's square (x * x feeding the ReduceMean of the exported rms_norm) is kept in FP32 by node:
-ReduceMean is FP32 already, but the square before it would overflow FP16 (max 65504) for any
-|x| > 256, and LLM residual streams carry such "massive activations" (in the thousands in LLaMA-2,
-arXiv 2402.17762): the row's norm becomes inf and its output 0. Measured on the tiny Qwen3 model
-with one hidden channel scaled to ~500 (tests/test_fp16_norms.py): FP16 with the square in FP16
-gives non-finite or zeroed conditions, with it in FP32 the FP32 conditions within 1%.
-NVIDIA ModelOpt's AutoCast also
-converts these graphs, but it installs CUDA torch, onnxruntime-gpu and CuPy: too heavy for a CPU
-deployment path, and it conflicts with the onnxruntime CPU package.
+nodes around the ops kept in FP32, `keep_io_types`); what stays FP32 is policy.py's list, plus the
+RMSNorm square (`norm_squares`) and, in a fused sampler, its own arithmetic. Two defects of its
+1.16 release on our graphs are worked around around the call rather than inside the graph logic
+(`_drop_noop_casts`, `_fix_float_casts`). Graphs over protobuf's 2 GB (the 14B model's text
+embedding, its backbone) convert too: the converter sees a skeleton (`_convert`), and the large
+tensors are converted chunk by chunk (`convert_fp16_file`, the entry derivation uses).
+NVIDIA ModelOpt's AutoCast also converts these graphs, but it installs CUDA torch, onnxruntime-gpu
+and CuPy: too heavy for a CPU deployment path, and it conflicts with the onnxruntime CPU package.
 """
 
 from __future__ import annotations
@@ -40,7 +21,14 @@ FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto
 
 
 def norm_squares(nodes) -> list[str]:
-    """Names of the x * x nodes whose output a ReduceMean reads (the RMSNorm statistics)."""
+    """Names of the x * x nodes whose output a ReduceMean reads (the RMSNorm statistics).
+
+    They are kept in FP32 by node: ReduceMean is FP32 already, but the square before it would
+    overflow FP16 (max 65504) for any |x| > 256, and LLM residual streams carry such "massive
+    activations" (in the thousands in LLaMA-2, arXiv 2402.17762): the row's norm becomes inf and its
+    output 0. Measured on the tiny Qwen3 model with one hidden channel scaled to ~500
+    (tests/test_fp16_norms.py): FP16 with the square in FP16 gives non-finite or zeroed conditions,
+    with it in FP32 the FP32 conditions within 1%."""
     nodes = list(nodes)
     reduced = {name for n in nodes if n.op_type == "ReduceMean" for name in n.input[:1]}
     return [
@@ -52,7 +40,12 @@ def norm_squares(nodes) -> list[str]:
 
 def _drop_noop_casts(model) -> int:
     """Remove Cast nodes whose input already has the target type; returns how many. (Shape inference
-    runs on a skeleton: `model` may be over 2 GB.)"""
+    runs on a skeleton: `model` may be over 2 GB.)
+
+    Works around a defect of onnxconverter-common 1.16: a float->float Cast (torch's `.float()` on a
+    float tensor, e.g. the sampler time) makes it rewire the Cast's consumer straight to the FP32
+    graph input without a Cast to FP16, giving "Type parameter (T) of Mul bound to different types".
+    (Putting Cast in its block list instead loops forever in 1.16.)"""
     from ..export.shared_weights import infer_shapes
 
     g = infer_shapes(model).graph
@@ -81,7 +74,10 @@ def _drop_noop_casts(model) -> int:
 
 
 def _fix_float_casts(model) -> int:
-    """Casts to FLOAT whose output the converter declared FLOAT16: make them cast to FLOAT16."""
+    """Casts to FLOAT whose output the converter declared FLOAT16: make them cast to FLOAT16.
+
+    Works around a defect of onnxconverter-common 1.16: a Cast from an integer type to FLOAT (e.g. a
+    shape product turned into a divisor) gets an FP16 value_info but keeps to=FLOAT."""
     declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     fixed = 0
     for node in model.graph.node:
@@ -163,7 +159,16 @@ def _strip(model, base):
 
 
 def _convert(model, sampler: bool):
-    """The converter on a skeleton (see _strip), value_info from shape inference on it."""
+    """The converter on a skeleton (see _strip), value_info from shape inference on it.
+
+    Protobuf cannot serialise a graph over 2 GB (the 14B model's 3.1 GB text embedding, its
+    backbone), and both the no-op-Cast pass and the converter ran onnx.shape_inference.infer_shapes
+    on the in-memory model (ValueError past 2 GB). Both now see a skeleton -- every tensor of 1 MiB
+    or more replaced by a data-less placeholder of the same name, dims and type
+    (export/shared_weights.py), shape constants kept -- and the converter is told not to infer shapes
+    itself (`disable_shape_infer`, given the skeleton's inferred value_info): it only decides which
+    tensors become FLOAT16. Those are then converted by the caller, chunk by chunk, with the
+    converter's own clamp (`to_fp16`)."""
     import warnings
 
     from onnxconverter_common import float16

@@ -1,27 +1,14 @@
 """What stays in float32 when a stage graph is converted to FP16 or quantised to INT8: the one list.
 
 Both conversions keep the graph's inputs and outputs float32 (the stage contract does not change
-with precision, so every backend and the calibration data serve every precision).
-
-INT8 (explicit Q/DQ, the placement TensorRT's explicit quantization expects): the inputs of
-weight GEMMs and convolutions are quantised (but for the few layers of INT8_FLOAT_LAYERS) -- MatMul with a
-constant weight, Gemm, Conv -- with
-symmetric int8 activations (zero point 0) and per-output-channel symmetric int8 weights.
-Convolution outputs are quantised too (INT8_OUTPUT_OP_TYPES): ONNX Runtime's CPU integer
-convolution (QLinearConv) exists only with an int8 output, and without it the INT8 decoder ran
-slower than the FP32 one (B-4x: 7.0 s vs 6.2 s per image); TensorRT fuses that Q into the conv.
-So the decoder's norms read int8-rounded conv outputs; every other op (norms of the transformer
-stages, softmax, residual adds, the attention products of two activations, the sampler's update
-arithmetic and sign) has float inputs and outputs by construction. Biases stay float (TensorRT
-fuses a float bias; an int32 bias only suits ONNX Runtime's integer kernels).
-
-FP16: everything runs in FP16 except the ops below, which see FP32 inputs:
-- norm reductions and their statistics (LayerNormalization, InstanceNormalization, the RMSNorm's
-  ReduceMean / Sqrt / Reciprocal, Pow);
-- softmax, and the split softmax of the backbone's attention (ReduceMax, Exp, ReduceSum);
-- Sin / Cos of the time and position embeddings (their arguments reach 1e3: FP16 would keep 3 digits);
-- in the fused head samplers, every node outside the head net: the Euler-Maruyama update, the CFG
-  mix and the final Sign (`sampler_arithmetic`).
+with precision, so every backend and the calibration data serve every precision). INT8 is explicit
+Q/DQ, the placement TensorRT's explicit quantization expects: the inputs of weight GEMMs and
+convolutions are quantised (INT8_OP_TYPES, but for INT8_FLOAT_LAYERS) with symmetric int8
+activations (zero point 0) and per-output-channel symmetric int8 weights; every other op has float
+inputs and outputs by construction. FP16 runs everything in FP16 but FP16_KEEP_FLOAT_OPS, the
+RMSNorm square (fp16.norm_squares) and a fused sampler's own arithmetic (`sampler_arithmetic`).
+The comment at each list says why; the whole policy with its measurements: docs/precision.md
+"How the variants are made".
 """
 
 from __future__ import annotations
@@ -33,7 +20,15 @@ from .. import stages as st
 PRECISIONS = ("fp32", "fp16", "int8")  # in order of falling precision
 DEFAULT_PRECISION = "fp32"
 
+# INT8 quantises the inputs of these when they hold a weight (MatMul: a constant weight). Biases stay
+# float (TensorRT fuses a float bias; an int32 bias only suits ONNX Runtime's integer kernels). Every
+# other op (norms of the transformer stages, softmax, residual adds, the attention products of two
+# activations, the sampler's update arithmetic and sign) has float inputs and outputs.
 INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
+# Convolution outputs are quantised too: ONNX Runtime's CPU integer convolution (QLinearConv) exists
+# only with an int8 output, and without it the INT8 decoder ran slower than the FP32 one (B-4x: 7.0 s
+# vs 6.2 s per image); TensorRT fuses that Q into the conv. So the decoder's norms read int8-rounded
+# conv outputs.
 INT8_OUTPUT_OP_TYPES = ("Conv",)
 
 # Quantisable layers the policy keeps in float anyway, by stage (substrings of exported node names).
@@ -78,6 +73,12 @@ def quantised_layers(path) -> list[str]:
 
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
 
+# FP16: everything runs in FP16 except these ops, which see FP32 inputs: norm reductions and their
+# statistics (LayerNormalization, InstanceNormalization, the RMSNorm's ReduceMean / Sqrt / Reciprocal,
+# Pow); softmax, and the split softmax of the backbone's attention (ReduceMax, Exp, ReduceSum); Sin / Cos
+# of the time and position embeddings (their arguments reach 1e3: FP16 would keep 3 digits). Kept FP32
+# by node besides: the RMSNorm square (fp16.norm_squares) and, in the fused head samplers, every node
+# outside the head net: the Euler-Maruyama update, the CFG mix and the final Sign (`sampler_arithmetic`).
 FP16_KEEP_FLOAT_OPS = (
     "LayerNormalization",
     "InstanceNormalization",

@@ -3,21 +3,8 @@
 `compare` drives two backends (any two stage backends: FP32 ONNX Runtime vs INT8 ONNX Runtime,
 torch vs TensorRT FP16, ...) through the same generations in lockstep, under teacher forcing: at
 every AR step both get the reference's history (tokens) and the same noise, and within a call the
-stages are swapped one at a time (runtime/core.py's `_run`), so each number isolates one stage
-instead of compounding earlier disagreements. For each stage, the error of the head conditions
-(max, mean abs) and the token bit agreement when those conditions go through the reference head
-sampler:
-
-- prefix_embed / token_embed: the test embedding of the prefill / of the fed-back tokens, through
-  the reference backbone;
-- backbone: the test backbone on the reference embeddings, over a cache of its own keys of them,
-  per phase (prefill, step) and over both: one graph serves both phases;
-- head: token bit agreement of the test head sampler on the reference's conditions;
-- end to end, teacher forced: the test embeddings, backbone and head on the reference history;
-- decoder: PSNR (and max error) of the test decoder's image of the reference latent;
-- free running: two ordinary generations with the same seed (token agreement, image PSNR):
-  what a user sees, where one early flip changes everything after it.
-
+stages are swapped one at a time (runtime/core.py's `_run`, see `_replaced`), so each number
+isolates one stage instead of compounding earlier disagreements (`Comparison` lists the numbers).
 `Lockstep` is a backend over the two, so the generation loop itself (runtime/loop.py) drives the
 comparison: rows, CFG per step and noise order are exactly those of a generation.
 """
@@ -79,6 +66,19 @@ def psnr(ref: torch.Tensor, test: torch.Tensor) -> float:
 
 @dataclass
 class Comparison:
+    """What `compare` measures. For each stage, the error of the head conditions (max, mean abs) and
+    the token bit agreement when those conditions go through the reference head sampler:
+
+    - prefix_embed / token_embed: the test embedding of the prefill / of the fed-back tokens, through
+      the reference backbone;
+    - backbone: the test backbone on the reference embeddings, over a cache of its own keys of them,
+      per phase (prefill, step) and over both: one graph serves both phases;
+    - head: token bit agreement of the test head sampler on the reference's conditions;
+    - end to end, teacher forced: the test embeddings, backbone and head on the reference history;
+    - decoder: PSNR (and max error) of the test decoder's image of the reference latent;
+    - free running: two ordinary generations with the same seed (token agreement, image PSNR):
+      what a user sees, where one early flip changes everything after it."""
+
     cond: dict[str, Error] = field(default_factory=lambda: {k: Error() for k in MEASURED})
     bits: dict[str, Agreement] = field(default_factory=lambda: {k: Agreement() for k in (*MEASURED, "head")})
     decoder_psnr: list[float] = field(default_factory=list)
@@ -269,7 +269,7 @@ def compare(
     free_running: bool = True,
 ) -> Comparison:
     """Lockstep comparison of backend `test` against `ref` over labels (or a text-to-image model's
-    encoded prompts, runtime/conditions.py) x seeds (see the module doc)."""
+    encoded prompts, runtime/conditions.py) x seeds (see the module doc and `Comparison`)."""
     out = Comparison()
     labels = labels if hasattr(labels, "rows") else list(labels)
     for seed in seeds:

@@ -1,21 +1,14 @@
 """The core every backend shares: stage checks, the KV cache as row slots, cache writes, sampler
 choice, row padding and batch limits. Backends (torch, onnxruntime, tensorrt) differ only in how
-they run one stage (`_run`) and where the cache lives (`_alloc_cache`).
-
-Two levels of calls:
-- row level, for the continuous-batching scheduler: `prefill_rows` (new rows into free cache
-  slots), `step_rows` (one backbone call over cache rows [0, n), each row at its own position),
-  `sample_rows` (one head call, each row with its own guidance), `decode`;
-- batch level, one generation in the official row layout (conditional rows, then unconditional):
-  `prefill`, `step`, `sample_tokens`; calibration, teacher-forced accuracy and `check` drive these.
+they run one stage (`_run`) and where the cache lives (`_alloc_cache`), so the scheduler, and
+calibration and the accuracy report, which wrap its row-level calls, work on every backend alike
+(StageBackend lists the calls: row level and batch level).
 
 Every stage run goes through `run_stage`, which hands it to the backend's stage observers
-(`add_observer` / `observe`: timing, calibration capture) after it ran: they see each call's
-stage, phase, inputs, outputs and duration without replacing any method.
-
-Every call runs at least MIN_ROWS rows, and the scheduler pads its calls to `row_bucket` sizes, so
-that a row's result never depends on how many rows share its call (see MIN_ROWS) and TensorRT
-runs a few fixed shapes (captured CUDA graphs stay valid).
+(timing, calibration capture) after it ran. Every call runs at least MIN_ROWS rows, and the
+scheduler pads its calls to `row_bucket` sizes, so that a row's result never depends on how many
+rows share its call (see MIN_ROWS) and TensorRT runs a few fixed shapes (captured CUDA graphs stay
+valid).
 """
 
 from __future__ import annotations
@@ -103,7 +96,17 @@ StageObserver = Callable[[StageCall], None]
 
 class StageBackend:
     """Shared core; subclasses set name, config, specs (or None: any stage), sampler_steps and
-    max_rows, and implement `_run` and `_alloc_cache`."""
+    max_rows, and implement `_run` and `_alloc_cache`.
+
+    Two levels of calls:
+    - row level, for the continuous-batching scheduler: `prefill_rows` (new rows into free cache
+      slots), `step_rows` (one backbone call over cache rows [0, n), each row at its own position),
+      `sample_rows` (one head call, each row with its own guidance), `decode`;
+    - batch level, one generation in the official row layout (conditional rows, then unconditional):
+      `prefill`, `step`, `sample_tokens`; tests and benchmarks drive these (calibration and the
+      teacher-forced accuracy report wrap the row-level calls instead, under the scheduler).
+    Stage observers (`add_observer` / `observe`: timing, calibration capture) see each run's stage,
+    phase, inputs, outputs and duration (StageCall) without replacing any method."""
 
     name = "backend"
     sampler = "auto"

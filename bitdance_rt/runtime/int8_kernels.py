@@ -1,28 +1,14 @@
 """Which of ONNX Runtime's CPU integer kernels give exact INT8 products on this CPU, and the switch.
 
-ONNX Runtime runs our signed int8 Q/DQ graphs on x86 as uint8 activations x int8 weights (U8S8).
-Without VNNI its U8S8 kernels multiply with VPMADDUBSW, which adds each pair of u8 x s8 products
-into a signed 16-bit lane and saturates: with activations and weights both near full range a
-pair (up to 2 x 255 x 127 = 64,770) is clamped to 32,767. That is what turned the INT8 digits into
-a checkerboard on an AVX2-only EPYC (Zen 3). With AVX512-VNNI, AVX-VNNI or AMX the kernels sum
-into 32 bits (VPDPBUSD / tiles): exact. ARM's kernels (UDOT/SDOT/UMMLA, or NEON widening to 16
-then 32 bits) are exact too. Sources: ONNX Runtime's quantisation guide ("When and why do I need to
-try U8U8?") and its MLAS dispatch (core/mlas/lib/platform.cpp).
-
-The remedy is ONNX Runtime's own session setting `session.x64quantprecision=1`: when the session
-is made, it rewrites each int8 weight as uint8 (w + 128, the zero point moved with it: the same
-products) and runs the U8U8 kernels, which widen both operands to 16 bits before multiplying and
-sum in 32: exact. It changes no file: one INT8 variant serves TensorRT (which reads signed,
-symmetric Q/DQ), ONNX Runtime on every CPU, and a copy moved to another machine, because the
-kernels are chosen where the session is made, from the CPU it runs on. We set it only where the
-U8S8 kernels saturate: on a VNNI CPU U8U8 is slower (README, "Precision"), and there U8S8 is exact.
-
-Chosen by measurement (embedded model, teacher forced, seed 1000, stage contract 2): U8U8 gives an
-AVX2-only CPU (an emulated EPYC-Milan) exactly the tokens of a VNNI CPU (AR-step backbone 99.22%,
-head 99.55%, end to end 99.14%, decoder 44.3 dB), where its U8S8 kernels gave 95.2% / 96.5% / 94.5% /
-14.9 dB. ONNX
-Runtime's other documented way out, 7-bit weights (reduce_range), would change the graph (a second
-variant beside TensorRT's) and costs accuracy on every CPU: 98.96% / 99.08% / 98.83% / 43.1 dB.
+ONNX Runtime runs our signed int8 Q/DQ graphs on x86 as uint8 activations x int8 weights (U8S8),
+and those kernels saturate on x86 CPUs without VNNI, AVX-VNNI or AMX (`u8s8_saturates`): that is
+what turned the INT8 digits into a checkerboard on an AVX2-only EPYC (Zen 3). There, and only
+there, sessions get ONNX Runtime's own `session.x64quantprecision=1` (`configure`), which runs its
+exact U8U8 kernels: on a VNNI CPU U8U8 is slower and U8S8 is exact. It changes no file: one INT8
+variant serves TensorRT (which reads signed, symmetric Q/DQ), ONNX Runtime on every CPU, and a
+copy moved to another machine, because the kernels are chosen where the session is made, from the
+CPU it runs on. Why this and not 7-bit weights (reduce_range), with the measurements that chose
+it: docs/precision.md "INT8 on every CPU"; the speed: docs/benchmarks.md "INT8 on both kinds of CPU".
 """
 
 from __future__ import annotations
@@ -74,7 +60,14 @@ def cpu_features() -> dict[str, bool]:
 
 
 def u8s8_saturates(machine: str | None = None, features: dict | None = None) -> bool:
-    """True where ONNX Runtime's U8S8 kernels saturate: an x86 CPU with none of VNNI / AVX-VNNI / AMX."""
+    """True where ONNX Runtime's U8S8 kernels saturate: an x86 CPU with none of VNNI / AVX-VNNI / AMX.
+
+    Without VNNI the U8S8 kernels multiply with VPMADDUBSW, which adds each pair of u8 x s8 products
+    into a signed 16-bit lane and saturates: with activations and weights both near full range a
+    pair (up to 2 x 255 x 127 = 64,770) is clamped to 32,767. With AVX512-VNNI, AVX-VNNI or AMX the
+    kernels sum into 32 bits (VPDPBUSD / tiles): exact. ARM's kernels (UDOT/SDOT/UMMLA, or NEON
+    widening to 16 then 32 bits) are exact too. Sources: ONNX Runtime's quantisation guide ("When and
+    why do I need to try U8U8?") and its MLAS dispatch (core/mlas/lib/platform.cpp)."""
     machine = (machine or platform.machine()).lower()
     if machine not in _X86:
         return False
@@ -93,7 +86,10 @@ def resolve(mode: str | None = None) -> bool:
 
 
 def configure(session_options, exact: bool) -> None:
-    """Ask ONNX Runtime for its exact U8U8 kernels on `session_options` (when `exact`)."""
+    """Ask ONNX Runtime for its exact U8U8 kernels on `session_options` (when `exact`): when the
+    session is made, it rewrites each int8 weight as uint8 (w + 128, the zero point moved with it: the
+    same products) and runs the U8U8 kernels, which widen both operands to 16 bits before
+    multiplying and sum in 32."""
     if exact:
         session_options.add_session_config_entry(SESSION_KEY, "1")
 

@@ -1,34 +1,15 @@
 """Make ONNX Runtime sessions quickly and safely: a cache of ONNX Runtime's optimised graphs (and,
 from graph_signature.py, a graph's signature without its weights).
 
-`make_session(path, options, providers, cache_dir=..., key=...)` makes the session; with a cache
-directory the first call has ONNX Runtime save the graph it optimised
-(SessionOptions.optimized_model_filepath, weights in an external file) and later calls load that
-graph with graph optimisation disabled, which skips the expensive part of session creation (on the
-2-core box, 21 of 25 s for the six B-4x sessions). The optimised graph is what ONNX Runtime would
-run anyway, so outputs are bit-identical (tested, and measured on a B-4x export).
-
-ONNX Runtime's documented limits on saved optimised graphs, and what this module does about them:
-  * They are specific to the ONNX Runtime version, the optimisation level, the session settings
-    that steer optimisers (e.g. session.x64quantprecision rewrites int8 weights to uint8) and the
-    CPU (layout optimisations such as NCHWc pick a block size from the ISA). All of these are put
-    into the cache name, besides the caller's `key`, which must name the source graph (its hash).
-  * Graphs with nodes compiled by an execution provider (TensorRT, OpenVINO, ...) cannot be saved,
-    and graphs optimised for one EP may hold nodes another EP cannot run. Only sessions whose
-    providers are all in CACHEABLE_PROVIDERS (the CPU EP) use the cache; others are made directly
-    (the TensorRT EP has its own engine cache).
-  * free-dimension overrides added to `options` cannot be read back: include them in `key`.
-A cache entry is a directory <cache_dir>/<name>/ with model.onnx, model.onnx.data and meta.json
-(the full key, the file sizes and sha256s). It is written in a locked temporary directory
-(fileio.make_work_dir) and renamed into place, so a crashed run leaves no half entry that is later
-loaded, and its leftovers are swept by the next run. An entry is checked as strongly as an export
-before it is loaded: sizes, then sha256 through fileio.cached_sha256 (memoised by path, size,
-mtime and inode; a change that keeps all of these, e.g. bit rot with the mtime restored, is the
-blind spot it shares with export checks). An entry that fails the checks or fails to load is
-deleted, the session is made from the original graph (re-creating the entry), and one warning
-line says so. A cache that cannot be written (read-only, full disk: ONNX Runtime fails to write
-the optimised graph) costs only the cache: the session is made from the original graph, with one
-warning per process.
+`make_session` has ONNX Runtime save the graph it optimised on the first call and loads that graph
+with graph optimisation disabled on later ones, which skips the expensive part of session creation
+(docs/serving.md "Start-up"). The optimised graph is what ONNX Runtime would run anyway, so outputs
+are bit-identical (tested, and measured on a B-4x export). ONNX Runtime documents limits on saved
+optimised graphs: they are specific to its version, settings, providers and the CPU, so all of
+these name a cache entry (`full_key`), and only CPU-EP sessions are cached (CACHEABLE_PROVIDERS).
+An entry is checked as strongly as an export before it is loaded (`_read_meta`) and written
+atomically (`_create_and_save`); a bad entry or an unwritable cache costs a warning, never the
+session.
 """
 
 from __future__ import annotations
@@ -50,6 +31,9 @@ DATA = "model.onnx.data"
 META = "meta.json"
 META_FORMAT = "bitdance-rt-ort-optimized/2"  # /2: files' sha256 recorded
 TMP_PREFIX = ".tmp-"
+# Graphs with nodes compiled by an execution provider (TensorRT, OpenVINO, ...) cannot be saved, and
+# graphs optimised for one EP may hold nodes another EP cannot run: only sessions whose providers are
+# all here use the cache; others are made directly (the TensorRT EP has its own engine cache).
 CACHEABLE_PROVIDERS = ("CPUExecutionProvider",)
 EXTERNAL_DATA_ENTRY = "session.optimized_model_external_initializers_file_name"
 MAX_ENTRIES = 24  # least recently used entries beyond this are deleted when a new one is installed
@@ -119,7 +103,10 @@ def _config_entries(options) -> dict[str, str]:
 def full_key(options, providers, key: str) -> dict:
     """Everything that decides the optimised graph: the caller's key (source graph hash etc.), ONNX
     Runtime's version, the optimisation level, the providers, the graph-steering config entries,
-    the CPU."""
+    the CPU. ONNX Runtime documents saved optimised graphs as specific to its version, the
+    optimisation level, the session settings that steer optimisers (e.g. session.x64quantprecision
+    rewrites int8 weights to uint8) and the CPU (layout optimisations such as NCHWc pick a block
+    size from the ISA)."""
     import onnxruntime as ort
 
     return {
@@ -156,7 +143,12 @@ def _warn(msg: str) -> None:
 
 
 def _read_meta(entry: Path, full: dict) -> str | None:
-    """None when the entry is complete and belongs to `full`, else why not."""
+    """None when the entry is complete and belongs to `full`, else why not.
+
+    An entry is a directory <cache_dir>/<name>/ with model.onnx, model.onnx.data and meta.json (the
+    full key, the file sizes and sha256s), checked as strongly as an export: sizes, then sha256
+    through fileio.cached_sha256 (memoised by path, size, mtime and inode; a change that keeps all
+    of these, e.g. bit rot with the mtime restored, is the blind spot it shares with export checks)."""
     try:
         meta = json.loads((entry / META).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -235,9 +227,12 @@ def make_session(
     config entries, int8 kernel switch: all kept) and `providers` (names or (name, options) pairs).
 
     With `cache_dir` (and `key`: a string naming the source graph, e.g. its sha256, plus anything
-    else the caller's settings change): the optimised graph is saved on the first call and loaded
-    with graph optimisation disabled on later ones. See the module docstring for when the cache is
-    bypassed. A hit marks its entry used; installing a new entry deletes the least recently used
+    else the caller's settings change: free-dimension overrides added to `options` cannot be read
+    back, so include them in `key`): the optimised graph is saved on the first call and loaded
+    with graph optimisation disabled on later ones. The cache is bypassed with optimisation disabled
+    or a provider outside CACHEABLE_PROVIDERS. An entry that fails the checks (`_read_meta`) or fails
+    to load is deleted, the session is made from the original graph (re-creating the entry), and one
+    warning line says so. A hit marks its entry used; installing a new entry deletes the least recently used
     ones beyond `max_entries` (None: keep all). `options` is returned to its given state
     (optimisation level, optimized_model_filepath); the external-initializers config entry stays
     on it (inert without optimized_model_filepath). ONNX Runtime's exceptions propagate."""
@@ -321,8 +316,11 @@ def _discard(entry: Path) -> None:
 def _create_and_save(path: Path, options, providers, cache_dir: Path, entry: Path, full: dict, ort):
     """The session from the original graph, its optimised graph saved into `entry` on the way.
 
-    Saving can fail where loading would not (a full disk: ONNX Runtime fails to write the external
-    initializers): the session is then made without saving, and only a failure of that is raised."""
+    The entry is written in a locked temporary directory (fileio.make_work_dir) and renamed into
+    place (`_install`), so a crashed run leaves no half entry that is later loaded, and its leftovers
+    are swept by the next run. Saving can fail where loading would not (read-only, or a full disk:
+    ONNX Runtime fails to write the external initializers): the session is then made without saving,
+    with one warning per process, and only a failure of that is raised."""
     try:
         work = make_work_dir(cache_dir, prefix=f"{TMP_PREFIX}{entry.name}-{os.getpid()}-", legacy=_dead_writer)
     except OSError as exc:

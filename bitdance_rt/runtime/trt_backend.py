@@ -4,66 +4,13 @@
 split apart they would pass that state back and forth.)
 
 It runs stages for the shared core (runtime/core.py: cache slots, cache writes, sampler choice,
-row padding), over the engines it is handed: an EngineSet of bitdance_rt.engines.build.build_engines
-(built into the engine cache when missing or stale, BEFORE the backend exists: the backend takes
-artifacts, not build options; TrtBackend.from_export does both for the call sites that want one
-line). It runs on the device it was given: deserialisation and contexts run inside that device's
-context, so one backend per GPU works (the build runs on it too: from_export and
-backends._trt_backend make it current first).
-
-Engines: one per stage, deserialised at load, except head_step when the fused head sampler serves
-the generation (sampler "auto"/"fused" with a head_sampler stage): it is built with the others (its
-file is in the EngineSet) but deserialised only when a step count without a fused graph (or sampler
-"step") asks for it, as OrtBackend does; otherwise the head net's weights would be held twice. The
-backbone is ONE engine with one optimisation profile per phase (stages.backbone_phases: 0 = prefill,
-1 = step), so its weights are held once; every context of it selects its phase's profile
-(IExecutionContext.set_optimization_profile_async(index, stream)) before its input shapes are set,
-since they are checked against the selected profile, and `_run`'s `phase` picks the context.
-
-Memory and execution (one CUDA stream, torch CUDA tensors as the device buffers):
-- one execution context per (stage, phase, rows) shape, created with
-  ExecutionContextAllocationStrategy.USER_MANAGED, all sharing ONE scratch buffer sized to the
-  largest loaded engine's device_memory_size_v2 (its largest profile; a lazily loaded engine that
-  needs more gets its own): stages run one after another on the stream, so their
-  activations never live at the same time (TensorRT Python API, ICudaEngine.create_execution_context /
-  IExecutionContext.set_device_memory; TensorRT 11 also offers IRuntimeConfig for the strategy);
-- every input and output is a fixed torch CUDA tensor bound once with set_tensor_address; a call
-  copies its arguments into the input buffers (per-row positions, guidance and noise through
-  pinned host twins, asynchronously) and reads the outputs: no allocation per call;
-- the embeddings `x` stay on the device: an embedding stage returns its output buffer, and the
-  backbone context of that phase and row count binds that very buffer as its `x` input (no copy,
-  no host round trip; both addresses fixed, so captured graphs stay valid);
-- the KV cache [n_layer, 2, max rows, heads, L, hd] is allocated once for every slot (its address
-  never changes), bound to the per-layer `cache.{i}.key/value` inputs by address (read only, no
-  aliasing with any output; each view 256-byte aligned, checked); the core writes `kv_new` into
-  each row's slot and position after the engine;
-- the scheduler pads row counts to a few sizes (core.row_bucket), so few shapes are captured;
-- the graph-capture stages (stages.GRAPH_CAPTURE_STAGES: token_embed, the backbone's STEP phase,
-  head_step, the fused head sampler; never a prefill, which runs once per request) are run once
-  with execute_async_v3 (warm-up; TensorRT's developer guide asks for one enqueue before capture,
-  which does the deferred per-shape work, and the setup a profile switch may defer to the next
-  enqueue; a context selects its profile once and never switches), then captured with torch.cuda.CUDAGraph on the same
-  stream, one graph per (stage, phase, rows), and replayed on every later call. An engine whose
-  input is a shape tensor (host memory, read at enqueue time) is never captured.
-- every engine's I/O names and static dims, and the backbone's profiles (count and shapes per
-  phase), are checked against the stage contract at load.
-
-Checked against NVIDIA's sources (github.com/NVIDIA/TensorRT, tags v10.3.0 and v11.1):
-- contexts sharing a profile: "The newly created execution context will be assigned optimization
-  profile 0" (ICudaEngine::createExecutionContext, NvInferRuntime.h, 10.3 and 11.1). The developer
-  guide says the 8.x one-context-per-profile rule was dropped in 9.0, but the 10.3 and 11.1 headers
-  still ask for a separate profile per context used CONCURRENTLY. Our contexts of one profile (one
-  per row count) are safe only because they never run concurrently: every call is enqueued on the
-  one stream of this backend. Keep it so (a second stream would need one profile per concurrent
-  context at build time). Device memory is "in use from the invocation of enqueueV3() until
-  network execution is complete" (setDeviceMemoryV2), so the shared scratch relies on the same
-  one-stream order.
-- graph capture follows trtexec (samples/common/sampleInference.cpp, createEnqueueFunction): one
-  enqueue "to avoid capturing initialization calls", stream synchronize, capture in thread-local mode
-  (sampleDevice.h: cudaStreamCaptureModeThreadLocal); an enqueue that fails under capture means the
-  engine holds operations not permitted in a graph, and the stage then runs without one.
-- USER_MANAGED contexts: create_execution_context(strategy) exists in 10.3 and 11.1 (pyCore.cpp);
-  create_execution_context_without_device_memory and device_memory_size are gone in 11.x.
+row padding) over an EngineSet that engines.build.build_engines built beforehand: the backend takes
+artifacts, not build options, and never builds (TrtBackend.from_export does both in one call).
+Every call is enqueued on the backend's ONE CUDA stream, which is what lets the contexts of one
+profile and one shared scratch buffer coexist: TensorRT asks for neither to be used concurrently.
+Keep it so (a second stream would need one profile per concurrent context at build time). The
+design, and the NVIDIA sources each call was checked against: docs/tensorrt.md ("The runtime",
+"API choices"); the details are at the code they explain.
 """
 
 from __future__ import annotations
@@ -136,7 +83,8 @@ def _device_memory_size(engine) -> int:
 
 def _on_host(trt, engine, name: str) -> bool:
     """Whether TensorRT wants this I/O tensor in host memory (shape-tensor inputs do):
-    ICudaEngine.get_tensor_location, "established at build time" (NvInferRuntime.h)."""
+    ICudaEngine.get_tensor_location, "established at build time" (NvInferRuntime.h). A call with
+    such an input (read on the host at enqueue time) is never captured into a CUDA graph."""
     return engine.get_tensor_location(name) == trt.TensorLocation.HOST
 
 
@@ -149,7 +97,12 @@ def _set_device_memory(context, ptr: int, size: int) -> None:
 
 def _select_profile(context, index: int, stream_handle: int, stage: str) -> None:
     """IExecutionContext.set_optimization_profile_async(profile_index, stream_handle): returns False
-    in 10.x / 11.x when TensorRT refuses, older bindings raise RuntimeError instead."""
+    in 10.x / 11.x when TensorRT refuses, older bindings raise RuntimeError instead.
+
+    The backbone is ONE engine with one optimisation profile per phase (stages.backbone_phases:
+    0 = prefill, 1 = step), so its weights are held once; each of its contexts selects its phase's
+    profile here, once, before its input shapes are set (they are checked against the selected
+    profile), and `_run`'s `phase` picks the context."""
     try:
         ok = context.set_optimization_profile_async(index, stream_handle)
     except RuntimeError as exc:
@@ -163,13 +116,21 @@ def _select_profile(context, index: int, stream_handle: int, stage: str) -> None
 
 
 def _graph_candidate(stage: str, phase: str | None) -> bool:
-    """Replayed as a CUDA graph: a graph-capture stage, and of a stage with phases only the step phase
+    """Replayed as a CUDA graph: a graph-capture stage (stages.GRAPH_CAPTURE_STAGES: token_embed, the
+    backbone, head_step, the fused head sampler), and of a stage with phases only the step phase
     (the prefill runs once per request: a graph per row count would only cost memory)."""
     return stage in st.GRAPH_CAPTURE_STAGES and phase in (None, HOT_PHASE)
 
 
 class _Call:
-    """One stage at one shape (and phase): its context, static buffers, and (after capture) its CUDA graph."""
+    """One stage at one shape (and phase): its context, static buffers, and (after capture) its CUDA graph.
+
+    One per (stage, phase, rows); the scheduler pads row counts to a few sizes (core.row_bucket), so
+    few are made and captured. The context is created with ExecutionContextAllocationStrategy.USER_MANAGED
+    and given the backend's shared scratch (`_scratch_for`). Every input and output is a fixed torch
+    CUDA tensor bound once with set_tensor_address; a call copies its arguments into the input
+    buffers (per-row positions, guidance and noise through pinned host twins, asynchronously) and
+    reads the outputs: no allocation per call."""
 
     def __init__(
         self,
@@ -181,7 +142,10 @@ class _Call:
         shared: dict[str, torch.Tensor] | None = None,
     ):
         """`bound`: inputs given by address that must fit (the cache views); `shared`: inputs given by
-        address when dtype and shape fit (another call's output buffer, e.g. the embeddings `x`)."""
+        address when dtype and shape fit (another call's output buffer, e.g. the embeddings `x`: an
+        embedding stage returns its output buffer, and the backbone context of that phase and row
+        count binds that very buffer as its `x` input; no copy, no host round trip, and both
+        addresses stay fixed, so captured graphs stay valid)."""
         trt, engine = backend.trt, backend._engine(stage)
         spec = backend.specs[stage]
         self.stage, self.phase, self.backend = stage, phase, backend
@@ -270,9 +234,12 @@ class _Call:
             self.after()
 
     def run(self) -> None:
-        """Run with the inputs already in the buffers. The first call runs eagerly (it is also the
-        warm-up enqueue TensorRT wants before a capture); right after it, graph candidates are
-        captured once, and every later call replays the graph."""
+        """Run with the inputs already in the buffers. The first call runs eagerly with
+        execute_async_v3: it is also the warm-up enqueue TensorRT's developer guide asks for before a
+        capture, which does the deferred per-shape work and the setup a profile switch may defer to
+        the next enqueue (a context selects its profile once and never switches). Right after it,
+        graph candidates are captured once (torch.cuda.CUDAGraph on the same stream, one graph per
+        (stage, phase, rows)), and every later call replays the graph."""
         b = self.backend
         with torch.cuda.stream(b.stream):
             if self.graph is not None:
@@ -284,6 +251,11 @@ class _Call:
         self.calls += 1
 
     def _capture(self) -> None:
+        """Capture as trtexec does (samples/common/sampleInference.cpp, createEnqueueFunction): one
+        enqueue "to avoid capturing initialization calls" (the eager run before), stream synchronize,
+        capture in thread-local mode (sampleDevice.h: cudaStreamCaptureModeThreadLocal). An enqueue
+        that fails under capture means the engine holds operations not permitted in a graph: the
+        stage then runs without one."""
         b = self.backend
         b.stream.synchronize()  # the warm-up enqueue has finished (trtexec does the same)
         graph = torch.cuda.CUDAGraph()
@@ -309,7 +281,9 @@ class _Call:
 
 def lazy_stages(sampler: str, specs) -> set[str]:
     """Stages deserialised on first use: head_step while the fused head sampler serves (as in OrtBackend);
-    it is needed only for a step count the fused graph was not exported for, or with sampler "step"."""
+    it is needed only for a step count the fused graph was not exported for, or with sampler "step".
+    It is built with the others (its file is in the EngineSet); loading it eagerly would hold the
+    head net's weights twice."""
     return {st.HEAD_STEP} if sampler != "step" and st.HEAD_SAMPLER in specs else set()
 
 
@@ -319,6 +293,10 @@ DEVICE_OUTPUTS = ("kv_new", "x")
 
 
 class TrtBackend(StageBackend):
+    """Stages on TensorRT engines, on the device it was given: deserialisation and contexts run inside
+    that device's context, so one backend per GPU works (the build runs on it too: from_export and
+    backends._trt_backend make it current first)."""
+
     name = "tensorrt"
 
     def __init__(
@@ -398,7 +376,12 @@ class TrtBackend(StageBackend):
 
     # ---- engines -------------------------------------------------------------------------
     def _load_engines(self, lazy) -> None:
-        """Deserialise every engine but the `lazy` stages'; size the shared scratch to the loaded ones."""
+        """Deserialise every engine but the `lazy` stages'; size the shared scratch to the loaded ones.
+
+        Every context shares ONE scratch buffer, sized to the largest loaded engine's
+        device_memory_size_v2 (its largest profile): stages run one after another on the stream, so
+        their activations never live at the same time (ICudaEngine.create_execution_context /
+        IExecutionContext.set_device_memory; TensorRT 11 also offers IRuntimeConfig for the strategy)."""
         self.engines = {}
         for stage in self.engine_paths:
             if stage not in lazy:
@@ -408,7 +391,8 @@ class TrtBackend(StageBackend):
         self._own_scratch: dict[str, torch.Tensor] = {}  # lazily loaded engines that need more than `scratch`
 
     def _load(self, stage: str):
-        """Deserialise the engine of `stage` (on this backend's device) and check it against the contract."""
+        """Deserialise the engine of `stage` (on this backend's device) and check it against the contract:
+        its I/O names and static dims, and for a stage with phases its profiles (count and shapes)."""
         path = self.engine_paths[stage]
         blob = self.engine_set.serialized(stage)
         with torch.cuda.device(self.device):
@@ -442,8 +426,11 @@ class TrtBackend(StageBackend):
 
     # ---- plumbing ------------------------------------------------------------------------
     def _alloc_cache(self, rows: int) -> torch.Tensor:
-        """The whole cache at once (all max_rows slots): its address never changes, so the engines'
-        bound cache inputs and every captured CUDA graph stay valid."""
+        """The whole cache at once (all max_rows slots, [n_layer, 2, max rows, heads, L, hd]): its address
+        never changes, so the engines' bound cache inputs and every captured CUDA graph stay valid. It is
+        bound to the per-layer `cache.{i}.key/value` inputs by address (read only, no aliasing with any
+        output; each view 256-byte aligned, checked); the core writes `kv_new` into each row's slot and
+        position after the engine."""
         kv = torch.zeros(st.kv_shape(self.config, self.max_rows), dtype=torch.float32, device=self.device)
         check_alignment(kv, self.config)
         return kv

@@ -2,17 +2,11 @@
 
 The main model (vision head + projector, FP8), the text encoder (Qwen3, FP8) and the VAE (FP16), e.g.
 BitDance_14B_MainModel_FP8.safetensors, BitDance_TextEncoder_FP8.safetensors, BitDance_VAE_FP16.safetensors.
-Point --checkpoint at a directory holding the three, or at the main-model file: the other two are looked
-for beside it, then where ComfyUI keeps them (../text_encoders, ../clip, ../checkpoints; ../vae). Files
-are told apart by their keys, as the node does: main model = vision head (net.*, or under
-diffusion_head. / vision_head. / model.diffusion_head. / main_model.diffusion_head.) + projector (fc1.* /
-fc2.*, or under projector. / model.projector. / main_model.projector.); text encoder = Qwen3ForCausalLM
-keys (optionally under text_encoder. / model.text_encoder.; lm_head is skipped); VAE = encoder.* +
-decoder.* (optionally under autoencoder. / vae. / model.autoencoder.). FP8 tensors (float8_e4m3fn / e5m2)
-are dequantised as q * scale with the scale the node looks for (<key>.scale, <name>.weight_scale,
-.scale_weight, .weight_scales, <key>_scale; one per tensor or per output channel); FP8 tensors without
-one are cast as stored, with one warning line. Activation scales (.input_scale), .comfy_quant and
-scaled_fp8 entries are ignored. Configs: ComfyUILayout's docstring.
+Point --checkpoint at a directory holding the three (`comfy_in_dir`), or at the main-model file
+(`comfy_from_file`: the other two are looked for beside it, then where ComfyUI keeps them). Files
+are told apart by their keys, as the node does (`comfy_role`), and FP8 tensors are dequantised with
+the scales the node looks for (the comment at COMFY_SCALE_SUFFIXES). Configs: ComfyUILayout's
+docstring.
 """
 
 from __future__ import annotations
@@ -30,6 +24,11 @@ COMFY_HEAD_PREFIXES = ("diffusion_head.", "model.diffusion_head.", "main_model.d
 COMFY_PROJECTOR_PREFIXES = ("projector.", "model.projector.", "main_model.projector.")
 COMFY_TEXT_PREFIXES = ("text_encoder.", "model.text_encoder.")
 COMFY_VAE_PREFIXES = ("autoencoder.", "vae.", "model.autoencoder.")
+# FP8 tensors (float8_e4m3fn / e5m2) are dequantised as q * scale with the scale the node looks for
+# (<key>.scale, <name>.weight_scale, .scale_weight, .weight_scales, <key>_scale; one per tensor or per
+# output channel: safetensors_header.scale_candidates, loading.py); FP8 tensors without one are cast as
+# stored, with one warning line. Activation scales (.input_scale), .comfy_quant and scaled_fp8 entries
+# are ignored. None of these keys is a weight of the model (`_comfy_skipped`).
 COMFY_SCALE_SUFFIXES = (".weight.scale", ".weight_scale", ".scale_weight", ".weight_scales", ".input_scale")
 COMFY_AUX = (".comfy_quant",)
 COMFY_ROLES = {
@@ -102,7 +101,13 @@ def _mapped_keys(role: str, header: dict) -> dict[str, dict[str, tuple[int, ...]
 
 
 def comfy_role(header: dict) -> str | None:
-    """Which of the node's three files a header is: 'main', 'text_encoder', 'vae', or None."""
+    """Which of the node's three files a header is: 'main', 'text_encoder', 'vae', or None.
+
+    Told apart by their keys, as the node does: main model = vision head (net.*, or under
+    diffusion_head. / vision_head. / model.diffusion_head. / main_model.diffusion_head.) + projector
+    (fc1.* / fc2.*, or under projector. / model.projector. / main_model.projector.); text encoder =
+    Qwen3ForCausalLM keys (optionally under text_encoder. / model.text_encoder.; lm_head is skipped);
+    VAE = encoder.* + decoder.* (optionally under autoencoder. / vae. / model.autoencoder.)."""
     main = _mapped_keys("main", header)
     if "net.input_proj.weight" in main["head."] and "fc1.weight" in main["projector."]:
         return "main"
@@ -299,7 +304,9 @@ def comfy_in_dir(directory: Path) -> ComfyUILayout | None:
 
 def comfy_from_file(path: Path) -> ComfyUILayout | None:
     """The ComfyUI layout of the node's main-model file, its text encoder and VAE found beside it or
-    in ComfyUI's folders for them (None when `path` is no BitDance main-model file)."""
+    in ComfyUI's folders for them (COMFY_FOLDERS, beside the main model's folder: ../text_encoders,
+    ../clip, ../checkpoints, ../text_encoder; ../vae, ../checkpoints), None when `path` is no
+    BitDance main-model file."""
     if path.suffix != ".safetensors" or _role_of(path) != "main":
         return None
     files = {"main": path}

@@ -8,16 +8,10 @@ gives one decoupled Python-backend model:
                                       instance_group and the parameters the model loads from
     triton-repo/<name>/1/model.py     bitdance_rt/triton/model.py (a shell over bitdance_rt)
 
-The export is validated first (manifest, stages, file sizes): a bad one is an error naming the
-directory or file, and nothing is written. The repository is written into a temporary directory
-beside `out` and renamed into place, so `out` is either complete or absent.
-
-instance_group: with GPUs [i, j, ...], one KIND_GPU group per GPU with `gpus: [i]` and `count`
-instances each; with device cuda and no list, one KIND_GPU group (Triton puts `count` instances
-on every GPU it sees); on the CPU one KIND_CPU group of `count`. Each instance is its own Python
-stub process holding its own Pipeline (weights, KV cache, scheduler), and one Pipeline already
-batches every request it holds at each AR step, so count 1 per GPU is the usual choice; more
-instances only help while one scheduler cannot fill the device (and cost its memory again).
+One model that runs the whole Pipeline in-process, because its scheduler already batches every
+request it holds at each AR step. The export is validated first (`check_export`), and the
+repository is written atomically (`_write_atomically`). How instance_group places instances, and
+why `count` 1 per GPU: docs/triton.md "triton-repo options".
 """
 
 from __future__ import annotations
@@ -85,7 +79,10 @@ def _tensor(spec, is_input: bool) -> str:
 
 
 def instance_groups(device: str, gpus, count: int) -> list[dict]:
-    """The instance_group entries: [{"kind", "count", "gpus"?}] (see the module docstring)."""
+    """The instance_group entries: [{"kind", "count", "gpus"?}]: with GPUs [i, j, ...], one KIND_GPU
+    group per GPU with `gpus: [i]` and `count` instances each; with device cuda and no list, one
+    KIND_GPU group (Triton puts `count` instances on every GPU it sees); on the CPU one KIND_CPU group
+    of `count` (docs/triton.md "triton-repo options": why count 1 per GPU is the usual choice)."""
     if gpus:
         return [{"kind": "KIND_GPU", "count": count, "gpus": [int(g)]} for g in gpus]
     if device.startswith("cuda"):
@@ -237,6 +234,8 @@ def write_repository(
 
 
 def _write_atomically(out: Path, name: str, config: str, force: bool) -> Path:
+    """Write the repository into a temporary directory beside `out` and rename it into place, so
+    `out` is either complete or absent (with `force`, the old one comes back if the rename fails)."""
     out = out.absolute()
     if out.exists() and not force:
         raise BitDanceError(f"{out} exists: choose another --out, or replace it (force / --force)")
