@@ -7,7 +7,10 @@
     for event in pipe.stream(labels=1, preview_every=4): ...
 
 The Pipeline holds what is shared (config, backend: weights, sessions or engines, the KV cache as
-slots); each call is a Request with its own rows, AR step, guidance and noise source; one
+slots); each call is checked once as a GenerationParams (runtime/params.py: `pipe.params(...)`, or
+what submit / generate / stream make of their keywords; `params=` hands one in, as the HTTP
+server, the Triton model and the CLI do) and runs as a Request with its own rows, AR step,
+guidance and noise source; one
 continuous-batching Scheduler (runtime/scheduler.py), on one background thread, runs every
 request's AR step together. So `generate` is `submit(...).result()`, and a request's images are
 the same whether it runs alone or with others.
@@ -26,11 +29,11 @@ import torch
 
 from .backends import BackendOptions, ModelSource, make_backend, resolve_model
 from .errors import BitDanceError
-from .runtime.loop import make_request
-from .runtime.params import ParamError, check_request_values, check_steps
+from .runtime.loop import request_for
+from .runtime.params import GenerationParams, ModelLimits, ParamError, check_previews, check_steps
 from .runtime.request import Event, GenerationResult
 from .runtime.scheduler import Scheduler
-from .sampling import NoiseSource, SeededNoise
+from .sampling import NoiseSource
 
 
 @dataclass
@@ -70,6 +73,24 @@ class Progress:
     preview: object = None
 
 
+# the request values of submit / generate / stream when left out (GenerationParams.create's defaults)
+_DEFAULTS = dict(labels=None, prompt=None, num_images=1, steps=None, cfg=None, cfg_schedule=None, seed=0, noise=None)
+
+
+def _values(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise) -> dict:
+    """The request values of a submit / generate / stream call, by name."""
+    return dict(
+        labels=labels,
+        prompt=prompt,
+        num_images=num_images,
+        steps=steps,
+        cfg=cfg,
+        cfg_schedule=cfg_schedule,
+        seed=seed,
+        noise=noise,
+    )
+
+
 @dataclass
 class _Call:
     request: object
@@ -99,6 +120,7 @@ class Pipeline:
         self.scheduler = Scheduler(backend, max_rows=rows, decode_thread=decode_thread)
         self.max_batch = self.scheduler.max_rows // 2
         self._prompts = None
+        self._kind = ModelLimits.of(self.config, model.t2i).kind  # what the GenerationParams it takes were checked for
         self._lock = threading.Lock()
         # close() runs at interpreter exit (or when the Pipeline is collected) if the caller did not
         # call it: the scheduler thread stops and the runtimes are released in order (a script
@@ -178,9 +200,42 @@ class Pipeline:
 
         return schedule_for(cfg_schedule, self.config)
 
+    @property
+    def limits(self) -> ModelLimits:
+        """What this Pipeline's requests are checked against (GenerationParams.create): its model's
+        kind and classes and, for text-to-image, its prompt encoder (the graphs' token limit)."""
+        t2i = bool(self.model.t2i)
+        return ModelLimits.of(self.config, t2i, self._prompt_encoder if t2i else None)
+
+    def params(
+        self,
+        labels=None,
+        prompt=None,
+        num_images: int = 1,
+        steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        seed: int = 0,
+        noise: NoiseSource | None = None,
+    ) -> GenerationParams:
+        """One request's values checked against this model, once: the GenerationParams that
+        submit / generate / stream take as `params=` (and make themselves from these keywords).
+        A ParamError names the first bad value."""
+        return GenerationParams.create(
+            self.limits,
+            labels=labels,
+            prompt=prompt,
+            num_images=num_images,
+            steps=steps,
+            cfg=cfg,
+            cfg_schedule=cfg_schedule,
+            seed=seed,
+            noise=noise,
+        )
+
     def check_prompt(self, prompt: str) -> None:
-        """Raise BitDanceError when a text-to-image prompt is empty or longer than the graphs hold."""
-        self._prompt_encoder().encode([prompt])
+        """Raise a ParamError (a BitDanceError) when a text-to-image prompt is empty or longer than the graphs hold."""
+        self.params(prompt=prompt)
 
     def _prompt_encoder(self):
         if self._prompts is None:
@@ -190,66 +245,56 @@ class Pipeline:
         return self._prompts
 
     # ---- requests -------------------------------------------------------------------------------
-    def _call(
-        self, labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every=0, on_event=None
-    ) -> _Call:
-        values = check_request_values(
-            self.config,
-            self.model.t2i,
-            labels=labels,
-            prompt=prompt,
-            num_images=num_images,
-            steps=steps,
-            cfg=cfg,
-            cfg_schedule=cfg_schedule,
-            seed=seed,
-            default_steps=self.steps,
-        )
-        n = values.num_images
-        if values.prompts is not None:
-            per_image = [p for p in values.prompts for _ in range(n)]
-            condition, labels_out, prompts_out = self._prompt_encoder().encode(per_image), None, per_image
+    def _call(self, values: dict, params, preview_every=0, on_event=None) -> _Call:
+        """The Request of one call: `params` (checked at another front door) or the call's `values`
+        (keywords of submit / generate / stream), checked here, once. Nothing is re-checked behind."""
+        if params is None:
+            params = self.params(**values)
         else:
-            per_image = [l for l in values.labels for _ in range(n)]
-            condition, labels_out, prompts_out = per_image, per_image, None
-        if noise is None:
-            noise = SeededNoise(values.seed)
-        elif not isinstance(noise, NoiseSource):
-            raise ParamError("noise", "noise must be a bitdance_rt.sampling NoiseSource (SeededNoise, ReplayNoise)")
-        request = make_request(
+            given = [k for k, v in values.items() if not (v is _DEFAULTS[k] or (type(v) is int and v == _DEFAULTS[k]))]
+            if given:
+                raise ParamError(
+                    "params", f"give params=... or the request's values, not both (also given: {', '.join(given)})"
+                )
+            self._trusted(params)
+        if params.condition is not None:  # (made by the batch entry points: already in the loop's form)
+            condition = params.condition
+            labels_out = list(condition.labels) if hasattr(condition, "labels") else None
+            prompts_out = list(getattr(condition, "prompts", ())) or None
+        elif params.prompts is not None:
+            prompts_out, labels_out = params.per_image, None
+            condition = self._prompt_encoder().encode(prompts_out)
+        else:
+            condition = labels_out = params.per_image
+            prompts_out = None
+        request = request_for(
+            params,
             self.config,
             condition,
-            values.steps,
-            values.cfg,
-            values.cfg_schedule,
-            noise,
+            self.steps,
             self.max_batch,
-            preview_steps=self._preview_steps(preview_every),
+            preview_steps=check_previews(preview_every, self.config.ar_steps),
             on_event=on_event,
         )
         return _Call(request, labels_out, prompts_out)
 
-    def _preview_steps(self, every) -> frozenset:
-        """`preview_every`: k (a preview every k AR steps) or the AR steps themselves (1..last-1)."""
-        last = self.config.ar_steps
-        if isinstance(every, int) and not isinstance(every, bool):
-            if every < 0:
-                raise ParamError(
-                    "preview_every", f"preview_every must be an integer >= 0 or a list of AR steps, got {every!r}"
-                )
-            return frozenset(range(every, last, every)) if every else frozenset()
-        try:
-            steps = frozenset(int(s) for s in every)
-        except (TypeError, ValueError):
+    def _trusted(self, params) -> None:
+        """The one check behind the doors, cheap: `params` is a GenerationParams that create() checked
+        for a model of this kind and classes. Without it, labels checked against another model's
+        classes (or a hand-built, unchecked object) would reach the embedding table unnoticed: the
+        null class or a row past it, a wrong image and no error."""
+        if not isinstance(params, GenerationParams):
             raise ParamError(
-                "preview_every", f"preview_every must be an integer >= 0 or a list of AR steps, got {every!r}"
-            ) from None
-        bad = sorted(s for s in steps if not 1 <= s < last)
-        if bad:
-            raise ParamError(
-                "preview_every", f"preview step {bad[0]} is out of range: previews come after AR steps 1..{last - 1}"
+                "params",
+                f"params must be a GenerationParams (pipe.params(...) or GenerationParams.create), "
+                f"got {type(params).__name__}",
             )
-        return steps
+        if params.checked_for != self._kind:
+            raise ParamError(
+                "params",
+                f"these GenerationParams were not checked for {self.config.name}: make them with "
+                "pipe.params(...) or GenerationParams.create(pipe.limits, ...)",
+            )
 
     def _output(self, call: _Call, result: GenerationResult) -> Output:
         return Output(
@@ -274,12 +319,16 @@ class Pipeline:
         noise: NoiseSource | None = None,
         preview_every: int = 0,
         on_progress=None,
+        *,
+        params: GenerationParams | None = None,
     ) -> Future:
         """Queue a request; a Future of its Output. Safe from any number of threads.
 
-        `on_progress(Progress)` is called after each AR step but the last, on the scheduler's thread
-        (keep it quick: hand the work to another thread), with a `preview` every `preview_every` steps
-        (or at the AR steps listed)."""
+        The request: its values (defaults: one image, the Pipeline's sampler steps, the model's
+        guidance and schedule, seed 0), or `params`, a GenerationParams already checked
+        (`pipe.params(...)`), not both. `on_progress(Progress)` is called after each AR step but the
+        last, on the scheduler's thread (keep it quick: hand the work to another thread), with a
+        `preview` every `preview_every` steps (or at the AR steps listed)."""
         on_event = None
         if on_progress is not None:
 
@@ -287,8 +336,8 @@ class Pipeline:
                 if event.kind == "step":
                     on_progress(Progress(event.step, event.total, None if event.image is None else _pil(event.image)))
 
-        call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every, on_event)
-        return self._submit(call)
+        values = _values(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
+        return self._submit(self._call(values, params, preview_every, on_event))
 
     def _submit(self, call: _Call) -> Future:
         outer: Future = Future()
@@ -320,13 +369,16 @@ class Pipeline:
         seed: int = 0,
         noise: NoiseSource | None = None,
         progress: bool = False,
+        *,
+        params: GenerationParams | None = None,
     ) -> Output:
         """Generate and wait: `submit(...).result()` (with a progress bar when `progress`)."""
+        values = _values(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
+        call = self._call(values, params)
         if not progress:
-            return self.submit(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise).result()
+            return self._submit(call).result()
         from tqdm.auto import tqdm
 
-        call = self._call(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
         bar = tqdm(total=self.config.ar_steps * len(call.request.parts), desc="AR steps", leave=False)
         call.request.on_event = lambda e: bar.update(1) if e.kind in ("step", "done") else None
         try:
@@ -345,14 +397,15 @@ class Pipeline:
         seed: int = 0,
         noise: NoiseSource | None = None,
         preview_every: int = 0,
+        *,
+        params: GenerationParams | None = None,
     ):
         """Iterate a request's progress: a Progress after each AR step (with a `preview` PIL image of
         the partial latent decoded every `preview_every` steps; each costs one decoder call), then
         its Output. Closing the iterator early cancels the request at the next AR step."""
         events: queue.Queue = queue.Queue()
-        call = self._call(
-            labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise, preview_every, on_event=events.put
-        )
+        values = _values(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
+        call = self._call(values, params, preview_every, on_event=events.put)
         future = self._submit(call)
         try:
             while True:

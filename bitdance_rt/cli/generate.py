@@ -11,7 +11,7 @@ from .common import _check_output, _is_t2i, _model, _pipeline, _t2i_checkpoint, 
 
 def cmd_generate(args) -> int:
     from ..images import save_images, save_png, to_uint8
-    from ..runtime.loop import check_request
+    from ..runtime.params import GenerationParams, ModelLimits
     from ..runtime.timing import process_seconds
     from ..sampling import ReplayNoise
 
@@ -36,26 +36,25 @@ def cmd_generate(args) -> int:
     cfg = source.config
     steps = cfg.default_steps if args.steps is None else args.steps
     scale = cfg.default_cfg if args.cfg is None else args.cfg
-    labels = None
-    if not t2i:
-        labels = args.labels if args.labels is not None else default_labels(cfg)
-        check_request(cfg.num_classes, labels, steps)  # before loading possibly large weights
+    labels = None if t2i else (args.labels if args.labels is not None else default_labels(cfg))
+    # the request, checked once, before loading possibly large weights (a prompt's length in tokens
+    # is checked where the Pipeline encodes it: the tokenizer comes with the model)
+    params = GenerationParams.create(
+        ModelLimits.of(cfg, source.t2i),
+        labels=labels,
+        prompt=args.prompt,
+        steps=steps,
+        cfg=scale,
+        cfg_schedule=args.cfg_schedule,
+        seed=args.seed,
+        noise=ReplayNoise(args.noise_from) if args.noise_from else None,
+    )
     from ..plan.preflight import for_generate
 
     for_generate(args, source, steps)  # one line if loading or exporting needs more memory than there is
-    noise = ReplayNoise(args.noise_from) if args.noise_from else None
     with _pipeline(args, source, steps) as pipe:
         submitted = process_seconds()
-        out = pipe.generate(
-            labels=labels,
-            prompt=args.prompt,
-            steps=steps,
-            cfg=scale,
-            cfg_schedule=args.cfg_schedule,
-            seed=args.seed,
-            noise=noise,
-            progress=not args.quiet,
-        )
+        out = pipe.generate(params=params, progress=not args.quiet)
     first_step = None if submitted is None or out.first_step_seconds is None else submitted + out.first_step_seconds
     schedule = pipe.scheduler_schedule(args.cfg_schedule)
     if t2i:

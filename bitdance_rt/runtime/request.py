@@ -6,6 +6,9 @@ unconditional twins) or B rows without. Per AR step it draws its noise from its 
 official order (runtime/loop.py), so one request run alone is exactly the official sampler.
 Requests larger than the backend's batch run as consecutive parts that share the one noise
 source, as the official code would draw them batch after batch.
+
+What a caller asked for is a `GenerationParams` (runtime/params.py), checked once at the front door;
+a Request is the scheduler's working copy of it (`params`: that very object) and is never re-checked.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..sampling import NoiseSource, batch_layout, cfg_at_step
-from .params import MAX_PARTIAL_IMAGES, MAX_STEPS  # noqa: F401  (the caps live in params.py)
+from .params import MAX_PARTIAL_IMAGES, MAX_STEPS, GenerationParams  # noqa: F401  (the caps live in params.py)
 
 
 def preview_steps(ar_steps: int, partial_images: int) -> list[int]:
@@ -56,6 +59,8 @@ class Event:
 
 @dataclass
 class Request:
+    """One request in the scheduler: values from a checked GenerationParams (trusted here), then state."""
+
     parts: list  # conditions (runtime/conditions.py) of at most max_batch images each, run in order
     steps: int
     cfg_scale: float
@@ -64,6 +69,7 @@ class Request:
     ar_steps: int
     preview_steps: frozenset = frozenset()  # AR steps whose "step" event carries the partial latent decoded
     on_event: Callable[[Event], None] | None = None
+    params: GenerationParams | None = None  # what the front door checked (None: made by make_request directly)
     future: Future = field(default_factory=Future)
     # ---- state (the scheduler's) ----
     part: int = 0

@@ -72,6 +72,12 @@ class Scheduler:
 
     # ---- submitting ---------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
+        """Queue a request. Its values were checked once at its front door (runtime/params.py:
+        GenerationParams) and are trusted here; only what this scheduler could never admit is
+        refused (cheap, and otherwise silent: an empty part, or a part larger than the cache,
+        would wait at the head of the queue forever and hold up every request behind it)."""
+        if not request.parts or not all(len(p) for p in request.parts):
+            raise BitDanceError("nothing to generate: give at least one label or prompt")
         too_big = [len(p) for p in request.parts if len(p) * (2 if request.guided_rows else 1) > self.max_rows]
         if too_big:
             raise BitDanceError(f"a part of {too_big[0]} images needs more rows than the {self.max_rows} cache slots")

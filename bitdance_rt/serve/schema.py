@@ -1,7 +1,8 @@
 """The request body of POST /v1/images/generations: OpenAI's Images API fields, then BitDance's.
 
-Pydantic checks types and ranges (each error names its field); what depends on the loaded model
-(sizes, labels, class names, the prompt's length) is checked in translate.py. Unknown fields are
+Pydantic checks the wire format: types and the documented ranges (each error names its field).
+What depends on the loaded model (sizes, class names) is read in translate.py, which builds the
+request's GenerationParams: its values (labels, the prompt's length) are checked there, once. Unknown fields are
 refused, so a typo ("seeds") is an error naming it, not a silent default. OpenAI fields that do
 not apply to BitDance are accepted where their value changes nothing and refused otherwise.
 Types are strict (as runtime/params.py's): "yes" is not true, "12" is not a list of labels, 3.7

@@ -1,5 +1,6 @@
 """What the Triton model (model.py) does, without Triton: its tensor contract, the parameters it
-loads from, the parsing of request inputs into Pipeline arguments, the choice of preview steps,
+loads from, the parsing of request inputs into the request's GenerationParams (runtime/params.py,
+checked once there), the choice of preview steps,
 and the streaming of one request's responses from the Pipeline's scheduler callbacks.
 
 model.py adapts this to `triton_python_backend_utils` (numpy arrays in, `pb_utils.Tensor` /
@@ -36,7 +37,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import BitDanceError
-from ..runtime.params import MAX_PARTIAL_IMAGES, MAX_SEED, MAX_STEPS, ParamError, check_cfg
+from ..runtime.params import MAX_PARTIAL_IMAGES, GenerationParams, ModelLimits, ParamError
 from ..runtime.request import preview_steps
 from ..sampling import CFG_SCHEDULES
 
@@ -199,12 +200,15 @@ def load_pipeline(params: ServeParams, device: str | None = None):
 # ---- requests ----------------------------------------------------------------------------------
 @dataclass
 class ModelInfo:
-    """What request parsing needs to know of the loaded model."""
+    """What request parsing needs to know of the loaded model: `limits` (what GenerationParams are
+    checked against) and this model's own limit of images per request."""
 
     t2i: bool
     num_classes: int
     ar_steps: int
     max_images: int
+    name: str = "this model"
+    prompt_encoder: Callable | None = field(default=None, compare=False, repr=False)  # the Pipeline's (tokens)
 
     @classmethod
     def of(cls, pipe, max_images: int | None = None) -> "ModelInfo":
@@ -214,12 +218,19 @@ class ModelInfo:
             int(getattr(cfg, "num_classes", 0) or 0),
             int(cfg.ar_steps),
             int(max_images or pipe.max_batch),
+            str(cfg.name),
+            pipe.limits.prompt_encoder,
         )
+
+    @property
+    def limits(self) -> ModelLimits:
+        return ModelLimits(self.name, self.t2i, 0 if self.t2i else self.num_classes, self.prompt_encoder)
 
 
 @dataclass
 class GenerateArgs:
-    """One request's Pipeline arguments (`pipeline_kwargs`) and how many previews it wants."""
+    """One request's inputs, decoded (`pipeline_kwargs`), and how many previews it wants; `params`
+    gives them as the request's GenerationParams, checked once."""
 
     labels: list | None = None
     prompt: str | None = None
@@ -229,6 +240,7 @@ class GenerateArgs:
     cfg: float | None = None
     cfg_schedule: str | None = None
     partial_images: int = 0
+    _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def pipeline_kwargs(self) -> dict:
         return {
@@ -240,6 +252,15 @@ class GenerateArgs:
             "cfg_schedule": self.cfg_schedule,
             "seed": self.seed,
         }
+
+    def params(self, limits: ModelLimits) -> GenerationParams:
+        """The request's GenerationParams: made (and so checked) once, when parsed; made again only
+        if a value was changed since (a ParamError, the Pipeline's words, then names it)."""
+        values = self.pipeline_kwargs()
+        values["labels"] = None if self.labels is None else list(self.labels)  # (a copy: changes show)
+        if self._checked is None or self._checked[0] != values:
+            self._checked = (values, GenerationParams.create(limits, **values))
+        return self._checked[1]
 
     @property
     def images(self) -> int:
@@ -257,16 +278,21 @@ def _scalar(inputs: Mapping, name: str, kind: str):
     return array.reshape(-1)[0]
 
 
-def _integer(inputs, name: str, lo: int, hi: int | None, default):
+def _integer(inputs, name: str, default, lo: int | None = None, hi: int | None = None):
+    """An integer input (its range: GenerationParams.create's, or `lo`..`hi` for this model's own inputs)."""
     value = _scalar(inputs, name, "integer")
     if value is None:
         return default
     if not np.issubdtype(np.asarray(value).dtype, np.integer):
         raise RequestError(f"input '{name}': expected an integer, got {np.asarray(value).dtype} {value!r}")
     value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        raise RequestError(f"input '{name}': expected an integer in {lo}..{'' if hi is None else hi}, got {value}")
+    if lo is not None and (value < lo or (hi is not None and value > hi)):
+        raise RequestError(_out_of_range(name, lo, hi, value))
     return value
+
+
+def _out_of_range(name: str, lo: int, hi: int | None, value) -> str:
+    return f"input '{name}': expected an integer in {lo}..{'' if hi is None else hi}, got {value}"
 
 
 def _text(inputs, name: str):
@@ -283,15 +309,34 @@ def _text(inputs, name: str):
     raise RequestError(f"input '{name}': expected a string (BYTES), got {np.asarray(value).dtype}")
 
 
+_INPUTS = {"cfg": "guidance_scale"}  # Pipeline argument (ParamError.param) -> this model's input
+
+
+def _input_error(exc: ParamError, info: ModelInfo) -> RequestError:
+    """A refusal of GenerationParams.create, named by its input and worded as this model's contract."""
+    name = _INPUTS.get(exc.param, exc.param)
+    if exc.bounds is not None:
+        return RequestError(_out_of_range(name, *exc.bounds, exc.value))
+    if exc.param == "labels" and exc.value:
+        return RequestError(
+            f"input 'labels': {exc.value} out of range: expected class indices 0..{info.num_classes - 1}"
+        )
+    if exc.param == "cfg_schedule":
+        return RequestError(f"input 'cfg_schedule': expected one of {', '.join(CFG_SCHEDULES)}, got {exc.value!r}")
+    return RequestError(f"input '{name}': {exc}")
+
+
 def parse_inputs(inputs: Mapping[str, object], info: ModelInfo) -> GenerateArgs:
-    """Request inputs (name -> numpy array, or None / absent) -> GenerateArgs, or a RequestError
-    naming the input and what was expected."""
+    """Request inputs (name -> numpy array, or None / absent) -> GenerateArgs, its GenerationParams
+    made (checked once, against `info.limits`), or a RequestError naming the input and what was
+    expected. Decoding (which inputs, shapes, dtypes, UTF-8) and this model's own limits (images
+    per request, partial images) are checked here; every value, by GenerationParams.create."""
     args = GenerateArgs()
     if info.t2i:
         if inputs.get("labels") is not None:
             raise RequestError("input 'labels': this model is text-to-image; give 'prompt' instead")
         args.prompt = _text(inputs, "prompt")
-        if args.prompt is None or not args.prompt.strip():
+        if args.prompt is None:
             raise RequestError("input 'prompt': required (one non-empty UTF-8 string) for this text-to-image model")
     else:
         if inputs.get("prompt") is not None:
@@ -306,34 +351,27 @@ def parse_inputs(inputs: Mapping[str, object], info: ModelInfo) -> GenerateArgs:
             raise RequestError(f"input 'labels': expected a non-empty 1-D INT32 tensor, got shape {list(labels.shape)}")
         if not np.issubdtype(labels.dtype, np.integer):
             raise RequestError(f"input 'labels': expected integers (INT32), got {labels.dtype}")
-        bad = [int(v) for v in labels if not 0 <= int(v) < info.num_classes]
-        if bad:
-            raise RequestError(f"input 'labels': {bad} out of range: expected class indices 0..{info.num_classes - 1}")
         args.labels = [int(v) for v in labels]
-    args.num_images = _integer(inputs, "num_images", 1, None, 1)
+    args.num_images = _integer(inputs, "num_images", 1)
+    args.seed = _integer(inputs, "seed", 0)
+    args.steps = _integer(inputs, "steps", None)
+    scale = _scalar(inputs, "guidance_scale", "number")
+    if scale is not None:
+        try:
+            args.cfg = float(scale)
+        except (TypeError, ValueError):
+            raise RequestError(f"input 'guidance_scale': expected a number (FP32), got {scale!r}") from None
+    args.cfg_schedule = _text(inputs, "cfg_schedule")
+    try:
+        args.params(info.limits)
+    except ParamError as exc:
+        raise _input_error(exc, info) from None
     if args.images > info.max_images:
         raise RequestError(
             f"input 'num_images': {args.images} images in one request (labels x num_images); "
             f"this model allows at most {info.max_images}"
         )
-    args.seed = _integer(inputs, "seed", 0, MAX_SEED, 0)
-    args.steps = _integer(inputs, "steps", 1, MAX_STEPS, None)
-    scale = _scalar(inputs, "guidance_scale", "number")
-    if scale is not None:
-        try:
-            scale = float(scale)
-        except (TypeError, ValueError):
-            raise RequestError(f"input 'guidance_scale': expected a number (FP32), got {scale!r}") from None
-        try:
-            args.cfg = check_cfg(scale)
-        except ParamError as exc:
-            raise RequestError(f"input 'guidance_scale': {exc}") from None
-    args.cfg_schedule = _text(inputs, "cfg_schedule")
-    if args.cfg_schedule is not None and args.cfg_schedule not in CFG_SCHEDULES:
-        raise RequestError(
-            f"input 'cfg_schedule': expected one of {', '.join(CFG_SCHEDULES)}, got {args.cfg_schedule!r}"
-        )
-    args.partial_images = _integer(inputs, "partial_images", 0, MAX_PARTIAL_IMAGES, 0)
+    args.partial_images = _integer(inputs, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
     return args
 
 
@@ -395,7 +433,8 @@ class Stream:
     def start(self) -> "Stream":
         """Submit to the Pipeline's scheduler; raises (before anything is sent) on a bad request."""
         steps = preview_steps(self.pipe.config.ar_steps, self.args.partial_images)
-        self.future = self.pipe.submit(**self.args.pipeline_kwargs(), preview_every=steps, on_progress=self._event)
+        params = self.args.params(self.pipe.limits)  # (made when parsed; again only if changed since)
+        self.future = self.pipe.submit(params=params, preview_every=steps, on_progress=self._event)
         self.future.add_done_callback(self._done)
         return self
 
