@@ -112,6 +112,18 @@ def test_streamed_fp32_equals_the_classic_export(ckpt, cfg, classic, tmp_path):
     assert not result.reused and result.manifest["key"]["weights"] == "streamed"
     assert "precision" not in result.manifest  # an FP32 export like any other
     _assert_same(classic, tmp_path / "s32", st.GENERATION_STAGES, cfg, ckpt)
+    # the layers have the classic export's names (INT8 policies and --keep-float name them)
+    import onnx
+
+    from bitdance_rt.export import read_manifest
+
+    for stage in st.GENERATION_STAGES:
+        names = []
+        for directory in (classic, tmp_path / "s32"):
+            graph = onnx.load(str(directory / read_manifest(directory)["stage_files"][stage][0]),
+                              load_external_data=False).graph
+            names.append(sorted(n.name for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Gather")))
+        assert names[0] == names[1] and names[0], stage
     again = _streamed(ckpt, cfg, tmp_path / "s32", "fp32", st.GENERATION_STAGES)
     assert again.reused
 

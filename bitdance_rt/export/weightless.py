@@ -2,14 +2,12 @@
 
 A model built on the meta device gets, for each parameter, a stride-0 view of one float (no memory
 for any size), so tracing a 14B stage costs its activations, not 60 GB of float32. The stage is
-traced with its weights as named graph inputs (functional_call; no constant folding: it would
-compute on the fake values). The graph is then made an ordinary one here: each weight input
-becomes an initializer placeholder naming its source tensor, a Transpose of a weight (what
-constant folding would have done: every Linear's W^T) becomes a placeholder of the transposed
-tensor, and `weight_chunks` fills the placeholders one tensor at a time from a `WeightSource`
-(memory-mapped safetensors shards), converting each chunk to the precision the graph declares.
-Peak host memory is about one matrix, whatever the model's size. The graph's other constant
-subgraphs (rope tables' gathers) are left to the runtime's optimiser, which folds them at load.
+traced with its weights as named graph inputs (swapped in for the call), so the exporter's constant
+folding folds what a classic export folds but never a weight. The graph is then made an ordinary
+one: each weight input becomes an initializer placeholder naming its source tensor, a Transpose of
+a weight (every Linear's W^T, which a classic export folds) becomes a placeholder of the transposed
+tensor, and `weight_chunks` fills the placeholders one tensor at a time from a `WeightSource`,
+converting each chunk to the precision the graph declares. Peak host memory is about one matrix.
 """
 
 from __future__ import annotations
@@ -62,15 +60,17 @@ def weightless(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class _Functional(torch.nn.Module):
-    """The stage with its weights as trailing forward arguments, swapped into the module for the call
-    (as torch.func.functional_call does, which cannot be traced): the exporter then holds no parameter
-    at all. (Given as parameters, even with export_params=False, its shape inference serialises
-    them: 9 GB to trace the 14B's 3.1 GB text embedding.) The stage module is kept out of this
-    module's children, so that none of its stride-0 stand-ins is a parameter here either."""
+    """A stage wrapper's forward with the weights as trailing arguments, swapped into the model for
+    the call (as torch.func.functional_call does, which cannot be traced), so that the exporter only
+    meets the weights as graph inputs. (Met as parameters its shape inference serialises them, even
+    with export_params=False: 9 GB to trace the 14B's 3.1 GB text embedding.) The model is this
+    module's child `model`, as in the stage wrappers, so nodes get the same scope names as in a
+    classic export (which INT8 policies and --keep-float name)."""
 
-    def __init__(self, module: torch.nn.Module, names: list[str], inputs: int):
+    def __init__(self, stage: torch.nn.Module, names: list[str], inputs: int):
         super().__init__()
-        object.__setattr__(self, "stage", module)
+        self.model = stage.model
+        self._forward = type(stage).forward
         self.names, self.inputs = names, inputs
 
     def forward(self, *args):
@@ -78,11 +78,11 @@ class _Functional(torch.nn.Module):
         try:
             for name, value in zip(self.names, args[self.inputs :]):
                 owner, _, leaf = name.rpartition(".")
-                sub = self.stage.get_submodule(owner)
+                sub = self.get_submodule(owner)
                 table = sub._parameters if leaf in sub._parameters else sub._buffers
                 saved.append((table, leaf, table[leaf]))
                 table[leaf] = value
-            return self.stage(*args[: self.inputs])
+            return self._forward(self, *args[: self.inputs])
         finally:
             for table, leaf, value in reversed(saved):
                 table[leaf] = value
@@ -112,7 +112,7 @@ def trace(
                 input_names=spec.input_names + names,
                 output_names=spec.output_names,
                 dynamic_axes=dynamic_axes or spec.dynamic_axes(),
-                do_constant_folding=False,
+                do_constant_folding=True,
             )
         except OSError:
             raise
