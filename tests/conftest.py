@@ -105,6 +105,35 @@ def copy_cache(template: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def embedded_fp16_cache_template(embedded_cache_template, tmp_path_factory):
+    """embedded_cache_template plus the FP16 variant of its export (auto_export's), made once per session:
+    converting the fused sampler of 25 steps to FP16 takes ~60 s of CPU (onnxconverter_common's node sort
+    is quadratic), and several modules derive that same variant."""
+    from bitdance_rt import paths
+    from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
+
+    root = copy_cache(embedded_cache_template, tmp_path_factory.mktemp("embedded-fp16-cache-template"))
+    source = resolve_model(None, None, None, None, None, None)
+    with paths.using_cache_root(root), torch_threads(1):
+        auto_export(source, source.config.default_steps, BackendOptions(progress=False), "fp16")
+    return root
+
+
+@pytest.fixture(scope="session")
+def embedded_cache_template_s4(tmp_path_factory):
+    """A cache root holding the embedded model's automatic FP32 export for 4 sampler steps (what
+    auto_export / Pipeline.from_pretrained(steps=4) make), made once per session (~15 s on 2 cores):
+    the modules that test the embedded model at 4 steps take a copy."""
+    from bitdance_rt import paths
+    from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
+
+    root = tmp_path_factory.mktemp("embedded-cache-template-s4")
+    with paths.using_cache_root(root), torch_threads(1):
+        auto_export(resolve_model(None, None, None, None, None, None), 4, BackendOptions(progress=False), "fp32")
+    return root
+
+
 @pytest.fixture(scope="module")
 def warm_cache(embedded_cache_template, tmp_path_factory):
     """This module's own cache root, already holding the embedded model's export."""
@@ -130,3 +159,79 @@ def pipe(warm_cache):
     """The embedded model on ONNX Runtime over this module's warm cache (a module may define its own)."""
     with cached_pipeline(warm_cache) as p:
         yield p
+
+
+# ---- text-to-image: the tiny checkpoints and their automatic exports, once per session ------------------
+T2I_TEXT_TOKENS = 48  # max_text_tokens of the tiny text-to-image tests
+T2I_STEPS = 2  # their sampler steps
+
+
+@pytest.fixture(scope="session")
+def t2i_checkpoints(tmp_path_factory):
+    """{P: the tiny official-layout text-to-image checkpoint of parallel_num P} (tests/t2i_tiny.py, seed 0),
+    written once. Read-only: a test that damages or edits one copies it first."""
+    from t2i_tiny import write_checkpoint
+
+    root = tmp_path_factory.mktemp("t2i-checkpoints")
+    return {p: write_checkpoint(root / f"p{p}", parallel_num=p) for p in (16, 64)}
+
+
+@pytest.fixture(scope="session")
+def t2i_cache_template(t2i_checkpoints, tmp_path_factory):
+    """template(P, *precisions) -> a cache root holding the automatic exports (512x512, T2I_TEXT_TOKENS,
+    T2I_STEPS, default options: what `generate` / Pipeline.from_pretrained make) of t2i_checkpoints[P] at
+    those precisions (default fp32), each made once per session. Tests take a copy (`copy_cache`) instead
+    of exporting the same graphs again (fp32 and fp16 of one checkpoint: ~20 s on 2 cores, per test); the
+    weights' identity is their files' sha256, so a checkpoint written again with the same seed finds them."""
+    from bitdance_rt import paths
+    from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
+
+    root = tmp_path_factory.mktemp("t2i-cache-template")
+    made = set()
+
+    def template(p: int, *precisions: str) -> Path:
+        source = resolve_model(None, str(t2i_checkpoints[p]), None, 512, 512, T2I_TEXT_TOKENS)
+        for precision in precisions or ("fp32",):
+            if (p, precision) not in made:
+                with paths.using_cache_root(root), torch_threads(1):
+                    auto_export(source, T2I_STEPS, BackendOptions(progress=False, threads=1), precision)
+                made.add((p, precision))
+        return root
+
+    return template
+
+
+# ---- the official fixture models' full export, once per session ----------------------------------------
+FIXTURE_STEPS = 6  # the official fixtures' sampler steps
+
+
+@pytest.fixture(scope="session")
+def fixture_exports(tmp_path_factory):
+    """get(name) -> the ExportResult of official fixture `name` exported with every stage at
+    FIXTURE_STEPS (export_stages' defaults otherwise), made once per session: several modules test
+    the same graphs. Modules take a copy (`copy_export`); its result is the session export's, manifest
+    and all (the copy is the same files)."""
+    from bitdance_rt.export import checkpoint_source, export_stages
+    from bitdance_rt.loading import load_model
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            d = fixture_dir(name)
+            with torch_threads(1):
+                model = load_model(f"{d}/config.json", f"{d}/checkpoint.pt").model
+                made[name] = export_stages(model, tmp_path_factory.mktemp("fixture-export") / name,
+                                           checkpoint_source(d / "checkpoint.pt"), sampler_steps=FIXTURE_STEPS,
+                                           progress=False)
+        return made[name]
+
+    return get
+
+
+def copy_export(result, dest: Path):
+    """A private copy of an export (an ExportResult) at `dest`, as the ExportResult of that copy."""
+    from dataclasses import replace
+
+    shutil.copytree(result.directory, dest)
+    return replace(result, directory=Path(dest))

@@ -22,7 +22,7 @@ from bitdance_rt.runtime import generate_batched
 from bitdance_rt.runtime.torch_backend import TorchBackend
 from bitdance_rt.sampling import SeededNoise, sample_tokens
 
-from conftest import fixture_dir, torch_threads
+from conftest import FIXTURE_STEPS, fixture_dir, torch_threads
 
 S = 6
 RUN = {"tiny_4x": dict(labels=[3, 7, 1], seeds=[2025, 1], steps=S, cfg_scale=3.0, batch_size=2),
@@ -242,14 +242,17 @@ def test_damaged_sets_give_clear_errors(saved, tmp_path):
 
 
 # ---- ONNX ------------------------------------------------------------------------------------
-def test_reader_feeds_run_in_exported_graphs(tiny, saved, tmp_path_factory):
+def test_reader_feeds_run_in_exported_graphs(tiny, saved, fixture_exports):
+    """The graphs: the session's export of tiny_4x at S steps, every stage (conftest fixture_exports),
+    read only."""
     ort = pytest.importorskip("onnxruntime")
-    from bitdance_rt.export import export_stages
 
     cset = load_calibration(saved, config=tiny.cfg, weights=tiny.weights, steps=S)
-    with torch_threads(1):
-        out = export_stages(tiny.model, tmp_path_factory.mktemp("onnx"), tiny.weights, stages=CAPTURED_STAGES,
-                            sampler_steps=S, progress=False).directory
+    assert S == FIXTURE_STEPS
+    exported = fixture_exports("tiny_4x")
+    key = exported.manifest["key"]
+    assert key["checkpoint"] == tiny.weights and set(CAPTURED_STAGES) <= set(key["stages"])
+    out = exported.directory
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     for stage in CAPTURED_STAGES:

@@ -27,7 +27,7 @@ from bitdance_rt.runtime.timing import TimedBackend
 from bitdance_rt.runtime.torch_backend import TorchBackend
 from bitdance_rt.sampling import SeededNoise
 
-from conftest import torch_threads
+from conftest import copy_cache, torch_threads
 
 S = 4  # embedded model's sampler steps here
 POLICY = CapturePolicy(head_fraction=0.5, seed=3)
@@ -39,9 +39,10 @@ REL = 5e-5
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A cache root of the module's own: the automatic exports are made once and shared."""
-    root = tmp_path_factory.mktemp("cache")
+def cache(embedded_cache_template_s4, tmp_path_factory):
+    """A cache root of the module's own: the automatic exports are made once and shared. It starts as a
+    copy of the session's (conftest) holding the embedded model's FP32 export at S steps."""
+    root = copy_cache(embedded_cache_template_s4, tmp_path_factory.mktemp("cache"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BITDANCE_RT_CACHE", str(root))
         yield root

@@ -13,9 +13,11 @@ from conftest import REPO, fixture_config, fixture_dir
 
 
 @pytest.fixture(autouse=True)
-def export_cache(tmp_path_factory, monkeypatch):
-    """Automatic ONNX exports go to a per-session temp dir, never the user's ~/.cache."""
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def export_cache(warm_cache, monkeypatch):
+    """Automatic ONNX exports go to this module's cache root, never the user's ~/.cache; it starts with the
+    session's export of the embedded model (conftest warm_cache), which `eval` would make first. Tests of
+    exporting into an empty cache set their own root."""
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(warm_cache))
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -21,23 +21,24 @@ from bitdance_rt.engines.lint import TARGETS, lint_export, lint_graph, op_table 
 from bitdance_rt.engines.profiles import (multi_shape_strings, profile_index, shape_strings,  # noqa: E402
                                           spanning_profile, stage_profile, stage_profiles, trtexec_shapes)
 from bitdance_rt.errors import BitDanceError  # noqa: E402
-from bitdance_rt.export import checkpoint_source, export_stages, read_manifest  # noqa: E402
+from bitdance_rt.export import read_manifest  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.runtime.ort_session import trt_profile_options  # noqa: E402
 
-from conftest import fixture_dir, torch_threads  # noqa: E402
+from conftest import FIXTURE_STEPS, copy_export, fixture_dir  # noqa: E402
 
 S = 6
 
 
 @pytest.fixture(scope="module", params=["tiny_4x", "tiny_1x"])
-def export(request, tmp_path_factory):
-    """(export dir, model config) of an official tiny fixture, all stages."""
+def export(request, tmp_path_factory, fixture_exports):
+    """(export dir, model config) of an official tiny fixture, all stages: a copy of the session's
+    export_stages(model, dir, source, sampler_steps=S) of it (conftest fixture_exports)."""
     d = fixture_dir(request.param)
     model = load_model(d / "config.json", d / "checkpoint.pt").model
     out = tmp_path_factory.mktemp("engines") / request.param
-    with torch_threads(1):
-        export_stages(model, out, checkpoint_source(d / "checkpoint.pt"), sampler_steps=S, progress=False)
+    assert S == FIXTURE_STEPS
+    copy_export(fixture_exports(request.param), out)
     return out, model.cfg
 
 

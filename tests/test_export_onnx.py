@@ -22,7 +22,7 @@ from bitdance_rt.export.wrappers import example_inputs, stage_module  # noqa: E4
 from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.sampling import guidance_rows, sample_tokens  # noqa: E402
 
-from conftest import FIXTURES, torch_threads  # noqa: E402
+from conftest import FIXTURE_STEPS, FIXTURES, copy_export, torch_threads  # noqa: E402
 
 S = 6  # sampler steps of the official fixtures
 TOL = 1e-5
@@ -36,7 +36,9 @@ def _fixture(name: str) -> Path:
 
 
 class Export:
-    def __init__(self, name: str, root: Path):
+    def __init__(self, name: str, root: Path, exported):
+        """`exported`: conftest's fixture_exports (the session's export_stages(model, dir, source,
+        sampler_steps=S) of this fixture); the module tests a copy of it, with that export's result."""
         from safetensors.torch import load_file
 
         self.name = name
@@ -46,7 +48,9 @@ class Export:
         self.stages = load_file(str(self.fixture / "stages.safetensors"))
         self.source = checkpoint_source(self.fixture / "checkpoint.pt")
         self.dir = root / name
-        self.result = export_stages(self.model, self.dir, self.source, sampler_steps=S)
+        assert S == FIXTURE_STEPS
+        self.result = copy_export(exported(name), self.dir)
+        assert not self.result.reused  # a fresh export's result
         self.specs = st.stage_specs(self.cfg, st.ALL_STAGES, S)
 
     def session(self, stage: str):
@@ -58,9 +62,9 @@ class Export:
 
 
 @pytest.fixture(scope="module", params=["tiny_4x", "tiny_1x"])
-def ex(request, tmp_path_factory):
+def ex(request, tmp_path_factory, fixture_exports):
     with torch_threads(1):
-        yield Export(request.param, tmp_path_factory.mktemp("onnx"))
+        yield Export(request.param, tmp_path_factory.mktemp("onnx"), fixture_exports)
 
 
 def _session(path: Path):

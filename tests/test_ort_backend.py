@@ -25,13 +25,15 @@ from bitdance_rt.runtime.ort_backend import OrtBackend  # noqa: E402
 from bitdance_rt.runtime.torch_backend import TorchBackend  # noqa: E402
 from bitdance_rt.sampling import ReplayNoise, SeededNoise  # noqa: E402
 
-from conftest import FIXTURES, torch_threads  # noqa: E402
+from conftest import FIXTURE_STEPS, FIXTURES, copy_export, torch_threads  # noqa: E402
 
 S = 6
 
 
 class Exported:
-    def __init__(self, name: str, root: Path):
+    def __init__(self, name: str, root: Path, exported):
+        """`exported`: conftest's fixture_exports (the session's export_stages(model, dir, source,
+        sampler_steps=S) of this fixture); the module runs a copy of it."""
         self.name = name
         self.fixture = FIXTURES / name
         if not self.fixture.is_dir():
@@ -39,7 +41,8 @@ class Exported:
         self.model = load_model(f"{self.fixture}/config.json", f"{self.fixture}/checkpoint.pt").model
         self.source = checkpoint_source(self.fixture / "checkpoint.pt")
         self.dir = root / name
-        export_stages(self.model, self.dir, self.source, sampler_steps=S)
+        assert S == FIXTURE_STEPS
+        copy_export(exported(name), self.dir)
         self.sample = load_file(str(self.fixture / "sample.safetensors"))
         self.labels = [int(x) for x in self.sample["labels"]]
         self._backends: dict = {}
@@ -57,9 +60,9 @@ class Exported:
 
 
 @pytest.fixture(scope="module", params=["tiny_4x", "tiny_1x"])
-def ex(request, tmp_path_factory):
+def ex(request, tmp_path_factory, fixture_exports):
     with torch_threads(1):
-        yield Exported(request.param, tmp_path_factory.mktemp("ort"))
+        yield Exported(request.param, tmp_path_factory.mktemp("ort"), fixture_exports)
 
 
 # ---- the official sample, bit for bit -------------------------------------------------------

@@ -15,7 +15,7 @@ from bitdance_rt.errors import BitDanceError
 from bitdance_rt.runtime import generate_batched
 from bitdance_rt.sampling import SeededNoise
 
-from conftest import cached_pipeline, torch_threads
+from conftest import cached_pipeline, copy_cache, torch_threads
 
 pytest.importorskip("onnxruntime")
 
@@ -130,11 +130,15 @@ def test_bad_options():
         Pipeline.from_pretrained(height=512)
 
 
-def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path, monkeypatch):
-    from t2i_tiny import write_checkpoint
-
-    ckpt = write_checkpoint(tmp_path / "t2i", parallel_num=64)
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))  # restored after the test
+def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(t2i_checkpoints, t2i_cache_template, tmp_path,
+                                                                     monkeypatch):
+    """The cache starts with the session's FP32 and FP16 exports of the checkpoint (conftest
+    t2i_cache_template, as a Pipeline of each would leave them); the INT8 variant and its default
+    calibration set are made here."""
+    ckpt = t2i_checkpoints[64]
+    cache = copy_cache(t2i_cache_template(64, "fp32", "fp16"), tmp_path / "cache")
+    assert not (cache / "calibration").exists()
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))  # restored after the test
     kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=48, steps=2, threads=1,
               progress=False)
     tokens = {}
@@ -151,7 +155,14 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path, 
         half = p.generate(prompt="a red cat", seed=21)
     assert half.tokens.abs().eq(1).all() and half.image.shape == (1, 3, 512, 512)
     # INT8: calibrated on text-to-image trajectories of the default prompts (ids / pad prefills, the
-    # backbone steps with each row's padding), Q/DQ graphs, generated through the same Pipeline
+    # backbone steps with each row's padding), Q/DQ graphs, generated through the same Pipeline. The
+    # default set is cut to its first 4 images (one capture batch, DEFAULT_CAPTURE_BATCH): every step of
+    # the default capture still runs, and its 16 images cost ~40 s more CPU here (decoding 512 px images
+    # on the FP16 graphs, then calibrating the INT8 decoder on them) for nothing this test checks
+    from bitdance_rt.precision import auto
+
+    default_prompts = auto.default_prompts
+    monkeypatch.setattr(auto, "default_prompts", lambda images=4: default_prompts(images))
     with torch_threads(1), Pipeline.from_pretrained(backend="onnxruntime", precision="int8", **kw) as p:
         eight = p.generate(prompt="a red cat", seed=21)
         graphs = p.backend.dir
@@ -166,7 +177,8 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(tmp_path, 
 
     calib = [d for d in (tmp_path / "cache" / "calibration").iterdir() if d.is_dir()]
     cset = load_calibration(calib[0])
-    assert all(prompt in " ".join(DEFAULT_T2I_PROMPTS) for prompt in cset.key["prompts"])
+    prompts = cset.key["prompts"]
+    assert len(prompts) == 4 and all(prompt in " ".join(DEFAULT_T2I_PROMPTS) for prompt in prompts)
     prefill = cset.phase_samples("backbone", "prefill")[0].inputs  # the backbone at its prefill: x of the ids
     assert prefill["x"].shape[1] == p.config.prefix_len and prefill["pad"].shape == prefill["start"].shape
     step = cset.phase_samples("backbone", "step")[0].inputs

@@ -89,11 +89,18 @@ def _check_against(cfg, directory, precision, steps):
     assert abs(twice - planned) <= 0.01 * held, (precision, twice, planned, held)
 
 
+@pytest.fixture(scope="module")
+def embedded_cache(embedded_fp16_cache_template, tmp_path_factory):
+    """This module's cache root: a copy of the session's holding the embedded model's automatic FP32 export
+    and its FP16 variant (conftest); the INT8 variant is derived in it here."""
+    return copy_cache(embedded_fp16_cache_template, tmp_path_factory.mktemp("cache"))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_plan_agrees_with_the_embedded_models_exports(precision, warm_cache, monkeypatch):
-    """The automatic exports in this module's cache: the FP32 one is the session's (conftest
-    warm_cache); the variants are derived from it here, once for the module."""
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(warm_cache))
+def test_plan_agrees_with_the_embedded_models_exports(precision, embedded_cache, monkeypatch):
+    """The automatic exports of the embedded model: the FP32 export and its FP16 variant are the
+    session's (conftest embedded_fp16_cache_template), found by auto_export; INT8 is derived here."""
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(embedded_cache))
     source = resolve_model(None, None, None, None, None, None)
     with torch_threads(1):
         directory = auto_export(source, source.config.default_steps,
@@ -209,8 +216,8 @@ def test_activations_per_backbone_phase():
     assert calls["backbone prefill"] > 40 * 2 * 2 * 8 * 322 * 128 * 4
 
 
-def test_cache_is_the_runtimes(warm_cache):
-    with cached_pipeline(warm_cache) as pipe:  # the embedded model's default Pipeline (its export: the session's)
+def test_cache_is_the_runtimes(embedded_cache):
+    with cached_pipeline(embedded_cache) as pipe:  # the embedded model's default Pipeline (its export: the session's)
         p = plan(pipe.config, "fp32", "onnxruntime", max_batch=pipe.max_batch)
         assert p.rows == pipe.scheduler.max_rows
         held = pipe.backend.ensure_cache(p.rows)

@@ -22,6 +22,7 @@ from bitdance_rt.engines.lint import lint_export  # noqa: E402
 from bitdance_rt.errors import BitDanceError  # noqa: E402
 from bitdance_rt.export import checkpoint_source, export_stages  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
+from bitdance_rt.precision.auto import variant_dir  # noqa: E402
 from bitdance_rt.precision.derive import derive_export  # noqa: E402
 from bitdance_rt.precision.fp16 import convert_fp16  # noqa: E402
 from bitdance_rt.precision.policy import (FP16_KEEP_FLOAT_OPS, INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES,  # noqa: E402
@@ -31,7 +32,7 @@ from bitdance_rt.precision.sensitivity import quantised_layers  # noqa: E402
 from bitdance_rt.runtime import int8_kernels  # noqa: E402
 from bitdance_rt.runtime.ort_backend import OrtBackend  # noqa: E402
 
-from conftest import REPO, fixture_dir, torch_threads  # noqa: E402
+from conftest import REPO, copy_cache, fixture_dir, torch_threads  # noqa: E402
 
 S = 25  # the embedded model's default sampler steps
 # what INT8 generation needs (no fused samplers: quick FP16 conversion)
@@ -53,7 +54,9 @@ class Setup:
                           policy=CapturePolicy(head_fraction=0.25, seed=1))
         self.cal = save_calibration(cap.dataset, root / "cal")
         self.cset = load_calibration(self.cal, config=self.cfg, weights=self.weights)
-        self.int8 = derive_export(self.fp32, root / "int8", "int8", self.cset, progress=False).directory
+        # where precision_export keeps this variant (beside the FP32 export), so that it finds it again
+        self.int8 = derive_export(self.fp32, variant_dir(self.fp32, "int8", self.cset), "int8", self.cset,
+                                  progress=False).directory
         self.fp16 = derive_export(self.fp32, root / "fp16", "fp16", progress=False).directory
 
     def backend(self, d):
@@ -426,10 +429,14 @@ def _run(*args, env):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(embedded_fp16_cache_template, tmp_path_factory):
+    """The CLI's environment: this module's cache root, a copy of the session's holding the embedded model's
+    automatic export and its FP16 variant (conftest: what `calibrate --report` and `generate` would make
+    first; their INT8 variants are derived here)."""
     import os
 
-    return {**os.environ, "BITDANCE_RT_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    cache = copy_cache(embedded_fp16_cache_template, tmp_path_factory.mktemp("cache"))
+    return {**os.environ, "BITDANCE_RT_CACHE": str(cache)}
 
 
 def test_calibrate_report_writes_numbers_of_a_real_run(setup, env, tmp_path):
@@ -498,7 +505,8 @@ def test_keep_float_layers_stay_float_in_every_stage_that_has_them(setup, env, t
     assert keep_float_by_stage(setup.fp32, [layer, "/proj_in/w1/MatMul"]) == {
         st.BACKBONE: [layer], st.TOKEN_EMBED: ["/proj_in/w1/MatMul"]}
     kept = precision_export(setup.fp32, "int8", setup.cset, keep_float=[layer], progress=False).directory
-    assert kept != precision_export(setup.fp32, "int8", setup.cset, progress=False).directory
+    plain = precision_export(setup.fp32, "int8", setup.cset, progress=False)  # the fixture's variant, found again
+    assert plain.reused and plain.directory == setup.int8 and kept != plain.directory
     g = _graph(kept, st.BACKBONE).graph
     produced = {o: n for n in g.node for o in n.output}
     node = next(n for n in g.node if n.name == layer)

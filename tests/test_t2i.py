@@ -11,8 +11,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import ORACLE_SAMPLER_REL, assert_matches_oracle, fixture_config, fixture_dir, torch_threads
-from t2i_tiny import RES_TOKENS, byte_vocab, special_tokens, write_checkpoint, write_tokenizer
+from conftest import (ORACLE_SAMPLER_REL, T2I_TEXT_TOKENS, assert_matches_oracle, copy_cache, fixture_config,
+                      fixture_dir, torch_threads)
+from t2i_tiny import RES_TOKENS, byte_vocab, special_tokens, write_tokenizer
 
 from bitdance_rt.errors import BitDanceError
 from bitdance_rt.runtime.loop import generate
@@ -20,13 +21,13 @@ from bitdance_rt.runtime.torch_backend import TorchBackend
 from bitdance_rt.sampling import ReplayNoise, SeededNoise, sample_head
 from bitdance_rt.t2i.loading import load_t2i
 
-TEXT = 48  # max_text_tokens of the tiny configs
+TEXT = T2I_TEXT_TOKENS  # max_text_tokens of the tiny configs (48)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("t2i")
-    return {p: write_checkpoint(root / f"p{p}", parallel_num=p) for p in (16, 64)}
+def ckpt(t2i_checkpoints):
+    """{16: ..., 64: ...}: the session's tiny checkpoints (conftest; tests that damage one copy it first)."""
+    return t2i_checkpoints
 
 
 def _expected_ids(prompt: str | None, h_cells: int, w_cells: int, p: int) -> tuple[list[int], int]:
@@ -202,6 +203,7 @@ def test_16x_onnxruntime_stages_match_torch_teacher_forced(ckpt, tmp_path):
         ort = _export(loaded.model, tmp_path / "export", 2)
         ref = TorchBackend(loaded.model)
         c_ref, c_ort = ref.prefill(rows), ort.prefill(rows)
+        tokens = None  # (the previous step's tokens, fed from the second step on)
         for i in range(cfg.ar_steps):
             if i:
                 c_ref, c_ort = ref.step(tokens, i), ort.step(tokens, i)
@@ -215,10 +217,12 @@ def test_16x_onnxruntime_stages_match_torch_teacher_forced(ckpt, tmp_path):
             assert torch.equal(got[safe], tokens[safe]), f"AR step {i}"
 
 
-def test_cli_generate_prompt(ckpt, tmp_path, capsys, monkeypatch):
+def test_cli_generate_prompt(ckpt, t2i_cache_template, tmp_path, capsys, monkeypatch):
     """Both backends through the CLI give the same tokens. Exact equality needs a reference far from
     any sign flip: torch and ONNX Runtime round differently on other CPUs (seed 3, 3.1e-5 from a flip,
-    flipped a token with AVX2 kernels), so the seed is one whose margin is checked here (2.2e-4)."""
+    flipped a token with AVX2 kernels), so the seed is one whose margin is checked here (2.2e-4).
+    The cache holds the session's export of this checkpoint (conftest t2i_cache_template): the CLI finds
+    it as it finds any cached export; exporting is tested where it is the point."""
     from safetensors.torch import load_file
 
     from bitdance_rt.cli import main
@@ -229,7 +233,7 @@ def test_cli_generate_prompt(ckpt, tmp_path, capsys, monkeypatch):
         reference = _Margin(TorchBackend(loaded.model))
         generate(reference, loaded.prompts.encode(["a red cat"]), 2, 7.5, None, SeededNoise(seed))
     assert reference.margin > 1e-4, "the reference sits too close to a sign flip for an exact comparison"
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(copy_cache(t2i_cache_template(64), tmp_path / "cache")))
     args = ["generate", "--prompt", "a red cat", "--checkpoint", str(ckpt[64]), "--height", "512", "--width", "512",
             "--max-text-tokens", str(TEXT), "--steps", "2", "--seed", str(seed), "--quiet", "--threads", "1"]
     assert main(args + ["--backend", "torch", "--out", str(tmp_path / "a"), "--save-tokens", str(tmp_path / "a.st")]) == 0
@@ -274,14 +278,18 @@ def test_text_to_image_guidance_is_constant_by_default_as_in_the_official_pipeli
     assert schedule_for("constant", load_config("tiny-digits")) == "constant"
 
 
-def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, tmp_path, capsys, monkeypatch):
+def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, t2i_cache_template, tmp_path, capsys, monkeypatch):
     """`calibrate --prompt` records text-to-image trajectories (prefill ids / pad, each step's pad),
-    and `generate --precision int8 --calibration SET` derives INT8 graphs from them and generates."""
+    and `generate --precision int8 --calibration SET` derives INT8 graphs from them and generates.
+    The cache starts with the session's FP32 and FP16 exports of the checkpoint (conftest
+    t2i_cache_template: what the capture and the report would export first); no INT8 variant."""
     from bitdance_rt.calibration import load_calibration
     from bitdance_rt.cli import main
     from bitdance_rt.precision.auto import REPORT_T2I_PROMPTS
 
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    cache = copy_cache(t2i_cache_template(16, "fp32", "fp16"), tmp_path / "cache")
+    assert not [d for d in (cache / "exports").iterdir() if "int8" in d.name]
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))
     model = ["--checkpoint", str(ckpt[16]), "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT)]
     out = tmp_path / "set"
     with torch_threads(1):
@@ -335,20 +343,42 @@ def _pads(directory, prompts) -> set[int]:
     return {int(p) for p in cond.pad} | {int(cond.uncond_pad)}
 
 
+@pytest.fixture(scope="module")
+def one_prompt_set(ckpt, tmp_path_factory):
+    """A calibration set of the 16x checkpoint from one prompt (torch capture, S=2): enough for INT8
+    graphs whose structure is checked. (The default set, 16 images captured on the FP16 graphs, took
+    ~2.5 min of the lint test on 2 cores; Pipeline's INT8 from the default set is test_pipeline.py's.)"""
+    from bitdance_rt.backends import resolve_model
+    from bitdance_rt.calibration import capture, save_calibration
+
+    weights = resolve_model(None, str(ckpt[16]), None, 512, 512, TEXT).weights_source()  # as auto_export checks
+    with torch_threads(1):
+        loaded = load_t2i(ckpt[16], 512, 512, max_text_tokens=TEXT)
+        result = capture(loaded.model, weights, None, [0], 2, 4.0, prompts=loaded.prompts.encode(["a red cat"]),
+                         batch_size=1)
+    return save_calibration(result.dataset, tmp_path_factory.mktemp("t2i-set") / "one-prompt")
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(ckpt, tmp_path, monkeypatch, precision):
+def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(ckpt, t2i_cache_template, tmp_path,
+                                                                        monkeypatch, request, precision):
     """The CPU-side TensorRT checks of a text-to-image export: no op or dtype outside the TensorRT
     10.3 / 11 tables, `start` / `pad` only as gather indices (never shape tensors), and the
-    optimisation profiles are the contract's (ids [rows, prefix], pad [rows], the GQA cache)."""
+    optimisation profiles are the contract's (ids [rows, prefix], pad [rows], the GQA cache).
+    The FP32 and FP16 graphs are the session's automatic exports (conftest t2i_cache_template, found
+    by auto_export in a copy of its cache); INT8 is derived here, from a one-prompt calibration set."""
     from bitdance_rt import stages as st
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
     from bitdance_rt.engines.lint import TARGETS, lint_export
     from bitdance_rt.engines.profiles import stage_profile
 
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    cache = copy_cache(t2i_cache_template(16, "fp32", "fp16"), tmp_path / "cache")
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))
     source = resolve_model(None, str(ckpt[16]), None, 512, 512, TEXT)
+    calibration = str(request.getfixturevalue("one_prompt_set")) if precision == "int8" else None
     with torch_threads(1):
-        directory = auto_export(source, 2, BackendOptions(progress=False), precision)
+        directory = auto_export(source, 2, BackendOptions(progress=False, calibration=calibration), precision)
+    assert str(directory).startswith(str(cache))
     for target in TARGETS:
         assert [str(f) for f in lint_export(directory, target)] == [], (precision, target)
     cfg = source.config

@@ -44,10 +44,15 @@ def cache_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def export(cache_root, tmp_path_factory):
+def export(cache_root, embedded_cache_template, tmp_path_factory):
+    """`bitdance-rt export --out DIR` of the embedded model. DIR starts as a copy of the session's
+    automatic export of it (conftest), the same graphs, which the command finds up to date (the
+    export itself is test_cli.py's and test_export_onnx.py's)."""
     from bitdance_rt.cli import main
 
     out = tmp_path_factory.mktemp("export") / "digits"
+    (made,) = [d for d in (embedded_cache_template / "exports").iterdir() if (d / "manifest.json").is_file()]
+    shutil.copytree(made, out)
     assert main(["export", "--out", str(out)]) == 0
     return out
 

@@ -22,7 +22,7 @@ from bitdance_rt.export import export_stages, random_source  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.models import BitDance  # noqa: E402
 
-from conftest import torch_threads  # noqa: E402
+from conftest import copy_cache, torch_threads  # noqa: E402
 
 MIN_SHARED = 1024  # below this a repeated constant is not a weight (norm scalars, shape constants)
 
@@ -142,15 +142,22 @@ def test_a_shared_weights_file_is_verified_like_every_export_file(tmp_path):
     assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def s4_cache(embedded_cache_template_s4, tmp_path_factory):
+    """This module's cache root: a copy of the session's holding the embedded model's FP32 export at 4
+    sampler steps (conftest), from which the variants below are derived."""
+    return copy_cache(embedded_cache_template_s4, tmp_path_factory.mktemp("cache"))
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_derived_variants_hold_each_weight_once(tmp_path, precision, monkeypatch):
+def test_derived_variants_hold_each_weight_once(s4_cache, precision, monkeypatch):
     """The FP16 / INT8 variants of the embedded model's export: no weight stored twice (FP16: the
     converted head of head_step and the sampler shared again; INT8: the FP32 sampler next to the
     quantised head_step), and they generate."""
     from bitdance_rt import Pipeline
     from bitdance_rt.export.manifest import read_manifest
 
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(s4_cache))
     with torch_threads(1), Pipeline.from_pretrained(backend="onnxruntime", precision=precision, steps=4, threads=1,
                                                     progress=False) as pipe:
         out = pipe.generate(labels=3, seed=0)
