@@ -41,23 +41,28 @@ ORACLE_REL = 1e-5
 ORACLE_SAMPLER_REL = 5e-5
 
 
-def assert_matches_oracle(actual: torch.Tensor, expected: torch.Tensor, what: str = "",
-                          rel: float | None = None) -> None:
+def assert_matches_oracle(
+    actual: torch.Tensor, expected: torch.Tensor, what: str = "", rel: float | None = None
+) -> None:
     """Float32 agreement with a recorded official output: max abs error <= rel * max |expected|
     (rel: ORACLE_REL for one network evaluation, ORACLE_SAMPLER_REL for sampler outputs)."""
     rel = ORACLE_REL if rel is None else rel
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     scale = float(expected.abs().max())
     err = float((actual.double() - expected.double()).abs().max())
-    assert err <= rel * scale, (f"{what}: max abs error {err:.3g} > {rel:g} x max |official| {scale:.3g} "
-                                f"(relative {err / scale if scale else float('inf'):.3g})")
+    assert err <= rel * scale, (
+        f"{what}: max abs error {err:.3g} > {rel:g} x max |official| {scale:.3g} "
+        f"(relative {err / scale if scale else float('inf'):.3g})"
+    )
 
 
 def fixture_dir(name: str) -> Path:
     d = FIXTURES / name
     if not d.is_dir():
-        pytest.fail(f"official fixtures not found at {d}: the tests read ../shared/fixtures/official "
-                    "(set BITDANCE_FIXTURES to override)")
+        pytest.fail(
+            f"official fixtures not found at {d}: the tests read ../shared/fixtures/official "
+            "(set BITDANCE_FIXTURES to override)"
+        )
     return d
 
 
@@ -78,8 +83,12 @@ def official():
         if name not in cache:
             d = fixture_dir(name)
             loaded = load_model(d / "config.json", d / "checkpoint.pt", d / "vae.pt")
-            cache[name] = (loaded.model, load_file(str(d / "stages.safetensors")),
-                           load_file(str(d / "sample.safetensors")), fixture_config(name))
+            cache[name] = (
+                loaded.model,
+                load_file(str(d / "stages.safetensors")),
+                load_file(str(d / "sample.safetensors")),
+                fixture_config(name),
+            )
         return cache[name]
 
     return get
@@ -94,8 +103,13 @@ def embedded_cache_template(tmp_path_factory):
     cores); tests of exporting into an empty cache keep their own empty roots."""
     root = tmp_path_factory.mktemp("embedded-cache-template")
     code = "from bitdance_rt import Pipeline; Pipeline.from_pretrained(threads=1, progress=False).close()"
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, "BITDANCE_RT_CACHE": str(root)}, check=True,
-                   timeout=600, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "BITDANCE_RT_CACHE": str(root)},
+        check=True,
+        timeout=600,
+        cwd=REPO,
+    )
     return root
 
 
@@ -221,9 +235,13 @@ def fixture_exports(tmp_path_factory):
             d = fixture_dir(name)
             with torch_threads(1):
                 model = load_model(f"{d}/config.json", f"{d}/checkpoint.pt").model
-                made[name] = export_stages(model, tmp_path_factory.mktemp("fixture-export") / name,
-                                           checkpoint_source(d / "checkpoint.pt"), sampler_steps=FIXTURE_STEPS,
-                                           progress=False)
+                made[name] = export_stages(
+                    model,
+                    tmp_path_factory.mktemp("fixture-export") / name,
+                    checkpoint_source(d / "checkpoint.pt"),
+                    sampler_steps=FIXTURE_STEPS,
+                    progress=False,
+                )
         return made[name]
 
     return get

@@ -94,15 +94,21 @@ def server_process(args: list[str], env: dict, port: int, ready_s: float = 300):
     import httpx
 
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bitdance_rt", "serve", "--port", str(port), *args],
-                                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bitdance_rt", "serve", "--port", str(port), *args],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + ready_s
             while True:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise AssertionError(f"the server did not become ready (exit status {proc.poll()}): "
-                                         f"{log.read()[-3000:]}")
+                    raise AssertionError(
+                        f"the server did not become ready (exit status {proc.poll()}): {log.read()[-3000:]}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                         break

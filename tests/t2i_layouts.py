@@ -43,19 +43,38 @@ def _diffusers_classes():
         def __init__(self, ddconfig: dict, gan_decoder: bool = False):
             super().__init__()
             dd = ddconfig
-            vae = BinaryAutoencoder(VAEConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]),
-                                              num_res_blocks=dd["num_res_blocks"], z_channels=dd["z_channels"]))
+            vae = BinaryAutoencoder(
+                VAEConfig(
+                    ch=dd["ch"],
+                    ch_mult=tuple(dd["ch_mult"]),
+                    num_res_blocks=dd["num_res_blocks"],
+                    z_channels=dd["z_channels"],
+                )
+            )
             self.encoder, self.decoder = vae.encoder, vae.decoder
 
     class BitDanceDiffusionHead(ModelMixin, ConfigMixin):
         @register_to_config
-        def __init__(self, ch_target: int, ch_cond: int, ch_latent: int, depth_latent: int, depth_adanln: int,
-                     grad_checkpointing: bool = False, time_shift: float = 1.0, time_schedule: str = "logit_normal",
-                     P_mean: float = 0.0, P_std: float = 1.0, parallel_num: int = 4, diff_batch_mul: int = 1,
-                     use_swiglu: bool = False):
+        def __init__(
+            self,
+            ch_target: int,
+            ch_cond: int,
+            ch_latent: int,
+            depth_latent: int,
+            depth_adanln: int,
+            grad_checkpointing: bool = False,
+            time_shift: float = 1.0,
+            time_schedule: str = "logit_normal",
+            P_mean: float = 0.0,
+            P_std: float = 1.0,
+            parallel_num: int = 4,
+            diff_batch_mul: int = 1,
+            use_swiglu: bool = False,
+        ):
             super().__init__()
-            self.net = TransformerHead(ch_target, ch_latent, ch_cond, depth_latent, depth_adanln, variant="t2i",
-                                       swiglu=use_swiglu)
+            self.net = TransformerHead(
+                ch_target, ch_latent, ch_cond, depth_latent, depth_adanln, variant="t2i", swiglu=use_swiglu
+            )
 
     class BitDanceProjector(ModelMixin, ConfigMixin):
         @register_to_config
@@ -65,11 +84,15 @@ def _diffusers_classes():
             self.fc1, self.fc2 = p.fc1, p.fc2
 
     class BitDanceDiffusionPipeline(DiffusionPipeline):
-        def __init__(self, tokenizer, text_encoder, autoencoder, diffusion_head, projector,
-                     supported_image_sizes=None):
+        def __init__(self, tokenizer, text_encoder, autoencoder, diffusion_head, projector, supported_image_sizes=None):
             super().__init__()
-            self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, autoencoder=autoencoder,
-                                  diffusion_head=diffusion_head, projector=projector)
+            self.register_modules(
+                tokenizer=tokenizer,
+                text_encoder=text_encoder,
+                autoencoder=autoencoder,
+                diffusion_head=diffusion_head,
+                projector=projector,
+            )
             self.register_to_config(supported_image_sizes=[list(s) for s in supported_image_sizes or SUPPORTED_SIZES])
 
     return BitDanceAutoencoder, BitDanceDiffusionHead, BitDanceProjector, BitDanceDiffusionPipeline
@@ -84,16 +107,23 @@ def write_diffusers(src: Path, out: Path, max_shard_size: str | None = None) -> 
     tokenizer = AutoTokenizer.from_pretrained(src)
     text_encoder = Qwen3ForCausalLM.from_pretrained(src).to(torch.bfloat16).eval()  # convert.py's default dtype
     ae_config = json.loads((src / "ae_config.json").read_text())
-    autoencoder = autoencoder_cls(ddconfig=ae_config.get("ddconfig", ae_config),
-                                  gan_decoder=bool(ae_config.get("gan_decoder", False))).eval()
+    autoencoder = autoencoder_cls(
+        ddconfig=ae_config.get("ddconfig", ae_config), gan_decoder=bool(ae_config.get("gan_decoder", False))
+    ).eval()
     autoencoder.load_state_dict(load_file(str(src / "ae.safetensors")), strict=True, assign=True)
     head = head_cls(**json.loads((src / "vision_head_config.json").read_text())).eval()
     head.load_state_dict(load_file(str(src / "vision_head.safetensors")), strict=True, assign=True)
-    projector = projector_cls(in_dim=int(ae_config["ddconfig"]["z_channels"]),
-                              out_dim=int(text_encoder.config.hidden_size)).eval()
+    projector = projector_cls(
+        in_dim=int(ae_config["ddconfig"]["z_channels"]), out_dim=int(text_encoder.config.hidden_size)
+    ).eval()
     projector.load_state_dict(load_file(str(src / "projector.safetensors")), strict=True, assign=True)
-    pipe = pipeline_cls(tokenizer=tokenizer, text_encoder=text_encoder, autoencoder=autoencoder,
-                        diffusion_head=head, projector=projector)
+    pipe = pipeline_cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        autoencoder=autoencoder,
+        diffusion_head=head,
+        projector=projector,
+    )
     pipe.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     return out
 
@@ -106,8 +136,12 @@ def _official_state(src: Path) -> dict[str, dict[str, torch.Tensor]]:
     llm = {}
     for shard in sorted(src.glob("model-*.safetensors")):
         llm.update(load_file(str(shard)))
-    return {"llm": llm, "head": load_file(str(src / "vision_head.safetensors")),
-            "projector": load_file(str(src / "projector.safetensors")), "vae": load_file(str(src / "ae.safetensors"))}
+    return {
+        "llm": llm,
+        "head": load_file(str(src / "vision_head.safetensors")),
+        "projector": load_file(str(src / "projector.safetensors")),
+        "vae": load_file(str(src / "ae.safetensors")),
+    }
 
 
 def _fp8(w: torch.Tensor, scaled: bool, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -123,11 +157,17 @@ def _fp8(w: torch.Tensor, scaled: bool, per_channel: bool) -> tuple[torch.Tensor
     return q, scale, q.float() * s
 
 
-def write_comfyui(src: Path, out: Path, scaled: bool = True,
-                  names: tuple[str, str, str] = ("BitDance_14B_MainModel_FP8.safetensors",
-                                                 "BitDance_TextEncoder_FP8.safetensors",
-                                                 "BitDance_VAE_FP16.safetensors"),
-                  folders: tuple[str, str, str] = ("", "", "")) -> dict:
+def write_comfyui(
+    src: Path,
+    out: Path,
+    scaled: bool = True,
+    names: tuple[str, str, str] = (
+        "BitDance_14B_MainModel_FP8.safetensors",
+        "BitDance_TextEncoder_FP8.safetensors",
+        "BitDance_VAE_FP16.safetensors",
+    ),
+    folders: tuple[str, str, str] = ("", "", ""),
+) -> dict:
     """The node's three files under `out` (each in its folder: e.g. diffusion_models, text_encoders,
     vae), the tokenizer at <text encoder folder>/tokenizer/tokenizer.json. Returns the paths and the
     float32 BitDanceT2I state dict the files dequantise to ("expected")."""
@@ -160,7 +200,7 @@ def write_comfyui(src: Path, out: Path, scaled: bool = True,
             text[k] = v
             deq = v.float()
         if k.startswith("model."):
-            expected["model." + k[len("model."):]] = deq
+            expected["model." + k[len("model.") :]] = deq
     vae = {k: v.half() for k, v in sd["vae"].items()}
     expected.update({"vae." + k: v.float() for k, v in vae.items()})
     paths = {}
@@ -183,9 +223,15 @@ def write_official(src: Path, out: Path, state: dict[str, torch.Tensor]) -> Path
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json", "ae_config.json", "vision_head_config.json"):
         shutil.copy(src / name, out / name)
-    parts = {"model.": ("model.safetensors", "model."), "head.": ("vision_head.safetensors", ""),
-             "projector.": ("projector.safetensors", ""), "vae.": ("ae.safetensors", "")}
+    parts = {
+        "model.": ("model.safetensors", "model."),
+        "head.": ("vision_head.safetensors", ""),
+        "projector.": ("projector.safetensors", ""),
+        "vae.": ("ae.safetensors", ""),
+    }
     for prefix, (name, key_prefix) in parts.items():
-        save_file({key_prefix + k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)},
-                  str(out / name))
+        save_file(
+            {key_prefix + k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)},
+            str(out / name),
+        )
     return out

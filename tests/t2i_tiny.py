@@ -15,21 +15,53 @@ import torch
 
 HIDDEN = 64
 LLM_CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": HIDDEN, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
-    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu",
-    "attention_bias": False, "rope_scaling": None, "max_position_embeddings": 4096,
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "rope_scaling": None,
+    "max_position_embeddings": 4096,
 }
-AE_CONFIG = {"ddconfig": {"double_z": False, "z_channels": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
-                          "ch_mult": [1, 1, 1, 1, 1], "num_res_blocks": 1}}
+AE_CONFIG = {
+    "ddconfig": {
+        "double_z": False,
+        "z_channels": 32,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 1, 1, 1, 1],
+        "num_res_blocks": 1,
+    }
+}
 RES_TOKENS = list(range(8, 129, 8))
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>"]
 
 
 def head_config(parallel_num: int, hidden: int = HIDDEN, ch_latent: int = 128, depth: int = 2) -> dict:
-    return {"ch_target": 32, "ch_cond": hidden, "ch_latent": ch_latent, "depth_latent": depth, "depth_adanln": 1,
-            "grad_checkpointing": False, "time_shift": 1.0, "time_schedule": "logit_normal", "P_mean": -0.8,
-            "P_std": 0.8, "parallel_num": parallel_num, "diff_batch_mul": 1, "use_swiglu": True}
+    return {
+        "ch_target": 32,
+        "ch_cond": hidden,
+        "ch_latent": ch_latent,
+        "depth_latent": depth,
+        "depth_adanln": 1,
+        "grad_checkpointing": False,
+        "time_shift": 1.0,
+        "time_schedule": "logit_normal",
+        "P_mean": -0.8,
+        "P_std": 0.8,
+        "parallel_num": parallel_num,
+        "diff_batch_mul": 1,
+        "use_swiglu": True,
+    }
 
 
 def special_tokens() -> list[str]:
@@ -66,8 +98,14 @@ def _randomize(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_checkpoint(directory: Path, parallel_num: int = 16, seed: int = 0, shards: int = 2, llm: dict | None = None,
-                     head: dict | None = None) -> Path:
+def write_checkpoint(
+    directory: Path,
+    parallel_num: int = 16,
+    seed: int = 0,
+    shards: int = 2,
+    llm: dict | None = None,
+    head: dict | None = None,
+) -> Path:
     """The official file layout in `directory` (random float32 weights; bf16 for the LLM).
 
     `llm` overrides LLM_CONFIG fields (e.g. Qwen3-14B's widths with a few layers), `head` the vision

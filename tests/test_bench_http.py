@@ -26,15 +26,32 @@ def server(tmp_path_factory):
 
 
 def bench(*args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def test_sweep_and_preview_cost_counts_add_up(server, tmp_path):
     url, proc = server
     plot = tmp_path / "sweep.png"
-    res = bench("--url", url, "--api-key", KEY, "--concurrency", "1,2", "--requests-per-level", 4, "--warmup", 1,
-                "--steps", 4, "--wait", 60, "--plot", plot)
+    res = bench(
+        "--url",
+        url,
+        "--api-key",
+        KEY,
+        "--concurrency",
+        "1,2",
+        "--requests-per-level",
+        4,
+        "--warmup",
+        1,
+        "--steps",
+        4,
+        "--wait",
+        60,
+        "--plot",
+        plot,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     out = json.loads(lines[-1])

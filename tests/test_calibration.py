@@ -11,8 +11,16 @@ import torch
 
 from bitdance_rt import stages as st
 from bitdance_rt.runtime.core import row_bucket
-from bitdance_rt.calibration import (CAPTURED_STAGES, MANIFEST, CapturePolicy, StageDataReader, capture, feed,
-                                     load_calibration, save_calibration)
+from bitdance_rt.calibration import (
+    CAPTURED_STAGES,
+    MANIFEST,
+    CapturePolicy,
+    StageDataReader,
+    capture,
+    feed,
+    load_calibration,
+    save_calibration,
+)
 from bitdance_rt.calibration.dataset import sample_phase
 from bitdance_rt.config import EMBEDDED_WEIGHTS
 from bitdance_rt.errors import BitDanceError
@@ -25,8 +33,10 @@ from bitdance_rt.sampling import SeededNoise, sample_tokens
 from conftest import FIXTURE_STEPS, fixture_dir, torch_threads
 
 S = 6
-RUN = {"tiny_4x": dict(labels=[3, 7, 1], seeds=[2025, 1], steps=S, cfg_scale=3.0, batch_size=2),
-       "embedded": dict(labels=list(range(10)), seeds=[0], steps=S, cfg_scale=4.0, batch_size=4)}
+RUN = {
+    "tiny_4x": dict(labels=[3, 7, 1], seeds=[2025, 1], steps=S, cfg_scale=3.0, batch_size=2),
+    "embedded": dict(labels=list(range(10)), seeds=[0], steps=S, cfg_scale=4.0, batch_size=4),
+}
 
 
 class Captured:
@@ -56,8 +66,15 @@ def tiny():
 
 def _unrecorded(c: Captured, seed: int):
     r = c.run
-    return generate_batched(TorchBackend(c.model), r["labels"], r["steps"], r["cfg_scale"], "linear",
-                            SeededNoise(seed), batch_size=r["batch_size"])
+    return generate_batched(
+        TorchBackend(c.model),
+        r["labels"],
+        r["steps"],
+        r["cfg_scale"],
+        "linear",
+        SeededNoise(seed),
+        batch_size=r["batch_size"],
+    )
 
 
 # ---- capture ---------------------------------------------------------------------------------
@@ -80,7 +97,9 @@ def test_every_stage_recorded_and_fits_contract(cap):
             for name in specs[stage].input_names:
                 known = specs[stage].match(name, f[name].shape, str(f[name].dtype), known)
             if stage == st.BACKBONE:  # a prefill sample has the prefill's sizes, a step sample a step's
-                assert specs[stage].phase_of(known) == sample_phase(stage, s) or cap.cfg.prefix_len == cap.cfg.parallel_num
+                assert (
+                    specs[stage].phase_of(known) == sample_phase(stage, s) or cap.cfg.prefix_len == cap.cfg.parallel_num
+                )
     batches = -(-len(cap.run["labels"]) // cap.run["batch_size"]) * len(cap.run["seeds"])
     steps = batches * (cap.cfg.ar_steps - 1)
     # the backbone: every prefill and every AR step, prefill samples first; token_embed: every AR step
@@ -146,8 +165,9 @@ def test_head_samples_reproduce_reference(cap):
             guided = not torch.equal(s.inputs["cond_row"], torch.arange(rows))  # rows paired with their twins
             kinds.add(guided)
             noise = s.inputs["noise"][:, : rows // 2] if guided else s.inputs["noise"]
-            got = sample_tokens(cap.model.head_net, s.inputs["cond"], noise, float(s.inputs["cfg"][0]), guided,
-                                cap.cfg.time_shift)  # the official batch sampler, from the recorded inputs
+            got = sample_tokens(
+                cap.model.head_net, s.inputs["cond"], noise, float(s.inputs["cfg"][0]), guided, cap.cfg.time_shift
+            )  # the official batch sampler, from the recorded inputs
             assert torch.equal(got, s.outputs["tokens"])
         assert kinds == {False, True}  # step 0 (linear schedule) unguided, later steps guided
 
@@ -167,8 +187,9 @@ def test_policy_bounds_and_is_deterministic(tiny):
     assert a.candidates[st.TOKEN_EMBED] == a.phase_candidates[st.BACKBONE]["step"]  # the same thinned steps
     assert a.candidates[st.HEAD_STEP] > 3  # reservoir sampling had to choose
     for stage in CAPTURED_STAGES:
-        assert [float(s.inputs[next(iter(s.inputs))].sum()) for s in a.samples[stage]] == \
-               [float(s.inputs[next(iter(s.inputs))].sum()) for s in b.samples[stage]]
+        assert [float(s.inputs[next(iter(s.inputs))].sum()) for s in a.samples[stage]] == [
+            float(s.inputs[next(iter(s.inputs))].sum()) for s in b.samples[stage]
+        ]
     with pytest.raises(BitDanceError, match="head_fraction"):
         CapturePolicy(head_fraction=0.0)
 
@@ -184,8 +205,10 @@ def test_round_trip(tiny, saved):
     assert back.key == tiny.set.key
     assert back.phase_candidates == tiny.set.phase_candidates and back.candidates == tiny.set.candidates
     summary = __import__("json").loads((saved / MANIFEST).read_text())["stages"][st.BACKBONE]
-    assert summary["phases"] == {p: {"samples": n, "candidates": tiny.set.phase_candidates[st.BACKBONE][p]}
-                                 for p, n in tiny.set.phase_counts(st.BACKBONE).items()}
+    assert summary["phases"] == {
+        p: {"samples": n, "candidates": tiny.set.phase_candidates[st.BACKBONE][p]}
+        for p, n in tiny.set.phase_counts(st.BACKBONE).items()
+    }
     for stage in CAPTURED_STAGES:
         assert len(back.samples[stage]) == len(tiny.set.samples[stage])
         for a, b in zip(back.samples[stage], tiny.set.samples[stage]):
@@ -277,8 +300,9 @@ def test_reader_feeds_run_in_exported_graphs(tiny, saved, fixture_exports):
             name = spec.output_names[0]
             for r in range(n_rows):
                 got = session.run([name], rows.get_next())[0]
-                np.testing.assert_allclose(got[0], first.outputs[name][r].numpy(), atol=1e-4, rtol=1e-4,
-                                           err_msg=f"{stage} {phase} row {r}")
+                np.testing.assert_allclose(
+                    got[0], first.outputs[name][r].numpy(), atol=1e-4, rtol=1e-4, err_msg=f"{stage} {phase} row {r}"
+                )
 
 
 def test_reader_drives_onnxruntime_quantization(tiny, saved, tmp_path):
@@ -289,8 +313,9 @@ def test_reader_drives_onnxruntime_quantization(tiny, saved, tmp_path):
 
     cset = load_calibration(saved)
     with torch_threads(1):
-        out = export_stages(tiny.model, tmp_path / "onnx", tiny.weights, stages=[st.HEAD_STEP], sampler_steps=S,
-                            progress=False).directory
+        out = export_stages(
+            tiny.model, tmp_path / "onnx", tiny.weights, stages=[st.HEAD_STEP], sampler_steps=S, progress=False
+        ).directory
     qdq = tmp_path / "head_step.qdq.onnx"
     reader = cset.reader(st.HEAD_STEP)
     assert isinstance(reader, quant.CalibrationDataReader)
@@ -316,8 +341,9 @@ def test_backbone_is_calibrated_on_both_phases(tiny, saved, tmp_path):
 
     cfg, cset = tiny.cfg, load_calibration(saved)
     with torch_threads(1):
-        out = export_stages(tiny.model, tmp_path / "onnx", tiny.weights, stages=[st.BACKBONE], sampler_steps=S,
-                            progress=False).directory
+        out = export_stages(
+            tiny.model, tmp_path / "onnx", tiny.weights, stages=[st.BACKBONE], sampler_steps=S, progress=False
+        ).directory
     graph = Path(out) / f"{st.BACKBONE}.onnx"
     reader = cset.reader(st.BACKBONE)
     groups = reader.groups()

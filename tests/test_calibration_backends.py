@@ -13,8 +13,15 @@ import torch
 
 from bitdance_rt import stages as st
 from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
-from bitdance_rt.calibration import (CapturePolicy, RecordingBackend, capture, capture_choice, load_calibration,
-                                     ort_capture_backend, save_calibration)
+from bitdance_rt.calibration import (
+    CapturePolicy,
+    RecordingBackend,
+    capture,
+    capture_choice,
+    load_calibration,
+    ort_capture_backend,
+    save_calibration,
+)
 from bitdance_rt.calibration.producer import export_digest, producer_of
 from bitdance_rt.errors import BitDanceError
 from bitdance_rt.export.manifest import read_manifest
@@ -86,13 +93,21 @@ def t2i(cache, tmp_path_factory):
         model = source.load()
         # what a capture runs (no fused head sampler: a capture samples with head_step)
         stages = [st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.HEAD_STEP, st.DECODER]
-        export_stages(model, root / "fp32", source.weights_source(), stages=stages, sampler_steps=None,
-                      limits=Limits(1, 1), progress=False)
+        export_stages(
+            model,
+            root / "fp32",
+            source.weights_source(),
+            stages=stages,
+            sampler_steps=None,
+            limits=Limits(1, 1),
+            progress=False,
+        )
         from bitdance_rt.t2i.prompt import PromptEncoder
 
         prompts = PromptEncoder(source.checkpoint + "/tokenizer.json", source.config).encode(["a red cat"])
-        yield Model(source, 2, dict(labels=None, prompts=prompts, seeds=[0], cfg_scale=3.0, batch_size=1),
-                    root / "fp32")
+        yield Model(
+            source, 2, dict(labels=None, prompts=prompts, seeds=[0], cfg_scale=3.0, batch_size=1), root / "fp32"
+        )
 
 
 def _same_samples(a, b) -> None:
@@ -124,10 +139,14 @@ def test_onnxruntime_fp32_capture_records_what_torch_records(name, request):
     assert b.phase_counts(st.BACKBONE)["prefill"] >= 1 and b.phase_counts(st.BACKBONE)["step"] >= 1
     assert a.key["head_evaluations"] == b.key["head_evaluations"] > 0
     assert a.producer == {"backend": "torch", "precision": "fp32", "export_key": None}
-    assert b.producer == {"backend": "onnxruntime", "precision": "fp32",
-                          "export_key": export_digest(read_manifest(m.fp32))}
-    assert {k: v for k, v in a.key.items() if k not in ("producer", "config")} == \
-        {k: v for k, v in b.key.items() if k not in ("producer", "config")}
+    assert b.producer == {
+        "backend": "onnxruntime",
+        "precision": "fp32",
+        "export_key": export_digest(read_manifest(m.fp32)),
+    }
+    assert {k: v for k, v in a.key.items() if k not in ("producer", "config")} == {
+        k: v for k, v in b.key.items() if k not in ("producer", "config")
+    }
     b.check_contract()
 
 
@@ -137,8 +156,15 @@ def test_onnxruntime_capture_changes_no_token(embedded):
     plain = OrtBackend(m.fp32, threads=1)
     try:
         run = {k: v for k, v in m.run.items() if k not in ("seeds", "batch_size")}
-        got = generate_batched(plain, run["labels"], S, run["cfg_scale"], None, SeededNoise(m.run["seeds"][0]),
-                               batch_size=m.run["batch_size"])
+        got = generate_batched(
+            plain,
+            run["labels"],
+            S,
+            run["cfg_scale"],
+            None,
+            SeededNoise(m.run["seeds"][0]),
+            batch_size=m.run["batch_size"],
+        )
     finally:
         plain.close()
     assert torch.equal(got.tokens, m.ort.results[0].tokens)
@@ -150,22 +176,33 @@ def test_fp16_capture_is_marked_fp16(t2i, tmp_path):
         fp16 = precision_export(m.fp32, "fp16", progress=False).directory
         backend = ort_capture_backend(fp16, threads=1, expect_config=m.source.config, expect_source=m.weights)
         try:
-            result = capture(None, m.weights, **m.run, steps=m.steps, policy=POLICY, backend=backend,
-                             origin={"export_dir": str(fp16)})
+            result = capture(
+                None,
+                m.weights,
+                **m.run,
+                steps=m.steps,
+                policy=POLICY,
+                backend=backend,
+                origin={"export_dir": str(fp16)},
+            )
         finally:
             backend.close()
     out = save_calibration(result.dataset, tmp_path / "set")
     manifest = json.loads((out / "calibration.json").read_text())
-    assert manifest["key"]["producer"] == {"backend": "onnxruntime", "precision": "fp16",
-                                           "export_key": export_digest(read_manifest(fp16))}
+    assert manifest["key"]["producer"] == {
+        "backend": "onnxruntime",
+        "precision": "fp16",
+        "export_key": export_digest(read_manifest(fp16)),
+    }
     assert manifest["capture"] == {"export_dir": str(fp16)}
     cset = load_calibration(out, config=m.source.config, weights=m.weights, steps=m.steps)
     assert cset.producer["precision"] == "fp16" and cset.origin["export_dir"] == str(fp16)
     assert cset.phase_counts(st.BACKBONE)["prefill"] == 1 and cset.samples[st.HEAD_STEP]
     # the FP16 trajectories: close to the FP32 ones at the start (same prompt ids, same first noise)
     first = cset.phase_samples(st.BACKBONE, "prefill")[0].inputs["x"]
-    torch.testing.assert_close(first, m.ort.dataset.phase_samples(st.BACKBONE, "prefill")[0].inputs["x"],
-                               atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        first, m.ort.dataset.phase_samples(st.BACKBONE, "prefill")[0].inputs["x"], atol=1e-2, rtol=1e-2
+    )
     assert torch.equal(result.results[0].tokens.abs(), torch.ones_like(result.results[0].tokens))
 
 
@@ -177,17 +214,27 @@ def test_default_set_follows_the_capture_backend_and_int8_from_it_generates(embe
     caplog.set_level(logging.INFO, logger="bitdance_rt")
     args = (cfg, m.weights, S, 4.0, "linear", lambda: pytest.fail("an onnxruntime capture loads no torch model"))
     with torch_threads(1):
-        cset = calibration_for(*args, progress=False, fp32_export=m.fp32, capture_backend="onnxruntime",
-                               capture_precision="fp16", threads=1)
+        cset = calibration_for(
+            *args,
+            progress=False,
+            fp32_export=m.fp32,
+            capture_backend="onnxruntime",
+            capture_precision="fp16",
+            threads=1,
+        )
         assert "capturing 10 images of tiny-digits with onnxruntime on the fp16 export" in caplog.text
         caplog.clear()
         fp16 = precision_export(m.fp32, "fp16", progress=False).directory
         assert cset.directory == default_calibration_dir(cfg, m.weights, S, "onnxruntime", "fp16")
         assert cset.directory.name.endswith("-onnxruntime-fp16") and cset.origin == {"export_dir": str(fp16)}
-        assert cset.producer == {"backend": "onnxruntime", "precision": "fp16",
-                                 "export_key": export_digest(read_manifest(fp16))}
-        again = calibration_for(*args, progress=False, fp32_export=m.fp32, capture_backend="onnxruntime",
-                                capture_precision="fp16")
+        assert cset.producer == {
+            "backend": "onnxruntime",
+            "precision": "fp16",
+            "export_key": export_digest(read_manifest(fp16)),
+        }
+        again = calibration_for(
+            *args, progress=False, fp32_export=m.fp32, capture_backend="onnxruntime", capture_precision="fp16"
+        )
         assert "capturing" not in caplog.text and again.key == cset.key
         int8 = precision_export(m.fp32, "int8", cset, progress=False).directory
         # the INT8 variant's directory (and key) follow the set's producer
@@ -201,12 +248,26 @@ def test_default_set_follows_the_capture_backend_and_int8_from_it_generates(embe
     assert out.image.shape[0] == 2 and bool(torch.isfinite(out.image).all())
     # the accuracy report (`calibrate --report`) says which model produced its calibration data
     with torch_threads(1):
-        report = accuracy_report(cfg, m.weights, m.fp32, cset, "max", [1], [1000], S, 4.0, "linear",
-                                 lambda d: OrtBackend(d, threads=1), precisions=("int8",), progress=False)
+        report = accuracy_report(
+            cfg,
+            m.weights,
+            m.fp32,
+            cset,
+            "max",
+            [1],
+            [1000],
+            S,
+            4.0,
+            "linear",
+            lambda d: OrtBackend(d, threads=1),
+            precisions=("int8",),
+            progress=False,
+        )
     assert report["exports"]["int8"] == str(int8)
     assert report["setup"]["calibration_producer"] == {**cset.producer, "export_dir": str(fp16)}
-    assert f"captured with onnxruntime on the fp16 export {cset.producer['export_key'][:12]} ({fp16})" \
-        in markdown(report)
+    assert f"captured with onnxruntime on the fp16 export {cset.producer['export_key'][:12]} ({fp16})" in markdown(
+        report
+    )
 
 
 def test_cli_calibrate_from_the_fp16_export(embedded, tmp_path, capsys):
@@ -214,16 +275,40 @@ def test_cli_calibrate_from_the_fp16_export(embedded, tmp_path, capsys):
 
     out = tmp_path / "set"
     with torch_threads(1):
-        assert main(["calibrate", "--steps", str(S), "--labels", "1", "4", "--out", str(out), "--capture-backend",
-                     "onnxruntime", "--capture-precision", "fp16", "--threads", "1"]) == 0
+        assert (
+            main(
+                [
+                    "calibrate",
+                    "--steps",
+                    str(S),
+                    "--labels",
+                    "1",
+                    "4",
+                    "--out",
+                    str(out),
+                    "--capture-backend",
+                    "onnxruntime",
+                    "--capture-precision",
+                    "fp16",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
     assert "captured with onnxruntime on the fp16 export" in capsys.readouterr().out
     fp16 = precision_export(embedded.fp32, "fp16", progress=False).directory  # (reused: the automatic variant)
     manifest = json.loads((out / "calibration.json").read_text())
-    assert manifest["key"]["producer"] == {"backend": "onnxruntime", "precision": "fp16",
-                                           "export_key": export_digest(read_manifest(fp16))}
+    assert manifest["key"]["producer"] == {
+        "backend": "onnxruntime",
+        "precision": "fp16",
+        "export_key": export_digest(read_manifest(fp16)),
+    }
     assert manifest["capture"] == {"export_dir": str(fp16)} and manifest["key"]["labels"] == [1, 4]
-    for bad, why in ((["--capture-backend", "torch", "--capture-precision", "fp16"], "float32 reference"),
-                     (["--capture-export", str(embedded.fp32), "--capture-precision", "fp16"], "holds fp32 graphs")):
+    for bad, why in (
+        (["--capture-backend", "torch", "--capture-precision", "fp16"], "float32 reference"),
+        (["--capture-export", str(embedded.fp32), "--capture-precision", "fp16"], "holds fp32 graphs"),
+    ):
         assert main(["calibrate", "--steps", str(S), "--out", str(tmp_path / "x"), *bad]) == 2
         assert why in capsys.readouterr().err
 

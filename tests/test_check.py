@@ -34,16 +34,37 @@ def tiny(tmp_path_factory):
     model = load_model(d / "config.json", d / "checkpoint.pt").model
     out = tmp_path_factory.mktemp("check") / "tiny_4x"
     with torch_threads(1):
-        export_stages(model, out, checkpoint_source(d / "checkpoint.pt"), sampler_steps=S,
-                      limits=st.Limits(max_batch=4, opt_batch=2))
+        export_stages(
+            model,
+            out,
+            checkpoint_source(d / "checkpoint.pt"),
+            sampler_steps=S,
+            limits=st.Limits(max_batch=4, opt_batch=2),
+        )
     return d, model, out
 
 
 def test_check_cli_onnxruntime_every_stage_and_end_to_end(tiny, capsys):
     d, _, export = tiny
-    rc = main(["check", "--backend", "onnxruntime", "--export-dir", str(export), "--model", str(d / "config.json"),
-               "--checkpoint", str(d / "checkpoint.pt"), "--noise-from", str(d / "sample.safetensors"),
-               "--cfg", "3.0", "--threads", "1"])
+    rc = main(
+        [
+            "check",
+            "--backend",
+            "onnxruntime",
+            "--export-dir",
+            str(export),
+            "--model",
+            str(d / "config.json"),
+            "--checkpoint",
+            str(d / "checkpoint.pt"),
+            "--noise-from",
+            str(d / "sample.safetensors"),
+            "--cfg",
+            "3.0",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     for stage in st.ALL_STAGES:
@@ -69,8 +90,19 @@ def test_check_catches_a_wrong_graph(tiny, capsys):
     good = compare_stage(model, backend.specs[st.HEAD_STEP], ort_runner(backend, st.HEAD_STEP))
     assert good.passed
     other = fixture_dir("tiny_1x")
-    rc = main(["check", "--export-dir", str(export), "--model", str(d / "config.json"),
-               "--checkpoint", str(other / "checkpoint.pt"), "--stages", "decoder"])
+    rc = main(
+        [
+            "check",
+            "--export-dir",
+            str(export),
+            "--model",
+            str(d / "config.json"),
+            "--checkpoint",
+            str(other / "checkpoint.pt"),
+            "--stages",
+            "decoder",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "bitdance-rt: error:" in err  # an export of other weights is refused, not compared
 
@@ -118,8 +150,9 @@ def test_backbone_is_checked_in_both_phases(tiny):
 
 
 def _iteration(name, **outputs):
-    return IterationResult(OrderedDict((k, np.asarray(v, dtype=np.float32)) for k, v in outputs.items()),
-                           runner_name=name)
+    return IterationResult(
+        OrderedDict((k, np.asarray(v, dtype=np.float32)) for k, v in outputs.items()), runner_name=name
+    )
 
 
 def test_per_output_tolerances_and_code_agreement():

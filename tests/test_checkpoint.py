@@ -104,7 +104,9 @@ def test_vae_less_checkpoint_needs_vae_file(tmp_path):
     bad_vae = {k: v for k, v in torch.load(d / "vae.pt", weights_only=True)["state_dict"].items()}
     bad_vae["decoder.conv_in.weight"] = bad_vae["decoder.conv_in.weight"][:, :16]
     torch.save({"state_dict": bad_vae}, tmp_path / "bad_vae.pt")
-    with pytest.raises(CheckpointError, match=r"bad_vae.pt does not fit .*decoder.conv_in.weight \[32, 16, 3, 3\] vs \[32, 32, 3, 3\]"):
+    with pytest.raises(
+        CheckpointError, match=r"bad_vae.pt does not fit .*decoder.conv_in.weight \[32, 16, 3, 3\] vs \[32, 32, 3, 3\]"
+    ):
         load_model(d / "config.json", tmp_path / "novae.safetensors", tmp_path / "bad_vae.pt")
 
 

@@ -21,14 +21,27 @@ def export_cache(warm_cache, monkeypatch):
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bitdance_rt", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd or REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bitdance_rt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=300,
+    )
 
 
 def sampling_args(name: str) -> list[str]:
     s = fixture_config(name)["sampling"]
-    return ["--labels", *map(str, s["labels"]), "--steps", str(s["sample_steps"]), "--cfg", str(s["cfg_scale"]),
-            "--cfg-schedule", s["cfg_schedule"]]
+    return [
+        "--labels",
+        *map(str, s["labels"]),
+        "--steps",
+        str(s["sample_steps"]),
+        "--cfg",
+        str(s["cfg_scale"]),
+        "--cfg-schedule",
+        s["cfg_schedule"],
+    ]
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
@@ -36,9 +49,25 @@ def sampling_args(name: str) -> list[str]:
 def test_generate_replays_official_noise(name, backend, tmp_path):
     d = fixture_dir(name)
     out = tmp_path / "imgs"
-    res = run("generate", "--model", d / "config.json", "--checkpoint", d / "checkpoint.pt", "--vae", d / "vae.pt",
-              *sampling_args(name), "--noise-from", d / "sample.safetensors", "--save-tokens", tmp_path / "t.safetensors",
-              "--out", out, "--quiet", "--backend", backend)
+    res = run(
+        "generate",
+        "--model",
+        d / "config.json",
+        "--checkpoint",
+        d / "checkpoint.pt",
+        "--vae",
+        d / "vae.pt",
+        *sampling_args(name),
+        "--noise-from",
+        d / "sample.safetensors",
+        "--save-tokens",
+        tmp_path / "t.safetensors",
+        "--out",
+        out,
+        "--quiet",
+        "--backend",
+        backend,
+    )
     assert res.returncode == 0, res.stderr
     assert "images/s" in res.stdout and f"with {backend}" in res.stdout
     got, want = load_file(str(tmp_path / "t.safetensors")), load_file(str(d / "sample.safetensors"))
@@ -53,8 +82,21 @@ def test_generate_with_seed_matches_official_and_converted_checkpoint(tmp_path):
     res = run("convert", "--checkpoint", d / "checkpoint.pt", "--model", d / "config.json", "--out", conv)
     assert res.returncode == 0, res.stderr
     seed = fixture_config("tiny_4x")["sampling"]["seed"]
-    res = run("generate", "--model", "tiny-4x", "--checkpoint", conv, *sampling_args("tiny_4x"), "--seed", seed,
-              "--save-tokens", tmp_path / "t.safetensors", "--out", tmp_path / "o", "--quiet")
+    res = run(
+        "generate",
+        "--model",
+        "tiny-4x",
+        "--checkpoint",
+        conv,
+        *sampling_args("tiny_4x"),
+        "--seed",
+        seed,
+        "--save-tokens",
+        tmp_path / "t.safetensors",
+        "--out",
+        tmp_path / "o",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     got, want = load_file(str(tmp_path / "t.safetensors")), load_file(str(d / "sample.safetensors"))
     assert torch.equal(got["tokens"], want["tokens"])
@@ -87,14 +129,17 @@ def test_eval_scores_the_embedded_model_identically_on_both_backends():
     assert res.returncode == 2 and "max batch must be a positive integer, got 0" in res.stderr
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--labels", "10"], "out of range"),
-    (["--labels", "-1"], "out of range"),
-    (["--steps", "0"], "steps must be an integer in 1..1000"),
-    (["--checkpoint", "MISSING.pt"], "checkpoint not found"),
-    (["--model", "BitDance-Z-9x"], "unknown model"),
-    (["--noise-from", "MISSING.safetensors"], "noise file not found"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--labels", "10"], "out of range"),
+        (["--labels", "-1"], "out of range"),
+        (["--steps", "0"], "steps must be an integer in 1..1000"),
+        (["--checkpoint", "MISSING.pt"], "checkpoint not found"),
+        (["--model", "BitDance-Z-9x"], "unknown model"),
+        (["--noise-from", "MISSING.safetensors"], "noise file not found"),
+    ],
+)
 def test_errors_are_one_actionable_line(extra, needle, tmp_path):
     args = ["generate", "--out", tmp_path / "o", "--quiet", "--steps", "2", *extra]
     res = run(*args)
@@ -108,8 +153,10 @@ def test_unreadable_and_wrong_checkpoints_exit_cleanly(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00garbage")
     d1 = fixture_dir("tiny_1x")
-    for args, needle in [(["--checkpoint", junk], "unreadable"),
-                         (["--model", "tiny-4x", "--checkpoint", d1 / "checkpoint.pt"], "does not fit model tiny-4x")]:
+    for args, needle in [
+        (["--checkpoint", junk], "unreadable"),
+        (["--model", "tiny-4x", "--checkpoint", d1 / "checkpoint.pt"], "does not fit model tiny-4x"),
+    ]:
         res = run("generate", "--out", tmp_path / "o", "--quiet", *args)
         assert res.returncode == 2 and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr
@@ -136,18 +183,58 @@ def test_export_command_then_generate_from_it(tmp_path):
     assert res.returncode == 0 and "exported" in res.stdout, res.stderr
     res = run("export", *base, "--out", exp, "--steps", s["sample_steps"])
     assert res.returncode == 0 and "up to date, reused" in res.stdout, res.stderr
-    res = run("generate", "--model", d / "config.json", "--checkpoint", d / "checkpoint.pt", "--export-dir", exp,
-              *sampling_args("tiny_4x"), "--seed", s["seed"], "--save-tokens", tmp_path / "t.safetensors",
-              "--out", tmp_path / "o", "--quiet", "--backend", "onnxruntime")
+    res = run(
+        "generate",
+        "--model",
+        d / "config.json",
+        "--checkpoint",
+        d / "checkpoint.pt",
+        "--export-dir",
+        exp,
+        *sampling_args("tiny_4x"),
+        "--seed",
+        s["seed"],
+        "--save-tokens",
+        tmp_path / "t.safetensors",
+        "--out",
+        tmp_path / "o",
+        "--quiet",
+        "--backend",
+        "onnxruntime",
+    )
     assert res.returncode == 0, res.stderr
     want = load_file(str(d / "sample.safetensors"))
     assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["tokens"], want["tokens"])
-    res = run("generate", "--model", fixture_dir("tiny_1x") / "config.json", "--export-dir", exp, "--quiet",
-              "--backend", "onnxruntime", "--out", tmp_path / "o2", "--steps", "2")
+    res = run(
+        "generate",
+        "--model",
+        fixture_dir("tiny_1x") / "config.json",
+        "--export-dir",
+        exp,
+        "--quiet",
+        "--backend",
+        "onnxruntime",
+        "--out",
+        tmp_path / "o2",
+        "--steps",
+        "2",
+    )
     assert res.returncode == 2 and "not 'tiny_1x'" in res.stderr and "Traceback" not in res.stderr
     (exp / "decoder.onnx").write_bytes(b"broken")
-    res = run("generate", "--model", d / "config.json", "--export-dir", exp, "--quiet", "--backend", "onnxruntime",
-              "--out", tmp_path / "o3", "--steps", "2")
+    res = run(
+        "generate",
+        "--model",
+        d / "config.json",
+        "--export-dir",
+        exp,
+        "--quiet",
+        "--backend",
+        "onnxruntime",
+        "--out",
+        tmp_path / "o3",
+        "--steps",
+        "2",
+    )
     assert res.returncode == 2 and "decoder.onnx" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -194,16 +281,20 @@ def test_renamed_flags_keep_their_old_spellings(capsys):
     assert parser.parse_args(["calibrate", "--out", "o", "--calib-method", "entropy"]).method == "entropy"
     assert parser.parse_args(["calibrate", "--out", "o", "--method", "entropy"]).method == "entropy"
     assert parser.parse_args(["calibrate", "--out", "o"]).method == "max"
-    helps = {c: parser._subparsers._group_actions[0].choices[c].format_help()
-             for c in ("generate", "build", "calibrate", "plan")}
+    helps = {
+        c: parser._subparsers._group_actions[0].choices[c].format_help()
+        for c in ("generate", "build", "calibrate", "plan")
+    }
     assert "--export-dir DIR" in helps["build"] and "--export " not in helps["build"]
     assert "--max-batch N" in helps["generate"] and "--batch-size" not in helps["generate"]
     assert "--max-batch N" in helps["plan"] and "--batch-size" not in helps["plan"]
     assert "--calib-method" in helps["calibrate"] and "--method" not in helps["calibrate"]
-    for argv, needle in ((["build"], "--export-dir is required"),
-                         (["build", "--export", "a", "--export-dir", "b"], "not allowed with"),
-                         (["generate", "--max-batch", "2", "--batch-size", "3"], "not allowed with"),
-                         (["build", "--export-dir", "a", "--device", "gpu"], "expected cuda, cuda:N")):
+    for argv, needle in (
+        (["build"], "--export-dir is required"),
+        (["build", "--export", "a", "--export-dir", "b"], "not allowed with"),
+        (["generate", "--max-batch", "2", "--batch-size", "3"], "not allowed with"),
+        (["build", "--export-dir", "a", "--device", "gpu"], "expected cuda, cuda:N"),
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
         assert needle in capsys.readouterr().err

@@ -15,9 +15,13 @@ from conftest import fixture_config, fixture_dir
 
 # Parameter counts from the official imagenet_gen/README.md, with half a unit of the digits it
 # prints as tolerance (242M: +-0.5M; 1.0B: +-0.05B). Autoencoder: 460M.
-OFFICIAL_PARAMS = {"BitDance-B-1x": (242e6, 0.5e6), "BitDance-B-4x": (260e6, 0.5e6),
-                   "BitDance-B-16x": (260e6, 0.5e6), "BitDance-L-1x": (527e6, 0.5e6),
-                   "BitDance-H-1x": (1.0e9, 0.05e9)}
+OFFICIAL_PARAMS = {
+    "BitDance-B-1x": (242e6, 0.5e6),
+    "BitDance-B-4x": (260e6, 0.5e6),
+    "BitDance-B-16x": (260e6, 0.5e6),
+    "BitDance-L-1x": (527e6, 0.5e6),
+    "BitDance-H-1x": (1.0e9, 0.05e9),
+}
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
@@ -67,16 +71,19 @@ def bad(raw_changes: dict, vae_changes: dict | None = None) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("changes,vae_changes,match", [
-    ({"n_head": 5}, None, "not divisible by n_head"),
-    ({"parallel_num": 3}, None, "perfect square"),
-    ({"parallel_num": 64}, None, "cannot be cut"),
-    ({"bogus": 1}, None, "unknown constructor_args.*bogus"),
-    ({"latent_dim": 16}, None, "z_channels=32 must equal latent_dim=16"),
-    ({}, {"ch_mult": [1, 1, 1, 1]}, "downsamples by 8"),
-    ({"patch_size": 2}, None, "patch_size=2"),
-    ({"dim": -64}, None, "dim must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "changes,vae_changes,match",
+    [
+        ({"n_head": 5}, None, "not divisible by n_head"),
+        ({"parallel_num": 3}, None, "perfect square"),
+        ({"parallel_num": 64}, None, "cannot be cut"),
+        ({"bogus": 1}, None, "unknown constructor_args.*bogus"),
+        ({"latent_dim": 16}, None, "z_channels=32 must equal latent_dim=16"),
+        ({}, {"ch_mult": [1, 1, 1, 1]}, "downsamples by 8"),
+        ({"patch_size": 2}, None, "patch_size=2"),
+        ({"dim": -64}, None, "dim must be a positive integer"),
+    ],
+)
 def test_invalid_configs_name_the_problem(changes, vae_changes, match):
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_json_dict(bad(changes, vae_changes), "x.json")

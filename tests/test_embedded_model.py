@@ -18,7 +18,12 @@ from bitdance_rt.loading import load_model
 from bitdance_rt.models import BitDance
 from bitdance_rt.models.init import random_init
 from bitdance_rt.quality import (
-    class_accuracy, digits_to_images, frechet_distance, load_classifier, load_heldout, score_images,
+    class_accuracy,
+    digits_to_images,
+    frechet_distance,
+    load_classifier,
+    load_heldout,
+    score_images,
 )
 from bitdance_rt.runtime import generate
 from bitdance_rt.runtime.torch_backend import TorchBackend
@@ -46,8 +51,14 @@ def classifier():
 
 def _generate(model, labels, seed, steps=None, cfg=None):
     c = model.cfg
-    return generate(TorchBackend(model), labels, steps or c.default_steps,
-                    c.default_cfg if cfg is None else cfg, "linear", SeededNoise(seed))
+    return generate(
+        TorchBackend(model),
+        labels,
+        steps or c.default_steps,
+        c.default_cfg if cfg is None else cfg,
+        "linear",
+        SeededNoise(seed),
+    )
 
 
 def test_assets_are_small_and_config_is_official_form():

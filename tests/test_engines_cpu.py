@@ -18,8 +18,15 @@ from onnx import TensorProto, helper  # noqa: E402
 from bitdance_rt import stages as st  # noqa: E402
 from bitdance_rt.engines import cache as ec  # noqa: E402
 from bitdance_rt.engines.lint import TARGETS, lint_export, lint_graph, op_table  # noqa: E402
-from bitdance_rt.engines.profiles import (multi_shape_strings, profile_index, shape_strings,  # noqa: E402
-                                          spanning_profile, stage_profile, stage_profiles, trtexec_shapes)
+from bitdance_rt.engines.profiles import (
+    multi_shape_strings,
+    profile_index,
+    shape_strings,  # noqa: E402
+    spanning_profile,
+    stage_profile,
+    stage_profiles,
+    trtexec_shapes,
+)
 from bitdance_rt.errors import BitDanceError  # noqa: E402
 from bitdance_rt.export import read_manifest  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
@@ -82,12 +89,16 @@ def _vi(name, dtype, shape):
 
 
 def test_bad_graph_is_flagged_with_file_and_node(tmp_path):
-    model = _model([
-        helper.make_node("Relu", ["x"], ["r"], name="ok_relu"),
-        helper.make_node("Det", ["r"], ["d"], name="the_det"),
-        helper.make_node("Cast", ["r"], ["y64"], name="to_double", to=TensorProto.DOUBLE),
-    ], [_vi("x", TensorProto.FLOAT, [2, 3, 3])], [_vi("d", TensorProto.FLOAT, [2]),
-                                                  _vi("y64", TensorProto.DOUBLE, [2, 3, 3])], opset=21)
+    model = _model(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="ok_relu"),
+            helper.make_node("Det", ["r"], ["d"], name="the_det"),
+            helper.make_node("Cast", ["r"], ["y64"], name="to_double", to=TensorProto.DOUBLE),
+        ],
+        [_vi("x", TensorProto.FLOAT, [2, 3, 3])],
+        [_vi("d", TensorProto.FLOAT, [2]), _vi("y64", TensorProto.DOUBLE, [2, 3, 3])],
+        opset=21,
+    )
     path = tmp_path / "bad.onnx"
     onnx.save(model, str(path))
     found = lint_graph(path, "10.3")
@@ -104,21 +115,28 @@ def test_bad_graph_is_flagged_with_file_and_node(tmp_path):
 
 def test_restrictions_and_types():
     axes = helper.make_tensor("one", TensorProto.INT64, [1], [0])
-    model = _model([
-        helper.make_node("Shape", ["x"], ["s"], name="shape"),
-        helper.make_node("Slice", ["s", "one_c", "two_c"], ["dyn_axes"], name="axes_from_shape"),
-        helper.make_node("Constant", [], ["one_c"], value=helper.make_tensor("a", TensorProto.INT64, [1], [0])),
-        helper.make_node("Constant", [], ["two_c"], value=helper.make_tensor("b", TensorProto.INT64, [1], [1])),
-        helper.make_node("Sub", ["dyn_axes", "dyn_axes"], ["zero"], name="zero"),
-        helper.make_node("Unsqueeze", ["x", "zero"], ["u"], name="computed_axes"),
-        helper.make_node("Squeeze", ["u", "one"], ["q"], name="const_axes"),
-        helper.make_node("ScatterND", ["x", "idx", "upd"], ["sc"], name="scatter_add", reduction="add"),
-        helper.make_node("Cast", ["x"], ["u8"], name="to_uint8", to=TensorProto.UINT8),
-        helper.make_node("Cast", ["u8"], ["back"], name="from_uint8", to=TensorProto.FLOAT),
-        helper.make_node("Custom", ["x"], ["c"], name="plugin_op", domain="com.example"),
-    ], [_vi("x", TensorProto.FLOAT, [4, 3]), _vi("idx", TensorProto.INT64, [1, 1]),
-        _vi("upd", TensorProto.FLOAT, [1, 3])],
-        [_vi(n, TensorProto.FLOAT, [4, 3]) for n in ("q", "sc", "back", "c")], inits=[axes])
+    model = _model(
+        [
+            helper.make_node("Shape", ["x"], ["s"], name="shape"),
+            helper.make_node("Slice", ["s", "one_c", "two_c"], ["dyn_axes"], name="axes_from_shape"),
+            helper.make_node("Constant", [], ["one_c"], value=helper.make_tensor("a", TensorProto.INT64, [1], [0])),
+            helper.make_node("Constant", [], ["two_c"], value=helper.make_tensor("b", TensorProto.INT64, [1], [1])),
+            helper.make_node("Sub", ["dyn_axes", "dyn_axes"], ["zero"], name="zero"),
+            helper.make_node("Unsqueeze", ["x", "zero"], ["u"], name="computed_axes"),
+            helper.make_node("Squeeze", ["u", "one"], ["q"], name="const_axes"),
+            helper.make_node("ScatterND", ["x", "idx", "upd"], ["sc"], name="scatter_add", reduction="add"),
+            helper.make_node("Cast", ["x"], ["u8"], name="to_uint8", to=TensorProto.UINT8),
+            helper.make_node("Cast", ["u8"], ["back"], name="from_uint8", to=TensorProto.FLOAT),
+            helper.make_node("Custom", ["x"], ["c"], name="plugin_op", domain="com.example"),
+        ],
+        [
+            _vi("x", TensorProto.FLOAT, [4, 3]),
+            _vi("idx", TensorProto.INT64, [1, 1]),
+            _vi("upd", TensorProto.FLOAT, [1, 3]),
+        ],
+        [_vi(n, TensorProto.FLOAT, [4, 3]) for n in ("q", "sc", "back", "c")],
+        inits=[axes],
+    )
     model.opset_import.append(helper.make_opsetid("com.example", 1))
     found = {f.node: f for f in lint_graph(model, "10.3")}
     assert set(found) == {"computed_axes", "scatter_add", "to_uint8", "plugin_op"}, [str(f) for f in found.values()]
@@ -131,11 +149,15 @@ def test_restrictions_and_types():
 
 
 def test_int_input_feeding_a_shape_operand_is_reported():
-    model = _model([
-        helper.make_node("Add", ["start", "p"], ["end"], name="end"),
-        helper.make_node("Slice", ["x", "start", "end"], ["y"], name="slice_at_start"),
-    ], [_vi("x", TensorProto.FLOAT, [8, 3]), _vi("start", TensorProto.INT64, [1])], [_vi("y", TensorProto.FLOAT, None)],
-        inits=[helper.make_tensor("p", TensorProto.INT64, [1], [2])])
+    model = _model(
+        [
+            helper.make_node("Add", ["start", "p"], ["end"], name="end"),
+            helper.make_node("Slice", ["x", "start", "end"], ["y"], name="slice_at_start"),
+        ],
+        [_vi("x", TensorProto.FLOAT, [8, 3]), _vi("start", TensorProto.INT64, [1])],
+        [_vi("y", TensorProto.FLOAT, None)],
+        inits=[helper.make_tensor("p", TensorProto.INT64, [1], [2])],
+    )
     (f,) = lint_graph(model, "10.3")
     assert (f.node, f.op, f.severity) == ("slice_at_start", "Slice", "warning") and "shape tensor" in f.why
 
@@ -204,7 +226,8 @@ def test_profiles_are_the_contract(export):
     two = trtexec_shapes(backbone)  # one flag set per profile, in profile order
     assert [a.split("=")[0] for a in two] == ["--minShapes", "--optShapes", "--maxShapes"] * 2
     assert two[0].startswith(f"--minShapes=x:1x{cfg.prefix_len}x{cfg.dim},") and two[3].startswith(
-        f"--minShapes=x:1x{p}x{cfg.dim},")
+        f"--minShapes=x:1x{p}x{cfg.dim},"
+    )
     with pytest.raises(BitDanceError, match="no phase 'decode'"):
         profile_index(backbone, "decode")
 
@@ -250,15 +273,32 @@ def _key(export, stage=st.HEAD_STEP, profiles=None, **changes):
     directory, cfg = export
     spec = st.stage_spec(stage, cfg, S)
     profiles = stage_profiles(spec) if profiles is None else profiles
-    key = ec.engine_key(read_manifest(directory), stage, "fp16", profiles, "NVIDIA H100 80GB HBM3",
-                        "9.0", "10.3.0", opt_level=3, workspace_bytes=1 << 30)
+    key = ec.engine_key(
+        read_manifest(directory),
+        stage,
+        "fp16",
+        profiles,
+        "NVIDIA H100 80GB HBM3",
+        "9.0",
+        "10.3.0",
+        opt_level=3,
+        workspace_bytes=1 << 30,
+    )
     return replace(key, **changes)
 
 
-CHANGES = {"onnx_sha256": "0" * 64, "data_sha256": "1" * 64, "precision": "bf16",
-           "profiles": ((("x", (1,), (2,), (3,)),),), "gpu_name": "NVIDIA A100-SXM4-80GB",
-           "compute_capability": "8.0", "trt_version": "11.0.0", "opt_level": 5, "workspace_bytes": 1 << 31,
-           "flags": ("strongly_typed",)}
+CHANGES = {
+    "onnx_sha256": "0" * 64,
+    "data_sha256": "1" * 64,
+    "precision": "bf16",
+    "profiles": ((("x", (1,), (2,), (3,)),),),
+    "gpu_name": "NVIDIA A100-SXM4-80GB",
+    "compute_capability": "8.0",
+    "trt_version": "11.0.0",
+    "opt_level": 5,
+    "workspace_bytes": 1 << 31,
+    "flags": ("strongly_typed",),
+}
 
 
 def test_key_changes_with_every_field(export):
@@ -298,8 +338,12 @@ def test_backbone_key_holds_every_phase_profile(export, tmp_path):
     base = _key(export, st.BACKBONE)
     assert len(base.profiles) == 2 and base.profiles == ec._freeze([ec.profile_json(p) for p in (prefill, step)])
     other_step = [(n, lo, opt, hi) if n != "x" else (n, lo, (2, *opt[1:]), hi) for n, lo, opt, hi in step]
-    keys = [base, _key(export, st.BACKBONE, profiles=[prefill, other_step]),
-            _key(export, st.BACKBONE, profiles=[step, prefill]), _key(export, st.BACKBONE, profiles=[prefill])]
+    keys = [
+        base,
+        _key(export, st.BACKBONE, profiles=[prefill, other_step]),
+        _key(export, st.BACKBONE, profiles=[step, prefill]),
+        _key(export, st.BACKBONE, profiles=[prefill]),
+    ]
     assert len({k.digest() for k in keys}) == 4
     ec.store(base, b"two-profile engine", tmp_path)
     found = ec.lookup(keys[1], tmp_path)

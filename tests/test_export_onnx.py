@@ -16,8 +16,13 @@ ort = pytest.importorskip("onnxruntime")
 
 from bitdance_rt import stages as st  # noqa: E402
 from bitdance_rt.errors import BitDanceError  # noqa: E402
-from bitdance_rt.export import (MANIFEST, checkpoint_source, export_files, export_stage,  # noqa: E402
-                                export_stages)
+from bitdance_rt.export import (
+    MANIFEST,
+    checkpoint_source,
+    export_files,
+    export_stage,  # noqa: E402
+    export_stages,
+)
 from bitdance_rt.export.wrappers import example_inputs, stage_module  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.sampling import guidance_rows, sample_tokens  # noqa: E402
@@ -136,14 +141,16 @@ def _graph_prefill(ex: Export, labels, kv=None, backbone=None):
     kv = np.zeros(st.kv_shape(ex.cfg, rows), dtype=np.float32) if kv is None else np.asarray(kv)
     (x,) = ex.run(st.PREFIX_EMBED, labels)
     assert x.shape == (rows, ex.cfg.prefix_len, ex.cfg.dim)
-    return (backbone or ex.session(st.BACKBONE)).run(None, {"x": x, "start": np.zeros(rows, dtype=np.int64),
-                                                             **cache_feed(ex.cfg, kv)})
+    return (backbone or ex.session(st.BACKBONE)).run(
+        None, {"x": x, "start": np.zeros(rows, dtype=np.int64), **cache_feed(ex.cfg, kv)}
+    )
 
 
 def _graph_step(ex: Export, tokens, starts, kv):
     (x,) = ex.run(st.TOKEN_EMBED, tokens)
-    return ex.session(st.BACKBONE).run(None, {"x": x, "start": np.asarray(starts, dtype=np.int64),
-                                              **cache_feed(ex.cfg, kv)})
+    return ex.session(st.BACKBONE).run(
+        None, {"x": x, "start": np.asarray(starts, dtype=np.int64), **cache_feed(ex.cfg, kv)}
+    )
 
 
 @pytest.mark.parametrize("rows", [1, 4, 7])
@@ -174,7 +181,7 @@ def test_prefill_and_steps_match_official_fixture(ex):
         (x,) = ex.run(st.TOKEN_EMBED, tokens)
         _close(x, s[f"backbone.step{i}.input"].reshape(4, p, -1))
         cond, new = _graph_step(ex, tokens, np.full(4, start), kv)
-        _close(cond, s[f"backbone.step{i}.output"].reshape(4, p, -1) + pos[i * p:(i + 1) * p])
+        _close(cond, s[f"backbone.step{i}.output"].reshape(4, p, -1) + pos[i * p : (i + 1) * p])
         kv[..., start : start + p, :] = new
 
 
@@ -292,8 +299,7 @@ def test_export_is_reused_and_redone_when_stale(ex, tmp_path):
     manifest = json.loads((d / MANIFEST).read_text())
     manifest["stages"][st.HEAD_STEP]["dims"]["rows"]["max"] += 1
     (d / MANIFEST).write_text(json.dumps(manifest))
-    assert not export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER],
-                             sampler_steps=S).reused
+    assert not export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER], sampler_steps=S).reused
     other_s = export_stages(ex.model, d, ex.source, stages=[st.HEAD_STEP, st.HEAD_SAMPLER], sampler_steps=3)
     assert not other_s.reused and other_s.manifest["key"]["sampler_steps"] == 3
     other_ckpt = export_stages(ex.model, d, "random-init seed 1", stages=[st.HEAD_STEP])

@@ -30,9 +30,12 @@ def _cfg(name: str = "tiny_4x"):
 def _write(directory, cfg, stages=st.GENERATION_STAGES, precision=None, files=None):
     limits = st.Limits(max_batch=8, opt_batch=2)
     specs = st.stage_specs(cfg, stages, S, limits)
-    manifest = {"key": manifest_key(cfg, SOURCE, stages, 17, S, limits),
-                "stages": {n: specs[n].to_json() for n in stages},
-                "stage_files": {n: [f"{n}.onnx"] for n in stages}, "files": files or {}}
+    manifest = {
+        "key": manifest_key(cfg, SOURCE, stages, 17, S, limits),
+        "stages": {n: specs[n].to_json() for n in stages},
+        "stage_files": {n: [f"{n}.onnx"] for n in stages},
+        "files": files or {},
+    }
     if precision is not None:
         manifest["precision"] = precision
     directory.mkdir(parents=True, exist_ok=True)
@@ -70,16 +73,23 @@ def test_another_model_names_the_differing_fields(tmp_path):
     msg = str(err.value)
     assert f"{d / MANIFEST} was exported for model {cfg.name!r}, not {other.name!r}" in msg
     assert f"re-export {d} for this model" in msg and "\n" not in msg
-    diff = config_differences({"constructor_args": cfg.to_json_dict()["constructor_args"]},
-                              {"constructor_args": other.to_json_dict()["constructor_args"]})
+    diff = config_differences(
+        {"constructor_args": cfg.to_json_dict()["constructor_args"]},
+        {"constructor_args": other.to_json_dict()["constructor_args"]},
+    )
     assert diff and diff[0] in msg  # "constructor_args.<field> <export's> vs <expected>"
-    open_export(d, expect_config=dataclasses.replace(cfg, name="same-architecture"))  # the name alone is not the architecture
+    open_export(
+        d, expect_config=dataclasses.replace(cfg, name="same-architecture")
+    )  # the name alone is not the architecture
     with pytest.raises(BitDanceError, match="another checkpoint"):
         open_export(d, expect_source="sha256:" + "2" * 64)
 
 
 def test_config_differences():
-    assert config_differences({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 5}}) == ["b.c 2 vs 5", "b.d 3 vs None"]
+    assert config_differences({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 5}}) == [
+        "b.c 2 vs 5",
+        "b.d 3 vs None",
+    ]
     assert config_differences({"a": 1}, {"a": 1}) == []
 
 
@@ -108,8 +118,10 @@ def test_reader_is_torch_free(tmp_path):
     """The engine build (no torch on Jetson) opens exports with it."""
     import subprocess
 
-    code = ("import sys\nfrom bitdance_rt.export.reader import open_export\n"
-            "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules)\n")
+    code = (
+        "import sys\nfrom bitdance_rt.export.reader import open_export\n"
+        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules)\n"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
@@ -136,6 +148,9 @@ def test_opset_is_one_definition():
     from bitdance_rt import cli
     from bitdance_rt.export import manifest, onnx_export
 
-    assert (onnx_export.DEFAULT_OPSET, onnx_export.MIN_OPSET, onnx_export.MAX_OPSET) == \
-        (manifest.DEFAULT_OPSET, manifest.MIN_OPSET, manifest.MAX_OPSET)
+    assert (onnx_export.DEFAULT_OPSET, onnx_export.MIN_OPSET, onnx_export.MAX_OPSET) == (
+        manifest.DEFAULT_OPSET,
+        manifest.MIN_OPSET,
+        manifest.MAX_OPSET,
+    )
     assert cli.build_parser().parse_args(["export", "--out", "x"]).opset == manifest.DEFAULT_OPSET

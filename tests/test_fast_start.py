@@ -72,11 +72,17 @@ def test_cached_sha256_second_call_reads_nothing(tmp_path, hash_spy):
 
 def test_cached_sha256_persists_across_processes(tmp_path):
     f = _file(tmp_path / "w.bin", b"x" * 1000)
-    code = ("import sys; from bitdance_rt import fileio; calls = []; real = fileio.file_sha256\n"
-            "fileio.file_sha256 = lambda p, *a: calls.append(p) or real(p, *a)\n"
-            "print(fileio.cached_sha256(sys.argv[1]), len(calls))")
-    runs = [subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, check=True,
-                           env=os.environ.copy()).stdout.split() for _ in range(2)]
+    code = (
+        "import sys; from bitdance_rt import fileio; calls = []; real = fileio.file_sha256\n"
+        "fileio.file_sha256 = lambda p, *a: calls.append(p) or real(p, *a)\n"
+        "print(fileio.cached_sha256(sys.argv[1]), len(calls))"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(f)], capture_output=True, text=True, check=True, env=os.environ.copy()
+        ).stdout.split()
+        for _ in range(2)
+    ]
     want = hashlib.sha256(b"x" * 1000).hexdigest()
     assert runs == [[want, "1"], [want, "0"]]
 
@@ -108,8 +114,10 @@ def test_just_modified_file_is_not_remembered(tmp_path, hash_spy):
     assert not fileio.hash_cache_path().exists()
 
 
-@pytest.mark.parametrize("garbage", [b"{not json", b"\xff\xfe\x00", b'["a list"]',
-                                     b'{"format": "bitdance-rt-file-hashes/1", "files": {"X": 3}}'])
+@pytest.mark.parametrize(
+    "garbage",
+    [b"{not json", b"\xff\xfe\x00", b'["a list"]', b'{"format": "bitdance-rt-file-hashes/1", "files": {"X": 3}}'],
+)
 def test_corrupt_cache_file_is_tolerated_and_rewritten(tmp_path, hash_spy, garbage):
     f = _file(tmp_path / "a.bin", b"payload")
     cache = fileio.hash_cache_path()
@@ -150,6 +158,7 @@ def test_cache_location_follows_env_and_home(tmp_path, monkeypatch):
     fileio.cached_sha256(f)
     assert (tmp_path / "home" / ".cache" / "bitdance-rt" / fileio.HASH_CACHE_FILE).is_file()
     from bitdance_rt.paths import cache_root  # one root for every cache
+
     assert cache_root() == fileio.cache_root()
 
 
@@ -190,8 +199,9 @@ def test_checkpoint_source_uses_the_cache(tmp_path, hash_spy):
     ck = _file(tmp_path / "ck.pt", b"weights" * 100)
     vae = _file(tmp_path / "ae.pt", b"vae" * 100)
     first = checkpoint_source(ck, vae)
-    assert first == (f"sha256:{hashlib.sha256(b'weights' * 100).hexdigest()} "
-                     f"vae sha256:{hashlib.sha256(b'vae' * 100).hexdigest()}")
+    assert first == (
+        f"sha256:{hashlib.sha256(b'weights' * 100).hexdigest()} vae sha256:{hashlib.sha256(b'vae' * 100).hexdigest()}"
+    )
     assert checkpoint_source(ck, vae) == first and len(hash_spy) == 2
 
 
@@ -211,21 +221,31 @@ def _mlp(seed: int = 0, big: int = 0, ir3: bool = False):
     """x -> MatMul -> Add -> Mul(0.5) -> Relu -> MatMul (+ an unused big initializer). ir3: the
     initializers are listed among the graph inputs too, as IR version 3 required."""
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-             for n, s in (("w1", (D, D)), ("b1", (D,)), ("w2", (D, D)))]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+        for n, s in (("w1", (D, D)), ("b1", (D,)), ("w2", (D, D)))
+    ]
     inits.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
     if big:
         inits.append(numpy_helper.from_array(np.zeros(big, np.float32), "unused_big"))
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["h2"]),
-             helper.make_node("Mul", ["h2", "half"], ["h3"]), helper.make_node("Relu", ["h3"], ["h4"]),
-             helper.make_node("MatMul", ["h4", "w2"], ["y"]), helper.make_node("Identity", ["h2"], ["z"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["h2"]),
+        helper.make_node("Mul", ["h2", "half"], ["h3"]),
+        helper.make_node("Relu", ["h3"], ["h4"]),
+        helper.make_node("MatMul", ["h4", "w2"], ["y"]),
+        helper.make_node("Identity", ["h2"], ["z"]),
+    ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", D])]
     if ir3:
         inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", D]),
-               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["rows", D])]
-    model = helper.make_model(helper.make_graph(nodes, "mlp", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", D]),
+        helper.make_tensor_value_info("z", TensorProto.FLOAT, ["rows", D]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "mlp", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     return model
 
@@ -235,16 +255,26 @@ def _qdq_matmul(seed: int = 0):
     QLinearMatMul / MatMulInteger; session.x64quantprecision rewrites the weights to uint8)."""
     rng = np.random.default_rng(seed)
     w = rng.integers(-127, 128, (D, D)).astype(np.int8)
-    inits = [numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.array(0.02, np.float32), "ws"),
-             numpy_helper.from_array(np.array(0, np.int8), "wz"),
-             numpy_helper.from_array(np.array(0.03, np.float32), "xs"),
-             numpy_helper.from_array(np.array(0, np.int8), "xz")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"]),
-             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
-    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", D])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", D])], inits)
+    inits = [
+        numpy_helper.from_array(w, "wq"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+        numpy_helper.from_array(np.array(0.03, np.float32), "xs"),
+        numpy_helper.from_array(np.array(0, np.int8), "xz"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", D])],
+        inits,
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -326,8 +356,9 @@ def test_graph_signature_reads_no_weights(tmp_path, monkeypatch):
 def test_graph_signature_rejects_malformed_files(tmp_path, damage):
     path = _save(_mlp(), tmp_path / "m.onnx")
     data = path.read_bytes()
-    path.write_bytes({"garbage": b"\x0f\xff\xff\xff" + os.urandom(64), "truncated": data[: len(data) // 2],
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"garbage": b"\x0f\xff\xff\xff" + os.urandom(64), "truncated": data[: len(data) // 2], "empty": b""}[damage]
+    )
     with pytest.raises(ValueError):
         graph_signature(path)
 
@@ -501,14 +532,23 @@ def test_cached_graph_holds_the_optimisation_work(tmp_path):
     rng = np.random.default_rng(0)
     inits, nodes, prev = [], [], "x"
     for i in range(50):
-        inits += [numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32), f"a{i}"),
-                  numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32), f"b{i}")]
-        nodes += [helper.make_node("MatMul", [f"a{i}", f"b{i}"], [f"c{i}"]),  # constant: folded
-                  helper.make_node("MatMul", [prev, f"c{i}"], [f"h{i}"]),
-                  helper.make_node("Tanh", [f"h{i}"], [f"t{i}"])]
+        inits += [
+            numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32), f"a{i}"),
+            numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [f"a{i}", f"b{i}"], [f"c{i}"]),  # constant: folded
+            helper.make_node("MatMul", [prev, f"c{i}"], [f"h{i}"]),
+            helper.make_node("Tanh", [f"h{i}"], [f"t{i}"]),
+        ]
         prev = f"t{i}"
-    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", D])],
-                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["rows", D])], inits)
+    g = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", D])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["rows", D])],
+        inits,
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     src = _save(model, tmp_path / "chain.onnx")

@@ -69,8 +69,9 @@ def _run_cli(prelude: str, root: Path, out: Path, *extra: str) -> subprocess.Com
     """`bitdance-rt generate` in a fresh process after `prelude` (rlimits, dropped capabilities)."""
     code = prelude + "\nfrom bitdance_rt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     args = ["generate", "--out", str(out), "--quiet", "--threads", "1", "--labels", *map(str, LABELS), *extra]
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env(root),
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env(root), timeout=120
+    )
 
 
 def _warnings(stderr: str) -> list[str]:
@@ -87,8 +88,11 @@ def _not_black(out: Path) -> None:
 
 
 def _entry_of(cache: Path, graph: str) -> Path:
-    [entry] = [e for e in cache.iterdir() if not e.name.startswith(".")
-               and json.loads((e / "meta.json").read_text())["source"].endswith(f"/{graph}")]
+    [entry] = [
+        e
+        for e in cache.iterdir()
+        if not e.name.startswith(".") and json.loads((e / "meta.json").read_text())["source"].endswith(f"/{graph}")
+    ]
     return entry
 
 
@@ -227,8 +231,9 @@ time.sleep(300)
 
 def _holder(parent: Path, prefix: str, suffix: str = "") -> tuple[subprocess.Popen, Path]:
     """A process holding a work directory made by the production helper (as an export does)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(parent), prefix, suffix], stdout=subprocess.PIPE,
-                            text=True, env=_env(parent))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(parent), prefix, suffix], stdout=subprocess.PIPE, text=True, env=_env(parent)
+    )
     line = proc.stdout.readline().strip()
     assert line, "the holder process made no work directory"
     return proc, Path(line)
@@ -272,8 +277,13 @@ def test_killed_export_work_dirs_are_swept_but_live_ones_kept(warm, tmp_path):
         dead_opt = _killed(ort_cache, f"{TMP_PREFIX}0123abcd-{os.getpid()}-")  # its pid even lives: the lock decides
         import onnxruntime as ort
 
-        make_session(exports / name / "prefix_embed.onnx", ort.SessionOptions(), ["CPUExecutionProvider"],
-                     cache_dir=ort_cache, key="k")
+        make_session(
+            exports / name / "prefix_embed.onnx",
+            ort.SessionOptions(),
+            ["CPUExecutionProvider"],
+            cache_dir=ort_cache,
+            key="k",
+        )
         assert not dead_opt.exists() and len(list(ort_cache.iterdir())) == 1
         assert live_dir.is_dir()
     finally:
@@ -319,8 +329,11 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, monkeypatch):
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(builtins, "open", guarded)
-    for call in (lambda: load_model("tiny-digits", ck), lambda: checkpoint_source(ck),
-                 lambda: checkpoint.read_tensor_file(ck)):
+    for call in (
+        lambda: load_model("tiny-digits", ck),
+        lambda: checkpoint_source(ck),
+        lambda: checkpoint.read_tensor_file(ck),
+    ):
         with pytest.raises(CheckpointError) as info:
             call()
         msg = str(info.value)

@@ -68,24 +68,27 @@ def test_a_poisoned_request_beside_others_leaves_them_exact(pipe):
     assert torch.equal(good.result().tokens, want)
 
 
-@pytest.mark.parametrize("kwargs,param,needle", [
-    (dict(labels=5, cfg=float("inf")), "cfg", "finite number in 0..100"),
-    (dict(labels=5, cfg=float("nan")), "cfg", "finite number"),
-    (dict(labels=5, cfg=-1.0), "cfg", "finite number in 0..100"),
-    (dict(labels=5, cfg="4"), "cfg", "must be a number"),
-    (dict(labels="12"), "labels", "got the string '12'"),
-    (dict(labels=[3.7]), "labels", "labels must be integers, got float 3.7"),
-    (dict(labels=[True]), "labels", "labels must be integers"),
-    (dict(labels=[]), "labels", "labels is empty"),
-    (dict(labels={"a": 1}), "labels", "labels must be integers, got str"),
-    (dict(labels=5, steps=MAX_STEPS + 1), "steps", f"steps must be an integer in 1..{MAX_STEPS}"),
-    (dict(labels=5, steps=2.5), "steps", "steps must be an integer"),
-    (dict(labels=5, seed=MAX_SEED + 1), "seed", "seed must be an integer in 0.."),
-    (dict(labels=5, seed=-1), "seed", "seed must be an integer in 0.."),
-    (dict(labels=5, seed=1.5), "seed", "seed must be an integer"),
-    (dict(labels=5, num_images=True), "num_images", "num_images must be an integer"),
-    (dict(labels=5, preview_every=-2), "preview_every", "preview_every"),
-])
+@pytest.mark.parametrize(
+    "kwargs,param,needle",
+    [
+        (dict(labels=5, cfg=float("inf")), "cfg", "finite number in 0..100"),
+        (dict(labels=5, cfg=float("nan")), "cfg", "finite number"),
+        (dict(labels=5, cfg=-1.0), "cfg", "finite number in 0..100"),
+        (dict(labels=5, cfg="4"), "cfg", "must be a number"),
+        (dict(labels="12"), "labels", "got the string '12'"),
+        (dict(labels=[3.7]), "labels", "labels must be integers, got float 3.7"),
+        (dict(labels=[True]), "labels", "labels must be integers"),
+        (dict(labels=[]), "labels", "labels is empty"),
+        (dict(labels={"a": 1}), "labels", "labels must be integers, got str"),
+        (dict(labels=5, steps=MAX_STEPS + 1), "steps", f"steps must be an integer in 1..{MAX_STEPS}"),
+        (dict(labels=5, steps=2.5), "steps", "steps must be an integer"),
+        (dict(labels=5, seed=MAX_SEED + 1), "seed", "seed must be an integer in 0.."),
+        (dict(labels=5, seed=-1), "seed", "seed must be an integer in 0.."),
+        (dict(labels=5, seed=1.5), "seed", "seed must be an integer"),
+        (dict(labels=5, num_images=True), "num_images", "num_images must be an integer"),
+        (dict(labels=5, preview_every=-2), "preview_every", "preview_every"),
+    ],
+)
 def test_every_value_is_checked_once_with_one_cap(pipe, kwargs, param, needle):
     with pytest.raises(ParamError, match=needle) as err:
         pipe.submit(**kwargs)
@@ -124,12 +127,15 @@ def in_process(capsys, *args):
     return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--cfg", "inf"], "cfg must be a finite number"),
-    (["--steps", "100000"], f"steps must be an integer in 1..{MAX_STEPS}"),
-    (["--seed", str(2**64)], "seed must be an integer in 0.."),
-    (["--seed", "x"], "not a number: 'x'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--cfg", "inf"], "cfg must be a finite number"),
+        (["--steps", "100000"], f"steps must be an integer in 1..{MAX_STEPS}"),
+        (["--seed", str(2**64)], "seed must be an integer in 0.."),
+        (["--seed", "x"], "not a number: 'x'"),
+    ],
+)
 def test_cli_refuses_values_at_parse_time(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "c"))
     one_line(in_process(capsys, "generate", "--out", tmp_path / "o", *args), needle)
@@ -142,8 +148,10 @@ def test_cli_refuses_outputs_it_cannot_write_before_generating(tmp_path, capsys,
     afile.write_text("x")
     one_line(in_process(capsys, "generate", "--out", afile), "it is a file; give a directory")
     one_line(in_process(capsys, "generate", "--out", afile / "sub"), "is a file, so nothing can be written under it")
-    one_line(in_process(capsys, "generate", "--out", tmp_path / "o", "--save-tokens", tmp_path),
-             "it is a directory; give a file path")
+    one_line(
+        in_process(capsys, "generate", "--out", tmp_path / "o", "--save-tokens", tmp_path),
+        "it is a directory; give a file path",
+    )
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
 
 
@@ -157,8 +165,10 @@ def test_cli_on_a_read_only_cache_is_one_line(tmp_path):
     assert _unshare_ok(), "this test needs `unshare -m` (util-linux) to make a read-only mount"
     cache = tmp_path / "ro-cache"
     cache.mkdir()
-    script = (f"mount --bind {cache} {cache} && mount -o remount,bind,ro {cache} && "
-              f"BITDANCE_RT_CACHE={cache} {sys.executable} -m bitdance_rt generate --out {tmp_path / 'o'} --quiet")
+    script = (
+        f"mount --bind {cache} {cache} && mount -o remount,bind,ro {cache} && "
+        f"BITDANCE_RT_CACHE={cache} {sys.executable} -m bitdance_rt generate --out {tmp_path / 'o'} --quiet"
+    )
     res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     one_line(res, "Read-only file system", warnings=True)
 
@@ -167,14 +177,22 @@ def test_a_script_that_never_closes_its_pipeline_exits_cleanly(pipe, warm_cache,
     """The interpreter's exit stops the scheduler and releases the sessions: it aborted in ONNX
     Runtime's destructors ("terminate called without an active exception", status 134) in most runs."""
     script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         from bitdance_rt import Pipeline
         pipe = Pipeline.from_pretrained(progress=False)
         pipe.generate(labels=[3])
-    """))
+    """)
+    )
     for _ in range(3):
-        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=120,
-                             env={**os.environ, "BITDANCE_RT_CACHE": str(warm_cache)})
+        res = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+            env={**os.environ, "BITDANCE_RT_CACHE": str(warm_cache)},
+        )
         assert res.returncode == 0 and "terminate called" not in res.stderr, (res.returncode, res.stderr[-500:])
 
 

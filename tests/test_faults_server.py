@@ -60,8 +60,11 @@ def keyed(pipe):
 
 def _metric(url: str, name: str, headers=None) -> float:
     text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
 
 
 # ---- raw HTTP: what httpx will not send (stalls, lies in Content-Length, one kept-alive socket) ----
@@ -70,8 +73,12 @@ def _connect(port: int, timeout: float = 10) -> socket.socket:
 
 
 def _request(method: str, path: str, body: bytes = b"", headers: dict | None = None) -> bytes:
-    head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body)),
-            **(headers or {})}
+    head = {
+        "Host": "127.0.0.1",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        **(headers or {}),
+    }
     lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in head.items() if v is not None]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -157,8 +164,17 @@ def test_a_bug_is_a_json_500_counted_and_the_connection_kept(server, monkeypatch
     assert _metric(server.url, 'bitdance_errors_total{kind="internal"}') == before + 1
 
 
-@pytest.mark.parametrize("param,field", [("cfg", "guidance_scale"), ("num_images", "n"), ("seed", "seed"),
-                                         ("steps", "steps"), ("labels", "labels"), ("preview_every", "partial_images")])
+@pytest.mark.parametrize(
+    "param,field",
+    [
+        ("cfg", "guidance_scale"),
+        ("num_images", "n"),
+        ("seed", "seed"),
+        ("steps", "steps"),
+        ("labels", "labels"),
+        ("preview_every", "partial_images"),
+    ],
+)
 def test_pipeline_param_errors_name_the_http_field(server, pipe, monkeypatch, param, field):
     def refuse(*args, **kwargs):
         raise ParamError(param, f"{param} is wrong")
@@ -195,8 +211,18 @@ def test_sigterm_drains_real_work_but_not_a_stalled_upload(warm_cache):
     port = free_port()
     env = {"BITDANCE_RT_CACHE": str(warm_cache), "OMP_NUM_THREADS": "1"}
     shutdown_s = 20
-    args = ["--backend", "torch", "--threads", "1", "--log-level", "warning", "--shutdown-timeout", str(shutdown_s),
-            "--body-timeout", "60"]
+    args = [
+        "--backend",
+        "torch",
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+        "--shutdown-timeout",
+        str(shutdown_s),
+        "--body-timeout",
+        "60",
+    ]
     with server_process(args, env, port, ready_s=120) as proc:
         url = f"http://127.0.0.1:{port}"
         result = {}
@@ -288,10 +314,15 @@ def test_bodies_are_bounded(keyed):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("body,param", [({"prompt": "3", "n": "x" * 3000}, "n"),
-                                        ({"prompt": "", "labels": "x" * 3000}, "labels"),
-                                        ({"prompt": "3", "guidance_scale": ["x" * 50] * 40}, "guidance_scale"),
-                                        ({"prompt": "3", "z" * 3000: 1}, "z" * 97 + "...")])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "3", "n": "x" * 3000}, "n"),
+        ({"prompt": "", "labels": "x" * 3000}, "labels"),
+        ({"prompt": "3", "guidance_scale": ["x" * 50] * 40}, "guidance_scale"),
+        ({"prompt": "3", "z" * 3000: 1}, "z" * 97 + "..."),
+    ],
+)
 def test_messages_quote_at_most_100_characters(keyed, body, param):
     r = httpx.post(keyed.url + GEN, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:300]
@@ -344,9 +375,13 @@ def test_a_busy_port_is_one_line_and_status_2_before_loading(tmp_path):
     """Before: uvicorn exited while the model loaded on its thread (abort, status 134)."""
     with socket.create_server(("127.0.0.1", 0)) as held:
         port = held.getsockname()[1]
-        res = subprocess.run([sys.executable, "-m", "bitdance_rt", "serve", "--backend", "torch", "--port", str(port)],
-                             env={**os.environ, "BITDANCE_RT_CACHE": str(tmp_path)}, capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "bitdance_rt", "serve", "--backend", "torch", "--port", str(port)],
+            env={**os.environ, "BITDANCE_RT_CACHE": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert f"cannot listen on 127.0.0.1:{port}" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert "terminate called" not in res.stderr
@@ -354,8 +389,13 @@ def test_a_busy_port_is_one_line_and_status_2_before_loading(tmp_path):
 
 # ---- 6: admission, errors' shape, Content-Type, strict types ---------------------------------------
 def _fake_pipe(backlog: int, queued: int):
-    return SimpleNamespace(config=SimpleNamespace(name="fake"), backlog=backlog, queued=queued, rows_in_flight=8,
-                           scheduler=SimpleNamespace(observers=[]))
+    return SimpleNamespace(
+        config=SimpleNamespace(name="fake"),
+        backlog=backlog,
+        queued=queued,
+        rows_in_flight=8,
+        scheduler=SimpleNamespace(observers=[]),
+    )
 
 
 def test_admission_counts_the_backlog_not_the_queue():
@@ -391,16 +431,25 @@ def test_models_answer_whatever_the_queue_and_every_error_has_openai_shape():
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
 def test_json_is_taken_whatever_the_content_type(server, pipe, content_type):
     headers = {} if content_type is None else {"Content-Type": content_type}
-    r = httpx.post(server.url + GEN, content=json.dumps({"prompt": "2", "seed": 5}).encode(), headers=headers,
-                   timeout=60)
+    r = httpx.post(
+        server.url + GEN, content=json.dumps({"prompt": "2", "seed": 5}).encode(), headers=headers, timeout=60
+    )
     assert r.status_code == 200, r.text
 
 
-STRICT = [({"stream": "yes"}, "stream"), ({"prompt": "", "labels": "12"}, "labels"),
-          ({"prompt": "", "labels": [3.7]}, "labels"), ({"prompt": "", "labels": [True]}, "labels"),
-          ({"n": "2"}, "n"), ({"seed": True}, "seed"), ({"partial_images": 1.0}, "partial_images"),
-          ({"steps": MAX_STEPS + 1}, "steps"), ({"seed": MAX_SEED + 1}, "seed"),
-          ({"guidance_scale": MAX_CFG * 2}, "guidance_scale"), ({"prompt": 3.0}, "prompt")]
+STRICT = [
+    ({"stream": "yes"}, "stream"),
+    ({"prompt": "", "labels": "12"}, "labels"),
+    ({"prompt": "", "labels": [3.7]}, "labels"),
+    ({"prompt": "", "labels": [True]}, "labels"),
+    ({"n": "2"}, "n"),
+    ({"seed": True}, "seed"),
+    ({"partial_images": 1.0}, "partial_images"),
+    ({"steps": MAX_STEPS + 1}, "steps"),
+    ({"seed": MAX_SEED + 1}, "seed"),
+    ({"guidance_scale": MAX_CFG * 2}, "guidance_scale"),
+    ({"prompt": 3.0}, "prompt"),
+]
 
 
 @pytest.mark.parametrize("body,param", STRICT, ids=[f"{p}-{i}" for i, (_, p) in enumerate(STRICT)])

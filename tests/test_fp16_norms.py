@@ -29,8 +29,9 @@ def _prefill(path, x, cfg):
     rows = x.shape[0]
     cache = {n: np.zeros(st.kv_shape(cfg, rows)[2:], dtype=np.float32) for n in st.cache_input_names(cfg)}
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return ReferenceEvaluator(str(path)).run(["cond"], {"x": x, "start": np.zeros(rows, dtype=np.int64),
-                                                          "pad": np.zeros(rows, dtype=np.int64), **cache})[0]
+        return ReferenceEvaluator(str(path)).run(
+            ["cond"], {"x": x, "start": np.zeros(rows, dtype=np.int64), "pad": np.zeros(rows, dtype=np.int64), **cache}
+        )[0]
 
 
 def test_rms_norm_square_stays_fp32_under_massive_activations(tmp_path, monkeypatch):
@@ -43,8 +44,9 @@ def test_rms_norm_square_stays_fp32_under_massive_activations(tmp_path, monkeypa
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 500.0  # one massive channel: its square is 250000 > 65504
     with torch_threads(1):
-        result = export_stages(model, tmp_path / "e", random_source(0), stages=[st.PREFIX_EMBED, st.BACKBONE],
-                               progress=False)
+        result = export_stages(
+            model, tmp_path / "e", random_source(0), stages=[st.PREFIX_EMBED, st.BACKBONE], progress=False
+        )
     src = onnx.load(str(result.directory / "backbone.onnx"))
     squares = fp16.norm_squares(src.graph.node)
     assert len(squares) == 2 * cfg.n_layer + 2 * cfg.n_layer + 1  # 2 norms per layer, q/k norms, the final one

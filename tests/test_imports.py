@@ -22,8 +22,19 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # The lower layers (module, or package prefix) and what they must never import.
 LOWER = ("models", "sampling", "config", "stages", "errors", "fileio", "paths", "t2i_config")
-UPPER = ("cli", "check", "runtime", "t2i", "export", "engines", "precision", "calibration", "serve", "triton",
-         "pipeline")
+UPPER = (
+    "cli",
+    "check",
+    "runtime",
+    "t2i",
+    "export",
+    "engines",
+    "precision",
+    "calibration",
+    "serve",
+    "triton",
+    "pipeline",
+)
 ENTRY_POINTS = ("serve", "triton")  # thin shells over the Pipeline: only the CLI may import them
 
 
@@ -65,7 +76,7 @@ def imports_of(module: str, path: Path, modules) -> dict[str, int]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -197,15 +208,19 @@ def test_graph_finds_lazy_cycles(tmp_path):
 def test_no_import_cycles():
     graph = import_graph()
     found = cycles(graph, set(graph))
-    assert not found, ("import cycles:\n  " + "\n  ".join(_show(c) for c in found))
+    assert not found, "import cycles:\n  " + "\n  ".join(_show(c) for c in found)
 
 
 def test_lower_layers_never_import_upper_ones():
     graph = import_graph()
     files = module_files()
-    bad = [f"{files[m].relative_to(ROOT.parent)}:{line}: {m} imports {t}"
-           for m, targets in sorted(graph.items()) if _layer(m, LOWER)
-           for t, line in sorted(targets.items(), key=lambda kv: kv[1]) if _layer(t, UPPER)]
+    bad = [
+        f"{files[m].relative_to(ROOT.parent)}:{line}: {m} imports {t}"
+        for m, targets in sorted(graph.items())
+        if _layer(m, LOWER)
+        for t, line in sorted(targets.items(), key=lambda kv: kv[1])
+        if _layer(t, UPPER)
+    ]
     assert not bad, "upward imports:\n  " + "\n  ".join(bad)
 
 

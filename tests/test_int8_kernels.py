@@ -42,21 +42,33 @@ def _qdq_graph(kind: str, seed: int = 0) -> tuple[bytes, np.ndarray]:
         axis, x = 0, (rng.normal(size=(2, cin, 8, 8)) * 1.5).astype(np.float32)
         w_scale = np.abs(w).reshape(cout, -1).max(1) / 127
         wq = np.clip(np.round(w / w_scale[:, None, None, None]), -127, 127).astype(np.int8)
-        body = [helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
-                helper.make_node("QuantizeLinear", ["c", "cs", "az"], ["cq"]),
-                helper.make_node("DequantizeLinear", ["cq", "cs", "az"], ["y"])]
+        body = [
+            helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("QuantizeLinear", ["c", "cs", "az"], ["cq"]),
+            helper.make_node("DequantizeLinear", ["cq", "cs", "az"], ["y"]),
+        ]
         shapes = ([None, cin, 8, 8], [None, cout, 8, 8])
-    nodes = [helper.make_node("QuantizeLinear", ["x", "as", "az"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "as", "az"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=axis)] + body
-    inits = [numpy_helper.from_array(np.array(4.0 / 127, np.float32), "as"),
-             numpy_helper.from_array(np.array(0, np.int8), "az"),
-             numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(w_scale.astype(np.float32), "ws"),
-             numpy_helper.from_array(np.zeros(len(w_scale), np.int8), "wz")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "as", "az"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "as", "az"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=axis),
+    ] + body
+    inits = [
+        numpy_helper.from_array(np.array(4.0 / 127, np.float32), "as"),
+        numpy_helper.from_array(np.array(0, np.int8), "az"),
+        numpy_helper.from_array(wq, "wq"),
+        numpy_helper.from_array(w_scale.astype(np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(len(w_scale), np.int8), "wz"),
+    ]
     if kind == "conv":  # the scale of the convolution's quantised output
         inits.append(numpy_helper.from_array(np.array(40.0 / 127, np.float32), "cs"))
-    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shapes[0])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shapes[1])], inits)
+    graph = helper.make_graph(
+        nodes,
+        kind,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shapes[0])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shapes[1])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return model.SerializeToString(), x
 
@@ -103,16 +115,19 @@ def test_the_exact_setting_reaches_onnx_runtime(exact, tmp_path):
     assert rewritten == (exact and platform.machine().lower() in X86), names
 
 
-@pytest.mark.parametrize("machine, features, saturates", [
-    ("x86_64", {"avx2": True}, True),                                         # Zen 3, Haswell..Coffee Lake
-    ("x86_64", {"avx2": True, "avx512_vnni": False}, True),                   # Skylake-SP: AVX-512, no VNNI
-    ("x86_64", {"avx2": True, "avx512_vnni": True}, False),                   # Cascade Lake+, Zen 4+
-    ("x86_64", {"avx2": True, "avx_vnni": True}, False),                      # Alder Lake+ (VEX VNNI)
-    ("x86_64", {"avx2": True, "amx_int8": True, "avx512_vnni": True}, False),  # Sapphire Rapids
-    ("AMD64", {"avx2": True}, True),                                          # Windows' name
-    ("aarch64", {}, False),                                                   # Jetson, Graviton
-    ("arm64", {}, False),                                                     # macOS
-])
+@pytest.mark.parametrize(
+    "machine, features, saturates",
+    [
+        ("x86_64", {"avx2": True}, True),  # Zen 3, Haswell..Coffee Lake
+        ("x86_64", {"avx2": True, "avx512_vnni": False}, True),  # Skylake-SP: AVX-512, no VNNI
+        ("x86_64", {"avx2": True, "avx512_vnni": True}, False),  # Cascade Lake+, Zen 4+
+        ("x86_64", {"avx2": True, "avx_vnni": True}, False),  # Alder Lake+ (VEX VNNI)
+        ("x86_64", {"avx2": True, "amx_int8": True, "avx512_vnni": True}, False),  # Sapphire Rapids
+        ("AMD64", {"avx2": True}, True),  # Windows' name
+        ("aarch64", {}, False),  # Jetson, Graviton
+        ("arm64", {}, False),  # macOS
+    ],
+)
 def test_which_cpus_need_the_exact_kernels(machine, features, saturates):
     assert int8_kernels.u8s8_saturates(machine, features) is saturates
 

@@ -94,8 +94,10 @@ def _run(path: Path, feeds: dict) -> np.ndarray:
 
 
 EMBED = Table(136_000, 4_000)  # 2.18 GB: a text embedding table (contract-like prefix_embed: ids -> x)
-IDS = np.array([[0, 7, 255, EMBED.blocks[1][0] + 199, EMBED.blocks[1][0] + 200, EMBED.blocks[1][1] - 1, 1000,
-                 EMBED.rows - 1]], np.int64)
+IDS = np.array(
+    [[0, 7, 255, EMBED.blocks[1][0] + 199, EMBED.blocks[1][0] + 200, EMBED.blocks[1][1] - 1, 1000, EMBED.rows - 1]],
+    np.int64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +105,12 @@ def big_embed(tmp_path_factory):
     """A prefix_embed-like FP32 graph over 2 GB, stored as an export stores it (external data)."""
     d = tmp_path_factory.mktemp("big")
     EMBED.write(d / "prefix_embed.onnx.data")
-    model = _model([helper.make_node("Gather", ["table", "ids"], ["x"], name="/embed_tokens/Gather")],
-                   [helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", IDS.shape[1]])],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", IDS.shape[1], EMBED.cols])],
-                   [_external("table", [EMBED.rows, EMBED.cols], "prefix_embed.onnx.data")])
+    model = _model(
+        [helper.make_node("Gather", ["table", "ids"], ["x"], name="/embed_tokens/Gather")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", IDS.shape[1]])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", IDS.shape[1], EMBED.cols])],
+        [_external("table", [EMBED.rows, EMBED.cols], "prefix_embed.onnx.data")],
+    )
     onnx.save_model(model, str(d / "prefix_embed.onnx"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
@@ -123,10 +127,15 @@ def test_to_fp16_is_the_converters_clamp():
     from onnxconverter_common.float16 import convert_np_to_float16
 
     rng = np.random.default_rng(0)
-    values = np.concatenate([
-        np.array([0, -0.0, 1e-8, -1e-8, 1e-7, -1e-7, 2e-7, 1e4, -1e4, 1.5e4, -7e4, 65504, np.inf, -np.inf, np.nan],
-                 np.float32),
-        (rng.standard_normal(20_000) * 10.0 ** rng.integers(-9, 6, 20_000)).astype(np.float32)])
+    values = np.concatenate(
+        [
+            np.array(
+                [0, -0.0, 1e-8, -1e-8, 1e-7, -1e-7, 2e-7, 1e4, -1e4, 1.5e4, -7e4, 65504, np.inf, -np.inf, np.nan],
+                np.float32,
+            ),
+            (rng.standard_normal(20_000) * 10.0 ** rng.integers(-9, 6, 20_000)).astype(np.float32),
+        ]
+    )
     with pytest.warns(UserWarning):
         want = convert_np_to_float16(values.copy())
     assert np.array_equal(to_fp16(values).view(np.uint16), want.view(np.uint16))
@@ -200,10 +209,12 @@ def test_int8_of_a_graph_over_2gb(scratch):
     without loading it, and it runs and computes the product (int8 rounding: ~2% here)."""
     weight = Table(34_000_000, 16)  # [in, out]: per-output-channel scales, 16 of them
     weight.write(scratch / "proj.onnx.data")
-    model = _model([helper.make_node("MatMul", ["h", "w"], ["y"], name="/proj/MatMul")],
-                   [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["rows", weight.rows])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", weight.cols])],
-                   [_external("w", [weight.rows, weight.cols], "proj.onnx.data")])
+    model = _model(
+        [helper.make_node("MatMul", ["h", "w"], ["y"], name="/proj/MatMul")],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["rows", weight.rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", weight.cols])],
+        [_external("w", [weight.rows, weight.cols], "proj.onnx.data")],
+    )
     onnx.save_model(model, str(scratch / "proj.onnx"))
     h = np.random.default_rng(0).standard_normal((1, weight.rows), dtype=np.float32)
     dst = scratch / "q" / "proj.onnx"

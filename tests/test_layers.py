@@ -101,7 +101,7 @@ def imports_of(module: str, source: str, is_package: bool, modules) -> dict[str,
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -168,8 +168,7 @@ def test_every_module_has_a_layer_and_every_prefix_a_module():
     unplaced = sorted(short(m) for m in graph if layer_of(m) is None)
     assert not unplaced, f"modules in no layer (add them to LAYERS in {Path(__file__).name}): {unplaced}"
     names = [short(m) for m in graph]
-    dead = [p for _, prefixes in LAYERS for p in prefixes
-            if not any(n == p or n.startswith(p + ".") for n in names)]
+    dead = [p for _, prefixes in LAYERS for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
     assert not dead, f"LAYERS prefixes that match no module: {dead}"
     flat = [p for _, prefixes in LAYERS for p in prefixes]
     assert len(flat) == len(set(flat)), "a prefix is listed twice in LAYERS"
@@ -178,8 +177,10 @@ def test_every_module_has_a_layer_and_every_prefix_a_module():
 def test_no_module_imports_a_higher_layer():
     found = violations(import_graph())
     new = {edge: line for edge, line in found.items() if edge not in ALLOWED}
-    assert not new, ("imports of a higher layer (lower layers never import higher ones; see "
-                     "docs/architecture.md):\n  " + "\n  ".join(_describe(new)))
+    assert not new, (
+        "imports of a higher layer (lower layers never import higher ones; see "
+        "docs/architecture.md):\n  " + "\n  ".join(_describe(new))
+    )
 
 
 def test_allowed_violations_still_occur():
@@ -198,10 +199,11 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     (pkg / "low" / "__init__.py").write_text("")
     (pkg / "low" / "base.py").write_text("import os\n")
     (pkg / "low" / "lazy.py").write_text(
-        "from . import base\n"              # same layer: fine
+        "from . import base\n"  # same layer: fine
         "def f():\n"
-        "    from ..high.top import g\n"    # line 3: upward, inside a function
-        "    return g\n")
+        "    from ..high.top import g\n"  # line 3: upward, inside a function
+        "    return g\n"
+    )
     (pkg / "low" / "eager.py").write_text(f"import {PACKAGE}.high.top\n")  # line 1: upward, absolute
     (pkg / "high").mkdir()
     (pkg / "high" / "__init__.py").write_text("from . import top\n")  # same layer
@@ -211,13 +213,13 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     layers = [("low", ("low",)), ("mid", ("mid",)), ("high", ("high", ROOT_MODULE))]
     graph = import_graph(pkg)
     assert graph[f"{PACKAGE}.low.lazy"] == {f"{PACKAGE}.low.base": 1, f"{PACKAGE}.high.top": 3}
-    assert violations(graph, layers) == {"low.lazy -> high.top": 3, "low.eager -> high.top": 1,
-                                         "mid -> high.top": 1}
+    assert violations(graph, layers) == {"low.lazy -> high.top": 3, "low.eager -> high.top": 1, "mid -> high.top": 1}
     # the same source text, checked directly: an upward import is caught wherever it sits
     modules = {f"{PACKAGE}.low.x", f"{PACKAGE}.high", f"{PACKAGE}.high.top"}
     src = "import json\n\nclass C:\n    def m(self):\n        if True:\n            import bitdance_rt.high\n"
-    assert violations({f"{PACKAGE}.low.x": imports_of(f"{PACKAGE}.low.x", src, False, modules)}, layers) == \
-        {"low.x -> high": 6}
+    assert violations({f"{PACKAGE}.low.x": imports_of(f"{PACKAGE}.low.x", src, False, modules)}, layers) == {
+        "low.x -> high": 6
+    }
     # and the longest prefix decides the layer: low.x placed above high makes the same import downward
     assert violations({f"{PACKAGE}.low.x": {f"{PACKAGE}.high": 6}}, layers + [("top", ("low.x",))]) == {}
 

@@ -66,6 +66,7 @@ def reference(ckpt):
         if (p, cfg) not in cache:
             cache[(p, cfg)] = _tokens(ckpt[p]["official"], (cfg,))[0]
         return cache[(p, cfg)]
+
     return get
 
 
@@ -79,8 +80,12 @@ def _tokens(checkpoint, cfgs=(4.0,), backend: str = "torch", seed: int = 3, step
     """Tokens of "a red cat" at each guidance scale in `cfgs` (1.0: unguided), from one Pipeline."""
     from bitdance_rt import Pipeline
 
-    with torch_threads(1), Pipeline.from_pretrained(checkpoint=checkpoint, backend=backend, steps=steps, threads=1,
-                                                    progress=False, **SIZE) as pipe:
+    with (
+        torch_threads(1),
+        Pipeline.from_pretrained(
+            checkpoint=checkpoint, backend=backend, steps=steps, threads=1, progress=False, **SIZE
+        ) as pipe,
+    ):
         return [pipe.generate(prompt="a red cat", cfg=cfg, seed=seed).tokens for cfg in cfgs]
 
 
@@ -113,10 +118,39 @@ def test_cli_generate_from_a_diffusers_directory(ckpt, reference, tmp_path):
 
     out = tmp_path / "tokens.safetensors"
     with torch_threads(1):
-        assert main(["generate", "--prompt", "a red cat", "--checkpoint", str(ckpt[64]["diffusers"]), "--height", "512",
-                     "--width", "512", "--max-text-tokens", str(TEXT), "--steps", "1", "--seed", "3", "--cfg", "4",
-                     "--quiet", "--threads", "1", "--backend", "torch", "--out", str(tmp_path / "png"),
-                     "--save-tokens", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--prompt",
+                    "a red cat",
+                    "--checkpoint",
+                    str(ckpt[64]["diffusers"]),
+                    "--height",
+                    "512",
+                    "--width",
+                    "512",
+                    "--max-text-tokens",
+                    str(TEXT),
+                    "--steps",
+                    "1",
+                    "--seed",
+                    "3",
+                    "--cfg",
+                    "4",
+                    "--quiet",
+                    "--threads",
+                    "1",
+                    "--backend",
+                    "torch",
+                    "--out",
+                    str(tmp_path / "png"),
+                    "--save-tokens",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     assert (tmp_path / "png" / "000.png").is_file()
     assert torch.equal(load_file(str(out))["tokens"], reference(64, 4.0))
 
@@ -199,8 +233,12 @@ def test_weight_identity_covers_the_files_of_the_layout(ckpt, tmp_path):
     assert checkpoint_dir_source(d) != after
     written = write_comfyui(ckpt[64]["official"], tmp_path / "comfy")
     names = {n for n, _ in detect_layout(tmp_path / "comfy").identity_files()}
-    assert names == {"main/BitDance_14B_MainModel_FP8.safetensors", "text_encoder/BitDance_TextEncoder_FP8.safetensors",
-                     "vae/BitDance_VAE_FP16.safetensors", "tokenizer.json"}
+    assert names == {
+        "main/BitDance_14B_MainModel_FP8.safetensors",
+        "text_encoder/BitDance_TextEncoder_FP8.safetensors",
+        "vae/BitDance_VAE_FP16.safetensors",
+        "tokenizer.json",
+    }
     first = checkpoint_dir_source(tmp_path / "comfy")
     written["paths"]["vae"].write_bytes(written["paths"]["vae"].read_bytes())  # same bytes: same identity
     assert checkpoint_dir_source(tmp_path / "comfy") == first
@@ -226,19 +264,29 @@ def test_incomplete_layouts_name_the_missing_file(ckpt, tmp_path, capsys):
 
     llm_shard, head_shard = shard("text_encoder", "model"), shard("diffusion_head", "diffusion_pytorch_model")
     cases = [
-        (broken("no_head", ckpt[16]["diffusers"], "diffusion_head/diffusion_pytorch_model.safetensors"),
-         r"no_head/diffusion_head: no vision head weights: expected diffusion_pytorch_model.safetensors.index.json "
-         r"\(sharded\) or diffusion_pytorch_model.safetensors"),
-        (broken("no_shard", ckpt[64]["diffusers"], f"text_encoder/{llm_shard}"),
-         rf"LLM weight shard \(listed in model.safetensors.index.json\) not found: "
-         rf".*no_shard/text_encoder/{llm_shard}"),
-        (broken("no_head_shard", ckpt[64]["diffusers"], f"diffusion_head/{head_shard}"),
-         rf"vision head weight shard \(listed in diffusion_pytorch_model.safetensors.index.json\) not found: "
-         rf".*no_head_shard/diffusion_head/{head_shard}"),
-        (broken("no_tok", ckpt[16]["diffusers"], "tokenizer/tokenizer.json"),
-         r"tokenizer file not found: .*no_tok/tokenizer/tokenizer.json"),
-        (broken("no_cfg", ckpt[16]["diffusers"], "autoencoder/config.json"),
-         r"autoencoder config not found: .*no_cfg/autoencoder/config.json"),
+        (
+            broken("no_head", ckpt[16]["diffusers"], "diffusion_head/diffusion_pytorch_model.safetensors"),
+            r"no_head/diffusion_head: no vision head weights: expected diffusion_pytorch_model.safetensors.index.json "
+            r"\(sharded\) or diffusion_pytorch_model.safetensors",
+        ),
+        (
+            broken("no_shard", ckpt[64]["diffusers"], f"text_encoder/{llm_shard}"),
+            rf"LLM weight shard \(listed in model.safetensors.index.json\) not found: "
+            rf".*no_shard/text_encoder/{llm_shard}",
+        ),
+        (
+            broken("no_head_shard", ckpt[64]["diffusers"], f"diffusion_head/{head_shard}"),
+            rf"vision head weight shard \(listed in diffusion_pytorch_model.safetensors.index.json\) not found: "
+            rf".*no_head_shard/diffusion_head/{head_shard}",
+        ),
+        (
+            broken("no_tok", ckpt[16]["diffusers"], "tokenizer/tokenizer.json"),
+            r"tokenizer file not found: .*no_tok/tokenizer/tokenizer.json",
+        ),
+        (
+            broken("no_cfg", ckpt[16]["diffusers"], "autoencoder/config.json"),
+            r"autoencoder config not found: .*no_cfg/autoencoder/config.json",
+        ),
     ]
     written = write_comfyui(ckpt[64]["official"], tmp_path / "comfy_no_vae")
     written["paths"]["vae"].unlink()
@@ -246,15 +294,39 @@ def test_incomplete_layouts_name_the_missing_file(ckpt, tmp_path, capsys):
     for path, message in cases:
         check(path, message)
     written = write_comfyui(ckpt[64]["official"], tmp_path / "comfy_tree", folders=("diffusion_models", "te", "vae"))
-    check(written["paths"]["main"], r"main model .*: no text encoder \(Qwen3\) file found \(looked in .*"
-                                    r"comfy_tree/diffusion_models, .*comfy_tree/text_encoders")
+    check(
+        written["paths"]["main"],
+        r"main model .*: no text encoder \(Qwen3\) file found \(looked in .*"
+        r"comfy_tree/diffusion_models, .*comfy_tree/text_encoders",
+    )
     shutil.move(tmp_path / "comfy_tree" / "te", tmp_path / "comfy_tree" / "text_encoders")
     shutil.rmtree(tmp_path / "comfy_tree" / "text_encoders" / "tokenizer")
-    check(written["paths"]["main"], r"tokenizer not found for ComfyUI text encoder .*: put the BitDance tokenizer .* "
-                                    r"at .*comfy_tree/text_encoders/tokenizer/tokenizer.json")
+    check(
+        written["paths"]["main"],
+        r"tokenizer not found for ComfyUI text encoder .*: put the BitDance tokenizer .* "
+        r"at .*comfy_tree/text_encoders/tokenizer/tokenizer.json",
+    )
     path, message = cases[0]
-    assert main(["generate", "--prompt", "a cat", "--checkpoint", str(path), "--height", "512", "--width", "512",
-                 "--backend", "torch", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a cat",
+                "--checkpoint",
+                str(path),
+                "--height",
+                "512",
+                "--width",
+                "512",
+                "--backend",
+                "torch",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no vision head weights" in err
 

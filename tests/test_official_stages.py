@@ -109,9 +109,13 @@ def test_the_oracle_bound_catches_weights_rounded_through_bfloat16(official, nam
     with torch.no_grad():
         for p in broken.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-        outs = {"decoder": (broken.decode(stages["decoder.input"]), stages["decoder.output"]),
-                "head_net": (broken.head_net(as_rows(stages["head_net.x"]), stages["head_net.t"],
-                                             as_rows(stages["head_net.c"])), as_rows(stages["head_net.output"]))}
+        outs = {
+            "decoder": (broken.decode(stages["decoder.input"]), stages["decoder.output"]),
+            "head_net": (
+                broken.head_net(as_rows(stages["head_net.x"]), stages["head_net.t"], as_rows(stages["head_net.c"])),
+                as_rows(stages["head_net.output"]),
+            ),
+        }
     for what, (got, want) in outs.items():
         with pytest.raises(AssertionError, match="max abs error"):
             assert_matches_oracle(got, want, what)
@@ -132,11 +136,11 @@ def test_one_mask_rule_gives_the_prefill_and_every_step(preset):
     assert torch.equal(chunk_visible(cfg, 0, n), table[:n, :n]) and chunk_step(cfg, 0, n) == 0
     starts = [step_start(cfg, i) for i in range(1, cfg.ar_steps)]
     for i, s in enumerate(starts, start=1):
-        assert torch.equal(chunk_visible(cfg, s, p), table[s:s + p, s:s + p]), (preset, i)
+        assert torch.equal(chunk_visible(cfg, s, p), table[s : s + p, s : s + p]), (preset, i)
         assert chunk_step(cfg, s, p) == i
     rows = torch.tensor(starts[::7])
     got = chunk_visible(cfg, rows, p)
-    assert torch.equal(got, torch.stack([table[s:s + p, s:s + p] for s in rows.tolist()]))
+    assert torch.equal(got, torch.stack([table[s : s + p, s : s + p] for s in rows.tolist()]))
     assert torch.equal(chunk_step(cfg, rows, p), (rows - n) // p + 1)
 
 

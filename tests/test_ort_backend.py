@@ -89,11 +89,14 @@ def test_the_two_sampler_paths_are_really_taken(ex):
 
 
 # ---- agreement with the torch backend --------------------------------------------------------
-@pytest.mark.parametrize("steps,cfg,schedule,labels,seed", [
-    (S, 2.0, "constant", [1, 2, 5], 0),   # fused, guided at every step
-    (3, 3.0, "linear", [0, 9], 1),        # head_step fallback (exported S=6), unguided step 0
-    (S, 1.0, "linear", [4], 2),           # no CFG: rows = batch, unguided only
-])
+@pytest.mark.parametrize(
+    "steps,cfg,schedule,labels,seed",
+    [
+        (S, 2.0, "constant", [1, 2, 5], 0),  # fused, guided at every step
+        (3, 3.0, "linear", [0, 9], 1),  # head_step fallback (exported S=6), unguided step 0
+        (S, 1.0, "linear", [4], 2),  # no CFG: rows = batch, unguided only
+    ],
+)
 def test_seeded_generation_equals_torch_backend(ex, steps, cfg, schedule, labels, seed):
     want = generate(TorchBackend(ex.model), labels, steps, cfg, schedule, SeededNoise(seed))
     got = generate(ex.backend(), labels, steps, cfg, schedule, SeededNoise(seed))
@@ -125,8 +128,10 @@ def test_session_options(ex, tmp_path):
     backend = OrtBackend(ex.dir, threads=1, opt_level="basic", optimized_model_dir=opt_dir, providers=["cpu"])
     assert (opt_dir / "backbone.basic.onnx").is_file()
     # thread pools stop spinning at the end of a run (the next stage's session needs the cores)
-    assert {s.get_session_options().get_session_config_entry("session.force_spinning_stop")
-            for s in backend.sessions.values()} == {"1"}
+    assert {
+        s.get_session_options().get_session_config_entry("session.force_spinning_stop")
+        for s in backend.sessions.values()
+    } == {"1"}
     # the decoder (once per image, the largest activations) frees them after each call: no arena keeps them
     arena = {name: s.get_session_options().enable_cpu_mem_arena for name, s in backend.sessions.items()}
     assert arena.pop(st.DECODER) is False and set(arena.values()) == {True}
@@ -175,8 +180,12 @@ def test_manifest_of_another_checkpoint(ex, tmp_path):
     other = "tiny_1x" if ex.name == "tiny_4x" else "tiny_4x"
     other_model = load_model(FIXTURES / other / "config.json", FIXTURES / other / "checkpoint.pt").model
     other_dir = tmp_path / "other"
-    export_stages(other_model, other_dir, checkpoint_source(FIXTURES / other / "checkpoint.pt"),
-                  stages=[*st.REQUIRED_STAGES, st.HEAD_STEP])
+    export_stages(
+        other_model,
+        other_dir,
+        checkpoint_source(FIXTURES / other / "checkpoint.pt"),
+        stages=[*st.REQUIRED_STAGES, st.HEAD_STEP],
+    )
     d = ex.copy(tmp_path / "exp")
     shutil.copy(other_dir / MANIFEST, d / MANIFEST)
     with pytest.raises(BitDanceError, match=r"\.onnx does not match the sha256|\.onnx has \d+ bytes"):
@@ -205,8 +214,7 @@ def test_missing_or_foreign_manifest(ex, tmp_path):
 
 def test_export_without_needed_stages(ex, tmp_path):
     d = tmp_path / "partial"
-    export_stages(ex.model, d, ex.source, stages=[*st.REQUIRED_STAGES, *st.SAMPLER_STAGES],
-                  sampler_steps=S)
+    export_stages(ex.model, d, ex.source, stages=[*st.REQUIRED_STAGES, *st.SAMPLER_STAGES], sampler_steps=S)
     backend = OrtBackend(d, threads=1)
     with pytest.raises(BitDanceError, match=r"S=6.*S=4.*no head_step"):
         generate(backend, [1], 4, 2.0, "linear", SeededNoise(0))
@@ -245,8 +253,7 @@ def test_bad_calls_and_options(ex):
 def test_external_data_export_runs_end_to_end(ex, tmp_path):
     """The >1.5 GB layout (weights in <stage>.onnx.data), forced on the tiny model."""
     d = tmp_path / "ext"
-    result = export_stages(ex.model, d, ex.source, stages=[*st.REQUIRED_STAGES, st.HEAD_STEP],
-                           external_data_bytes=0)
+    result = export_stages(ex.model, d, ex.source, stages=[*st.REQUIRED_STAGES, st.HEAD_STEP], external_data_bytes=0)
     assert "backbone.onnx.data" in result.manifest["files"]
     backend = OrtBackend(d, threads=1, optimized_model_dir=tmp_path / "opt")
     got = generate(backend, ex.labels, S, 3.0, "linear", ReplayNoise(ex.fixture / "sample.safetensors"))
@@ -263,10 +270,10 @@ def test_tensorrt_profiles_come_from_the_contract(ex):
     spec = st.stage_spec(st.HEAD_SAMPLER, cfg, S, st.Limits(max_batch=8, opt_batch=2))
     opts = trt_profile_options(spec)
     p, c, dim = cfg.parallel_num, cfg.token_dim, cfg.dim
-    assert opts["trt_profile_min_shapes"] == (f"cond:1x{p}x{dim},noise:{S + 1}x1x{p}x{c},cfg:1,cond_row:1,"
-                                              "uncond_row:1")
-    assert opts["trt_profile_max_shapes"] == (f"cond:16x{p}x{dim},noise:{S + 1}x16x{p}x{c},cfg:16,cond_row:16,"
-                                              "uncond_row:16")
+    assert opts["trt_profile_min_shapes"] == (f"cond:1x{p}x{dim},noise:{S + 1}x1x{p}x{c},cfg:1,cond_row:1,uncond_row:1")
+    assert opts["trt_profile_max_shapes"] == (
+        f"cond:16x{p}x{dim},noise:{S + 1}x16x{p}x{c},cfg:16,cond_row:16,uncond_row:16"
+    )
     step = trt_profile_options(st.stage_spec(st.BACKBONE, cfg))
     assert "start:8," in step["trt_profile_opt_shapes"] and "cache.0.key:" in step["trt_profile_opt_shapes"]
 
@@ -281,7 +288,6 @@ def test_noise_that_does_not_fit_is_refused(ex):
         backend.sample_tokens(cond, torch.zeros(1, 4, cfg.parallel_num, cfg.token_dim), 1.0, False)
 
 
-
 def test_ort_providers_put_the_gpu_providers_on_the_device_index():
     from bitdance_rt.backends import BackendOptions, ort_providers
 
@@ -289,6 +295,8 @@ def test_ort_providers_put_the_gpu_providers_on_the_device_index():
     assert ort_providers(BackendOptions(device="cuda")) == ["cuda"]
     assert ort_providers(BackendOptions(device="cuda:1")) == [("cuda", {"device_id": 1})]
     assert ort_providers(BackendOptions(device="cuda:2", ort_provider="tensorrt")) == [
-        ("tensorrt", {"device_id": 2}), ("cuda", {"device_id": 2})]
+        ("tensorrt", {"device_id": 2}),
+        ("cuda", {"device_id": 2}),
+    ]
     with pytest.raises(BitDanceError, match="cuda:N"):
         ort_providers(BackendOptions(device="cuda:x"))

@@ -42,8 +42,14 @@ def test_loading_leaves_the_environment_alone(warm_cache, monkeypatch):
 def _alone(pipe, labels, seed, **kw):
     """The request run alone, through the batch entry point (its own scheduler, nothing else in it)."""
     cfg = pipe.config
-    return generate_batched(pipe.backend, labels, kw.get("steps", pipe.steps), kw.get("cfg", cfg.default_cfg),
-                            kw.get("cfg_schedule"), SeededNoise(seed))
+    return generate_batched(
+        pipe.backend,
+        labels,
+        kw.get("steps", pipe.steps),
+        kw.get("cfg", cfg.default_cfg),
+        kw.get("cfg_schedule"),
+        SeededNoise(seed),
+    )
 
 
 def test_generate_defaults_and_output(pipe):
@@ -59,8 +65,17 @@ def test_generate_defaults_and_output(pipe):
 def test_threads_submitting_at_once_get_what_they_would_get_alone(pipe):
     """12 requests from 6 threads (labels, seeds, guidance, schedule, image counts, sampler steps
     differ): the scheduler mixes them in shared calls, and each result equals its run alone."""
-    specs = [dict(labels=[i % 10], seed=i, cfg=[1.0, 3.0, 4.0][i % 3], cfg_schedule=["linear", "constant"][i % 2],
-                  num_images=1 + i % 3, steps=[pipe.steps, 6][i % 4 == 3]) for i in range(12)]
+    specs = [
+        dict(
+            labels=[i % 10],
+            seed=i,
+            cfg=[1.0, 3.0, 4.0][i % 3],
+            cfg_schedule=["linear", "constant"][i % 2],
+            num_images=1 + i % 3,
+            steps=[pipe.steps, 6][i % 4 == 3],
+        )
+        for i in range(12)
+    ]
     results = [None] * len(specs)
     barrier = threading.Barrier(6)
 
@@ -81,7 +96,9 @@ def test_threads_submitting_at_once_get_what_they_would_get_alone(pipe):
     assert max(shared) > 2 * 3  # rows of several requests in one call (the largest request has 6)
     for spec, got in zip(specs, results):
         labels = [l for l in spec["labels"] for _ in range(spec["num_images"])]
-        want = _alone(pipe, labels, spec["seed"], steps=spec["steps"], cfg=spec["cfg"], cfg_schedule=spec["cfg_schedule"])
+        want = _alone(
+            pipe, labels, spec["seed"], steps=spec["steps"], cfg=spec["cfg"], cfg_schedule=spec["cfg_schedule"]
+        )
         assert torch.equal(got.tokens, want.tokens), spec
         assert torch.equal(got.image, want.image), spec
 
@@ -106,15 +123,18 @@ def test_closing_a_stream_early_cancels_its_request(pipe):
     assert pipe.rows_in_flight == 0 and pipe.queued == 0
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(labels=[10]), "out of range"),
-    (dict(labels=[-1]), "out of range"),
-    (dict(), "give labels"),
-    (dict(prompt="a cat"), "class-conditional"),
-    (dict(labels=1, num_images=0), "num_images must be a positive integer"),
-    (dict(labels=1, steps=0), "steps must be an integer in 1..1000"),
-    (dict(labels=1, cfg_schedule="cosine"), "cfg_schedule must be one of linear, constant"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(labels=[10]), "out of range"),
+        (dict(labels=[-1]), "out of range"),
+        (dict(), "give labels"),
+        (dict(prompt="a cat"), "class-conditional"),
+        (dict(labels=1, num_images=0), "num_images must be a positive integer"),
+        (dict(labels=1, steps=0), "steps must be an integer in 1..1000"),
+        (dict(labels=1, cfg_schedule="cosine"), "cfg_schedule must be one of linear, constant"),
+    ],
+)
 def test_bad_requests_fail_before_they_are_queued(pipe, kwargs, needle):
     with pytest.raises(BitDanceError, match=needle):
         pipe.submit(**kwargs)
@@ -130,8 +150,9 @@ def test_bad_options():
         Pipeline.from_pretrained(height=512)
 
 
-def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(t2i_checkpoints, t2i_cache_template, tmp_path,
-                                                                     monkeypatch):
+def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(
+    t2i_checkpoints, t2i_cache_template, tmp_path, monkeypatch
+):
     """The cache starts with the session's FP32 and FP16 exports of the checkpoint (conftest
     t2i_cache_template, as a Pipeline of each would leave them); the INT8 variant and its default
     calibration set are made here."""
@@ -139,8 +160,7 @@ def test_text_to_image_runs_through_the_same_pipeline_on_each_backend(t2i_checkp
     cache = copy_cache(t2i_cache_template(64, "fp32", "fp16"), tmp_path / "cache")
     assert not (cache / "calibration").exists()
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))  # restored after the test
-    kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=48, steps=2, threads=1,
-              progress=False)
+    kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=48, steps=2, threads=1, progress=False)
     tokens = {}
     with torch_threads(1):
         for backend in ("torch", "onnxruntime"):
@@ -213,8 +233,10 @@ def test_torch_pipeline_mixes_requests_like_onnxruntime():
 def test_a_max_batch_of_one_generates_the_same_images(pipe, warm_cache):
     """max_batch=1 gives graphs and a cache of 2 rows, fewer than the usual 4-row floor of a call:
     the cache then holds 2 rows, and the images are the default Pipeline's."""
-    with torch_threads(1), Pipeline.from_pretrained(max_batch=1, threads=1, cache_dir=warm_cache,
-                                                    progress=False) as small:
+    with (
+        torch_threads(1),
+        Pipeline.from_pretrained(max_batch=1, threads=1, cache_dir=warm_cache, progress=False) as small,
+    ):
         assert small.max_batch == 1
         out = small.generate(labels=3, seed=4)
         assert small.backend._kv.shape[2] == 2

@@ -103,14 +103,12 @@ def test_plan_agrees_with_the_embedded_models_exports(precision, embedded_cache,
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(embedded_cache))
     source = resolve_model(None, None, None, None, None, None)
     with torch_threads(1):
-        directory = auto_export(source, source.config.default_steps,
-                                BackendOptions(progress=False), precision)
+        directory = auto_export(source, source.config.default_steps, BackendOptions(progress=False), precision)
     _check_against(source.config, directory, precision, source.config.default_steps)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_plan_agrees_with_a_text_to_image_export(precision, t2i_checkpoints, t2i_cache_template, tmp_path,
-                                                 monkeypatch):
+def test_plan_agrees_with_a_text_to_image_export(precision, t2i_checkpoints, t2i_cache_template, tmp_path, monkeypatch):
     """The session's automatic exports of the tiny 64x checkpoint (conftest t2i_cache_template: what
     auto_export below would make), found by auto_export in a copy of their cache."""
     ckpt = t2i_checkpoints[64]
@@ -132,8 +130,11 @@ def test_every_weight_but_the_encoders_is_found():
         wanted = {n for n in everything if not n.startswith("vae.encoder.")}
         read = {name.split("#")[0] for held in stage_tensors(cfg, steps=2).values() for name in held}
         assert read - {"<constant>"} == wanted
-        weights = {n: (t.numel(), t.element_size()) for n, t in everything.items() if n in wanted and
-                   t.dtype.is_floating_point and n.endswith("weight")}
+        weights = {
+            n: (t.numel(), t.element_size())
+            for n, t in everything.items()
+            if n in wanted and t.dtype.is_floating_point and n.endswith("weight")
+        }
         _, distinct = stage_memory(cfg, "fp32", steps=2)
         assert distinct >= sum(a * b for a, b in weights.values())
 
@@ -192,8 +193,9 @@ def test_each_weight_held_once():
                 (step,) = [s for s in p.stages if not s.loaded]
                 assert step.stage == "head_step" and p.on_demand_bytes == step.bytes
                 assert any(n.startswith("head_step is loaded only on demand") for n in p.notes)
-                head_bytes = sum(b for name, (b, by) in shared_weights(weights, loaded + ["head_step"]).items()
-                                 if "head_step" in by)
+                head_bytes = sum(
+                    b for name, (b, by) in shared_weights(weights, loaded + ["head_step"]).items() if "head_step" in by
+                )
                 assert 0.97 * step.bytes < head_bytes <= step.bytes  # the head's weights, again
     torch_plan = plan(tiny, "fp32", "torch", steps=2)
     assert torch_plan.weight_bytes == torch_plan.distinct_bytes and torch_plan.on_demand_bytes == 0
@@ -227,8 +229,11 @@ def test_cache_is_the_runtimes(embedded_cache):
 
 
 def test_fits_arithmetic_and_backends():
-    stages = [StageMemory("backbone", 0, 3 * GIB, True), StageMemory("head_sampler", 0, 2 * GIB, True),
-              StageMemory("head_step", 0, GIB, False)]
+    stages = [
+        StageMemory("backbone", 0, 3 * GIB, True),
+        StageMemory("head_sampler", 0, 2 * GIB, True),
+        StageMemory("head_step", 0, GIB, False),
+    ]
     p = MemoryPlan("m", "tensorrt", "int8", 64, 64, 1, 2, stages, 4 * GIB, GIB, GIB, GIB)
     assert p.weight_bytes == 5 * GIB and p.total_bytes == 8 * GIB and p.total_if_once == 7 * GIB
     assert p.on_demand_bytes == GIB  # head_step: named in the notes, not in the total
@@ -242,17 +247,23 @@ def test_fits_arithmetic_and_backends():
 def test_plan_command(capsys):
     from bitdance_rt.cli import main
 
-    assert main(["plan", "--model", "BitDance-14B-64x", "--precision", "int8", "--target", "gpu-24gb",
-                 "--json"]) == 0
+    assert main(["plan", "--model", "BitDance-14B-64x", "--precision", "int8", "--target", "gpu-24gb", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["height"] == out["width"] == 1024 and out["rows"] == 2
     # docs/memory.md: 22.41 GiB against 23.00 usable (the text embedding at FP16, each weight once)
     assert out["targets"]["gpu-24gb"]["fits"] is True and 0 < out["targets"]["gpu-24gb"]["bytes_left"] < 2 * 2**30
-    assert [s["stage"] for s in out["stages"] if s["loaded"]] == ["prefix_embed", "token_embed", "backbone",
-                                                                  "head_step", "decoder"]
+    assert [s["stage"] for s in out["stages"] if s["loaded"]] == [
+        "prefix_embed",
+        "token_embed",
+        "backbone",
+        "head_step",
+        "decoder",
+    ]
     assert set(out["activations"]) == {"backbone prefill", "backbone step", "head", "decoder"}
-    assert out["total_bytes"] == out["weight_bytes"] + out["kv_cache_bytes"] + out["activation_bytes"] + \
-        out["workspace_bytes"]
+    assert (
+        out["total_bytes"]
+        == out["weight_bytes"] + out["kv_cache_bytes"] + out["activation_bytes"] + out["workspace_bytes"]
+    )
     assert main(["plan", "--model", "BitDance-B-4x", "--backend", "onnxruntime", "--batch-size", "16"]) == 0
     text = capsys.readouterr().out
     assert "BitDance-B-4x at 256x256, fp32 on onnxruntime, cache for 16 image(s) (32 rows)" in text
@@ -305,8 +316,9 @@ def test_road_of_the_tiny_models(tmp_path):
         export = r.step("export")
         if cfg is t2i:  # one matrix at a time, whatever the model's size; every FP32 graph written
             weights = stage_weights(cfg, "fp32", steps)
-            largest = max(b for s in weights.values() for name, (_, b) in s.items()
-                          if name != "model.embed_tokens.weight")
+            largest = max(
+                b for s in weights.values() for name, (_, b) in s.items() if name != "model.embed_tokens.weight"
+            )
             assert export.host_bytes >= rd.STREAM_PROCESS_BYTES + rd.STREAM_MATRIX * largest
             assert export.host_bytes < rd.STREAM_PROCESS_BYTES + rd.model_bytes(cfg) + (2 << 30)
             assert export.disk_bytes == sum(s32.values())
@@ -330,8 +342,9 @@ def test_road_of_the_tiny_models(tmp_path):
         fits = {f.step: f for f in machines.check(r, cfg, machines.Machine("a 4 GiB host", 4 * GIB, None))}
         assert all(f.fits for s, f in fits.items() if s not in ("build", "run"))
         assert not fits["build"].fits and fits["build"].fix.startswith("needs a GPU")
-        assert machines.check(rd.road(cfg, "fp32", "onnxruntime", steps=steps), cfg,
-                              machines.Machine("a 4 GiB host", 4 * GIB, None))[-1].need.startswith("on the CPU")
+        assert machines.check(
+            rd.road(cfg, "fp32", "onnxruntime", steps=steps), cfg, machines.Machine("a 4 GiB host", 4 * GIB, None)
+        )[-1].need.startswith("on the CPU")
 
 
 def test_capture_estimate_is_a_real_captures():
@@ -343,10 +356,15 @@ def test_capture_estimate_is_a_real_captures():
     source = resolve_model(None, None, None, None, None, None)
     cfg = source.config
     with torch_threads(1):
-        result = capture(source.load(), source.weights_source(), list(range(10)), [0], 4, cfg.default_cfg, None,
-                         CapturePolicy(), 4)
-    got = {stage: sum(t.numel() * t.element_size() for s in samples for part in (s.inputs, s.outputs)
-                      for t in part.values()) for stage, samples in result.dataset.samples.items()}
+        result = capture(
+            source.load(), source.weights_source(), list(range(10)), [0], 4, cfg.default_cfg, None, CapturePolicy(), 4
+        )
+    got = {
+        stage: sum(
+            t.numel() * t.element_size() for s in samples for part in (s.inputs, s.outputs) for t in part.values()
+        )
+        for stage, samples in result.dataset.samples.items()
+    }
     planned = capture_bytes(cfg, 10, 1, 4, 4, CapturePolicy())
     assert set(planned) == set(got)
     for stage, n in got.items():
@@ -371,17 +389,39 @@ def test_export_figure_bounds_a_measured_export(tmp_path):
 
     if not Path("/proc/self/status").is_file():
         pytest.skip("reads the peak resident memory from /proc (Linux)")
-    ckpt = write_checkpoint(tmp_path / "ckpt", llm={"hidden_size": 512, "num_attention_heads": 4,
-                                                    "num_key_value_heads": 1, "head_dim": 128,
-                                                    "intermediate_size": 1536},
-                            head={"ch_latent": 512, "depth": 2})
-    args = ["export", "--checkpoint", str(ckpt), "--height", "512", "--width", "512", "--max-text-tokens", "32",
-            "--steps", "2", "--out", str(tmp_path / "out")]
+    ckpt = write_checkpoint(
+        tmp_path / "ckpt",
+        llm={
+            "hidden_size": 512,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 128,
+            "intermediate_size": 1536,
+        },
+        head={"ch_latent": 512, "depth": 2},
+    )
+    args = [
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--height",
+        "512",
+        "--width",
+        "512",
+        "--max-text-tokens",
+        "32",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     # VmHWM: the high-water mark of this process's own memory map, new at exec. (Not ru_maxrss: Linux carries
     # the forked copy of the parent's, pytest's, across exec into the child's ru_maxrss.)
-    code = ("import re, sys; from bitdance_rt.cli import main; rc = main(sys.argv[1:]); "
-            "kb = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
-            "print('maxrss', rc, int(kb) * 1024)")
+    code = (
+        "import re, sys; from bitdance_rt.cli import main; rc = main(sys.argv[1:]); "
+        "kb = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+        "print('maxrss', rc, int(kb) * 1024)"
+    )
     env = {"BITDANCE_RT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env)
     line = [x for x in res.stdout.splitlines() if x.startswith("maxrss")]
@@ -400,8 +440,20 @@ def test_road_of_the_14b_on_three_machines(capsys):
     from bitdance_rt.plan import road as rd
     from bitdance_rt.t2i_config import t2i_preset
 
-    argv = ["plan", "--model", "BitDance-14B-64x", "--precision", "int8", "--host-memory", "64GB", "--gpu", "24GB",
-            "--target", "agx-orin-32gb", "gpu-16gb"]
+    argv = [
+        "plan",
+        "--model",
+        "BitDance-14B-64x",
+        "--precision",
+        "int8",
+        "--host-memory",
+        "64GB",
+        "--gpu",
+        "24GB",
+        "--target",
+        "agx-orin-32gb",
+        "gpu-16gb",
+    ]
     assert main(argv + ["--json"]) == 0
     road = json.loads(capsys.readouterr().out)["road"]
     steps = {s["step"]: s for s in road["steps"]}
@@ -453,9 +505,11 @@ def test_preflight_refuses_in_one_line(tmp_path, monkeypatch, capsys):
     assert preflight.bound(tiny) < 1 * GIB  # so on a normal machine: nothing to trace, nothing refused
     preflight.check_memory("export", tiny, ["load", "export"])
     monkeypatch.setattr(preflight, "available_memory", lambda: (100 << 20, "MemAvailable"))
-    for argv, step in ((["export", "--out", str(tmp_path / "x")], "load"),
-                       (["generate", "--backend", "torch", "--out", str(tmp_path / "g")], "load"),
-                       (["calibrate", "--out", str(tmp_path / "c"), "--steps", "2"], "calibrate")):
+    for argv, step in (
+        (["export", "--out", str(tmp_path / "x")], "load"),
+        (["generate", "--backend", "torch", "--out", str(tmp_path / "g")], "load"),
+        (["calibrate", "--out", str(tmp_path / "c"), "--steps", "2"], "calibrate"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"bitdance-rt: error: {argv[0]}: the {step} step of "), err

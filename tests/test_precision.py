@@ -25,8 +25,13 @@ from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.precision.auto import variant_dir  # noqa: E402
 from bitdance_rt.precision.derive import derive_export  # noqa: E402
 from bitdance_rt.precision.fp16 import convert_fp16  # noqa: E402
-from bitdance_rt.precision.policy import (FP16_KEEP_FLOAT_OPS, INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES,  # noqa: E402
-                                          int8_float_layers, sampler_arithmetic)  # noqa: E402
+from bitdance_rt.precision.policy import (
+    FP16_KEEP_FLOAT_OPS,
+    INT8_OP_TYPES,
+    INT8_OUTPUT_OP_TYPES,  # noqa: E402
+    int8_float_layers,
+    sampler_arithmetic,
+)  # noqa: E402
 from bitdance_rt.precision.report import compare, psnr  # noqa: E402
 from bitdance_rt.precision.sensitivity import quantised_layers  # noqa: E402
 from bitdance_rt.runtime import int8_kernels  # noqa: E402
@@ -48,15 +53,24 @@ class Setup:
         with torch_threads(1):
             loaded = load_model()
             self.cfg, self.weights = loaded.model.cfg, checkpoint_source(EMBEDDED_WEIGHTS)
-            self.fp32 = export_stages(loaded.model, root / "fp32", self.weights, stages=STAGES, sampler_steps=S,
-                                      progress=False).directory
-            cap = capture(loaded.model, self.weights, list(range(10)), [0, 1], S, self.cfg.default_cfg,
-                          policy=CapturePolicy(head_fraction=0.25, seed=1))
+            self.fp32 = export_stages(
+                loaded.model, root / "fp32", self.weights, stages=STAGES, sampler_steps=S, progress=False
+            ).directory
+            cap = capture(
+                loaded.model,
+                self.weights,
+                list(range(10)),
+                [0, 1],
+                S,
+                self.cfg.default_cfg,
+                policy=CapturePolicy(head_fraction=0.25, seed=1),
+            )
         self.cal = save_calibration(cap.dataset, root / "cal")
         self.cset = load_calibration(self.cal, config=self.cfg, weights=self.weights)
         # where precision_export keeps this variant (beside the FP32 export), so that it finds it again
-        self.int8 = derive_export(self.fp32, variant_dir(self.fp32, "int8", self.cset), "int8", self.cset,
-                                  progress=False).directory
+        self.int8 = derive_export(
+            self.fp32, variant_dir(self.fp32, "int8", self.cset), "int8", self.cset, progress=False
+        ).directory
         self.fp16 = derive_export(self.fp32, root / "fp16", "fp16", progress=False).directory
 
     def backend(self, d):
@@ -125,18 +139,30 @@ def test_int8_graph_places_qdq_only_on_weight_gemm_inputs(setup, stage):
 
     def rounded_output(dq):  # a DequantizeLinear standing for a convolution's output (policy: quantised)
         q_node = produced.get(dq.input[0])
-        return q_node is not None and q_node.op_type == "QuantizeLinear" and \
-            getattr(produced.get(q_node.input[0]), "op_type", None) in INT8_OUTPUT_OP_TYPES
+        return (
+            q_node is not None
+            and q_node.op_type == "QuantizeLinear"
+            and getattr(produced.get(q_node.input[0]), "op_type", None) in INT8_OUTPUT_OP_TYPES
+        )
 
-    dq_users = collections.Counter(c.op_type for n in q.graph.node if n.op_type == "DequantizeLinear"
-                                   and not rounded_output(n) for c in cons[n.output[0]])
+    dq_users = collections.Counter(
+        c.op_type
+        for n in q.graph.node
+        if n.op_type == "DequantizeLinear" and not rounded_output(n)
+        for c in cons[n.output[0]]
+    )
     # dequantised inputs feed only the quantised ops: norms, softmax, adds, attention products and the
     # rest see float tensors, except where they read a convolution's (rounded) output
     assert set(dq_users) <= set(INT8_OP_TYPES), dq_users
     conv_outputs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and rounded_output(n)]
     assert bool(conv_outputs) == any(n.op_type in INT8_OUTPUT_OP_TYPES for n in fp32.graph.node)
-    quantised = {c.name for n in q.graph.node if n.op_type == "DequantizeLinear" for c in cons[n.output[0]]
-                 if c.op_type in INT8_OP_TYPES}
+    quantised = {
+        c.name
+        for n in q.graph.node
+        if n.op_type == "DequantizeLinear"
+        for c in cons[n.output[0]]
+        if c.op_type in INT8_OP_TYPES
+    }
     layers = quantised_layers(setup.fp32 / f"{stage}.onnx")
     kept = set(int8_float_layers(stage, layers))
     assert quantised == set(layers) - kept and quantised
@@ -150,8 +176,11 @@ def test_int8_graph_places_qdq_only_on_weight_gemm_inputs(setup, stage):
             zp = onnx.numpy_helper.to_array(inits[n.input[2]])
             assert inits[n.input[2]].data_type == INT8 and not zp.any(), f"{n.name}: not symmetric int8"
     # weights: int8 initialisers with one scale per output channel
-    per_channel = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                   and inits[n.input[0]].data_type == INT8]
+    per_channel = [
+        n
+        for n in q.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == INT8
+    ]
     assert per_channel and all(onnx.numpy_helper.to_array(inits[n.input[1]]).ndim == 1 for n in per_channel)
     assert [i.name for i in q.graph.input] == [i.name for i in fp32.graph.input]
 
@@ -179,8 +208,12 @@ def test_int8_graph_runs_on_integer_kernels_in_onnxruntime(setup, stage, tmp_pat
     opt = onnx.load(so.optimized_model_filepath).graph
     weights = {t.name for t in opt.initializer}
     opt_cons = _consumers(opt)
-    left = sorted(c.name for n in opt.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
-                  for c in opt_cons[n.output[0]])
+    left = sorted(
+        c.name
+        for n in opt.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in weights
+        for c in opt_cons[n.output[0]]
+    )
     assert set(left) <= allowed, left
     fused = collections.Counter(n.op_type for n in opt.node)
     layers = quantised_layers(setup.fp32 / f"{stage}.onnx")
@@ -212,8 +245,9 @@ def test_fp16_fused_sampler_keeps_the_update_arithmetic_in_float32(tmp_path):
     d = fixture_dir("tiny_4x")
     with torch_threads(1):
         model = load_model(f"{d}/config.json", f"{d}/checkpoint.pt").model
-        out = export_stages(model, tmp_path / "e", "fixture", stages=[st.HEAD_SAMPLER], sampler_steps=2,
-                            progress=False).directory
+        out = export_stages(
+            model, tmp_path / "e", "fixture", stages=[st.HEAD_SAMPLER], sampler_steps=2, progress=False
+        ).directory
     g = convert_fp16(onnx.load(str(out / "head_sampler.onnx")), sampler=True)
     types = _value_types(g)
     outside = set(sampler_arithmetic(g.graph.node))
@@ -229,8 +263,10 @@ def test_fp16_fused_sampler_keeps_the_update_arithmetic_in_float32(tmp_path):
 def fidelity(setup):
     """Teacher-forced comparison on held-out noise (seeds 1000, 1001; calibration used seeds 0 and 1)."""
     ref = setup.backend(setup.fp32)
-    return {p: compare(ref, setup.backend(d), list(range(10)), [1000, 1001], S, setup.cfg.default_cfg).to_json()
-            for p, d in (("fp16", setup.fp16), ("int8", setup.int8))}
+    return {
+        p: compare(ref, setup.backend(d), list(range(10)), [1000, 1001], S, setup.cfg.default_cfg).to_json()
+        for p, d in (("fp16", setup.fp16), ("int8", setup.int8))
+    }
 
 
 def _bits(tf: dict) -> dict[str, float]:
@@ -245,8 +281,15 @@ def test_fp16_matches_fp32_tokens(fidelity):
     # which on the trained model is rare (measured 99.9-100% per stage and phase)
     tf = fidelity["fp16"]["teacher_forced"]
     bits = _bits(tf)
-    assert set(bits) == {"prefix_embed", "token_embed", "backbone", "backbone prefill", "backbone step", "head",
-                         "end_to_end"}
+    assert set(bits) == {
+        "prefix_embed",
+        "token_embed",
+        "backbone",
+        "backbone prefill",
+        "backbone step",
+        "head",
+        "end_to_end",
+    }
     for name, value in bits.items():
         assert value >= 0.995, (name, value)
     assert 0 < tf["prefix_embed"]["cond_max_abs_err"] < 0.05  # its table is FP16 too: the conditions move a little
@@ -277,7 +320,8 @@ def test_int8_stays_close_to_fp32(fidelity):
     phases = tf["backbone"]["phases"].values()
     assert tf["backbone"]["bits"] == sum(p["bits"] for p in phases)
     assert tf["backbone"]["bit_agreement"] == pytest.approx(
-        sum(p["bit_agreement"] * p["bits"] for p in phases) / tf["backbone"]["bits"])
+        sum(p["bit_agreement"] * p["bits"] for p in phases) / tf["backbone"]["bits"]
+    )
     # and INT8 is really different from FP32 (the comparison can fail)
     assert tf["head"]["bit_agreement"] < 1.0 or tf["backbone"]["bit_agreement"] < 1.0
 
@@ -308,9 +352,15 @@ def test_int8_digits_are_recognised_as_well_as_fp32(setup):
     from bitdance_rt.sampling import SeededNoise
 
     labels = [c for c in range(10) for _ in range(10)]
-    reports = {p: score_images(generate_batched(setup.backend(d), labels, S, setup.cfg.default_cfg, None,
-                                                SeededNoise(2000)).image.clamp(-1, 1), labels)
-               for p, d in (("fp32", setup.fp32), ("int8", setup.int8))}
+    reports = {
+        p: score_images(
+            generate_batched(setup.backend(d), labels, S, setup.cfg.default_cfg, None, SeededNoise(2000)).image.clamp(
+                -1, 1
+            ),
+            labels,
+        )
+        for p, d in (("fp32", setup.fp32), ("int8", setup.int8))
+    }
     fp32, int8 = reports["fp32"], reports["int8"]
     assert fp32.accuracy >= 0.85, str(fp32)
     assert int8.accuracy >= fp32.accuracy - 0.08, (str(fp32), str(int8))
@@ -367,8 +417,11 @@ def test_compare_isolates_a_broken_stage(setup, tmp_path, broken):
     ref, test = setup.backend(setup.fp32), OrtBackend(d, threads=1, verify_hashes=False)
     j = compare(ref, test, [1, 2], [5], S, setup.cfg.default_cfg, free_running=False).to_json()["teacher_forced"]
     bits = _bits(j)
-    hit = {st.DECODER: set(), st.TOKEN_EMBED: {"token_embed", "end_to_end"},
-           st.BACKBONE: {"backbone", "backbone prefill", "backbone step", "end_to_end"}}[broken]
+    hit = {
+        st.DECODER: set(),
+        st.TOKEN_EMBED: {"token_embed", "end_to_end"},
+        st.BACKBONE: {"backbone", "backbone prefill", "backbone step", "end_to_end"},
+    }[broken]
     for name, value in bits.items():
         if name in hit:
             assert value < 0.9, (name, value)  # unrelated tokens agree 50%
@@ -389,8 +442,9 @@ def test_psnr_is_the_textbook_formula():
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_histogram_methods_calibrate_and_differ_from_max(setup, method, tmp_path):
     with torch_threads(1):  # head_step only: the histogram searches are slow pure Python
-        head = export_stages(load_model().model, tmp_path / "fp32", setup.weights, stages=[st.HEAD_STEP],
-                             sampler_steps=S, progress=False).directory
+        head = export_stages(
+            load_model().model, tmp_path / "fp32", setup.weights, stages=[st.HEAD_STEP], sampler_steps=S, progress=False
+        ).directory
     d = derive_export(head, tmp_path / method, "int8", setup.cset, method, progress=False).directory
     scales = []
     for src in (setup.int8, d):
@@ -424,8 +478,14 @@ def test_derived_exports_are_reused_and_rederived_when_inputs_change(setup, tmp_
 
 # ---- CLI --------------------------------------------------------------------------------------------
 def _run(*args, env):
-    return subprocess.run([sys.executable, "-m", "bitdance_rt", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bitdance_rt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -441,22 +501,43 @@ def env(embedded_fp16_cache_template, tmp_path_factory):
 
 def test_calibrate_report_writes_numbers_of_a_real_run(setup, env, tmp_path):
     out = tmp_path / "set"
-    r = _run("calibrate", "--out", out, "--labels", 2, 5, "--samples", 4, "--report", "--report-images", 2,
-             "--threads", 1, env=env)
+    r = _run(
+        "calibrate",
+        "--out",
+        out,
+        "--labels",
+        2,
+        5,
+        "--samples",
+        4,
+        "--report",
+        "--report-images",
+        2,
+        "--threads",
+        1,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert "| int8 |" in (out / "report.md").read_text() and "| fp16 |" in r.stdout
     # 4 images in batches of 4: one prefill call (and ar_steps - 1 AR steps), both calibrating the backbone
     assert report["setup"]["calibration_phases"]["backbone"] == {"prefill": 1, "step": setup.cfg.ar_steps - 1}
     assert report["setup"]["calibration_samples"]["token_embed"] == setup.cfg.ar_steps - 1
-    assert set(report["targets"]) == {f"INT8 {n} bit agreement >= 99%" for n in
-                                      ("token_embed", "backbone prefill", "backbone step", "head")}
+    assert set(report["targets"]) == {
+        f"INT8 {n} bit agreement >= 99%" for n in ("token_embed", "backbone prefill", "backbone step", "head")
+    }
     md = (out / "report.md").read_text()
     assert "| precision | prefix_embed bits | token_embed bits | backbone prefill bits | backbone step bits |" in md
     assert "backbone: 1 prefill samples, %d step samples" % (setup.cfg.ar_steps - 1) in md
     # the numbers are those of a comparison run again here on the same graphs
-    again = compare(setup.backend(report["setup"]["fp32_export"]), setup.backend(report["exports"]["int8"]),
-                    report["setup"]["labels"], report["setup"]["seeds"], S, setup.cfg.default_cfg).to_json()
+    again = compare(
+        setup.backend(report["setup"]["fp32_export"]),
+        setup.backend(report["exports"]["int8"]),
+        report["setup"]["labels"],
+        report["setup"]["seeds"],
+        S,
+        setup.cfg.default_cfg,
+    ).to_json()
     assert report["precisions"]["int8"] == json.loads(json.dumps(again))
 
 
@@ -464,8 +545,25 @@ def test_generate_with_precision_flags(setup, env, tmp_path):
     toks = {}
     for p in ("fp32", "fp16", "int8"):
         extra = ["--calibration", setup.cal] if p == "int8" else []
-        r = _run("generate", "--labels", 0, 1, 2, 3, "--precision", p, *extra, "--out", tmp_path / p, "--quiet",
-                 "--save-tokens", tmp_path / f"{p}.safetensors", "--threads", 1, env=env)
+        r = _run(
+            "generate",
+            "--labels",
+            0,
+            1,
+            2,
+            3,
+            "--precision",
+            p,
+            *extra,
+            "--out",
+            tmp_path / p,
+            "--quiet",
+            "--save-tokens",
+            tmp_path / f"{p}.safetensors",
+            "--threads",
+            1,
+            env=env,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"({p})" in r.stdout
         # which integer kernels ran is said, for INT8 only
@@ -491,8 +589,10 @@ def test_int8_graph_with_external_data_is_the_same_graph(setup, tmp_path):
     assert any(p.name != "ext.onnx" for p in tmp_path.iterdir()), "no external data file written"
     onnx.checker.check_model(str(tmp_path / "ext.onnx"), full_check=True)
     feeds = setup.cset.reader(st.HEAD_STEP).get_next()
-    run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
-           for p in (tmp_path / "ext.onnx", setup.int8 / f"{st.HEAD_STEP}.onnx")]
+    run = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for p in (tmp_path / "ext.onnx", setup.int8 / f"{st.HEAD_STEP}.onnx")
+    ]
     np.testing.assert_array_equal(run[0][0], run[1][0])
 
 
@@ -503,7 +603,9 @@ def test_keep_float_layers_stay_float_in_every_stage_that_has_them(setup, env, t
 
     layer = "/layers.0/attention/wo/MatMul"  # a backbone layer: float in its prefill and its steps (one graph)
     assert keep_float_by_stage(setup.fp32, [layer, "/proj_in/w1/MatMul"]) == {
-        st.BACKBONE: [layer], st.TOKEN_EMBED: ["/proj_in/w1/MatMul"]}
+        st.BACKBONE: [layer],
+        st.TOKEN_EMBED: ["/proj_in/w1/MatMul"],
+    }
     kept = precision_export(setup.fp32, "int8", setup.cset, keep_float=[layer], progress=False).directory
     plain = precision_export(setup.fp32, "int8", setup.cset, progress=False)  # the fixture's variant, found again
     assert plain.reused and plain.directory == setup.int8 and kept != plain.directory
@@ -539,8 +641,9 @@ def test_int8_end_to_end_on_the_fixture_models(name, tmp_path):
     with torch_threads(1):
         model = load_model(f"{d}/config.json", f"{d}/checkpoint.pt").model
         source = checkpoint_source(d / "checkpoint.pt")
-        fp32 = export_stages(model, tmp_path / "fp32", source, stages=STAGES, sampler_steps=steps,
-                             progress=False).directory
+        fp32 = export_stages(
+            model, tmp_path / "fp32", source, stages=STAGES, sampler_steps=steps, progress=False
+        ).directory
         cap = capture(model, source, labels, [0, 1], steps, 3.0, policy=CapturePolicy(head_fraction=0.5, seed=1))
     int8 = derive_export(fp32, tmp_path / "int8", "int8", cap.dataset, progress=False).directory
     ref, q = OrtBackend(fp32, threads=1, verify_hashes=False), OrtBackend(int8, threads=1, verify_hashes=False)

@@ -38,10 +38,13 @@ class _LoudReader:
 
 def _matmul(path) -> None:
     w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["h", "w"], ["y"], name="/proj/MatMul")], "proj",
-                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["rows", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 4])],
-                              [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w"], ["y"], name="/proj/MatMul")],
+        "proj",
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["rows", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 

@@ -22,8 +22,9 @@ def test_readme_python_example_runs(tmp_path, embedded_cache_template):
     assert "Pipeline.from_pretrained()" in code and "submit" in code and "stream" in code
     cache = copy_cache(embedded_cache_template, tmp_path / "cache")  # its first export is tested elsewhere
     env = {"BITDANCE_RT_CACHE": str(cache), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "three.png").is_file()
     lines = res.stdout.splitlines()
@@ -39,7 +40,7 @@ def test_readme_server_example_works_as_printed(tmp_path, embedded_cache_templat
     from serve_util import free_port, server_process
 
     text = README.read_text()
-    section = text[text.index("## HTTP server"):]
+    section = text[text.index("## HTTP server") :]
     command = re.search(r"```bash\n(bitdance-rt serve[^\n#]*)", section).group(1).split()
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     printed = re.search(r"\nprints[^\n]*\n\n```\n(.*?)```", section, re.S).group(1)
@@ -47,8 +48,13 @@ def test_readme_server_example_works_as_printed(tmp_path, embedded_cache_templat
     port = free_port()
     env = {"BITDANCE_RT_CACHE": str(copy_cache(embedded_cache_template, tmp_path / "cache")), "OMP_NUM_THREADS": "1"}
     with server_process(command[2:], env, port) as proc:
-        res = subprocess.run([sys.executable, "-c", code.replace("8000", str(port))], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [sys.executable, "-c", code.replace("8000", str(port))],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.poll() is None
     assert res.returncode == 0, res.stderr[-2000:]
     assert [line.rstrip() for line in res.stdout.splitlines()] == [line.rstrip() for line in printed.splitlines()]

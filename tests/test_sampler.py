@@ -11,8 +11,15 @@ from safetensors.torch import load_file, save_file
 from bitdance_rt.models.heads import DiffusionHead, TransformerHead
 from bitdance_rt.runtime import generate
 from bitdance_rt.runtime.torch_backend import TorchBackend
-from bitdance_rt.sampling import (NoiseSource, ReplayNoise, SeededNoise, cfg_at_step, sample_head,
-                                  sample_tokens, time_grid)
+from bitdance_rt.sampling import (
+    NoiseSource,
+    ReplayNoise,
+    SeededNoise,
+    cfg_at_step,
+    sample_head,
+    sample_tokens,
+    time_grid,
+)
 
 from conftest import ORACLE_SAMPLER_REL, assert_matches_oracle, fixture_config, fixture_dir
 
@@ -79,8 +86,12 @@ def test_head_sampler_per_ar_step(official, name):
             x = sample_head(model.head_net, cond, noise, g, g > 1.0, model.cfg.time_shift)
             tokens = sample_tokens(model.head_net, cond, noise, g, g > 1.0, model.cfg.time_shift)
         out = torch.cat([x, x]) if g > 1.0 else x
-        assert_matches_oracle(out.reshape(sample[f"steps.{i:03d}.head_out"].shape),
-                              sample[f"steps.{i:03d}.head_out"], f"AR step {i} head output", ORACLE_SAMPLER_REL)
+        assert_matches_oracle(
+            out.reshape(sample[f"steps.{i:03d}.head_out"].shape),
+            sample[f"steps.{i:03d}.head_out"],
+            f"AR step {i} head output",
+            ORACLE_SAMPLER_REL,
+        )
         assert torch.equal(tokens, sample[f"steps.{i:03d}.pred"])
     assert draws == len(calls["calls"])
 
@@ -113,8 +124,9 @@ def test_any_batch_size_row_independence(official, name, tmp_path):
         sliced[f"noise_{call['index']:03d}"] = t[keep].contiguous()
     path = tmp_path / "noise_b1.safetensors"
     save_file(sliced, str(path))
-    result = generate(TorchBackend(model), [s["labels"][0]], s["sample_steps"], s["cfg_scale"], s["cfg_schedule"],
-                      ReplayNoise(path))
+    result = generate(
+        TorchBackend(model), [s["labels"][0]], s["sample_steps"], s["cfg_scale"], s["cfg_schedule"], ReplayNoise(path)
+    )
     assert torch.equal(result.tokens, sample["tokens"][:1])
 
 
@@ -132,8 +144,11 @@ def test_cfg_row_doubling_rules(official):
     model, _, _, _ = official("tiny_4x")
     p, c, steps = model.cfg.parallel_num, model.cfg.token_dim, 2
     per_step = steps + 1
-    for scale, schedule, first_rows, later_rows in [(1.0, "linear", 3, 3), (3.0, "linear", 6, 3),
-                                                    (3.0, "constant", 3, 3)]:
+    for scale, schedule, first_rows, later_rows in [
+        (1.0, "linear", 3, 3),
+        (3.0, "linear", 6, 3),
+        (3.0, "constant", 3, 3),
+    ]:
         rec = ShapeRecorder()
         generate(TorchBackend(model), [1, 2, 3], steps, scale, schedule, rec)
         assert len(rec.shapes) == per_step * model.cfg.ar_steps
@@ -146,7 +161,9 @@ def test_replay_noise_errors(tmp_path):
 
     with pytest.raises(BitDanceError, match="not found"):
         ReplayNoise(tmp_path / "nope.safetensors")
-    save_file({"noise_000": torch.zeros(2, 4, 32), "noise_002": torch.zeros(2, 4, 32)}, str(tmp_path / "gap.safetensors"))
+    save_file(
+        {"noise_000": torch.zeros(2, 4, 32), "noise_002": torch.zeros(2, 4, 32)}, str(tmp_path / "gap.safetensors")
+    )
     with pytest.raises(BitDanceError, match="without gaps"):
         ReplayNoise(tmp_path / "gap.safetensors")
     save_file({"noise_000": torch.zeros(2, 4, 32)}, str(tmp_path / "one.safetensors"))
@@ -164,8 +181,17 @@ def test_t2i_head_fixture():
     d = fixture_dir("t2i_head")
     cfg = fixture_config("t2i_head")
     a = cfg["constructor_args"]
-    head = DiffusionHead(TransformerHead(a["ch_target"], a["ch_latent"], a["ch_cond"], a["depth_latent"],
-                                         a["depth_adanln"], variant="t2i", swiglu=a["use_swiglu"]))
+    head = DiffusionHead(
+        TransformerHead(
+            a["ch_target"],
+            a["ch_latent"],
+            a["ch_cond"],
+            a["depth_latent"],
+            a["depth_adanln"],
+            variant="t2i",
+            swiglu=a["use_swiglu"],
+        )
+    )
     head.load_state_dict(load_file(str(d / "vision_head.safetensors")), strict=True)
     st = load_file(str(d / "stages.safetensors"))
     with torch.no_grad():
@@ -188,7 +214,7 @@ def test_batched_generation_equals_one_batch_with_chunked_noise(official):
     labels = [1, 2, 3, 4, 5]
     got = generate_batched(TorchBackend(model), labels, 3, 2.0, "linear", SeededNoise(9), batch_size=2)
     src = SeededNoise(9)
-    parts = [generate(TorchBackend(model), labels[i:i + 2], 3, 2.0, "linear", src) for i in (0, 2, 4)]
+    parts = [generate(TorchBackend(model), labels[i : i + 2], 3, 2.0, "linear", src) for i in (0, 2, 4)]
     assert got.tokens.shape[0] == 5
     assert torch.equal(got.tokens, torch.cat([p.tokens for p in parts]))
     assert torch.equal(got.image, torch.cat([p.image for p in parts]))
@@ -204,14 +230,35 @@ def test_batched_replay_checks_the_whole_file(official, tmp_path):
     path = fixture_dir("tiny_4x") / "sample.safetensors"
     # 2 labels in chunks of 1 need other noise shapes than the recorded batch of 2: refused.
     with pytest.raises(BitDanceError, match="noise_000 has shape"):
-        generate_batched(TorchBackend(model), s["labels"], s["sample_steps"], s["cfg_scale"], s["cfg_schedule"],
-                         ReplayNoise(path), batch_size=1)
-    one = generate_batched(TorchBackend(model), s["labels"], s["sample_steps"], s["cfg_scale"], s["cfg_schedule"],
-                           ReplayNoise(path), batch_size=2)
+        generate_batched(
+            TorchBackend(model),
+            s["labels"],
+            s["sample_steps"],
+            s["cfg_scale"],
+            s["cfg_schedule"],
+            ReplayNoise(path),
+            batch_size=1,
+        )
+    one = generate_batched(
+        TorchBackend(model),
+        s["labels"],
+        s["sample_steps"],
+        s["cfg_scale"],
+        s["cfg_schedule"],
+        ReplayNoise(path),
+        batch_size=2,
+    )
     assert torch.equal(one.tokens, sample["tokens"])
     extra = {k: v for k, v in sample.items() if k.startswith("noise_")}
     extra[f"noise_{len(extra):03d}"] = torch.zeros(2, 4, 32)
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(BitDanceError, match="used 28 of its 29 draws"):
-        generate_batched(TorchBackend(model), s["labels"], s["sample_steps"], s["cfg_scale"], s["cfg_schedule"],
-                         ReplayNoise(tmp_path / "extra.safetensors"), batch_size=2)
+        generate_batched(
+            TorchBackend(model),
+            s["labels"],
+            s["sample_steps"],
+            s["cfg_scale"],
+            s["cfg_schedule"],
+            ReplayNoise(tmp_path / "extra.safetensors"),
+            batch_size=2,
+        )

@@ -21,8 +21,13 @@ from conftest import FIXTURES, torch_threads
 S = 4
 # (labels, seed, cfg, schedule, steps): guided from step 1 (linear), guided throughout (constant),
 # no guidance (rows = images), another sampler step count (head_step path on ONNX Runtime), 3 images
-REQUESTS = [([1, 2], 0, 3.0, "linear", S), ([5], 1, 2.0, "constant", S), ([7, 0, 3], 2, 1.0, "linear", S),
-            ([4], 3, 2.5, "linear", 2), ([9, 8, 6], 4, 4.0, "linear", S)]
+REQUESTS = [
+    ([1, 2], 0, 3.0, "linear", S),
+    ([5], 1, 2.0, "constant", S),
+    ([7, 0, 3], 2, 1.0, "linear", S),
+    ([4], 3, 2.5, "linear", 2),
+    ([9, 8, 6], 4, 4.0, "linear", S),
+]
 
 
 class Model:
@@ -71,8 +76,10 @@ def test_mixed_requests_are_bit_identical_to_alone(fixture_model, kind):
     m = fixture_model
     with torch_threads(1):
         backend = m.backend(kind)
-        alone = [generate(backend, labels, steps, scale, schedule, SeededNoise(seed))
-                 for labels, seed, scale, schedule, steps in REQUESTS]
+        alone = [
+            generate(backend, labels, steps, scale, schedule, SeededNoise(seed))
+            for labels, seed, scale, schedule, steps in REQUESTS
+        ]
         # staggered arrivals: requests join while others are mid-generation
         mixed, sched = _mixed(backend, m.cfg, REQUESTS, arrivals=[0, 0, 1, 2, 3])
     for a, b in zip(alone, mixed):
@@ -94,8 +101,9 @@ def test_one_request_alone_is_the_official_sampler(fixture_model):
     labels = [int(x) for x in sample["labels"]]
     with torch_threads(1):
         sched = Scheduler(fixture_model.backend("onnxruntime"))
-        req = sched.submit(make_request(fixture_model.cfg, labels, 6, 3.0, "linear", ReplayNoise(d / "sample.safetensors"),
-                                        None))
+        req = sched.submit(
+            make_request(fixture_model.cfg, labels, 6, 3.0, "linear", ReplayNoise(d / "sample.safetensors"), None)
+        )
         sched.run_until_idle()
     assert torch.equal(req.future.result().tokens, sample["tokens"])
 

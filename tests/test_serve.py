@@ -65,15 +65,19 @@ def _wait_until(condition, seconds: float = 30, what: str = "") -> None:
 # ---- the OpenAI client, as a user would call it ------------------------------------------------
 def test_openai_client_images_equal_pipeline(client, pipe):
     size = pipe.config.image_size
-    got = client.images.generate(prompt="7", n=2, response_format="b64_json", size=f"{size}x{size}",
-                                 extra_body={"seed": 11})
+    got = client.images.generate(
+        prompt="7", n=2, response_format="b64_json", size=f"{size}x{size}", extra_body={"seed": 11}
+    )
     assert isinstance(got.created, int) and len(got.data) == 2
     arrays = [png_array(d.b64_json, (size, size)) for d in got.data]
     for a, b in zip(arrays, _expected(pipe, 7, 11, n=2)):
         np.testing.assert_array_equal(a, b)
     # labels, steps, guidance and schedule as body extensions; the model named as loaded
-    got = client.images.generate(prompt="", model=pipe.config.name, extra_body={
-        "labels": [2, 5], "seed": 3, "steps": 7, "guidance_scale": 2.5, "cfg_schedule": "constant"})
+    got = client.images.generate(
+        prompt="",
+        model=pipe.config.name,
+        extra_body={"labels": [2, 5], "seed": 3, "steps": 7, "guidance_scale": 2.5, "cfg_schedule": "constant"},
+    )
     want = _expected(pipe, [2, 5], 3, steps=7, cfg=2.5, cfg_schedule="constant")
     for d, b in zip(got.data, want):
         np.testing.assert_array_equal(png_array(d.b64_json), b)
@@ -92,14 +96,15 @@ def test_openai_client_streams_partial_images(client, pipe):
     per_step = cfg.parallel_num
     for event, step in zip(events[:-1], steps):
         tokens = out.tokens.clone()
-        tokens[:, step * per_step:] = 0
+        tokens[:, step * per_step :] = 0
         want = to_uint8(pipe.backend.decode(tokens_to_latent(tokens, cfg)).float())[0]
         np.testing.assert_array_equal(png_array(event.b64_json), want)
 
 
 def test_stream_without_partial_images_and_with_several_images(server, pipe):
-    with httpx.stream("POST", server.url + GEN, json={"prompt": "1", "n": 2, "seed": 4, "stream": True},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", server.url + GEN, json={"prompt": "1", "n": 2, "seed": 4, "stream": True}, timeout=60
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r.iter_lines())
     assert [e for e, _ in events] == ["image_generation.completed"] * 2 + [None]
@@ -149,8 +154,9 @@ def test_bad_input_names_the_field(server, body, status, param, text):
     assert error["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("raw,text", [(b'{"prompt": "3",', "not valid JSON"), (b"[1, 2]", "JSON object"),
-                                      (b"", "JSON object")])
+@pytest.mark.parametrize(
+    "raw,text", [(b'{"prompt": "3",', "not valid JSON"), (b"[1, 2]", "JSON object"), (b"", "JSON object")]
+)
 def test_malformed_body(server, raw, text):
     r = httpx.post(server.url + GEN, content=raw, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400 and text in r.json()["error"]["message"], r.text
@@ -172,9 +178,14 @@ def test_health_and_models(server, pipe, client):
 def test_metrics_count_images_steps_and_errors(server):
     url = server.url
     images, ok = _metric(url, "bitdance_images_total"), _metric(url, 'bitdance_requests_total{outcome="ok"}')
-    steps, bad = _metric(url, "bitdance_ar_step_seconds_count"), _metric(url, 'bitdance_errors_total{kind="bad_request"}')
+    steps, bad = (
+        _metric(url, "bitdance_ar_step_seconds_count"),
+        _metric(url, 'bitdance_errors_total{kind="bad_request"}'),
+    )
     latency = _metric(url, "bitdance_request_seconds_count")
-    assert httpx.post(url + GEN, json={"prompt": "", "labels": [1, 2], "n": 2, "seed": 0}, timeout=60).status_code == 200
+    assert (
+        httpx.post(url + GEN, json={"prompt": "", "labels": [1, 2], "n": 2, "seed": 0}, timeout=60).status_code == 200
+    )
     assert httpx.post(url + GEN, json={"prompt": "1", "steps": 0}, timeout=60).status_code == 400
     assert _metric(url, "bitdance_images_total") == images + 4
     assert _metric(url, 'bitdance_requests_total{outcome="ok"}') == ok + 1
@@ -182,8 +193,14 @@ def test_metrics_count_images_steps_and_errors(server):
     assert _metric(url, 'bitdance_errors_total{kind="bad_request"}') == bad + 1
     assert _metric(url, "bitdance_ar_step_seconds_count") >= steps + 4  # 4 AR steps at least
     text = httpx.get(url + "/metrics", timeout=10).text
-    for name in ("bitdance_queue_length", "bitdance_rows_in_flight", "bitdance_images_per_second",
-                 "bitdance_first_image_seconds_bucket", "bitdance_ar_step_rows_bucket", "bitdance_ready 1.0"):
+    for name in (
+        "bitdance_queue_length",
+        "bitdance_rows_in_flight",
+        "bitdance_images_per_second",
+        "bitdance_first_image_seconds_bucket",
+        "bitdance_ar_step_rows_bucket",
+        "bitdance_ready 1.0",
+    ):
         assert name in text, name
     assert _metric(url, "bitdance_images_per_second") > 0
 
@@ -250,8 +267,9 @@ def _occupy_all_rows(pipe, url, steps=1000):
     result = {}
 
     def go():
-        result["r"] = httpx.post(url + GEN, json={"prompt": "", "labels": [0] * 16, "steps": steps, "seed": 1},
-                                 timeout=300)
+        result["r"] = httpx.post(
+            url + GEN, json={"prompt": "", "labels": [0] * 16, "steps": steps, "seed": 1}, timeout=300
+        )
 
     t = threading.Thread(target=go)
     t.start()
@@ -263,8 +281,9 @@ def test_full_queue_answers_429_with_retry_after(pipe):
     with ThreadServer(make_app(pipe, ServerSettings(max_queue=1))) as s:
         big, first = _occupy_all_rows(pipe, s.url)
         waiting = {}
-        t = threading.Thread(target=lambda: waiting.update(r=httpx.post(s.url + GEN, json={"prompt": "3", "seed": 2},
-                                                                        timeout=300)))
+        t = threading.Thread(
+            target=lambda: waiting.update(r=httpx.post(s.url + GEN, json={"prompt": "3", "seed": 2}, timeout=300))
+        )
         t.start()
         _wait_until(lambda: pipe.queued == 1, what="the second request to wait")
         r = httpx.post(s.url + GEN, json={"prompt": "4", "seed": 3}, timeout=30)
@@ -276,8 +295,7 @@ def test_full_queue_answers_429_with_retry_after(pipe):
         big.join(300)
         t.join(300)
         assert first["r"].status_code == 200 and waiting["r"].status_code == 200  # the admitted ones are answered
-        np.testing.assert_array_equal(png_array(waiting["r"].json()["data"][0]["b64_json"]),
-                                      _expected(pipe, 3, 2)[0])
+        np.testing.assert_array_equal(png_array(waiting["r"].json()["data"][0]["b64_json"]), _expected(pipe, 3, 2)[0])
 
 
 def test_request_timeout_answers_504_and_frees_rows(pipe):
@@ -302,8 +320,10 @@ def test_client_leaving_mid_stream_frees_its_rows(server, pipe):
                 break  # one partial image read; then the client hangs up
         assert pipe.rows_in_flight > 0
     _wait_until(lambda: pipe.rows_in_flight == 0 and pipe.queued == 0, what="the stream's rows to be freed")
-    _wait_until(lambda: _metric(server.url, 'bitdance_errors_total{kind="disconnected"}') == before + 1,
-                what="the disconnect to be counted")
+    _wait_until(
+        lambda: _metric(server.url, 'bitdance_errors_total{kind="disconnected"}') == before + 1,
+        what="the disconnect to be counted",
+    )
 
 
 def test_client_leaving_a_plain_request_frees_its_rows(server, pipe):
@@ -312,8 +332,10 @@ def test_client_leaving_a_plain_request_frees_its_rows(server, pipe):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + GEN, json=body, timeout=httpx.Timeout(30, read=0.5))
     _wait_until(lambda: pipe.rows_in_flight == 0 and pipe.queued == 0, what="the rows to be freed")
-    _wait_until(lambda: _metric(server.url, 'bitdance_errors_total{kind="disconnected"}') == before + 1,
-                what="the disconnect to be counted")
+    _wait_until(
+        lambda: _metric(server.url, 'bitdance_errors_total{kind="disconnected"}') == before + 1,
+        what="the disconnect to be counted",
+    )
 
 
 # ---- soak -------------------------------------------------------------------------------------
@@ -322,8 +344,16 @@ def test_soak_concurrency_16(server, pipe):
     once, with valid PNGs of the right size equal to the Pipeline's for its seed."""
     total, clients = 300, 16
     size = (pipe.config.image_size,) * 2
-    specs = [{"prompt": str(i % 10), "seed": 1000 + i, "n": 2 if i % 7 == 0 else 1,
-              "stream": i % 5 == 0, "partial_images": 1 if i % 10 == 0 else 0} for i in range(total)]
+    specs = [
+        {
+            "prompt": str(i % 10),
+            "seed": 1000 + i,
+            "n": 2 if i % 7 == 0 else 1,
+            "stream": i % 5 == 0,
+            "partial_images": 1 if i % 10 == 0 else 0,
+        }
+        for i in range(total)
+    ]
     work: queue.Queue = queue.Queue()
     for i in range(total):
         work.put(i)
@@ -396,6 +426,7 @@ def test_sigterm_answers_every_request_in_flight(warm_cache):
         threads = [threading.Thread(target=go, args=(i,)) for i in range(12)]
         for t in threads:
             t.start()
+
         def admitted() -> int:  # requests running (8 rows each: 4 images with guidance) or waiting
             health = httpx.get(url + "/health", timeout=10).json()
             return health.get("rows_in_flight", 0) // 8 + health.get("queued", 0)
@@ -454,18 +485,30 @@ def test_text_to_image_server(tmp_path, monkeypatch):
 
     ckpt = write_checkpoint(tmp_path / "t2i", parallel_num=64)
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
-    with torch_threads(1), Pipeline.from_pretrained(backend="torch", checkpoint=ckpt, height=512, width=512,
-                                                    max_text_tokens=48, steps=2, threads=1,
-                                                    progress=False) as p:
+    with (
+        torch_threads(1),
+        Pipeline.from_pretrained(
+            backend="torch",
+            checkpoint=ckpt,
+            height=512,
+            width=512,
+            max_text_tokens=48,
+            steps=2,
+            threads=1,
+            progress=False,
+        ) as p,
+    ):
         with TestClient(make_app(p)) as c:
             r = c.post(GEN, json={"prompt": "a red cat", "size": "512x512", "seed": 21})
             assert r.status_code == 200, r.text
             want = np.asarray(p.generate(prompt="a red cat", seed=21).images[0])
             np.testing.assert_array_equal(png_array(r.json()["data"][0]["b64_json"], (512, 512)), want)
-            for body, param, text in [({"prompt": "a cat", "size": "1024x1024"}, "size", "512x512"),
-                                      ({"prompt": "", "labels": [1]}, "labels", "text-to-image"),
-                                      ({"prompt": "  "}, "prompt", "empty"),
-                                      ({"prompt": "a very long prompt " * 10}, "prompt", "tokens")]:
+            for body, param, text in [
+                ({"prompt": "a cat", "size": "1024x1024"}, "size", "512x512"),
+                ({"prompt": "", "labels": [1]}, "labels", "text-to-image"),
+                ({"prompt": "  "}, "prompt", "empty"),
+                ({"prompt": "a very long prompt " * 10}, "prompt", "tokens"),
+            ]:
                 r = c.post(GEN, json=body)
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
                 assert text in r.json()["error"]["message"], r.text

@@ -45,8 +45,14 @@ def classic(ckpt, cfg, tmp_path_factory):
     from bitdance_rt.t2i.loading import checkpoint_dir_source, load_t2i
 
     out = tmp_path_factory.mktemp("classic") / "fp32"
-    export_stages(load_t2i(ckpt, HEIGHT, WIDTH, config=cfg).model, out, checkpoint_dir_source(ckpt),
-                  stages=st.GENERATION_STAGES, sampler_steps=S, progress=False)
+    export_stages(
+        load_t2i(ckpt, HEIGHT, WIDTH, config=cfg).model,
+        out,
+        checkpoint_dir_source(ckpt),
+        stages=st.GENERATION_STAGES,
+        sampler_steps=S,
+        progress=False,
+    )
     return out
 
 
@@ -83,8 +89,9 @@ def _streamed(ckpt, cfg, out, precision, stages):
     from bitdance_rt.t2i.loading import checkpoint_dir_source, weightless_t2i
 
     model, weights = weightless_t2i(ckpt, cfg)
-    return export_precision_streamed(model, weights, out, checkpoint_dir_source(ckpt), precision, stages=stages,
-                                     sampler_steps=S, progress=False)
+    return export_precision_streamed(
+        model, weights, out, checkpoint_dir_source(ckpt), precision, stages=stages, sampler_steps=S, progress=False
+    )
 
 
 def test_weightless_model_holds_no_weights(ckpt, cfg):
@@ -120,8 +127,9 @@ def test_streamed_fp32_equals_the_classic_export(ckpt, cfg, classic, tmp_path):
     for stage in st.GENERATION_STAGES:
         names = []
         for directory in (classic, tmp_path / "s32"):
-            graph = onnx.load(str(directory / read_manifest(directory)["stage_files"][stage][0]),
-                              load_external_data=False).graph
+            graph = onnx.load(
+                str(directory / read_manifest(directory)["stage_files"][stage][0]), load_external_data=False
+            ).graph
             names.append(sorted(n.name for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Gather")))
         assert names[0] == names[1] and names[0], stage
     again = _streamed(ckpt, cfg, tmp_path / "s32", "fp32", st.GENERATION_STAGES)
@@ -150,7 +158,9 @@ def test_large_tensors_are_streamed_in_row_chunks(ckpt, cfg, tmp_path, monkeypat
     weights.read = lambda n, rows=None: reads.append((n, rows)) or read(n, rows)
     import onnx
 
-    holder = wl.placeholder(onnx.TensorProto(name=name, data_type=wl.FLOAT, dims=weights.shape(name)), {wl.SOURCE: name})
+    holder = wl.placeholder(
+        onnx.TensorProto(name=name, data_type=wl.FLOAT, dims=weights.shape(name)), {wl.SOURCE: name}
+    )
     data = b"".join(bytes(c) for c in wl.weight_chunks(holder, weights, chunk_bytes=4096))
     rows = [r for n, r in reads if n == name]
     assert len(rows) > 1 and all(r is not None and r[1] - r[0] <= 4096 // (4 * weights.shape(name)[1]) for r in rows)
@@ -170,15 +180,36 @@ def test_export_cli_fp16_never_builds_the_float32_model(ckpt, tmp_path, monkeypa
     monkeypatch.setattr(loading, "load_t2i", refuse)
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "fp16"
-    assert main(["export", "--checkpoint", str(ckpt), "--height", str(HEIGHT), "--width", str(WIDTH),
-                 "--precision", "fp16", "--max-batch", "1", "--steps", str(S), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(ckpt),
+                "--height",
+                str(HEIGHT),
+                "--width",
+                str(WIDTH),
+                "--precision",
+                "fp16",
+                "--max-batch",
+                "1",
+                "--steps",
+                str(S),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(out)
     assert manifest["precision"] == "fp16" and manifest["key"]["weights"] == "streamed"
     assert manifest["key"]["limits"]["max_batch"] == 1
     assert set(manifest["stage_files"]) == set(st.GENERATION_STAGES)
     assert not (tmp_path / "cache" / "exports").exists() or not any(
         (p / "manifest.json").is_file() and "precision" not in json.loads((p / "manifest.json").read_text())
-        for p in (tmp_path / "cache" / "exports").iterdir())  # no FP32 export was made on the way
+        for p in (tmp_path / "cache" / "exports").iterdir()
+    )  # no FP32 export was made on the way
 
 
 @pytest.mark.parametrize("scaled", [True, False])

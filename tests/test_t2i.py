@@ -11,8 +11,15 @@ import shutil
 import pytest
 import torch
 
-from conftest import (ORACLE_SAMPLER_REL, T2I_TEXT_TOKENS, assert_matches_oracle, copy_cache, fixture_config,
-                      fixture_dir, torch_threads)
+from conftest import (
+    ORACLE_SAMPLER_REL,
+    T2I_TEXT_TOKENS,
+    assert_matches_oracle,
+    copy_cache,
+    fixture_config,
+    fixture_dir,
+    torch_threads,
+)
 from t2i_tiny import RES_TOKENS, byte_vocab, special_tokens, write_tokenizer
 
 from bitdance_rt.errors import BitDanceError
@@ -56,7 +63,12 @@ def test_prompt_ids_follow_the_official_pipeline(ckpt, p, h, w):
         assert cond.ids[i].tolist() == ids and int(cond.pad[i]) == pad
     uncond, upad = _expected_ids(None, h // 16, w // 16, p)
     rows = cond.rows(guided=True)  # conditional rows first, then one unconditional row per image
-    assert rows["ids"][2:].tolist() == [uncond, uncond] and rows["pad"].tolist() == [cond.pad[0], cond.pad[1], upad, upad]
+    assert rows["ids"][2:].tolist() == [uncond, uncond] and rows["pad"].tolist() == [
+        cond.pad[0],
+        cond.pad[1],
+        upad,
+        upad,
+    ]
     assert torch.equal(cond.rows(guided=False)["ids"], cond.ids)
 
 
@@ -125,14 +137,14 @@ def test_left_padding_and_cache_equal_the_unpadded_one_shot_sequence(ckpt):
     tokens = torch.sign(torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(3)))
     with torch.no_grad(), torch_threads(1):
         c_pad, kv_pad = padded.prefill(cond.ids, cond.pad)
-        c_exact, kv_exact = exact.prefill(cond.ids[:, -exact.cfg.prefix_len:], torch.zeros(1, dtype=torch.int64))
+        c_exact, kv_exact = exact.prefill(cond.ids[:, -exact.cfg.prefix_len :], torch.zeros(1, dtype=torch.int64))
         torch.testing.assert_close(c_pad, c_exact, atol=2e-5, rtol=0)
         cache = padded.new_cache(1)
         padded.write_cache(cache, kv_pad, 0)
         s_pad, _ = padded.step(tokens, 1, cache, kv_len=padded.step_start(1), pad=cond.pad)
         # one pass over [prefix ++ fed block]: causal text, bidirectional last prefix block and fed block
         m = exact
-        x = torch.cat([m.model.embed_tokens(cond.ids[:, -m.cfg.prefix_len:]), m.projector(tokens) + m.pos2d[:16]], 1)
+        x = torch.cat([m.model.embed_tokens(cond.ids[:, -m.cfg.prefix_len :]), m.projector(tokens) + m.pos2d[:16]], 1)
         n = x.shape[1]
         i, j = torch.arange(n)[:, None], torch.arange(n)[None]
         blk = lambda k: (k >= n - 32) & (k < n - 16)  # noqa: E731  the last prefix block
@@ -164,8 +176,15 @@ def _export(model, out, steps):
     from bitdance_rt.runtime.ort_backend import OrtBackend
     from bitdance_rt.stages import Limits
 
-    export_stages(model, out, random_source(0), stages=list(GENERATION_STAGES), sampler_steps=steps,
-                  limits=Limits(2, 1), progress=False)
+    export_stages(
+        model,
+        out,
+        random_source(0),
+        stages=list(GENERATION_STAGES),
+        sampler_steps=steps,
+        limits=Limits(2, 1),
+        progress=False,
+    )
     return OrtBackend(out, threads=1)
 
 
@@ -176,8 +195,9 @@ def test_64x_torch_and_onnxruntime_tokens_bit_identical_with_replayed_noise(ckpt
     cond = loaded.prompts.encode(["a red cat", "Dog"])
     seeded = SeededNoise(6)  # a seed whose reference stays >= 6e-5 from any sign flip
     draws = []
-    record = type("Record", (), {"draw": lambda self, s: draws.append(seeded.draw(s)) or draws[-1],
-                                 "finish": lambda self: None})()
+    record = type(
+        "Record", (), {"draw": lambda self, s: draws.append(seeded.draw(s)) or draws[-1], "finish": lambda self: None}
+    )()
     with torch_threads(1):
         ref_backend = _Margin(TorchBackend(loaded.model))
         ref = generate(ref_backend, cond, 2, 4.0, "linear", record)
@@ -234,12 +254,34 @@ def test_cli_generate_prompt(ckpt, t2i_cache_template, tmp_path, capsys, monkeyp
         generate(reference, loaded.prompts.encode(["a red cat"]), 2, 7.5, None, SeededNoise(seed))
     assert reference.margin > 1e-4, "the reference sits too close to a sign flip for an exact comparison"
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(copy_cache(t2i_cache_template(64), tmp_path / "cache")))
-    args = ["generate", "--prompt", "a red cat", "--checkpoint", str(ckpt[64]), "--height", "512", "--width", "512",
-            "--max-text-tokens", str(TEXT), "--steps", "2", "--seed", str(seed), "--quiet", "--threads", "1"]
-    assert main(args + ["--backend", "torch", "--out", str(tmp_path / "a"), "--save-tokens", str(tmp_path / "a.st")]) == 0
+    args = [
+        "generate",
+        "--prompt",
+        "a red cat",
+        "--checkpoint",
+        str(ckpt[64]),
+        "--height",
+        "512",
+        "--width",
+        "512",
+        "--max-text-tokens",
+        str(TEXT),
+        "--steps",
+        "2",
+        "--seed",
+        str(seed),
+        "--quiet",
+        "--threads",
+        "1",
+    ]
+    assert (
+        main(args + ["--backend", "torch", "--out", str(tmp_path / "a"), "--save-tokens", str(tmp_path / "a.st")]) == 0
+    )
     assert (tmp_path / "a" / "000.png").is_file()
-    assert main(args + ["--backend", "onnxruntime", "--out", str(tmp_path / "b"),
-                        "--save-tokens", str(tmp_path / "b.st")]) == 0
+    assert (
+        main(args + ["--backend", "onnxruntime", "--out", str(tmp_path / "b"), "--save-tokens", str(tmp_path / "b.st")])
+        == 0
+    )
     assert torch.equal(load_file(str(tmp_path / "a.st"))["tokens"], load_file(str(tmp_path / "b.st"))["tokens"])
     capsys.readouterr()
     assert main(args[:5] + ["--height", "512", "--width", "384", "--out", str(tmp_path / "c")]) == 2
@@ -260,12 +302,36 @@ def test_text_to_image_guidance_is_constant_by_default_as_in_the_official_pipeli
     from bitdance_rt.config import load_config
     from bitdance_rt.sampling import schedule_for
 
-    base = ["generate", "--checkpoint", str(ckpt[16]), "--prompt", "a red fox", "--cfg", "7.5", "--seed", "42",
-            "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT), "--steps", "2", "--quiet",
-            "--threads", "1", "--backend", "torch"]
+    base = [
+        "generate",
+        "--checkpoint",
+        str(ckpt[16]),
+        "--prompt",
+        "a red fox",
+        "--cfg",
+        "7.5",
+        "--seed",
+        "42",
+        "--height",
+        "512",
+        "--width",
+        "512",
+        "--max-text-tokens",
+        str(TEXT),
+        "--steps",
+        "2",
+        "--quiet",
+        "--threads",
+        "1",
+        "--backend",
+        "torch",
+    ]
     tokens, meta = {}, {}
-    for name, extra in (("default", []), ("constant", ["--cfg-schedule", "constant"]),
-                        ("linear", ["--cfg-schedule", "linear"])):
+    for name, extra in (
+        ("default", []),
+        ("constant", ["--cfg-schedule", "constant"]),
+        ("linear", ["--cfg-schedule", "linear"]),
+    ):
         path = tmp_path / f"{name}.safetensors"
         assert main(base + extra + ["--out", str(tmp_path / name), "--save-tokens", str(path)]) == 0
         tokens[name] = load_file(str(path))["tokens"]
@@ -293,8 +359,27 @@ def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, t2i_cache_template, 
     model = ["--checkpoint", str(ckpt[16]), "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT)]
     out = tmp_path / "set"
     with torch_threads(1):
-        assert main(["calibrate", *model, "--steps", "2", "--prompt", "a red cat", "a blue dog", "--out", str(out),
-                     "--report", "--report-images", "1", "--threads", "1"]) == 0
+        assert (
+            main(
+                [
+                    "calibrate",
+                    *model,
+                    "--steps",
+                    "2",
+                    "--prompt",
+                    "a red cat",
+                    "a blue dog",
+                    "--out",
+                    str(out),
+                    "--report",
+                    "--report-images",
+                    "1",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
         assert "2 prompt(s) x 1 seed(s)" in capsys.readouterr().out
         # the accuracy report, on a held-out prompt: every stage of both precisions measured
         report = json.loads((out / "report.json").read_text())
@@ -312,11 +397,35 @@ def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, t2i_cache_template, 
         steps = cset.phase_samples("backbone", "step")
         assert steps and all(s.inputs["pad"].shape == s.inputs["start"].shape for s in steps)
         layer = "/model/layers.0/mlp/down_proj/MatMul"  # a Qwen3 layer kept float by --keep-float
-        assert main(["generate", "--prompt", "a cat", *model, "--steps", "2", "--precision", "int8", "--calibration",
-                     str(out), "--keep-float", layer, "--quiet", "--threads", "1", "--out", str(tmp_path / "png")]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--prompt",
+                    "a cat",
+                    *model,
+                    "--steps",
+                    "2",
+                    "--precision",
+                    "int8",
+                    "--calibration",
+                    str(out),
+                    "--keep-float",
+                    layer,
+                    "--quiet",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(tmp_path / "png"),
+                ]
+            )
+            == 0
+        )
         assert "(int8)" in capsys.readouterr().out and (tmp_path / "png" / "000.png").is_file()
     # two INT8 variants: the report's (the policy's float layers) and generate's, which keeps `layer` too
-    int8 = [d for d in (tmp_path / "cache" / "exports").iterdir() if "int8" in d.name and (d / "backbone.onnx").is_file()]
+    int8 = [
+        d for d in (tmp_path / "cache" / "exports").iterdir() if "int8" in d.name and (d / "backbone.onnx").is_file()
+    ]
     assert sorted(_keeps(d, layer) for d in int8) == [False, True]
     assert not any(_keeps(d, "/model/layers.0/mlp/up_proj/MatMul") for d in int8)
     assert main(["calibrate", *model, "--labels", "1", "--out", str(tmp_path / "x")]) == 2
@@ -339,7 +448,9 @@ def _pads(directory, prompts) -> set[int]:
     from bitdance_rt.t2i.config import read_checkpoint_config
     from bitdance_rt.t2i.prompt import PromptEncoder
 
-    cond = PromptEncoder(directory / "tokenizer.json", read_checkpoint_config(directory, 512, 512, TEXT)).encode(prompts)
+    cond = PromptEncoder(directory / "tokenizer.json", read_checkpoint_config(directory, 512, 512, TEXT)).encode(
+        prompts
+    )
     return {int(p) for p in cond.pad} | {int(cond.uncond_pad)}
 
 
@@ -354,14 +465,16 @@ def one_prompt_set(ckpt, tmp_path_factory):
     weights = resolve_model(None, str(ckpt[16]), None, 512, 512, TEXT).weights_source()  # as auto_export checks
     with torch_threads(1):
         loaded = load_t2i(ckpt[16], 512, 512, max_text_tokens=TEXT)
-        result = capture(loaded.model, weights, None, [0], 2, 4.0, prompts=loaded.prompts.encode(["a red cat"]),
-                         batch_size=1)
+        result = capture(
+            loaded.model, weights, None, [0], 2, 4.0, prompts=loaded.prompts.encode(["a red cat"]), batch_size=1
+        )
     return save_calibration(result.dataset, tmp_path_factory.mktemp("t2i-set") / "one-prompt")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(ckpt, t2i_cache_template, tmp_path,
-                                                                        monkeypatch, request, precision):
+def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(
+    ckpt, t2i_cache_template, tmp_path, monkeypatch, request, precision
+):
     """The CPU-side TensorRT checks of a text-to-image export: no op or dtype outside the TensorRT
     10.3 / 11 tables, `start` / `pad` only as gather indices (never shape tensors), and the
     optimisation profiles are the contract's (ids [rows, prefix], pad [rows], the GQA cache).

@@ -24,8 +24,13 @@ def test_timed_backend_counts_and_passes_through():
     # the graphs: prefill = prefix_embed + the backbone's prefill phase, each step = token_embed + its step phase
     calls = dict(timed.graph_calls)
     head = {k: calls.pop(k) for k in ("head_sampler", "head_step") if k in calls}
-    assert calls == {"prefix_embed": 1, "backbone.prefill": 1, "token_embed": n - 1, "backbone.step": n - 1,
-                     "decoder": 1}
+    assert calls == {
+        "prefix_embed": 1,
+        "backbone.prefill": 1,
+        "token_embed": n - 1,
+        "backbone.step": n - 1,
+        "decoder": 1,
+    }
     assert head and set(timed.graph_seconds) <= set(STAGE_GRAPHS)
     assert timed.graph_seconds["prefix_embed"] + timed.graph_seconds["backbone.prefill"] <= timed.seconds["prefill"]
     assert timed.graph_seconds["token_embed"] + timed.graph_seconds["backbone.step"] <= timed.seconds["step"]

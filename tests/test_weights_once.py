@@ -91,8 +91,7 @@ def test_b4x_widths_transformer_and_head_held_once(tmp_path):
             for p in model.parameters():
                 p.normal_(0, 0.02)
         stages = [st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE, st.HEAD_STEP, st.HEAD_SAMPLER]
-        result = export_stages(model, tmp_path / "b", random_source(0), stages=stages, sampler_steps=2,
-                               progress=False)
+        result = export_stages(model, tmp_path / "b", random_source(0), stages=stages, sampler_steps=2, progress=False)
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
     buffers = [b for n, b in model.named_buffers() if not n.startswith("vae.")]
     _check_once(result.directory, result.manifest, _bytes(params), _bytes(buffers))
@@ -116,8 +115,14 @@ def test_a_shared_weights_file_is_verified_like_every_export_file(tmp_path):
 
     with torch_threads(1):
         model = load_model().model
-        result = export_stages(model, tmp_path / "e", random_source(0), stages=[st.HEAD_STEP, st.HEAD_SAMPLER],
-                               sampler_steps=2, progress=False)
+        result = export_stages(
+            model,
+            tmp_path / "e",
+            random_source(0),
+            stages=[st.HEAD_STEP, st.HEAD_SAMPLER],
+            sampler_steps=2,
+            progress=False,
+        )
     shared = result.directory / "shared.weights"
     assert result.manifest["files"]["shared.weights"]["bytes"] == shared.stat().st_size
     data = bytearray(shared.read_bytes())
@@ -125,8 +130,14 @@ def test_a_shared_weights_file_is_verified_like_every_export_file(tmp_path):
     shared.write_bytes(bytes(data))
     assert find_reusable(result.directory, read_manifest(result.directory)["key"]) is None
     with torch_threads(1):
-        again = export_stages(model, tmp_path / "e", random_source(0), stages=[st.HEAD_STEP, st.HEAD_SAMPLER],
-                              sampler_steps=2, progress=False)
+        again = export_stages(
+            model,
+            tmp_path / "e",
+            random_source(0),
+            stages=[st.HEAD_STEP, st.HEAD_SAMPLER],
+            sampler_steps=2,
+            progress=False,
+        )
     assert not again.reused and shared.read_bytes() != bytes(data)
     import numpy as np
     import onnxruntime as ort
@@ -158,8 +169,12 @@ def test_derived_variants_hold_each_weight_once(s4_cache, precision, monkeypatch
     from bitdance_rt.export.manifest import read_manifest
 
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(s4_cache))
-    with torch_threads(1), Pipeline.from_pretrained(backend="onnxruntime", precision=precision, steps=4, threads=1,
-                                                    progress=False) as pipe:
+    with (
+        torch_threads(1),
+        Pipeline.from_pretrained(
+            backend="onnxruntime", precision=precision, steps=4, threads=1, progress=False
+        ) as pipe,
+    ):
         out = pipe.generate(labels=3, seed=0)
         directory = pipe.backend.dir
     assert out.tokens.abs().eq(1).all()
@@ -190,16 +205,30 @@ def test_sharing_keeps_a_graphs_other_external_tensors(tmp_path):
     c = rng.standard_normal(32).astype(np.float32)
 
     def graph(name, own):
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "v"], ["k"]),
-                 helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c + own, "c")),
-                 helper.make_node("Add", ["k", "c"], ["y"])]
-        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
-                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v + own, "v")])
+        nodes = [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("MatMul", ["h", "v"], ["k"]),
+            helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c + own, "c")),
+            helper.make_node("Add", ["k", "c"], ["y"]),
+        ]
+        g = helper.make_graph(
+            nodes,
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v + own, "v")],
+        )
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
-    onnx.save_model(graph("a", 0.0), str(tmp_path / "a.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="a.onnx.data", size_threshold=0, convert_attribute=True)
+    onnx.save_model(
+        graph("a", 0.0),
+        str(tmp_path / "a.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="a.onnx.data",
+        size_threshold=0,
+        convert_attribute=True,
+    )
     onnx.save_model(graph("b", 1.0), str(tmp_path / "b.onnx"))
     files = share_weights(tmp_path, {"a": ["a.onnx", "a.onnx.data"], "b": ["b.onnx"]})
     assert files == {"a": ["a.onnx", "a.onnx.data", SHARED_WEIGHTS], "b": ["b.onnx", SHARED_WEIGHTS]}
