@@ -13,6 +13,7 @@ recorded is reused as is. Write failures (a full disk) are one-line BitDanceErro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -130,6 +131,50 @@ def _initializer_bytes(model) -> int:
     return total
 
 
+@contextlib.contextmanager
+def quiet_trace():
+    """torch.no_grad and the TorchScript exporter's expected warnings silenced, for a stage trace."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+        yield
+
+
+def export_failed(spec: StageSpec, opset: int, exc: Exception) -> BitDanceError:
+    """The exporter raises many types: one line naming the stage."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return BitDanceError(f"stage {spec.name}: torch.onnx.export failed at opset {opset}: {first}")
+
+
+@contextlib.contextmanager
+def stage_work(spec: StageSpec, directory: Path):
+    """The raw .onnx path of one stage's trace, in a temporary directory beside `directory` (removed
+    afterwards); an ONNX check failing inside the block becomes one BitDanceError naming the stage."""
+    raw_dir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.raw-", dir=directory))
+    try:
+        yield raw_dir / f"{spec.name}.onnx"
+    except (BitDanceError, OSError):
+        raise
+    except Exception as exc:
+        if type(exc).__module__.startswith("onnx"):
+            raise BitDanceError(
+                f"stage {spec.name}: the exported graph fails the ONNX checks: "
+                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+            ) from exc
+        raise
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+
+
+def check_graph_file(path: Path) -> None:
+    """Strict shape inference (written back) and the full checker on a graph file of any size."""
+    import onnx
+
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True, data_prop=True)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
 def export_stage(
     model: BitDance,
     spec: StageSpec,
@@ -142,15 +187,10 @@ def export_stage(
 
     _register_symbolics()
     directory = Path(directory)
-    raw_dir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.raw-", dir=directory))
-    try:
-        raw = raw_dir / f"{spec.name}.onnx"
+    with stage_work(spec, directory) as raw:
         module = stage_module(spec.name, model)
         args = example_inputs(spec, model)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+        with quiet_trace():
             try:
                 torch.onnx.export(
                     module,
@@ -165,9 +205,8 @@ def export_stage(
                 )
             except OSError:  # a full disk is not the exporter's fault (export_stages says which file)
                 raise
-            except Exception as exc:  # the exporter raises many types; name the stage
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise BitDanceError(f"stage {spec.name}: torch.onnx.export failed at opset {opset}: {first}") from exc
+            except Exception as exc:
+                raise export_failed(spec, opset, exc) from exc
         graph = onnx.load(str(raw))
         _stamp_io(graph, spec)
         final = directory / f"{spec.name}.onnx"
@@ -179,22 +218,8 @@ def export_stage(
         data = f"{spec.name}.onnx.data"
         onnx.save_model(graph, str(final), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
         del graph
-        onnx.shape_inference.infer_shapes_path(
-            str(final), str(final), check_type=True, strict_mode=True, data_prop=True
-        )
-        onnx.checker.check_model(str(final), full_check=True)
+        check_graph_file(final)
         return [final.name, data]
-    except (BitDanceError, OSError):
-        raise
-    except Exception as exc:
-        if type(exc).__module__.startswith("onnx"):
-            raise BitDanceError(
-                f"stage {spec.name}: the exported graph fails the ONNX checks: "
-                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
-            ) from exc
-        raise
-    finally:
-        shutil.rmtree(raw_dir, ignore_errors=True)
 
 
 # ---- work directories -------------------------------------------------------------------

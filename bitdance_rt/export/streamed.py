@@ -10,8 +10,6 @@ of every export (onnx_export.write_export); the key records that the weights wer
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +18,15 @@ import torch
 from .. import stages as st
 from ..errors import BitDanceError
 from ..stages import ALL_STAGES, Limits, StageSpec
-from .onnx_export import DEFAULT_OPSET, ExportResult, _register_symbolics, _stamp_io, write_export
+from .onnx_export import (
+    DEFAULT_OPSET,
+    ExportResult,
+    _register_symbolics,
+    _stamp_io,
+    check_graph_file,
+    stage_work,
+    write_export,
+)
 from .shared_weights import save_streamed
 from .weightless import WeightSource, attach_weights, placeholders, trace, weight_chunks
 from .wrappers import example_inputs, stage_module
@@ -74,9 +80,7 @@ def export_stage_streamed(
 
     _register_symbolics()
     directory = Path(directory)
-    raw_dir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.raw-", dir=directory))
-    try:
-        raw = raw_dir / f"{spec.name}.onnx"
+    with stage_work(spec, directory) as raw:
         args, axes = trace_inputs(spec, example_inputs(spec, model))
         trace(stage_module(spec.name, model), args, spec, raw, opset, axes)
         graph = onnx.load(str(raw))
@@ -89,22 +93,8 @@ def export_stage_streamed(
         fills = [(t, weight_chunks(t, source, to_half)) for t in placeholders(graph)]
         files = save_streamed(graph, final, fills, external_data_bytes)
         del graph, fills
-        onnx.shape_inference.infer_shapes_path(
-            str(final), str(final), check_type=True, strict_mode=True, data_prop=True
-        )
-        onnx.checker.check_model(str(final), full_check=True)
+        check_graph_file(final)
         return files
-    except (BitDanceError, OSError):
-        raise
-    except Exception as exc:
-        if type(exc).__module__.startswith("onnx"):
-            raise BitDanceError(
-                f"stage {spec.name}: the exported graph fails the ONNX checks: "
-                f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
-            ) from exc
-        raise
-    finally:
-        shutil.rmtree(raw_dir, ignore_errors=True)
 
 
 def export_streamed(

@@ -12,7 +12,6 @@ converting each chunk to the precision the graph declares. Peak host memory is a
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +20,7 @@ import torch
 
 from ..errors import BitDanceError
 from ..stages import StageSpec
+from .onnx_export import export_failed, quiet_trace
 from .shared_weights import SKELETON_BYTES, external_info, is_external, make_inline, placeholder
 
 SOURCE = "bitdance_rt_source"  # external_data key of a placeholder: the source tensor's name
@@ -98,10 +98,7 @@ def trace(
     tensors.update(module.named_buffers())
     names = list(tensors)
     wrapped = _Functional(module, names, len(args))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+    with quiet_trace():
         try:
             torch.onnx.export(
                 wrapped,
@@ -116,9 +113,8 @@ def trace(
             )
         except OSError:
             raise
-        except Exception as exc:  # the exporter raises many types; name the stage
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BitDanceError(f"stage {spec.name}: torch.onnx.export failed at opset {opset}: {first}") from exc
+        except Exception as exc:
+            raise export_failed(spec, opset, exc) from exc
 
 
 def _source_name(name: str, prefix: str) -> str:
