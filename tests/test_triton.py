@@ -373,7 +373,8 @@ def _triton_install():
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import numpy, pytriton; print(pytriton.__file__); print(numpy.__version__)",
+            # find_spec, not import: pytriton's own imports need its dependencies, which are not installed
+            "import importlib.util, numpy; print(importlib.util.find_spec('pytriton').origin); print(numpy.__version__)",
         ],
         check=True,
         capture_output=True,
