@@ -16,7 +16,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("BITDANCE_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist the workers share the cores: one torch thread each, so they do not oversubscribe them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 @contextlib.contextmanager
@@ -94,6 +96,26 @@ def official():
     return get
 
 
+# ---- made once per run, shared by pytest-xdist's workers ---------------------------------------------
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """Directory `name`, filled by make(directory) once per test run. Under pytest-xdist every worker is
+    its own session: the first to get here makes it under the run's shared temporary root while holding
+    a file lock, the others wait and reuse it (a failed make leaves nothing marked made, so the next
+    caller tries again)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    directory = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / f"once-{name}"
+    done = directory / ".made"
+    with FileLock(f"{directory}.lock"):
+        if not done.is_file():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            done.touch()
+    return directory
+
+
 # ---- one export of the embedded model per session ------------------------------------------------------
 @pytest.fixture(scope="session")
 def embedded_cache_template(tmp_path_factory):
@@ -101,16 +123,18 @@ def embedded_cache_template(tmp_path_factory):
     of it, made once per session (in a subprocess: this process's environment is left alone).
     Modules take a copy (`warm_cache`) instead of exporting the same graphs again (~20 s each on 2
     cores); tests of exporting into an empty cache keep their own empty roots."""
-    root = tmp_path_factory.mktemp("embedded-cache-template")
     code = "from bitdance_rt import Pipeline; Pipeline.from_pretrained(threads=1, progress=False).close()"
-    subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "BITDANCE_RT_CACHE": str(root)},
-        check=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    return root
+
+    def make(root: Path):
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "BITDANCE_RT_CACHE": str(root)},
+            check=True,
+            timeout=600,
+            cwd=REPO,
+        )
+
+    return made_once(tmp_path_factory, "embedded-cache-template", make)
 
 
 def copy_cache(template: Path, dest: Path) -> Path:
@@ -127,11 +151,13 @@ def embedded_fp16_cache_template(embedded_cache_template, tmp_path_factory):
     from bitdance_rt import paths
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
 
-    root = copy_cache(embedded_cache_template, tmp_path_factory.mktemp("embedded-fp16-cache-template"))
-    source = resolve_model(None, None, None, None, None, None)
-    with paths.using_cache_root(root), torch_threads(1):
-        auto_export(source, source.config.default_steps, BackendOptions(progress=False), "fp16")
-    return root
+    def make(root: Path):
+        copy_cache(embedded_cache_template, root)
+        source = resolve_model(None, None, None, None, None, None)
+        with paths.using_cache_root(root), torch_threads(1):
+            auto_export(source, source.config.default_steps, BackendOptions(progress=False), "fp16")
+
+    return made_once(tmp_path_factory, "embedded-fp16-cache-template", make)
 
 
 @pytest.fixture(scope="session")
@@ -142,10 +168,11 @@ def embedded_cache_template_s4(tmp_path_factory):
     from bitdance_rt import paths
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
 
-    root = tmp_path_factory.mktemp("embedded-cache-template-s4")
-    with paths.using_cache_root(root), torch_threads(1):
-        auto_export(resolve_model(None, None, None, None, None, None), 4, BackendOptions(progress=False), "fp32")
-    return root
+    def make(root: Path):
+        with paths.using_cache_root(root), torch_threads(1):
+            auto_export(resolve_model(None, None, None, None, None, None), 4, BackendOptions(progress=False), "fp32")
+
+    return made_once(tmp_path_factory, "embedded-cache-template-s4", make)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +213,12 @@ def t2i_checkpoints(tmp_path_factory):
     written once. Read-only: a test that damages or edits one copies it first."""
     from t2i_tiny import write_checkpoint
 
-    root = tmp_path_factory.mktemp("t2i-checkpoints")
-    return {p: write_checkpoint(root / f"p{p}", parallel_num=p) for p in (16, 64)}
+    def make(root: Path):
+        for p in (16, 64):
+            write_checkpoint(root / f"p{p}", parallel_num=p)
+
+    root = made_once(tmp_path_factory, "t2i-checkpoints", make)
+    return {p: root / f"p{p}" for p in (16, 64)}
 
 
 @pytest.fixture(scope="session")
@@ -200,16 +231,17 @@ def t2i_cache_template(t2i_checkpoints, tmp_path_factory):
     from bitdance_rt import paths
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
 
-    root = tmp_path_factory.mktemp("t2i-cache-template")
-    made = set()
+    root = made_once(tmp_path_factory, "t2i-cache-template", lambda root: None)
 
     def template(p: int, *precisions: str) -> Path:
         source = resolve_model(None, str(t2i_checkpoints[p]), None, 512, 512, T2I_TEXT_TOKENS)
         for precision in precisions or ("fp32",):
-            if (p, precision) not in made:
+
+            def make(_, precision=precision):
                 with paths.using_cache_root(root), torch_threads(1):
                     auto_export(source, T2I_STEPS, BackendOptions(progress=False, threads=1), precision)
-                made.add((p, precision))
+
+            made_once(tmp_path_factory, f"t2i-cache-template-p{p}-{precision}", make)
         return root
 
     return template
@@ -225,24 +257,26 @@ def fixture_exports(tmp_path_factory):
     FIXTURE_STEPS (export_stages' defaults otherwise), made once per session: several modules test
     the same graphs. Modules take a copy (`copy_export`); its result is the session export's, manifest
     and all (the copy is the same files)."""
-    from bitdance_rt.export import checkpoint_source, export_stages
+    from bitdance_rt.export import ExportResult, checkpoint_source, export_stages, read_manifest
     from bitdance_rt.loading import load_model
 
-    made = {}
-
     def get(name: str):
-        if name not in made:
+        def make(directory: Path):
             d = fixture_dir(name)
             with torch_threads(1):
                 model = load_model(f"{d}/config.json", f"{d}/checkpoint.pt").model
-                made[name] = export_stages(
+                result = export_stages(
                     model,
-                    tmp_path_factory.mktemp("fixture-export") / name,
+                    directory / name,
                     checkpoint_source(d / "checkpoint.pt"),
                     sampler_steps=FIXTURE_STEPS,
                     progress=False,
                 )
-        return made[name]
+            (directory / "reused.json").write_text(json.dumps(result.reused))
+
+        made = made_once(tmp_path_factory, f"fixture-export-{name}", make)
+        reused = json.loads((made / "reused.json").read_text())  # (what export_stages said; workers reread it)
+        return ExportResult(made / name, read_manifest(made / name), reused=reused)
 
     return get
 
