@@ -109,11 +109,14 @@ def stage_module(name: str, model: BitDance) -> nn.Module:
     return classes[name](model).eval()
 
 
-def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    spec: st.StageSpec, model: BitDance, batch: int = 3, seed: int = 0, meta: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Valid inputs of a stage (labels in range, +/-1 tokens, a real cache position, ...).
 
     Used to trace the export and to compare backends. `batch` sets "batch" and rows = 2*batch
-    (so that no dynamic size equals a static one by accident).
+    (so that no dynamic size equals a static one by accident). `meta`: tensors of the same shapes
+    and types on the meta device, no values (the memory plan's trace: a 14B KV cache is GBs).
     """
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
@@ -131,7 +134,9 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
     out = []
     for t in spec.inputs:
         shape = spec.shape(t.name, **values)
-        if t.name == "labels":
+        if meta:
+            out.append(torch.empty(shape, dtype=torch.int64 if t.dtype == "int64" else torch.float32, device="meta"))
+        elif t.name == "labels":
             x = torch.randint(0, cfg.num_classes + 1, shape, generator=gen)
         elif t.name == "ids":
             x = torch.randint(0, cfg.llm.vocab_size, shape, generator=gen)
@@ -154,5 +159,6 @@ def example_inputs(spec: st.StageSpec, model: BitDance, batch: int = 3, seed: in
             x = guidance[t.name]
         else:
             x = torch.randn(shape, generator=gen)
-        out.append(x.to(torch.int64 if t.dtype == "int64" else torch.float32))
+        if not meta:
+            out.append(x.to(torch.int64 if t.dtype == "int64" else torch.float32))
     return tuple(out)

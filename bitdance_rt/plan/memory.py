@@ -241,7 +241,7 @@ def _trace(cfg, stages: tuple, steps: int) -> dict[str, dict[str, tuple]]:
     specs = st.stage_specs(cfg, stages, steps=steps)
     out = {}
     for name, spec in specs.items():
-        inputs = tuple(x.to("meta") for x in example_inputs(spec, model, batch=1))
+        inputs = example_inputs(spec, model, batch=1, meta=True)
         frontier = Frontier(inputs)
         with torch.no_grad(), frontier:
             stage_module(name, model)(*inputs)
