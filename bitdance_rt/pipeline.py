@@ -10,10 +10,10 @@ The Pipeline holds what is shared (config, backend: weights, sessions or engines
 slots); each call is checked once as a GenerationParams (runtime/params.py: `pipe.params(...)`, or
 what submit / generate / stream make of their keywords; `params=` hands one in, as the HTTP
 server, the Triton model and the CLI do) and runs as a Request with its own rows, AR step,
-guidance and noise source; one
-continuous-batching Scheduler (runtime/scheduler.py), on one background thread, runs every
-request's AR step together. So `generate` is `submit(...).result()`, and a request's images are
-the same whether it runs alone or with others.
+guidance and noise source; one continuous-batching Scheduler (runtime/scheduler.py), on one
+background thread, runs every request's AR step together. So `generate` is `submit(...).result()`,
+and a request's images are the same whether it runs alone or with others.
+(Over 400 lines: the one public class; its front doors each spell out every request keyword.)
 """
 
 from __future__ import annotations
@@ -337,7 +337,15 @@ class Pipeline:
                     on_progress(Progress(event.step, event.total, None if event.image is None else _pil(event.image)))
 
         values = _values(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
-        return self._submit(self._call(values, params, preview_every, on_event))
+        return self._start(values, params, preview_every, on_event)
+
+    def _start(self, values: dict, params, preview_every=0, on_event=None, prepare=None) -> Future:
+        """What submit / generate / stream share: the call's Request, built and checked once (_call),
+        `prepare(call)` if given (generate's progress bar), then queued on the scheduler (_submit)."""
+        call = self._call(values, params, preview_every, on_event)
+        if prepare is not None:
+            prepare(call)
+        return self._submit(call)
 
     def _submit(self, call: _Call) -> Future:
         outer: Future = Future()
@@ -374,17 +382,22 @@ class Pipeline:
     ) -> Output:
         """Generate and wait: `submit(...).result()` (with a progress bar when `progress`)."""
         values = _values(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
-        call = self._call(values, params)
         if not progress:
-            return self._submit(call).result()
-        from tqdm.auto import tqdm
+            return self._start(values, params).result()
+        bars = []
 
-        bar = tqdm(total=self.config.ar_steps * len(call.request.parts), desc="AR steps", leave=False)
-        call.request.on_event = lambda e: bar.update(1) if e.kind in ("step", "done") else None
+        def show_progress(call: _Call) -> None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.config.ar_steps * len(call.request.parts), desc="AR steps", leave=False)
+            bars.append(bar)
+            call.request.on_event = lambda e: bar.update(1) if e.kind in ("step", "done") else None
+
         try:
-            return self._submit(call).result()
+            return self._start(values, params, prepare=show_progress).result()
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
 
     def stream(
         self,
@@ -405,8 +418,7 @@ class Pipeline:
         its Output. Closing the iterator early cancels the request at the next AR step."""
         events: queue.Queue = queue.Queue()
         values = _values(labels, prompt, num_images, steps, cfg, cfg_schedule, seed, noise)
-        call = self._call(values, params, preview_every, on_event=events.put)
-        future = self._submit(call)
+        future = self._start(values, params, preview_every, on_event=events.put)
         try:
             while True:
                 event: Event = events.get()
