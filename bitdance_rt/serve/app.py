@@ -35,10 +35,7 @@ from .errors import SHOWN_CHARS, ApiError, _cut, _describe, _quoted, error_body 
 from .guard import POLL_S, _as_json, _Guard, _send_json, log  # noqa: F401
 from .schema import ImageRequest
 from .state import ServerSettings, ServerState
-from .translate import FieldError, Job, to_job
-
-# Pipeline argument (ParamError.param) -> the body field it comes from
-HTTP_FIELDS = {"cfg": "guidance_scale", "num_images": "n", "preview_every": "partial_images"}
+from .translate import HTTP_FIELDS, FieldError, Job, to_job
 
 
 def _png_b64(image) -> str:
