@@ -1,5 +1,7 @@
 """The TensorRT parts that need no GPU: graph lint against the parser's operator lists,
-optimisation profiles from the stage contract, and the engine cache (keys, lookup, lock)."""
+optimisation profiles from the stage contract, and the engine cache (keys, lookup, lock).
+(Over 400 lines: lint, profiles and the engine cache are tested on the same module-scoped pair of tiny
+exports.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Fast start-up: the persistent file-hash cache (fileio.cached_sha256), graph signatures read
 without the weights (runtime/graph_signature.py), and the cache of ONNX Runtime's optimised graphs
-(runtime/ort_session.py)."""
+(runtime/ort_session.py).
+(Over 400 lines: the three caches of a fast start are one subject; the session cache checks its
+entries through the file-hash cache.)"""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ counted on the meta device are Qwen3-14B's published ones, and the fits arithmet
 (each step of getting there: load, export, derive, calibrate, build, run): its figures for the tiny
 models, its capture estimate against a real capture, its export figure against a measured export, the
 14B's fits and fixes on three machines, and the one-line pre-flight refusal of export / calibrate /
-generate."""
+generate.
+(Over 400 lines: it is the one test module of bitdance_rt/plan/, the memory plan and the road that
+`bitdance-rt plan` reports together.)"""
 
 from __future__ import annotations
 

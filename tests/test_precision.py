@@ -1,4 +1,6 @@
-"""FP16 and INT8 (Q/DQ) graphs: validity, what stays float, fidelity against FP32, reports, CLI."""
+"""FP16 and INT8 (Q/DQ) graphs: validity, what stays float, fidelity against FP32, reports, CLI.
+(Over 400 lines: its tests share one module-scoped Setup, the embedded model's FP32 export, calibration
+set and FP16 / INT8 variants, which is slow to make.)"""
 
 from __future__ import annotations
 

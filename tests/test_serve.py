@@ -1,7 +1,8 @@
 """The HTTP server on the embedded model, called by real clients over loopback (the official
 `openai` client and httpx): images equal the in-process Pipeline's, streaming as OpenAI's Images
 API streams, every bad input a 4xx naming its field, auth, metrics, a full queue, timeouts, clients
-that leave, a soak at concurrency 16, and SIGTERM with requests in flight."""
+that leave, a soak at concurrency 16, and SIGTERM with requests in flight.
+(Over 400 lines: its tests share one server on the embedded model, started once per module.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Text-to-image (BitDance-14B layout) on a tiny random Qwen3 checkpoint built in the test:
 prompt ids vs the official pipeline's sequence, checkpoint-directory errors, the t2i_head fixture
 through the loader, padding invariance, torch reference vs ONNX Runtime (tokens bit-identical with
-replayed noise for 64x; teacher-forced for 16x), and the CLI."""
+replayed noise for 64x; teacher-forced for 16x), and the CLI.
+(Over 400 lines: it follows the one text-to-image path, from prompt ids to the CLI, on the same tiny
+checkpoints.)"""
 
 from __future__ import annotations
 

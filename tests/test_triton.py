@@ -1,7 +1,9 @@
 """The Triton model repository (bitdance_rt/triton): writing it, the request parsing, and a real
 Triton server (the tritonserver binary nvidia-pytriton bundles: Triton 2.51, Python backend only,
 runs on the CPU) streaming the embedded model's images over gRPC and HTTP, pixel-equal to
-Pipeline.generate on the same export."""
+Pipeline.generate on the same export.
+(Over 400 lines: its tests share one export, one reference Pipeline and one real Triton server, each
+made once per module.)"""
 
 from __future__ import annotations
 
@@ -374,7 +376,8 @@ def _triton_install():
             str(venv / "bin" / "python"),
             "-c",
             # find_spec, not import: pytriton's own imports need its dependencies, which are not installed
-            "import importlib.util, numpy; print(importlib.util.find_spec('pytriton').origin); print(numpy.__version__)",
+            "import importlib.util, numpy; print(importlib.util.find_spec('pytriton').origin); "
+            "print(numpy.__version__)",
         ],
         check=True,
         capture_output=True,

@@ -1,7 +1,9 @@
 """The TensorRT / Polygraphy calls of the builder, the backend and `check`, on CPU: fakes that model
-the Python bindings of TensorRT 10.3 and 11.1 (python/src/infer/pyCore.cpp at those tags of
-github.com/NVIDIA/TensorRT) and Polygraphy 0.49 / later return types check which names are called,
-with which arguments, and what happens when TensorRT says no."""
+the Python bindings of TensorRT 10.3 and 11.1 (trt_fakes.py; python/src/infer/pyCore.cpp at those tags
+of github.com/NVIDIA/TensorRT) and Polygraphy 0.49 / later return types check which names are called,
+with which arguments, and what happens when TensorRT says no.
+(Over 400 lines: one test per binding behaviour the builder, the backend and `check` rely on; the
+fakes they share are in trt_fakes.py.)"""
 
 from __future__ import annotations
 
@@ -11,138 +13,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from bitdance_rt.engines import build as eb
-from bitdance_rt.engines.options import plan_precision
 from bitdance_rt.errors import BitDanceError
-
-
-# ---- a fake `tensorrt` module --------------------------------------------------------------
-class FakeCache:
-    def __init__(self, entries, device="here"):
-        self.entries, self.device = set(entries), device
-
-    def combine(self, other, ignore_mismatch):
-        assert ignore_mismatch is False
-        if other.device != self.device:
-            return False
-        self.entries |= other.entries
-        return True
-
-    def serialize(self):
-        return f"{self.device}:{','.join(sorted(self.entries))}".encode()
-
-
-def _parse_cache(blob: bytes):
-    """Blob -> cache, None for a blob TensorRT cannot read (createTimingCache may return nullptr)."""
-    if not blob:
-        return FakeCache(())
-    text = bytes(blob).decode(errors="replace")
-    if ":" not in text:
-        return None
-    device, entries = text.split(":", 1)
-    return FakeCache([e for e in entries.split(",") if e], device)
-
-
-class FakeConfig:
-    def __init__(self, trt):
-        self.trt, self.flags, self.pools, self.profiles, self.cache = trt, {"TF32"}, {}, [], None
-        self.builder_optimization_level = 3
-
-    def set_memory_pool_limit(self, pool, size):
-        self.pools[pool] = size
-
-    def set_flag(self, flag):
-        self.flags.add(flag)
-
-    def clear_flag(self, flag):
-        self.flags.discard(flag)
-
-    def add_optimization_profile(self, profile):
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
-
-    def create_timing_cache(self, blob):
-        return _parse_cache(blob)
-
-    def set_timing_cache(self, cache, ignore_mismatch):
-        assert isinstance(cache, FakeCache), "TensorRT takes an ITimingCache, not None"
-        if cache.device != "here" and not ignore_mismatch:
-            return False
-        self.cache = cache
-        return True
-
-
-class FakeParser:
-    def __init__(self, network, logger, errors=()):
-        self.errors = list(errors)
-
-    def parse_from_file(self, path):
-        return not self.errors
-
-    @property
-    def num_errors(self):
-        return len(self.errors)
-
-    def get_error(self, i):
-        return self.errors[i]
-
-
-def fake_trt(version="10.3.0", parser_errors=(), build_ok=True):
-    """The names engines.build uses, as the 10.3 or 11.1 bindings define them."""
-    major = int(version.split(".")[0])
-    trt = SimpleNamespace(__version__=version, built=[])
-    if major >= 11:  # kSTRONGLY_TYPED = 0 (deprecated, ignored); no kEXPLICIT_BATCH, no FP16/INT8 flags
-        trt.NetworkDefinitionCreationFlag = SimpleNamespace(
-            STRONGLY_TYPED=0, PREFER_AOT_PYTHON_PLUGINS=2, PREFER_JIT_PYTHON_PLUGINS=1
-        )
-        trt.BuilderFlag = SimpleNamespace(TF32="TF32", REFIT="REFIT")
-    else:
-        trt.NetworkDefinitionCreationFlag = SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
-        trt.BuilderFlag = SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32", REFIT="REFIT")
-    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags=0):
-            trt.network_flags = flags
-            return SimpleNamespace(flags=flags)
-
-        def create_builder_config(self):
-            trt.config = FakeConfig(trt)
-            return trt.config
-
-        def create_optimization_profile(self):
-            shapes = []
-            return SimpleNamespace(
-                shapes=shapes, set_shape=lambda name, lo, mid, hi: shapes.append((name, lo, mid, hi))
-            )
-
-        def build_serialized_network(self, network, config):
-            if not build_ok:
-                return None
-            if config.cache is not None:
-                config.cache.entries.add("new")  # the build adds its timings to the attached cache
-            trt.built.append((network.flags, set(config.flags)))
-            return memoryview(b"plan")  # IHostMemory has the buffer protocol
-
-    trt.Builder = Builder
-    trt.OnnxParser = lambda network, logger: FakeParser(network, logger, parser_errors)
-    return trt
-
-
-def toolkit(trt) -> eb.TensorRT:
-    tk = object.__new__(eb.TensorRT)  # no GPU query: only the build path is exercised
-    tk.trt, tk.version, tk.logger, tk.gpu = trt, trt.__version__, object(), eb.GpuInfo("Fake", "8.7")
-    return tk
-
-
-def _build(tk, tmp_path, graph="fp32", asked=None, timing=True, profiles=None):
-    plan = plan_precision(graph, asked, tk.version)
-    profiles = [[("labels", (1,), (2,), (4,))]] if profiles is None else profiles
-    cache = tmp_path / "timing.cache" if timing else None
-    return tk.build(tmp_path / "x.onnx", plan, profiles, 1 << 20, 3, cache)
+from trt_fakes import (
+    FakeConfig,
+    FakeContext,
+    FakeEngine,
+    FakeTrtEngine,
+    Strategy,
+    _build,
+    _fake_backend,
+    _patch_cuda_graphs,
+    _tiny_specs,
+    fake_trt,
+    toolkit,
+)
 
 
 # ---- builder -------------------------------------------------------------------------------
@@ -221,12 +105,7 @@ def test_timing_cache_merge_keeps_a_concurrent_builders_entries(tmp_path, monkey
 
 # ---- backend helpers -----------------------------------------------------------------------
 torch = pytest.importorskip("torch")
-from bitdance_rt.export.reader import ExportInfo  # noqa: E402
 from bitdance_rt.runtime import trt_backend as tb  # noqa: E402
-
-
-class Strategy:
-    STATIC, ON_PROFILE_CHANGE, USER_MANAGED = "STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"
 
 
 def test_user_managed_context_on_10_3_and_11_1():
@@ -265,36 +144,6 @@ def test_host_tensors_by_location():
     trt = SimpleNamespace(TensorLocation=SimpleNamespace(DEVICE="DEVICE", HOST="HOST"))
     engine = SimpleNamespace(get_tensor_location=lambda name: "HOST" if name == "shape" else "DEVICE")
     assert tb._on_host(trt, engine, "shape") and not tb._on_host(trt, engine, "tokens")
-
-
-class FakeContext:
-    def __init__(self, capturable=True):
-        self.capturable, self.enqueued, self.capturing = capturable, 0, False
-
-    def execute_async_v3(self, stream_handle):
-        assert isinstance(stream_handle, int)
-        self.enqueued += 1
-        return self.capturable or not self.capturing
-
-
-class FakeGraph:
-    def __init__(self):
-        self.replays = 0
-
-    def replay(self):
-        self.replays += 1
-
-
-def _patch_cuda_graphs(monkeypatch, graph_ctx, graphs: list) -> None:
-    """torch.cuda's graph capture as stand-ins: `graph_ctx` for torch.cuda.graph, FakeGraphs into `graphs`."""
-
-    def new_graph():
-        graphs.append(FakeGraph())
-        return graphs[-1]
-
-    monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
 
 
 def _call(monkeypatch, context, invalidate=False):
@@ -379,21 +228,6 @@ def test_second_profile_refused_names_it(tmp_path, monkeypatch):
         _build(toolkit(fake_trt("10.3.0")), tmp_path, profiles=two)
 
 
-class FakeEngine:
-    def __init__(self, tensors):
-        self.tensors = tensors  # name -> shape (-1 for a dynamic dim)
-
-    @property
-    def num_io_tensors(self):
-        return len(self.tensors)
-
-    def get_tensor_name(self, i):
-        return list(self.tensors)[i]
-
-    def get_tensor_shape(self, name):
-        return self.tensors[name]
-
-
 def _head_step_spec():
     from bitdance_rt.config import load_config
 
@@ -447,11 +281,6 @@ def test_put_goes_through_the_pinned_twin():
 
 
 # ---- the backbone: one engine, one profile per phase ---------------------------------------------
-def _tiny_specs(steps=2, cfg=None):
-    from bitdance_rt.config import load_config
-
-    cfg = cfg or load_config("tiny-4x")
-    return cfg, tb.st.stage_specs(cfg, tb.st.GENERATION_STAGES, steps, tb.st.Limits(max_batch=4, opt_batch=2))
 
 
 def test_backbone_engine_gets_one_profile_per_phase_in_order(tmp_path):
@@ -471,162 +300,6 @@ def test_backbone_engine_gets_one_profile_per_phase_in_order(tmp_path):
         x = dict((n, (lo, opt, hi)) for n, lo, opt, hi in shapes)["x"]
         assert x == ((rows.min, seq, cfg.dim), (rows.opt, seq, cfg.dim), (rows.max, seq, cfg.dim))
     assert [n for n, *_ in got[0]] == spec.input_names  # every input has the dynamic rows dim
-
-
-class FakeStream:
-    cuda_stream = 1234
-
-    def synchronize(self):
-        pass
-
-    def wait_stream(self, other):
-        pass
-
-
-class FakeExecContext:
-    """IExecutionContext as TensorRT checks it: shapes are checked against the SELECTED profile, and a
-    profile is selected before any shape is set."""
-
-    def __init__(self, engine, log):
-        self.engine, self.log = engine, log
-        self.profile, self.selected, self.shapes, self.addresses, self.capturing = 0, [], {}, {}, False
-
-    def set_optimization_profile_async(self, index, stream_handle):
-        assert isinstance(stream_handle, int) and not self.shapes, "select the profile before any shape"
-        self.selected.append(index)
-        if not 0 <= index < self.engine.num_optimization_profiles:
-            return False
-        self.profile = index
-        return True
-
-    def set_input_shape(self, name, shape):
-        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
-        if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
-            return False
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def get_tensor_shape(self, name):
-        spec, dims = self.engine.spec, {}
-        for n, shape in self.shapes.items():
-            dims = spec.match(n, shape, known=dims)
-        return spec.shape(name, **dims)
-
-    def set_tensor_address(self, name, address):
-        self.addresses[name] = address
-        return True
-
-    def set_device_memory(self, address, size):
-        self.memory = (address, size)
-
-    def execute_async_v3(self, stream_handle):
-        self.log.append((self.engine.spec.name, self.profile, self.capturing))
-        return True
-
-
-class FakeTrtEngine:
-    """ICudaEngine of one stage, with the profiles the builder was given."""
-
-    def __init__(self, spec, profiles, log, memory=4096):
-        self.spec, self.profiles, self.log, self.device_memory_size_v2 = spec, profiles, log, memory
-        self.contexts = []
-
-    @property
-    def num_optimization_profiles(self):
-        return max(len(self.profiles), 1)
-
-    @property
-    def num_io_tensors(self):
-        return len(self.spec.inputs) + len(self.spec.outputs)
-
-    def get_tensor_name(self, i):
-        return (self.spec.input_names + self.spec.output_names)[i]
-
-    def get_tensor_shape(self, name):
-        return tuple(-1 if isinstance(d, str) else d for d in self.spec.tensor(name).shape)
-
-    def get_tensor_dtype(self, name):
-        return self.spec.tensor(name).dtype
-
-    def get_tensor_location(self, name):
-        return "DEVICE"
-
-    def get_tensor_profile_shape(self, name, index):
-        return list(dict((n, (lo, opt, hi)) for n, lo, opt, hi in self.profiles[index])[name])
-
-    def create_execution_context(self, strategy=None):
-        assert strategy == Strategy.USER_MANAGED
-        self.contexts.append(FakeExecContext(self, self.log))
-        return self.contexts[-1]
-
-
-class FakeRuntime:
-    def __init__(self, engines):
-        self.engines, self.loaded = engines, []
-
-    def deserialize_cuda_engine(self, blob):
-        stage = bytes(blob).decode()
-        self.loaded.append(stage)
-        return self.engines[stage]
-
-
-BACKEND_TRT = SimpleNamespace(
-    float32="float32",
-    float16="float16",
-    int32="int32",
-    int64="int64",
-    bool="bool",
-    int8="int8",
-    TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
-    ExecutionContextAllocationStrategy=Strategy,
-)
-
-
-def _fake_backend(monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=True, make_engine=None, cfg=None):
-    """A TrtBackend over fake engines on the CPU: every engine has the profiles TensorRT.build (with the
-    fake bindings) was given for its stage, torch.cuda's stream / graph calls are stand-ins."""
-    from bitdance_rt.engines.profiles import stage_profiles
-
-    cfg, specs = _tiny_specs(steps, cfg)
-    log, graphs = [], []
-
-    @contextlib.contextmanager
-    def graph_ctx(graph, stream=None, capture_error_mode="global", **_):
-        for engine in backend.engines.values():
-            for c in engine.contexts:
-                c.capturing = True
-        try:
-            yield
-        finally:
-            for engine in backend.engines.values():
-                for c in engine.contexts:
-                    c.capturing = False
-
-    _patch_cuda_graphs(monkeypatch, graph_ctx, graphs)
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
-    monkeypatch.setattr(tb, "check_alignment", lambda kv, cfg: None)  # CPU allocations are not 256-aligned
-    monkeypatch.setattr(tb, "cuda_device", lambda device: torch.device("cpu"))  # the buffers live on the CPU
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
-    builder = fake_trt("10.3.0")
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    engines, paths = {}, {}
-    for stage, spec in specs.items():
-        _build(toolkit(builder), tmp_path, profiles=stage_profiles(spec), timing=False)
-        profiles = [p.shapes for p in builder.config.profiles]
-        engines[stage] = (make_engine or FakeTrtEngine)(spec, profiles, log)
-        paths[stage] = tmp_path / f"{stage}.engine"
-        paths[stage].write_bytes(stage.encode())
-    # the engine set a build hands over: the export's contract, one engine file per stage, and the toolkit
-    # whose `trt` (here the fake runtime bindings) and logger deserialise them
-    export = ExportInfo(tmp_path, {"key": {"sampler_steps": steps}}, cfg, specs, "fp32")
-    runtime = FakeRuntime(engines)
-    trt = SimpleNamespace(**vars(BACKEND_TRT), Runtime=lambda logger: runtime)
-    built = {s: eb.BuiltEngine(s, path, "built", None) for s, path in paths.items()}
-    engine_set = eb.EngineSet(export, built, "fp32", SimpleNamespace(trt=trt, logger=object()), device=0)
-    backend = tb.TrtBackend(engine_set, sampler=sampler, cuda_graphs=cuda_graphs)
-    return backend, log, graphs
 
 
 def _generate_steps(backend, steps=2, ar_steps=3):

@@ -1,4 +1,5 @@
 """The `bitdance-rt` command tree: every subcommand and its options, nothing run.
+(Over 400 lines: it is one function, build_parser, that declares the whole command tree in one place.)
 
 Usage errors are one line (status 2), the CLI's contract for every error. What a command does
 is in its module (generate.py, export.py, calibrate.py, serve.py, diagnose.py); the option groups

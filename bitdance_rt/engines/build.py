@@ -1,4 +1,6 @@
 """ONNX export -> TensorRT engines, one per stage and precision, through the engine cache.
+(Over 400 lines: it is the one place engines are built, with the TensorRT API it calls listed, and
+checked, beside the calls.)
 
 This module must not import torch (Jetson recipe: build on the device in a lean process), and
 imports tensorrt only when a build really happens, so everything up to the build (manifest and

@@ -1,4 +1,6 @@
 """Will TensorRT's ONNX parser take these graphs? A check that needs no GPU and no TensorRT.
+(Over 400 lines: it is one check, lint_graph, whose kinds of finding share its graph walk and the
+parser's tables.)
 
 A graph that TensorRT cannot import fails only at engine-build time, on the GPU machine, often
 deep into a long export-and-build job. This lint finds the causes we can see in the ONNX file

@@ -5,6 +5,8 @@ and the streaming of one request's responses from the Pipeline's scheduler callb
 
 model.py adapts this to `triton_python_backend_utils` (numpy arrays in, `pb_utils.Tensor` /
 `InferenceResponse` out); everything here is plain Python + numpy, unit-tested without a server.
+(Over 400 lines: model.py, copied into every repository written, imports its names from here, so
+moving any of them would break the repositories already written.)
 
 The contract (the same in config.pbtxt, written by repository.py):
 
