@@ -3,9 +3,10 @@
 The model is traced weightless (export/weightless.py) and each stage's weights are copied from the
 source (memory-mapped safetensors shards, BF16 or FP8 as stored) straight into the stage's graph or
 external data file, converted chunk by chunk to the graph's precision. A `graph_pass` may rewrite
-the traced FP32 graph first (the FP16 conversion of precision/streamed.py: weights are then written
-in FP16 and never exist in float32 as a whole). The export directory, manifest and reuse are those
-of every export (onnx_export.write_export); the key records that the weights were streamed.
+the traced FP32 graph first (the FP16 conversion and INT8 quantisation of precision/streamed.py:
+weights are then written in FP16, or as int8 with their scales, and never exist in float32 as a
+whole). The export directory, manifest and reuse are those of every export
+(onnx_export.write_export); the key records that the weights were streamed.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def export_stage_streamed(
     graph_pass: Callable | None = None,
     to_half: Callable | None = None,
     external_data_bytes: int = STREAMED_INLINE_BYTES,
+    to_int8: Callable | None = None,
 ) -> list[str]:
     """Export one stage of the weightless `model` into directory/<stage>.onnx (+ .onnx.data) with
-    its weights from `source`; returns the file names written."""
+    its weights from `source`; returns the file names written. `to_half` / `to_int8`: weight_chunks'
+    conversions of the weights `graph_pass` made FP16 / INT8."""
     import onnx
 
     _register_symbolics()
@@ -90,7 +93,7 @@ def export_stage_streamed(
         if graph_pass is not None:
             graph = graph_pass(graph, spec)
         final = directory / f"{spec.name}.onnx"
-        fills = [(t, weight_chunks(t, source, to_half)) for t in placeholders(graph)]
+        fills = [(t, weight_chunks(t, source, to_half, to_int8=to_int8)) for t in placeholders(graph)]
         files = save_streamed(graph, final, fills, external_data_bytes)
         del graph, fills
         check_graph_file(final)
@@ -112,10 +115,13 @@ def export_streamed(
     graph_pass: Callable | None = None,
     to_half: Callable | None = None,
     key_extra: dict | None = None,
+    to_int8: Callable | None = None,
+    manifest_extra: dict | None = None,
 ) -> ExportResult:
     """Export `stages` of the weightless `model` (export/weightless.weightless) with weights from
     `source` into out_dir, or reuse a matching export there. `precision` is what the graphs hold
-    after `graph_pass` (fp32 without one); `source_id` names the weights in the cache key."""
+    after `graph_pass` (fp32 without one); `source_id` names the weights in the cache key;
+    `manifest_extra`: what a variant adds to the manifest besides its precision."""
     if precision != "fp32" and graph_pass is None:
         raise BitDanceError(f"a streamed {precision} export needs its graph conversion")
     model = model.eval()
@@ -125,7 +131,9 @@ def export_streamed(
             model.cfg,
             out_dir,
             source_id,
-            lambda spec, work: export_stage_streamed(model, spec, work, source, opset, graph_pass, to_half),
+            lambda spec, work: export_stage_streamed(
+                model, spec, work, source, opset, graph_pass, to_half, to_int8=to_int8
+            ),
             stages,
             opset,
             sampler_steps,
@@ -133,6 +141,6 @@ def export_streamed(
             force,
             progress,
             key_extra=key,
-            manifest_extra={"precision": precision} if precision != "fp32" else None,
+            manifest_extra={"precision": precision, **(manifest_extra or {})} if precision != "fp32" else None,
             what=f"streamed {precision.upper()} export",
         )

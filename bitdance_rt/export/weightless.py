@@ -7,7 +7,8 @@ folding folds what a classic export folds but never a weight. The graph is then 
 one: each weight input becomes an initializer placeholder naming its source tensor, a Transpose of
 a weight (every Linear's W^T, which a classic export folds) becomes a placeholder of the transposed
 tensor, and `weight_chunks` fills the placeholders one tensor at a time from a `WeightSource`,
-converting each chunk to the precision the graph declares. Peak host memory is about one matrix.
+converting each chunk to the precision the graph declares (an INT8 weight and its per-channel scales:
+quantised per output channel, a row of the source). Peak host memory is about one matrix.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from .shared_weights import SKELETON_BYTES, external_info, is_external, make_inl
 
 SOURCE = "bitdance_rt_source"  # external_data key of a placeholder: the source tensor's name
 TRANSPOSED = "bitdance_rt_transposed"  # ... and "1" when the graph reads its transpose
-FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto
+CHANNELS = "bitdance_rt_channels"  # ... and "1" when it holds one value per row (output channel): INT8 scales
+FLOAT, INT8, FLOAT16 = 1, 3, 10  # onnx.TensorProto
 
 
 @dataclass
@@ -216,27 +218,43 @@ def _rows_per_chunk(shape: tuple[int, ...], chunk_bytes: int) -> int:
 
 
 def weight_chunks(
-    t, source: WeightSource, to_half: Callable | None = None, chunk_bytes: int = 1 << 26
+    t,
+    source: WeightSource,
+    to_half: Callable | None = None,
+    chunk_bytes: int = 1 << 26,
+    to_int8: Callable | None = None,
 ) -> Iterator[memoryview]:
     """The data of placeholder `t`, from its source, in the type the graph declares: FLOAT, or FLOAT16
     through `to_half` (float32 numpy -> float16 numpy: the precision layer's rounding), in chunks of
-    whole rows of at most ~`chunk_bytes` float32 bytes."""
+    whole rows of at most ~`chunk_bytes` float32 bytes. An INT8 placeholder (a weight quantised per
+    output channel, one row of its source) or one marked CHANNELS (that weight's per-channel scales)
+    goes through `to_int8(t, rows, first)`: float32 numpy rows [first, first + len(rows)) of the
+    source, whole output channels -> their int8 values, or their scales (the precision layer's
+    quantisation); the rows of a transposed one are quantised before the transpose."""
     info = external_info(t)
-    name, transposed = info[SOURCE], info.get(TRANSPOSED) == "1"
-    if t.data_type not in (FLOAT, FLOAT16) or (t.data_type == FLOAT16 and to_half is None):
+    name, channels = info[SOURCE], info.get(CHANNELS) == "1"
+    transposed = info.get(TRANSPOSED) == "1" and not channels
+    quantised = t.data_type == INT8 or channels
+    hook = to_int8 if quantised else to_half if t.data_type == FLOAT16 else None
+    if t.data_type not in (FLOAT, FLOAT16, INT8) or (hook is None and (quantised or t.data_type == FLOAT16)):
         raise BitDanceError(f"weight {name}: no conversion to ONNX type {t.data_type}")
     shape = source.shape(name)
     if transposed:  # (a Linear's matrix: read whole, at most the largest matrix in float32)
-        whole = source.tensor(name).float().t().contiguous()
+        whole = source.tensor(name).float()
+        if quantised:  # (its output channels are the source's rows)
+            whole = torch.from_numpy(to_int8(t, whole.contiguous().numpy(), 0))
+        whole = whole.t().contiguous()
         step = _rows_per_chunk(tuple(whole.shape), chunk_bytes)
-        parts = (whole[i : i + step] for i in range(0, whole.shape[0], step))
+        parts = ((whole[i : i + step], None) for i in range(0, whole.shape[0], step))
     elif not shape:
-        parts = iter([source.tensor(name).float()])
+        parts = iter([(source.tensor(name).float(), 0)])
     else:
         step = _rows_per_chunk(shape, chunk_bytes)
-        parts = (source.tensor(name, (i, min(i + step, shape[0]))).float() for i in range(0, shape[0], step))
-    for part in parts:
+        parts = ((source.tensor(name, (i, min(i + step, shape[0]))).float(), i) for i in range(0, shape[0], step))
+    for part, first in parts:
         values = part.contiguous().numpy()
-        if t.data_type == FLOAT16:
+        if quantised and first is not None:
+            values = to_int8(t, values, first)
+        elif t.data_type == FLOAT16:
             values = to_half(values)
         yield memoryview(values).cast("B")

@@ -27,6 +27,13 @@ _METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 _EXTERNAL_DATA_BYTES = 1_500_000_000  # (export/onnx_export.py's EXTERNAL_DATA_BYTES)
 
 
+def method_name(calibration_method) -> str | None:
+    """Our name (max, entropy, percentile) of an onnxruntime CalibrationMethod; None for any other."""
+    return next(
+        (ours for ours, theirs in _METHODS.items() if getattr(calibration_method, "name", None) == theirs), None
+    )
+
+
 def quantize_options(method: str) -> dict:
     """The quantize_static keyword arguments of our policy (without model paths and data)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
@@ -53,6 +60,14 @@ def quantize_options(method: str) -> dict:
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # weight [in, out]: one scale per output
         },
     )
+
+
+def quantised_nodes(fp32, nodes_to_exclude=()) -> list[str]:
+    """The nodes quantize_static is told to quantise (its nodes_to_quantize) in an FP32 graph (a file or
+    an onnx.ModelProto): the policy's quantisable layers but `nodes_to_exclude`. Named, because in QDQ
+    mode MatMulConstBOnly alone still lets activation x activation MatMuls through."""
+    excluded = set(nodes_to_exclude)
+    return [n for n in quantised_layers(fp32) if n not in excluded]
 
 
 class _ErrorsOnly(logging.Filter):
@@ -177,8 +192,7 @@ def quantize_int8(
             "of this stage (capture one with more samples)"
         )
     options = quantize_options(method)
-    # Name the nodes: in QDQ mode MatMulConstBOnly alone still lets activation x activation MatMuls through.
-    nodes = [n for n in quantised_layers(fp32_path) if n not in set(nodes_to_exclude)]
+    nodes = quantised_nodes(fp32_path, nodes_to_exclude)
     external_data = external_data or needs_external_data(fp32_path)
     try:
         with tempfile.TemporaryDirectory(prefix="bitdance-rt-int8-") as tmp:

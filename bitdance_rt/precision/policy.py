@@ -61,10 +61,11 @@ def int8_float_layers(stage: str, layers) -> list[str]:
 
 
 def quantised_layers(path) -> list[str]:
-    """Names of the nodes of an FP32 graph our INT8 policy quantises (weight MatMul, Gemm, Conv)."""
+    """Names of the nodes of an FP32 graph (a file, or an onnx.ModelProto) our INT8 policy quantises
+    (weight MatMul, Gemm, Conv)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = path.graph if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     return [
         n.name for n in graph.node if n.op_type in INT8_OP_TYPES and (n.op_type != "MatMul" or n.input[1] in weights)

@@ -154,18 +154,24 @@ def gemm_bias_as_add(graph) -> int:
     return fixed
 
 
+def fix_model(model) -> dict:
+    """Apply every fix to a Q/DQ graph (an onnx.ModelProto, changed in place; its tensors may be
+    external or placeholders: none is read). Returns how many places each fix changed."""
+    return {
+        "shapes": shapes_from_graph_inputs(model),
+        "float_consumers": float_for_unquantised_consumers(model.graph),
+        "own_qparams": own_quantisation_parameters(model.graph),
+        "gemm_bias": gemm_bias_as_add(model.graph),
+    }
+
+
 def fix_for_integer_kernels(path) -> dict:
     """Apply every fix to the Q/DQ graph at `path` in place (external data files are left as they are:
     the graph is read without them, so this works on graphs over 2 GB)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    counts = {
-        "shapes": shapes_from_graph_inputs(model),
-        "float_consumers": float_for_unquantised_consumers(model.graph),
-        "own_qparams": own_quantisation_parameters(model.graph),
-        "gemm_bias": gemm_bias_as_add(model.graph),
-    }
+    counts = fix_model(model)
     if any(counts.values()):
         onnx.save_model(model, str(path))
     return counts
