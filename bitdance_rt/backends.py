@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import BitDanceError
@@ -220,12 +220,13 @@ def streamed_export(model: ModelSource, out, steps: int, opts: BackendOptions, p
 def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision: str, out=None) -> Path:
     """The cached FP32 export of the model and, for fp16 / int8, its derived variant (into `out`
     when given); the INT8 calibration set is opts.calibration or the cached default set.
-    Text-to-image FP16 graphs are written straight from the weight files, with no FP32 export."""
+    Text-to-image FP16 and INT8 graphs are written straight from the weight files, with no FP32 export."""
     from . import paths
-    from .precision.auto import calibration_for, precision_export
-    from .sampling import schedule_for
+    from .precision.auto import precision_export
 
     fp32 = paths.export_dir(model.config, model.weights_source(), steps, opts.max_batch)
+    if model.t2i and precision == "int8":
+        return _streamed_int8(model, steps, opts, fp32, out)
     if model.t2i and precision == "fp16":
         if opts.keep_float:
             raise BitDanceError("keep-float is for precision int8")
@@ -241,32 +242,59 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
         return fp32
     calibration = None
     if precision == "int8":
-        cfg = model.config
-        scale = cfg.default_cfg if opts.cfg_scale is None else opts.cfg_scale
-        schedule = schedule_for(opts.cfg_schedule, cfg)
-        encoder = None
-        if model.t2i:  # captured from text-to-image trajectories of DEFAULT_T2I_PROMPTS
-            from .t2i.prompt import PromptEncoder
-
-            encoder = PromptEncoder(Path(model.checkpoint) / "tokenizer.json", cfg)
-        calibration = calibration_for(
-            cfg,
-            model.weights_source(),
-            steps,
-            scale,
-            schedule,
-            lambda: model.load(opts.allow_pickle),
-            opts.calibration,
-            prompt_encoder=encoder,
-            fp32_export=fp32,
-            threads=opts.threads,
-            providers=ort_providers(opts),
-        )
+        calibration = _calibration(model, steps, opts, fp32_export=fp32)
     elif opts.calibration:
         raise BitDanceError("a calibration set is for precision int8 (FP16 graphs need no calibration)")
     variant = precision_export(fp32, precision, calibration, opts.calib_method, out_dir=out, keep_float=opts.keep_float)
     logger.info("%s graphs: %s (%s)", precision.upper(), variant.directory, "reused" if variant.reused else "derived")
     return variant.directory
+
+
+def _calibration(model: ModelSource, steps: int, opts: BackendOptions, **where):
+    """The INT8 calibration set of `model` (opts.calibration, else the cached default set: captured
+    once, on the graphs `where` names: fp32_export or ready_export, see calibration_for)."""
+    from .precision.auto import calibration_for
+    from .sampling import schedule_for
+
+    cfg = model.config
+    encoder = None
+    if model.t2i:  # captured from text-to-image trajectories of DEFAULT_T2I_PROMPTS
+        from .t2i.prompt import PromptEncoder
+
+        encoder = PromptEncoder(Path(model.checkpoint) / "tokenizer.json", cfg)
+    return calibration_for(
+        cfg,
+        model.weights_source(),
+        steps,
+        cfg.default_cfg if opts.cfg_scale is None else opts.cfg_scale,
+        schedule_for(opts.cfg_schedule, cfg),
+        lambda: model.load(opts.allow_pickle),
+        opts.calibration,
+        prompt_encoder=encoder,
+        threads=opts.threads,
+        providers=ort_providers(opts),
+        **where,
+    )
+
+
+def _streamed_int8(model: ModelSource, steps: int, opts: BackendOptions, fp32: Path, out=None) -> Path:
+    """Text-to-image INT8 graphs written from the weight files, with no FP32 export on the way: the
+    streamed FP16 export runs the calibration capture and measures the activation ranges
+    (precision/fp16_ranges.py), then the INT8 graphs are written from the weights with those ranges
+    (precision/streamed_int8.py); the stages INT8 leaves alone are FP16."""
+    from . import paths
+    from .precision.auto import keep_float_by_stage
+    from .precision.fp16_ranges import ranges_for
+
+    fp16 = auto_export(model, steps, replace(opts, keep_float=()), "fp16")
+    calibration = _calibration(model, steps, opts, ready_export=fp16)
+    ranges = ranges_for(fp16, calibration, opts.calib_method, opts.threads, ort_providers(opts))
+    keep = keep_float_by_stage(fp16, opts.keep_float) if opts.keep_float else {}
+    if out is None:
+        out = paths.variant_dir(fp32, "int8", calibration.key, opts.calib_method, opts.keep_float)
+    result = streamed_export(model, out, steps, opts, "int8", ranges=ranges, keep_float=keep)
+    logger.info("INT8 graphs: %s (%s)", out, "reused" if result.reused else "written from the weight files")
+    return Path(out)
 
 
 def ort_providers(opts: BackendOptions) -> list:

@@ -7,6 +7,7 @@ Layout under the cache root ($BITDANCE_RT_CACHE, else ~/.cache/bitdance-rt):
     exports/<fp32 export>-fp16                  precision variants: siblings of their FP32 export
     exports/<fp32 export>-int8-<method>-<8 hex> (one per calibration set, method and kept-float layers)
     calibration/<model>-<12 hex>-s<S>           the default INT8 calibration set of that model
+    ranges/<fp16 export>-<method>-<8 hex>       activation ranges measured on streamed FP16 graphs
     engines/<stage>-<precision>-<16 hex>.engine TensorRT engines (+ .json sidecars, timing caches)
     ort-optimized/                              ONNX Runtime optimised graphs (runtime/ort_session.py)
     file-hashes.json                            the persistent sha256 cache
@@ -29,6 +30,7 @@ _GIVEN_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bitda
 
 EXPORTS = "exports"
 CALIBRATION = "calibration"
+RANGES = "ranges"
 ENGINES = "engines"
 ORT_OPTIMIZED = "ort-optimized"
 HASH_CACHE_FILE = "file-hashes.json"
@@ -112,6 +114,13 @@ def export_dir(cfg, source: str, steps: int, max_batch: int = DEFAULT_MAX_BATCH)
 def calibration_dir(cfg, source: str, steps: int) -> Path:
     """The default INT8 calibration set of (model, weights, S)."""
     return calibration_root() / model_dir_name(cfg, source, steps)
+
+
+def ranges_dir(fp16_dir: str | Path, method: str, identity) -> Path:
+    """The activation ranges (precision/fp16_ranges.py) measured on FP16 export `fp16_dir` with `method`;
+    the digest covers `identity` (JSON: what the ranges depend on, the graphs' and the data's keys)."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return cache_root() / RANGES / f"{Path(fp16_dir).name}-{method}-{digest}"
 
 
 def variant_dir(fp32_dir: str | Path, precision: str, calibration_key=None, method: str = "max", keep_float=()) -> Path:

@@ -317,3 +317,96 @@ def test_int32_bias_scale_adjustment_is_streamed_too(tmp_path):
     assert theirs["w_scale"][3] > 1e6 * natural  # (the adjustment happened)
     for x, y in zip(_outputs(tmp_path / "ours.onnx", feeds[0]), _outputs(tmp_path / "ref.onnx", feeds[0])):
         assert np.array_equal(x, y)
+
+
+def test_ranges_measured_on_the_fp16_graphs(made, tmp_path):
+    """precision/fp16_ranges.py: the ranges of the FP16 graphs, under the FP32 graphs' tensor names (graph
+    inputs and outputs the FP16 converter casts included), within FP16's error of ONNX Runtime's own
+    calibration of the FP32 graphs on the same feeds; an INT8 export made with them runs, and computes
+    what the export made with the FP32 ranges computes, but for the rounding moved by those differences."""
+    import onnx
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from bitdance_rt.precision.fp16_ranges import _calibrated, fp16_ranges
+    from bitdance_rt.precision.int8 import activation_ranges
+    from bitdance_rt.precision.policy import quantised_layers
+    from bitdance_rt.precision.streamed import export_precision_streamed
+    from conftest import torch_threads
+
+    with torch_threads(1):
+        fp16 = export_precision_streamed(
+            made["model"], made["weights"], tmp_path / "s16", "x", "fp16", stages=st.INT8_STAGES, progress=False
+        ).directory
+    ranges = {}
+    for stage in st.INT8_STAGES:
+        graph, feeds = _stage_file(fp16, stage), _feeds(made["specs"][stage], made["model"], (2, 3))
+        ranges[stage] = fp16_ranges(graph, _Feeds(feeds), "max", tmp_path / f"{stage}.json", threads=1)
+        ours, theirs = load_tensors_data(ranges[stage]), load_tensors_data(made["ranges"][stage])
+        assert set(ours.keys()) <= set(theirs.keys()) and len(ours.keys()) > 0, stage
+        # ONNX Runtime's own MinMax calibrator on the FP16 graph finds the same, under the FP16 names, but for
+        # an FP16 rounding or two (its graph, with ReduceMin / ReduceMax nodes added, is fused otherwise)
+        activation_ranges(graph, _Feeds(feeds), "max", tmp_path / f"{stage}-ort.json")
+        ort16 = load_tensors_data(tmp_path / f"{stage}-ort.json")
+        names = _calibrated(onnx.load(str(graph), load_external_data=False).graph, quantised_layers(graph))
+        for name16, name in names.items():
+            got, want = ours[name].highest.item(), np.float32(ort16[name16].highest).item()
+            assert abs(got - want) <= 2**-9 * want, f"{stage}: {name} {got} vs {want}"
+        for name, td in ours.items():
+            want = np.asarray(theirs[name].highest).item()
+            assert td.lowest.item() == -td.highest.item() and td.highest.dtype == np.float32
+            assert abs(td.highest.item() - want) <= 0.02 * want, f"{stage}: {name} {td.highest.item()} vs {want}"
+        if stage == st.DECODER:  # its input latent and output image go through the converter's casts
+            assert {"latent", "image"} <= set(ours.keys())
+    with torch_threads(1):
+        mine = export_precision_streamed(
+            made["model"], made["weights"], tmp_path / "i8", "x", "int8", ranges=ranges, keep_float=KEEP, progress=False
+        ).directory
+    for stage in st.INT8_STAGES:  # each INT8 graph's error against the FP32 graph: about the same
+        feeds = _feeds(made["specs"][stage], made["model"], (1,))[0]
+        fp32 = _outputs(_stage_file(made["streamed32"], stage), feeds)
+        errors = [
+            [float(np.abs(x - r).mean() / np.abs(r).mean()) for x, r in zip(_outputs(path, feeds), fp32)]
+            for path in (_stage_file(mine, stage), made["derived"]["streamed"][stage])
+        ]
+        for ours, theirs in zip(*errors):
+            assert ours <= 1.5 * theirs + 1e-3, f"{stage}: mean relative error {ours:.4g} vs {theirs:.4g}"
+
+
+class _OneByOne(_Feeds):
+    """A reader whose groups are its feeds one by one (activation_ranges collects each group at once)."""
+
+    def groups(self):
+        return [_Feeds([feed]) for feed in self.feeds]
+
+
+def test_histogram_ranges_on_the_fp16_graphs(made, tmp_path):
+    """entropy and percentile: ONNX Runtime's histogram collector with int8.activation_ranges' bins, fed one
+    feed at a time: the ranges its own calibrator finds on the FP16 graph, given the feeds one by one, under
+    the FP32 graph's names."""
+    import onnx
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from bitdance_rt.precision.fp16_ranges import _calibrated, fp16_ranges
+    from bitdance_rt.precision.int8 import activation_ranges
+    from bitdance_rt.precision.policy import quantised_layers
+    from bitdance_rt.precision.streamed import export_precision_streamed
+    from conftest import torch_threads
+
+    stage = st.TOKEN_EMBED
+    with torch_threads(1):
+        fp16 = export_precision_streamed(
+            made["model"], made["weights"], tmp_path / "s16", "x", "fp16", stages=[stage], progress=False
+        ).directory
+    graph = _stage_file(fp16, stage)
+    names = _calibrated(onnx.load(str(graph), load_external_data=False).graph, quantised_layers(graph))
+    assert "tokens" in names.values() and "tokens" not in names  # (the graph input, read through a cast)
+    feeds = _feeds(made["specs"][stage], made["model"], (2, 3, 4))
+    for method in ("entropy", "percentile"):
+        ours = load_tensors_data(fp16_ranges(graph, _Feeds(feeds), method, tmp_path / f"{method}.json", threads=1))
+        activation_ranges(graph, _OneByOne(feeds), method, tmp_path / f"{method}-ort.json")
+        theirs = load_tensors_data(tmp_path / f"{method}-ort.json")
+        assert sorted(ours.keys()) == sorted(names.values())
+        for name16, name in names.items():
+            for bound in ("lowest", "highest"):
+                got, want = getattr(ours[name], bound), np.asarray(getattr(theirs[name16], bound), np.float32)
+                assert got.dtype == np.float32 and np.array_equal(got, want), f"{method} {name}.{bound}"

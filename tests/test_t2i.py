@@ -429,6 +429,9 @@ def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, t2i_cache_template, 
         d for d in (tmp_path / "cache" / "exports").iterdir() if "int8" in d.name and (d / "backbone.onnx").is_file()
     ]
     assert sorted(_keeps(d, layer) for d in int8) == [False, True]
+    # generate's is written from the weight files with ranges measured on the FP16 graphs; the report's is derived
+    keys = {_keeps(d, layer): json.loads((d / "manifest.json").read_text())["key"] for d in int8}
+    assert keys[True]["weights"] == "streamed" and "derived_from" not in keys[True] and "derived_from" in keys[False]
     assert not any(_keeps(d, "/model/layers.0/mlp/up_proj/MatMul") for d in int8)
     assert main(["calibrate", *model, "--labels", "1", "--out", str(tmp_path / "x")]) == 2
     assert "takes --prompt" in capsys.readouterr().err

@@ -167,6 +167,7 @@ def calibration_for(
     capture_precision: str | None = None,
     threads: int | None = None,
     providers=None,
+    ready_export=None,
 ):
     """The calibration set in `directory` (validated against the model and weights), or the cached
     default set, captured first when missing: DEFAULT_CALIBRATION_IMAGES images (text-to-image:
@@ -176,7 +177,8 @@ def calibration_for(
     the torch reference for ImageNet models, ONNX Runtime on the FP16 graphs of `fp32_export` for
     text-to-image models; `capture_backend` / `capture_precision` choose otherwise). A cached set is
     reused only when it was captured from that same model (its key's producer: backend, precision
-    and export digest); else it is captured again."""
+    and export digest); else it is captured again. `ready_export`: capture with ONNX Runtime on that
+    export as it is (a text-to-image model's streamed FP16 graphs: no FP32 export to derive them from)."""
     from ..calibration import capture, load_calibration, save_calibration
     from ..calibration.producer import (
         TORCH_PRODUCER,
@@ -190,8 +192,12 @@ def calibration_for(
 
     if directory is not None:
         return load_calibration(directory, config=cfg, weights=source)
-    backend_name, precision = capture_choice(prompt_encoder is not None, capture_backend, capture_precision)
-    export = capture_export(fp32_export, precision, progress) if backend_name == "onnxruntime" else None
+    if ready_export is not None:
+        export = Path(ready_export)
+        backend_name, precision = "onnxruntime", read_manifest(export).get("precision", "fp32")
+    else:
+        backend_name, precision = capture_choice(prompt_encoder is not None, capture_backend, capture_precision)
+        export = capture_export(fp32_export, precision, progress) if backend_name == "onnxruntime" else None
     want = export_producer(backend_name, read_manifest(export)) if export is not None else dict(TORCH_PRODUCER)
     path = default_calibration_dir(cfg, source, steps, backend_name, precision)
     if (path / "calibration.json").is_file():
