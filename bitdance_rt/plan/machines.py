@@ -148,6 +148,11 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
                     f"({_gb(alt.host_bytes)}), then --calibration DIR"
                 )
         return _elsewhere(s, "capture") + " (bitdance-rt calibrate --out DIR) and pass the set with --calibration DIR"
+    if s.step in ("ranges", "int8"):
+        return (
+            _elsewhere(s, "write the INT8 graphs") + " (bitdance-rt export --precision int8 --calibration DIR --out "
+            "DIR there) and copy them here (--export-dir DIR, or bitdance-rt build --export-dir DIR)"
+        )
     if s.step == "derive int8":
         return (
             _elsewhere(s, "derive the INT8 graphs") + " (bitdance-rt export --precision int8 --out DIR there) and "

@@ -87,6 +87,18 @@ def auto_export_steps(
     final = Path(out) if out is not None else None
     if source.t2i and precision == "fp16":  # FP16 graphs straight from the weight files
         return [] if _has_manifest(final or paths.variant_dir(fp32, "fp16")) else ["export"]
+    if source.t2i and precision == "int8":  # FP16 graphs, a capture on them, their ranges, INT8 from the files
+        todo = [] if _has_manifest(paths.variant_dir(fp32, "fp16")) else ["export"]
+        backend, cprec = capture or rd.capture_choice(source.config)
+        found = default_calibration_dir(source.config, source.weights_source(), steps, backend, cprec)
+        if calibration is None and not (found / "calibration.json").is_file():
+            todo.append("calibrate")
+        have_int8 = (
+            _has_manifest(final)
+            if final is not None
+            else any(_has_manifest(d) for d in paths.variant_dir(fp32, "int8", None).parent.glob(f"{fp32.name}-int8-*"))
+        )
+        return todo + ([] if have_int8 and not todo else ["ranges", "int8"])
     todo = [] if export_current(fp32, source, steps, max_batch=max_batch) else _export_names(source)
     if precision == "fp32":
         return todo
@@ -173,11 +185,18 @@ def check_memory(
         return
     made = {
         "load": lambda: rd.load_step(cfg),
-        # (a text-to-image FP16 export is streamed as FP16; every other export is the FP32 one)
-        "export": lambda: rd.export_step(cfg, steps, export_stages, "fp16" if precision == "fp16" else "fp32"),
+        # (a text-to-image FP16 or INT8 road streams its export as FP16; every other export is the FP32 one)
+        "export": lambda: rd.export_step(
+            cfg,
+            steps,
+            export_stages,
+            "fp16" if precision == "fp16" or precision == "int8" and st.is_t2i(cfg) else "fp32",
+        ),
         "derive fp16": lambda: rd.derive_fp16_step(cfg, steps),
         "calibrate": lambda: rd.calibrate_step(cfg, steps, *capture, **capture_args),
         "derive int8": lambda: rd.derive_int8_step(cfg, steps, samples, rows),
+        "ranges": lambda: rd.ranges_step(cfg, steps),
+        "int8": lambda: rd.streamed_int8_step(cfg, steps),
     }
     found = [made[n]() for n in names if n in made]
     road = rd.Road(cfg.name, precision, backend, found, max_batch, True, None, steps)

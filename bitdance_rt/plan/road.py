@@ -400,6 +400,46 @@ def derive_int8_step(cfg, steps: int, samples: int | None = None, rows: int | No
     )
 
 
+def ranges_step(cfg, steps: int) -> Step:
+    """The activation ranges of a streamed INT8 export, measured on its FP16 graphs
+    (precision/fp16_ranges.py): one stage at a time, an ONNX Runtime session of its FP16 graph, that
+    stage's calibration samples and one call's activations."""
+    images, batch, policy = default_capture(cfg, steps)
+    samples = capture_bytes(cfg, images, 1, steps, batch, policy)
+    s16 = _sum(stage_weights(cfg, "fp16", steps, stages=st.INT8_STAGES))
+    rows = 2 * min(batch, images)
+    run = activation_bytes(cfg, rows, "fp16", "onnxruntime")
+    need = {s: s16[s] + samples.get(s, 0) for s in s16}
+    at = max(need, key=need.get)
+    return Step(
+        "ranges",
+        PROCESS_BYTES + need[at] + kv_cache_bytes(cfg, rows) + run,
+        0,
+        0,
+        f"activation ranges on the FP16 graphs, one stage at a time, peaking at {at}: ONNX Runtime on its FP16 "
+        f"graph ({_gb(s16[at])}) + its calibration samples ({_gb(samples.get(at, 0))}) (estimate, not measured)",
+    )
+
+
+def streamed_int8_step(cfg, steps: int) -> Step:
+    """The INT8 graphs written from the weight files with those ranges (precision/streamed_int8.py): the
+    streamed export's trace and weights, each quantised matrix also held once as int8."""
+    from ..precision.policy import INT8_FP16_STAGES
+
+    stages = st.INT8_STAGES + INT8_FP16_STAGES
+    fp16 = streamed_export_step(cfg, steps, stages, "int8")
+    s32 = stage_weights(cfg, "fp32", steps)
+    largest = max(b for s in st.INT8_STAGES for name, (_, b) in s32[s].items() if name != "model.embed_tokens.weight")
+    return Step(
+        "int8",
+        fp16.host_bytes + largest // 4,
+        0,
+        fp16.disk_bytes,
+        "INT8 graphs streamed from the weight files with those ranges: the streamed export's figure + the "
+        f"largest matrix as int8 ({_gb(largest // 4)}); no FP32 graph, no quantiser over a whole graph",
+    )
+
+
 def build_step(cfg, precision: str, steps: int, workspace_mb: int | None) -> Step:
     graph_precision = "int8" if precision == "int8" else "fp32"  # fp16 engines: FP32 graphs + the FP16 flag
     graphs = _sum(stage_weights(cfg, graph_precision, steps))
@@ -465,20 +505,27 @@ def road(
       calibrate    the INT8 calibration capture: torch float32 (ImageNet models) or ONNX Runtime on the
                    FP16 graphs (text-to-image models; calibration.capture_choice)
       derive int8  the INT8 Q/DQ graphs (ONNX Runtime's quantize_static per quantised stage)
+      ranges       text-to-image INT8: activation ranges measured on the streamed FP16 graphs
+      int8         text-to-image INT8: the Q/DQ graphs streamed from the weight files with those ranges
       build        TensorRT engines, one stage after another (engines/build.py)
       run          the runtime: memory.plan's figures"""
     steps = cfg.default_steps if steps is None else int(steps)
     streamed = st.is_t2i(cfg)  # text-to-image exports stream the weight files: no model is loaded
     out = [] if streamed and backend != "torch" else [load_step(cfg)]
     if backend != "torch":
-        direct = streamed and precision == "fp16" and backend == "onnxruntime"  # FP16 graphs straight from the files
+        # FP16 graphs straight from the files: for an FP16 run on ONNX Runtime, and for a text-to-image INT8
+        # road (its capture runs them, its ranges are measured on them, then INT8 is streamed too)
+        direct = streamed and (precision == "fp16" and backend == "onnxruntime" or precision == "int8")
         out.append(export_step(cfg, steps, precision="fp16" if direct else "fp32"))
         capture = capture_choice(cfg) if precision == "int8" else None
-        if precision == "fp16" and backend == "onnxruntime" and not direct or capture == ("onnxruntime", "fp16"):
+        if not direct and (precision == "fp16" and backend == "onnxruntime" or capture == ("onnxruntime", "fp16")):
             out.append(derive_fp16_step(cfg, steps))
         if capture:
             out.append(calibrate_step(cfg, steps, *capture))
-            out.append(derive_int8_step(cfg, steps))
+            if streamed:
+                out.extend([ranges_step(cfg, steps), streamed_int8_step(cfg, steps)])
+            else:
+                out.append(derive_int8_step(cfg, steps))
         if backend == "tensorrt":
             out.append(build_step(cfg, precision, steps, workspace_mb))
     p = plan(cfg, precision, backend, max_batch, guided, workspace_mb, steps)
