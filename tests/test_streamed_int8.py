@@ -410,3 +410,18 @@ def test_histogram_ranges_on_the_fp16_graphs(made, tmp_path):
             for bound in ("lowest", "highest"):
                 got, want = getattr(ours[name], bound), np.asarray(getattr(theirs[name16], bound), np.float32)
                 assert got.dtype == np.float32 and np.array_equal(got, want), f"{method} {name}.{bound}"
+
+
+def test_the_plan_holds_what_a_streamed_int8_export_holds(made, tmp_path):
+    """What `plan` counts for an INT8 text-to-image run (each stage's bytes, the weights held, the shared
+    ones) is what the streamed INT8 export's graphs hold (test_plan's comparison, on this export)."""
+    from test_plan import _check_against
+
+    from bitdance_rt.precision.streamed import export_precision_streamed
+    from conftest import torch_threads
+
+    with torch_threads(1):
+        directory = export_precision_streamed(
+            made["model"], made["weights"], tmp_path / "i8", "x", "int8", ranges=made["ranges"], progress=False
+        ).directory
+    _check_against(made["cfg"], directory, "int8", made["cfg"].default_steps)
