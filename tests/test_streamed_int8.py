@@ -319,7 +319,25 @@ def test_int32_bias_scale_adjustment_is_streamed_too(tmp_path):
         assert np.array_equal(x, y)
 
 
-def test_ranges_measured_on_the_fp16_graphs(made, tmp_path):
+@pytest.fixture(scope="module")
+def fp16(made, tmp_path_factory):
+    """The streamed FP16 export of the INT8 stages (what a streamed INT8 export measures its ranges on)."""
+    from bitdance_rt.precision.streamed import export_precision_streamed
+    from conftest import torch_threads
+
+    with torch_threads(1):
+        return export_precision_streamed(
+            made["model"],
+            made["weights"],
+            tmp_path_factory.mktemp("s16") / "s16",
+            "x",
+            "fp16",
+            stages=st.INT8_STAGES,
+            progress=False,
+        ).directory
+
+
+def test_ranges_measured_on_the_fp16_graphs(made, fp16, tmp_path):
     """precision/fp16_ranges.py: the ranges of the FP16 graphs, under the FP32 graphs' tensor names (graph
     inputs and outputs the FP16 converter casts included), within FP16's error of ONNX Runtime's own
     calibration of the FP32 graphs on the same feeds; an INT8 export made with them runs, and computes
@@ -333,10 +351,6 @@ def test_ranges_measured_on_the_fp16_graphs(made, tmp_path):
     from bitdance_rt.precision.streamed import export_precision_streamed
     from conftest import torch_threads
 
-    with torch_threads(1):
-        fp16 = export_precision_streamed(
-            made["model"], made["weights"], tmp_path / "s16", "x", "fp16", stages=st.INT8_STAGES, progress=False
-        ).directory
     ranges = {}
     for stage in st.INT8_STAGES:
         graph, feeds = _stage_file(fp16, stage), _feeds(made["specs"][stage], made["model"], (2, 3))
@@ -379,7 +393,7 @@ class _OneByOne(_Feeds):
         return [_Feeds([feed]) for feed in self.feeds]
 
 
-def test_histogram_ranges_on_the_fp16_graphs(made, tmp_path):
+def test_histogram_ranges_on_the_fp16_graphs(made, fp16, tmp_path):
     """entropy and percentile: ONNX Runtime's histogram collector with int8.activation_ranges' bins, fed one
     feed at a time: the ranges its own calibrator finds on the FP16 graph, given the feeds one by one, under
     the FP32 graph's names."""
@@ -389,14 +403,8 @@ def test_histogram_ranges_on_the_fp16_graphs(made, tmp_path):
     from bitdance_rt.precision.fp16_ranges import _calibrated, fp16_ranges
     from bitdance_rt.precision.int8 import activation_ranges
     from bitdance_rt.precision.policy import quantised_layers
-    from bitdance_rt.precision.streamed import export_precision_streamed
-    from conftest import torch_threads
 
     stage = st.TOKEN_EMBED
-    with torch_threads(1):
-        fp16 = export_precision_streamed(
-            made["model"], made["weights"], tmp_path / "s16", "x", "fp16", stages=[stage], progress=False
-        ).directory
     graph = _stage_file(fp16, stage)
     names = _calibrated(onnx.load(str(graph), load_external_data=False).graph, quantised_layers(graph))
     assert "tokens" in names.values() and "tokens" not in names  # (the graph input, read through a cast)
