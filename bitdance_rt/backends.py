@@ -281,13 +281,21 @@ def _streamed_int8(model: ModelSource, steps: int, opts: BackendOptions, fp32: P
     """Text-to-image INT8 graphs written from the weight files, with no FP32 export on the way: the
     streamed FP16 export runs the calibration capture and measures the activation ranges
     (precision/fp16_ranges.py), then the INT8 graphs are written from the weights with those ranges
-    (precision/streamed_int8.py); the stages INT8 leaves alone are FP16."""
+    (precision/streamed_int8.py); the stages INT8 leaves alone are FP16. A --calibration set captured
+    on FP16 graphs that are still there (calibrate --capture-export DIR) has its ranges measured on them."""
     from . import paths
+    from .calibration.producer import captured_on
     from .precision.auto import keep_float_by_stage
     from .precision.fp16_ranges import ranges_for
 
-    fp16 = auto_export(model, steps, replace(opts, keep_float=()), "fp16")
-    calibration = _calibration(model, steps, opts, ready_export=fp16)
+    calibration = fp16 = None
+    if opts.calibration:  # a set captured on FP16 graphs of these weights: its ranges are measured on them
+        calibration = _calibration(model, steps, opts)
+        fp16 = captured_on(calibration)
+    if fp16 is None:
+        fp16 = auto_export(model, steps, replace(opts, keep_float=()), "fp16")
+    if calibration is None:
+        calibration = _calibration(model, steps, opts, ready_export=fp16)
     ranges = ranges_for(fp16, calibration, opts.calib_method, opts.threads, ort_providers(opts))
     keep = keep_float_by_stage(fp16, opts.keep_float) if opts.keep_float else {}
     if out is None:

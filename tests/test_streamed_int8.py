@@ -433,3 +433,37 @@ def test_the_plan_holds_what_a_streamed_int8_export_holds(made, tmp_path):
             made["model"], made["weights"], tmp_path / "i8", "x", "int8", ranges=made["ranges"], progress=False
         ).directory
     _check_against(made["cfg"], directory, "int8", made["cfg"].default_steps)
+
+
+def test_int8_export_measures_its_ranges_on_the_graphs_the_set_was_captured_on(
+    t2i_checkpoints, t2i_cache_template, tmp_path, monkeypatch, capsys
+):
+    """`calibrate --capture-export FP16_DIR` then `export --precision int8 --calibration SET`: the ranges are
+    measured on FP16_DIR (still the graphs the set records), so the INT8 export makes no FP16 export of its
+    own, and no FP32 one."""
+    import shutil
+
+    from bitdance_rt.cli import main
+    from bitdance_rt.export.manifest import read_manifest
+    from conftest import T2I_STEPS, T2I_TEXT_TOKENS, torch_threads
+
+    template = t2i_cache_template(16, "fp16") / "exports"
+    fp16 = tmp_path / "fp16"
+    shutil.copytree(next(d for d in template.iterdir() if d.name.endswith("-fp16")), fp16)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))
+    model = ["--checkpoint", str(t2i_checkpoints[16]), "--height", "512", "--width", "512"]
+    model += ["--max-text-tokens", str(T2I_TEXT_TOKENS), "--steps", str(T2I_STEPS)]
+    with torch_threads(1):
+        calibrate = ["calibrate", *model, "--prompt", "a red cat", "--batch-size", "1", "--max-samples", "2"]
+        calibrate += ["--threads", "1"]
+        assert main([*calibrate, "--capture-export", str(fp16), "--out", str(tmp_path / "set")]) == 0
+        out = tmp_path / "int8"
+        export = ["export", *model, "--precision", "int8", "--max-batch", "1", "--calibration", str(tmp_path / "set")]
+        assert main([*export, "--out", str(out)]) == 0
+    capsys.readouterr()
+    manifest = read_manifest(out)
+    assert manifest["precision"] == "int8" and manifest["key"]["weights"] == "streamed"
+    assert not (cache / "exports").exists() or not any((cache / "exports").iterdir())  # no FP16, no FP32 export
+    (ranges,) = (cache / "ranges").iterdir()
+    assert ranges.name.startswith("fp16-max-") and sorted(p.stem for p in ranges.iterdir()) == sorted(st.INT8_STAGES)

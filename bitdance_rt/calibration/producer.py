@@ -107,3 +107,23 @@ def ort_capture_backend(
         expect_source=expect_source,
         session_cache=session_cache,
     )
+
+
+def captured_on(cset, precision: str = "fp16"):
+    """The export directory set `cset` was captured on (its origin), when it is still there, still the
+    same graphs (its manifest's digest is the one the set's producer records) and of `precision`; else
+    None. A text-to-image INT8 export measures its ranges on those graphs instead of making its own."""
+    from pathlib import Path
+
+    from ..export.manifest import read_manifest
+
+    where, producer = cset.origin.get("export_dir"), set_producer(cset.key)
+    if not where or producer.get("export_key") is None:
+        return None
+    try:
+        manifest = read_manifest(Path(where))
+    except BitDanceError:
+        return None
+    if manifest.get("precision", "fp32") != precision or export_digest(manifest) != producer["export_key"]:
+        return None
+    return Path(where)
