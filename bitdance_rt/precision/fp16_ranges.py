@@ -50,9 +50,14 @@ def _calibrated(graph, nodes: list[str]) -> dict[str, str]:
     return names
 
 
-def _session(fp16_path: Path, outputs: list[str], threads: int | None, providers):
-    """A session of the FP16 graph with `outputs` added, made from the weightless graph in memory; ONNX
-    Runtime reads the weights from the export's own files (its external-initializer folder option)."""
+_MIN, _MAX = "__bitdance_rt_min", "__bitdance_rt_max"  # suffixes of the reduced outputs
+
+
+def _session(fp16_path: Path, outputs: list[str], threads: int | None, providers, reduce: bool):
+    """A session of the FP16 graph with `outputs` added (`reduce`: their min and max, <name>_MIN / _MAX, as
+    ONNX Runtime's MinMax calibrator adds them: a decoder's feature maps at 1024 px are GBs), made from the
+    weightless graph in memory; ONNX Runtime reads the weights from the export's own files (its
+    external-initializer folder option)."""
     import onnx
     import onnxruntime as ort
 
@@ -66,7 +71,11 @@ def _session(fp16_path: Path, outputs: list[str], threads: int | None, providers
     for name in outputs:
         if name not in types:
             raise BitDanceError(f"{fp16_path}: tensor {name!r} has no inferred type (cannot read its range)")
-        if name not in have:
+        if reduce:
+            for op, suffix in (("ReduceMin", _MIN), ("ReduceMax", _MAX)):
+                model.graph.node.append(onnx.helper.make_node(op, [name], [name + suffix], keepdims=0))
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name + suffix, types[name], []))
+        elif name not in have:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
     options = ort.SessionOptions()
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp16_path.parent))
@@ -104,18 +113,19 @@ def fp16_ranges(fp16_path, reader, method: str, out_file, threads: int | None = 
         )
     low, high = {}, {}
     outputs = sorted(names)
-    session = _session(fp16_path, outputs, threads, providers)
+    session = _session(fp16_path, outputs, threads, providers, reduce=collector is None)
+    fetch = outputs if collector is not None else [n + suffix for n in outputs for suffix in (_MIN, _MAX)]
     for group in reader.groups() if hasattr(reader, "groups") else [reader]:
         if hasattr(group, "rewind"):
             group.rewind()
         while (feed := group.get_next()) is not None:
-            values = dict(zip(outputs, session.run(outputs, feed)))
+            values = dict(zip(fetch, session.run(fetch, feed)))
             if collector is not None:
                 with contextlib.redirect_stdout(io.StringIO()):  # (it prints its progress)
                     collector.collect(values)  # one feed at a time: a group's activations of a 14B are GBs
                 continue
-            for name, value in values.items():
-                lo, hi = np.float32(np.nanmin(value)), np.float32(np.nanmax(value))
+            for name in outputs:
+                lo, hi = np.float32(values[name + _MIN]), np.float32(values[name + _MAX])
                 low[name] = min(low.get(name, lo), lo)
                 high[name] = max(high.get(name, hi), hi)
     del session
