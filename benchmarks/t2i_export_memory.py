@@ -2,6 +2,7 @@
 
     python benchmarks/t2i_export_memory.py                          # FP16, 1/2/3 layers, 1024 px, 64x
     python benchmarks/t2i_export_memory.py --layers 1 2 4 --precision fp32 --head-depths 1 2
+    python benchmarks/t2i_export_memory.py --precision int8          # + a capture on the FP16 graphs
 
 The 14B does not fit this machine, so this measures the slope: checkpoint directories in the
 official layout with Qwen3-14B's widths (hidden 5120, 40 query / 8 key-value heads of 128, FFN
@@ -45,6 +46,7 @@ for line in open("/proc/self/status"):
         print("VMHWM", int(line.split()[1]) * 1024, flush=True)
 sys.exit(code)
 """
+PROMPT = "a red fox in the snow"  # INT8: the calibration capture's prompt
 
 
 def write_checkpoint(directory: Path, layers: int, head_depth: int, parallel: int) -> None:
@@ -130,37 +132,49 @@ def write_checkpoint(directory: Path, layers: int, head_depth: int, parallel: in
     tmp.rename(directory)
 
 
-def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cache: Path) -> dict:
+def run_cli(argv: list[str], cache: Path) -> tuple[int, float, str]:
+    """(peak resident bytes, seconds, stdout) of one `bitdance-rt` command in a fresh process."""
     env = {**os.environ, "BITDANCE_RT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-c",
-        CHILD,
-        "export",
-        "--checkpoint",
-        str(ckpt),
-        "--precision",
-        precision,
-        "--max-batch",
-        "1",
-        "--height",
-        str(height),
-        "--width",
-        str(height),
-        "--steps",
-        str(steps),
-        "--out",
-        str(out),
-    ]
     t = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", CHILD, *argv], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if res.returncode != 0:
-        raise SystemExit(f"export failed ({res.returncode}): {res.stderr[-3000:]}")
+        raise SystemExit(f"{argv[0]} failed ({res.returncode}): {res.stderr[-3000:]}")
     peak = next(int(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("VMHWM"))
+    return peak, round(seconds, 1), res.stdout
+
+
+def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cache: Path) -> dict:
+    """The export at `precision` into `out`. INT8 as a user makes it on a small machine: the FP16 export
+    (into the cache, where the INT8 export finds it), a calibration set captured on it (PROMPT, a few
+    samples per stage), then `export --precision int8 --calibration SET`, whose peak is the one reported
+    (the ranges measured on the FP16 graphs, the INT8 graphs streamed); the other two peaks beside it."""
+    model = ["--checkpoint", str(ckpt), "--height", str(height), "--width", str(height), "--steps", str(steps)]
+    export = ["export", *model, "--max-batch", "1"]
+    extra = {}
+    if precision == "int8":
+        from bitdance_rt import paths
+        from bitdance_rt.backends import resolve_model
+
+        source = resolve_model(None, str(ckpt), None, height, height, None)
+        with paths.using_cache_root(cache):  # where export --precision int8 looks for its FP16 graphs
+            fp16 = str(paths.variant_dir(paths.export_dir(source.config, source.weights_source(), steps, 1), "fp16"))
+        peak, seconds, _ = run_cli([*export, "--precision", "fp16", "--out", fp16], cache)
+        calibration = out.with_name(out.name + "-calibration")
+        c_peak, c_seconds, _ = run_cli(
+            ["calibrate", *model, "--prompt", PROMPT, "--batch-size", "1", "--max-samples", "4"]
+            + ["--capture-export", fp16, "--out", str(calibration), "--force"],
+            cache,
+        )
+        extra = {
+            "fp16_export": {"peak_bytes": peak, "seconds": seconds},
+            "calibrate": {"peak_bytes": c_peak, "seconds": c_seconds},
+        }
+        export += ["--calibration", str(calibration)]
+    peak, seconds, _ = run_cli([*export, "--precision", precision, "--out", str(out)], cache)
     manifest = json.loads((out / "manifest.json").read_text())
     files = {f: info["bytes"] for f, info in manifest["files"].items()}
-    return {"peak_bytes": peak, "seconds": round(seconds, 1), "files": files}
+    return {"peak_bytes": peak, "seconds": seconds, "files": files, **extra}
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -176,7 +190,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3], help="Qwen3 layer counts (the 14B: 40)")
     ap.add_argument("--head-depths", type=int, nargs="+", default=[1], help="vision head blocks (the 14B: 6)")
-    ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "int8"))
     ap.add_argument("--parallel", type=int, default=64, choices=(16, 64))
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2, help="sampler steps S of the fused head sampler")
