@@ -53,18 +53,17 @@ def _calibrated(graph, nodes: list[str]) -> dict[str, str]:
 _MIN, _MAX = "__bitdance_rt_min", "__bitdance_rt_max"  # suffixes of the reduced outputs
 
 
-def _session(fp16_path: Path, outputs: list[str], threads: int | None, providers, reduce: bool):
+def _session(model, fp16_path: Path, outputs: list[str], threads: int | None, providers, reduce: bool):
     """A session of the FP16 graph with `outputs` added (`reduce`: their min and max, <name>_MIN / _MAX, as
     ONNX Runtime's MinMax calibrator adds them: a decoder's feature maps at 1024 px are GBs), made from the
     weightless graph in memory; ONNX Runtime reads the weights from the export's own files (its
-    external-initializer folder option)."""
+    external-initializer folder option). `model`: the weightless graph read from fp16_path, extended in place."""
     import onnx
     import onnxruntime as ort
 
     from ..export.shared_weights import infer_shapes
     from ..runtime.ort_backend import normalize_providers
 
-    model = onnx.load(str(fp16_path), load_external_data=False)
     types = {v.name: v.type.tensor_type.elem_type for v in infer_shapes(model).graph.value_info}
     types.update({v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)})
     have = {o.name for o in model.graph.output}
@@ -104,8 +103,8 @@ def fp16_ranges(fp16_path, reader, method: str, out_file, threads: int | None = 
         raise BitDanceError(f"no calibration samples for {fp16_path.stem}: the calibration set has none of this stage")
     import onnx
 
-    graph = onnx.load(str(fp16_path), load_external_data=False).graph
-    names = _calibrated(graph, quantised_layers(fp16_path))
+    model = onnx.load(str(fp16_path), load_external_data=False)  # (read once: the weightless graph)
+    names = _calibrated(model.graph, quantised_layers(model))
     collector = None
     if method != "max":
         collector = HistogramCollector(
@@ -113,7 +112,7 @@ def fp16_ranges(fp16_path, reader, method: str, out_file, threads: int | None = 
         )
     low, high = {}, {}
     outputs = sorted(names)
-    session = _session(fp16_path, outputs, threads, providers, reduce=collector is None)
+    session = _session(model, fp16_path, outputs, threads, providers, reduce=collector is None)
     fetch = outputs if collector is not None else [n + suffix for n in outputs for suffix in (_MIN, _MAX)]
     for group in reader.groups() if hasattr(reader, "groups") else [reader]:
         if hasattr(group, "rewind"):
