@@ -9,7 +9,9 @@ own files, runs the calibration feeds. The ranges are reduced as int8.activation
 reduce them (max: ONNX Runtime's symmetric MinMax rule; entropy / percentile: its HistogramCollector
 with the same bins, fed one feed at a time where the calibrator feeds a group at once) and saved as
 the calibration cache quantize_streamed reads, under the FP32 graph's tensor names. FP16 activations
-carry FP16 rounding (2^-11 relative), and so do these ranges.
+carry FP16 rounding (2^-11 relative), and so do these ranges. The histograms are of the activations
+widened to float32, as the FP32 graph's would be: bins edged in float16 collapse (numpy 2 refuses
+2048 of them over [0, 2]; numpy 1 made them silently uneven).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def fp16_ranges(fp16_path, reader, method: str, out_file, threads: int | None = 
         while (feed := group.get_next()) is not None:
             values = dict(zip(fetch, session.run(fetch, feed)))
             if collector is not None:
+                values = {k: np.asarray(v, np.float32) for k, v in values.items()}  # (see the docstring)
                 with contextlib.redirect_stdout(io.StringIO()):  # (it prints its progress)
                     collector.collect(values)  # one feed at a time: a group's activations of a 14B are GBs
                 continue
