@@ -4,8 +4,9 @@ The 14B model has no FP32 graph to calibrate on (60 GB), and ONNX Runtime's cali
 with its weights and write an augmented copy of it (2-3x the graph in RAM and on disk). Here a stage's
 FP16 graph (the streamed FP16 export the calibration capture ran) is read without its weights, the
 tensors the INT8 policy quantises (the activation input of each weight MatMul / Gemm / Conv, a Conv's
-output) become graph outputs, and one ONNX Runtime session, which reads the weights from the export's
-own files, runs the calibration feeds. The ranges are reduced as int8.activation_ranges' calibrators
+output) become graph outputs, and ONNX Runtime sessions, which read the weights from the export's own
+files, run the calibration feeds: one session per piece of about a GiB of weights (graph_pieces.py),
+so what is held does not grow with the layer count. The ranges are reduced as int8.activation_ranges' calibrators
 reduce them (max: ONNX Runtime's symmetric MinMax rule; entropy / percentile: its HistogramCollector
 with the same bins, fed one feed at a time where the calibrator feeds a group at once) and saved as
 the calibration cache quantize_streamed reads, under the FP32 graph's tensor names. FP16 activations
@@ -29,6 +30,9 @@ from .policy import INT8_OUTPUT_OP_TYPES, check_method, quantised_layers
 # int8.activation_ranges' histogram settings (its docstring says why these bins)
 _HISTOGRAMS = {"entropy": dict(num_bins=512, num_quantized_bins=128), "percentile": dict(num_bins=2048)}
 _PERCENTILE = 99.999
+# Weights per ONNX Runtime session (graph_pieces.py): the 14B's FP16 backbone runs in ~27 pieces, so the
+# session is not what grows with the layer count.
+PIECE_BYTES = 1 << 30
 
 
 def _calibrated(graph, nodes: list[str]) -> dict[str, str]:
@@ -55,21 +59,28 @@ def _calibrated(graph, nodes: list[str]) -> dict[str, str]:
 _MIN, _MAX = "__bitdance_rt_min", "__bitdance_rt_max"  # suffixes of the reduced outputs
 
 
-def _session(model, fp16_path: Path, outputs: list[str], threads: int | None, providers, reduce: bool):
-    """A session of the FP16 graph with `outputs` added (`reduce`: their min and max, <name>_MIN / _MAX, as
-    ONNX Runtime's MinMax calibrator adds them: a decoder's feature maps at 1024 px are GBs), made from the
-    weightless graph in memory; ONNX Runtime reads the weights from the export's own files (its
-    external-initializer folder option). `model`: the weightless graph read from fp16_path, extended in place."""
-    import onnx
-    import onnxruntime as ort
-
+def _types(model) -> dict[str, int]:
+    """{tensor: ONNX element type} of every tensor of the weightless graph `model` (shape inference)."""
     from ..export.shared_weights import infer_shapes
-    from ..runtime.ort_backend import normalize_providers
 
     types = {v.name: v.type.tensor_type.elem_type for v in infer_shapes(model).graph.value_info}
     types.update({v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)})
+    return types
+
+
+def _session(piece, fp16_path: Path, types: dict, threads: int | None, providers, reduce: bool):
+    """A session of graph piece `piece` (graph_pieces.Piece) with its wanted tensors added as outputs
+    (`reduce`: their min and max, <name>_MIN / _MAX, as ONNX Runtime's MinMax calibrator adds them: a
+    decoder's feature maps at 1024 px are GBs), made from the weightless graph in memory; ONNX Runtime
+    reads the weights from the export's own files (its external-initializer folder option)."""
+    import onnx
+    import onnxruntime as ort
+
+    from ..runtime.ort_backend import normalize_providers
+
+    model = piece.model
     have = {o.name for o in model.graph.output}
-    for name in outputs:
+    for name in piece.wanted:
         if name not in types:
             raise BitDanceError(f"{fp16_path}: tensor {name!r} has no inferred type (cannot read its range)")
         if reduce:
@@ -92,12 +103,46 @@ def _session(model, fp16_path: Path, outputs: list[str], threads: int | None, pr
     return ort.InferenceSession(model.SerializeToString(), options, providers=normalize_providers(providers))
 
 
-def fp16_ranges(fp16_path, reader, method: str, out_file, threads: int | None = None, providers=None) -> Path:
+class _Carry:
+    """The tensors pieces hand on, per feed, in .npy files under `folder` (a 14B's step feeds carry
+    a [rows, 64, 5120] residual each: GBs over a calibration set), read back memory-mapped and deleted
+    after the last piece that reads them."""
+
+    def __init__(self, folder: Path, pieces):
+        self.folder = folder
+        self.last = {t: n for n, piece in enumerate(pieces) for t in piece.carry_in}
+        self.number = {t: k for k, t in enumerate(sorted(self.last))}
+
+    def _file(self, feed: int, name: str) -> Path:
+        return self.folder / f"{feed}-{self.number[name]}.npy"
+
+    def put(self, feed: int, values: dict) -> None:
+        for name, value in values.items():
+            np.save(self._file(feed, name), value)
+
+    def take(self, feed: int, names: list[str], piece: int) -> dict:
+        out = {}
+        for name in names:
+            path = self._file(feed, name)
+            out[name] = np.load(path, mmap_mode="r")
+            if self.last[name] == piece:
+                path.unlink()  # (the map keeps the data until the run is done)
+        return out
+
+
+def fp16_ranges(
+    fp16_path, reader, method: str, out_file, threads: int | None = None, providers=None, piece_bytes: int = PIECE_BYTES
+) -> Path:
     """Measure the activation ranges of FP16 stage graph `fp16_path` over the calibration `reader`
     (get_next / rewind, and `groups()` for the backbone's phases) and save them to `out_file` (a
-    calibration cache, FP32 tensor names, float32 values), written whole or not at all."""
+    calibration cache, FP32 tensor names, float32 values), written whole or not at all. The graph runs
+    in pieces of about `piece_bytes` of weights (graph_pieces.py), each over every feed."""
+    import tempfile
+
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import HistogramCollector, TensorData, TensorsData, save_tensors_data
+
+    from .graph_pieces import cut
 
     check_method(method)
     fp16_path, out_file = Path(fp16_path), Path(out_file)
@@ -113,27 +158,39 @@ def fp16_ranges(fp16_path, reader, method: str, out_file, threads: int | None = 
             method, True, percentile=_PERCENTILE, scenario="same", **{"num_quantized_bins": 128, **_HISTOGRAMS[method]}
         )
     low, high = {}, {}
-    outputs = sorted(names)
-    session = _session(model, fp16_path, outputs, threads, providers, reduce=collector is None)
-    fetch = outputs if collector is not None else [n + suffix for n in outputs for suffix in (_MIN, _MAX)]
-    for group in reader.groups() if hasattr(reader, "groups") else [reader]:
-        if hasattr(group, "rewind"):
-            group.rewind()
-        while (feed := group.get_next()) is not None:
-            values = dict(zip(fetch, session.run(fetch, feed)))
-            if collector is not None:
-                values = {k: np.asarray(v, np.float32) for k, v in values.items()}  # (see the docstring)
-                with contextlib.redirect_stdout(io.StringIO()):  # (it prints its progress)
-                    collector.collect(values)  # one feed at a time: a group's activations of a 14B are GBs
-                continue
-            for name in outputs:
-                lo, hi = np.float32(values[name + _MIN]), np.float32(values[name + _MAX])
-                low[name] = min(low.get(name, lo), lo)
-                high[name] = max(high.get(name, hi), hi)
-    del session
+    types = _types(model)
+    pieces = cut(model, sorted(names), types, piece_bytes)
+    del model
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=f".{out_file.stem}-carry-") as folder:
+        carry = _Carry(Path(folder), pieces)
+        for n, piece in enumerate(pieces):
+            session = _session(piece, fp16_path, types, threads, providers, reduce=collector is None)
+            wanted = piece.wanted if collector is not None else [w + x for w in piece.wanted for x in (_MIN, _MAX)]
+            fetch = wanted + [t for t in piece.carry_out if t not in wanted]
+            feed_no = 0
+            for group in reader.groups() if hasattr(reader, "groups") else [reader]:
+                if hasattr(group, "rewind"):
+                    group.rewind()
+                while (feed := group.get_next()) is not None:
+                    inputs = {name: feed[name] for name in piece.inputs}
+                    inputs.update(carry.take(feed_no, piece.carry_in, n))
+                    values = dict(zip(fetch, session.run(fetch, inputs)))
+                    carry.put(feed_no, {t: values[t] for t in piece.carry_out})
+                    feed_no += 1
+                    if collector is not None:
+                        values = {k: np.asarray(values[k], np.float32) for k in wanted}  # (see the module doc)
+                        with contextlib.redirect_stdout(io.StringIO()):  # (it prints its progress)
+                            collector.collect(values)  # one feed at a time: a group's activations of a 14B are GBs
+                        continue
+                    for name in piece.wanted:
+                        lo, hi = np.float32(values[name + _MIN]), np.float32(values[name + _MAX])
+                        low[name] = min(low.get(name, lo), lo)
+                        high[name] = max(high.get(name, hi), hi)
+            del session
     if collector is None:  # ONNX Runtime's MinMax, symmetric: +/- the largest magnitude
         found = {}
-        for name in outputs:
+        for name in sorted(names):
             m = np.float32(max(abs(low[name]), abs(high[name])))
             found[name] = TensorData(lowest=np.array(-m, np.float32), highest=np.array(m, np.float32))
     else:
@@ -145,7 +202,6 @@ def fp16_ranges(fp16_path, reader, method: str, out_file, threads: int | None = 
             found[name] = TensorData(lowest=np.asarray(lo, np.float32), highest=np.asarray(hi, np.float32))
     data = TensorsData(getattr(CalibrationMethod, _METHODS[method]), {names[k]: v for k, v in found.items()})
     assert method_name(data.calibration_method) == method
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     save_tensors_data(data, out_file)  # (temp file + rename)
     return out_file
 
