@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,6 +205,39 @@ def test_fp16_capture_is_marked_fp16(t2i, tmp_path):
         first, m.ort.dataset.phase_samples(st.BACKBONE, "prefill")[0].inputs["x"], atol=1e-2, rtol=1e-2
     )
     assert torch.equal(result.results[0].tokens.abs(), torch.ones_like(result.results[0].tokens))
+
+
+def test_fp16_capture_on_the_cpu_runs_lean_sessions(t2i):
+    """On the CPU the FP16 capture's sessions hold the least (ort_backend.lean_options: no optimiser, no
+    arena, priority order), and compute what the default sessions compute, within FP16 roundings; an
+    FP32 capture keeps the default ones."""
+    import onnxruntime as ort
+
+    from bitdance_rt.calibration.dataset import feed
+    from bitdance_rt.runtime.ort_backend import OrtBackend
+
+    m = t2i
+    fp16 = precision_export(m.fp32, "fp16", progress=False).directory
+    lean = ort_capture_backend(fp16, threads=1, expect_config=m.source.config, expect_source=m.weights)
+    plain = OrtBackend(fp16, threads=1, sampler="step")
+    fp32 = ort_capture_backend(m.fp32, threads=1, expect_config=m.source.config, expect_source=m.weights)
+    try:
+        assert lean.lean and not fp32.lean and not plain.lean
+        options = lean.sessions[st.BACKBONE].get_session_options()
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        assert options.execution_order == ort.ExecutionOrder.PRIORITY_BASED and not options.enable_cpu_mem_arena
+        default = fp32.sessions[st.BACKBONE].get_session_options()
+        assert default.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        for stage in (st.BACKBONE, st.HEAD_STEP):
+            sample = m.ort.dataset.samples[stage][-1]
+            inputs = feed(m.source.config, stage, sample)
+            got = lean._get_session(stage).run(None, inputs)
+            want = plain._get_session(stage).run(None, inputs)
+            for a, b in zip(got, want):
+                np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2, err_msg=stage)
+    finally:
+        for backend in (lean, plain, fp32):
+            backend.close()
 
 
 def test_default_set_follows_the_capture_backend_and_int8_from_it_generates(embedded, caplog):

@@ -95,9 +95,12 @@ def ort_capture_backend(
     session_cache=None,
 ):
     """ONNX Runtime on an export directory (FP32 or FP16 graphs), sampling step by step (head_step:
-    every head-net evaluation is a stage call; the fused head_sampler is one opaque graph)."""
-    from ..runtime.ort_backend import OrtBackend
+    every head-net evaluation is a stage call; the fused head_sampler is one opaque graph). FP16 graphs
+    on the CPU run lean (ort_backend.lean_options): a 14B's would otherwise hold FP32 copies of its weights."""
+    from ..export.manifest import read_manifest
+    from ..runtime.ort_backend import OrtBackend, normalize_providers
 
+    on_cpu = all(name == "CPUExecutionProvider" for name, _ in normalize_providers(providers))
     return OrtBackend(
         export_dir,
         threads=threads,
@@ -106,6 +109,7 @@ def ort_capture_backend(
         expect_config=expect_config,
         expect_source=expect_source,
         session_cache=session_cache,
+        lean=on_cpu and read_manifest(export_dir).get("precision") == "fp16",
     )
 
 

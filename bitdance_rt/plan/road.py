@@ -402,22 +402,29 @@ def derive_int8_step(cfg, steps: int, samples: int | None = None, rows: int | No
 
 def ranges_step(cfg, steps: int) -> Step:
     """The activation ranges of a streamed INT8 export, measured on its FP16 graphs
-    (precision/fp16_ranges.py): one stage at a time, an ONNX Runtime session of its FP16 graph, that
-    stage's calibration samples and one call's activations."""
+    (precision/fp16_ranges.py): one stage at a time, in pieces of about PIECE_BYTES of weights
+    (graph_pieces.py: a piece ends past the budget, before twice it, or after one larger tensor), an
+    ONNX Runtime session of one piece, that stage's calibration samples and one call's activations."""
+    from ..precision.fp16_ranges import PIECE_BYTES
+
     images, batch, policy = default_capture(cfg, steps)
     samples = capture_bytes(cfg, images, 1, steps, batch, policy)
-    s16 = _sum(stage_weights(cfg, "fp16", steps, stages=st.INT8_STAGES))
+    w16 = stage_weights(cfg, "fp16", steps, stages=st.INT8_STAGES)
+    piece = {
+        s: min(sum(b for _, b in w.values()), 2 * PIECE_BYTES + max(b for _, b in w.values())) for s, w in w16.items()
+    }
     rows = 2 * min(batch, images)
     run = activation_bytes(cfg, rows, "fp16", "onnxruntime")
-    need = {s: s16[s] + samples.get(s, 0) for s in s16}
+    need = {s: piece[s] + samples.get(s, 0) for s in piece}
     at = max(need, key=need.get)
     return Step(
         "ranges",
         PROCESS_BYTES + need[at] + kv_cache_bytes(cfg, rows) + run,
         0,
         0,
-        f"activation ranges on the FP16 graphs, one stage at a time, peaking at {at}: ONNX Runtime on its FP16 "
-        f"graph ({_gb(s16[at])}) + its calibration samples ({_gb(samples.get(at, 0))}) (estimate, not measured)",
+        f"activation ranges on the FP16 graphs, one stage at a time, in pieces of ~{_gb(PIECE_BYTES)} of weights, "
+        f"peaking at {at}: ONNX Runtime on a piece of its FP16 graph ({_gb(piece[at])}) + its calibration samples "
+        f"({_gb(samples.get(at, 0))}) (estimate, not measured)",
     )
 
 

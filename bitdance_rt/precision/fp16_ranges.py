@@ -76,7 +76,7 @@ def _session(piece, fp16_path: Path, types: dict, threads: int | None, providers
     import onnx
     import onnxruntime as ort
 
-    from ..runtime.ort_backend import normalize_providers
+    from ..runtime.ort_backend import lean_options, normalize_providers
 
     model = piece.model
     have = {o.name for o in model.graph.output}
@@ -91,13 +91,7 @@ def _session(piece, fp16_path: Path, types: dict, threads: int | None, providers
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
     options = ort.SessionOptions()
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp16_path.parent))
-    # Lean, not fast: on a CPU without FP16 GEMMs ONNX Runtime casts the weights to FP32, and its optimiser
-    # folds those casts (and prepacks) into FP32 copies of every weight, which its arena keeps: 2.9 GiB for
-    # a 1.27 GB FP16 backbone (two Qwen3-14B layers), 2.3 GiB without them (the casts then run per call,
-    # one weight at a time, 1.3x slower; measured on the 2-core EPYC, 2026-12-05).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
+    lean_options(ort, options)  # (casting the weights to FP32 one MatMul at a time on a CPU without FP16 GEMMs)
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=normalize_providers(providers))
