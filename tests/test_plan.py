@@ -479,9 +479,9 @@ def test_road_of_the_14b_on_three_machines(capsys):
     assert rd.STREAM_MATRIX * 5120 * 20480 * 4 + 40 * rd.STREAM_PER_LAYER < steps["export"]["host_bytes"] < 8 * GIB
     assert steps["export"]["disk_bytes"] >= backbone / 2
     # INT8 written from the files as well (no quantiser holding 3.1x the FP32 backbone, 177 GiB); the ranges
-    # hold ONNX Runtime's FP16 backbone session beside its samples
+    # hold a piece of ONNX Runtime's FP16 backbone at a time (~2 GiB of its 24.6) beside its samples
     assert steps["int8"]["host_bytes"] < 8 * GIB and backbone / 4 <= steps["int8"]["disk_bytes"] < backbone / 3
-    assert backbone / 2 < steps["ranges"]["host_bytes"] < 64 * GIB
+    assert 8 * GIB < steps["ranges"]["host_bytes"] < 30 * GIB
     assert steps["run"]["gpu_bytes"] == plan(cfg, "int8", "tensorrt").total_bytes
     machines = road["machines"]
     assert len(machines) == 3
@@ -499,7 +499,7 @@ def test_road_of_the_14b_on_three_machines(capsys):
     by = {f["step"]: f for f in gpu16}
     assert not by["run"]["fits"] and by["int8"]["fits"]
     by = {f["step"]: f for f in orin}
-    assert not by["ranges"]["fits"] and "bitdance-rt export --precision int8 --calibration DIR" in by["ranges"]["fix"]
+    assert by["ranges"]["fits"]  # (a piece of the FP16 backbone at a time)
     # the same as text: each machine, each step, its fit and fix
     assert main(argv) == 0
     text = capsys.readouterr().out
