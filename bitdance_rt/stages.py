@@ -45,6 +45,7 @@ class StageRole:
     calibrated: bool  # INT8 calibration sets record its inputs
     graph_capture: bool  # TensorRT replays it as a CUDA graph (called every AR step or more)
     int8: bool  # an INT8 variant quantises it (the fused sampler is not: precision/derive.py says why)
+    int4: bool = False  # an INT4 variant quantises its weight MatMuls (weight-only: no calibration)
 
 
 # The one registry of stages, in pipeline order. Every stage list elsewhere is derived from it.
@@ -58,13 +59,36 @@ REGISTRY = (
         TOKEN_EMBED, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True, int8=True
     ),
     # the transformer, for the prefill and every AR step (graph capture: the step phase)
-    StageRole(BACKBONE, generation=True, required=True, sampler=False, calibrated=True, graph_capture=True, int8=True),
+    StageRole(
+        BACKBONE,
+        generation=True,
+        required=True,
+        sampler=False,
+        calibrated=True,
+        graph_capture=True,
+        int8=True,
+        int4=True,
+    ),
     # head_step serves a sampler step count other than the fused graph's S (and the step sampler mode)
     StageRole(
-        HEAD_STEP, generation=True, required=False, sampler=False, calibrated=True, graph_capture=True, int8=True
+        HEAD_STEP,
+        generation=True,
+        required=False,
+        sampler=False,
+        calibrated=True,
+        graph_capture=True,
+        int8=True,
+        int4=True,
     ),
     StageRole(
-        HEAD_SAMPLER, generation=True, required=False, sampler=True, calibrated=True, graph_capture=True, int8=False
+        HEAD_SAMPLER,
+        generation=True,
+        required=False,
+        sampler=True,
+        calibrated=True,
+        graph_capture=True,
+        int8=False,
+        int4=True,
     ),
     StageRole(DECODER, generation=True, required=True, sampler=False, calibrated=True, graph_capture=False, int8=True),
     # only for reconstruction and calibration data
@@ -86,6 +110,7 @@ REQUIRED_STAGES = _names("required")  # plus a head sampler: the fused one or he
 CALIBRATED_STAGES = _names("calibrated")
 GRAPH_CAPTURE_STAGES = _names("graph_capture")
 INT8_STAGES = _names("int8")
+INT4_STAGES = _names("int4")
 # Version of this contract, part of every export's cache key: graphs of an older contract are
 # re-exported, never run (2: per-row `start`, one head_sampler with per-row guidance; 3: one backbone
 # for both phases over the embedding stages).

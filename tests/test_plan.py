@@ -29,7 +29,9 @@ pytest.importorskip("onnx")
 # only roughly: measured here within 7.4% per stage (the FP16 fused sampler; the rest within 5.4%)
 # and 2.1% for the loaded graphs together. On BitDance-B-4x (docs/memory.md) every
 # stage agrees within 0.3%.
-REL = {"fp32": 0.08, "fp16": 0.08, "int8": 0.08}
+# int4: the fused sampler's unrolled per-step constants (~29 KB on the embedded model, which the plan
+# leaves out: 5% of its FP32 head_sampler) are 13% of its INT4 head_sampler
+REL = {"fp32": 0.08, "fp16": 0.08, "int8": 0.08, "int4": 0.15}
 
 
 def graph_tensors(path) -> list[tuple[tuple, int]]:

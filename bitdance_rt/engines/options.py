@@ -66,6 +66,11 @@ def plan_precision(graph: str, requested: str | None, trt_version: str) -> Preci
         raise BitDanceError(
             f"TensorRT {trt_version} is too old: bitdance-rt builds with TensorRT 10.x (JetPack 6: 10.3) or 11.x"
         )
+    if "int4" in (asked, graph):
+        raise BitDanceError(
+            "INT4 graphs hold ONNX Runtime's MatMulNBits nodes, which TensorRT does not parse, and TensorRT "
+            "INT4 (block DequantizeLinear) graphs are not written yet: run INT4 with --backend onnxruntime"
+        )
     if asked == graph:
         return PrecisionPlan(asked, graph, strongly_typed=True, clear_tf32=(asked == "fp32"))
     if asked == "int8":

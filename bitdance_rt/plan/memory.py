@@ -256,6 +256,13 @@ def _int8_float(stage: str, owner: str) -> bool:
     return any(p.replace("/", ".") in dotted for p in INT8_FLOAT_LAYERS.get(stage, ()))
 
 
+def _int4_float(stage: str, owner: str) -> bool:
+    from ..precision.policy import INT4_FLOAT_LAYERS
+
+    dotted = "." + owner + "."
+    return any(p.replace("/", ".") in dotted for p in INT4_FLOAT_LAYERS.get(stage, ()))
+
+
 def tensor_bytes(
     precision: str, stage: str, name: str, numel: int, size: int, kind: str, owner: str, shape_out: int | None = None
 ) -> int:
@@ -263,10 +270,12 @@ def tensor_bytes(
     weights stay fp32, as the FP16 policy keeps those ops in fp32); int8: the Linear / Conv weights the
     INT8 policy quantises take 1 byte plus a float32 scale and an int8 zero point per output channel,
     the rest stays fp32, and the stages INT8 does not quantise (prefix_embed's table) take their fp16
-    bytes (precision/policy.py). Integer buffers keep their type."""
-    from ..precision.policy import INT8_FP16_STAGES
+    bytes; int4: the Linear weights of the INT4 stages take half a byte each, K padded to whole blocks,
+    plus a float32 scale per block, the rest as for int8 (precision/policy.py). Integer buffers keep
+    their type."""
+    from ..precision.policy import INT4_BLOCK, INT4_FP16_STAGES, INT8_FP16_STAGES
 
-    if precision == "int8" and stage in INT8_FP16_STAGES:
+    if (precision == "int8" and stage in INT8_FP16_STAGES) or (precision == "int4" and stage in INT4_FP16_STAGES):
         precision = "fp16"
     if size != 4:  # integer buffers (index tables) keep their type
         return numel * size
@@ -279,7 +288,13 @@ def tensor_bytes(
         if weight and not _int8_float(stage, owner):
             return numel + (shape_out or 0) * 5  # int8 values + a float32 scale and an int8 zero point per channel
         return numel * 4
-    raise BitDanceError(f"precision {precision!r}: plan fp32, fp16 or int8")
+    if precision == "int4":
+        weight = name.endswith(".weight") and kind == "Linear" and stage in st.INT4_STAGES
+        if weight and shape_out and not _int4_float(stage, owner):
+            blocks = -(-(numel // shape_out) // INT4_BLOCK)
+            return shape_out * blocks * (INT4_BLOCK // 2 + 4)  # packed nibbles + a float32 scale per block
+        return numel * 4
+    raise BitDanceError(f"precision {precision!r}: plan fp32, fp16, int8 or int4")
 
 
 def stage_weights(cfg, precision: str, steps: int | None = None, stages=None) -> dict[str, dict[str, tuple]]:

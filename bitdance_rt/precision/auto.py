@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from .. import paths
+from .. import stages as st
 from ..errors import BitDanceError
 from .derive import derive_export
 from .policy import check_method, check_precision
@@ -46,20 +47,28 @@ def default_policy(cfg, images: int = DEFAULT_CALIBRATION_IMAGES, batch: int = D
 
 def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = "max", keep_float=()) -> Path:
     """Where the variant of `fp32_dir` is kept (bitdance_rt.paths.variant_dir; `calibration`: its set)."""
-    key = calibration.key if precision != "fp16" else None
+    key = calibration.key if precision == "int8" else None
     return paths.variant_dir(fp32_dir, precision, key, method, keep_float)
 
 
-def keep_float_by_stage(fp32_dir, names) -> dict[str, list[str]]:
-    """Layer names (as the sensitivity report prints them) -> {INT8 stage: the names it has}.
+def keep_float_by_stage(fp32_dir, names, precision: str = "int8") -> dict[str, list[str]]:
+    """Layer names (as the sensitivity report prints them) -> {quantised stage: the names it has}.
     Each stage whose graph has a name keeps it float. The backbone is one graph for the prefill
     and the steps, so a backbone layer kept float is float in both phases."""
-    from ..export.manifest import read_manifest
-    from .derive import int8_layers
+    from ..export.manifest import read_manifest, stage_files
+    from .derive import int8_layers, onnx_graph
+    from .int4 import weight_matmuls
 
     fp32_dir = Path(fp32_dir)
     manifest = read_manifest(fp32_dir)
-    layers = {s: set(v) for s, v in int8_layers(fp32_dir, manifest, manifest["key"]["stages"]).items()}
+    if precision == "int4":
+        layers = {
+            s: set(weight_matmuls(onnx_graph(fp32_dir / stage_files(manifest, fp32_dir, s)[0])))
+            for s in manifest["key"]["stages"]
+            if s in st.INT4_STAGES
+        }
+    else:
+        layers = {s: set(v) for s, v in int8_layers(fp32_dir, manifest, manifest["key"]["stages"]).items()}
     unknown = [n for n in names if not any(n in v for v in layers.values())]
     if unknown:
         example = next((sorted(v)[0] for v in layers.values() if v), "/layers.0/attention/wo/MatMul")
@@ -277,8 +286,8 @@ def precision_export(
     if precision == "fp32":
         raise BitDanceError("fp32 needs no variant: it is the export itself")
     check_method(method)
-    if keep_float and precision != "int8":
-        raise BitDanceError("--keep-float is for --precision int8")
-    keep = keep_float_by_stage(fp32_dir, keep_float) if keep_float else None
+    if keep_float and precision not in ("int8", "int4"):
+        raise BitDanceError("--keep-float is for --precision int8 or int4")
+    keep = keep_float_by_stage(fp32_dir, keep_float, precision) if keep_float else None
     out = Path(out_dir) if out_dir is not None else variant_dir(fp32_dir, precision, calibration, method, keep_float)
     return derive_export(fp32_dir, out, precision, calibration, method, keep_float=keep, progress=progress)

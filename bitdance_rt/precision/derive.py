@@ -19,7 +19,17 @@ from .. import stages as st
 from ..errors import BitDanceError
 from ..export.shared_weights import share_weights
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
-from .policy import INT8_FP16_STAGES, check_method, check_precision, fingerprint, int8_float_layers, quantised_layers
+from .policy import (
+    INT4_BLOCK,
+    INT4_FP16_STAGES,
+    INT8_FP16_STAGES,
+    check_method,
+    check_precision,
+    fingerprint,
+    int4_layers,
+    int8_float_layers,
+    quantised_layers,
+)
 
 # INT8 covers the stages a calibration set has data for and that carry weight GEMMs: token_embed, the
 # backbone (calibrated on both its phases, see calibration/reader.py), head_step, decoder. prefix_embed,
@@ -63,6 +73,7 @@ def derived_key(
             "method": method,
             "samples": {s: len(v) for s, v in sorted(calibration.samples.items())},
         }
+    if precision in ("int8", "int4"):
         key["keep_float"] = {s: sorted(v) for s, v in sorted((keep_float or {}).items()) if v}
     return key
 
@@ -100,6 +111,13 @@ def _check_calibration(calibration, fp32_dir: Path, manifest: dict) -> None:
                 f"{where}: no {stage} samples of its {' / '.join(empty)} phase; capture the set "
                 "again (bitdance-rt calibrate)"
             )
+
+
+def onnx_graph(path):
+    """The graph of ONNX file `path`, read without its weights."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph
 
 
 def _work_order(stages, precision: str) -> list[str]:
@@ -159,9 +177,13 @@ def derive_export(
                 f"{fp32_dir} has no head_step graph, which INT8 generation samples with; "
                 "re-export with it (bitdance-rt export, all stages)"
             )
+    elif precision == "int4":
+        if calibration is not None:
+            raise BitDanceError("INT4 is weight-only (round to nearest): it takes no calibration set")
+        stages = [s for s in available if s in st.INT4_STAGES or s in INT4_FP16_STAGES]
     else:
         stages = [s for s in available if s in FP16_STAGES]
-    quantised = [s for s in stages if precision == "int8" and s in INT8_STAGES]
+    quantised = [s for s in stages if s in {"int8": INT8_STAGES, "int4": st.INT4_STAGES}.get(precision, ())]
     unknown = sorted(set(keep_float or {}) - set(quantised))
     if unknown:  # (a keep-float list for another stage would be dropped without a word)
         raise BitDanceError(
@@ -195,7 +217,15 @@ def derive_export(
             bar.set_postfix_str(stage)
             src = fp32_dir / stage_files(manifest, fp32_dir, stage)[0]
             dst = work / f"{stage}.onnx"
-            if precision == "fp16" or stage not in INT8_STAGES:  # (INT8_FP16_STAGES: the FP16 variant's graph)
+            if stage in quantised and precision == "int4":
+                from .int4 import quantize_int4, weight_matmuls
+
+                graph = onnx_graph(src)
+                nodes = [n for n in int4_layers(stage, weight_matmuls(graph)) if n not in keep_float.get(stage, ())]
+                big = len(stage_files(manifest, fp32_dir, stage)) > 1
+                quantize_int4(src, dst, nodes, INT4_BLOCK, external_data=big)
+                files[stage] = [dst.name] + ([f"{dst.name}.data"] if big else [])
+            elif precision == "fp16" or stage not in quantised:  # (INT8/INT4_FP16_STAGES: the FP16 variant's)
                 files[stage] = convert_fp16_file(
                     src,
                     dst,
@@ -217,6 +247,8 @@ def derive_export(
             "stages": {s: manifest["stages"][s] for s in stages},
             "versions": {**manifest.get("versions", {}), **_versions()},
         }
+        if precision == "int4":
+            new["fp16_stages"] = [s for s in stages if s not in quantised]
         if precision == "int8":
             new["calibration_method"] = method
             new["fp16_stages"] = [s for s in stages if s not in INT8_STAGES]

@@ -1,0 +1,153 @@
+"""Weight-only INT4 (precision/int4.py): the block values are ONNX Runtime's own quantiser's, MatMulNBits
+computes with exactly the weight they decode to, shared weights are quantised once, and the INT4 variant
+of the embedded model holds what the policy says, generates, and is what `plan` counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bitdance_rt import stages as st
+from bitdance_rt.errors import BitDanceError
+from bitdance_rt.precision.int4 import dequantised, int4_blocks, quantize_int4, weight_matmuls
+
+from conftest import cached_pipeline, copy_cache, torch_threads
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _model(nodes, inputs, outputs, initializers):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _matmul(k: int, n: int, weight: np.ndarray):
+    return _model(
+        [helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+
+
+@pytest.mark.parametrize("k, n, block", [(96, 288, 16), (256, 96, 32), (100, 40, 16), (16, 64, 32)])
+def test_block_values_are_onnxruntimes_quantiser(k, n, block):
+    """int4_blocks gives the nibbles and scales ONNX Runtime's MatMulNBitsQuantizer (symmetric, same block)
+    writes for the same weight (K not a multiple of the block included: the padding is not compared)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    weight = np.random.default_rng(k + n).standard_normal((k, n)).astype(np.float32)
+    quantizer = MatMulNBitsQuantizer(_matmul(k, n, weight), bits=4, block_size=block, is_symmetric=True)
+    quantizer.process()
+    graph = quantizer.model.model.graph
+    (node,) = [x for x in graph.node if x.op_type == "MatMulNBits"]
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    packed, scales = int4_blocks(weight, block)
+    theirs_packed, theirs_scales = values[node.input[1]].reshape(packed.shape), values[node.input[2]]
+    assert np.array_equal(theirs_scales.reshape(scales.shape), scales)
+    nibbles = lambda p: np.stack([p & 15, p >> 4], axis=-1).reshape(n, -1)[:, :k]  # noqa: E731
+    assert np.array_equal(nibbles(theirs_packed), nibbles(packed))
+
+
+def test_matmulnbits_computes_with_the_decoded_weight(tmp_path):
+    """A MatMul and a Gemm (transB, bias) become MatMulNBits; ONNX Runtime's products equal the products
+    with the decoded weights (to float rounding) and the FP32 ones to INT4's error; a weight read by two
+    nodes through an Identity alias (the fused sampler's way) is stored once."""
+    rng = np.random.default_rng(0)
+    k, n = 64, 48
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    g = rng.standard_normal((n, k)).astype(np.float32)  # Gemm transB: [N, K]
+    bias = rng.standard_normal(n).astype(np.float32)
+    model = _model(
+        [
+            helper.make_node("Identity", ["w"], ["w_alias"], name="alias"),
+            helper.make_node("MatMul", ["a", "w"], ["y1"], name="mm1"),
+            helper.make_node("MatMul", ["a", "w_alias"], ["y2"], name="mm2"),
+            helper.make_node("Gemm", ["a", "g", "bias"], ["y3"], name="gemm", transB=1),
+        ],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["rows", n]) for y in ("y1", "y2", "y3")],
+        [numpy_helper.from_array(x, name) for x, name in ((w, "w"), (g, "g"), (bias, "bias"))],
+    )
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(model, str(src))
+    assert weight_matmuls(model.graph) == ["mm1", "mm2", "gemm"]
+    quantize_int4(src, dst, ["mm1", "mm2", "gemm"], 16)
+    graph = onnx.load(str(dst)).graph
+    assert [x.op_type for x in graph.node] == ["MatMulNBits"] * 3
+    assert sorted(t.name for t in graph.initializer) == ["bias", "g_int4", "g_int4_scales", "w_int4", "w_int4_scales"]
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    y1, y2, y3 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"a": a})
+    w4, g4 = dequantised(*int4_blocks(w, 16), k), dequantised(*int4_blocks(g.T, 16), k)
+    np.testing.assert_allclose(y1, a @ w4, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_allclose(y3, a @ g4 + bias, rtol=1e-5, atol=1e-5)
+    # INT4's error: each decoded weight within half a step (|scale| / 2) of the float one
+    step = np.abs(int4_blocks(w, 16)[1]).max()
+    assert np.abs(w4 - w).max() <= step / 2 + 1e-6 and np.abs(w4 - w).max() > 0
+    with pytest.raises(BitDanceError, match="no weight MatMul named nope"):
+        quantize_int4(src, tmp_path / "x.onnx", ["nope"], 16)
+
+
+@pytest.fixture(scope="module")
+def int4(embedded_cache_template, tmp_path_factory):
+    from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
+
+    cache = copy_cache(embedded_cache_template, tmp_path_factory.mktemp("int4") / "cache")
+    source = resolve_model(None, None, None, None, None, None)
+    with torch_threads(1), pytest.MonkeyPatch.context() as m:
+        m.setenv("BITDANCE_RT_CACHE", str(cache))
+        opts = BackendOptions(progress=False)
+        fp32 = auto_export(source, source.config.default_steps, opts, "fp32")
+        out = auto_export(source, source.config.default_steps, opts, "int4")
+        yield source, cache, fp32, out
+
+
+def test_the_int4_variant_holds_the_policy(int4):
+    """The backbone's and the head's weight MatMuls are MatMulNBits but the time-embedding MLP's
+    (policy.INT4_FLOAT_LAYERS); the other stages are the FP16 variant's graphs; --keep-float keeps a
+    layer float; plan's INT4 bytes per stage are the graphs'."""
+    from test_plan import _check_against
+
+    from bitdance_rt.export.manifest import read_manifest
+    from bitdance_rt.precision.auto import precision_export
+    from bitdance_rt.precision.policy import INT4_FP16_STAGES
+
+    source, _, fp32, out = int4
+    manifest = read_manifest(out)
+    assert manifest["precision"] == "int4" and manifest["fp16_stages"] == sorted(
+        INT4_FP16_STAGES, key=list(manifest["stages"]).index
+    )
+    for stage in st.INT4_STAGES:
+        before = onnx.load(str(fp32 / f"{stage}.onnx"), load_external_data=False).graph
+        after = onnx.load(str(out / f"{stage}.onnx"), load_external_data=False).graph
+        quantised = {x.name for x in after.node if x.op_type == "MatMulNBits"}
+        want = {x for x in weight_matmuls(before) if "/time_embed/" not in x}
+        assert quantised == want and quantised, stage
+        assert any("/time_embed/" in x.name and x.op_type == "Gemm" for x in after.node) == (stage != st.BACKBONE)
+    for stage in INT4_FP16_STAGES:
+        graph = onnx.load(str(out / f"{stage}.onnx"), load_external_data=False).graph
+        assert any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer), stage
+    _check_against(source.config, out, "int4", source.config.default_steps)
+    layer = "/layers.0/feed_forward/w2/MatMul"
+    kept = precision_export(fp32, "int4", keep_float=[layer], progress=False).directory
+    graph = onnx.load(str(kept / "backbone.onnx"), load_external_data=False).graph
+    assert [x.op_type for x in graph.node if x.name == layer] == ["MatMul"] and kept != out
+
+
+def test_int4_generates_and_refuses_where_it_does_not_run(int4):
+    """Generation at INT4 on ONNX Runtime gives images of +/-1 tokens close to FP32's (most tokens
+    agree on the same seeds); TensorRT refuses INT4 graphs in one line."""
+    from bitdance_rt.engines.options import plan_precision
+
+    _, cache, _, _ = int4
+    tokens = {}
+    for precision in ("fp32", "int4"):
+        with cached_pipeline(cache, precision=precision) as pipe:
+            tokens[precision] = pipe.generate([1, 7, 3], seed=3).tokens.numpy()
+    assert set(np.unique(tokens["int4"])) <= {-1.0, 1.0}
+    assert (tokens["int4"] == tokens["fp32"]).mean() > 0.6
+    with pytest.raises(BitDanceError, match="INT4 graphs hold ONNX Runtime's MatMulNBits"):
+        plan_precision("int4", None, "10.3.0")
