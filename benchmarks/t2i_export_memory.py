@@ -3,6 +3,7 @@
     python benchmarks/t2i_export_memory.py                          # FP16, 1/2/3 layers, 1024 px, 64x
     python benchmarks/t2i_export_memory.py --layers 1 2 4 --precision fp32 --head-depths 1 2
     python benchmarks/t2i_export_memory.py --precision int8          # + a capture on the FP16 graphs
+    python benchmarks/t2i_export_memory.py --precision int8 --workdir W --reuse   # the INT8 export only
 
 The 14B does not fit this machine, so this measures the slope: checkpoint directories in the
 official layout with Qwen3-14B's widths (hidden 5120, 40 query / 8 key-value heads of 128, FFN
@@ -144,11 +145,12 @@ def run_cli(argv: list[str], cache: Path) -> tuple[int, float, str]:
     return peak, round(seconds, 1), res.stdout
 
 
-def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cache: Path) -> dict:
+def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cache: Path, reuse: bool = False) -> dict:
     """The export at `precision` into `out`. INT8 as a user makes it on a small machine: the FP16 export
     (into the cache, where the INT8 export finds it), a calibration set captured on it (PROMPT, a few
     samples per stage), then `export --precision int8 --calibration SET`, whose peak is the one reported
-    (the ranges measured on the FP16 graphs, the INT8 graphs streamed); the other two peaks beside it."""
+    (the ranges measured on the FP16 graphs, always anew, the INT8 graphs streamed); the other two peaks
+    beside it. `reuse`: the FP16 export and the set an earlier run left in the cache (their peaks: None)."""
     model = ["--checkpoint", str(ckpt), "--height", str(height), "--width", str(height), "--steps", str(steps)]
     export = ["export", *model, "--max-batch", "1"]
     extra = {}
@@ -159,13 +161,18 @@ def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cach
         source = resolve_model(None, str(ckpt), None, height, height, None)
         with paths.using_cache_root(cache):  # where export --precision int8 looks for its FP16 graphs
             fp16 = str(paths.variant_dir(paths.export_dir(source.config, source.weights_source(), steps, 1), "fp16"))
-        peak, seconds, _ = run_cli([*export, "--precision", "fp16", "--out", fp16], cache)
         calibration = out.with_name(out.name + "-calibration")
-        c_peak, c_seconds, _ = run_cli(
-            ["calibrate", *model, "--prompt", PROMPT, "--batch-size", "1", "--max-samples", "4"]
-            + ["--capture-export", fp16, "--out", str(calibration), "--force"],
-            cache,
-        )
+        peak = seconds = c_peak = c_seconds = None
+        if not (reuse and (Path(fp16) / "manifest.json").is_file() and (calibration / "calibration.json").is_file()):
+            peak, seconds, _ = run_cli([*export, "--precision", "fp16", "--out", fp16], cache)
+            c_peak, c_seconds, _ = run_cli(
+                ["calibrate", *model, "--prompt", PROMPT, "--batch-size", "1", "--max-samples", "4"]
+                + ["--capture-export", fp16, "--out", str(calibration), "--force"],
+                cache,
+            )
+        import shutil
+
+        shutil.rmtree(cache / "ranges", ignore_errors=True)  # (a set captured again may have the same key)
         extra = {
             "fp16_export": {"peak_bytes": peak, "seconds": seconds},
             "calibrate": {"peak_bytes": c_peak, "seconds": c_seconds},
@@ -195,6 +202,9 @@ def main(argv=None) -> None:
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2, help="sampler steps S of the fused head sampler")
     ap.add_argument("--workdir", default=None, help="checkpoints and exports (default: a temporary directory)")
+    ap.add_argument(
+        "--reuse", action="store_true", help="int8: the FP16 exports and sets an earlier run left in --workdir"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -212,7 +222,7 @@ def main(argv=None) -> None:
             write_checkpoint(ckpt, layers, depth, args.parallel)
             print(f"wrote {ckpt.name} ({time.perf_counter() - t:.0f} s)", flush=True)
         out = work / f"export-{ckpt.name}-{args.precision}"
-        result = measure(ckpt, out, args.precision, args.height, args.steps, work / "cache")
+        result = measure(ckpt, out, args.precision, args.height, args.steps, work / "cache", args.reuse)
         disk = sum(result["files"].values())
         print(
             f"{layers} layer(s), head depth {depth}: peak {result['peak_bytes'] / GIB:.2f} GiB, "

@@ -397,9 +397,9 @@ def test_ranges_measured_on_the_fp16_graphs(made, fp16, tmp_path):
 
 def test_ranges_measured_piece_by_piece_are_the_whole_graphs(made, fp16, tmp_path):
     """graph_pieces.py: the backbone and head cut into pieces of a quarter of their weights, each run as a
-    session of its own over every feed with the tensors earlier pieces handed on. On the FP32 graphs the
+    session of its own over every feed with the tensors earlier pieces handed on. On the FP32 backbone the
     ranges are those one session of the whole graph gives, bit for bit (max and entropy). On the FP16
-    graphs they may differ by FP16 roundings: inside one graph ONNX Runtime on a CPU computes a run of
+    head they may differ by FP16 roundings: inside one graph ONNX Runtime on a CPU computes a run of
     FP16 nodes in FP32 (it drops the casts between them), a piece's carried tensors are FP16. Nothing is
     left in the carry folder."""
     import onnx
@@ -409,30 +409,29 @@ def test_ranges_measured_piece_by_piece_are_the_whole_graphs(made, fp16, tmp_pat
     from bitdance_rt.precision.graph_pieces import cut, tensor_bytes
     from bitdance_rt.precision.policy import quantised_layers
 
-    for stage in (st.BACKBONE, st.HEAD_STEP):
+    for stage, export, exact in ((st.BACKBONE, made["streamed32"], True), (st.HEAD_STEP, fp16, False)):
         feeds = _feeds(made["specs"][stage], made["model"], (2, 3))
-        for export, exact in ((made["streamed32"], True), (fp16, False)):
-            graph = _stage_file(export, stage)
-            model = onnx.load(str(graph), load_external_data=False)
-            total = sum(tensor_bytes(t) for t in model.graph.initializer)
-            names = sorted(_calibrated(model.graph, quantised_layers(model)))
-            pieces = cut(model, names, _types(model), total // 4)
-            assert len(pieces) >= 3, f"{stage}: {len(pieces)} pieces"
-            assert sorted(w for p in pieces for w in p.wanted) == names
-            assert any(p.carry_in for p in pieces[1:])
-            largest = max(tensor_bytes(t) for t in model.graph.initializer)
-            assert all(p.weight_bytes <= 2 * (total // 4) + largest for p in pieces), [p.weight_bytes for p in pieces]
-            for method in ("max", "entropy") if exact else ("max",):
-                out = tmp_path / f"{stage}-{exact}-{method}.json"
-                whole = load_tensors_data(fp16_ranges(graph, _Feeds(feeds), method, out))
-                parts_file = tmp_path / "pieces" / out.name
-                parts = load_tensors_data(fp16_ranges(graph, _Feeds(feeds), method, parts_file, piece_bytes=total // 4))
-                assert sorted(parts.keys()) == sorted(whole.keys())
-                for name in whole.keys():
-                    for bound in ("lowest", "highest"):
-                        got, want = getattr(parts[name], bound).item(), getattr(whole[name], bound).item()
-                        close = got == want if exact else abs(got - want) <= 2**-8 * abs(want)
-                        assert close, f"{stage} {method} {name}.{bound}: {got} vs {want}"
+        graph = _stage_file(export, stage)
+        model = onnx.load(str(graph), load_external_data=False)
+        total = sum(tensor_bytes(t) for t in model.graph.initializer)
+        names = sorted(_calibrated(model.graph, quantised_layers(model)))
+        pieces = cut(model, names, _types(model), total // 4)
+        assert len(pieces) >= 3, f"{stage}: {len(pieces)} pieces"
+        assert sorted(w for p in pieces for w in p.wanted) == names
+        assert any(p.carry_in for p in pieces[1:])
+        largest = max(tensor_bytes(t) for t in model.graph.initializer)
+        assert all(p.weight_bytes <= 2 * (total // 4) + largest for p in pieces), [p.weight_bytes for p in pieces]
+        for method in ("max", "entropy") if exact else ("max",):
+            out = tmp_path / f"{stage}-{exact}-{method}.json"
+            whole = load_tensors_data(fp16_ranges(graph, _Feeds(feeds), method, out))
+            parts_file = tmp_path / "pieces" / out.name
+            parts = load_tensors_data(fp16_ranges(graph, _Feeds(feeds), method, parts_file, piece_bytes=total // 4))
+            assert sorted(parts.keys()) == sorted(whole.keys())
+            for name in whole.keys():
+                for bound in ("lowest", "highest"):
+                    got, want = getattr(parts[name], bound).item(), getattr(whole[name], bound).item()
+                    close = got == want if exact else abs(got - want) <= 2**-8 * abs(want)
+                    assert close, f"{stage} {method} {name}.{bound}: {got} vs {want}"
     assert {p.suffix for p in (tmp_path / "pieces").iterdir()} == {".json"}
 
 
