@@ -1,14 +1,15 @@
-"""INT8 (and FP16) vs FP32 on ONNX Runtime, plus the fidelity of each, in one run.
+"""INT8, weight-only INT4 (and FP16) vs FP32 on ONNX Runtime, plus the fidelity of each, in one run.
 
     python benchmarks/bench_precision.py                          # BitDance-B-4x, random weights
     python benchmarks/bench_precision.py --model tiny-4x --batches 1 8
 
 Settings follow the main benchmark (bench_generate.py): 256px, S=25, CFG 3.9 (linear), batch 1 and
 8, seeded random weights. The INT8 graphs are calibrated on trajectories captured from the torch
-reference (--calib-images images); FP32 runs with the fused sampler and with head_step (INT8
-samples with head_step, see precision/derive.py), so the ratio to FP32 head_step isolates the
-precision. On a CPU whose U8S8 kernels are exact (VNNI), INT8 is also timed on the U8U8 kernels that
-CPUs without VNNI run (int8-u8u8: what exactness costs there). Prints images/s, the per-stage
+reference (--calib-images images); INT4 needs no calibration. FP32 and INT4 run with the fused
+sampler and with head_step (INT8 samples with head_step, see precision/derive.py), so the ratio to
+FP32 head_step isolates the precision; the JSON line has INT4's head + backbone time over INT8's.
+On a CPU whose U8S8 kernels are exact (VNNI), INT8 is also timed on the U8U8 kernels that CPUs
+without VNNI run (int8-u8u8: what exactness costs there). Prints images/s, the per-stage
 breakdown and the ratios, then the teacher-forced fidelity report (--report-images images), then
 one JSON line. Asserts nothing.
 """
@@ -85,9 +86,12 @@ def main() -> None:
             + ")"
         )
     exports = {"fp32": fp32.directory}
-    for precision in ["int8"] + (["fp16"] if args.fp16 else []):
+    for precision in ["int8", "int4"] + (["fp16"] if args.fp16 else []):
         t0 = time.perf_counter()
-        exports[precision] = derive_export(fp32.directory, work / precision, precision, cset, args.method).directory
+        calibration = cset if precision == "int8" else None  # (INT4 is weight-only)
+        exports[precision] = derive_export(
+            fp32.directory, work / precision, precision, calibration, args.method
+        ).directory
         print(f"{precision} graphs: {time.perf_counter() - t0:.0f}s")
 
     del cset  # (memory: the timed runs need every GiB on a 24 GiB machine)
@@ -99,6 +103,8 @@ def main() -> None:
         "fp32-fused": lambda: OrtBackend(exports["fp32"], threads=args.threads, sampler="fused", verify_hashes=False),
         "fp32-step": lambda: OrtBackend(exports["fp32"], threads=args.threads, sampler="step", verify_hashes=False),
         "int8-step": lambda: OrtBackend(exports["int8"], threads=args.threads, verify_hashes=False),
+        "int4-fused": lambda: OrtBackend(exports["int4"], threads=args.threads, sampler="fused", verify_hashes=False),
+        "int4-step": lambda: OrtBackend(exports["int4"], threads=args.threads, sampler="step", verify_hashes=False),
     }
     exact = int8_kernels.resolve()
     if not exact:  # this CPU's U8S8 kernels are exact: time the U8U8 branch of other CPUs too
@@ -176,8 +182,21 @@ def main() -> None:
             for b, res_b in results.items()
         },
         "fidelity": fidelity,
+        # the issue's INT4 goal: the head and the backbone (prefill + AR steps + sampling) at most 0.5x INT8's
+        "int4_vs_int8_head_backbone": {
+            str(b): {
+                name: round(_head_backbone(res_b[name]) / _head_backbone(res_b["int8-step"]), 3)
+                for name in ("int4-fused", "int4-step")
+            }
+            for b, res_b in results.items()
+        },
     }
     print(json.dumps(summary))
+
+
+def _head_backbone(run: dict) -> float:
+    """Seconds per image in the stages INT4 quantises: prefill, AR steps and token sampling."""
+    return sum(run["stage_s_per_image"][k] for k in ("prefill", "step", "sample_tokens"))
 
 
 if __name__ == "__main__":
