@@ -144,8 +144,8 @@ def test_bad_requests_fail_before_they_are_queued(pipe, kwargs, needle):
 def test_bad_options():
     with pytest.raises(BitDanceError, match="backend 'magic'"):
         Pipeline.from_pretrained(backend="magic")
-    with pytest.raises(BitDanceError, match="precision 'int4'"):
-        Pipeline.from_pretrained(precision="int4")
+    with pytest.raises(BitDanceError, match="precision 'int2'"):
+        Pipeline.from_pretrained(precision="int2")
     with pytest.raises(BitDanceError, match="text-to-image checkpoints"):
         Pipeline.from_pretrained(height=512)
 
