@@ -249,18 +249,10 @@ def _trace(cfg, stages: tuple, steps: int) -> dict[str, dict[str, tuple]]:
     return out
 
 
-def _int8_float(stage: str, owner: str) -> bool:
-    from ..precision.policy import INT8_FLOAT_LAYERS
-
+def _kept_float(rules: dict, stage: str, owner: str) -> bool:
+    """Whether a policy's float-layer `rules` ({stage: node-name substrings}) keep module `owner` float."""
     dotted = "." + owner + "."
-    return any(p.replace("/", ".") in dotted for p in INT8_FLOAT_LAYERS.get(stage, ()))
-
-
-def _int4_float(stage: str, owner: str) -> bool:
-    from ..precision.policy import INT4_FLOAT_LAYERS
-
-    dotted = "." + owner + "."
-    return any(p.replace("/", ".") in dotted for p in INT4_FLOAT_LAYERS.get(stage, ()))
+    return any(p.replace("/", ".") in dotted for p in rules.get(stage, ()))
 
 
 def tensor_bytes(
@@ -273,7 +265,7 @@ def tensor_bytes(
     bytes; int4: the Linear weights of the INT4 stages take half a byte each, K padded to whole blocks,
     plus a float32 scale per block, the rest as for int8 (precision/policy.py). Integer buffers keep
     their type."""
-    from ..precision.policy import INT4_BLOCK, INT4_FP16_STAGES, INT8_FP16_STAGES
+    from ..precision.policy import INT4_BLOCK, INT4_FLOAT_LAYERS, INT4_FP16_STAGES, INT8_FLOAT_LAYERS, INT8_FP16_STAGES
 
     if (precision == "int8" and stage in INT8_FP16_STAGES) or (precision == "int4" and stage in INT4_FP16_STAGES):
         precision = "fp16"
@@ -285,12 +277,12 @@ def tensor_bytes(
         return numel * (4 if kind in ("GroupNorm", "LayerNorm") else 2)
     if precision == "int8":
         weight = name.endswith(".weight") and kind in ("Linear", "Conv2d")
-        if weight and not _int8_float(stage, owner):
+        if weight and not _kept_float(INT8_FLOAT_LAYERS, stage, owner):
             return numel + (shape_out or 0) * 5  # int8 values + a float32 scale and an int8 zero point per channel
         return numel * 4
     if precision == "int4":
         weight = name.endswith(".weight") and kind == "Linear" and stage in st.INT4_STAGES
-        if weight and shape_out and not _int4_float(stage, owner):
+        if weight and shape_out and not _kept_float(INT4_FLOAT_LAYERS, stage, owner):
             blocks = -(-(numel // shape_out) // INT4_BLOCK)
             return shape_out * blocks * (INT4_BLOCK // 2 + 4)  # packed nibbles + a float32 scale per block
         return numel * 4

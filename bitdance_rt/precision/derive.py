@@ -247,11 +247,10 @@ def derive_export(
             "stages": {s: manifest["stages"][s] for s in stages},
             "versions": {**manifest.get("versions", {}), **_versions()},
         }
-        if precision == "int4":
+        if precision in ("int8", "int4"):
             new["fp16_stages"] = [s for s in stages if s not in quantised]
         if precision == "int8":
             new["calibration_method"] = method
-            new["fp16_stages"] = [s for s in stages if s not in INT8_STAGES]
             # one graph for every runtime: ONNX Runtime picks exact kernels for the CPU it runs on
             # (runtime/int8_kernels.py), so this is provenance, not a condition of use
             from ..runtime.int8_kernels import cpu_summary

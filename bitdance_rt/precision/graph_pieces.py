@@ -6,9 +6,10 @@ nodes the wanted tensors depend on are cut, in the graph's own (topological) ord
 about `piece_bytes` of weights each. A piece is a small weightless graph of its own: its inputs are
 the stage inputs it reads and the tensors earlier pieces made that it or later pieces read (the
 carry, kept by the caller until its last reader has run); its outputs are the wanted tensors it makes
-and the carry it hands on. Constants are copied
-into each piece that reads them. Each piece runs the same kernels on the same values as the whole
-graph would, so its outputs are the whole graph's, bit for bit.
+and the carry it hands on. Constants are copied into each piece that reads them. Each piece runs the
+same kernels on the same values as the whole graph would, so its outputs are the whole graph's, bit for
+bit (ONNX Runtime may compute a run of FP16 nodes in FP32 inside one graph, where a piece's carry is
+FP16: fp16_ranges' test says by how much).
 """
 
 from __future__ import annotations

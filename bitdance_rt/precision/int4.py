@@ -75,12 +75,17 @@ def _takes(node, weights: set, alias: dict) -> bool:
     )
 
 
+def _aliases(graph) -> dict[str, str]:
+    """{Identity output: the weight it aliases}: the exporter's way of sharing a weight between calls."""
+    weights = {t.name for t in graph.initializer}
+    return {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in weights}
+
+
 def weight_matmuls(graph) -> list[str]:
     """Names of the MatMul / Gemm nodes of `graph` whose B is a constant weight, read directly or
     through an Identity alias of one (the exporter's way of sharing a weight between calls of a
     module), that MatMulNBits can compute (`_takes`)."""
-    weights = {t.name for t in graph.initializer}
-    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in weights}
+    weights, alias = {t.name for t in graph.initializer}, _aliases(graph)
     return [n.name for n in graph.node if _takes(n, weights, alias)]
 
 
@@ -88,8 +93,7 @@ def _read_weights_directly(model) -> None:
     """Make MatMuls that read a weight through an Identity alias read the weight itself (the
     quantiser only takes a MatMul whose B is an initializer); the aliases left unread are dropped."""
     graph = model.graph
-    weights = {t.name for t in graph.initializer}
-    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in weights}
+    alias = _aliases(graph)
     if not alias:
         return
     outputs = {o.name for o in graph.output}

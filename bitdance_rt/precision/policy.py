@@ -71,7 +71,8 @@ INT4_FP16_STAGES = tuple(s for s in st.REQUIRED_STAGES if s not in st.INT4_STAGE
 
 def int4_layers(stage: str, layers) -> list[str]:
     """The names among `layers` (weight MatMuls of `stage`) that INT4 quantises: all but
-    INT4_FLOAT_LAYERS' and the caller's `keep_float`; a stage INT4 does not quantise: none."""
+    INT4_FLOAT_LAYERS' (the caller takes out its own keep-float layers); a stage INT4 does not
+    quantise: none."""
     if stage not in st.INT4_STAGES:
         return []
     patterns = INT4_FLOAT_LAYERS.get(stage, ())
