@@ -32,7 +32,7 @@ class BackendOptions:
     """How to run a model. Defaults: the fast backend installed here, FP32, CPU, all cores."""
 
     backend: str | None = None  # onnxruntime | torch | tensorrt (None: default_backend())
-    precision: str | None = None  # fp32 | fp16 | int8 (None: fp32, or a given export's)
+    precision: str | None = None  # precision.policy.PRECISIONS (None: fp32, or a given export's)
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int | None = None
     max_batch: int = DEFAULT_MAX_BATCH  # images one call holds (the exported graphs' and engines' range)
@@ -142,15 +142,12 @@ def make_backend(model: ModelSource, steps: int, opts: BackendOptions):
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     if name == "torch":
-        if opts.precision not in (None, "fp32"):
-            raise BitDanceError(
-                f"precision {opts.precision}: the torch backend is the float32 reference; use "
-                "backend onnxruntime (or tensorrt) for fp16 / int8"
-            )
-        from .runtime.torch_backend import TorchBackend
+        from .runtime.torch_backend import TorchBackend, check_torch_precision
 
-        backend = TorchBackend(model.load(opts.allow_pickle), opts.device, max_batch=opts.max_batch)
-        return backend, f"{model.describe()} on torch ({opts.device}, float32)"
+        precision = check_torch_precision(opts.precision, opts.device)  # (before the weights are read)
+        backend = TorchBackend(model.load(opts.allow_pickle), opts.device, opts.max_batch, precision)
+        kind = "float32" if precision == "fp32" else "bf16 autocast"
+        return backend, f"{model.describe()} on torch ({opts.device}, {kind})"
     if name == "onnxruntime":
         return _ort_backend(model, steps, opts)
     if not torch.cuda.is_available():  # before exporting anything for it
@@ -251,7 +248,10 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
         calibration = _calibration(model, steps, opts, fp32_export=fp32)
     elif opts.calibration:
         raise BitDanceError(f"a calibration set is for precision int8 ({precision} graphs need none)")
-    variant = precision_export(fp32, precision, calibration, opts.calib_method, out_dir=out, keep_float=opts.keep_float)
+    runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None  # (INT4's graph format)
+    variant = precision_export(
+        fp32, precision, calibration, opts.calib_method, out_dir=out, keep_float=opts.keep_float, runtime=runtime
+    )
     logger.info("%s graphs: %s (%s)", precision.upper(), variant.directory, "reused" if variant.reused else "derived")
     return variant.directory
 
@@ -348,12 +348,14 @@ def _ort_backend(model: ModelSource, steps: int, opts: BackendOptions):
                 f"precision, or make a {opts.precision} export (bitdance-rt export --precision "
                 f"{opts.precision})"
             )
+        _check_ort_precision(held, providers)
         backend = OrtBackend(
             opts.export_dir, threads=opts.threads, providers=providers, expect_config=cfg, session_cache=optimized
         )
         what = f"{cfg.name} from {held} ONNX export {opts.export_dir}"
     else:
         precision = opts.precision or "fp32"
+        _check_ort_precision(precision, providers)  # (before deriving graphs that would not run)
         out = auto_export(model, steps, opts, precision)
         # the export was verified when it was made (and is re-verified by cached file hashes)
         backend = OrtBackend(out, threads=opts.threads, providers=providers, expect_config=cfg, session_cache=optimized)
@@ -361,6 +363,17 @@ def _ort_backend(model: ModelSource, steps: int, opts: BackendOptions):
     if backend.manifest.get("precision") == "int8":
         what += f"; {kernels_note(backend.int8_exact)}"
     return backend, what
+
+
+def _check_ort_precision(precision: str, providers) -> None:
+    """BF16 graphs do not run on ONNX Runtime's CPU provider, which has no BF16 MatMul kernel."""
+    names = {p[0] if isinstance(p, tuple) else p for p in providers}
+    if precision == "bf16" and names <= {"cpu"}:
+        raise BitDanceError(
+            "precision bf16 does not run on ONNX Runtime's CPU provider (no BF16 MatMul): run it on a GPU, "
+            "with backend tensorrt or backend torch on a CUDA device (bitdance-rt export --precision bf16 "
+            "writes the graphs on any machine)"
+        )
 
 
 def _ort_cache_dir(opts: BackendOptions):
@@ -380,8 +393,11 @@ def _trt_backend(model: ModelSource, steps: int, opts: BackendOptions):
     from .runtime.trt_backend import TrtBackend, cuda_device
 
     export_dir = opts.export_dir
-    if export_dir is None:  # engines from the cached FP32 export (the engine precision is opts.precision)
-        export_dir = auto_export(model, steps, opts, "fp32")
+    if export_dir is None:  # engines from the cached FP32 export (the engine precision is opts.precision),
+        # or from INT4 graphs derived for TensorRT (weight-only: no calibration to wait for), or BF16 graphs
+        # (an FP32 network gives no BF16 engine: engines/options.py)
+        graphs = opts.precision if opts.precision in ("int4", "bf16") else "fp32"
+        export_dir = auto_export(model, steps, opts, graphs)
     device = cuda_device(opts.device if opts.device.startswith("cuda") else "cuda")
     # another model's export, or one that cannot generate, is refused before anything is built
     export = open_export(export_dir, model.config, generation=True)

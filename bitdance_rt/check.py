@@ -28,11 +28,12 @@ TOLERANCES = {
     "fp32": {"": (1e-4, 1e-4)},
     "fp16": {"": (5e-2, 5e-2), "kv_new": (5e-2, 5e-2)},
     "int8": {"": (2e-1, 2e-1)},
+    "bf16": {"": (2e-1, 2e-1)},  # (unmeasured: INT8's bounds; BF16 rounds 8x coarser than FP16)
 }
 # Outputs that are +/-1 codes (sampler `tokens`, encoder `latent`) are compared by agreement (share of
 # equal signs) instead, which must reach `min_agreement` (default by precision: 1.0, i.e. identical, for fp32).
 CODE_OUTPUTS = {"tokens", "latent"}
-MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.98, "int8": 0.95}
+MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.98, "bf16": 0.95, "int8": 0.95}
 
 
 def _polygraphy(verbose: bool = False):

@@ -123,17 +123,19 @@ def ranges_dir(fp16_dir: str | Path, method: str, identity) -> Path:
     return cache_root() / RANGES / f"{Path(fp16_dir).name}-{method}-{digest}"
 
 
-def variant_dir(fp32_dir: str | Path, precision: str, calibration_key=None, method: str = "max", keep_float=()) -> Path:
-    """The `precision` variant of an FP32 export: <fp32>-fp16, <fp32>-int4-<8 hex> (the layers kept in
-    float), or <fp32>-int8-<method>-<8 hex> where the digest covers the calibration set's key and the
-    layers kept in float."""
+def variant_dir(
+    fp32_dir: str | Path, precision: str, calibration_key=None, method: str = "max", keep_float=(), int4_format=None
+) -> Path:
+    """The `precision` variant of an FP32 export: <fp32>-fp16, <fp32>-bf16, <fp32>-int4-<8 hex> (the
+    layers kept in float; TensorRT's INT4 graphs: <fp32>-int4-trt-<8 hex>), or <fp32>-int8-<method>-<8 hex>
+    where the digest covers the calibration set's key and the layers kept in float."""
     fp32_dir = Path(fp32_dir)
     root = variants_root(fp32_dir)
-    if precision == "fp16":
-        return root / f"{fp32_dir.name}-fp16"
+    if precision in ("fp16", "bf16"):
+        return root / f"{fp32_dir.name}-{precision}"
     if precision == "int4":  # (weight-only: no calibration)
         digest = hashlib.sha256(json.dumps(sorted(keep_float)).encode()).hexdigest()[:8]
-        return root / f"{fp32_dir.name}-int4-{digest}"
+        return root / f"{fp32_dir.name}-int4-{'trt-' if int4_format == 'qdq' else ''}{digest}"
     what = [calibration_key] + ([sorted(keep_float)] if keep_float else [])
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
     return root / f"{fp32_dir.name}-int8-{method}-{digest}"

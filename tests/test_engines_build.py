@@ -132,7 +132,9 @@ def test_reduced_precision_graphs_do_not_give_other_engines(graph, asked):
 
 
 def test_bad_precision_and_versions():
-    with pytest.raises(BitDanceError, match="--precision 'bf16'"):
+    with pytest.raises(BitDanceError, match="--precision 'int2'"):
+        plan_precision("fp32", "int2", "10.3.0")
+    with pytest.raises(BitDanceError, match="cannot give a bf16 engine"):
         plan_precision("fp32", "bf16", "10.3.0")
     with pytest.raises(BitDanceError, match="too old"):
         plan_precision("fp32", None, "8.6.1")

@@ -91,6 +91,78 @@ def test_matmulnbits_computes_with_the_decoded_weight(tmp_path):
         quantize_int4(src, tmp_path / "x.onnx", ["nope"], 16)
 
 
+def _unpacked_int4(tensor) -> np.ndarray:
+    """An ONNX INT4 initializer's values, decoded here from its raw bytes (low nibble first, two's complement)."""
+    raw = np.frombuffer(tensor.raw_data, np.uint8)
+    nibbles = np.stack([raw & 15, raw >> 4], axis=-1).reshape(-1)[: int(np.prod(tensor.dims))].astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).reshape(tuple(tensor.dims))
+
+
+def test_tensorrt_int4_graph_dequantizes_blocks_of_64_or_128(tmp_path):
+    """TensorRT's INT4 form of an FP16 graph: each weight as INT4 values and FP16 scales in blocks of 128
+    along K (64 where 128 does not divide K; neither: the layer stays FP16) read by a DequantizeLinear at
+    opset 21, a weight shared through an alias stored once; ONNX Runtime's products equal the products with
+    the weights decoded here from the file's bytes, and each decoded weight lies within a step of the FP16
+    one; TensorRT 11's lint passes, 10.3's refuses the opset."""
+    from bitdance_rt.engines.lint import lint_graph
+    from bitdance_rt.precision.int4 import quantize_int4_qdq
+
+    rng = np.random.default_rng(1)
+    f16 = TensorProto.FLOAT16
+    w = rng.standard_normal((192, 40)).astype(np.float16)  # K 192: blocks of 64
+    g = rng.standard_normal((24, 128)).astype(np.float16)  # Gemm transB, K 128: blocks of 128
+    odd = rng.standard_normal((96, 8)).astype(np.float16)  # K 96: no TensorRT block
+    bias = rng.standard_normal(24).astype(np.float16)
+    model = _model(
+        [
+            helper.make_node("Identity", ["w"], ["w_alias"], name="alias"),
+            helper.make_node("MatMul", ["a", "w"], ["y1"], name="mm1"),
+            helper.make_node("MatMul", ["a", "w_alias"], ["y2"], name="mm2"),
+            helper.make_node("Gemm", ["b", "g", "bias"], ["y3"], name="gemm", transB=1),
+            helper.make_node("MatMul", ["c", "odd"], ["y4"], name="odd_mm"),
+            helper.make_node("ReduceMean", ["y1"], ["m"], name="mean", axes=[1]),  # (an opset-18 change)
+        ],
+        [helper.make_tensor_value_info(x, f16, ["rows", k]) for x, k in (("a", 192), ("b", 128), ("c", 96))],
+        [helper.make_tensor_value_info(y, f16, None) for y in ("y1", "y2", "y3", "y4", "m")],
+        [numpy_helper.from_array(x, name) for x, name in ((w, "w"), (g, "g"), (odd, "odd"), (bias, "bias"))],
+    )
+    src, dst = tmp_path / "h.onnx", tmp_path / "q.onnx"
+    onnx.save(model, str(src))
+    assert quantize_int4_qdq(src, dst, ["mm1", "mm2", "gemm", "odd_mm"]) == ["odd_mm"]
+    out = onnx.load(str(dst))
+    onnx.checker.check_model(out, full_check=True)
+    assert [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")] == [21]
+    dq = {x.output[0]: x for x in out.graph.node if x.op_type == "DequantizeLinear"}
+    attrs = {x.input[0]: {a.name: a.i for a in x.attribute} for x in dq.values()}
+    assert attrs == {"w_int4": {"axis": 0, "block_size": 64}, "g_int4": {"axis": 1, "block_size": 128}}
+    readers = {x.name: x.input[1] for x in out.graph.node if x.op_type in ("MatMul", "Gemm")}
+    assert readers["mm1"] == readers["mm2"] in dq and readers["gemm"] in dq and readers["odd_mm"] == "odd"
+    inits = {t.name: t for t in out.graph.initializer}
+    assert inits["w_int4"].data_type == TensorProto.INT4 and inits["w_int4_scales"].data_type == f16
+    assert "w" not in inits and "g" not in inits  # (stored once, as INT4)
+    q_w, s_w = _unpacked_int4(inits["w_int4"]), numpy_helper.to_array(inits["w_int4_scales"]).astype(np.float32)
+    q_g, s_g = _unpacked_int4(inits["g_int4"]), numpy_helper.to_array(inits["g_int4_scales"]).astype(np.float32)
+    w4 = q_w.astype(np.float32) * np.repeat(s_w, 64, axis=0)  # [K, N], scales [K/64, N]
+    g4 = q_g.astype(np.float32) * np.repeat(s_g, 128, axis=1)  # [N, K], scales [N, K/128]
+    # within a step of the FP16 weight (half a step, but a block's largest value of the sign opposite its
+    # extreme: that one clips at +7 steps), and a block's extreme exactly
+    assert np.all(np.abs(w4 - w.astype(np.float32)) <= np.abs(np.repeat(s_w, 64, axis=0)) * 1.001)
+    assert np.all(np.abs(g4 - g.astype(np.float32)) <= np.abs(np.repeat(s_g, 128, axis=1)) * 1.001)
+    assert np.allclose(
+        np.abs(w4).reshape(3, 64, 40).max(1), np.abs(w.astype(np.float32)).reshape(3, 64, 40).max(1), rtol=1e-3
+    )
+    feeds = {x: rng.standard_normal((3, k)).astype(np.float16) for x, k in (("a", 192), ("b", 128), ("c", 96))}
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    y1, y2, y3, y4, _ = ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    a, b = feeds["a"].astype(np.float32), feeds["b"].astype(np.float32)
+    for got, want in ((y1, a @ w4), (y2, a @ w4), (y3, b @ g4.T + bias.astype(np.float32))):
+        assert np.abs(got.astype(np.float32) - want).max() <= 4e-3 * np.abs(want).max()
+    np.testing.assert_array_equal(y4, (feeds["c"] @ odd))
+    assert lint_graph(dst, "11") == []
+    assert [f.op for f in lint_graph(dst, "10.3")] == ["opset_import"]
+
+
 @pytest.fixture(scope="module")
 def int4(embedded_cache_template, tmp_path_factory):
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
@@ -151,3 +223,54 @@ def test_int4_generates_and_refuses_where_it_does_not_run(int4):
     assert (tokens["int4"] == tokens["fp32"]).mean() > 0.6
     with pytest.raises(BitDanceError, match="INT4 graphs hold ONNX Runtime's MatMulNBits"):
         plan_precision("int4", None, "10.3.0")
+
+
+def _k(graph, node_name: str) -> int:
+    """K of a weight MatMul / Gemm of `graph`, from its weight's dims (through an Identity alias)."""
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    alias = {x.output[0]: x.input[0] for x in graph.node if x.op_type == "Identity"}
+    (node,) = [x for x in graph.node if x.name == node_name]
+    k, n = dims[alias.get(node.input[1], node.input[1])]
+    transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+    return n if transposed else k
+
+
+def test_int4_for_tensorrt_quantises_what_its_blocks_fit(int4):
+    """TensorRT's INT4 variant (export --precision int4 --backend tensorrt) is a variant of its own: every
+    weight MatMul of the INT4 stages but the time-embedding MLP's reads a DequantizeLinear of INT4 blocks,
+    except exactly those whose K no TensorRT block (64, 128) divides, which the manifest lists; it lints
+    clean for TensorRT 11, builds strongly typed at INT4, and generates on ONNX Runtime with tokens close
+    to FP32's."""
+    from bitdance_rt.backends import BackendOptions, auto_export
+    from bitdance_rt.engines.lint import lint_export
+    from bitdance_rt.engines.options import plan_precision
+    from bitdance_rt.export.manifest import read_manifest
+
+    source, cache, fp32, ort_int4 = int4
+    with torch_threads(1):
+        trt = auto_export(
+            source, source.config.default_steps, BackendOptions(backend="tensorrt", progress=False), "int4"
+        )
+    manifest = read_manifest(trt)
+    assert trt != ort_int4 and "-int4-trt-" in trt.name and manifest["int4_format"] == "qdq"
+    for stage in st.INT4_STAGES:
+        before = onnx.load(str(fp32 / f"{stage}.onnx"), load_external_data=False).graph
+        after = onnx.load(str(trt / f"{stage}.onnx"), load_external_data=False).graph
+        dequantised_weights = {x.output[0] for x in after.node if x.op_type == "DequantizeLinear"}
+        quantised = {
+            x.name for x in after.node if x.op_type in ("MatMul", "Gemm") and x.input[1] in dequantised_weights
+        }
+        want = {x for x in weight_matmuls(before) if "/time_embed/" not in x}
+        left = {x for x in want if _k(before, x) % 64}
+        assert quantised == want - left and quantised, stage
+        assert set(manifest.get("int4_fp16_layers", {}).get(stage, [])) == left, stage
+    assert lint_export(trt, "11") == []
+    plan = plan_precision("int4", None, "11.0.0", manifest["int4_format"])
+    assert (plan.precision, plan.strongly_typed) == ("int4", True)
+    with pytest.raises(BitDanceError, match="needs INT4 graphs"):
+        plan_precision("fp16", "int4", "11.0.0")
+    tokens = {}
+    for name, where in (("fp32", fp32), ("int4", trt)):
+        with cached_pipeline(cache, export_dir=str(where)) as pipe:
+            tokens[name] = pipe.generate([1, 7, 3], seed=3).tokens.numpy()
+    assert (tokens["int4"] == tokens["fp32"]).mean() > 0.6

@@ -521,7 +521,10 @@ def test_calibrate_report_writes_numbers_of_a_real_run(setup, env, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert "| int8 |" in (out / "report.md").read_text() and "| fp16 |" in r.stdout
+    assert "| int8 |" in (out / "report.md").read_text() and "| fp16 |" in r.stdout and "| int4 |" in r.stdout
+    # INT4 (weight-only: derived with no calibration set) is compared like the others
+    assert json.loads(open(f"{report['exports']['int4']}/manifest.json").read())["precision"] == "int4"
+    assert 0.5 < report["precisions"]["int4"]["teacher_forced"]["head"]["bit_agreement"] <= 1
     # 4 images in batches of 4: one prefill call (and ar_steps - 1 AR steps), both calibrating the backbone
     assert report["setup"]["calibration_phases"]["backbone"] == {"prefill": 1, "step": setup.cfg.ar_steps - 1}
     assert report["setup"]["calibration_samples"]["token_embed"] == setup.cfg.ar_steps - 1

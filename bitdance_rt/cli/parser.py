@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stages", nargs="+", default=None, help="stages to export (default: all)")
     e.add_argument("--force", action="store_true", help="re-export even if the directory is up to date")
     e.add_argument("--ignore-memory-check", action="store_true", help=MEMORY_CHECK_HELP)
+    e.add_argument(
+        "--backend",
+        choices=("onnxruntime", "tensorrt"),
+        default=None,
+        help="the runtime the graphs are for: INT4 writes ONNX Runtime's MatMulNBits (default) or "
+        "TensorRT's DequantizeLinear graphs",
+    )
     _add_precision_args(e)
     _add_t2i_args(e)
 
@@ -256,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-agreement",
         type=float,
         default=None,
-        help="token agreement needed to pass (default: 1.0 for fp32, 0.98 fp16, 0.95 int8)",
+        help="token agreement needed to pass (default: 1.0 for fp32, 0.98 fp16, 0.95 bf16 and int8)",
     )
     ck.add_argument(
         "--precision",

@@ -395,7 +395,12 @@ def build_engines(
     if toolkit is None:
         toolkit = TensorRT(device=device or 0)
     device = getattr(toolkit, "device", device)
-    plan = plan_precision(graphs, precision, toolkit.version)
+    plan = plan_precision(graphs, precision, toolkit.version, manifest.get("int4_format"))
+    if plan.precision == "bf16" and int(str(toolkit.gpu.compute_capability).split(".")[0]) < 8:
+        raise BitDanceError(
+            f"BF16 engines need an Ampere or later GPU (compute capability 8.0+); {toolkit.gpu.name} is "
+            f"{toolkit.gpu.compute_capability}: use --precision fp16"
+        )
     if lint:
         lint_for(directory, toolkit.version)
     root = Path(root) if root is not None else ec.engine_root()

@@ -33,7 +33,7 @@ from .profiles import Profile, profile_json
 FORMAT = "bitdance-rt-engine/2"  # 2: `profiles` (one per phase) replaced `profile`
 # Engine precisions a cache key may name (TensorRT builder precisions), not the graph precisions of an
 # export (precision/policy.py PRECISIONS): an FP32 export may give an FP16 engine (engines/options.py).
-ENGINE_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
+ENGINE_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "int4", "fp8")
 OPT_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level
 
 

@@ -1,8 +1,9 @@
 """Builder options decided without TensorRT: precision plan, workspace cap, optimisation level.
 
 Precision comes from the graphs: an export directory's manifest.json may carry a top-level
-"precision" ("fp32" | "fp16" | "int8"; absent = "fp32"); FP16 graphs hold FP16 tensors, INT8 graphs
-QuantizeLinear/DequantizeLinear pairs (explicit quantization). The engine precision a user asks for
+"precision" (policy.PRECISIONS; absent = "fp32"); FP16 graphs hold FP16 tensors, INT8 graphs
+QuantizeLinear/DequantizeLinear pairs (explicit quantization), TensorRT's INT4 graphs INT4 weights
+behind DequantizeLinear (weight-only). The engine precision a user asks for
 (`--precision`) defaults to the graphs' and is checked against them (`plan_precision`). Why strongly
 typed for Q/DQ and FP16 graphs on 10.x too: NVIDIA's "Explicit Quantization" page
 (docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html)
@@ -51,11 +52,13 @@ def trt_major(version: str) -> int:
     return int(m.group(1))
 
 
-def plan_precision(graph: str, requested: str | None, trt_version: str) -> PrecisionPlan:
+def plan_precision(
+    graph: str, requested: str | None, trt_version: str, int4_format: str | None = None
+) -> PrecisionPlan:
     """How to build from `graph`-precision graphs when `requested` (None: the graphs') is asked for:
     the decision table of docs/tensorrt.md "Building" (same precision: strongly typed; FP32 graphs to
-    FP16 on 10.x: the FP16 flag on a weakly typed network; anything else refused). A refusal is one
-    BitDanceError line."""
+    FP16 on 10.x: the FP16 flag on a weakly typed network; anything else refused). INT4 graphs must
+    be TensorRT's ("qdq": `int4_format`, the manifest's). A refusal is one BitDanceError line."""
     if graph not in PRECISIONS:
         raise BitDanceError(f"unknown graph precision {graph!r}")
     asked = graph if requested is None else requested
@@ -66,10 +69,15 @@ def plan_precision(graph: str, requested: str | None, trt_version: str) -> Preci
         raise BitDanceError(
             f"TensorRT {trt_version} is too old: bitdance-rt builds with TensorRT 10.x (JetPack 6: 10.3) or 11.x"
         )
-    if "int4" in (asked, graph):
+    if graph == "int4" and int4_format != "qdq":
         raise BitDanceError(
-            "INT4 graphs hold ONNX Runtime's MatMulNBits nodes, which TensorRT does not parse, and TensorRT "
-            "INT4 (block DequantizeLinear) graphs are not written yet: run INT4 with --backend onnxruntime"
+            "these INT4 graphs hold ONNX Runtime's MatMulNBits nodes, which TensorRT does not parse: "
+            "export TensorRT's INT4 graphs (bitdance-rt export --precision int4 --backend tensorrt)"
+        )
+    if asked == "int4" and graph != "int4":
+        raise BitDanceError(
+            f"--precision int4 needs INT4 graphs, but this export holds {graph} graphs: export them "
+            "(bitdance-rt export --precision int4 --backend tensorrt) and build from that directory"
         )
     if asked == graph:
         return PrecisionPlan(asked, graph, strongly_typed=True, clear_tf32=(asked == "fp32"))

@@ -27,6 +27,7 @@ CHUNK_BYTES = 1 << 26  # 64 MiB: what a streamed copy, hash or conversion holds 
 SKELETON_BYTES = 1 << 20  # tensors at least this large leave a skeleton (shape constants are far smaller)
 EXTERNAL = 1  # onnx.TensorProto.DataLocation
 STRING = 8  # onnx.TensorProto.STRING
+PACKED_4BIT = (21, 22, 23)  # onnx.TensorProto UINT4, INT4, FLOAT4E2M1
 
 
 # ---- external data, streamed ---------------------------------------------------------------------
@@ -39,6 +40,8 @@ def tensor_nbytes(tensor) -> int:
     n = 1
     for d in tensor.dims:
         n *= d
+    if tensor.data_type in PACKED_4BIT:  # two values a byte
+        return (n + 1) // 2
     return n * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 

@@ -161,7 +161,9 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
     # build and run: a smaller workspace, batch or precision
     if s.gpu_bytes and m.gpu_bytes is None and not m.shared:
         return "needs a GPU: plan one with --gpu SIZE" + (
-            "; --backend onnxruntime runs on the CPU" if r.backend == "tensorrt" and s.step == "run" else ""
+            "; --backend onnxruntime runs on the CPU"
+            if r.backend == "tensorrt" and s.step == "run" and r.precision != "bf16"  # (no BF16 on its CPU provider)
+            else ""
         )
     options = []
     if r.backend == "tensorrt":

@@ -256,18 +256,42 @@ def _kept_float(rules: dict, stage: str, owner: str) -> bool:
 
 
 def tensor_bytes(
-    precision: str, stage: str, name: str, numel: int, size: int, kind: str, owner: str, shape_out: int | None = None
+    precision: str,
+    stage: str,
+    name: str,
+    numel: int,
+    size: int,
+    kind: str,
+    owner: str,
+    shape_out: int | None = None,
+    int4_format: str = "matmulnbits",
 ) -> int:
     """Bytes of one weight in a graph of `precision`: fp32 4; fp16 2 (GroupNorm / LayerNorm affine
-    weights stay fp32, as the FP16 policy keeps those ops in fp32); int8: the Linear / Conv weights the
+    weights stay fp32, as the FP16 policy keeps those ops in fp32); bf16 as fp16 but Conv weights fp32;
+    int8: the Linear / Conv weights the
     INT8 policy quantises take 1 byte plus a float32 scale and an int8 zero point per output channel,
     the rest stays fp32, and the stages INT8 does not quantise (prefix_embed's table) take their fp16
     bytes; int4: the Linear weights of the INT4 stages take half a byte each, K padded to whole blocks,
-    plus a float32 scale per block, the rest as for int8 (precision/policy.py). Integer buffers keep
-    their type."""
-    from ..precision.policy import INT4_BLOCK, INT4_FLOAT_LAYERS, INT4_FP16_STAGES, INT8_FLOAT_LAYERS, INT8_FP16_STAGES
+    plus a float32 scale per block, the rest as for int8; TensorRT's INT4 (`int4_format` "qdq"): those
+    weights half a byte each plus an FP16 scale per block of 128 (64 where 128 does not divide K;
+    neither: FP16), the rest as for fp16 (precision/policy.py). Integer buffers keep their type."""
+    from ..precision.policy import (
+        INT4_BLOCK,
+        INT4_FLOAT_LAYERS,
+        INT4_FP16_STAGES,
+        INT4_TRT_BLOCKS,
+        INT8_FLOAT_LAYERS,
+        INT8_FP16_STAGES,
+    )
 
     if (precision == "int8" and stage in INT8_FP16_STAGES) or (precision == "int4" and stage in INT4_FP16_STAGES):
+        precision = "fp16"
+    if precision == "int4" and int4_format == "qdq" and size == 4:
+        weight = name.endswith(".weight") and kind == "Linear" and shape_out
+        k = numel // shape_out if weight and not _kept_float(INT4_FLOAT_LAYERS, stage, owner) else 0
+        block = next((b for b in INT4_TRT_BLOCKS if k and k % b == 0), None)
+        if block is not None:
+            return numel // 2 + shape_out * (k // block) * 2  # nibbles + an FP16 scale per block
         precision = "fp16"
     if size != 4:  # integer buffers (index tables) keep their type
         return numel * size
@@ -275,6 +299,8 @@ def tensor_bytes(
         return numel * 4
     if precision == "fp16":
         return numel * (4 if kind in ("GroupNorm", "LayerNorm") else 2)
+    if precision == "bf16":  # FP16's bytes, but convolutions stay FP32 (policy.bf16_float_ops)
+        return numel * (4 if kind in ("GroupNorm", "LayerNorm", "Conv2d") else 2)
     if precision == "int8":
         weight = name.endswith(".weight") and kind in ("Linear", "Conv2d")
         if weight and not _kept_float(INT8_FLOAT_LAYERS, stage, owner):
@@ -286,19 +312,21 @@ def tensor_bytes(
             blocks = -(-(numel // shape_out) // INT4_BLOCK)
             return shape_out * blocks * (INT4_BLOCK // 2 + 4)  # packed nibbles + a float32 scale per block
         return numel * 4
-    raise BitDanceError(f"precision {precision!r}: plan fp32, fp16, int8 or int4")
+    raise BitDanceError(f"precision {precision!r}: plan fp32, fp16, bf16, int8 or int4")
 
 
-def stage_weights(cfg, precision: str, steps: int | None = None, stages=None) -> dict[str, dict[str, tuple]]:
+def stage_weights(
+    cfg, precision: str, steps: int | None = None, stages=None, int4_format: str = "matmulnbits"
+) -> dict[str, dict[str, tuple]]:
     """{stage: {tensor: (elements, bytes at `precision`)}} of the stages an export of `precision`
     holds (default); the fused sampler of `steps` sampler steps (default: the model's), whose unrolled
-    time constants grow with it."""
+    time constants grow with it; `int4_format`: the runtime's INT4 graphs (policy.INT4_FORMATS)."""
     steps = cfg.default_steps if steps is None else int(steps)
     out = {}
     for stage, reads in stage_tensors(cfg, export_stages(precision) if stages is None else stages, steps).items():
         # (a weight's leading dim: its output channels)
         out[stage] = {
-            name: (numel, tensor_bytes(precision, stage, name, numel, size, kind, owner, channels))
+            name: (numel, tensor_bytes(precision, stage, name, numel, size, kind, owner, channels, int4_format))
             for name, (numel, size, channels, kind, owner) in reads.items()
         }
     return out
@@ -360,7 +388,7 @@ def activation_phases(cfg, rows: int, precision: str) -> dict[str, int]:
     chunk of T positions: its FFN, the attention scores over the cache and the chunk (float32, with
     their softmax) and its float32 kv_new; the head; the decoder of one image: its top-resolution
     feature maps (input, output, residual)."""
-    e = 2 if precision == "fp16" else 4
+    e = 2 if precision in ("fp16", "bf16") else 4
     dim = cfg.dim
     ffn = cfg.llm.intermediate_size if st.is_t2i(cfg) else 4 * dim
     heads, length, p = cfg.n_head, cfg.max_seq_len, cfg.parallel_num
@@ -374,7 +402,7 @@ def activation_phases(cfg, rows: int, precision: str) -> dict[str, int]:
     head_width = cfg.head.ch_latent if st.is_t2i(cfg) else cfg.diff_dim
     out["head"] = 8 * rows * p * head_width * e
     h, w = cfg.image_hw if st.is_t2i(cfg) else (cfg.image_size, cfg.image_size)
-    out["decoder"] = 3 * cfg.vae.ch * cfg.vae.ch_mult[0] * h * w * e
+    out["decoder"] = 3 * cfg.vae.ch * cfg.vae.ch_mult[0] * h * w * (4 if precision == "bf16" else e)  # (FP32 convs)
     return out
 
 
@@ -403,8 +431,10 @@ def plan(
         raise BitDanceError(f"backend {backend!r}: plan one of {', '.join(PLAN_BACKENDS)}")
     if max_batch < 1:
         raise BitDanceError(f"max batch must be >= 1, got {max_batch}")
+    from ..precision.policy import INT4_FORMATS
+
     rows = max_batch * (2 if guided else 1)
-    weights = stage_weights(cfg, precision, steps)
+    weights = stage_weights(cfg, precision, steps, int4_format=INT4_FORMATS.get(backend, "matmulnbits"))
     stages = _memory(weights, precision)
     workspace = (1024 if workspace_mb is None else int(workspace_mb)) * 2**20 if backend == "tensorrt" else 0
     h, w = cfg.image_hw if st.is_t2i(cfg) else (cfg.image_size, cfg.image_size)

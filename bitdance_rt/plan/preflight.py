@@ -102,9 +102,9 @@ def auto_export_steps(
     todo = [] if export_current(fp32, source, steps, max_batch=max_batch) else _export_names(source)
     if precision == "fp32":
         return todo
-    if precision == "fp16":
-        final = final or paths.variant_dir(fp32, "fp16")
-        return todo + ([] if _has_manifest(final) and not todo else ["derive fp16"])
+    if precision in ("fp16", "bf16"):
+        final = final or paths.variant_dir(fp32, precision)
+        return todo + ([] if _has_manifest(final) and not todo else [f"derive {precision}"])
     if calibration is None:
         backend, cprec = capture or rd.capture_choice(source.config)
         fp16 = paths.variant_dir(fp32, "fp16")
@@ -193,6 +193,7 @@ def check_memory(
             "fp16" if precision == "fp16" or precision == "int8" and st.is_t2i(cfg) else "fp32",
         ),
         "derive fp16": lambda: rd.derive_fp16_step(cfg, steps),
+        "derive bf16": lambda: rd.derive_fp16_step(cfg, steps, "bf16"),
         "calibrate": lambda: rd.calibrate_step(cfg, steps, *capture, **capture_args),
         "derive int8": lambda: rd.derive_int8_step(cfg, steps, samples, rows),
         "ranges": lambda: rd.ranges_step(cfg, steps),

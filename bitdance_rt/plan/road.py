@@ -325,15 +325,17 @@ def export_step(cfg, steps: int, stages=None, precision: str = "fp32") -> Step:
     )
 
 
-def derive_fp16_step(cfg, steps: int) -> Step:
-    s32, s16 = _sum(stage_weights(cfg, "fp32", steps)), _sum(stage_weights(cfg, "fp16", steps))
+def derive_fp16_step(cfg, steps: int, precision: str = "fp16") -> Step:
+    """Deriving FP16 graphs, or BF16 ones (`precision`; the same conversion, precision/bf16.py)."""
+    s32, s16 = _sum(stage_weights(cfg, "fp32", steps)), _sum(stage_weights(cfg, precision, steps))
     held = max(DERIVE_FP16_INLINE * s32[s] if s16[s] <= SMALL_GRAPH else DERIVE_FP16_STREAMED for s in s16)
     return Step(
-        "derive fp16",
+        f"derive {precision}",
         PROCESS_BYTES + int(held),
         0,
         sum(s16.values()) + max(s16.values()),
-        "FP16 graphs from the FP32 export: graphs of <= 1.5 GB converted in memory, larger ones in chunks",
+        f"{precision.upper()} graphs from the FP32 export: graphs of <= 1.5 GB converted in memory, larger ones "
+        "in chunks",
     )
 
 
@@ -448,9 +450,10 @@ def streamed_int8_step(cfg, steps: int) -> Step:
 
 
 def build_step(cfg, precision: str, steps: int, workspace_mb: int | None) -> Step:
-    graph_precision = "int8" if precision == "int8" else "fp32"  # fp16 engines: FP32 graphs + the FP16 flag
-    graphs = _sum(stage_weights(cfg, graph_precision, steps))
-    engines = _sum(stage_weights(cfg, precision, steps))
+    # fp16: FP32 graphs + the FP16 flag; int4: TensorRT's INT4 graphs (policy.INT4_FORMATS)
+    graph_precision = precision if precision in ("int8", "bf16", "int4") else "fp32"
+    graphs = _sum(stage_weights(cfg, graph_precision, steps, int4_format="qdq"))
+    engines = _sum(stage_weights(cfg, precision, steps, int4_format="qdq"))
     workspace = (1024 if workspace_mb is None else int(workspace_mb)) << 20
     at = max(engines, key=lambda s: BUILD_HOST_GRAPH * graphs[s] + BUILD_HOST_ENGINE * engines[s])
     host = PROCESS_BYTES + int(BUILD_HOST_GRAPH * graphs[at] + BUILD_HOST_ENGINE * engines[at])
@@ -509,6 +512,7 @@ def road(
                    graphs directly when the run is FP16 on ONNX Runtime
       derive fp16  FP16 graphs (precision/derive.py): for ONNX Runtime, and the graphs a text-to-image
                    INT8 capture runs on
+      derive bf16  BF16 graphs (precision/bf16.py), as FP16's: for ONNX Runtime on a GPU and TensorRT
       calibrate    the INT8 calibration capture: torch float32 (ImageNet models) or ONNX Runtime on the
                    FP16 graphs (text-to-image models; calibration.capture_choice)
       derive int8  the INT8 Q/DQ graphs (ONNX Runtime's quantize_static per quantised stage)
@@ -527,6 +531,8 @@ def road(
         capture = capture_choice(cfg) if precision == "int8" else None
         if not direct and (precision == "fp16" and backend == "onnxruntime" or capture == ("onnxruntime", "fp16")):
             out.append(derive_fp16_step(cfg, steps))
+        if precision == "bf16":  # BF16 graphs for any backend: derived from the FP32 export, as FP16's are
+            out.append(derive_fp16_step(cfg, steps, "bf16"))
         if capture:
             out.append(calibrate_step(cfg, steps, *capture))
             if streamed:

@@ -1,4 +1,5 @@
-"""The accuracy report of `bitdance-rt calibrate --report`: every precision vs FP32, plus INT8 sensitivity."""
+"""The accuracy report of `bitdance-rt calibrate --report`: every precision vs FP32, plus INT8 sensitivity.
+(INT4 is ONNX Runtime's INT4 graphs: the report runs on ONNX Runtime.)"""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def accuracy_report(
     scale: float,
     schedule: str,
     make_backend,
-    precisions=("fp16", "int8"),
+    precisions=("fp16", "int8", "int4"),
     sensitivity: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -88,7 +89,8 @@ def accuracy_report(
         "exports": {},
     }
     for precision in precisions:
-        variant = precision_export(fp32_dir, precision, calibration, method, progress=progress)
+        calibrated = calibration if precision == "int8" else None  # (INT4 is weight-only)
+        variant = precision_export(fp32_dir, precision, calibrated, method, progress=progress)
         out["exports"][precision] = str(variant.directory)
         out["precisions"][precision] = compare(
             ref, make_backend(variant.directory), labels, seeds, steps, scale, schedule

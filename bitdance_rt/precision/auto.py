@@ -2,7 +2,7 @@
 
 Layout under the cache root (bitdance_rt.paths, which computes these paths):
     exports/<fp32 export>                       the FP32 export (paths.export_dir)
-    exports/<fp32 export>-fp16                  its FP16 graphs
+    exports/<fp32 export>-fp16                  its FP16 graphs (-bf16: BF16)
     exports/<fp32 export>-int8-<method>-<set>   its INT8 graphs for one calibration set and method
     calibration/<model>-<weights>-s<S>          the default calibration set when none is given (captured
                                                 with the torch reference; -<backend>-<precision> when not)
@@ -19,7 +19,7 @@ from .. import paths
 from .. import stages as st
 from ..errors import BitDanceError
 from .derive import derive_export
-from .policy import check_method, check_precision
+from .policy import check_method, check_precision, int4_format
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,12 @@ def default_policy(cfg, images: int = DEFAULT_CALIBRATION_IMAGES, batch: int = D
     return CapturePolicy(backbone_every=max(1, math.ceil(total / BACKBONE_BUDGET_BYTES)))
 
 
-def variant_dir(fp32_dir: Path, precision: str, calibration=None, method: str = "max", keep_float=()) -> Path:
+def variant_dir(
+    fp32_dir: Path, precision: str, calibration=None, method: str = "max", keep_float=(), int4_format=None
+) -> Path:
     """Where the variant of `fp32_dir` is kept (bitdance_rt.paths.variant_dir; `calibration`: its set)."""
     key = calibration.key if precision == "int8" else None
-    return paths.variant_dir(fp32_dir, precision, key, method, keep_float)
+    return paths.variant_dir(fp32_dir, precision, key, method, keep_float, int4_format)
 
 
 def keep_float_by_stage(fp32_dir, names, precision: str = "int8") -> dict[str, list[str]]:
@@ -278,10 +280,18 @@ def calibration_for(
 
 
 def precision_export(
-    fp32_dir, precision: str, calibration=None, method: str = "max", out_dir=None, progress: bool = True, keep_float=()
+    fp32_dir,
+    precision: str,
+    calibration=None,
+    method: str = "max",
+    out_dir=None,
+    progress: bool = True,
+    keep_float=(),
+    runtime: str | None = None,
 ):
     """The `precision` variant of an FP32 export (derived, or reused when up to date); `keep_float`:
-    INT8 layer names kept in float on top of the policy's (see keep_float_by_stage)."""
+    INT8 layer names kept in float on top of the policy's (see keep_float_by_stage); `runtime`: the
+    backend the graphs are for (INT4's format, policy.int4_format; None: ONNX Runtime)."""
     check_precision(precision)
     if precision == "fp32":
         raise BitDanceError("fp32 needs no variant: it is the export itself")
@@ -289,5 +299,9 @@ def precision_export(
     if keep_float and precision not in ("int8", "int4"):
         raise BitDanceError("--keep-float is for --precision int8 or int4")
     keep = keep_float_by_stage(fp32_dir, keep_float, precision) if keep_float else None
-    out = Path(out_dir) if out_dir is not None else variant_dir(fp32_dir, precision, calibration, method, keep_float)
-    return derive_export(fp32_dir, out, precision, calibration, method, keep_float=keep, progress=progress)
+    form = int4_format(runtime)
+    if out_dir is None:
+        out_dir = variant_dir(fp32_dir, precision, calibration, method, keep_float, form)
+    return derive_export(
+        fp32_dir, Path(out_dir), precision, calibration, method, keep_float=keep, progress=progress, int4_format=form
+    )

@@ -1,4 +1,4 @@
-"""An FP32 export directory -> an FP16 or INT8 export directory of the same stages and contract.
+"""An FP32 export directory -> an FP16, BF16, INT8 or INT4 export directory of the same stages and contract.
 
 A precision variant is an ordinary export directory (same stage files, same manifest format, same
 float32 inputs/outputs), so every backend loads it unchanged; its manifest adds a top-level
@@ -21,6 +21,7 @@ from ..export.shared_weights import share_weights
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
 from .policy import (
     INT4_BLOCK,
+    INT4_FORMATS,
     INT4_FP16_STAGES,
     INT8_FP16_STAGES,
     check_method,
@@ -59,13 +60,14 @@ def derived_key(
     calibration=None,
     method: str | None = None,
     keep_float: dict | None = None,
+    int4_format: str = "matmulnbits",
 ) -> dict:
     key = {
         **fp32_manifest["key"],
         "stages": sorted(stages),
         "precision": precision,
         "derived_from": _digest(fp32_manifest["key"]),
-        "policy": fingerprint(precision),
+        "policy": fingerprint(precision, int4_format),
     }
     if precision == "int8":
         key["calibration"] = {
@@ -149,11 +151,13 @@ def derive_export(
     keep_float: dict | None = None,
     force: bool = False,
     progress: bool = True,
+    int4_format: str = "matmulnbits",
 ):
     """Write the `precision` variant of the FP32 export `fp32_dir` into `out_dir` (or reuse it).
 
     `calibration`: a CalibrationSet (INT8). `keep_float`: {stage: [node names]} kept out of
     quantisation (the sensitivity sweep's lever), on top of the policy's INT8_FLOAT_LAYERS.
+    `int4_format`: "matmulnbits" (ONNX Runtime) or "qdq" (TensorRT; policy.INT4_FORMATS).
 
     Graphs of any size: every pass streams weights through external data (graphs over 1.5 GB keep
     theirs in <stage>.onnx.data, as exports do) and never serialises a graph over protobuf's 2 GB;
@@ -181,7 +185,7 @@ def derive_export(
         if calibration is not None:
             raise BitDanceError("INT4 is weight-only (round to nearest): it takes no calibration set")
         stages = [s for s in available if s in st.INT4_STAGES or s in INT4_FP16_STAGES]
-    else:
+    else:  # fp16, bf16
         stages = [s for s in available if s in FP16_STAGES]
     quantised = [s for s in stages if s in {"int8": INT8_STAGES, "int4": st.INT4_STAGES}.get(precision, ())]
     unknown = sorted(set(keep_float or {}) - set(quantised))
@@ -196,7 +200,9 @@ def derive_export(
             policy = int8_float_layers(stage, layers)
             if policy:
                 keep_float[stage] = sorted(set(keep_float.get(stage, [])) | set(policy))
-    key = derived_key(manifest, precision, stages, calibration, method, keep_float)
+    if int4_format not in INT4_FORMATS.values():
+        raise BitDanceError(f"INT4 format {int4_format!r}: use one of {', '.join(INT4_FORMATS.values())}")
+    key = derived_key(manifest, precision, stages, calibration, method, keep_float, int4_format)
     if not force and (found := find_reusable(out_dir, key)) is not None:
         return ExportResult(out_dir, found, True)
     try:  # locked: a killed derivation's directory is swept by the next export or reuse here
@@ -204,6 +210,7 @@ def derive_export(
     except OSError as exc:
         raise write_error(exc, f"the {precision} graphs", out_dir.parent) from None
     work = workdir.path
+    left: dict[str, list[str]] = {}
     try:
         files: dict[str, list[str]] = {}
         bar = tqdm(
@@ -223,8 +230,17 @@ def derive_export(
                 graph = onnx_graph(src)
                 nodes = [n for n in int4_layers(stage, weight_matmuls(graph)) if n not in keep_float.get(stage, ())]
                 big = len(stage_files(manifest, fp32_dir, stage)) > 1
-                quantize_int4(src, dst, nodes, INT4_BLOCK, external_data=big)
+                if int4_format == "qdq":
+                    left[stage] = _int4_qdq(src, dst, work, stage, nodes, big)
+                else:
+                    quantize_int4(src, dst, nodes, INT4_BLOCK, external_data=big)
                 files[stage] = [dst.name] + ([f"{dst.name}.data"] if big else [])
+            elif precision == "bf16":  # (the FP16 placement in BFLOAT16: bf16.py)
+                from .bf16 import convert_bf16_file
+
+                files[stage] = convert_bf16_file(
+                    src, dst, sampler=stage in st.SAMPLER_STAGES, external_bytes=EXTERNAL_DATA_BYTES
+                )
             elif precision == "fp16" or stage not in quantised:  # (INT8/INT4_FP16_STAGES: the FP16 variant's)
                 files[stage] = convert_fp16_file(
                     src,
@@ -249,6 +265,10 @@ def derive_export(
         }
         if precision in ("int8", "int4"):
             new["fp16_stages"] = [s for s in stages if s not in quantised]
+        if precision == "int4":
+            new["int4_format"] = int4_format
+            if any(left.values()):  # (qdq: layers no TensorRT block size fits)
+                new["int4_fp16_layers"] = {s: v for s, v in left.items() if v}
         if precision == "int8":
             new["calibration_method"] = method
             # one graph for every runtime: ONNX Runtime picks exact kernels for the CPU it runs on
@@ -261,6 +281,22 @@ def derive_export(
         raise write_error(exc, f"the {precision} graphs", out_dir) from None
     finally:
         workdir.remove()
+
+
+def _int4_qdq(src: Path, dst: Path, work: Path, stage: str, nodes: list[str], big: bool) -> list[str]:
+    """TensorRT's INT4 graph of a stage: its FP16 graph (a fused sampler's arithmetic FP32, as FP16
+    variants have it), then INT4 weights (int4.quantize_int4_qdq); the FP16 graph is removed after.
+    Returns the layers left FP16."""
+    from .fp16 import convert_fp16_file
+    from .int4 import quantize_int4_qdq
+
+    half = work / f"{stage}.fp16-for-int4.onnx"
+    made = convert_fp16_file(src, half, sampler=stage in st.SAMPLER_STAGES, external_bytes=EXTERNAL_DATA_BYTES)
+    try:
+        return quantize_int4_qdq(half, dst, nodes, external_data=big)
+    finally:
+        for name in made:
+            (work / name).unlink(missing_ok=True)
 
 
 def _versions() -> dict:

@@ -206,8 +206,9 @@ def _linear_sort(float16):
         float16.sort_graph_node = library_sort
 
 
-def _convert(model, sampler: bool):
-    """The converter on a skeleton (see _strip), value_info from shape inference on it.
+def _convert(model, sampler: bool, float_ops=FP16_KEEP_FLOAT_OPS):
+    """The converter on a skeleton (see _strip), value_info from shape inference on it; `float_ops`:
+    the op types kept FP32 (BF16 adds some, policy.bf16_float_ops).
 
     Protobuf cannot serialise a graph over 2 GB (the 14B model's 3.1 GB text embedding, its
     backbone), and both the no-op-Cast pass and the converter ran onnx.shape_inference.infer_shapes
@@ -233,7 +234,7 @@ def _convert(model, sampler: bool):
             inferred,
             keep_io_types=True,
             disable_shape_infer=True,
-            op_block_list=list(FP16_KEEP_FLOAT_OPS),
+            op_block_list=list(float_ops),
             node_block_list=blocked_nodes,
         )
     _fix_float_casts(out)
@@ -252,20 +253,24 @@ def _stashed(out, stash):
     return found
 
 
-def _data(placeholder, original, base):
-    """The converted tensor's raw bytes, in chunks: FP16 where the converter made it FLOAT16."""
+def _data(placeholder, original, base, halves=None):
+    """The converted tensor's raw bytes, in chunks: FP16 where the converter made it FLOAT16.
+    `halves`: {element type: float32 numpy -> its values} (default {FLOAT16: to_fp16}; BF16's retyped
+    placeholders are rounded from the same float32 originals, bf16.py)."""
     import numpy as np
 
     from ..export.shared_weights import read_chunks
 
+    halves = halves or {FLOAT16: to_fp16}
     chunks = read_chunks(original, base)
     if placeholder.data_type == original.data_type:
         return chunks
-    if (original.data_type, placeholder.data_type) != (FLOAT, FLOAT16):
+    if original.data_type != FLOAT or placeholder.data_type not in halves:
         raise ValueError(
             f"tensor {original.name!r}: converted from type {original.data_type} to {placeholder.data_type}"
         )
-    return (memoryview(to_fp16(np.frombuffer(c, np.float32))).cast("B") for c in chunks)
+    half = halves[placeholder.data_type]
+    return (memoryview(half(np.frombuffer(c, np.float32))).cast("B") for c in chunks)
 
 
 def convert_fp16(model, sampler: bool = False, base_dir=None):
@@ -282,12 +287,12 @@ def convert_fp16(model, sampler: bool = False, base_dir=None):
     return out
 
 
-def _inline(stashed, base) -> None:
+def _inline(stashed, base, halves=None) -> None:
     """Put the converted data into the placeholders themselves (a graph that fits one protobuf)."""
     from ..export.shared_weights import make_inline
 
     for placeholder, original in stashed:  # (bytes(c): the file reader reuses its buffer)
-        make_inline(placeholder, b"".join(bytes(c) for c in _data(placeholder, original, base)))
+        make_inline(placeholder, b"".join(bytes(c) for c in _data(placeholder, original, base, halves)))
 
 
 def convert_fp16_file(src, dst, sampler: bool = False, external_bytes: int = 1_500_000_000) -> list[str]:

@@ -6,7 +6,8 @@ Q/DQ, the placement TensorRT's explicit quantization expects: the inputs of weig
 convolutions are quantised (INT8_OP_TYPES, but for INT8_FLOAT_LAYERS) with symmetric int8
 activations (zero point 0) and per-output-channel symmetric int8 weights; every other op has float
 inputs and outputs by construction. FP16 runs everything in FP16 but FP16_KEEP_FLOAT_OPS, the
-RMSNorm square (fp16.norm_squares) and a fused sampler's own arithmetic (`sampler_arithmetic`).
+RMSNorm square (fp16.norm_squares) and a fused sampler's own arithmetic (`sampler_arithmetic`);
+BF16 is the same placement in BFLOAT16 (`bf16_float_ops`: what ONNX has no BF16 form of stays FP32).
 The comment at each list says why; the whole policy with its measurements: docs/precision.md
 "How the variants are made".
 """
@@ -17,7 +18,8 @@ from .. import stages as st
 
 # The graph precisions, and the default: the one definition (backends, the CLI, engine builds and the
 # plan import them). TensorRT engine precisions are another list: engines/cache.py ENGINE_PRECISIONS.
-PRECISIONS = ("fp32", "fp16", "int8", "int4")  # in order of falling precision (int4: of the weights)
+# In order of falling precision (bf16: 8 significant bits to FP16's 11, with FP32's range; int4: of the weights).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 DEFAULT_PRECISION = "fp32"
 
 # INT8 quantises the inputs of these when they hold a weight (MatMul: a constant weight). Biases stay
@@ -64,6 +66,14 @@ INT8_FP16_STAGES = tuple(s for s in st.REQUIRED_STAGES if s not in st.INT8_STAGE
 # projections in float changed nothing measurable (FD 64.2 / 60.4 / 56.2 float, 63.6 / 60.8 / 56.1 INT4),
 # so they are INT4. `--keep-float` adds layers.
 INT4_BLOCK = 16
+# TensorRT runs INT4 as weight-only GEMMs with blocks of 64 or 128 only (NVIDIA, "Quantization Schemes",
+# docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-schemes.html) and
+# takes no MatMulNBits: its INT4 graphs ("qdq", int4.quantize_int4_qdq) are the FP16 graph with INT4
+# weights in blocks of 128 (64 where K is no multiple of 128; neither: the layer stays FP16) and FP16
+# scales. Blocks that large cost the embedded model accuracy (ONNX Runtime, blocks of 64: FD 1.16-1.23x
+# FP32, above); LLMs of the 14B's widths are commonly served at 128. ONNX Runtime's graphs: "matmulnbits".
+INT4_TRT_BLOCKS = (128, 64)
+INT4_FORMATS = {"onnxruntime": "matmulnbits", "tensorrt": "qdq"}  # INT4 graph format by the runtime that runs it
 INT4_FLOAT_LAYERS = {st.HEAD_STEP: ("/head/net/time_embed/",), st.HEAD_SAMPLER: ("/head/net/time_embed/",)}
 # Stages generation needs that INT4 does not quantise: an INT4 export carries their FP16 graphs, as INT8's.
 INT4_FP16_STAGES = tuple(s for s in st.REQUIRED_STAGES if s not in st.INT4_STAGES)
@@ -129,17 +139,42 @@ def sampler_arithmetic(nodes) -> list[str]:
     return [n.name for n in nodes if n.name and n.op_type != "Identity" and not n.name.startswith(HEAD_NET_SCOPE)]
 
 
+# BF16 (precision/bf16.py): FP16's placement with BFLOAT16 for FLOAT16, but an op whose ONNX schema at
+# the graph's opset takes float16 and not bfloat16 computes in FP32 between Casts: in BF16 it would not
+# be valid ONNX (the checker and ONNX Runtime refuse the graph). At the exports' opset 17 these are Conv
+# (BF16 from opset 22, and TensorRT 10.3 reads opsets up to 20), so the decoder's convolutions and
+# their weights stay FP32, and ConstantOfShape (from opset 20), the attention mask's fill.
+def bf16_float_ops(op_types, opset: int) -> tuple[str, ...]:
+    """FP16_KEEP_FLOAT_OPS and those of `op_types` (ONNX domain) whose schema at `opset` has a type
+    parameter that takes float16 but not bfloat16."""
+    from onnx import defs
+
+    def no_bf16(op):
+        if not defs.has(op):
+            return False
+        schema = defs.get_schema(op, opset)
+        return any(
+            "tensor(float16)" in c.allowed_type_strs and "tensor(bfloat16)" not in c.allowed_type_strs
+            for c in schema.type_constraints
+        )
+
+    return FP16_KEEP_FLOAT_OPS + tuple(op for op in sorted(set(op_types) - set(FP16_KEEP_FLOAT_OPS)) if no_bf16(op))
+
+
 POLICY_VERSION = 8  # bump when a conversion setting changes: derived exports are keyed by it (7: contract 3 stages;
 # 8: RMSNorm squares in FP32, INT8 exports' prefix_embed in FP16)
 
 
-def fingerprint(precision: str) -> dict:
+def fingerprint(precision: str, int4_format: str = "matmulnbits") -> dict:
     """What of the policy a derived export depends on (part of its manifest key)."""
     if precision == "int4":
+        qdq = int4_format == "qdq"
         return {
             "version": POLICY_VERSION,
             "quantised": "weight MatMuls, 4-bit symmetric round-to-nearest",
-            "block": INT4_BLOCK,
+            "format": int4_format,
+            "block": list(INT4_TRT_BLOCKS) if qdq else INT4_BLOCK,
+            "scales": "float16" if qdq else "float32",
             "float_layers": {k: list(v) for k, v in sorted(INT4_FLOAT_LAYERS.items())},
             "fp16_stages": list(INT4_FP16_STAGES),
         }
@@ -151,12 +186,15 @@ def fingerprint(precision: str) -> dict:
             "float_layers": {k: list(v) for k, v in sorted(INT8_FLOAT_LAYERS.items())},
             "fp16_stages": list(INT8_FP16_STAGES),
         }
-    return {
+    half = {
         "version": POLICY_VERSION,
         "fp32_ops": list(FP16_KEEP_FLOAT_OPS),
         "sampler_arithmetic": "fp32",
         "fp32_nodes": "rms_norm squares",
     }
+    if precision == "bf16":  # FP16's placement in BFLOAT16 (precision/bf16.py)
+        half.update(type="bfloat16", fp32_without_bf16="ops with no bfloat16 at the graph's opset (bf16_float_ops)")
+    return half
 
 
 def check_precision(precision: str) -> str:
@@ -165,6 +203,15 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise BitDanceError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     return precision
+
+
+def int4_format(runtime: str | None) -> str:
+    """The INT4 graph format the backend `runtime` runs (None: ONNX Runtime's)."""
+    from ..errors import BitDanceError
+
+    if runtime not in (None, *INT4_FORMATS):
+        raise BitDanceError(f"INT4 graphs for {runtime!r}: INT4 runs on {' or '.join(INT4_FORMATS)}")
+    return INT4_FORMATS[runtime or "onnxruntime"]
 
 
 def check_method(method: str) -> str:

@@ -204,6 +204,11 @@ class OrtBackend(StageBackend):
         # run, stop at its end:
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         int8_configure(opts, self.int8_exact)
+        # TensorRT's INT4 graphs (weight DequantizeLinear, precision/int4.py) run here too: ONNX Runtime fuses
+        # each into MatMulNBits, by default at accuracy level 4 (activations quantised to int8); level 0
+        # computes in the activations' float type, as the graph says (measured: the fused node then equals
+        # DequantizeLinear + MatMul's product bit for bit)
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if self.lean:
             lean_options(ort, opts)
         if optimized_model_dir is not None:
