@@ -42,6 +42,7 @@ class BackendOptions:
     engine_dir: str | None = None
     workspace_mb: int | None = None
     cuda_graphs: bool = True
+    weight_streaming_budget: int | None = None  # tensorrt: bytes of the backbone's weights kept on the GPU
     calibration: str | None = None  # INT8 calibration set directory (default: cached set)
     calib_method: str = "max"
     keep_float: tuple = ()
@@ -59,6 +60,11 @@ class BackendOptions:
             raise BitDanceError(f"threads must be a positive integer, got {self.threads!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise BitDanceError(f"max batch must be a positive integer, got {self.max_batch!r}")
+        if self.weight_streaming_budget is not None:
+            if self.backend != "tensorrt":
+                raise BitDanceError("a weight streaming budget is TensorRT's weight streaming: use backend tensorrt")
+            if not isinstance(self.weight_streaming_budget, int) or self.weight_streaming_budget < 0:
+                raise BitDanceError(f"weight streaming budget must be bytes >= 0, got {self.weight_streaming_budget!r}")
 
 
 @dataclass
@@ -409,6 +415,13 @@ def _trt_backend(model: ModelSource, steps: int, opts: BackendOptions):
             stages=list(export.specs),
             root=opts.engine_dir,
             device=device.index,
+            weight_streaming=opts.weight_streaming_budget is not None,
         )
-    backend = TrtBackend(engines, device=device, cuda_graphs=opts.cuda_graphs, expect_config=model.config)
+    backend = TrtBackend(
+        engines,
+        device=device,
+        cuda_graphs=opts.cuda_graphs,
+        expect_config=model.config,
+        weight_streaming_budget=opts.weight_streaming_budget,
+    )
     return backend, f"{model.config.name} from TensorRT engines of {export_dir} ({backend.precision})"

@@ -354,6 +354,7 @@ def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> Ch
             engine_root=opts.engine_dir,
             cuda_graphs=opts.cuda_graphs,
             expect_config=cfg,
+            weight_streaming_budget=opts.weight_streaming_budget,
         )
         make_runner, precision = trt_runner, backend.precision
     else:

@@ -246,6 +246,21 @@ def test_fp16_engine_from_fp32_graphs_on_trt10(export, tmp_path):
         eb.build_engines(export, precision="fp16", root=tmp_path, toolkit=FakeTensorRT("11.1.0"))
 
 
+def test_weight_streaming_builds_the_backbone_streamable(export, tmp_path):
+    """--weight-streaming: the backbone's engine is built with BuilderFlag.WEIGHT_STREAMING (a key of its
+    own, beside the resident engine); the other stages as before; weakly typed plans are refused."""
+    fake = FakeTensorRT()
+    stages = [st.BACKBONE, st.DECODER]
+    plain = eb.build_engines(export, root=tmp_path, toolkit=fake, stages=stages)
+    streamed = eb.build_engines(export, root=tmp_path, toolkit=fake, stages=stages, weight_streaming=True)
+    flags = [c["plan"].builder_flags for c in fake.calls]
+    assert flags == [(), (), ("WEIGHT_STREAMING",)]  # backbone, decoder, then the streamable backbone only
+    assert streamed[st.BACKBONE].key.flags == ("strongly_typed", "flag:WEIGHT_STREAMING", "no_tf32")
+    assert streamed[st.BACKBONE].path != plain[st.BACKBONE].path and streamed[st.DECODER].status == "cached"
+    with pytest.raises(BitDanceError, match="weight streaming needs a strongly typed network"):
+        eb.build_engines(export, precision="fp16", root=tmp_path, toolkit=fake, stages=stages, weight_streaming=True)
+
+
 def test_precision_comes_from_the_manifest(export, tmp_path):
     fp16 = with_precision(export, tmp_path / "fp16", "fp16")
     fake = FakeTensorRT("11.0.0")

@@ -241,6 +241,8 @@ def test_int4_for_tensorrt_quantises_what_its_blocks_fit(int4):
     except exactly those whose K no TensorRT block (64, 128) divides, which the manifest lists; it lints
     clean for TensorRT 11, builds strongly typed at INT4, and generates on ONNX Runtime with tokens close
     to FP32's."""
+    from test_plan import _check_against
+
     from bitdance_rt.backends import BackendOptions, auto_export
     from bitdance_rt.engines.lint import lint_export
     from bitdance_rt.engines.options import plan_precision
@@ -265,6 +267,7 @@ def test_int4_for_tensorrt_quantises_what_its_blocks_fit(int4):
         assert quantised == want - left and quantised, stage
         assert set(manifest.get("int4_fp16_layers", {}).get(stage, [])) == left, stage
     assert lint_export(trt, "11") == []
+    _check_against(source.config, trt, "int4", source.config.default_steps, "tensorrt")  # plan's TensorRT INT4 bytes
     plan = plan_precision("int4", None, "11.0.0", manifest["int4_format"])
     assert (plan.precision, plan.strongly_typed) == ("int4", True)
     with pytest.raises(BitDanceError, match="needs INT4 graphs"):

@@ -61,14 +61,16 @@ def initializer_bytes(path) -> int:
     return sum(n for _, n in graph_tensors(path))
 
 
-def _check_against(cfg, directory, precision, steps):
+def _check_against(cfg, directory, precision, steps, backend="onnxruntime"):
     """Each stage's bytes against its graph's; the loaded graphs' sum against the plan's weights held;
     and what the loaded graphs hold twice (the same tensor in two graphs) against the plan's
     shared weights: nothing for ImageNet models (one backbone graph for both phases), the 2D position
-    table for text-to-image."""
+    table for text-to-image. `backend`: whose graphs these are (INT4's differ)."""
     from bitdance_rt.plan import shared_weights, stage_weights
+    from bitdance_rt.precision.policy import INT4_FORMATS
 
-    stages, _ = stage_memory(cfg, precision, steps)
+    form = INT4_FORMATS.get(backend, "matmulnbits")
+    stages, _ = stage_memory(cfg, precision, steps, form)
     compared = 0
     for s in stages:
         path = directory / f"{s.stage}.onnx"
@@ -87,9 +89,9 @@ def _check_against(cfg, directory, precision, steps):
         for key, n in tensors:
             seen.setdefault(key, (n, set()))[1].add(s)
     twice = sum(n * (len(by) - 1) for n, by in seen.values())
-    p = plan(cfg, precision, "onnxruntime", steps=steps)
+    p = plan(cfg, precision, backend, steps=steps)
     assert abs(p.weight_bytes - held) <= REL[precision] * held, (precision, p.weight_bytes, held)
-    planned = sum(b for b, _ in shared_weights(stage_weights(cfg, precision, steps), loaded).values())
+    planned = sum(b for b, _ in shared_weights(stage_weights(cfg, precision, steps, int4_format=form), loaded).values())
     assert abs(twice - planned) <= 0.01 * held, (precision, twice, planned, held)
 
 

@@ -423,6 +423,28 @@ def test_lazily_loaded_engine_larger_than_the_scratch_gets_its_own(monkeypatch, 
     assert backend.scratch.numel() == 4096  # the shared scratch (and its address) did not move
 
 
+def test_weight_streaming_budget_is_set_on_the_backbone_before_its_contexts(monkeypatch, tmp_path):
+    """--weight-streaming-budget: the backbone engine keeps that many bytes of its streamable weights on the
+    GPU (ICudaEngine.weight_streaming_budget_v2, set before any context is made), at most all of them; the
+    other engines are left alone; an engine built without streaming is refused in one line."""
+
+    def engine(spec, profiles, log):
+        return FakeTrtEngine(spec, profiles, log, streamable=1000 if spec.name == tb.st.BACKBONE else 0)
+
+    backend, _, _ = _fake_backend(monkeypatch, tmp_path, make_engine=engine, weight_streaming_budget=300)
+    _generate_steps(backend, steps=2)
+    backbone = backend.engines[tb.st.BACKBONE]
+    assert backbone.weight_streaming_budget_v2 == 300 and backend.streamed_bytes == 700
+    assert backbone.contexts and backbone.budget_at_context == 300
+    assert all(e.weight_streaming_budget_v2 == -1 for s, e in backend.engines.items() if s != tb.st.BACKBONE)
+    backend, _, _ = _fake_backend(monkeypatch, tmp_path / "all", make_engine=engine, weight_streaming_budget=5000)
+    assert backend.engines[tb.st.BACKBONE].weight_streaming_budget_v2 == 1000 and backend.streamed_bytes == 0
+    with pytest.raises(BitDanceError, match="no streamable weights: build it with weight streaming"):
+        _fake_backend(monkeypatch, tmp_path / "resident", weight_streaming_budget=300)
+    with pytest.raises(BitDanceError, match="must be >= 0 bytes"):
+        _fake_backend(monkeypatch, tmp_path / "negative", make_engine=engine, weight_streaming_budget=-1)
+
+
 def test_backbone_engine_without_the_phase_profiles_is_refused(monkeypatch, tmp_path):
     """An engine with one profile (or the phases' profiles swapped) cannot serve the contexts' indices."""
     from bitdance_rt.engines.profiles import spanning_profile, stage_profile

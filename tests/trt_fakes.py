@@ -258,9 +258,11 @@ class FakeExecContext:
 class FakeTrtEngine:
     """ICudaEngine of one stage, with the profiles the builder was given."""
 
-    def __init__(self, spec, profiles, log, memory=4096):
+    def __init__(self, spec, profiles, log, memory=4096, streamable=0):
         self.spec, self.profiles, self.log, self.device_memory_size_v2 = spec, profiles, log, memory
         self.contexts = []
+        self.streamable_weights_size = streamable  # (a streamable engine's; 0 for a resident one)
+        self.weight_streaming_budget_v2 = -1  # TensorRT's default: no budget set
 
     @property
     def num_optimization_profiles(self):
@@ -287,6 +289,7 @@ class FakeTrtEngine:
 
     def create_execution_context(self, strategy=None):
         assert strategy == Strategy.USER_MANAGED
+        self.budget_at_context = self.weight_streaming_budget_v2  # (TensorRT: set before any context)
         self.contexts.append(FakeExecContext(self, self.log))
         return self.contexts[-1]
 
@@ -313,7 +316,9 @@ BACKEND_TRT = SimpleNamespace(
 )
 
 
-def _fake_backend(monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=True, make_engine=None, cfg=None):
+def _fake_backend(
+    monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=True, make_engine=None, cfg=None, **backend_options
+):
     """A TrtBackend over fake engines on the CPU: every engine has the profiles TensorRT.build (with the
     fake bindings) was given for its stage, torch.cuda's stream / graph calls are stand-ins."""
     import torch
@@ -360,5 +365,5 @@ def _fake_backend(monkeypatch, tmp_path, sampler="auto", steps=2, cuda_graphs=Tr
     trt = SimpleNamespace(**vars(BACKEND_TRT), Runtime=lambda logger: runtime)
     built = {s: eb.BuiltEngine(s, path, "built", None) for s, path in paths.items()}
     engine_set = eb.EngineSet(export, built, "fp32", SimpleNamespace(trt=trt, logger=object()), device=0)
-    backend = tb.TrtBackend(engine_set, sampler=sampler, cuda_graphs=cuda_graphs)
+    backend = tb.TrtBackend(engine_set, sampler=sampler, cuda_graphs=cuda_graphs, **backend_options)
     return backend, log, graphs

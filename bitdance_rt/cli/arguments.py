@@ -177,6 +177,12 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+STREAMING_HELP = (
+    "--backend tensorrt: keep this much of the backbone's weights on the GPU (e.g. 4GB) and stream the rest "
+    "from host memory on each call (its engine is built streamable; `bitdance-rt plan` sizes it)"
+)
+
+
 def _add_accelerator_args(p: argparse.ArgumentParser) -> None:
     """ONNX Runtime execution provider and TensorRT engine options (generate, eval, check)."""
     p.add_argument(
@@ -191,6 +197,7 @@ def _add_accelerator_args(p: argparse.ArgumentParser) -> None:
         help="TensorRT engine cache (default: $BITDANCE_RT_CACHE/engines or ~/.cache/bitdance-rt/engines)",
     )
     p.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace cap in MiB")
+    p.add_argument("--weight-streaming-budget", default=None, metavar="SIZE", help=STREAMING_HELP)
     p.add_argument(
         "--no-cuda-graphs",
         action="store_true",

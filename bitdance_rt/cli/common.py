@@ -46,6 +46,10 @@ def _options(args, **extra):
     values = {k: getattr(args, a) for k, a in fields.items() if getattr(args, a, None) is not None}
     if "keep_float" in values:
         values["keep_float"] = tuple(values["keep_float"])
+    if getattr(args, "weight_streaming_budget", None) is not None:
+        from ..plan.machines import parse_size
+
+        values["weight_streaming_budget"] = parse_size(args.weight_streaming_budget)
     values["cuda_graphs"] = not getattr(args, "no_cuda_graphs", False)
     values["allow_pickle"] = args.unsafe_allow_pickle
     values["progress"] = not getattr(args, "quiet", False)

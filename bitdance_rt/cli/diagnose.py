@@ -46,8 +46,18 @@ def cmd_plan(args) -> int:
     bad = [t for t in args.target or () if t not in TARGETS]
     if bad:
         raise BitDanceError(f"unknown target {bad[0]!r}: one of {', '.join(TARGETS)}")
-    p = plan(cfg, args.precision, args.backend, args.batch_size, guided=not args.no_cfg, workspace_mb=args.workspace_mb)
-    from ..plan.machines import format_road, road_on
+    from ..plan.machines import format_road, parse_size, road_on
+
+    budget = None if args.weight_streaming_budget is None else parse_size(args.weight_streaming_budget)
+    p = plan(
+        cfg,
+        args.precision,
+        args.backend,
+        args.batch_size,
+        guided=not args.no_cfg,
+        workspace_mb=args.workspace_mb,
+        weight_streaming_budget=budget,
+    )
 
     r = road_on(
         cfg,
@@ -59,6 +69,7 @@ def cmd_plan(args) -> int:
         args.host_memory,
         args.gpu,
         args.target,
+        weight_streaming_budget=budget,
     )  # each step of getting there, on the machines asked
     if args.json:
         targets = {t: dict(zip(("fits", "bytes_left"), p.fits(t))) for t in args.target or TARGETS}

@@ -67,6 +67,7 @@ def cmd_build(args) -> int:
         toolkit=toolkit,
         lint=not args.no_lint,
         lock_timeout=args.lock_timeout,
+        weight_streaming=args.weight_streaming,
     )
     counts = {s: sum(b.status == s for b in built.values()) for s in ("built", "rebuilt", "cached")}
     print(

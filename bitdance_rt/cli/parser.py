@@ -19,6 +19,7 @@ from .arguments import (
     CFG,
     MEMORY_CHECK_HELP,
     SCHEDULE_HELP,
+    STREAMING_HELP,
     SEED,
     STEPS,
     _add_accelerator_args,
@@ -226,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workspace-mb", type=int, default=None, help="workspace memory-pool cap in MiB (Jetson: e.g. 1024)"
     )
     b.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
+    b.add_argument(
+        "--weight-streaming",
+        action="store_true",
+        help="build the backbone's engine streamable (run it with --weight-streaming-budget SIZE)",
+    )
     b.add_argument("--stages", nargs="+", default=None, help="stages to build (default: every stage of the export)")
     b.add_argument("--engine-dir", default=None, help="engine cache (default: $BITDANCE_RT_CACHE/engines)")
     b.add_argument("--device", type=_cuda_index, default=0, help="CUDA device: cuda, cuda:N or N (default 0)")
@@ -423,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--no-cfg", action="store_true", help="unguided: one cache row per image instead of two")
     pl.add_argument("--workspace-mb", type=int, default=None, help="TensorRT workspace (default 1024 MiB)")
+    pl.add_argument("--weight-streaming-budget", default=None, metavar="SIZE", help=STREAMING_HELP)
     pl.add_argument(
         "--target",
         nargs="+",

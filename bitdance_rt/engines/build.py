@@ -28,7 +28,7 @@ from ..errors import BitDanceError
 from ..export.reader import ExportInfo, open_export
 from ..fileio import atomic_write
 from . import cache as ec
-from .options import PrecisionPlan, opt_level, plan_precision, trt_major, workspace_bytes
+from .options import PrecisionPlan, opt_level, plan_precision, streamable_plan, trt_major, workspace_bytes
 from .profiles import Profile, stage_profiles
 
 logger = logging.getLogger(__name__)
@@ -362,8 +362,10 @@ def build_engines(
     verify_hashes: bool = True,
     lock_timeout: float | None = None,
     device: int | None = None,
+    weight_streaming: bool = False,
 ) -> EngineSet:
     """Engines for the stages of an export (all by default): cached ones reused, others built.
+    `weight_streaming`: the backbone's engine is built streamable (`streamable_plan`).
 
     What a build does, per stage:
       1. the export is validated (manifest, contract, file sizes and sha256) and linted against the
@@ -406,7 +408,9 @@ def build_engines(
     root = Path(root) if root is not None else ec.engine_root()
     timing = timing_cache_path(root, toolkit.version, toolkit.gpu)
     out = {}
+    base = plan
     for stage in names:
+        plan = streamable_plan(base) if weight_streaming and stage == st.BACKBONE else base
         profiles = stage_profiles(specs[stage])
         key = ec.engine_key(
             manifest,
@@ -439,7 +443,7 @@ def build_engines(
             )
         built = []
 
-        def build(onnx_path=onnx_path, profiles=profiles):
+        def build(onnx_path=onnx_path, profiles=profiles, plan=plan):
             built.append(True)
             return toolkit.build(onnx_path, plan, profiles, workspace, level, timing)
 
@@ -450,4 +454,4 @@ def build_engines(
         else:
             logger.info("%s: wrote %s", stage, path)
         out[stage] = BuiltEngine(stage, path, status, key)
-    return EngineSet(export, out, plan.precision, toolkit, device)
+    return EngineSet(export, out, base.precision, toolkit, device)

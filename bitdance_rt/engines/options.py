@@ -16,7 +16,7 @@ the reference tokens.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import BitDanceError
 from ..export.reader import graph_precision  # noqa: F401  (the builder reads it from here)
@@ -97,6 +97,18 @@ def plan_precision(
         f"this export holds {graph} graphs, which cannot give a {asked} engine: build from an "
         f"export of {asked} graphs (or pass --precision {graph})"
     )
+
+
+def streamable_plan(plan: PrecisionPlan) -> PrecisionPlan:
+    """`plan` with TensorRT's weight streaming (BuilderFlag.WEIGHT_STREAMING: the engine can keep part
+    of its weights in host memory and stream them in on each run, up to a budget set at load,
+    runtime/trt_backend.py). The flag needs a strongly typed network (NVIDIA, "Weight Streaming")."""
+    if not plan.strongly_typed:
+        raise BitDanceError(
+            "weight streaming needs a strongly typed network, and FP16 engines of FP32 graphs are weakly "
+            "typed: build from FP16 graphs (bitdance-rt export --precision fp16)"
+        )
+    return replace(plan, builder_flags=plan.builder_flags + ("WEIGHT_STREAMING",))
 
 
 def workspace_bytes(mb) -> int | None:

@@ -216,13 +216,14 @@ def road_on(
     host_memory=None,
     gpu=None,
     targets=None,
+    weight_streaming_budget: int | None = None,
 ) -> Road:
     """`bitdance-rt plan`'s road, checked on: the machine of `host_memory` / `gpu` (sizes such as "64GB"),
     each of `targets` (a GPU target on that host memory; a Jetson's memory is its own), or else this
     machine's host memory."""
     host = parse_size(host_memory) if host_memory is not None else None
     card = parse_size(gpu) if gpu is not None else None
-    r = road(cfg, precision, backend, max_batch, guided, workspace_mb)
+    r = road(cfg, precision, backend, max_batch, guided, workspace_mb, weight_streaming_budget=weight_streaming_budget)
     machines = []
     if host is not None or card is not None:
         h = host if host is not None else physical_memory()

@@ -95,6 +95,11 @@ class MemoryPlan:
     workspace_bytes: int
     notes: list[str] = field(default_factory=list)
     activations: dict[str, int] = field(default_factory=dict)  # estimate per call (activation_phases)
+    # TensorRT weight streaming (plan's weight_streaming_budget): the backbone's bytes left in host memory
+    # and read in on each of its calls, the whole backbone's host copy, and the streaming scratch (estimate)
+    streamed_bytes: int = 0
+    host_weight_bytes: int = 0
+    stream_scratch_bytes: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -109,11 +114,12 @@ class MemoryPlan:
         one model (distinct)."""
         if self.backend == "torch":
             return self.distinct_bytes
-        return sum(s.bytes for s in self.stages if s.loaded)
+        return sum(s.bytes for s in self.stages if s.loaded) - self.streamed_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes + self.workspace_bytes
+        held = self.weight_bytes + self.stream_scratch_bytes
+        return held + self.kv_cache_bytes + self.activation_bytes + self.workspace_bytes
 
     @property
     def total_if_once(self) -> int:
@@ -127,9 +133,11 @@ class MemoryPlan:
         return 0 if self.backend == "torch" else sum(s.bytes for s in self.stages if not s.loaded)
 
     def fits(self, target: str) -> tuple[bool, int]:
-        """(fits, bytes left over, negative when short) on a target of TARGETS."""
-        _, size, reserved = TARGETS[target]
-        left = size - reserved - self.total_bytes
+        """(fits, bytes left over, negative when short) on a target of TARGETS. On a Jetson the host copy
+        that weight streaming reads from is in the same memory: streaming saves nothing there."""
+        what, size, reserved = TARGETS[target]
+        shared = "shared with the CPU" in what
+        left = size - reserved - self.total_bytes - (self.host_weight_bytes if shared else 0)
         return left >= 0, left
 
 
@@ -366,9 +374,11 @@ def _memory(weights: dict, precision: str) -> list[StageMemory]:
     ]
 
 
-def stage_memory(cfg, precision: str, steps: int | None = None) -> tuple[list[StageMemory], int]:
+def stage_memory(
+    cfg, precision: str, steps: int | None = None, int4_format: str = "matmulnbits"
+) -> tuple[list[StageMemory], int]:
     """(per stage memory, distinct bytes) at `precision` (see stage_weights)."""
-    weights = stage_weights(cfg, precision, steps)
+    weights = stage_weights(cfg, precision, steps, int4_format=int4_format)
     return _memory(weights, precision), distinct_bytes(weights)
 
 
@@ -425,8 +435,10 @@ def plan(
     guided: bool = True,
     workspace_mb: int | None = None,
     steps: int | None = None,
+    weight_streaming_budget: int | None = None,
 ) -> MemoryPlan:
-    """The memory of `cfg` on `backend` at `precision`, with cache slots for `max_batch` images."""
+    """The memory of `cfg` on `backend` at `precision`, with cache slots for `max_batch` images;
+    `weight_streaming_budget`: bytes of the backbone's weights TensorRT keeps on the GPU (`streaming`)."""
     if backend not in PLAN_BACKENDS:
         raise BitDanceError(f"backend {backend!r}: plan one of {', '.join(PLAN_BACKENDS)}")
     if max_batch < 1:
@@ -455,8 +467,38 @@ def plan(
         [],
         calls,
     )
-    p.notes = _notes(p, weights)
+    if weight_streaming_budget is not None:
+        streaming(p, weights, int(weight_streaming_budget), cfg)
+    p.notes = _notes(p, weights) + p.notes
     return p
+
+
+PCIE_BYTES_PER_S = 25e9  # what a PCIe 4.0 x16 link moves host to device in practice (~32 GB/s peak)
+
+
+def streaming(p: MemoryPlan, weights: dict, budget: int, cfg) -> None:
+    """TensorRT weight streaming of the backbone (engines/options.streamable_plan): `budget` bytes of its
+    weights stay on the GPU, the rest is read from host memory on each of its calls. The engine keeps all
+    its weights in host memory when it streams (NVIDIA, "Weight Streaming": deserialisation allocates a
+    host buffer for them); the streaming scratch is counted as two of its largest matrices (an estimate:
+    TensorRT reports its own, getWeightStreamingScratchMemorySize, only for a built engine)."""
+    if p.backend != "tensorrt":
+        raise BitDanceError("weight streaming is TensorRT's: plan it with --backend tensorrt")
+    if budget < 0:
+        raise BitDanceError(f"weight streaming budget must be >= 0 bytes, got {budget}")
+    backbone = weights[st.BACKBONE]
+    held = sum(b for _, b in backbone.values())
+    p.streamed_bytes = max(0, held - budget)
+    p.host_weight_bytes = held
+    p.stream_scratch_bytes = 2 * max(b for _, b in backbone.values()) if p.streamed_bytes else 0
+    calls = cfg.ar_steps  # the prefill and a call per later AR step
+    per_image = p.streamed_bytes * calls
+    p.notes.append(
+        f"weight streaming: the backbone keeps {_gb(held - p.streamed_bytes)} of its {_gb(held)} on the GPU and "
+        f"reads {_gb(p.streamed_bytes)} from host memory on each of its {calls} calls an image ({_gb(per_image)}: "
+        f"~{per_image / PCIE_BYTES_PER_S:.1f} s an image at 25 GB/s, PCIe 4.0 x16); host memory holds its "
+        f"{_gb(held)}; scratch ~{_gb(p.stream_scratch_bytes)} (estimate)"
+    )
 
 
 def _notes(p: MemoryPlan, weights: dict) -> list[str]:
@@ -498,7 +540,8 @@ def format_plan(p: MemoryPlan, targets=None) -> str:
     lines.append(f"  {'stage':<14} {'parameters':>14} {'weights':>10}  held")
     for s in p.stages:
         lines.append(f"  {s.stage:<14} {s.parameters:>14,} {_gb(s.bytes):>10}  {'yes' if s.loaded else 'on demand'}")
-    lines.append(f"  weights held {_gb(p.weight_bytes)} (each weight once: {_gb(p.distinct_bytes)})")
+    streamed = f", {_gb(p.streamed_bytes)} more streamed from host memory" if p.streamed_bytes else ""
+    lines.append(f"  weights held {_gb(p.weight_bytes)} (each weight once: {_gb(p.distinct_bytes)}){streamed}")
     calls = ", ".join(f"{k} {_gb(v)}" for k, v in p.activations.items())
     lines.append(
         f"  KV cache {_gb(p.kv_cache_bytes)}, activations ~{_gb(p.activation_bytes)}"

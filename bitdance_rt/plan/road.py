@@ -475,12 +475,13 @@ def run_step(p) -> Step:
     loaded = [s for s in p.stages if s.loaded]
     largest = max(s.bytes for s in loaded)
     host = PROCESS_BYTES + (p.distinct_bytes if p.backend == "torch" else largest)  # torch: the model, then moved
+    host += p.host_weight_bytes  # (weight streaming: the streamed engine's weights stay in host memory)
     upto = 0
     peak_loading = 0
     for s in loaded:  # engines are read into host memory one at a time, then held on the GPU
         upto += s.bytes
         peak_loading = max(peak_loading, upto + s.bytes)
-    shared = PROCESS_BYTES + max(p.total_bytes, peak_loading)
+    shared = PROCESS_BYTES + max(p.total_bytes + p.host_weight_bytes, peak_loading)
     cpu = None if p.backend == "tensorrt" else PROCESS_BYTES + p.total_bytes
     return Step(
         "run",
@@ -501,6 +502,7 @@ def road(
     guided: bool = True,
     workspace_mb: int | None = None,
     steps: int | None = None,
+    weight_streaming_budget: int | None = None,
 ) -> Road:
     """The steps to running `cfg` at `precision` on `backend` (memory.plan's arguments), as today's code
     takes them:
@@ -541,6 +543,6 @@ def road(
                 out.append(derive_int8_step(cfg, steps))
         if backend == "tensorrt":
             out.append(build_step(cfg, precision, steps, workspace_mb))
-    p = plan(cfg, precision, backend, max_batch, guided, workspace_mb, steps)
+    p = plan(cfg, precision, backend, max_batch, guided, workspace_mb, steps, weight_streaming_budget)
     out.append(run_step(p))
     return Road(cfg.name, precision, backend, out, max_batch, guided, workspace_mb, steps)

@@ -88,6 +88,20 @@ def _on_host(trt, engine, name: str) -> bool:
     return engine.get_tensor_location(name) == trt.TensorLocation.HOST
 
 
+def _stream_weights(engine, budget: int, path) -> int:
+    """Keep `budget` bytes of `engine`'s streamable weights on the GPU, the rest in host memory, streamed in
+    on each run (ICudaEngine.weight_streaming_budget_v2, TensorRT 10.1+; set before any context is made).
+    Returns the bytes streamed per run."""
+    streamable = int(getattr(engine, "streamable_weights_size", 0) or 0)
+    if streamable <= 0:
+        raise BitDanceError(
+            f"{path}: this engine has no streamable weights: build it with weight streaming "
+            "(bitdance-rt build --weight-streaming, or run with --weight-streaming-budget)"
+        )
+    engine.weight_streaming_budget_v2 = min(int(budget), streamable)
+    return streamable - min(int(budget), streamable)
+
+
 def _set_device_memory(context, ptr: int, size: int) -> None:
     if hasattr(context, "set_device_memory"):  # setDeviceMemoryV2 (10.1+): pointer and size
         context.set_device_memory(ptr, size)
@@ -306,10 +320,16 @@ class TrtBackend(StageBackend):
         cuda_graphs: bool = True,
         sampler: str = "auto",
         expect_config: ModelConfig | None = None,
+        weight_streaming_budget: int | None = None,
     ):
         """Over built engines (engines.build.build_engines): deserialise them and bind their buffers; no
         build happens here. `device`: default the one the engines were built on; `sampler` as OrtBackend's;
-        `expect_config`: refuse engines of another model's export."""
+        `expect_config`: refuse engines of another model's export; `weight_streaming_budget`: bytes of
+        the backbone's weights kept on the GPU (its engine built streamable), the rest streamed per call."""
+        if weight_streaming_budget is not None and int(weight_streaming_budget) < 0:
+            raise BitDanceError(f"weight streaming budget must be >= 0 bytes, got {weight_streaming_budget}")
+        self.weight_streaming_budget = weight_streaming_budget
+        self.streamed_bytes = 0
         if sampler not in SAMPLER_MODES:
             raise BitDanceError(f"sampler mode {sampler!r}: use one of {', '.join(SAMPLER_MODES)}")
         self.device = cuda_device(engines.device if device is None else device)
@@ -347,6 +367,7 @@ class TrtBackend(StageBackend):
         sampler: str = "auto",
         level: int = 3,
         expect_config: ModelConfig | None = None,
+        weight_streaming_budget: int | None = None,
     ) -> "TrtBackend":
         """Build (engines missing from the cache, or stale) on `device`, then a backend over them: the
         one-call form for `check` and the tests; backends._trt_backend spells the two steps out."""
@@ -358,9 +379,23 @@ class TrtBackend(StageBackend):
         export = open_export(export_dir, expect_config, generation=True)
         with torch.cuda.device(device):  # TensorRT builds on the current CUDA device
             engines = build_engines(
-                export, precision, workspace_mb, level, list(export.specs), engine_root, device=device.index
+                export,
+                precision,
+                workspace_mb,
+                level,
+                list(export.specs),
+                engine_root,
+                device=device.index,
+                weight_streaming=weight_streaming_budget is not None,
             )
-        return cls(engines, device=device, cuda_graphs=cuda_graphs, sampler=sampler, expect_config=expect_config)
+        return cls(
+            engines,
+            device=device,
+            cuda_graphs=cuda_graphs,
+            sampler=sampler,
+            expect_config=expect_config,
+            weight_streaming_budget=weight_streaming_budget,
+        )
 
     def has_stage(self, stage: str) -> bool:
         return stage in self.engine_paths
@@ -401,6 +436,8 @@ class TrtBackend(StageBackend):
             raise BitDanceError(f"{path}: TensorRT could not deserialize it (delete it to rebuild)")
         check_engine_io(self.trt, engine, self.specs[stage], path)
         check_engine_profiles(engine, self.specs[stage], path)
+        if stage == st.BACKBONE and self.weight_streaming_budget is not None:
+            self.streamed_bytes = _stream_weights(engine, self.weight_streaming_budget, path)
         self.engines[stage] = engine
         return engine
 
