@@ -229,11 +229,7 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
 
     fp32 = paths.export_dir(model.config, model.weights_source(), steps, opts.max_batch)
     if model.t2i and precision == "int4":
-        raise BitDanceError(
-            "--precision int4 of a text-to-image model needs its INT4 graphs written from the weight files, "
-            "which bitdance-rt does not do yet (deriving them from FP32 graphs would hold the 14B in float32): "
-            "use fp16 or int8"
-        )
+        return _t2i_int4(model, steps, opts, out)
     if model.t2i and precision == "int8":
         return _streamed_int8(model, steps, opts, fp32, out)
     if model.t2i and precision == "fp16":
@@ -259,6 +255,27 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
         fp32, precision, calibration, opts.calib_method, out_dir=out, keep_float=opts.keep_float, runtime=runtime
     )
     logger.info("%s graphs: %s (%s)", precision.upper(), variant.directory, "reused" if variant.reused else "derived")
+    return variant.directory
+
+
+def _t2i_int4(model: ModelSource, steps: int, opts: BackendOptions, out=None) -> Path:
+    """Text-to-image INT4 graphs with no FP32 export on the way: TensorRT's INT4 form (FP16 graphs with INT4
+    weights, precision/int4.py) written from the FP16 graphs streamed from the weight files, a weight at a
+    time. ONNX Runtime's MatMulNBits graphs are derived from FP32 graphs only, which would hold the 14B in
+    float32: refused."""
+    from .precision.auto import precision_export
+    from .precision.policy import int4_format
+
+    runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None
+    if int4_format(runtime) != "qdq":
+        raise BitDanceError(
+            "--precision int4 of a text-to-image model is TensorRT's (FP16 graphs with INT4 weights, written "
+            "from the weight files): use --backend tensorrt; ONNX Runtime's INT4 graphs would need an FP32 "
+            "export of the 14B (use fp16 or int8 there)"
+        )
+    fp16 = auto_export(model, steps, replace(opts, keep_float=()), "fp16")
+    variant = precision_export(fp16, "int4", out_dir=out, keep_float=opts.keep_float, runtime=runtime)
+    logger.info("INT4 graphs: %s (%s)", variant.directory, "reused" if variant.reused else "written from FP16 graphs")
     return variant.directory
 
 

@@ -98,7 +98,7 @@ def _unpacked_int4(tensor) -> np.ndarray:
     return np.where(nibbles > 7, nibbles - 16, nibbles).reshape(tuple(tensor.dims))
 
 
-def test_tensorrt_int4_graph_dequantizes_blocks_of_64_or_128(tmp_path):
+def test_tensorrt_int4_graph_dequantizes_blocks_of_64_or_128(tmp_path, monkeypatch):
     """TensorRT's INT4 form of an FP16 graph: each weight as INT4 values and FP16 scales in blocks of 128
     along K (64 where 128 does not divide K; neither: the layer stays FP16) read by a DequantizeLinear at
     opset 21, a weight shared through an alias stored once; ONNX Runtime's products equal the products with
@@ -128,7 +128,7 @@ def test_tensorrt_int4_graph_dequantizes_blocks_of_64_or_128(tmp_path):
     )
     src, dst = tmp_path / "h.onnx", tmp_path / "q.onnx"
     onnx.save(model, str(src))
-    assert quantize_int4_qdq(src, dst, ["mm1", "mm2", "gemm", "odd_mm"]) == ["odd_mm"]
+    assert quantize_int4_qdq(src, dst, ["mm1", "mm2", "gemm", "odd_mm"]) == (["odd_mm"], [dst.name])
     out = onnx.load(str(dst))
     onnx.checker.check_model(out, full_check=True)
     assert [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")] == [21]
@@ -161,6 +161,17 @@ def test_tensorrt_int4_graph_dequantizes_blocks_of_64_or_128(tmp_path):
     np.testing.assert_array_equal(y4, (feeds["c"] @ odd))
     assert lint_graph(dst, "11") == []
     assert [f.op for f in lint_graph(dst, "10.3")] == ["opset_import"]
+    # from external data, a few rows at a time, into external data: the same tensors
+    from bitdance_rt.precision import int4
+
+    (tmp_path / "ext").mkdir()
+    far = tmp_path / "ext" / "h.onnx"
+    onnx.save_model(model, str(far), save_as_external_data=True, location="h.onnx.data", size_threshold=0)
+    monkeypatch.setattr(int4, "CHUNK_VALUES", 64 * 40)  # w in 3 chunks of a block row, g in 2
+    _, files = quantize_int4_qdq(far, tmp_path / "ext" / "q.onnx", ["mm1", "mm2", "gemm", "odd_mm"], external_bytes=0)
+    assert files == ["q.onnx", "q.onnx.data"]
+    chunked = {t.name: t.raw_data for t in onnx.load(str(tmp_path / "ext" / "q.onnx")).graph.initializer}
+    assert chunked == {t.name: t.raw_data or numpy_helper.to_array(t).tobytes() for t in out.graph.initializer}
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +288,50 @@ def test_int4_for_tensorrt_quantises_what_its_blocks_fit(int4):
         with cached_pipeline(cache, export_dir=str(where)) as pipe:
             tokens[name] = pipe.generate([1, 7, 3], seed=3).tokens.numpy()
     assert (tokens["int4"] == tokens["fp32"]).mean() > 0.6
+
+
+def test_text_to_image_int4_for_tensorrt_from_the_streamed_fp16_graphs(t2i_checkpoints, t2i_cache_template, tmp_path):
+    """A text-to-image model's INT4 graphs are TensorRT's, written from its FP16 graphs streamed from the weight
+    files (derived from that FP16 export, no FP32 one): every weight MatMul of the backbone and the head
+    INT4 but the time MLP's and those whose K no TensorRT block divides, lint clean for TensorRT 11, the
+    plan's bytes; on ONNX Runtime they generate images of +/-1 tokens close to the FP16 graphs'; ONNX Runtime's
+    own INT4 of a text-to-image model is refused in one line."""
+    from test_plan import _check_against
+
+    from bitdance_rt import Pipeline
+    from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
+    from bitdance_rt.engines.lint import lint_export
+    from bitdance_rt.export.manifest import read_manifest
+    from bitdance_rt.precision.derive import _digest
+
+    from conftest import T2I_STEPS, T2I_TEXT_TOKENS
+
+    ckpt = t2i_checkpoints[16]
+    cache = copy_cache(t2i_cache_template(16, "fp16"), tmp_path / "cache")
+    source = resolve_model(None, str(ckpt), None, 512, 512, T2I_TEXT_TOKENS)
+    kw = dict(checkpoint=ckpt, height=512, width=512, max_text_tokens=T2I_TEXT_TOKENS, steps=T2I_STEPS, threads=1)
+    with torch_threads(1), pytest.MonkeyPatch.context() as m:
+        m.setenv("BITDANCE_RT_CACHE", str(cache))
+        fp16 = auto_export(source, T2I_STEPS, BackendOptions(progress=False), "fp16")
+        out = auto_export(source, T2I_STEPS, BackendOptions(backend="tensorrt", progress=False), "int4")
+        with pytest.raises(BitDanceError, match="text-to-image model is TensorRT's"):
+            auto_export(source, T2I_STEPS, BackendOptions(progress=False), "int4")
+    manifest = read_manifest(out)
+    assert manifest["int4_format"] == "qdq" and manifest["key"]["derived_from"] == _digest(read_manifest(fp16)["key"])
+    for stage in st.INT4_STAGES:
+        after = onnx.load(str(out / f"{stage}.onnx"), load_external_data=False).graph
+        dequantised_weights = {x.output[0] for x in after.node if x.op_type == "DequantizeLinear"}
+        read = {x.name for x in after.node if x.op_type in ("MatMul", "Gemm") and x.input[1] in dequantised_weights}
+        half = onnx.load(str(fp16 / f"{stage}.onnx"), load_external_data=False).graph
+        want = {x for x in weight_matmuls(half) if "/time_embed/" not in x}
+        left = {x for x in want if _k(half, x) % 64}  # (the head's input projection: K = the token's bits)
+        assert read == want - left and read and (stage != st.BACKBONE or not left), stage
+        assert set(manifest.get("int4_fp16_layers", {}).get(stage, [])) == left, stage
+    assert lint_export(out, "11") == []
+    _check_against(source.config, out, "int4", T2I_STEPS, "tensorrt")
+    tokens = {}
+    for name, where in (("fp16", fp16), ("int4", out)):
+        with torch_threads(1), Pipeline.from_pretrained(export_dir=where, cache_dir=cache, progress=False, **kw) as p:
+            tokens[name] = p.generate(prompt="a red cat", seed=21).tokens.numpy()
+    assert set(np.unique(tokens["int4"])) <= {-1.0, 1.0}
+    assert (tokens["int4"] == tokens["fp16"]).mean() > 0.6

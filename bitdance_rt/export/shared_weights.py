@@ -71,7 +71,8 @@ def make_inline(tensor, data: bytes) -> None:
     tensor.raw_data = data
 
 
-def _external_file(base: Path, tensor) -> tuple[Path, int, int]:
+def external_file(base: Path, tensor) -> tuple[Path, int, int]:
+    """(file, offset, length) of a tensor's external data, its file beside the graph in `base`."""
     info = external_info(tensor)
     location = info.get("location", "")
     path = (Path(base) / location).resolve()
@@ -89,7 +90,7 @@ def read_chunks(tensor, base: Path | None, chunk: int = CHUNK_BYTES):
     if is_external(tensor):
         if base is None:
             raise ValueError(f"tensor {tensor.name!r} keeps its data in an external file, and no directory was given")
-        path, offset, length = _external_file(base, tensor)
+        path, offset, length = external_file(base, tensor)
         buffer = bytearray(min(chunk, max(length, 1)))
         with open(path, "rb") as f:
             f.seek(offset)

@@ -182,11 +182,32 @@ def fix(r: Road, s: Step, cfg, m: Machine) -> str:
             )
         if ok(alt):
             return f"{flag} ({fits(alt, m)[1]})"
+    if r.backend == "tensorrt" and s.step == "run" and not m.shared:  # (on a Jetson streaming saves nothing)
+        streamed = _streaming_fix(cfg, r.precision, max_batch, guided, workspace_mb, steps, ok)
+        if streamed:
+            budget, alt = streamed
+            return (
+                f"--weight-streaming-budget {budget / (1 << 30):.1f}GB ({fits(alt, m)[1]}; the rest of the "
+                "backbone is read from host memory on each of its calls)"
+            )
     big = st.is_t2i(cfg) and cfg.height * cfg.width > 512 * 512
     smaller = "; or a smaller image (plan --height 512 --width 512)" if big else ""
     if s.step == "build":
         return "none in today's code: TensorRT builds the engines on the GPU that runs them (an estimate)" + smaller
     return "none of --workspace-mb / --max-batch / --precision: a larger GPU" + smaller
+
+
+def _streaming_fix(cfg, precision, max_batch, guided, workspace_mb, steps, ok):
+    """(budget, run step) of the most of the backbone TensorRT can keep on the GPU with the run fitting (in
+    tenths of a GiB), or None."""
+    base = plan(cfg, precision, "tensorrt", max_batch, guided, workspace_mb, steps)
+    held = next(x.bytes for x in base.stages if x.stage == st.BACKBONE)
+    for tenths in range(int(held * 10 / (1 << 30)), -1, -1):
+        budget = tenths * (1 << 30) // 10
+        alt = run_step(plan(cfg, precision, "tensorrt", max_batch, guided, workspace_mb, steps, budget))
+        if ok(alt):
+            return budget, alt
+    return None
 
 
 def format_road(r: Road) -> str:

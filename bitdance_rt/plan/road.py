@@ -430,6 +430,23 @@ def ranges_step(cfg, steps: int) -> Step:
     )
 
 
+def int4_step(cfg, steps: int) -> Step:
+    """TensorRT's INT4 graphs written from the FP16 graphs (precision/int4.quantize_int4_qdq), a weight at a
+    time: the FP16 weights read memory-mapped and CHUNK_VALUES of a matrix quantised at once (as float32,
+    with its int8 values and the packed bytes: ~10 bytes a value), the graphs' skeletons besides."""
+    from ..precision.int4 import CHUNK_VALUES
+
+    graphs = _sum(stage_weights(cfg, "int4", steps, int4_format="qdq"))
+    return Step(
+        "int4",
+        STREAM_PROCESS_BYTES + 10 * CHUNK_VALUES,
+        0,
+        sum(graphs.values()),
+        "INT4 graphs written from the FP16 graphs, a few rows of a matrix at a time; no FP32 graph "
+        "(estimate, not measured)",
+    )
+
+
 def streamed_int8_step(cfg, steps: int) -> Step:
     """The INT8 graphs written from the weight files with those ranges (precision/streamed_int8.py): the
     streamed export's trace and weights, each quantised matrix also held once as int8."""
@@ -520,6 +537,7 @@ def road(
       derive int8  the INT8 Q/DQ graphs (ONNX Runtime's quantize_static per quantised stage)
       ranges       text-to-image INT8: activation ranges measured on the streamed FP16 graphs
       int8         text-to-image INT8: the Q/DQ graphs streamed from the weight files with those ranges
+      int4         TensorRT INT4: FP16 graphs with INT4 weights (precision/int4.py), from the FP16 graphs
       build        TensorRT engines, one stage after another (engines/build.py)
       run          the runtime: memory.plan's figures"""
     steps = cfg.default_steps if steps is None else int(steps)
@@ -528,7 +546,9 @@ def road(
     if backend != "torch":
         # FP16 graphs straight from the files: for an FP16 run on ONNX Runtime, and for a text-to-image INT8
         # road (its capture runs them, its ranges are measured on them, then INT8 is streamed too)
-        direct = streamed and (precision == "fp16" and backend == "onnxruntime" or precision == "int8")
+        direct = streamed and (
+            precision == "fp16" and backend == "onnxruntime" or precision == "int8" or precision == "int4"
+        )
         out.append(export_step(cfg, steps, precision="fp16" if direct else "fp32"))
         capture = capture_choice(cfg) if precision == "int8" else None
         if not direct and (precision == "fp16" and backend == "onnxruntime" or capture == ("onnxruntime", "fp16")):
@@ -541,6 +561,8 @@ def road(
                 out.extend([ranges_step(cfg, steps), streamed_int8_step(cfg, steps)])
             else:
                 out.append(derive_int8_step(cfg, steps))
+        if precision == "int4" and backend == "tensorrt":  # (FP16 graphs with INT4 weights)
+            out.append(int4_step(cfg, steps))
         if backend == "tensorrt":
             out.append(build_step(cfg, precision, steps, workspace_mb))
     p = plan(cfg, precision, backend, max_batch, guided, workspace_mb, steps, weight_streaming_budget)

@@ -29,7 +29,7 @@ from .policy import INT4_BLOCK, INT4_TRT_BLOCKS
 
 INT4_BLOCK_SIZES = (16, 32, 64, 128)  # (MatMulNBits: a power of two from 16)
 QDQ_OPSET = 21  # the first opset with INT4 tensors and DequantizeLinear's block_size
-INT4 = 22  # onnx.TensorProto.INT4
+INT4, FLOAT16 = 22, 10  # onnx.TensorProto
 
 
 def int4_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,16 +191,13 @@ def quantize_int4(src, dst, nodes: list[str], block_size: int = INT4_BLOCK, exte
         onnx.save_model(model, str(dst))
 
 
-def int4_tensor(name: str, values: np.ndarray):
-    """An ONNX INT4 initializer of `values` (int8 in -8..7): two per byte, the first in the low
-    nibble, in row-major order (the ONNX and TensorRT packing)."""
-    from onnx import helper
-
+def packed_int4(values: np.ndarray) -> bytes:
+    """`values` (int8 in -8..7) as ONNX and TensorRT pack INT4: two a byte, the first in the low nibble,
+    in row-major order."""
     flat = (values.reshape(-1).astype(np.int8) & 15).astype(np.uint8)
     if flat.size % 2:
         flat = np.append(flat, np.uint8(0))
-    packed = flat[0::2] | (flat[1::2] << 4)
-    return helper.make_tensor(name, INT4, list(values.shape), packed.tobytes(), raw=True)
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
 
 
 def trt_block(k: int) -> int | None:
@@ -209,21 +206,59 @@ def trt_block(k: int) -> int | None:
     return next((b for b in INT4_TRT_BLOCKS if k % b == 0), None)
 
 
-def quantize_int4_qdq(src, dst, nodes: list[str], external_data: bool = False) -> list[str]:
+CHUNK_VALUES = 1 << 24  # weight values quantised at once (64 MiB as float32): a 14B matrix is ~170M
+
+
+def _int4_chunks(view, transposed: bool, block: int, scales: list):
+    """The packed INT4 bytes of a float16 weight `view` ([K, N]; [N, K] when `transposed`), a few rows at a
+    time (rows of K in whole blocks; rows of N), each chunk's FP16 scales appended to `scales` (as the
+    DequantizeLinear reads them: [K/block, N]; [N, K/block])."""
+    rows, cols = view.shape
+    step = max(1, CHUNK_VALUES // cols) if transposed else max(1, CHUNK_VALUES // cols // block) * block
+    for r in range(0, rows, step):
+        w = np.asarray(view[r : r + step], dtype=np.float32)
+        q, scale = int4_values(w.T if transposed else w, block, np.float16)  # [n, k/b, b], [n, k/b]
+        n = q.shape[0]
+        if transposed:
+            yield packed_int4(q.reshape(n, -1))
+            scales.append(scale)
+        else:
+            yield packed_int4(q.reshape(n, -1).T)
+            scales.append(scale.T)
+
+
+def _weight_view(tensor, base: Path):
+    """A float16 weight's values, read lazily (memory-mapped) when they are in an external file."""
+    from onnx import numpy_helper
+
+    from ..export.shared_weights import external_file, is_external
+
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    path, offset, length = external_file(base, tensor)
+    return np.memmap(path, dtype=np.float16, mode="r", offset=offset, shape=tuple(tensor.dims))
+
+
+def quantize_int4_qdq(src, dst, nodes: list[str], external_bytes: int = 1_500_000_000, opset: int | None = QDQ_OPSET):
     """Write `src` (an FP16 stage graph) with the weights of the MatMul / Gemm nodes `nodes` as INT4
     values and FP16 block scales (int4_values, blocks along K of `trt_block(K)`) that a
-    DequantizeLinear expands before the node, the whole graph at opset QDQ_OPSET; every other node is
-    left as it is. A weight read by several of them is stored and dequantised once. Returns the names
-    of the nodes left FP16 because no TensorRT block size divides their K."""
+    DequantizeLinear expands before the node, the whole graph at `opset` (None: as it is; no `nodes`
+    and no opset: a copy); every other node is left as it is. A weight read by several of them is
+    stored and dequantised once. Graphs of any size: weights are read memory-mapped and written a
+    chunk at a time (export/shared_weights.save_streamed), the graph in dst's own files (its data
+    over `external_bytes` in dst.name + ".data"). Returns (the nodes left FP16 because no TensorRT
+    block size divides their K, the files written)."""
     import onnx
-    from onnx import helper, numpy_helper, version_converter
+    from onnx import helper, version_converter
+
+    from ..export.shared_weights import is_external, placeholder, read_chunks, save_streamed
 
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src), load_external_data=False)  # (the converter sees a skeleton)
-    if not any(o.domain in ("", "ai.onnx") and o.version >= QDQ_OPSET for o in model.opset_import):
-        model = version_converter.convert_version(model, QDQ_OPSET)
-    onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
-    model.ir_version = max(model.ir_version, 10)  # (INT4 tensors)
+    model = onnx.load(str(src), load_external_data=False)  # (a skeleton: external weights stay in their files)
+    if opset is not None and not any(o.domain in ("", "ai.onnx") and o.version >= opset for o in model.opset_import):
+        model = version_converter.convert_version(model, opset)
+    if nodes:
+        model.ir_version = max(model.ir_version, 10)  # (INT4 tensors)
     _read_weights_directly(model)
     graph = model.graph
     missing = sorted(set(nodes) - set(weight_matmuls(graph)))
@@ -245,38 +280,46 @@ def quantize_int4_qdq(src, dst, nodes: list[str], external_data: bool = False) -
             left.append(node.name)
             continue
         if name not in made:
-            value = numpy_helper.to_array(tensor).astype(np.float32)
-            q, scales = int4_values(value.T if transposed else value, block, np.float16)  # [N, K/b, b], [N, K/b]
-            n = q.shape[0]
-            q = q.reshape(n, k)
-            made[name] = f"{name}_int4_dequantized"
-            graph.initializer.extend(
-                [
-                    int4_tensor(f"{name}_int4", q if transposed else q.T),
-                    numpy_helper.from_array(scales if transposed else scales.T.copy(), f"{name}_int4_scales"),
-                ]
-            )
+            source = onnx.TensorProto()
+            source.CopyFrom(tensor)
+            made[name] = (source, transposed, block)
             dequantise.append(
                 helper.make_node(
                     "DequantizeLinear",
                     [f"{name}_int4", f"{name}_int4_scales"],
-                    [made[name]],
+                    [f"{name}_int4_dequantized"],
                     name=f"{name}_int4_DequantizeLinear",
                     axis=1 if transposed else 0,
                     block_size=block,
                 )
             )
-        node.input[1] = made[name]
+        node.input[1] = f"{name}_int4_dequantized"
     still_read = {x for node in graph.node for x in node.input}
     kept = [t for t in graph.initializer if t.name in still_read or t.name not in made]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    fills = []
+    for t in graph.initializer:  # the source's external data is copied into dst's own file, a chunk at a time
+        if is_external(t):
+            source = onnx.TensorProto()
+            source.CopyFrom(t)
+            fills.append((t, read_chunks(source, src.parent)))
+    for name, (source, transposed, block) in made.items():
+        blocks = list(source.dims)
+        blocks[1 if transposed else 0] //= block
+        values, scales = graph.initializer.add(), graph.initializer.add()
+        values.CopyFrom(placeholder(onnx.TensorProto(name=f"{name}_int4", data_type=INT4, dims=source.dims)))
+        scales.CopyFrom(placeholder(onnx.TensorProto(name=f"{name}_int4_scales", data_type=FLOAT16, dims=blocks)))
+        stash: list = []
+        fills.append((values, _int4_chunks(_weight_view(source, src.parent), transposed, block, stash)))
+        fills.append((scales, _stashed(stash)))  # (after the values: their chunks fill the stash)
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(dequantise + rest)  # (their inputs are initializers: first keeps the order topological)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if external_data:
-        onnx.save_model(model, str(dst), save_as_external_data=True, location=f"{dst.name}.data")
-    else:
-        onnx.save_model(model, str(dst))
-    return left
+    return left, save_streamed(model, dst, fills, external_bytes)
+
+
+def _stashed(stash: list):
+    for scales in stash:
+        yield np.ascontiguousarray(scales, dtype=np.float16).tobytes()
