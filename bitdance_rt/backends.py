@@ -252,7 +252,14 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
         raise BitDanceError(f"a calibration set is for precision int8 ({precision} graphs need none)")
     runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None  # (INT4's graph format)
     variant = precision_export(
-        fp32, precision, calibration, opts.calib_method, out_dir=out, keep_float=opts.keep_float, runtime=runtime
+        fp32,
+        precision,
+        calibration,
+        opts.calib_method,
+        out_dir=out,
+        keep_float=opts.keep_float,
+        runtime=runtime,
+        progress=opts.progress,
     )
     logger.info("%s graphs: %s (%s)", precision.upper(), variant.directory, "reused" if variant.reused else "derived")
     return variant.directory
@@ -274,7 +281,9 @@ def _t2i_int4(model: ModelSource, steps: int, opts: BackendOptions, out=None) ->
             "export of the 14B (use fp16 or int8 there)"
         )
     fp16 = auto_export(model, steps, replace(opts, keep_float=()), "fp16")
-    variant = precision_export(fp16, "int4", out_dir=out, keep_float=opts.keep_float, runtime=runtime)
+    variant = precision_export(
+        fp16, "int4", out_dir=out, keep_float=opts.keep_float, runtime=runtime, progress=opts.progress
+    )
     logger.info("INT4 graphs: %s (%s)", variant.directory, "reused" if variant.reused else "written from FP16 graphs")
     return variant.directory
 
@@ -416,11 +425,10 @@ def _trt_backend(model: ModelSource, steps: int, opts: BackendOptions):
     from .runtime.trt_backend import TrtBackend, cuda_device
 
     export_dir = opts.export_dir
-    if export_dir is None:  # engines from the cached FP32 export (the engine precision is opts.precision),
-        # or from INT4 graphs derived for TensorRT (weight-only: no calibration to wait for), or BF16 graphs
-        # (an FP32 network gives no BF16 engine: engines/options.py)
-        graphs = opts.precision if opts.precision in ("int4", "bf16") else "fp32"
-        export_dir = auto_export(model, steps, opts, graphs)
+    if export_dir is None:  # engines from the graphs of the precision asked, made as for onnxruntime (FP16
+        # graphs: a strongly typed network on TensorRT 10 and 11 alike; INT8 calibrated on the default set;
+        # INT4 in TensorRT's form)
+        export_dir = auto_export(model, steps, opts, opts.precision or "fp32")
     device = cuda_device(opts.device if opts.device.startswith("cuda") else "cuda")
     # another model's export, or one that cannot generate, is refused before anything is built
     export = open_export(export_dir, model.config, generation=True)

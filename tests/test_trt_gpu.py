@@ -207,12 +207,13 @@ def test_backend_on_the_second_gpu(tiny):
     assert backend._kv.device == torch.device("cuda", 1)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "int4"])
 def test_text_to_image_on_tensorrt(tmp_path, monkeypatch, precision):
     """The tiny Qwen3 text-to-image checkpoint through TensorRT engines (ids / pad prefill, GQA cache,
     the backbone's two profiles): FP32 tokens agree with ONNX Runtime's FP32 (random weights put some
-    pre-sign values near zero: >= 99% of bits, seed 21 as in test_t2i), FP16 / INT8 generate +/-1
-    tokens and finite images."""
+    pre-sign values near zero: >= 99% of bits, seed 21 as in test_t2i), FP16 / BF16 / INT8 / INT4 (the
+    graphs of that precision, made as for ONNX Runtime; INT4 in TensorRT's form) generate +/-1 tokens and
+    finite images."""
     from t2i_tiny import write_checkpoint
 
     from bitdance_rt import Pipeline
