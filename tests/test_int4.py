@@ -259,7 +259,10 @@ def test_int4_for_tensorrt_quantises_what_its_blocks_fit(int4):
     from bitdance_rt.engines.options import plan_precision
     from bitdance_rt.export.manifest import read_manifest
 
+    from bitdance_rt.plan.preflight import auto_export_steps
+
     source, cache, fp32, ort_int4 = int4
+    assert auto_export_steps(source, source.config.default_steps, "int4", 16) == ["derive int4"]  # (no calibration)
     with torch_threads(1):
         trt = auto_export(
             source, source.config.default_steps, BackendOptions(backend="tensorrt", progress=False), "int4"
@@ -302,6 +305,7 @@ def test_text_to_image_int4_for_tensorrt_from_the_streamed_fp16_graphs(t2i_check
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
     from bitdance_rt.engines.lint import lint_export
     from bitdance_rt.export.manifest import read_manifest
+    from bitdance_rt.plan.preflight import auto_export_steps
     from bitdance_rt.precision.derive import _digest
 
     from conftest import T2I_STEPS, T2I_TEXT_TOKENS
@@ -313,6 +317,8 @@ def test_text_to_image_int4_for_tensorrt_from_the_streamed_fp16_graphs(t2i_check
     with torch_threads(1), pytest.MonkeyPatch.context() as m:
         m.setenv("BITDANCE_RT_CACHE", str(cache))
         fp16 = auto_export(source, T2I_STEPS, BackendOptions(progress=False), "fp16")
+        # the memory check before it counts the step it takes: INT4 from the FP16 graphs, no calibration
+        assert auto_export_steps(source, T2I_STEPS, "int4", 16) == ["int4"]
         out = auto_export(source, T2I_STEPS, BackendOptions(backend="tensorrt", progress=False), "int4")
         with pytest.raises(BitDanceError, match="text-to-image model is TensorRT's"):
             auto_export(source, T2I_STEPS, BackendOptions(progress=False), "int4")

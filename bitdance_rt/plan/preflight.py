@@ -87,6 +87,9 @@ def auto_export_steps(
     final = Path(out) if out is not None else None
     if source.t2i and precision == "fp16":  # FP16 graphs straight from the weight files
         return [] if _has_manifest(final or paths.variant_dir(fp32, "fp16")) else ["export"]
+    if source.t2i and precision == "int4":  # FP16 graphs from the files, then TensorRT's INT4 from them
+        todo = [] if _has_manifest(paths.variant_dir(fp32, "fp16")) else ["export"]
+        return todo + ([] if final is not None and _has_manifest(final) and not todo else ["int4"])
     if source.t2i and precision == "int8":  # FP16 graphs, a capture on them, their ranges, INT8 from the files
         todo = [] if _has_manifest(paths.variant_dir(fp32, "fp16")) else ["export"]
         backend, cprec = capture or rd.capture_choice(source.config)
@@ -105,6 +108,9 @@ def auto_export_steps(
     if precision in ("fp16", "bf16"):
         final = final or paths.variant_dir(fp32, precision)
         return todo + ([] if _has_manifest(final) and not todo else [f"derive {precision}"])
+    if precision == "int4":  # weight-only: no calibration
+        have = _has_manifest(final) if final is not None else False
+        return todo + ([] if have and not todo else ["derive int4"])
     if calibration is None:
         backend, cprec = capture or rd.capture_choice(source.config)
         fp16 = paths.variant_dir(fp32, "fp16")
@@ -190,10 +196,12 @@ def check_memory(
             cfg,
             steps,
             export_stages,
-            "fp16" if precision == "fp16" or precision == "int8" and st.is_t2i(cfg) else "fp32",
+            "fp16" if precision == "fp16" or precision in ("int8", "int4") and st.is_t2i(cfg) else "fp32",
         ),
         "derive fp16": lambda: rd.derive_fp16_step(cfg, steps),
         "derive bf16": lambda: rd.derive_fp16_step(cfg, steps, "bf16"),
+        "derive int4": lambda: rd.derive_fp16_step(cfg, steps, "int4"),  # (a stage's FP32 graph whole, as FP16's)
+        "int4": lambda: rd.int4_step(cfg, steps),
         "calibrate": lambda: rd.calibrate_step(cfg, steps, *capture, **capture_args),
         "derive int8": lambda: rd.derive_int8_step(cfg, steps, samples, rows),
         "ranges": lambda: rd.ranges_step(cfg, steps),
