@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import BitDanceError
-from .precision.policy import PRECISIONS
+from .precision.policy import PRECISIONS, int4_format
 from .stages import DEFAULT_MAX_BATCH
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
@@ -223,21 +223,23 @@ def streamed_export(model: ModelSource, out, steps: int, opts: BackendOptions, p
 def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision: str, out=None) -> Path:
     """The cached FP32 export of the model and, for fp16 / int8, its derived variant (into `out`
     when given); the INT8 calibration set is opts.calibration or the cached default set.
-    Text-to-image FP16 and INT8 graphs are written straight from the weight files, with no FP32 export."""
+    Text-to-image FP16, BF16 and INT8 graphs are written straight from the weight files, with no FP32 export."""
     from . import paths
     from .precision.auto import precision_export
 
     fp32 = paths.export_dir(model.config, model.weights_source(), steps, opts.max_batch)
-    if model.t2i and precision == "int4":
-        return _t2i_int4(model, steps, opts, out)
+    runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None  # (INT4's graph format)
+    if precision == "int4" and (model.t2i or int4_format(runtime) == "qdq"):
+        return _trt_int4(model, steps, opts, out)
     if model.t2i and precision == "int8":
         return _streamed_int8(model, steps, opts, fp32, out)
-    if model.t2i and precision == "fp16":
+    if model.t2i and precision in ("fp16", "bf16"):
         if opts.keep_float:
             raise BitDanceError("keep-float is for precision int8 or int4")
         out = Path(out) if out is not None else paths.variant_dir(fp32, precision)
         result = streamed_export(model, out, steps, opts, precision)
-        logger.info("FP16 graphs: %s (%s)", out, "reused" if result.reused else "exported from the weight files")
+        how = "reused" if result.reused else "exported from the weight files"
+        logger.info("%s graphs: %s (%s)", precision.upper(), out, how)
         return out
     result = export_for(model, fp32, steps, opts)
     logger.info("ONNX export: %s (%s)", fp32, "reused" if result.reused else "exported")
@@ -250,7 +252,6 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
         calibration = _calibration(model, steps, opts, fp32_export=fp32)
     elif opts.calibration:
         raise BitDanceError(f"a calibration set is for precision int8 ({precision} graphs need none)")
-    runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None  # (INT4's graph format)
     variant = precision_export(
         fp32,
         precision,
@@ -265,13 +266,13 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
     return variant.directory
 
 
-def _t2i_int4(model: ModelSource, steps: int, opts: BackendOptions, out=None) -> Path:
-    """Text-to-image INT4 graphs with no FP32 export on the way: TensorRT's INT4 form (FP16 graphs with INT4
-    weights, precision/int4.py) written from the FP16 graphs streamed from the weight files, a weight at a
-    time. ONNX Runtime's MatMulNBits graphs are derived from FP32 graphs only, which would hold the 14B in
-    float32: refused."""
+def _trt_int4(model: ModelSource, steps: int, opts: BackendOptions, out=None) -> Path:
+    """TensorRT's INT4 graphs (FP16 graphs with INT4 weights, precision/int4.py), written from the model's
+    FP16 graphs a weight at a time: the FP16 variant (reused when cached), or for a text-to-image model
+    the FP16 graphs streamed from the weight files (no FP32 export on the way). ONNX Runtime's MatMulNBits
+    graphs of a text-to-image model would come from FP32 graphs, which would hold the 14B in float32:
+    refused."""
     from .precision.auto import precision_export
-    from .precision.policy import int4_format
 
     runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None
     if int4_format(runtime) != "qdq":
@@ -282,7 +283,7 @@ def _t2i_int4(model: ModelSource, steps: int, opts: BackendOptions, out=None) ->
         )
     fp16 = auto_export(model, steps, replace(opts, keep_float=()), "fp16")
     variant = precision_export(
-        fp16, "int4", out_dir=out, keep_float=opts.keep_float, runtime=runtime, progress=opts.progress
+        fp16, "int4", out_dir=out, keep_float=opts.keep_float, runtime="tensorrt", progress=opts.progress
     )
     logger.info("INT4 graphs: %s (%s)", variant.directory, "reused" if variant.reused else "written from FP16 graphs")
     return variant.directory

@@ -175,10 +175,12 @@ def test_tensorrt_int4_graph_dequantizes_blocks_of_64_or_128(tmp_path, monkeypat
 
 
 @pytest.fixture(scope="module")
-def int4(embedded_cache_template, tmp_path_factory):
+def int4(embedded_fp16_cache_template, tmp_path_factory):
+    """The embedded model's FP32 export and ONNX Runtime's INT4 variant of it, in a copy of the session's cache
+    that also holds the FP16 variant (TensorRT's INT4 graphs are written from it)."""
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
 
-    cache = copy_cache(embedded_cache_template, tmp_path_factory.mktemp("int4") / "cache")
+    cache = copy_cache(embedded_fp16_cache_template, tmp_path_factory.mktemp("int4") / "cache")
     source = resolve_model(None, None, None, None, None, None)
     with torch_threads(1), pytest.MonkeyPatch.context() as m:
         m.setenv("BITDANCE_RT_CACHE", str(cache))
@@ -247,7 +249,8 @@ def _k(graph, node_name: str) -> int:
 
 
 def test_int4_for_tensorrt_quantises_what_its_blocks_fit(int4):
-    """TensorRT's INT4 variant (export --precision int4 --backend tensorrt) is a variant of its own: every
+    """TensorRT's INT4 variant (export --precision int4 --backend tensorrt) is a variant of its own, written
+    from the FP16 variant: every
     weight MatMul of the INT4 stages but the time-embedding MLP's reads a DequantizeLinear of INT4 blocks,
     except exactly those whose K no TensorRT block (64, 128) divides, which the manifest lists; it lints
     clean for TensorRT 11, builds strongly typed at INT4, and generates on ONNX Runtime with tokens close
@@ -258,8 +261,8 @@ def test_int4_for_tensorrt_quantises_what_its_blocks_fit(int4):
     from bitdance_rt.engines.lint import lint_export
     from bitdance_rt.engines.options import plan_precision
     from bitdance_rt.export.manifest import read_manifest
-
     from bitdance_rt.plan.preflight import auto_export_steps
+    from bitdance_rt.precision.derive import _digest
 
     source, cache, fp32, ort_int4 = int4
     assert auto_export_steps(source, source.config.default_steps, "int4", 16) == ["derive int4"]  # (no calibration)
@@ -269,6 +272,8 @@ def test_int4_for_tensorrt_quantises_what_its_blocks_fit(int4):
         )
     manifest = read_manifest(trt)
     assert trt != ort_int4 and "-int4-trt-" in trt.name and manifest["int4_format"] == "qdq"
+    fp16 = read_manifest(fp32.parent / f"{fp32.name}-fp16")
+    assert manifest["key"]["derived_from"] == _digest(fp16["key"])
     for stage in st.INT4_STAGES:
         before = onnx.load(str(fp32 / f"{stage}.onnx"), load_external_data=False).graph
         after = onnx.load(str(trt / f"{stage}.onnx"), load_external_data=False).graph

@@ -89,14 +89,15 @@ def int8_layers(fp32_dir: Path, manifest: dict, stages) -> dict[str, list[str]]:
 
 def _load_source(fp32_dir: Path, precision: str, int4_format: str) -> dict:
     """The manifest of the export a variant is derived from, its files verified: an FP32 export, or for
-    TensorRT's INT4 (FP16 graphs with INT4 weights) an FP16 one too (text-to-image: streamed from the
-    weight files, with no FP32 export on the way)."""
+    TensorRT's INT4 (FP16 graphs with INT4 weights) an FP16 one (the FP16 variant; text-to-image: streamed
+    from the weight files, with no FP32 export on the way)."""
     manifest = read_manifest(fp32_dir)
     held = graph_precision(manifest)
-    if held != "fp32" and not (held == "fp16" and precision == "int4" and int4_format == "qdq"):
+    qdq = precision == "int4" and int4_format == "qdq"
+    if held != ("fp16" if qdq else "fp32"):
         raise BitDanceError(
             f"{fp32_dir / MANIFEST}: holds {held} graphs; derive precision variants from an FP32 export "
-            "(bitdance-rt export; TensorRT's INT4 graphs also from an FP16 one)"
+            "(bitdance-rt export), TensorRT's INT4 graphs from an FP16 one (export --precision fp16)"
         )
     verify_files(fp32_dir, manifest, hashes=True)
     return manifest
@@ -175,7 +176,6 @@ def derive_export(
     if precision == "fp32":
         raise BitDanceError("fp32 is the export itself: use the FP32 export directory")
     manifest = _load_source(fp32_dir, precision, int4_format)
-    source = graph_precision(manifest)  # fp32; fp16 for TensorRT's INT4 (a streamed text-to-image export)
     available = list(manifest["key"]["stages"])
     if precision == "int8":
         check_method(method)
@@ -230,17 +230,17 @@ def derive_export(
             src = fp32_dir / stage_files(manifest, fp32_dir, stage)[0]
             dst = work / f"{stage}.onnx"
             if stage in quantised and precision == "int4":
-                from .int4 import quantize_int4, weight_matmuls
+                from .int4 import quantize_int4, quantize_int4_qdq, weight_matmuls
 
                 graph = onnx_graph(src)
                 nodes = [n for n in int4_layers(stage, weight_matmuls(graph)) if n not in keep_float.get(stage, ())]
                 big = len(stage_files(manifest, fp32_dir, stage)) > 1
                 if int4_format == "qdq":
-                    left[stage], files[stage] = _int4_qdq(src, dst, work, stage, nodes, source == "fp16")
+                    left[stage], files[stage] = quantize_int4_qdq(src, dst, nodes, EXTERNAL_DATA_BYTES)
                 else:
                     quantize_int4(src, dst, nodes, INT4_BLOCK, external_data=big)
                     files[stage] = [dst.name] + ([f"{dst.name}.data"] if big else [])
-            elif source == "fp16":  # (TensorRT's INT4 from FP16 graphs: the FP16 stages as they are)
+            elif precision == "int4" and int4_format == "qdq":  # (from FP16 graphs: the FP16 stages as they are)
                 from .int4 import quantize_int4_qdq
 
                 _, files[stage] = quantize_int4_qdq(src, dst, [], EXTERNAL_DATA_BYTES, opset=None)
@@ -290,24 +290,6 @@ def derive_export(
         raise write_error(exc, f"the {precision} graphs", out_dir) from None
     finally:
         workdir.remove()
-
-
-def _int4_qdq(src: Path, dst: Path, work: Path, stage: str, nodes: list[str], half: bool):
-    """TensorRT's INT4 graph of a stage: its FP16 graph (`src` itself when `half`; else converted, a fused
-    sampler's arithmetic FP32 as FP16 variants have it, and removed after), then INT4 weights
-    (int4.quantize_int4_qdq). Returns (the layers left FP16, the files written)."""
-    from .fp16 import convert_fp16_file
-    from .int4 import quantize_int4_qdq
-
-    if half:
-        return quantize_int4_qdq(src, dst, nodes, EXTERNAL_DATA_BYTES)
-    fp16 = work / f"{stage}.fp16-for-int4.onnx"
-    made = convert_fp16_file(src, fp16, sampler=stage in st.SAMPLER_STAGES, external_bytes=EXTERNAL_DATA_BYTES)
-    try:
-        return quantize_int4_qdq(fp16, dst, nodes, EXTERNAL_DATA_BYTES)
-    finally:
-        for name in made:
-            (work / name).unlink(missing_ok=True)
 
 
 def _versions() -> dict:
