@@ -346,94 +346,81 @@ def test_text_to_image_guidance_is_constant_by_default_as_in_the_official_pipeli
     assert schedule_for("constant", load_config("tiny-digits")) == "constant"
 
 
-def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, t2i_cache_template, tmp_path, capsys, monkeypatch):
+KEPT = "/model/layers.0/mlp/down_proj/MatMul"  # a Qwen3 layer kept float by generate's --keep-float
+
+
+@pytest.fixture(scope="module")
+def prompt_int8(ckpt, t2i_cache_template, tmp_path_factory):
+    """`calibrate --prompt ... --report` then `generate --precision int8 --calibration SET --keep-float KEPT`,
+    run once per module through the CLI (in this process) in a copy of the session's cache holding the
+    FP32 and FP16 exports of the checkpoint (conftest t2i_cache_template: what the capture and the report
+    would export first), and what they wrote and printed. Both INT8 variants they leave in the cache (the
+    report's, derived; generate's, streamed) are also the lint test's INT8 graphs."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from bitdance_rt.cli import main
+
+    root = tmp_path_factory.mktemp("prompt-int8")
+    cache = copy_cache(t2i_cache_template(16, "fp32", "fp16"), root / "cache")
+    made = SimpleNamespace(cache=cache, set=root / "set", png=root / "png", printed=[])
+    made.int8_before = [d.name for d in (cache / "exports").iterdir() if "int8" in d.name]
+    made.model = ["--checkpoint", str(ckpt[16]), "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT)]
+    calibrate = ["calibrate", *made.model, "--steps", "2", "--prompt", "a red cat", "a blue dog"]
+    calibrate += ["--out", str(made.set), "--report", "--report-images", "1", "--threads", "1"]
+    generate = ["generate", "--prompt", "a cat", *made.model, "--steps", "2", "--precision", "int8"]
+    generate += ["--calibration", str(made.set), "--keep-float", KEPT, "--quiet", "--threads", "1"]
+    generate += ["--out", str(made.png)]
+    with pytest.MonkeyPatch.context() as patch, torch_threads(1):
+        patch.setenv("BITDANCE_RT_CACHE", str(cache))
+        for args in (calibrate, generate):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = main(args)
+            made.printed.append((code, out.getvalue()))
+    made.int8 = [d for d in (cache / "exports").iterdir() if "int8" in d.name and (d / "backbone.onnx").is_file()]
+    return made
+
+
+def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, prompt_int8, tmp_path, capsys, monkeypatch):
     """`calibrate --prompt` records text-to-image trajectories (prefill ids / pad, each step's pad),
-    and `generate --precision int8 --calibration SET` derives INT8 graphs from them and generates.
-    The cache starts with the session's FP32 and FP16 exports of the checkpoint (conftest
-    t2i_cache_template: what the capture and the report would export first); no INT8 variant."""
+    and `generate --precision int8 --calibration SET` derives INT8 graphs from them and generates
+    (the commands run in the module fixture prompt_int8, on a cache with no INT8 variant at first)."""
     from bitdance_rt.calibration import load_calibration
     from bitdance_rt.cli import main
     from bitdance_rt.precision.auto import REPORT_T2I_PROMPTS
 
-    cache = copy_cache(t2i_cache_template(16, "fp32", "fp16"), tmp_path / "cache")
-    assert not [d for d in (cache / "exports").iterdir() if "int8" in d.name]
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))
-    model = ["--checkpoint", str(ckpt[16]), "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT)]
-    out = tmp_path / "set"
-    with torch_threads(1):
-        assert (
-            main(
-                [
-                    "calibrate",
-                    *model,
-                    "--steps",
-                    "2",
-                    "--prompt",
-                    "a red cat",
-                    "a blue dog",
-                    "--out",
-                    str(out),
-                    "--report",
-                    "--report-images",
-                    "1",
-                    "--threads",
-                    "1",
-                ]
-            )
-            == 0
-        )
-        assert "2 prompt(s) x 1 seed(s)" in capsys.readouterr().out
-        # the accuracy report, on a held-out prompt: every stage of both precisions measured
-        report = json.loads((out / "report.json").read_text())
-        (prompt,) = report["setup"]["prompts"]  # (shortened by whole words to fit the graphs' prompt length)
-        assert prompt and REPORT_T2I_PROMPTS[0].startswith(prompt) and "labels" not in report["setup"]
-        for precision in ("fp16", "int8"):
-            tf = report["precisions"][precision]["teacher_forced"]
-            assert {"prefix_embed", "token_embed", "backbone", "head", "end_to_end"} <= set(tf)
-            assert 0.5 < tf["end_to_end"]["bit_agreement"] <= 1.0
-        assert report["precisions"]["fp16"]["teacher_forced"]["backbone"]["bit_agreement"] >= 0.99
-        cset = load_calibration(out)
-        assert cset.key["prompts"] == ["a red cat", "a blue dog"] and "labels" not in cset.key
-        pads = torch.cat([s.inputs["pad"] for s in cset.phase_samples("backbone", "prefill")])
-        assert set(pads.tolist()) == _pads(ckpt[16], ["a red cat", "a blue dog"])  # conditional and CFG rows
-        steps = cset.phase_samples("backbone", "step")
-        assert steps and all(s.inputs["pad"].shape == s.inputs["start"].shape for s in steps)
-        layer = "/model/layers.0/mlp/down_proj/MatMul"  # a Qwen3 layer kept float by --keep-float
-        assert (
-            main(
-                [
-                    "generate",
-                    "--prompt",
-                    "a cat",
-                    *model,
-                    "--steps",
-                    "2",
-                    "--precision",
-                    "int8",
-                    "--calibration",
-                    str(out),
-                    "--keep-float",
-                    layer,
-                    "--quiet",
-                    "--threads",
-                    "1",
-                    "--out",
-                    str(tmp_path / "png"),
-                ]
-            )
-            == 0
-        )
-        assert "(int8)" in capsys.readouterr().out and (tmp_path / "png" / "000.png").is_file()
-    # two INT8 variants: the report's (the policy's float layers) and generate's, which keeps `layer` too
-    int8 = [
-        d for d in (tmp_path / "cache" / "exports").iterdir() if "int8" in d.name and (d / "backbone.onnx").is_file()
-    ]
-    assert sorted(_keeps(d, layer) for d in int8) == [False, True]
+    made = prompt_int8
+    assert made.int8_before == []
+    (code, printed), (generate_code, generate_printed) = made.printed
+    assert code == 0 and "2 prompt(s) x 1 seed(s)" in printed
+    # the accuracy report, on a held-out prompt: every stage of both precisions measured
+    out = made.set
+    report = json.loads((out / "report.json").read_text())
+    (prompt,) = report["setup"]["prompts"]  # (shortened by whole words to fit the graphs' prompt length)
+    assert prompt and REPORT_T2I_PROMPTS[0].startswith(prompt) and "labels" not in report["setup"]
+    for precision in ("fp16", "int8"):
+        tf = report["precisions"][precision]["teacher_forced"]
+        assert {"prefix_embed", "token_embed", "backbone", "head", "end_to_end"} <= set(tf)
+        assert 0.5 < tf["end_to_end"]["bit_agreement"] <= 1.0
+    assert report["precisions"]["fp16"]["teacher_forced"]["backbone"]["bit_agreement"] >= 0.99
+    cset = load_calibration(out)
+    assert cset.key["prompts"] == ["a red cat", "a blue dog"] and "labels" not in cset.key
+    pads = torch.cat([s.inputs["pad"] for s in cset.phase_samples("backbone", "prefill")])
+    assert set(pads.tolist()) == _pads(ckpt[16], ["a red cat", "a blue dog"])  # conditional and CFG rows
+    steps = cset.phase_samples("backbone", "step")
+    assert steps and all(s.inputs["pad"].shape == s.inputs["start"].shape for s in steps)
+    assert generate_code == 0 and "(int8)" in generate_printed and (made.png / "000.png").is_file()
+    # two INT8 variants: the report's (the policy's float layers) and generate's, which keeps KEPT too
+    int8 = made.int8
+    assert sorted(_keeps(d, KEPT) for d in int8) == [False, True]
     # generate's is written from the weight files with ranges measured on the FP16 graphs; the report's is derived
-    keys = {_keeps(d, layer): json.loads((d / "manifest.json").read_text())["key"] for d in int8}
+    keys = {_keeps(d, KEPT): json.loads((d / "manifest.json").read_text())["key"] for d in int8}
     assert keys[True]["weights"] == "streamed" and "derived_from" not in keys[True] and "derived_from" in keys[False]
     assert not any(_keeps(d, "/model/layers.0/mlp/up_proj/MatMul") for d in int8)
-    assert main(["calibrate", *model, "--labels", "1", "--out", str(tmp_path / "x")]) == 2
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(made.cache))
+    assert main(["calibrate", *made.model, "--labels", "1", "--out", str(tmp_path / "x")]) == 2
     assert "takes --prompt" in capsys.readouterr().err
 
 
@@ -459,23 +446,6 @@ def _pads(directory, prompts) -> set[int]:
     return {int(p) for p in cond.pad} | {int(cond.uncond_pad)}
 
 
-@pytest.fixture(scope="module")
-def one_prompt_set(ckpt, tmp_path_factory):
-    """A calibration set of the 16x checkpoint from one prompt (torch capture, S=2): enough for INT8
-    graphs whose structure is checked. (The default set, 16 images captured on the FP16 graphs, took
-    ~2.5 min of the lint test on 2 cores; Pipeline's INT8 from the default set is test_pipeline.py's.)"""
-    from bitdance_rt.backends import resolve_model
-    from bitdance_rt.calibration import capture, save_calibration
-
-    weights = resolve_model(None, str(ckpt[16]), None, 512, 512, TEXT).weights_source()  # as auto_export checks
-    with torch_threads(1):
-        loaded = load_t2i(ckpt[16], 512, 512, max_text_tokens=TEXT)
-        result = capture(
-            loaded.model, weights, None, [0], 2, 4.0, prompts=loaded.prompts.encode(["a red cat"]), batch_size=1
-        )
-    return save_calibration(result.dataset, tmp_path_factory.mktemp("t2i-set") / "one-prompt")
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(
     ckpt, t2i_cache_template, tmp_path, monkeypatch, request, precision
@@ -484,21 +454,28 @@ def test_text_to_image_graphs_pass_the_tensorrt_lint_at_every_precision(
     10.3 / 11 tables, `start` / `pad` only as gather indices (never shape tensors), and the
     optimisation profiles are the contract's (ids [rows, prefix], pad [rows], the GQA cache).
     The FP32 and FP16 graphs are the session's automatic exports (conftest t2i_cache_template, found
-    by auto_export in a copy of its cache); INT8 is derived here, from a one-prompt calibration set."""
+    by auto_export in a copy of its cache). INT8: both variants the CLI made from a calibration set of
+    two prompts (prompt_int8): streamed from the weight files by auto_export (generate --precision int8,
+    with one more layer kept float) and derived from the FP32 graphs (the accuracy report's)."""
     from bitdance_rt import stages as st
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
     from bitdance_rt.engines.lint import TARGETS, lint_export
     from bitdance_rt.engines.profiles import stage_profile
 
-    cache = copy_cache(t2i_cache_template(16, "fp32", "fp16"), tmp_path / "cache")
-    monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))
     source = resolve_model(None, str(ckpt[16]), None, 512, 512, TEXT)
-    calibration = str(request.getfixturevalue("one_prompt_set")) if precision == "int8" else None
-    with torch_threads(1):
-        directory = auto_export(source, 2, BackendOptions(progress=False, calibration=calibration), precision)
-    assert str(directory).startswith(str(cache))
-    for target in TARGETS:
-        assert [str(f) for f in lint_export(directory, target)] == [], (precision, target)
+    if precision == "int8":
+        made = request.getfixturevalue("prompt_int8")
+        cache, directories = made.cache, made.int8
+        assert len(directories) == 2
+    else:
+        cache = copy_cache(t2i_cache_template(16, "fp32", "fp16"), tmp_path / "cache")
+        monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))
+        with torch_threads(1):
+            directories = [auto_export(source, 2, BackendOptions(progress=False), precision)]
+    for directory in directories:
+        assert str(directory).startswith(str(cache))
+        for target in TARGETS:
+            assert [str(f) for f in lint_export(directory, target)] == [], (precision, target, directory.name)
     cfg = source.config
     specs = st.stage_specs(cfg, st.GENERATION_STAGES, 2)
     ids = dict((n, (lo, opt, hi)) for n, lo, opt, hi in stage_profile(specs[st.PREFIX_EMBED]))
