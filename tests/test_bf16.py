@@ -1,6 +1,7 @@
 """BF16 graphs (precision/bf16.py): the FP16 variant's placement in BFLOAT16, values rounded from the
 FP32 ones, what they compute, where they run (TensorRT and torch on a GPU; refused on ONNX Runtime's
-CPU provider), the TensorRT lint and plan, and `bitdance-rt export --precision bf16`.
+CPU provider), the TensorRT lint and plan, `bitdance-rt export --precision bf16`, and text-to-image
+BF16 graphs streamed from the weight files (precision/streamed.py), equal to the derived ones.
 
 ONNX Runtime's CPU provider has no BF16 MatMul, so the numerics are checked with ONNX's reference
 evaluator. The embedded model's graphs are the session's 4-step export (conftest
@@ -351,17 +352,12 @@ def test_bf16_graphs_of_the_embedded_model_pass_the_tensorrt_lint(exported):
         assert [str(f) for f in lint_export(directory, target)] == [], target
 
 
-def test_bf16_graphs_of_a_text_to_image_model_pass_the_tensorrt_lint(t2i_checkpoints, t2i_cache_template, tmp_path):
-    """The tiny text-to-image model's BF16 graphs, derived from the session's FP32 export (copied)."""
+def test_bf16_graphs_of_a_text_to_image_model_pass_the_tensorrt_lint(t2i_streamed):
+    """The tiny text-to-image model's BF16 graphs, auto_export's: streamed from the weight files ((h))."""
     from bitdance_rt.engines.lint import TARGETS, lint_export
 
-    cache = copy_cache(t2i_cache_template(16), tmp_path / "cache")
-    source = resolve_model(None, str(t2i_checkpoints[16]), None, 512, 512, T2I_TEXT_TOKENS)
-    with paths.using_cache_root(cache), torch_threads(1):
-        directory = auto_export(source, T2I_STEPS, BackendOptions(progress=False), "bf16")
-        fp32 = paths.export_dir(source.config, source.weights_source(), T2I_STEPS)
-    assert directory == paths.variant_dir(fp32, "bf16") and directory.name == f"{fp32.name}-bf16"
-    assert read_manifest(directory)["precision"] == "bf16"
+    _, _, directory, fp32, _, _ = t2i_streamed
+    assert directory.name == f"{fp32.name}-bf16" and read_manifest(directory)["precision"] == "bf16"
     for target in TARGETS:
         assert [str(f) for f in lint_export(directory, target)] == [], target
 
@@ -390,3 +386,107 @@ def test_export_precision_bf16_writes_a_bf16_export_on_the_cpu(exported, fp32_di
     }
     for stage, n in held.items():
         assert abs(planned[stage] - n) <= 0.08 * n, (stage, planned[stage], n)
+
+
+# ---- (h) text-to-image BF16 streamed from the weight files --------------------------------------------------------
+@pytest.fixture(scope="module")
+def t2i_streamed(t2i_checkpoints, tmp_path_factory):
+    """auto_export(..., "bf16") of the tiny text-to-image model into an empty cache, loading the float32
+    model refused, with the skeleton size and chunk rows lowered (as tests/test_streamed_int8.py does)
+    so that its weights are streamed in, chunk by chunk, not inlined by the trace. Returns (source,
+    cache root, the BF16 directory, the FP32 export's directory, auto_export_steps before and after)."""
+    import bitdance_rt.t2i.loading as loading
+    from bitdance_rt.export import shared_weights, weightless
+    from bitdance_rt.plan.preflight import auto_export_steps
+
+    def refuse(*a, **k):
+        raise AssertionError("the float32 model was loaded")
+
+    source = resolve_model(None, str(t2i_checkpoints[16]), None, 512, 512, T2I_TEXT_TOKENS)
+    cache = tmp_path_factory.mktemp("t2i-bf16") / "cache"
+    opts = BackendOptions(progress=False, threads=1)
+    with paths.using_cache_root(cache), torch_threads(1), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loading, "load_t2i", refuse)
+        for module in (weightless, shared_weights):
+            patch.setattr(module, "SKELETON_BYTES", 4096)
+        patch.setattr(weightless, "_rows_per_chunk", lambda shape, chunk_bytes: 7)
+        before = auto_export_steps(source, T2I_STEPS, "bf16", opts.max_batch)
+        directory = auto_export(source, T2I_STEPS, opts, "bf16")
+        after = auto_export_steps(source, T2I_STEPS, "bf16", opts.max_batch)
+        fp32 = paths.export_dir(source.config, source.weights_source(), T2I_STEPS, opts.max_batch)
+    return source, cache, directory, fp32, before, after
+
+
+def _graph_contents(directory, stage):
+    """(nodes, inputs, outputs as bytes; {initializer: (type, dims, data bytes)}) of a stage graph."""
+    graph = onnx.load(str(directory / read_manifest(directory)["stage_files"][stage][0])).graph
+    io = [[v.SerializeToString() for v in vs] for vs in (graph.node, graph.input, graph.output)]
+    inits = {t.name: (t.data_type, list(t.dims), numpy_helper.to_array(t).tobytes()) for t in graph.initializer}
+    return io, inits
+
+
+def test_text_to_image_bf16_is_streamed_from_the_weight_files_with_no_fp32_export(t2i_streamed):
+    """auto_export's BF16 of a text-to-image model writes the BF16 variant's directory straight from the
+    weight files: no FP32 export in the cache, no float32 model (the fixture refuses it); the preflight
+    counts one step, "export", and nothing once it is there; `plan` counts a BF16 streamed export, no
+    FP32 export and derivation."""
+    from bitdance_rt.plan.road import road
+    from bitdance_rt.precision.policy import fingerprint
+
+    source, cache, directory, fp32, before, after = t2i_streamed
+    assert directory == paths.variant_dir(fp32, "bf16") and before == ["export"] and after == []
+    assert [p.parent for p in cache.rglob("manifest.json")] == [directory] and not fp32.exists()
+    manifest = read_manifest(directory)
+    assert manifest["precision"] == "bf16" and manifest["key"]["weights"] == "streamed"
+    assert manifest["key"]["policy"] == fingerprint("bf16")
+    for backend, names in (("tensorrt", ["export", "build", "run"]), ("onnxruntime", ["export", "run"])):
+        steps = road(source.config, "bf16", backend, steps=T2I_STEPS).steps
+        assert [s.step for s in steps] == names, backend
+        assert steps[0].what.startswith("BF16 ONNX export streamed from the weight files"), steps[0].what
+
+
+def test_streamed_text_to_image_bf16_equals_the_variant_derived_from_its_fp32_export(
+    t2i_streamed, t2i_cache_template, tmp_path
+):
+    """Same nodes, graph inputs and outputs, and initializer bytes per tensor name as the BF16 variant
+    derive_export writes from the session's FP32 export (whose weights went through the FP32 graphs
+    and were rounded whole), and the same key but for what it was derived from."""
+    from bitdance_rt.precision.derive import derive_export
+
+    source, _, directory, _, _, _ = t2i_streamed
+    cache = copy_cache(t2i_cache_template(16), tmp_path / "cache")
+    with paths.using_cache_root(cache):
+        fp32 = paths.export_dir(source.config, source.weights_source(), T2I_STEPS)
+    derived = derive_export(fp32, tmp_path / "derived", "bf16", progress=False)
+    key = {k: v for k, v in derived.manifest["key"].items() if k != "derived_from"}
+    assert read_manifest(directory)["key"] == key
+    for stage in key["stages"]:
+        ours_io, ours = _graph_contents(directory, stage)
+        their_io, theirs = _graph_contents(derived.directory, stage)
+        assert ours_io == their_io, stage
+        assert sorted(ours) == sorted(theirs), stage
+        assert [n for n in ours if ours[n] != theirs[n]] == [], stage
+        assert BFLOAT16 in {t for t, _, _ in ours.values()}, stage
+
+
+def test_streamed_text_to_image_bf16_holds_the_bf16_checkpoints_values_exactly(t2i_streamed, t2i_checkpoints):
+    """The language model's weights are BF16 in the checkpoint: the BF16 graphs hold every one of them (but
+    the unused lm_head) as the file's bits (a Linear's transposed), nothing rounded on the way."""
+    from safetensors.torch import load_file
+
+    stored = {}
+    for path in sorted(t2i_checkpoints[16].glob("model-*.safetensors")):
+        stored.update(load_file(str(path)))
+    _, _, directory, _, _, _ = t2i_streamed
+    seen = set()
+    for stage in (st.PREFIX_EMBED, st.TOKEN_EMBED, st.BACKBONE):
+        for name, (kind, dims, data) in _graph_contents(directory, stage)[1].items():
+            weight = name.removeprefix("model.").removesuffix(".T")
+            if weight not in stored:
+                continue
+            bits = stored[weight].view(torch.int16)
+            bits = bits.t() if name.endswith(".T") else bits
+            assert kind == BFLOAT16 and dims == list(bits.shape), name
+            assert data == bits.contiguous().numpy().tobytes(), name
+            seen.add(weight)
+    assert seen == set(stored) - {"lm_head.weight"}

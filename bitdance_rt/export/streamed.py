@@ -3,8 +3,8 @@
 The model is traced weightless (export/weightless.py) and each stage's weights are copied from the
 source (memory-mapped safetensors shards, BF16 or FP8 as stored) straight into the stage's graph or
 external data file, converted chunk by chunk to the graph's precision. A `graph_pass` may rewrite
-the traced FP32 graph first (the FP16 conversion and INT8 quantisation of precision/streamed.py:
-weights are then written in FP16, or as int8 with their scales, and never exist in float32 as a
+the traced FP32 graph first (the FP16 / BF16 conversion and INT8 quantisation of precision/streamed.py:
+weights are then written in FP16 / BF16, or as int8 with their scales, and never exist in float32 as a
 whole). The export directory, manifest and reuse are those of every export
 (onnx_export.write_export); the key records that the weights were streamed.
 """
@@ -78,7 +78,7 @@ def export_stage_streamed(
 ) -> list[str]:
     """Export one stage of the weightless `model` into directory/<stage>.onnx (+ .onnx.data) with
     its weights from `source`; returns the file names written. `to_half` / `to_int8`: weight_chunks'
-    conversions of the weights `graph_pass` made FP16 / INT8."""
+    conversions of the weights `graph_pass` made FP16 or BF16 / INT8."""
     import onnx
 
     _register_symbolics()

@@ -27,7 +27,9 @@ from .shared_weights import SKELETON_BYTES, external_info, is_external, make_inl
 SOURCE = "bitdance_rt_source"  # external_data key of a placeholder: the source tensor's name
 TRANSPOSED = "bitdance_rt_transposed"  # ... and "1" when the graph reads its transpose
 CHANNELS = "bitdance_rt_channels"  # ... and "1" when it holds one value per row (output channel): INT8 scales
-FLOAT, INT8, FLOAT16 = 1, 3, 10  # onnx.TensorProto
+FLOAT, INT8, FLOAT16, BFLOAT16 = 1, 3, 10, 16  # onnx.TensorProto
+# the numpy type `to_half` gives for each 16-bit float type (bfloat16: its bits, numpy has no bfloat16)
+HALF_DTYPES = {FLOAT16: "float16", BFLOAT16: "uint16"}
 
 
 @dataclass
@@ -224,8 +226,9 @@ def weight_chunks(
     chunk_bytes: int = 1 << 26,
     to_int8: Callable | None = None,
 ) -> Iterator[memoryview]:
-    """The data of placeholder `t`, from its source, in the type the graph declares: FLOAT, or FLOAT16
-    through `to_half` (float32 numpy -> float16 numpy: the precision layer's rounding), in chunks of
+    """The data of placeholder `t`, from its source, in the type the graph declares: FLOAT, or FLOAT16 /
+    BFLOAT16 through `to_half` (float32 numpy -> HALF_DTYPES' numpy: the precision layer's rounding; a
+    graph holds one of the two, and a mismatched `to_half` is refused), in chunks of
     whole rows of at most ~`chunk_bytes` float32 bytes. An INT8 placeholder (a weight quantised per
     output channel, one row of its source) or one marked CHANNELS (that weight's per-channel scales)
     goes through `to_int8(t, rows, first)`: float32 numpy rows [first, first + len(rows)) of the
@@ -235,8 +238,9 @@ def weight_chunks(
     name, channels = info[SOURCE], info.get(CHANNELS) == "1"
     transposed = info.get(TRANSPOSED) == "1" and not channels
     quantised = t.data_type == INT8 or channels
-    hook = to_int8 if quantised else to_half if t.data_type == FLOAT16 else None
-    if t.data_type not in (FLOAT, FLOAT16, INT8) or (hook is None and (quantised or t.data_type == FLOAT16)):
+    half = t.data_type in HALF_DTYPES
+    hook = to_int8 if quantised else to_half if half else None
+    if t.data_type not in (FLOAT, INT8, *HALF_DTYPES) or (hook is None and (quantised or half)):
         raise BitDanceError(f"weight {name}: no conversion to ONNX type {t.data_type}")
     shape = source.shape(name)
     if transposed:  # (a Linear's matrix: read whole, at most the largest matrix in float32)
@@ -255,6 +259,8 @@ def weight_chunks(
         values = part.contiguous().numpy()
         if quantised and first is not None:
             values = to_int8(t, values, first)
-        elif t.data_type == FLOAT16:
+        elif half:
             values = to_half(values)
+            if values.dtype != HALF_DTYPES[t.data_type]:
+                raise BitDanceError(f"weight {name}: to_half gave {values.dtype} values for ONNX type {t.data_type}")
         yield memoryview(values).cast("B")

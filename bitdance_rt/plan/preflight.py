@@ -85,8 +85,8 @@ def auto_export_steps(
 
     fp32 = paths.export_dir(source.config, source.weights_source(), steps, max_batch)
     final = Path(out) if out is not None else None
-    if source.t2i and precision == "fp16":  # FP16 graphs straight from the weight files
-        return [] if _has_manifest(final or paths.variant_dir(fp32, "fp16")) else ["export"]
+    if source.t2i and precision in ("fp16", "bf16"):  # FP16 / BF16 graphs straight from the weight files
+        return [] if _has_manifest(final or paths.variant_dir(fp32, precision)) else ["export"]
     if source.t2i and precision == "int4":  # FP16 graphs from the files, then TensorRT's INT4 from them
         todo = [] if _has_manifest(paths.variant_dir(fp32, "fp16")) else ["export"]
         return todo + ([] if final is not None and _has_manifest(final) and not todo else ["int4"])
@@ -191,12 +191,17 @@ def check_memory(
         return
     made = {
         "load": lambda: rd.load_step(cfg),
-        # (a text-to-image FP16 or INT8 road streams its export as FP16; every other export is the FP32 one)
+        # (a text-to-image road streams its export: BF16 as BF16, FP16 / INT8 / INT4 as FP16; every other
+        # export is the FP32 one)
         "export": lambda: rd.export_step(
             cfg,
             steps,
             export_stages,
-            "fp16" if precision == "fp16" or precision in ("int8", "int4") and st.is_t2i(cfg) else "fp32",
+            precision
+            if precision in ("fp16", "bf16")
+            else "fp16"
+            if precision in ("int8", "int4") and st.is_t2i(cfg)
+            else "fp32",
         ),
         "derive fp16": lambda: rd.derive_fp16_step(cfg, steps),
         "derive bf16": lambda: rd.derive_fp16_step(cfg, steps, "bf16"),

@@ -306,7 +306,7 @@ def streamed_export_step(cfg, steps: int, stages=None, precision: str = "fp32") 
 
 
 def export_step(cfg, steps: int, stages=None, precision: str = "fp32") -> Step:
-    """The export: text-to-image models' streamed as `precision` (fp32 or fp16); the rest FP32 from the
+    """The export: text-to-image models' streamed as `precision` (fp32, fp16 or bf16); the rest FP32 from the
     loaded model."""
     if st.is_t2i(cfg):
         return streamed_export_step(cfg, steps, stages, precision)
@@ -528,10 +528,11 @@ def road(
                    models skip it unless they run on torch
       export       the FP32 ONNX export, one stage after another, of the loaded model (export/onnx_export.py);
                    text-to-image models' streamed from the weight files (export/streamed.py), as FP16
-                   graphs directly when the run is FP16 on ONNX Runtime
+                   graphs directly when the run is FP16 on ONNX Runtime, as BF16 ones when it is BF16
       derive fp16  FP16 graphs (precision/derive.py): for ONNX Runtime, and the graphs a text-to-image
                    INT8 capture runs on
       derive bf16  BF16 graphs (precision/bf16.py), as FP16's: for ONNX Runtime on a GPU and TensorRT
+                   (not text-to-image models: their export streams them)
       calibrate    the INT8 calibration capture: torch float32 (ImageNet models) or ONNX Runtime on the
                    FP16 graphs (text-to-image models; calibration.capture_choice)
       derive int8  the INT8 Q/DQ graphs (ONNX Runtime's quantize_static per quantised stage)
@@ -545,15 +546,16 @@ def road(
     out = [] if streamed and backend != "torch" else [load_step(cfg)]
     if backend != "torch":
         # FP16 graphs straight from the files: for an FP16 run on ONNX Runtime, and for a text-to-image INT8
-        # road (its capture runs them, its ranges are measured on them, then INT8 is streamed too)
+        # road (its capture runs them, its ranges are measured on them, then INT8 is streamed too); BF16
+        # graphs straight from the files for a BF16 run
         direct = streamed and (
-            precision == "fp16" and backend == "onnxruntime" or precision == "int8" or precision == "int4"
+            precision == "fp16" and backend == "onnxruntime" or precision in ("bf16", "int8", "int4")
         )
-        out.append(export_step(cfg, steps, precision="fp16" if direct else "fp32"))
+        out.append(export_step(cfg, steps, precision=("bf16" if precision == "bf16" else "fp16") if direct else "fp32"))
         capture = capture_choice(cfg) if precision == "int8" else None
         if not direct and (precision == "fp16" and backend == "onnxruntime" or capture == ("onnxruntime", "fp16")):
             out.append(derive_fp16_step(cfg, steps))
-        if precision == "bf16":  # BF16 graphs for any backend: derived from the FP32 export, as FP16's are
+        if precision == "bf16" and not direct:  # BF16 graphs for any backend: derived from the FP32 export
             out.append(derive_fp16_step(cfg, steps, "bf16"))
         if capture:
             out.append(calibrate_step(cfg, steps, *capture))

@@ -1,10 +1,12 @@
-"""FP16 and INT8 graphs straight from the weight files: no FP32 export, no float32 model, on the way.
+"""FP16, BF16 and INT8 graphs straight from the weight files: no FP32 export, no float32 model, on the way.
 
 The stage is traced weightless (export/weightless.py), converted to FP16 by the same converter and
 policy as a derived FP16 variant (precision/fp16.py: FP32 norms' squares, sampler arithmetic), and
 only then are the weights streamed in, each chunk rounded to FP16 as the derivation rounds it
 (`to_fp16`). So a 14B checkpoint in BF16 becomes FP16 graphs with one tensor in memory at a time,
-and the graphs compute what the FP16 variant of an FP32 export computes. INT8 likewise: the INT8
+and the graphs compute what the FP16 variant of an FP32 export computes. BF16 likewise, with the
+converter and retyping of a derived BF16 variant (precision/bf16.py), each chunk rounded by `to_bf16`
+from the original values (a BF16 checkpoint's pass through exactly). INT8 likewise: the INT8
 stages are quantised by precision/streamed_int8.py from activation ranges (one calibration cache per
 stage), their weights quantised per output channel while they stream, and the stages INT8 does not
 quantise (policy.INT8_FP16_STAGES) are FP16 as above; the graphs are those precision/derive.py writes
@@ -16,10 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import stages as st
+from .bf16 import _HALVES, _convert_bf16, to_bf16
 from .fp16 import _convert, _data, _stashed, _strip, to_fp16
 from .policy import INT8_FP16_STAGES, check_precision, fingerprint
 
-STREAMED_PRECISIONS = ("fp32", "fp16", "int8")
+STREAMED_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def export_precision_streamed(
@@ -46,17 +49,17 @@ def export_precision_streamed(
         return _export_int8(model, source, out_dir, source_id, ranges or {}, keep_float or {}, **options)
 
     def convert(graph, spec):
-        return convert_fp16_streamed(graph, sampler=spec.name in st.SAMPLER_STAGES)
+        return convert_fp16_streamed(graph, sampler=spec.name in st.SAMPLER_STAGES, precision=precision)
 
     return export_streamed(
         model,
         source,
         out_dir,
         source_id,
-        precision="fp16",
+        precision=precision,
         graph_pass=convert,
-        to_half=to_fp16,
-        key_extra={"policy": fingerprint("fp16")},
+        to_half=to_bf16 if precision == "bf16" else to_fp16,
+        key_extra={"policy": fingerprint(precision)},
         **options,
     )
 
@@ -121,16 +124,17 @@ def _export_int8(model, source, out_dir, source_id: str, ranges: dict, keep_floa
     )
 
 
-def convert_fp16_streamed(graph, sampler: bool):
-    """The FP16 conversion of a traced graph whose weights are source placeholders: the converter sees
-    the same skeleton as in a derivation (fp16._strip: large constants stashed too); afterwards a
-    weight's placeholder keeps its source (written later, in FP16 where the converter said so) and a
-    large constant gets its converted data back."""
+def convert_fp16_streamed(graph, sampler: bool, precision: str = "fp16"):
+    """The FP16 (precision "bf16": BF16, bf16.py's) conversion of a traced graph whose weights are source
+    placeholders: the converter sees the same skeleton as in a derivation (fp16._strip: large constants
+    stashed too); afterwards a weight's placeholder keeps its source (written later, in FP16 / BF16
+    where the converter said so) and a large constant gets its converted data back."""
     from ..export.shared_weights import external_info, make_inline
     from ..export.weightless import SOURCE, TRANSPOSED
 
+    convert, halves = (_convert_bf16, _HALVES) if precision == "bf16" else (_convert, None)
     skeleton, stash = _strip(graph, None)
-    out = _convert(skeleton, sampler)
+    out = convert(skeleton, sampler)
     for holder, original in _stashed(out, stash):
         marks = external_info(original)
         if SOURCE in marks:
@@ -140,5 +144,5 @@ def convert_fp16_streamed(graph, sampler: bool):
                 entry = holder.external_data.add()
                 entry.key, entry.value = key, value
         else:
-            make_inline(holder, b"".join(bytes(c) for c in _data(holder, original, None)))
+            make_inline(holder, b"".join(bytes(c) for c in _data(holder, original, None, halves)))
     return out
