@@ -88,12 +88,13 @@ def accuracy_report(
         "precisions": {},
         "exports": {},
     }
+    ref_runs: dict = {}  # (FP32's free-running images, generated once for every precision)
     for precision in precisions:
         calibrated = calibration if precision == "int8" else None  # (INT4 is weight-only)
         variant = precision_export(fp32_dir, precision, calibrated, method, progress=progress)
         out["exports"][precision] = str(variant.directory)
         out["precisions"][precision] = compare(
-            ref, make_backend(variant.directory), labels, seeds, steps, scale, schedule
+            ref, make_backend(variant.directory), labels, seeds, steps, scale, schedule, ref_runs=ref_runs
         ).to_json()
     if "int8" in out["precisions"]:
         tf = out["precisions"]["int8"]["teacher_forced"]

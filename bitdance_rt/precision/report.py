@@ -267,9 +267,12 @@ def compare(
     schedule: str = "linear",
     batch_size: int = 8,
     free_running: bool = True,
+    ref_runs: dict | None = None,
 ) -> Comparison:
     """Lockstep comparison of backend `test` against `ref` over labels (or a text-to-image model's
-    encoded prompts, runtime/conditions.py) x seeds (see the module doc and `Comparison`)."""
+    encoded prompts, runtime/conditions.py) x seeds (see the module doc and `Comparison`). `ref_runs`:
+    a dict that keeps `ref`'s free-running generations by seed, for comparing several backends with it."""
+    ref_runs = {} if ref_runs is None else ref_runs
     out = Comparison()
     labels = labels if hasattr(labels, "rows") else list(labels)
     for seed in seeds:
@@ -277,7 +280,11 @@ def compare(
         size = batch_size if lock.max_batch is None else min(batch_size, lock.max_batch)  # (the twins' rows)
         generate_batched(lock, labels, steps, scale, schedule, SeededNoise(seed), batch_size=size)
         if free_running:
-            a = generate_batched(ref, labels, steps, scale, schedule, SeededNoise(seed), batch_size=batch_size)
+            if seed not in ref_runs:  # (the same for every backend compared with `ref`)
+                ref_runs[seed] = generate_batched(
+                    ref, labels, steps, scale, schedule, SeededNoise(seed), batch_size=batch_size
+                )
+            a = ref_runs[seed]
             b = generate_batched(test, labels, steps, scale, schedule, SeededNoise(seed), batch_size=batch_size)
             out.free_bits.add(a.tokens, b.tokens)
             out.free_psnr += [psnr(x, y) for x, y in zip(a.image, b.image)]
