@@ -145,6 +145,23 @@ def test_every_weight_but_the_encoders_is_found():
         assert distinct >= sum(a * b for a, b in weights.values())
 
 
+def test_unrolled_sampler_is_the_full_trace(t2i_checkpoints, monkeypatch):
+    """A fused sampler of more steps than UNROLL_FROM's is unrolled from short traces: the same tensors,
+    names and order as tracing every step (ImageNet and text-to-image); the full trace where the short
+    ones do not confirm the unrolling."""
+    from bitdance_rt import stages as st
+    from bitdance_rt.plan import memory
+
+    t2i = resolve_model(None, str(t2i_checkpoints[64]), None, 512, 512, 48).config
+    steps = memory.UNROLL_FROM[-1] + 2
+    for cfg in (resolve_model(None, None, None, None, None, None).config, t2i):
+        full = memory._trace(cfg, st.GENERATION_STAGES, steps)
+        got = memory.stage_tensors(cfg, steps=steps)
+        assert [(s, list(h.items())) for s, h in got.items()] == [(s, list(h.items())) for s, h in full.items()]
+    monkeypatch.setattr(memory, "_unroll", lambda *a: None)  # not confirmed: the full trace
+    assert memory.stage_tensors(cfg, steps=steps) == full
+
+
 def test_14b_parameters_on_the_meta_device():
     """Qwen3-14B's model card: 14.8B parameters, 13.2B without the embeddings; the LM head (as large
     as the embedding) is not needed for images. The head and autoencoder: the official 14B-64x

@@ -155,6 +155,11 @@ def _meta_model(cfg):
         return BitDance(cfg).eval()
 
 
+# Step counts the fused sampler is traced at to unroll it to more: two consecutive ones give the constants
+# of a step, the last checks them. Tracing every step is slow (a 14B: ~0.25 s a head-net call on the CPU).
+UNROLL_FROM = (2, 3, 4)
+
+
 def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str, dict[str, tuple]]:
     """{stage: {tensor name: (elements, element size, leading dim, owner module type, owner name)}} of the
     tensors each stage's graph holds: its forward run once on the meta device (no memory), watched
@@ -165,17 +170,63 @@ def stage_tensors(cfg, stages=st.GENERATION_STAGES, steps: int = 2) -> dict[str,
     constants they are (the exporter folds the constant side of the rest). Folded constants are
     named "<name>#N" (N: one per reading op, as the exporter folds them into each consumer), with
     owner type "constant" when no weight made them. A constant broadcast to a run-time shape (the
-    query tokens expanded to the rows) counts as itself: the exporter keeps it and the Expand."""
-    stages = tuple(stages)
-    if set(stages) <= set(st.GENERATION_STAGES):  # one trace serves every precision (and the road's plans)
-        traced = _trace(cfg, st.GENERATION_STAGES, int(steps))
-        return {stage: dict(traced[stage]) for stage in stages}
-    return {stage: dict(held) for stage, held in _trace(cfg, stages, int(steps)).items()}
+    query tokens expanded to the rows) counts as itself: the exporter keeps it and the Expand.
+    A fused sampler of more than UNROLL_FROM[-1] steps is unrolled from short traces (`_sampler_held`)."""
+    stages, steps = tuple(stages), int(steps)
+    # one trace serves every precision (and the road's plans)
+    traced = st.GENERATION_STAGES if set(stages) <= set(st.GENERATION_STAGES) else stages
+    samplers = tuple(s for s in traced if s in st.SAMPLER_STAGES)
+    if not samplers or steps <= UNROLL_FROM[-1]:
+        held = _trace(cfg, traced, steps)
+    else:  # the other stages do not depend on the steps
+        held = {**_trace(cfg, traced, UNROLL_FROM[0]), **_sampler_held(cfg, traced, steps)}
+    return {stage: dict(held[stage]) for stage in stages}
 
 
-@functools.lru_cache(maxsize=8)
+def _sampler_held(cfg, traced: tuple, steps: int) -> dict[str, dict[str, tuple]]:
+    """What the sampler stages of `traced` hold at `steps`, from their traces at UNROLL_FROM (the first:
+    stage_tensors' trace of `traced`); their full trace at `steps` where the third does not confirm what
+    the first two give."""
+    first, _, check = UNROLL_FROM
+    samplers = tuple(s for s in traced if s in st.SAMPLER_STAGES)
+    out = {}
+    for stage in samplers:
+        held = [_trace(cfg, traced if n == first else samplers, n)[stage] for n in UNROLL_FROM]
+        confirmed = _unroll(held[0], held[1], check - first) == list(held[2].items())
+        got = _unroll(held[0], held[1], steps - first) if confirmed else None
+        out[stage] = dict(got) if got is not None else _trace(cfg, samplers, steps)[stage]
+    return out
+
+
+def _unroll(held: dict, held_next: dict, more: int) -> list[tuple] | None:
+    """The items of a sampler's held tensors `more` steps past `held`, from `held` and `held_next` (one
+    step on): the loop's steps are alike, so the second holds the first with one block of items (a
+    step's folded constants) repeated; that block comes `more` more times, the constants renumbered in
+    order (their N counts up through the graph). None when the two are not so."""
+
+    def tokens(h):
+        return [(k.rsplit("#", 1)[0], True, v) if "#" in k else (k, False, v) for k, v in h.items()]
+
+    def items(ts):
+        out, n = [], 0
+        for base, folded, value in ts:
+            n += folded
+            out.append((f"{base}#{n}" if folded else base, value))
+        return out
+
+    a, b = tokens(held), tokens(held_next)
+    if items(a) != list(held.items()):  # the numbering is not 1.. in order
+        return None
+    d = len(b) - len(a)
+    for p in range(len(a) - d + 1) if d >= 0 else ():
+        if a[: p + d] + a[p:] == b:
+            return items(a[:p] + a[p : p + d] * (more + 1) + a[p + d :])
+    return None
+
+
+@functools.lru_cache(maxsize=32)
 def _trace(cfg, stages: tuple, steps: int) -> dict[str, dict[str, tuple]]:
-    """stage_tensors' trace, cached: a 14B model takes seconds to trace."""
+    """stage_tensors' trace, cached: a 14B model takes seconds to trace, its fused sampler ~0.25 s a step."""
     import torch
     from torch.overrides import TorchFunctionMode
 
