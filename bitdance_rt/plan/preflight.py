@@ -288,9 +288,8 @@ def for_generate(args, source, steps: int) -> None:
         names = ["load"]
     elif args.export_dir:
         names = []
-    else:  # TensorRT builds its engines from the FP32 export (engines/build.py)
-        precision = (args.precision or "fp32") if backend == "onnxruntime" else "fp32"
-        names = auto_export_steps(source, steps, precision, args.batch_size, args.calibration)
+    else:  # the graphs of the precision asked, on either backend (backends.auto_export)
+        names = auto_export_steps(source, steps, args.precision or "fp32", args.batch_size, args.calibration)
     check_memory(
         "generate",
         source.config,

@@ -467,8 +467,8 @@ def streamed_int8_step(cfg, steps: int) -> Step:
 
 
 def build_step(cfg, precision: str, steps: int, workspace_mb: int | None) -> Step:
-    # fp16: FP32 graphs + the FP16 flag; int4: TensorRT's INT4 graphs (policy.INT4_FORMATS)
-    graph_precision = precision if precision in ("int8", "bf16", "int4") else "fp32"
+    # the graphs of the engine's precision (backends._trt_backend); int4: TensorRT's form (policy.INT4_FORMATS)
+    graph_precision = precision
     graphs = _sum(stage_weights(cfg, graph_precision, steps, int4_format="qdq"))
     engines = _sum(stage_weights(cfg, precision, steps, int4_format="qdq"))
     workspace = (1024 if workspace_mb is None else int(workspace_mb)) << 20
@@ -545,16 +545,17 @@ def road(
     streamed = st.is_t2i(cfg)  # text-to-image exports stream the weight files: no model is loaded
     out = [] if streamed and backend != "torch" else [load_step(cfg)]
     if backend != "torch":
-        # FP16 graphs straight from the files: for an FP16 run on ONNX Runtime, and for a text-to-image INT8
-        # road (its capture runs them, its ranges are measured on them, then INT8 is streamed too); BF16
-        # graphs straight from the files for a BF16 run
-        direct = streamed and (
-            precision == "fp16" and backend == "onnxruntime" or precision in ("bf16", "int8", "int4")
-        )
+        # text-to-image graphs straight from the files: FP16 for an FP16 run, a text-to-image INT8 road (its
+        # capture runs them, its ranges are measured on them, then INT8 is streamed too) and TensorRT's INT4
+        # (written from them); BF16 for a BF16 run. Both backends run the graphs of the precision asked.
+        direct = streamed and precision in ("fp16", "bf16", "int8", "int4")
         out.append(export_step(cfg, steps, precision=("bf16" if precision == "bf16" else "fp16") if direct else "fp32"))
         capture = capture_choice(cfg) if precision == "int8" else None
-        if not direct and (precision == "fp16" and backend == "onnxruntime" or capture == ("onnxruntime", "fp16")):
+        trt_int4 = precision == "int4" and backend == "tensorrt"  # (written from the FP16 graphs)
+        if not direct and (precision == "fp16" or trt_int4 or capture == ("onnxruntime", "fp16")):
             out.append(derive_fp16_step(cfg, steps))
+        if precision == "int4" and not trt_int4 and not streamed:  # ONNX Runtime's, from the FP32 graphs
+            out.append(derive_fp16_step(cfg, steps, "int4"))
         if precision == "bf16" and not direct:  # BF16 graphs for any backend: derived from the FP32 export
             out.append(derive_fp16_step(cfg, steps, "bf16"))
         if capture:
@@ -563,7 +564,7 @@ def road(
                 out.extend([ranges_step(cfg, steps), streamed_int8_step(cfg, steps)])
             else:
                 out.append(derive_int8_step(cfg, steps))
-        if precision == "int4" and backend == "tensorrt":  # (FP16 graphs with INT4 weights)
+        if trt_int4:
             out.append(int4_step(cfg, steps))
         if backend == "tensorrt":
             out.append(build_step(cfg, precision, steps, workspace_mb))
