@@ -235,15 +235,16 @@ def derive_export(
                 graph = onnx_graph(src)
                 nodes = [n for n in int4_layers(stage, weight_matmuls(graph)) if n not in keep_float.get(stage, ())]
                 big = len(stage_files(manifest, fp32_dir, stage)) > 1
-                if int4_format == "qdq":
-                    left[stage], files[stage] = quantize_int4_qdq(src, dst, nodes, EXTERNAL_DATA_BYTES)
+                if int4_format == "qdq":  # (weights kept external as the FP16 graph's are: streamed, never inline)
+                    left[stage], files[stage] = quantize_int4_qdq(src, dst, nodes, 0 if big else EXTERNAL_DATA_BYTES)
                 else:
                     quantize_int4(src, dst, nodes, INT4_BLOCK, external_data=big)
                     files[stage] = [dst.name] + ([f"{dst.name}.data"] if big else [])
             elif precision == "int4" and int4_format == "qdq":  # (from FP16 graphs: the FP16 stages as they are)
                 from .int4 import quantize_int4_qdq
 
-                _, files[stage] = quantize_int4_qdq(src, dst, [], EXTERNAL_DATA_BYTES, opset=None)
+                big = len(stage_files(manifest, fp32_dir, stage)) > 1
+                _, files[stage] = quantize_int4_qdq(src, dst, [], 0 if big else EXTERNAL_DATA_BYTES, opset=None)
             elif precision == "bf16":  # (the FP16 placement in BFLOAT16: bf16.py)
                 from .bf16 import convert_bf16_file
 
