@@ -4,6 +4,7 @@
     python benchmarks/t2i_export_memory.py --layers 1 2 4 --precision fp32 --head-depths 1 2
     python benchmarks/t2i_export_memory.py --precision int8          # + a capture on the FP16 graphs
     python benchmarks/t2i_export_memory.py --precision int8 --workdir W --reuse   # the INT8 export only
+    python benchmarks/t2i_export_memory.py --precision int4 --generate   # TensorRT's INT4, + a run on ONNX Runtime
 
 The 14B does not fit this machine, so this measures the slope: checkpoint directories in the
 official layout with Qwen3-14B's widths (hidden 5120, 40 query / 8 key-value heads of 128, FFN
@@ -13,8 +14,11 @@ vision head at its real width (ch_latent 5120) with `--head-depths` blocks, and 
 Each is exported by the CLI (`bitdance-rt export --precision P --max-batch 1`), in a fresh process
 whose peak resident memory (VmHWM) is read at its exit. A least-squares line through the points
 gives the cost per Qwen3 layer and per head block, extrapolated to the 14B (40 layers, head depth
-6); the target is the largest stage's weights at the precision plus 4 GB. Asserts nothing; ends
-with one JSON line.
+6); the target is the largest stage's weights at the precision plus 4 GB. INT4 is TensorRT's
+(`--backend tensorrt`), written from the FP16 export made first (its peak reported beside); every
+reduced-precision export is linted for TensorRT 10.3 and 11 (engines/lint.py); `--generate` runs one
+image on ONNX Runtime from each export (not BF16: ONNX Runtime's CPU provider has no BF16 MatMul).
+Asserts nothing; ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -145,7 +149,16 @@ def run_cli(argv: list[str], cache: Path) -> tuple[int, float, str]:
     return peak, round(seconds, 1), res.stdout
 
 
-def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cache: Path, reuse: bool = False) -> dict:
+def measure(
+    ckpt: Path,
+    out: Path,
+    precision: str,
+    height: int,
+    steps: int,
+    cache: Path,
+    reuse: bool = False,
+    generate: bool = False,
+) -> dict:
     """The export at `precision` into `out`. INT8 as a user makes it on a small machine: the FP16 export
     (into the cache, where the INT8 export finds it), a calibration set captured on it (PROMPT, a few
     samples per stage), then `export --precision int8 --calibration SET`, whose peak is the one reported
@@ -154,7 +167,7 @@ def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cach
     model = ["--checkpoint", str(ckpt), "--height", str(height), "--width", str(height), "--steps", str(steps)]
     export = ["export", *model, "--max-batch", "1"]
     extra = {}
-    if precision == "int8":
+    if precision in ("int8", "int4"):
         from bitdance_rt import paths
         from bitdance_rt.backends import resolve_model
 
@@ -163,24 +176,52 @@ def measure(ckpt: Path, out: Path, precision: str, height: int, steps: int, cach
             fp16 = str(paths.variant_dir(paths.export_dir(source.config, source.weights_source(), steps, 1), "fp16"))
         calibration = out.with_name(out.name + "-calibration")
         peak = seconds = c_peak = c_seconds = None
-        if not (reuse and (Path(fp16) / "manifest.json").is_file() and (calibration / "calibration.json").is_file()):
+        have = (Path(fp16) / "manifest.json").is_file() and (
+            precision == "int4" or (calibration / "calibration.json").is_file()
+        )
+        if not (reuse and have):
             peak, seconds, _ = run_cli([*export, "--precision", "fp16", "--out", fp16], cache)
+        if precision == "int8" and not (reuse and have):
             c_peak, c_seconds, _ = run_cli(
                 ["calibrate", *model, "--prompt", PROMPT, "--batch-size", "1", "--max-samples", "4"]
                 + ["--capture-export", fp16, "--out", str(calibration), "--force"],
                 cache,
             )
+        extra = {"fp16_export": {"peak_bytes": peak, "seconds": seconds}}
+    if precision == "int8":
         import shutil
 
         shutil.rmtree(cache / "ranges", ignore_errors=True)  # (a set captured again may have the same key)
-        extra = {
-            "fp16_export": {"peak_bytes": peak, "seconds": seconds},
-            "calibrate": {"peak_bytes": c_peak, "seconds": c_seconds},
-        }
+        extra["calibrate"] = {"peak_bytes": c_peak, "seconds": c_seconds}
         export += ["--calibration", str(calibration)]
+    if precision == "int4":
+        export += ["--backend", "tensorrt"]
     peak, seconds, _ = run_cli([*export, "--precision", precision, "--out", str(out)], cache)
     manifest = json.loads((out / "manifest.json").read_text())
     files = {f: info["bytes"] for f, info in manifest["files"].items()}
+    if precision != "fp32":
+        from bitdance_rt.engines.lint import TARGETS, lint_export
+
+        extra["lint_findings"] = {t: [str(f) for f in lint_export(out, t)] for t in TARGETS}
+    if generate and precision != "bf16":
+        images = str(out) + "-images"
+        g_peak, g_seconds, _ = run_cli(
+            [
+                "generate",
+                *model,
+                "--export-dir",
+                str(out),
+                "--max-batch",
+                "1",
+                "--prompt",
+                PROMPT,
+                "--out",
+                images,
+                "--quiet",
+            ],
+            cache,
+        )
+        extra["generate"] = {"peak_bytes": g_peak, "seconds": g_seconds}
     return {"peak_bytes": peak, "seconds": seconds, "files": files, **extra}
 
 
@@ -197,13 +238,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3], help="Qwen3 layer counts (the 14B: 40)")
     ap.add_argument("--head-depths", type=int, nargs="+", default=[1], help="vision head blocks (the 14B: 6)")
-    ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "int8"))
+    ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16", "int8", "int4"))
+    ap.add_argument("--generate", action="store_true", help="also one image from each export on ONNX Runtime")
     ap.add_argument("--parallel", type=int, default=64, choices=(16, 64))
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2, help="sampler steps S of the fused head sampler")
     ap.add_argument("--workdir", default=None, help="checkpoints and exports (default: a temporary directory)")
     ap.add_argument(
-        "--reuse", action="store_true", help="int8: the FP16 exports and sets an earlier run left in --workdir"
+        "--reuse", action="store_true", help="int8 / int4: the FP16 exports (and sets) an earlier run left in --workdir"
     )
     args = ap.parse_args(argv)
 
@@ -222,7 +264,7 @@ def main(argv=None) -> None:
             write_checkpoint(ckpt, layers, depth, args.parallel)
             print(f"wrote {ckpt.name} ({time.perf_counter() - t:.0f} s)", flush=True)
         out = work / f"export-{ckpt.name}-{args.precision}"
-        result = measure(ckpt, out, args.precision, args.height, args.steps, work / "cache", args.reuse)
+        result = measure(ckpt, out, args.precision, args.height, args.steps, work / "cache", args.reuse, args.generate)
         disk = sum(result["files"].values())
         print(
             f"{layers} layer(s), head depth {depth}: peak {result['peak_bytes'] / GIB:.2f} GiB, "
@@ -239,7 +281,9 @@ def main(argv=None) -> None:
         _, per_block = fit([(r["head_depth"], r["peak_bytes"]) for r in runs if r["layers"] == args.layers[0]])
     full = base + per_layer * 40 + per_block * (6 - args.head_depths[0])
     cfg = t2i_preset("BitDance-14B-64x" if args.parallel == 64 else "BitDance-14B-16x", args.height, args.height)
-    largest = max(sum(b for _, b in w.values()) for w in stage_weights(cfg, args.precision, args.steps).values())
+    form = "qdq" if args.precision == "int4" else "matmulnbits"  # (the INT4 measured is TensorRT's)
+    weights = stage_weights(cfg, args.precision, args.steps, int4_format=form)
+    largest = max(sum(b for _, b in w.values()) for w in weights.values())
     target = largest + 4 * 10**9
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     summary = {

@@ -430,20 +430,24 @@ def ranges_step(cfg, steps: int) -> Step:
     )
 
 
+# `bitdance-rt export --precision int4 --backend tensorrt` at the 14B's widths (1024 px, 64x, real vocabulary)
+# from its FP16 export: 0.94 GiB peak at 1, 2 and 3 Qwen3 layers alike (benchmarks/t2i_export_memory.py
+# --precision int4 --reuse; 2-core AVX2 EPYC, 2026-12-06): the process, the graphs' skeletons and one chunk
+INT4_WRITE_BYTES = 1_012_969_472
+
+
 def int4_step(cfg, steps: int) -> Step:
     """TensorRT's INT4 graphs written from the FP16 graphs (precision/int4.quantize_int4_qdq), a weight at a
-    time: the FP16 weights read memory-mapped and CHUNK_VALUES of a matrix quantised at once (as float32,
-    with its int8 values and the packed bytes: ~10 bytes a value), the graphs' skeletons besides."""
-    from ..precision.int4 import CHUNK_VALUES
-
+    time: the FP16 weights read memory-mapped and CHUNK_VALUES of a matrix quantised at once, so the peak
+    does not grow with the model (INT4_WRITE_BYTES, measured)."""
     graphs = _sum(stage_weights(cfg, "int4", steps, int4_format="qdq"))
     return Step(
         "int4",
-        STREAM_PROCESS_BYTES + 10 * CHUNK_VALUES,
+        INT4_WRITE_BYTES,
         0,
         sum(graphs.values()),
         "INT4 graphs written from the FP16 graphs, a few rows of a matrix at a time; no FP32 graph "
-        "(estimate, not measured)",
+        "(measured flat at the 14B's widths)",
     )
 
 
