@@ -236,6 +236,8 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
     if model.t2i and precision in ("fp16", "bf16"):
         if opts.keep_float:
             raise BitDanceError("keep-float is for precision int8 or int4")
+        if opts.calibration:
+            raise BitDanceError(f"a calibration set is for precision int8 ({precision} graphs need none)")
         out = Path(out) if out is not None else paths.variant_dir(fp32, precision)
         result = streamed_export(model, out, steps, opts, precision)
         how = "reused" if result.reused else "exported from the weight files"
