@@ -283,7 +283,7 @@ def _trt_int4(model: ModelSource, steps: int, opts: BackendOptions, out=None) ->
             "from the weight files): use --backend tensorrt; ONNX Runtime's INT4 graphs would need an FP32 "
             "export of the 14B (use fp16 or int8 there)"
         )
-    fp16 = auto_export(model, steps, replace(opts, keep_float=()), "fp16")
+    fp16 = auto_export(model, steps, replace(opts, keep_float=(), calibration=None), "fp16")
     variant = precision_export(
         fp16, "int4", out_dir=out, keep_float=opts.keep_float, runtime="tensorrt", progress=opts.progress
     )
@@ -334,7 +334,7 @@ def _streamed_int8(model: ModelSource, steps: int, opts: BackendOptions, fp32: P
         calibration = _calibration(model, steps, opts)
         fp16 = captured_on(calibration)
     if fp16 is None:
-        fp16 = auto_export(model, steps, replace(opts, keep_float=()), "fp16")
+        fp16 = auto_export(model, steps, replace(opts, keep_float=(), calibration=None), "fp16")
     if calibration is None:
         calibration = _calibration(model, steps, opts, ready_export=fp16)
     ranges = ranges_for(fp16, calibration, opts.calib_method, opts.threads, ort_providers(opts))

@@ -495,7 +495,7 @@ def test_streamed_text_to_image_bf16_holds_the_bf16_checkpoints_values_exactly(t
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_streamed_text_to_image_exports_refuse_a_calibration_set(t2i_checkpoints, tmp_path, precision):
     """A calibration set is INT8's: a text-to-image FP16 / BF16 run (streamed from the weight files) given one
-    says so in one line before anything is written, as the derived variants do."""
+    says so in one line before any graph is written, as the derived variants do."""
     from bitdance_rt.backends import BackendOptions, auto_export, resolve_model
 
     source = resolve_model(None, str(t2i_checkpoints[16]), None, 512, 512, 48)
@@ -503,4 +503,4 @@ def test_streamed_text_to_image_exports_refuse_a_calibration_set(t2i_checkpoints
         m.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
         with pytest.raises(BitDanceError, match=f"a calibration set is for precision int8 \\({precision} graphs"):
             auto_export(source, 2, BackendOptions(calibration=str(tmp_path / "set"), progress=False), precision)
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache" / "exports").exists()
