@@ -140,26 +140,35 @@ def test_eval_scores_the_embedded_model_identically_on_both_backends():
         (["--noise-from", "MISSING.safetensors"], "noise file not found"),
     ],
 )
-def test_errors_are_one_actionable_line(extra, needle, tmp_path):
-    args = ["generate", "--out", tmp_path / "o", "--quiet", "--steps", "2", *extra]
-    res = run(*args)
-    assert res.returncode == 2
-    assert "Traceback" not in res.stderr
-    lines = [l for l in res.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and needle in lines[0], res.stderr
+def test_errors_are_one_actionable_line(extra, needle, tmp_path, monkeypatch, capsys):
+    """In-process (cli.main, as the console script calls it: any other exception would propagate here as a
+    traceback): exit code 2 and one line naming the problem, before anything is exported (an empty cache
+    stays without exports). The process boundary itself: the subprocess tests around it."""
+    from bitdance_rt.cli import main
+
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "--out", str(tmp_path / "o"), "--quiet", "--steps", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "cache" / "exports").exists()
 
 
-def test_unreadable_and_wrong_checkpoints_exit_cleanly(tmp_path):
+def test_unreadable_and_wrong_checkpoints_exit_cleanly(tmp_path, monkeypatch, capsys):
+    """In-process, as test_errors_are_one_actionable_line."""
+    from bitdance_rt.cli import main
+
+    monkeypatch.setenv("BITDANCE_RT_CACHE", str(tmp_path / "cache"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00garbage")
     d1 = fixture_dir("tiny_1x")
     for args, needle in [
-        (["--checkpoint", junk], "unreadable"),
-        (["--model", "tiny-4x", "--checkpoint", d1 / "checkpoint.pt"], "does not fit model tiny-4x"),
+        (["--checkpoint", str(junk)], "unreadable"),
+        (["--model", "tiny-4x", "--checkpoint", str(d1 / "checkpoint.pt")], "does not fit model tiny-4x"),
     ]:
-        res = run("generate", "--out", tmp_path / "o", "--quiet", *args)
-        assert res.returncode == 2 and "Traceback" not in res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr
+        assert main(["generate", "--out", str(tmp_path / "o"), "--quiet", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
 
 
 def test_default_backend_is_onnxruntime_with_a_reused_cached_export(tmp_path, monkeypatch):
