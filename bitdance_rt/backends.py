@@ -5,6 +5,8 @@ first use), and for fp16 / int8 its derived variant (the INT8 calibration set ca
 cached), or a given export directory. tensorrt: engines built (and cached) from an export
 directory, or from the cached export when none is given. ImageNet and text-to-image models take
 the same paths; what a backend cannot do is one clear error, never a silent fallback.
+(Over 400 lines: the graphs each backend runs are made here too, per precision and model family
+(auto_export and its streamed and INT4 branches); those could move to a module of their own.)
 """
 
 from __future__ import annotations

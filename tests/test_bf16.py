@@ -6,6 +6,8 @@ BF16 graphs streamed from the weight files (precision/streamed.py), equal to the
 ONNX Runtime's CPU provider has no BF16 MatMul, so the numerics are checked with ONNX's reference
 evaluator. The embedded model's graphs are the session's 4-step export (conftest
 embedded_cache_template_s4): a small fused sampler converts in about a second.
+(Over 400 lines: one test per place BF16 reaches, from the placement to the streamed export, sharing
+this module's fixtures.)
 """
 
 from __future__ import annotations
