@@ -1,7 +1,7 @@
 """The GPU check: one script that a session lent a GPU runs as is, recording what works (issue 23).
 
     python benchmarks/gpu_check.py --prepare cache/gpu-check     # HERE, once: fixtures + wheels to carry
-    python3 benchmarks/gpu_check.py --carried cache/gpu-check --workdir /tmp/gpu-check --out $OUT/gpu_check.json
+    python3 benchmarks/gpu_check.py --carried cache/gpu-check --out $OUT/gpu_check.json
     python benchmarks/gpu_check.py --dry-run --budget-s 60       # on a CPU: every part that needs no GPU
 
 (Over 400 lines: five parts that must each survive the others failing, the deadline that bounds them
@@ -869,7 +869,7 @@ def prepare(target: Path, python_version: str) -> int:
     print(f"{target}: fixtures + {len(list((target / 'wheels').glob('*.whl')))} wheels, {size:.1f} MiB")
     print(
         f"device command (carry {rel!r}): set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py "
-        f"--carried {rel} --workdir /tmp/gpu-check --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log"
+        f"--carried {rel} --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log"
     )
     return 0
 
