@@ -125,6 +125,35 @@ def _read_weights_directly(model) -> None:
     graph.node.extend(kept)
 
 
+def _weight_nodes(model, src, nodes: list[str], data_type: int, what: str):
+    """(node, weight name, weight tensor, transposed) for each of `nodes` (weight MatMul / Gemm names of
+    `model`, read from file `src`) in graph order, its weight read directly (no Identity alias) and checked
+    to be 2-D of `data_type` (`what`); `transposed`: a Gemm's transB, B [N, K]."""
+    _read_weights_directly(model)
+    graph = model.graph
+    missing = sorted(set(nodes) - set(weight_matmuls(graph)))
+    if missing:
+        raise BitDanceError(f"{src}: no weight MatMul named {', '.join(missing[:3])} to quantise to INT4")
+    weights = {t.name: t for t in graph.initializer}
+    wanted = set(nodes)
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        name = node.input[1]
+        tensor = weights[name]
+        if tensor.data_type != data_type or len(tensor.dims) != 2:
+            raise BitDanceError(f"{src}: {node.name} reads {name} {list(tensor.dims)}, not a 2-D {what} weight")
+        yield node, name, tensor, node.op_type == "Gemm" and _attributes(node).get("transB", 0) == 1
+
+
+def _drop_unread(graph, replaced: set) -> None:
+    """Remove the initializers of `replaced` that no node reads any more."""
+    still_read = {x for node in graph.node for x in node.input}
+    kept = [t for t in graph.initializer if t.name in still_read or t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def quantize_int4(src, dst, nodes: list[str], block_size: int = INT4_BLOCK, external_data: bool = False) -> None:
     """Write `src` (an FP32 stage graph) with the MatMul / Gemm nodes `nodes` as MatMulNBits (4-bit, blocks of
     `block_size` along K, int4_blocks' scales) to `dst`; every other node is left as it is. A weight
@@ -137,21 +166,9 @@ def quantize_int4(src, dst, nodes: list[str], block_size: int = INT4_BLOCK, exte
         raise BitDanceError(f"INT4 block size {block_size}: use one of {', '.join(map(str, INT4_BLOCK_SIZES))}")
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
-    _read_weights_directly(model)
     graph = model.graph
-    missing = sorted(set(nodes) - set(weight_matmuls(graph)))
-    if missing:
-        raise BitDanceError(f"{src}: no weight MatMul named {', '.join(missing[:3])} to quantise to INT4")
-    weights = {t.name: t for t in graph.initializer}
-    wanted, made = set(nodes), {}
-    for i, node in enumerate(graph.node):
-        if node.name not in wanted:
-            continue
-        name = node.input[1]
-        tensor = weights[name]
-        if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != 2:
-            raise BitDanceError(f"{src}: {node.name} reads {name} {list(tensor.dims)}, not a 2-D float32 weight")
-        transposed = node.op_type == "Gemm" and _attributes(node).get("transB", 0) == 1  # (B is [N, K])
+    made = {}
+    for node, name, tensor, transposed in _weight_nodes(model, src, nodes, onnx.TensorProto.FLOAT, "float32"):
         n, k = tensor.dims if transposed else tensor.dims[::-1]
         key = (name, transposed)
         if key not in made:
@@ -176,12 +193,8 @@ def quantize_int4(src, dst, nodes: list[str], block_size: int = INT4_BLOCK, exte
             bits=4,
             block_size=block_size,
         )
-        graph.node[i].CopyFrom(replaced)
-    still_read = {x for node in graph.node for x in node.input}
-    replaced_weights = {name for name, _ in made}
-    kept = [t for t in graph.initializer if t.name in still_read or t.name not in replaced_weights]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+        node.CopyFrom(replaced)
+    _drop_unread(graph, {name for name, _ in made})
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -259,21 +272,9 @@ def quantize_int4_qdq(src, dst, nodes: list[str], external_bytes: int = 1_500_00
         model = version_converter.convert_version(model, opset)
     if nodes:
         model.ir_version = max(model.ir_version, 10)  # (INT4 tensors)
-    _read_weights_directly(model)
     graph = model.graph
-    missing = sorted(set(nodes) - set(weight_matmuls(graph)))
-    if missing:
-        raise BitDanceError(f"{src}: no weight MatMul named {', '.join(missing[:3])} to quantise to INT4")
-    weights = {t.name: t for t in graph.initializer}
-    wanted, made, left, dequantise = set(nodes), {}, [], []
-    for node in graph.node:
-        if node.name not in wanted:
-            continue
-        name = node.input[1]
-        tensor = weights[name]
-        if tensor.data_type != onnx.TensorProto.FLOAT16 or len(tensor.dims) != 2:
-            raise BitDanceError(f"{src}: {node.name} reads {name} {list(tensor.dims)}, not a 2-D float16 weight")
-        transposed = node.op_type == "Gemm" and _attributes(node).get("transB", 0) == 1  # (B is [N, K])
+    made, left, dequantise = {}, [], []
+    for node, name, tensor, transposed in _weight_nodes(model, src, nodes, FLOAT16, "float16"):
         k = tensor.dims[1] if transposed else tensor.dims[0]
         block = trt_block(k)
         if block is None:
@@ -294,10 +295,7 @@ def quantize_int4_qdq(src, dst, nodes: list[str], external_bytes: int = 1_500_00
                 )
             )
         node.input[1] = f"{name}_int4_dequantized"
-    still_read = {x for node in graph.node for x in node.input}
-    kept = [t for t in graph.initializer if t.name in still_read or t.name not in made]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _drop_unread(graph, set(made))
     fills = []
     for t in graph.initializer:  # the source's external data is copied into dst's own file, a chunk at a time
         if is_external(t):
