@@ -17,8 +17,8 @@ skipped (the reason: "no CUDA device", "tensorrt not importable (...)", "deadlin
   2. gpu_tests: the tests marked `gpu` (tests/test_trt_gpu.py), in a subprocess with a timeout.
   3. engines: per model (the embedded default, then BitDance-B-4x with seeded random weights if time
      allows) and precision (fp32 first, the reference): engines built through the public API
-     (Pipeline.from_pretrained(backend="tensorrt"); int8, and fp16 on TensorRT 11, need their graphs
-     first: auto_export, passed as export_dir), fixed-seed tokens compared with ONNX Runtime on the CPU
+     (Pipeline.from_pretrained(backend="tensorrt"), from that precision's graphs, made first to time them
+     apart), fixed-seed tokens compared with ONNX Runtime on the CPU
      at that precision and at fp32; build time each. torch on CUDA (fp32, bf16) is compared too: it
      runs where TensorRT is missing.
   4. speed: batch-1 and batch-8 images/s on TensorRT fp16 with and without CUDA graphs and on torch
@@ -148,7 +148,6 @@ class Check:
         self.cache = Path(args.cache_dir).resolve() if args.cache_dir else self.workdir / "cache"
         self.cuda_reason = None  # why no CUDA part runs (None: they run)
         self.trt_reason = None  # why no TensorRT part runs
-        self.trt_major = None
         self.installed: list[str] = []
 
     def elapsed(self) -> float:
@@ -370,8 +369,6 @@ def part_env(check: Check) -> dict:
     check.trt_reason = check.cuda_reason
     if check.trt_reason is None and env["tensorrt"] is None:
         check.trt_reason = f"tensorrt not importable ({env['tensorrt_error']})"
-    if env["tensorrt"]:
-        check.trt_major = int(str(env["tensorrt"]).split(".")[0])
     return env
 
 
@@ -447,16 +444,6 @@ def graphs_for(check: Check, model, steps: int, precision: str, backend: str) ->
         return Path(auto_export(source_of(model), steps, opts, precision))
 
 
-def trt_graphs(check: Check, precision: str) -> tuple[str, bool]:
-    """(graph precision the TensorRT engines of `precision` are built from, whether they must be given
-    as export_dir). from_pretrained(backend="tensorrt") derives int4 and bf16 graphs itself and builds
-    fp16 from FP32 graphs with the FP16 flag (TensorRT 10); int8 needs a Q/DQ export (with its
-    calibration set) and TensorRT 11 FP16 graphs: both are made first and handed over."""
-    if precision == "int8" or (precision == "fp16" and (check.trt_major or 10) >= 11):
-        return precision, True
-    return (precision if precision in ("int4", "bf16") else "fp32"), False
-
-
 def open_pipeline(check: Check, model, backend: str, precision: str, steps: int, device: str = "cpu", **kw):
     from bitdance_rt import Pipeline
 
@@ -475,14 +462,14 @@ def open_pipeline(check: Check, model, backend: str, precision: str, steps: int,
 
 
 def trt_pipeline(check: Check, model, precision: str, steps: int, **kw):
-    """(Pipeline on TensorRT engines, {graphs_s, build_s, route}): graphs made first, then timed apart."""
-    graphs, given = trt_graphs(check, precision)
+    """(Pipeline on TensorRT engines, {graphs_s, build_s, route}). from_pretrained(backend="tensorrt")
+    builds from the graphs of the precision asked (backends._trt_backend makes them as for ONNX Runtime);
+    they are made here first, in the same cache, only to time them apart from the engine build."""
     t0 = time.perf_counter()
-    export = graphs_for(check, model, steps, graphs, "tensorrt")
+    graphs_for(check, model, steps, precision, "tensorrt")
     t1 = time.perf_counter()
-    extra = {"export_dir": str(export)} if given else {}
-    pipe = open_pipeline(check, model, "tensorrt", precision, steps, device="cuda", **extra, **kw)
-    route = f"{graphs} graphs" + (" as export_dir" if given else ", from_pretrained derives them")
+    pipe = open_pipeline(check, model, "tensorrt", precision, steps, device="cuda", **kw)
+    route = f"{precision} graphs, made first, found by from_pretrained"
     return pipe, {"graphs_s": round(t1 - t0, 2), "build_s": round(time.perf_counter() - t1, 2), "route": route}
 
 
@@ -774,10 +761,7 @@ def part_serving(check: Check) -> dict:
 
     missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if check.trt_reason is None:
-        backend = ["--backend", "tensorrt", "--precision", "fp16", "--device", "cuda"]
-        graphs, given = trt_graphs(check, "fp16")
-        if given:  # (TensorRT 11: engines from FP16 graphs only)
-            backend += ["--export-dir", str(graphs_for(check, None, check.args.steps, graphs, "tensorrt"))]
+        backend = ["--backend", "tensorrt", "--precision", "fp16", "--device", "cuda"]  # (FP16 graphs: its own)
     elif check.cuda_reason is None:
         backend = ["--backend", "torch", "--device", "cuda"]  # (TensorRT missing: what the GPU can serve)
     elif check.args.dry_run and check.args.cpu_serving:
