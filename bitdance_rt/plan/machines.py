@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .. import stages as st
 from ..errors import BitDanceError
 from ..precision.policy import PRECISIONS
-from .memory import TARGETS, plan
+from .memory import TARGETS, plan, shared_memory
 from .road import Road, Step, _gb, build_step, calibrate_step, capture_choice, default_capture, road, run_step
 
 
@@ -24,7 +24,7 @@ class Machine:
     @classmethod
     def target(cls, target: str, host_bytes: int | None) -> "Machine":
         what, size, reserved = TARGETS[target]
-        if target.startswith(("orin", "agx")):
+        if shared_memory(target):
             return cls(what, size - reserved, size - reserved, shared=True)
         return cls(f"{what} on a host of {_gb(host_bytes)}" if host_bytes else what, host_bytes, size - reserved)
 

@@ -34,6 +34,13 @@ TARGETS = {
     "agx-orin-32gb": ("Jetson AGX Orin 32GB (shared with the CPU)", 32 * GIB, 2 * GIB),
     "agx-orin-64gb": ("Jetson AGX Orin 64GB (shared with the CPU)", 64 * GIB, 2 * GIB),
 }
+
+
+def shared_memory(target: str) -> bool:
+    """Whether TARGETS' `target` is a Jetson, whose host and GPU are one memory."""
+    return target.startswith(("orin", "agx"))
+
+
 # Ops the exporter's constant folding leaves in the graph even on constant inputs (measured: a
 # fused sampler keeps its time MLP's weights, and folds the sinusoidal time embeddings before it).
 SHAPED = ("zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like")
@@ -135,9 +142,8 @@ class MemoryPlan:
     def fits(self, target: str) -> tuple[bool, int]:
         """(fits, bytes left over, negative when short) on a target of TARGETS. On a Jetson the host copy
         that weight streaming reads from is in the same memory: streaming saves nothing there."""
-        what, size, reserved = TARGETS[target]
-        shared = "shared with the CPU" in what
-        left = size - reserved - self.total_bytes - (self.host_weight_bytes if shared else 0)
+        _, size, reserved = TARGETS[target]
+        left = size - reserved - self.total_bytes - (self.host_weight_bytes if shared_memory(target) else 0)
         return left >= 0, left
 
 
