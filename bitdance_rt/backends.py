@@ -232,7 +232,7 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
     fp32 = paths.export_dir(model.config, model.weights_source(), steps, opts.max_batch)
     runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None  # (INT4's graph format)
     if precision == "int4" and (model.t2i or int4_format(runtime) == "qdq"):
-        return _trt_int4(model, steps, opts, out)
+        return _trt_int4(model, steps, opts, runtime, out)
     if model.t2i and precision == "int8":
         return _streamed_int8(model, steps, opts, fp32, out)
     if model.t2i and precision in ("fp16", "bf16"):
@@ -270,15 +270,14 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
     return variant.directory
 
 
-def _trt_int4(model: ModelSource, steps: int, opts: BackendOptions, out=None) -> Path:
+def _trt_int4(model: ModelSource, steps: int, opts: BackendOptions, runtime: str | None, out=None) -> Path:
     """TensorRT's INT4 graphs (FP16 graphs with INT4 weights, precision/int4.py), written from the model's
     FP16 graphs a weight at a time: the FP16 variant (reused when cached), or for a text-to-image model
     the FP16 graphs streamed from the weight files (no FP32 export on the way). ONNX Runtime's MatMulNBits
     graphs of a text-to-image model would come from FP32 graphs, which would hold the 14B in float32:
-    refused."""
+    refused. `runtime`: auto_export's (INT4's graph format)."""
     from .precision.auto import precision_export
 
-    runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None
     if int4_format(runtime) != "qdq":
         raise BitDanceError(
             "--precision int4 of a text-to-image model is TensorRT's (FP16 graphs with INT4 weights, written "
