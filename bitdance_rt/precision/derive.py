@@ -227,14 +227,14 @@ def derive_export(
         )
         for stage in bar:
             bar.set_postfix_str(stage)
-            src = fp32_dir / stage_files(manifest, fp32_dir, stage)[0]
+            held = stage_files(manifest, fp32_dir, stage)
+            src, big = fp32_dir / held[0], len(held) > 1  # (big: weights in an external file)
             dst = work / f"{stage}.onnx"
             if stage in quantised and precision == "int4":
                 from .int4 import quantize_int4, quantize_int4_qdq, weight_matmuls
 
                 graph = onnx_graph(src)
                 nodes = [n for n in int4_layers(stage, weight_matmuls(graph)) if n not in keep_float.get(stage, ())]
-                big = len(stage_files(manifest, fp32_dir, stage)) > 1
                 if int4_format == "qdq":  # (weights kept external as the FP16 graph's are: streamed, never inline)
                     left[stage], files[stage] = quantize_int4_qdq(src, dst, nodes, 0 if big else EXTERNAL_DATA_BYTES)
                 else:
@@ -243,7 +243,6 @@ def derive_export(
             elif precision == "int4" and int4_format == "qdq":  # (from FP16 graphs: the FP16 stages as they are)
                 from .int4 import quantize_int4_qdq
 
-                big = len(stage_files(manifest, fp32_dir, stage)) > 1
                 _, files[stage] = quantize_int4_qdq(src, dst, [], 0 if big else EXTERNAL_DATA_BYTES, opset=None)
             elif precision == "bf16":  # (the FP16 placement in BFLOAT16: bf16.py)
                 from .bf16 import convert_bf16_file
@@ -259,7 +258,6 @@ def derive_export(
                     external_bytes=EXTERNAL_DATA_BYTES,
                 )
             else:
-                big = len(stage_files(manifest, fp32_dir, stage)) > 1
                 quantize_int8(src, dst, calibration.reader(stage), method, keep_float.get(stage, ()), external_data=big)
                 files[stage] = [dst.name] + sorted(
                     p.name for p in work.iterdir() if p.name.startswith(dst.name + ".") or p.name == f"{stage}.data"
