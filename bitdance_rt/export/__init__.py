@@ -18,7 +18,7 @@ _NAMES = {
     "ExportResult": "onnx_export",
     "checkpoint_source": "onnx_export",
     "export_files": "onnx_export",
-    "export_stage": "onnx_export",
+    "export_stage": "stage_graph",
     "export_stages": "onnx_export",
     "random_source": "onnx_export",
 }

@@ -19,15 +19,9 @@ import torch
 from .. import stages as st
 from ..errors import BitDanceError
 from ..stages import ALL_STAGES, Limits, StageSpec
-from .onnx_export import (
-    DEFAULT_OPSET,
-    ExportResult,
-    _register_symbolics,
-    _stamp_io,
-    check_graph_file,
-    stage_work,
-    write_export,
-)
+from .manifest import DEFAULT_OPSET
+from .onnx_export import ExportResult, write_export
+from .stage_graph import _register_symbolics, _stamp_io, check_graph_file, stage_work
 from .shared_weights import save_streamed
 from .weightless import WeightSource, attach_weights, placeholders, trace, weight_chunks
 from .wrappers import example_inputs, stage_module

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BitDanceError
 from ..stages import StageSpec
-from .onnx_export import export_failed, quiet_trace
+from .stage_graph import export_failed, quiet_trace
 from .shared_weights import SKELETON_BYTES, external_info, is_external, make_inline, placeholder
 
 SOURCE = "bitdance_rt_source"  # external_data key of a placeholder: the source tensor's name

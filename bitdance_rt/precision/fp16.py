@@ -47,7 +47,7 @@ def _drop_noop_casts(model) -> int:
     float tensor, e.g. the sampler time) makes it rewire the Cast's consumer straight to the FP32
     graph input without a Cast to FP16, giving "Type parameter (T) of Mul bound to different types".
     (Putting Cast in its block list instead loops forever in 1.16.)"""
-    from ..export.shared_weights import infer_shapes
+    from ..export.skeleton import infer_shapes
 
     g = infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
@@ -137,9 +137,9 @@ def _strip(model, base):
         make_inline,
         placeholder,
         read_bytes,
-        skeleton,
         tensor_nbytes,
     )
+    from ..export.skeleton import skeleton
 
     stash = []
 
@@ -222,7 +222,7 @@ def _convert(model, sampler: bool, float_ops=FP16_KEEP_FLOAT_OPS):
 
     from onnxconverter_common import float16
 
-    from ..export.shared_weights import infer_shapes
+    from ..export.skeleton import infer_shapes
 
     model.graph.ClearField("value_info")
     _drop_noop_casts(model)

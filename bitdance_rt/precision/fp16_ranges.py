@@ -63,7 +63,7 @@ _MIN, _MAX = "__bitdance_rt_min", "__bitdance_rt_max"  # suffixes of the reduced
 
 def _types(model) -> dict[str, int]:
     """{tensor: ONNX element type} of every tensor of the weightless graph `model` (shape inference)."""
-    from ..export.shared_weights import infer_shapes
+    from ..export.skeleton import infer_shapes
 
     types = {v.name: v.type.tensor_type.elem_type for v in infer_shapes(model).graph.value_info}
     types.update({v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)})

@@ -24,7 +24,7 @@ from .policy import INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES, check_method, quantised
 from .qdq_fixups import fix_for_integer_kernels
 
 _METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-_EXTERNAL_DATA_BYTES = 1_500_000_000  # (export/onnx_export.py's EXTERNAL_DATA_BYTES)
+_EXTERNAL_DATA_BYTES = 1_500_000_000  # (export/stage_graph.py's EXTERNAL_DATA_BYTES)
 
 
 def method_name(calibration_method) -> str | None:

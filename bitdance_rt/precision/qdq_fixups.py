@@ -61,7 +61,7 @@ def shapes_from_graph_inputs(model) -> int:
     import numpy as np
     from onnx import helper, numpy_helper
 
-    from ..export.shared_weights import infer_shapes
+    from ..export.skeleton import infer_shapes
 
     graph = model.graph
     inferred = infer_shapes(model).graph  # on a skeleton: the graph may be over protobuf's 2 GB

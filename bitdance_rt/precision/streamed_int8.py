@@ -295,7 +295,8 @@ def quantize_streamed(graph, stage: str, ranges, keep_float=(), source=None, wei
     from onnxruntime.quantization.quant_utils import add_infer_metadata, update_opset_version
     from onnxruntime.quantization.quantize import check_static_quant_arguments
 
-    from ..export.shared_weights import external_info, infer_shapes
+    from ..export.shared_weights import external_info
+    from ..export.skeleton import infer_shapes
     from ..export.weightless import placeholders
 
     ranges = Path(ranges)
@@ -316,7 +317,7 @@ def quantize_streamed(graph, stage: str, ranges, keep_float=(), source=None, wei
         raise BitDanceError(f"streamed INT8 does not apply the quantiser option(s) {', '.join(sorted(options))}")
     keep = sorted(set(keep_float) | set(int8_float_layers(stage, quantised_layers(graph))))
     # quantize_static quantises the graph as the FP32 export's file holds it: shape-inferred as its check
-    # writes it back (export/onnx_export.check_graph_file), then marked as ONNX Runtime marks the graphs
+    # writes it back (export/stage_graph.check_graph_file), then marked as ONNX Runtime marks the graphs
     # it inferred itself
     inferred = infer_shapes(graph, check_type=True, strict_mode=True, data_prop=True)
     del graph.graph.value_info[:]
