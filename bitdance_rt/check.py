@@ -237,20 +237,15 @@ def compare_stage(
     )
     ((_, iterations),) = _first_accuracy(accuracy).items()
     (per_output,) = iterations
-    tol = TOLERANCES[precision]
+    atol, rtol = tolerances(precision, per_output)
     out = []
     for name, res in per_output.items():
         if isinstance(res, Agreement):
-            out.append(OutputResult(name, bool(res), f"agreement {res.value:.6f} (>= {res.threshold})"))
+            detail = f"agreement {res.value:.6f} (>= {res.threshold})"
         else:
-            atol, rtol = tol.get(name, tol[""])
-            out.append(
-                OutputResult(
-                    name, bool(res), f"max |diff| {float(res.max_absdiff):.2e} (atol {atol:.0e}, rtol {rtol:.0e})"
-                )
-            )
-    missing = [t.name for t in spec.outputs if t.name not in per_output]
-    out += [OutputResult(name, False, "not produced by the candidate") for name in missing]
+            detail = f"max |diff| {float(res.max_absdiff):.2e} (atol {atol[name]:.0e}, rtol {rtol[name]:.0e})"
+        out.append(OutputResult(name, bool(res), detail))
+    out += [OutputResult(n, False, "not produced by the candidate") for n in spec.output_names if n not in per_output]
     return StageResult(spec.name, out, phase)
 
 
@@ -297,13 +292,12 @@ def end_to_end(
     got = generate(candidate, labels, steps, cfg, schedule, ReplayNoise(noise_path))
     same = ref.tokens == got.tokens.to(ref.tokens.device)
     agreement = float(same.float().mean())
-    per_image = same.flatten(1).all(dim=1)
     return {
         "images": len(labels),
         "noise": str(noise_path),
         "agreement": agreement,
         "threshold": threshold,
-        "identical_images": int(per_image.sum()),
+        "identical_images": int(same.flatten(1).all(dim=1).sum()),
         "passed": agreement >= threshold,
         "image_max_diff": float((ref.image - got.image.to(ref.image.device)).abs().max()),
     }
@@ -359,9 +353,8 @@ def run_check(model: ModelSource, opts: BackendOptions, req: CheckRequest) -> Ch
         make_runner, precision = trt_runner, backend.precision
     else:
         raise BitDanceError(f"check compares onnxruntime or tensorrt against torch, not {name}")
-    max_batch = backend.max_batch
-    if req.batch > max_batch:
-        raise BitDanceError(f"--batch {req.batch} is above the export's max batch {max_batch}")
+    if req.batch > backend.max_batch:
+        raise BitDanceError(f"--batch {req.batch} is above the export's max batch {backend.max_batch}")
     stages = req.stages or [s for s in st.ALL_STAGES if s in backend.specs]
     unknown = [s for s in stages if s not in backend.specs]
     if unknown:

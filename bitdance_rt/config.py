@@ -20,6 +20,21 @@ from .errors import ConfigError
 PARALLEL_CLASS = "imagenet_gen/src/model_parallel.py:BitDance"
 SEQUENTIAL_CLASS = "imagenet_gen/src/model.py:BitDance"
 
+# Constructor arguments of the official BitDance classes that decide the architecture (every official
+# config gives them); cls_token_num, num_classes, time_shift and the parallel ones have defaults.
+ARCH_ARGS = (
+    "dim",
+    "n_layer",
+    "n_head",
+    "diff_layers",
+    "diff_dim",
+    "diff_adanln_layers",
+    "latent_dim",
+    "down_size",
+    "patch_size",
+    "resolution",
+)
+
 # Constructor arguments of the official BitDance classes that only matter for training.
 # They are accepted (and written back) so official configs round-trip, but ignored.
 TRAINING_ONLY_ARGS = {
@@ -162,21 +177,7 @@ class ModelConfig(TokenLayout):
             if not cond:
                 raise ConfigError(f"config {self.name!r}: {msg}")
 
-        for key in (
-            "dim",
-            "n_layer",
-            "n_head",
-            "diff_layers",
-            "diff_dim",
-            "diff_adanln_layers",
-            "latent_dim",
-            "down_size",
-            "patch_size",
-            "resolution",
-            "cls_token_num",
-            "num_classes",
-            "parallel_num",
-        ):
+        for key in (*ARCH_ARGS, "cls_token_num", "num_classes", "parallel_num"):
             value = getattr(self, key)
             need(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -241,16 +242,7 @@ class ModelConfig(TokenLayout):
         args = dict(TRAINING_ONLY_ARGS)
         args.update(dict(self.training_args))
         args.update(
-            dim=self.dim,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            diff_layers=self.diff_layers,
-            diff_dim=self.diff_dim,
-            diff_adanln_layers=self.diff_adanln_layers,
-            latent_dim=self.latent_dim,
-            down_size=self.down_size,
-            patch_size=self.patch_size,
-            resolution=self.resolution,
+            {key: getattr(self, key) for key in ARCH_ARGS},
             cls_token_num=self.cls_token_num,
             num_classes=self.num_classes,
             time_shift=self.time_shift,
@@ -281,22 +273,10 @@ class ModelConfig(TokenLayout):
         args = data.get("constructor_args")
         if not isinstance(args, dict):
             raise fail("'constructor_args' must be an object of BitDance constructor arguments")
-        arch_keys = (
-            "dim",
-            "n_layer",
-            "n_head",
-            "diff_layers",
-            "diff_dim",
-            "diff_adanln_layers",
-            "latent_dim",
-            "down_size",
-            "patch_size",
-            "resolution",
-        )
-        missing = [k for k in arch_keys if k not in args]
+        missing = [k for k in ARCH_ARGS if k not in args]
         if missing:
             raise fail(f"constructor_args lacks {', '.join(missing)}")
-        known = set(arch_keys) | {"cls_token_num", "num_classes", "time_shift"} | set(TRAINING_ONLY_ARGS)
+        known = set(ARCH_ARGS) | {"cls_token_num", "num_classes", "time_shift"} | set(TRAINING_ONLY_ARGS)
         if model_class == PARALLEL_CLASS:
             known |= {"parallel_num", "parallel_mode"}
         unknown = sorted(set(args) - known)
@@ -322,16 +302,7 @@ class ModelConfig(TokenLayout):
         parallel = model_class == PARALLEL_CLASS
         cfg = cls(
             name=str(data.get("name", Path(source).stem)),
-            dim=args["dim"],
-            n_layer=args["n_layer"],
-            n_head=args["n_head"],
-            diff_layers=args["diff_layers"],
-            diff_dim=args["diff_dim"],
-            diff_adanln_layers=args["diff_adanln_layers"],
-            latent_dim=args["latent_dim"],
-            down_size=args["down_size"],
-            patch_size=args["patch_size"],
-            resolution=args["resolution"],
+            **{key: args[key] for key in ARCH_ARGS},
             cls_token_num=args.get("cls_token_num", 16),
             num_classes=args.get("num_classes", 1000),
             time_shift=float(args.get("time_shift", 1.0)),

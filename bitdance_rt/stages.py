@@ -1,7 +1,7 @@
 """The stage contract: every exported graph's inputs and outputs, defined once.
 
-(One file over 400 lines on purpose: it is the single place a stage's tensors are defined, and
-most of it is the per-stage TensorSpec tables.)
+(Over 400 lines: it is the single place a stage's tensors are defined, and most of it is the
+per-stage TensorSpec tables.)
 
 Export (torch -> ONNX), the ONNX Runtime backend, TensorRT optimisation profiles and
 calibration all read this module, so a stage's tensor names, dtypes, shapes and dynamic ranges

@@ -157,19 +157,7 @@ class HeadConfig:
         )
 
     def to_json_dict(self) -> dict:
-        d = {
-            k: getattr(self, k)
-            for k in (
-                "ch_target",
-                "ch_cond",
-                "ch_latent",
-                "depth_latent",
-                "depth_adanln",
-                "parallel_num",
-                "use_swiglu",
-                "time_shift",
-            )
-        }
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "training_args"}
         d.update(dict(self.training_args))
         return d
 
@@ -302,7 +290,6 @@ class T2IConfig(TokenLayout):
         return self
 
     def at_resolution(self, height: int, width: int) -> "T2IConfig":
-        check_resolution(height, width)
         return dataclasses.replace(self, height=int(height), width=int(width)).validate()
 
     def replace(self, **changes) -> "T2IConfig":
@@ -389,7 +376,6 @@ def t2i_preset(
     """The T2IConfig of a released text-to-image model at one resolution (no weights)."""
     if name not in T2I_PRESETS:
         raise ConfigError(f"unknown text-to-image model {name!r}: one of {', '.join(T2I_PRESETS)}")
-    check_resolution(height, width)
     llm = Qwen3Config(**QWEN3_14B)
     head = HeadConfig(
         ch_target=32,

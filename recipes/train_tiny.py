@@ -336,8 +336,6 @@ def main() -> None:
     if "eval" in run:
         model.load_state_dict(load_file(str(gen_path)), strict=True)
         model.eval()
-
-    if "eval" in run:
         t0 = time.perf_counter()
         log("[4/4] eval: cfg x steps sweep (linear cfg schedule), classifier accuracy / Fréchet distance")
         results = []

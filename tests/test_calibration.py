@@ -3,6 +3,7 @@ reference outputs, sets round-trip on disk and refuse other models, and ONNX gra
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -231,19 +232,12 @@ def test_other_model_weights_or_steps_refused(tiny, saved):
         load_calibration(saved, steps=S + 1)
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_damaged_sets_give_clear_errors(saved, tmp_path):
-    d = _copy(saved, tmp_path / "missing")
+    d = shutil.copytree(saved, tmp_path / "missing")
     (d / f"{st.HEAD_STEP}.safetensors").unlink()
     with pytest.raises(BitDanceError, match="missing from the calibration set"):
         load_calibration(d)
-    d = _copy(saved, tmp_path / "flipped")
+    d = shutil.copytree(saved, tmp_path / "flipped")
     path = d / f"{st.DECODER}.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -256,7 +250,7 @@ def test_damaged_sets_give_clear_errors(saved, tmp_path):
     path.write_bytes(bytes(data[:100]))
     with pytest.raises(BitDanceError, match="truncated"):
         load_calibration(d)
-    d = _copy(saved, tmp_path / "nomanifest")
+    d = shutil.copytree(saved, tmp_path / "nomanifest")
     (d / MANIFEST).unlink()
     with pytest.raises(BitDanceError, match="is not a complete calibration set"):
         load_calibration(d)

@@ -16,13 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from bitdance_rt import stages as st  # noqa: E402
 from bitdance_rt.errors import BitDanceError  # noqa: E402
-from bitdance_rt.export import (
-    MANIFEST,
-    checkpoint_source,
-    export_files,
-    export_stage,  # noqa: E402
-    export_stages,
-)
+from bitdance_rt.export import MANIFEST, checkpoint_source, export_files, export_stage, export_stages  # noqa: E402
 from bitdance_rt.export.wrappers import example_inputs, stage_module  # noqa: E402
 from bitdance_rt.loading import load_model  # noqa: E402
 from bitdance_rt.sampling import guidance_rows, sample_tokens  # noqa: E402

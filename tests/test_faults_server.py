@@ -2,7 +2,8 @@
 prompts int() cannot read, bugs (a JSON 500, counted, connection kept), clients that stall their
 headers or body (timed out; SIGTERM does not wait for them), bodies too large or sent without the
 key (refused before a byte is read), auth on /docs and an empty key, a bad or busy port, admission
-by backlog, errors in OpenAI's shape everywhere, strict types, and Pipeline ParamErrors as 400s."""
+by backlog, errors in OpenAI's shape everywhere, strict types, and Pipeline ParamErrors as 400s.
+(Over 400 lines: its tests share one Pipeline, two servers on it and the raw-HTTP helpers, made once.)"""
 
 from __future__ import annotations
 

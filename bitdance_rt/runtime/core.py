@@ -2,7 +2,8 @@
 choice, row padding and batch limits. Backends (torch, onnxruntime, tensorrt) differ only in how
 they run one stage (`_run`) and where the cache lives (`_alloc_cache`), so the scheduler, and
 calibration and the accuracy report, which wrap its row-level calls, work on every backend alike
-(StageBackend lists the calls: row level and batch level).
+(StageBackend lists the calls: row level and batch level). (Over 400 lines: StageBackend is one
+class, the core under every backend; its row- and batch-level calls share one cache and its checks.)
 
 Every stage run goes through `run_stage`, which hands it to the backend's stage observers
 (timing, calibration capture) after it ran. Every call runs at least MIN_ROWS rows, and the
@@ -254,20 +255,13 @@ class StageBackend:
         return out["cond"][:m].float().cpu()
 
     def _check_prefill(self, feeds: dict[str, torch.Tensor]) -> None:
-        labels = feeds.get("labels")
-        if (
-            labels is not None
-            and labels.numel()
-            and not (0 <= int(labels.min()) and int(labels.max()) <= self.config.num_classes)
+        for name, top, why in (
+            ("labels", "num_classes", "the last is the null class"),
+            ("pad", "max_text_tokens", "max_text_tokens"),
         ):
-            raise BitDanceError(f"labels must lie in [0, {self.config.num_classes}] (the last is the null class)")
-        pad = feeds.get("pad")
-        if (
-            pad is not None
-            and pad.numel()
-            and not (0 <= int(pad.min()) and int(pad.max()) <= self.config.max_text_tokens)
-        ):
-            raise BitDanceError(f"pad must lie in [0, {self.config.max_text_tokens}] (max_text_tokens)")
+            x = feeds.get(name)
+            if x is not None and x.numel() and not (0 <= int(x.min()) and int(x.max()) <= getattr(self.config, top)):
+                raise BitDanceError(f"{name} must lie in [0, {getattr(self.config, top)}] ({why})")
 
     def step_context(self, name: str, rows: int) -> torch.Tensor:
         """The per-slot input `name` fixed at prefill (text-to-image: pad) of slots [0, rows)."""
@@ -319,9 +313,8 @@ class StageBackend:
         uncond_row = torch.as_tensor(uncond_row, dtype=torch.int64).reshape(-1)
         if not (cfg.shape[0] == cond_row.shape[0] == uncond_row.shape[0] == m):
             raise BitDanceError(f"sample_rows: cfg / cond_row / uncond_row need {m} values each")
-        if m and (
-            int(torch.cat([cond_row, uncond_row]).min()) < 0 or int(torch.cat([cond_row, uncond_row]).max()) >= m
-        ):
+        rows = torch.cat([cond_row, uncond_row])
+        if m and (int(rows.min()) < 0 or int(rows.max()) >= m):
             raise BitDanceError(f"sample_rows: cond_row / uncond_row must index rows 0..{m - 1}")
         padded = self.bucket(m)
         own = torch.arange(m, padded)
