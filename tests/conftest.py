@@ -16,6 +16,32 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("BITDANCE_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
 
+# Under pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject.toml) each worker takes the next
+# module in collection order when it is free. The longest modules go first, so that none of them starts
+# last and leaves the other workers idle at the end (xdist's own reorder sorts by test count, not time).
+# Serial seconds per module from `pytest -n auto --durations=0`, 2-core AMD EPYC, 2026-12-06; re-measure
+# when a module grows.
+LONGEST_FIRST = (
+    "test_precision.py",  # 151 s
+    "test_cli.py",  # 156 s, fewer since its commands run in-process
+    "test_t2i.py",  # 119 s
+    "test_streamed_int8.py",  # 92 s
+    "test_serve.py",  # 89 s
+    "test_large_graphs.py",  # 70 s
+    "test_pipeline.py",  # 54 s
+    "test_weights_once.py",  # 54 s
+    "test_plan.py",  # 49 s
+    "test_streamed_export.py",  # 42 s
+    "test_export_onnx.py",  # 39 s
+    "test_ort_backend.py",  # 35 s
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: the rest keep their order)
+
+
 # Under pytest-xdist the workers share the cores: one torch thread each, so they do not oversubscribe them.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
@@ -30,6 +56,28 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`bitdance-rt ARGS` in this process, through cli.main as the console script calls it: exit code,
+    stdout and stderr as subprocess.run gives them, without a new interpreter's ~3 s of imports. `env`
+    (a whole environment, as subprocess.run takes) is applied for the call; the environment and torch's
+    thread count (`--threads` sets it) are put back after. Tests of the process boundary itself (the
+    console script, `python -m`, signals) run a subprocess."""
+    import io
+
+    from bitdance_rt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, torch_threads(torch.get_num_threads()):
+        for name, value in (env or {}).items():
+            if os.environ.get(name) != value:
+                patch.setenv(name, value)
+        for name in set(os.environ) - set(env or os.environ):
+            patch.delenv(name)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["bitdance-rt", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 # Float32 results of one network differ between CPUs: kernels sum in other orders (AVX-512 vs AVX2

@@ -1,4 +1,7 @@
-"""The `bitdance-rt` command as a user runs it: outputs, replayed noise, and one-line errors."""
+"""The `bitdance-rt` command as a user runs it: outputs, replayed noise, and one-line errors.
+
+Most tests run the command in this process (conftest.run_cli: cli.main, as the console script calls
+it); the embedded default and the cache shared by two runs go through `python -m bitdance_rt`."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, fixture_config, fixture_dir
+from conftest import REPO, fixture_config, fixture_dir, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +52,7 @@ def sampling_args(name: str) -> list[str]:
 def test_generate_replays_official_noise(name, backend, tmp_path):
     d = fixture_dir(name)
     out = tmp_path / "imgs"
-    res = run(
+    res = run_cli(
         "generate",
         "--model",
         d / "config.json",
@@ -79,10 +82,10 @@ def test_generate_replays_official_noise(name, backend, tmp_path):
 def test_generate_with_seed_matches_official_and_converted_checkpoint(tmp_path):
     d = fixture_dir("tiny_4x")
     conv = tmp_path / "m.safetensors"
-    res = run("convert", "--checkpoint", d / "checkpoint.pt", "--model", d / "config.json", "--out", conv)
+    res = run_cli("convert", "--checkpoint", d / "checkpoint.pt", "--model", d / "config.json", "--out", conv)
     assert res.returncode == 0, res.stderr
     seed = fixture_config("tiny_4x")["sampling"]["seed"]
-    res = run(
+    res = run_cli(
         "generate",
         "--model",
         "tiny-4x",
@@ -110,7 +113,7 @@ def test_embedded_default_is_the_trained_digits_model(tmp_path):
 
 
 def test_preset_without_checkpoint_says_it_is_random(tmp_path):
-    res = run("generate", "--model", "tiny-4x", "--out", tmp_path / "o", "--steps", "2", "--labels", "0", "--quiet")
+    res = run_cli("generate", "--model", "tiny-4x", "--out", tmp_path / "o", "--steps", "2", "--labels", "0", "--quiet")
     assert res.returncode == 0, res.stderr
     assert "RANDOM weights" in res.stdout
 
@@ -119,13 +122,13 @@ def test_eval_scores_the_embedded_model_identically_on_both_backends():
     """30 samples in chunks of 16 (the exported maximum): the same images, so the same scores."""
     scores = {}
     for backend in ("torch", "onnxruntime"):
-        res = run("eval", "--per-class", "3", "--backend", backend)
+        res = run_cli("eval", "--per-class", "3", "--backend", backend)
         assert res.returncode == 0, res.stderr
         assert f"{backend} fp32" in res.stdout
         scores[backend] = [l for l in res.stdout.splitlines() if l.startswith("class accuracy")]
         assert len(scores[backend]) == 1 and "on 30 samples" in scores[backend][0]
     assert scores["torch"] == scores["onnxruntime"]
-    res = run("eval", "--per-class", "3", "--batch-size", "0")
+    res = run_cli("eval", "--per-class", "3", "--batch-size", "0")
     assert res.returncode == 2 and "max batch must be a positive integer, got 0" in res.stderr
 
 
@@ -188,11 +191,11 @@ def test_export_command_then_generate_from_it(tmp_path):
     s = fixture_config("tiny_4x")["sampling"]
     exp = tmp_path / "exp"
     base = ["--model", d / "config.json", "--checkpoint", d / "checkpoint.pt"]
-    res = run("export", *base, "--out", exp, "--steps", s["sample_steps"])
+    res = run_cli("export", *base, "--out", exp, "--steps", s["sample_steps"])
     assert res.returncode == 0 and "exported" in res.stdout, res.stderr
-    res = run("export", *base, "--out", exp, "--steps", s["sample_steps"])
+    res = run_cli("export", *base, "--out", exp, "--steps", s["sample_steps"])
     assert res.returncode == 0 and "up to date, reused" in res.stdout, res.stderr
-    res = run(
+    res = run_cli(
         "generate",
         "--model",
         d / "config.json",
@@ -214,7 +217,7 @@ def test_export_command_then_generate_from_it(tmp_path):
     assert res.returncode == 0, res.stderr
     want = load_file(str(d / "sample.safetensors"))
     assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["tokens"], want["tokens"])
-    res = run(
+    res = run_cli(
         "generate",
         "--model",
         fixture_dir("tiny_1x") / "config.json",
@@ -230,7 +233,7 @@ def test_export_command_then_generate_from_it(tmp_path):
     )
     assert res.returncode == 2 and "not 'tiny_1x'" in res.stderr and "Traceback" not in res.stderr
     (exp / "decoder.onnx").write_bytes(b"broken")
-    res = run(
+    res = run_cli(
         "generate",
         "--model",
         d / "config.json",
@@ -252,12 +255,12 @@ def test_calibrate_writes_a_set_for_the_embedded_model(tmp_path):
     from bitdance_rt.loading import load_model
 
     out = tmp_path / "calib"
-    res = run("calibrate", "--out", out, "--steps", "4", "--labels", "1", "2", "--max-samples", "8")
+    res = run_cli("calibrate", "--out", out, "--steps", "4", "--labels", "1", "2", "--max-samples", "8")
     assert res.returncode == 0, res.stderr
     assert "wrote calibration set" in res.stdout
     cal = load_calibration(out, config=load_model().model.cfg)
     assert all(0 < len(s) <= 8 for s in cal.samples.values())
-    res = run("calibrate", "--out", out, "--steps", "4")
+    res = run_cli("calibrate", "--out", out, "--steps", "4")
     assert res.returncode == 2 and "--force" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -266,7 +269,7 @@ def test_export_at_a_precision_takes_the_max_batch(tmp_path):
     --batch-size 1` assumes is what the command makes (it refused --max-batch with --precision)."""
     import json
 
-    res = run("export", "--precision", "fp16", "--max-batch", "1", "--steps", "2", "--out", tmp_path / "fp16")
+    res = run_cli("export", "--precision", "fp16", "--max-batch", "1", "--steps", "2", "--out", tmp_path / "fp16")
     assert res.returncode == 0, res.stderr
     manifest = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
     assert manifest["precision"] == "fp16" and manifest["key"]["limits"]["max_batch"] == 1

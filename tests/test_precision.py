@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import collections
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -39,7 +37,7 @@ from bitdance_rt.precision.sensitivity import quantised_layers  # noqa: E402
 from bitdance_rt.runtime import int8_kernels  # noqa: E402
 from bitdance_rt.runtime.ort_backend import OrtBackend  # noqa: E402
 
-from conftest import REPO, copy_cache, fixture_dir, torch_threads  # noqa: E402
+from conftest import copy_cache, fixture_dir, run_cli, torch_threads  # noqa: E402
 
 S = 25  # the embedded model's default sampler steps
 # what INT8 generation needs (no fused samplers: quick FP16 conversion)
@@ -480,14 +478,8 @@ def test_derived_exports_are_reused_and_rederived_when_inputs_change(setup, tmp_
 
 # ---- CLI --------------------------------------------------------------------------------------------
 def _run(*args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "bitdance_rt", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        env=env,
-    )
+    """The CLI in this process (conftest.run_cli) with `env`."""
+    return run_cli(*args, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -363,10 +363,10 @@ def prompt_int8(ckpt, t2i_cache_template, tmp_path_factory):
     from bitdance_rt.cli import main
 
     root = tmp_path_factory.mktemp("prompt-int8")
-    cache = copy_cache(t2i_cache_template(16, "fp32", "fp16"), root / "cache")
+    cache = copy_cache(t2i_cache_template(64, "fp32", "fp16"), root / "cache")
     made = SimpleNamespace(cache=cache, set=root / "set", png=root / "png", printed=[])
     made.int8_before = [d.name for d in (cache / "exports").iterdir() if "int8" in d.name]
-    made.model = ["--checkpoint", str(ckpt[16]), "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT)]
+    made.model = ["--checkpoint", str(ckpt[64]), "--height", "512", "--width", "512", "--max-text-tokens", str(TEXT)]
     calibrate = ["calibrate", *made.model, "--steps", "2", "--prompt", "a red cat", "a blue dog"]
     calibrate += ["--out", str(made.set), "--report", "--report-images", "1", "--threads", "1"]
     generate = ["generate", "--prompt", "a cat", *made.model, "--steps", "2", "--precision", "int8"]
@@ -408,7 +408,7 @@ def test_cli_calibrate_and_generate_int8_from_prompts(ckpt, prompt_int8, tmp_pat
     cset = load_calibration(out)
     assert cset.key["prompts"] == ["a red cat", "a blue dog"] and "labels" not in cset.key
     pads = torch.cat([s.inputs["pad"] for s in cset.phase_samples("backbone", "prefill")])
-    assert set(pads.tolist()) == _pads(ckpt[16], ["a red cat", "a blue dog"])  # conditional and CFG rows
+    assert set(pads.tolist()) == _pads(ckpt[64], ["a red cat", "a blue dog"])  # conditional and CFG rows
     steps = cset.phase_samples("backbone", "step")
     assert steps and all(s.inputs["pad"].shape == s.inputs["start"].shape for s in steps)
     assert generate_code == 0 and "(int8)" in generate_printed and (made.png / "000.png").is_file()
