@@ -115,9 +115,8 @@ def test_what_stays_fp32_beyond_fp16s_list_is_what_onnx_has_no_bf16_for():
 
 def test_bf16_placement_is_the_fp16_placement(pairs):
     """Every tensor FLOAT16 in the FP16 graph is BFLOAT16 in the BF16 one and every other type is kept,
-    node for node; the exceptions: graph outputs are float32 (FP16's head_sampler declares its +-1
-    tokens FLOAT16, bf16._float_outputs), and the ops ONNX has no BF16 form of (NO_BF16) read their
-    weights in FP32, between Casts the BF16 graph adds."""
+    node for node; the exceptions: graph outputs are float32 in both (fp16._float_outputs), and the ops
+    ONNX has no BF16 form of (NO_BF16) read their weights in FP32, between Casts the BF16 graph adds."""
     for stage, (fp16, bf16) in pairs.items():
         g16, gb = fp16.graph, bf16.graph
         t16, tb = _types(g16), _types(gb)

@@ -256,6 +256,10 @@ def test_fp16_fused_sampler_keeps_the_update_arithmetic_in_float32(tmp_path):
         if n.name in outside and n.op_type != "Cast":
             assert all(types.get(i) != FLOAT16 for i in n.input if i), f"{n.op_type} {n.name} runs in FP16"
     assert any(t.data_type == FLOAT16 for t in g.graph.initializer)  # the head net itself is FP16
+    # its inputs and outputs are the contract's, the +-1 tokens included (the converter declared them FLOAT16)
+    spec = st.stage_specs(model.cfg, [st.HEAD_SAMPLER], 2)[st.HEAD_SAMPLER]
+    want = {t.name: {"float32": FLOAT, "int64": 7}[t.dtype] for t in (*spec.inputs, *spec.outputs)}
+    assert {v.name: v.type.tensor_type.elem_type for v in (*g.graph.input, *g.graph.output)} == want
 
 
 # ---- fidelity ---------------------------------------------------------------------------------------

@@ -102,32 +102,9 @@ def _convert_bf16(skeleton, sampler: bool):
     """fp16._convert with policy.bf16_float_ops kept FP32, then retyped (see the module docstring)."""
     opset = next((o.version for o in skeleton.opset_import if o.domain in ("", "ai.onnx")), None)
     originals = _tag_originals(skeleton.graph, {})
-    floats = {v.name for v in skeleton.graph.output if v.type.tensor_type.elem_type == FLOAT}
     out = _convert(skeleton, sampler, bf16_float_ops({n.op_type for n in skeleton.graph.node}, opset))
-    _float_outputs(out.graph, floats)
     _retype(out.graph, originals)
     return out
-
-
-def _float_outputs(graph, names) -> None:
-    """The graph outputs `names` back to FLOAT where the converter declared them FLOAT16.
-
-    Works around a defect of onnxconverter-common 1.16: a kept-FP32 node that writes a graph output
-    gets a Cast to FLOAT16 after it, and the output is declared FLOAT16, against the float32 stage
-    contract: a fused sampler's final Sign (FP16's head_sampler graphs declare their +-1 tokens
-    FLOAT16, left as they are) and, in BF16, the decoder's last Conv. That Cast now casts to FLOAT (of
-    a FLOAT tensor: a no-op that ONNX Runtime and TensorRT remove)."""
-    made_by = {name: node for node in graph.node for name in node.output}
-    for v in graph.output:
-        if v.name not in names or v.type.tensor_type.elem_type != FLOAT16:
-            continue
-        node = made_by.get(v.name)
-        if node is None or node.op_type != "Cast":
-            raise ValueError(f"graph output {v.name!r}: declared FLOAT16 by the converter, and no Cast writes it")
-        for a in node.attribute:
-            if a.name == "to":
-                a.i = FLOAT
-        v.type.tensor_type.elem_type = FLOAT
 
 
 def convert_bf16(model, sampler: bool = False, base_dir=None):

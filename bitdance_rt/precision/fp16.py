@@ -224,6 +224,7 @@ def _convert(model, sampler: bool, float_ops=FP16_KEEP_FLOAT_OPS):
 
     from ..export.skeleton import infer_shapes
 
+    floats = {v.name for v in model.graph.output if v.type.tensor_type.elem_type == FLOAT}
     model.graph.ClearField("value_info")
     _drop_noop_casts(model)
     blocked_nodes = (sampler_arithmetic(model.graph.node) if sampler else []) + norm_squares(model.graph.node)
@@ -238,7 +239,28 @@ def _convert(model, sampler: bool, float_ops=FP16_KEEP_FLOAT_OPS):
             node_block_list=blocked_nodes,
         )
     _fix_float_casts(out)
+    _float_outputs(out.graph, floats)
     return out
+
+
+def _float_outputs(graph, names) -> None:
+    """The graph outputs `names` back to FLOAT where the converter declared them FLOAT16.
+
+    Works around a defect of onnxconverter-common 1.16: a kept-FP32 node that writes a graph output
+    gets a Cast to FLOAT16 after it, and the output is declared FLOAT16, against the float32 stage
+    contract: a fused sampler's final Sign (its +-1 tokens) and, in BF16, the decoder's last Conv.
+    That Cast now casts to FLOAT (of a FLOAT tensor: a no-op that ONNX Runtime and TensorRT remove)."""
+    made_by = {name: node for node in graph.node for name in node.output}
+    for v in graph.output:
+        if v.name not in names or v.type.tensor_type.elem_type != FLOAT16:
+            continue
+        node = made_by.get(v.name)
+        if node is None or node.op_type != "Cast":
+            raise ValueError(f"graph output {v.name!r}: declared FLOAT16 by the converter, and no Cast writes it")
+        for a in node.attribute:
+            if a.name == "to":
+                a.i = FLOAT
+        v.type.tensor_type.elem_type = FLOAT
 
 
 def _stashed(out, stash):
