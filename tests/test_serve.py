@@ -410,13 +410,13 @@ def test_soak_concurrency_16(server, pipe):
 def test_sigterm_answers_every_request_in_flight(warm_cache):
     port = free_port()
     env = {"BITDANCE_RT_CACHE": str(warm_cache), "OMP_NUM_THREADS": "1"}
-    # (--shutdown-timeout: 12 requests of 4 images at 400 steps may take longer than the default 30 s here)
+    # (--shutdown-timeout: 12 requests of 4 images at 200 steps may take longer than the default 30 s here)
     with server_process(["--log-level", "warning", "--threads", "1", "--shutdown-timeout", "300"], env, port) as proc:
         url = f"http://127.0.0.1:{port}"
         results: dict[int, object] = {}
 
         def go(i):
-            body = {"prompt": str(i % 10), "seed": i, "steps": 400, "n": 4, "stream": i % 2 == 1, "partial_images": 1}
+            body = {"prompt": str(i % 10), "seed": i, "steps": 200, "n": 4, "stream": i % 2 == 1, "partial_images": 1}
             try:
                 with httpx.stream("POST", url + GEN, json=body, timeout=300) as r:
                     text = r.read().decode()

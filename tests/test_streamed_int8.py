@@ -509,14 +509,14 @@ def test_int8_export_measures_its_ranges_on_the_graphs_the_set_was_captured_on(
     from bitdance_rt import paths
     from bitdance_rt.backends import resolve_model
 
-    source = resolve_model(None, str(t2i_checkpoints[16]), None, 512, 512, T2I_TEXT_TOKENS)
-    with paths.using_cache_root(t2i_cache_template(16, "fp16")):  # (the template holds other checkpoints' too)
+    source = resolve_model(None, str(t2i_checkpoints[64]), None, 512, 512, T2I_TEXT_TOKENS)
+    with paths.using_cache_root(t2i_cache_template(64, "fp16")):  # (the template holds other checkpoints' too)
         made_fp16 = paths.variant_dir(paths.export_dir(source.config, source.weights_source(), T2I_STEPS), "fp16")
     fp16 = tmp_path / "fp16"
     shutil.copytree(made_fp16, fp16)
     cache = tmp_path / "cache"
     monkeypatch.setenv("BITDANCE_RT_CACHE", str(cache))
-    model = ["--checkpoint", str(t2i_checkpoints[16]), "--height", "512", "--width", "512"]
+    model = ["--checkpoint", str(t2i_checkpoints[64]), "--height", "512", "--width", "512"]
     model += ["--max-text-tokens", str(T2I_TEXT_TOKENS), "--steps", str(T2I_STEPS)]
     with torch_threads(1):
         calibrate = ["calibrate", *model, "--prompt", "a red cat", "--batch-size", "1", "--max-samples", "2"]

@@ -81,9 +81,10 @@ def test_embedded_model_export_holds_each_weight_once(tmp_path):
 
 
 def test_b4x_widths_transformer_and_head_held_once(tmp_path):
-    """BitDance-B-4x at its real widths (2 of its 24 layers; the tokenizer left out): the stages the
+    """BitDance-B-4x at its real widths (2 of its 24 layers and 2 of its head's 6 blocks, so that a
+    table copied per layer or per block would show; the tokenizer left out): the stages the
     duplication was in."""
-    cfg = load_config("BitDance-B-4x").replace(n_layer=2)
+    cfg = load_config("BitDance-B-4x").replace(n_layer=2, diff_layers=2)
     torch.manual_seed(0)
     with torch_threads(2):
         with pytest.MonkeyPatch.context() as patch:  # the tokenizer's convolutions, never exported: not initialised
