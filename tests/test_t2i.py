@@ -15,6 +15,7 @@ import torch
 
 from conftest import (
     ORACLE_SAMPLER_REL,
+    T2I_STEPS,
     T2I_TEXT_TOKENS,
     assert_matches_oracle,
     copy_cache,
@@ -172,25 +173,21 @@ class _Margin:
         return self.inner.sample_tokens(cond, noise, cfg, guided)
 
 
-def _export(model, out, steps):
-    from bitdance_rt.export import export_stages, random_source
-    from bitdance_rt.stages import GENERATION_STAGES
+def _session_export(t2i_cache_template, ckpt, p: int, tmp_path):
+    """ONNX Runtime on a copy of the session's FP32 export of checkpoint `p` (conftest t2i_cache_template:
+    512 px, TEXT prompt tokens, T2I_STEPS sampler steps, every generation stage: what these tests load), so
+    that each test does not export the same graphs again (exporting is tested where it is the point)."""
+    from bitdance_rt import paths
+    from bitdance_rt.backends import resolve_model
     from bitdance_rt.runtime.ort_backend import OrtBackend
-    from bitdance_rt.stages import Limits
 
-    export_stages(
-        model,
-        out,
-        random_source(0),
-        stages=list(GENERATION_STAGES),
-        sampler_steps=steps,
-        limits=Limits(2, 1),
-        progress=False,
-    )
-    return OrtBackend(out, threads=1)
+    source = resolve_model(None, str(ckpt[p]), None, 512, 512, TEXT)
+    cache = copy_cache(t2i_cache_template(p), tmp_path / "cache")
+    with paths.using_cache_root(cache):
+        return OrtBackend(paths.export_dir(source.config, source.weights_source(), T2I_STEPS), threads=1)
 
 
-def test_64x_torch_and_onnxruntime_tokens_bit_identical_with_replayed_noise(ckpt, tmp_path):
+def test_64x_torch_and_onnxruntime_tokens_bit_identical_with_replayed_noise(ckpt, t2i_cache_template, tmp_path):
     from safetensors.torch import save_file
 
     loaded = load_t2i(ckpt[64], 512, 512, max_text_tokens=TEXT)
@@ -204,7 +201,7 @@ def test_64x_torch_and_onnxruntime_tokens_bit_identical_with_replayed_noise(ckpt
         ref_backend = _Margin(TorchBackend(loaded.model))
         ref = generate(ref_backend, cond, 2, 4.0, "linear", record)
         save_file({f"noise_{i:03d}": d for i, d in enumerate(draws)}, str(tmp_path / "noise.safetensors"))
-        ort = _export(loaded.model, tmp_path / "export", 2)
+        ort = _session_export(t2i_cache_template, ckpt, 64, tmp_path)
         got = generate(ort, cond, 2, 4.0, "linear", ReplayNoise(tmp_path / "noise.safetensors"))
     assert ref_backend.margin > 2e-5, "the reference sits too close to a sign flip for an exact comparison"
     assert ref.tokens.shape == (2, 1024, 32) and ref.image.shape == (2, 3, 512, 512)
@@ -212,7 +209,7 @@ def test_64x_torch_and_onnxruntime_tokens_bit_identical_with_replayed_noise(ckpt
     torch.testing.assert_close(got.image, ref.image, atol=2e-4, rtol=0)
 
 
-def test_16x_onnxruntime_stages_match_torch_teacher_forced(ckpt, tmp_path):
+def test_16x_onnxruntime_stages_match_torch_teacher_forced(ckpt, t2i_cache_template, tmp_path):
     """Same history into both backends at every AR step: conditions agree to float32 rounding and
     every token whose pre-sign value is not within 1e-4 of zero is identical."""
     from bitdance_rt.sampling import cfg_at_step
@@ -222,7 +219,7 @@ def test_16x_onnxruntime_stages_match_torch_teacher_forced(ckpt, tmp_path):
     rows = loaded.prompts.encode(["a red cat"]).rows(guided=True)
     noise = SeededNoise(1)
     with torch_threads(1), torch.no_grad():
-        ort = _export(loaded.model, tmp_path / "export", 2)
+        ort = _session_export(t2i_cache_template, ckpt, 16, tmp_path)
         ref = TorchBackend(loaded.model)
         c_ref, c_ort = ref.prefill(rows), ort.prefill(rows)
         tokens = None  # (the previous step's tokens, fed from the second step on)
