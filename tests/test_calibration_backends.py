@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -339,9 +340,12 @@ def test_cli_calibrate_from_the_fp16_export(embedded, tmp_path, capsys):
         "export_key": export_digest(read_manifest(fp16)),
     }
     assert manifest["capture"] == {"export_dir": str(fp16)} and manifest["key"]["labels"] == [1, 4]
+    bf16 = shutil.copytree(fp16, tmp_path / "bf16")  # (only its manifest is read before the refusal)
+    (bf16 / "manifest.json").write_text(json.dumps({**read_manifest(fp16), "precision": "bf16"}))
     for bad, why in (
         (["--capture-backend", "torch", "--capture-precision", "fp16"], "float32 reference"),
         (["--capture-export", str(embedded.fp32), "--capture-precision", "fp16"], "holds fp32 graphs"),
+        (["--capture-export", str(bf16)], "holds bf16 graphs: a capture runs on fp32 or fp16 graphs"),
     ):
         assert main(["calibrate", "--steps", str(S), "--out", str(tmp_path / "x"), *bad]) == 2
         assert why in capsys.readouterr().err

@@ -92,7 +92,7 @@ def _capture_backend(args, source, steps: int):
     """`calibrate`'s ONNX Runtime capture backend and the notes for the set's manifest, or (None, {})
     for the torch reference (--capture-backend / --capture-precision / --capture-export)."""
     from ..backends import BackendOptions, auto_export, ort_providers
-    from ..calibration import capture_choice, ort_capture_backend
+    from ..calibration import CAPTURE_PRECISIONS, capture_choice, ort_capture_backend
     from ..export.manifest import read_manifest
     from ..precision.derive import graph_precision
 
@@ -101,6 +101,11 @@ def _capture_backend(args, source, steps: int):
             raise BitDanceError("--capture-export is an onnxruntime capture: drop --capture-backend torch")
         export = Path(args.capture_export)
         held = graph_precision(read_manifest(export))
+        if held not in CAPTURE_PRECISIONS:  # (BF16 has no CPU kernels; INT8/INT4 would calibrate on themselves)
+            raise BitDanceError(
+                f"--capture-export {export} holds {held} graphs: a capture runs on {' or '.join(CAPTURE_PRECISIONS)}"
+                " graphs of the model (give its FP32 or FP16 export, or leave --capture-export out)"
+            )
         if args.capture_precision not in (None, held):
             raise BitDanceError(
                 f"--capture-export {export} holds {held} graphs, not --capture-precision {args.capture_precision}"
