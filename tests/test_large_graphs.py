@@ -146,7 +146,7 @@ def test_fp16_of_a_graph_over_2gb(big_embed, scratch):
     derivation's ONNX checks and gives the FP32 graph's output rounded to FP16."""
     src, dst = big_embed / "prefix_embed.onnx", scratch / "prefix_embed.onnx"
     assert (big_embed / "prefix_embed.onnx.data").stat().st_size > GIB2
-    # 1.09 GB of FP16 weights: below derive.EXTERNAL_DATA_BYTES, which the 14B's table (1.55 GB in FP16) is
+    # 1.09 GB of FP16 weights: below shared_weights.EXTERNAL_DATA_BYTES, which the 14B's table (1.55 GB in FP16) is
     # over; a lower bound here makes this graph take that graph's path, weights streamed to external data
     files = convert_fp16_file(src, dst, external_bytes=EMBED.nbytes // 4)
     assert files == ["prefix_embed.onnx", "prefix_embed.onnx.data"]

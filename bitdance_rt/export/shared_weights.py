@@ -22,7 +22,9 @@ SHARED_WEIGHTS = "shared.weights"
 # keeps the graphs' constants where optimisers look for them.
 MIN_BYTES = 1024
 _ALIGN = 4096  # offsets in the shared file are page-aligned, so that a runtime may map it
-_PROTOBUF_BYTES = 1_500_000_000  # above this a graph's own tensors go to external data (protobuf's 2 GB limit)
+# Above this a graph's own tensors go to an external data file (protobuf's 2 GB limit): every writer of
+# graphs (export, FP16 / BF16 / INT8 / INT4 variants) and the plan read this one figure.
+EXTERNAL_DATA_BYTES = 1_500_000_000
 CHUNK_BYTES = 1 << 26  # 64 MiB: what a streamed copy, hash or conversion holds at once
 SKELETON_BYTES = 1 << 20  # tensors at least this large leave a skeleton (shape constants are far smaller)
 EXTERNAL = 1  # onnx.TensorProto.DataLocation
@@ -173,7 +175,7 @@ class DataWriter:
         self.close()
 
 
-def save_streamed(model, dst: Path, fills, external_bytes: int = _PROTOBUF_BYTES) -> list[str]:
+def save_streamed(model, dst: Path, fills, external_bytes: int = EXTERNAL_DATA_BYTES) -> list[str]:
     """Save `model` as `dst`, filling its placeholders from `fills` ([(placeholder, chunks)], the
     chunks produced one at a time); returns the files written: dst's name, plus dst.name + ".data"
     when the tensors are over `external_bytes` (then every tensor of MIN_BYTES or more goes there,
@@ -328,7 +330,7 @@ def _rewrite(
         point_to(tensor, SHARED_WEIGHTS, *offsets[key])
     rest = [t for t, init in tensors(model.graph) if not (init and t.name in shared)]
     staying = [t for t in rest if is_external(t)]  # external tensors that stay the graph's own
-    if not staying or (not own_data and sum(tensor_nbytes(t) for t in rest) <= _PROTOBUF_BYTES):
+    if not staying or (not own_data and sum(tensor_nbytes(t) for t in rest) <= EXTERNAL_DATA_BYTES):
         for t in staying:  # small enough: the graph holds them itself
             make_inline(t, read_bytes(t, directory))
         for name in own_data:

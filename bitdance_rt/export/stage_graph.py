@@ -22,9 +22,8 @@ from ..errors import BitDanceError
 from ..models import BitDance
 from ..stages import StageSpec
 from .manifest import DEFAULT_OPSET, MIN_OPSET
+from .shared_weights import EXTERNAL_DATA_BYTES
 from .wrappers import example_inputs, stage_module
-
-EXTERNAL_DATA_BYTES = 1_500_000_000  # weights above this go to <stage>.onnx.data
 
 _ONNX_DTYPES = {"float32": 1, "int64": 7}  # onnx.TensorProto.FLOAT / INT64
 

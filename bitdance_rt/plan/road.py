@@ -17,6 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .. import stages as st
+from ..export.shared_weights import EXTERNAL_DATA_BYTES
 from .memory import GIB, _meta_model, activation_bytes, activation_phases, kv_cache_bytes, plan, stage_weights
 
 # ---- the model of today's code, and its measured basis ---------------------------------------------------
@@ -68,7 +69,7 @@ STREAM_PROCESS_BYTES = 500 << 20
 STREAM_MATRIX = 2.34
 STREAM_SLICES = 512 << 20
 STREAM_PER_LAYER = 123_420_672
-SMALL_GRAPH = 1_500_000_000  # export/stage_graph.EXTERNAL_DATA_BYTES
+SMALL_GRAPH = EXTERNAL_DATA_BYTES  # (graphs above it are written with external data)
 PROTOBUF = 2 * GIB
 # derive fp16 (precision/fp16.convert_fp16_file): an FP16 graph of <= 1.5e9 bytes is built in memory (w1024:
 # 110 MB for its 115 MB float32 head, 1.0x the FP32 graph); larger ones are converted in 64 MiB chunks.

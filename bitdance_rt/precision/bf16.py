@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fp16 import FLOAT, FLOAT16, _convert, _data, _inline, _stashed, _strip
+from .fp16 import EXTERNAL_DATA_BYTES, FLOAT, FLOAT16, _convert, _data, _inline, _stashed, _strip
 from .policy import bf16_float_ops
 
 BFLOAT16 = 16  # onnx.TensorProto
@@ -116,7 +116,7 @@ def convert_bf16(model, sampler: bool = False, base_dir=None):
     return out
 
 
-def convert_bf16_file(src, dst, sampler: bool = False, external_bytes: int = 1_500_000_000) -> list[str]:
+def convert_bf16_file(src, dst, sampler: bool = False, external_bytes: int = EXTERNAL_DATA_BYTES) -> list[str]:
     """Convert the graph file `src` (with its external data, if any) into `dst`, streaming its large
     tensors as fp16.convert_fp16_file does; returns the files written."""
     import onnx

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import stages as st
 from ..errors import BitDanceError
-from ..export.shared_weights import share_weights
+from ..export.shared_weights import EXTERNAL_DATA_BYTES, share_weights
 from ..export.manifest import MANIFEST, manifest_config, read_manifest, stage_files, verify_files
 from .policy import (
     INT4_BLOCK,
@@ -42,7 +42,6 @@ from .policy import (
 # not record, is left out.
 INT8_STAGES = st.INT8_STAGES  # (stages.REGISTRY)
 FP16_STAGES = st.ALL_STAGES
-EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 def graph_precision(manifest: dict) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from ..export.shared_weights import EXTERNAL_DATA_BYTES
 from .policy import FP16_KEEP_FLOAT_OPS, sampler_arithmetic
 
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto
@@ -317,7 +318,7 @@ def _inline(stashed, base, halves=None) -> None:
         make_inline(placeholder, b"".join(bytes(c) for c in _data(placeholder, original, base, halves)))
 
 
-def convert_fp16_file(src, dst, sampler: bool = False, external_bytes: int = 1_500_000_000) -> list[str]:
+def convert_fp16_file(src, dst, sampler: bool = False, external_bytes: int = EXTERNAL_DATA_BYTES) -> list[str]:
     """Convert the graph file `src` (with its external data, if any) into `dst`; returns the files
     written (dst's name, and dst.name + ".data" when the FP16 tensors are over `external_bytes`).
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BitDanceError
+from ..export.shared_weights import EXTERNAL_DATA_BYTES
 from .policy import INT4_BLOCK, INT4_TRT_BLOCKS
 
 INT4_BLOCK_SIZES = (16, 32, 64, 128)  # (MatMulNBits: a power of two from 16)
@@ -252,7 +253,9 @@ def _weight_view(tensor, base: Path):
     return np.memmap(path, dtype=np.float16, mode="r", offset=offset, shape=tuple(tensor.dims))
 
 
-def quantize_int4_qdq(src, dst, nodes: list[str], external_bytes: int = 1_500_000_000, opset: int | None = QDQ_OPSET):
+def quantize_int4_qdq(
+    src, dst, nodes: list[str], external_bytes: int = EXTERNAL_DATA_BYTES, opset: int | None = QDQ_OPSET
+):
     """Write `src` (an FP16 stage graph) with the weights of the MatMul / Gemm nodes `nodes` as INT4
     values and FP16 block scales (int4_values, blocks along K of `trt_block(K)`) that a
     DequantizeLinear expands before the node, the whole graph at `opset` (None: as it is; no `nodes`

@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BitDanceError
+from ..export.shared_weights import EXTERNAL_DATA_BYTES
 from .policy import INT8_OP_TYPES, INT8_OUTPUT_OP_TYPES, check_method, quantised_layers
 from .qdq_fixups import fix_for_integer_kernels
 
 _METHODS = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-_EXTERNAL_DATA_BYTES = 1_500_000_000  # (export/stage_graph.py's EXTERNAL_DATA_BYTES)
 
 
 def method_name(calibration_method) -> str | None:
@@ -155,7 +155,7 @@ def needs_external_data(fp32_path) -> bool:
     from ..export.shared_weights import is_external, tensors
 
     model = onnx.load(str(fp32_path), load_external_data=False)
-    return any(is_external(t) for t, _ in tensors(model.graph)) or Path(fp32_path).stat().st_size > _EXTERNAL_DATA_BYTES
+    return any(is_external(t) for t, _ in tensors(model.graph)) or Path(fp32_path).stat().st_size > EXTERNAL_DATA_BYTES
 
 
 def quantize_int8(
