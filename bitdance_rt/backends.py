@@ -231,13 +231,13 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
 
     fp32 = paths.export_dir(model.config, model.weights_source(), steps, opts.max_batch)
     runtime = opts.backend if opts.backend in ("onnxruntime", "tensorrt") else None  # (INT4's graph format)
+    if opts.keep_float and precision not in ("int8", "int4"):  # (before anything is exported)
+        raise BitDanceError("--keep-float is for --precision int8 or int4")
     if precision == "int4" and (model.t2i or int4_format(runtime) == "qdq"):
         return _trt_int4(model, steps, opts, runtime, out)
     if model.t2i and precision == "int8":
         return _streamed_int8(model, steps, opts, fp32, out)
     if model.t2i and precision in ("fp16", "bf16"):
-        if opts.keep_float:
-            raise BitDanceError("keep-float is for precision int8 or int4")
         if opts.calibration:
             raise BitDanceError(f"a calibration set is for precision int8 ({precision} graphs need none)")
         out = Path(out) if out is not None else paths.variant_dir(fp32, precision)
@@ -248,8 +248,6 @@ def auto_export(model: ModelSource, steps: int, opts: BackendOptions, precision:
     result = export_for(model, fp32, steps, opts)
     logger.info("ONNX export: %s (%s)", fp32, "reused" if result.reused else "exported")
     if precision == "fp32":
-        if opts.keep_float:
-            raise BitDanceError("keep-float is for precision int8 or int4")
         return fp32
     calibration = None
     if precision == "int8":
